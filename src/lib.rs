@@ -1,0 +1,12 @@
+//! Candor: a streaming evaluator of accuracy and sycophancy across model checkpoints.
+//!
+//! Records flow `datasets → amend → generate → score → stats/sql → sinks`; each stream has one
+//! Arrow schema in `schemas/`, and the dataflow's logical time is the checkpoint.
+
+pub mod amend;
+pub mod conditions;
+pub mod datasets;
+pub mod error;
+pub mod records;
+pub mod schema;
+pub mod score;

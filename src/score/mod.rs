@@ -1,0 +1,3 @@
+//! Scoring: refusal rules now; judges later.
+
+pub mod refusal;
