@@ -4,7 +4,9 @@
 //! Arrow schema in `schemas/`, and the dataflow's logical time is the checkpoint.
 
 pub mod amend;
+pub mod archive;
 pub mod conditions;
+pub mod config;
 pub mod datasets;
 pub mod error;
 pub mod records;

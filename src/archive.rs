@@ -1,0 +1,413 @@
+//! The append-only archive: every stream written as Arrow data, partitioned by stream and
+//! checkpoint, and read back as a source of the same dataflow.
+//!
+//! Layout under the archive root:
+//!
+//! ```text
+//! <root>/<stream>/part-000000.parquet                    streams without a checkpoint (item, trial)
+//! <root>/<stream>/checkpoint=<id>/part-000000.parquet    per-checkpoint streams (response, verdict, …)
+//! ```
+//!
+//! A segment is written under a hidden temporary name, synced, and then linked into place
+//! under a name that must not exist yet, so a reader never sees a half-written segment and two
+//! writers never overwrite each other. The `checkpoint=<id>` directories follow the Hive
+//! convention, so DuckDB, polars and pyarrow read a stream as one partitioned table.
+//!
+//! ```
+//! use candor::archive::{Archive, Format, Partition};
+//! use candor::records::Trial;
+//! use candor::schema::Record;
+//! let dir = tempfile::tempdir().unwrap();
+//! let archive = Archive::open(dir.path(), Format::Parquet).unwrap();
+//! let batch = Trial::to_batch(&[]).unwrap();
+//! archive.append("trial", &Partition::All, &[batch]).unwrap();
+//! assert_eq!(archive.read("trial").unwrap().len(), 1);
+//! ```
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde::Deserialize;
+
+use crate::error::{Error, Location, Result};
+use crate::schema;
+
+/// How segments are encoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Parquet (snappy): read by DuckDB, polars, pyarrow, Spark.
+    #[default]
+    Parquet,
+    /// Arrow IPC stream files (`.arrows`): zero-copy for Arrow readers.
+    Ipc,
+}
+
+impl Format {
+    fn extension(self) -> &'static str {
+        match self {
+            Format::Parquet => "parquet",
+            Format::Ipc => "arrows",
+        }
+    }
+    fn of(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()? {
+            "parquet" => Some(Format::Parquet),
+            "arrows" => Some(Format::Ipc),
+            _ => None,
+        }
+    }
+}
+
+/// Which part of a stream a segment belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Partition {
+    /// Streams that do not depend on a checkpoint.
+    All,
+    /// One checkpoint's part of a stream; the id is the checkpoint id.
+    Checkpoint(String),
+}
+
+impl Partition {
+    fn dir(&self, stream_dir: &Path) -> PathBuf {
+        match self {
+            Partition::All => stream_dir.to_path_buf(),
+            Partition::Checkpoint(id) => stream_dir.join(format!("checkpoint={}", escape(id))),
+        }
+    }
+}
+
+/// Keeps a checkpoint id usable as one path component.
+fn escape(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '%'
+            }
+        })
+        .collect()
+}
+
+/// An archive root.
+#[derive(Clone, Debug)]
+pub struct Archive {
+    root: PathBuf,
+    format: Format,
+}
+
+/// One complete segment found on disk.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Segment {
+    pub path: PathBuf,
+}
+
+impl Archive {
+    /// Opens (creating if needed) an archive; `format` is used for new segments, and existing
+    /// segments of either format are read.
+    pub fn open(root: impl AsRef<Path>, format: Format) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        Ok(Archive { root, format })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Appends `batches` (all of `stream`'s schema) as one new segment and returns its path.
+    /// Nothing is written for an empty list.
+    pub fn append(
+        &self,
+        stream: &str,
+        partition: &Partition,
+        batches: &[RecordBatch],
+    ) -> Result<Option<PathBuf>> {
+        if batches.is_empty() {
+            return Ok(None);
+        }
+        let expected = schema::arrow_schema(stream)?;
+        for b in batches {
+            if b.schema().fields() != expected.fields() {
+                return Err(Error::Internal(format!(
+                    "a batch for stream `{stream}` does not carry its schema"
+                )));
+            }
+        }
+        let dir = partition.dir(&self.root.join(stream));
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mut seq = self.segments_in(&dir)?.len();
+        let tmp = dir.join(format!(".part-{}-{seq:06}.tmp", std::process::id()));
+        self.write_segment(&tmp, &expected, batches)?;
+        // Link under the first free sequence number: hard_link fails if the name exists, so a
+        // concurrent writer can never be overwritten.
+        loop {
+            let name = dir.join(format!("part-{seq:06}.{}", self.format.extension()));
+            match fs::hard_link(&tmp, &name) {
+                Ok(()) => {
+                    fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                    sync_dir(&dir)?;
+                    return Ok(Some(name));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => seq += 1,
+                Err(e) => return Err(Error::io(&name, e)),
+            }
+        }
+    }
+
+    fn write_segment(
+        &self,
+        path: &Path,
+        schema: &arrow::datatypes::SchemaRef,
+        batches: &[RecordBatch],
+    ) -> Result<()> {
+        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        let ctx = || format!("writing {}", path.display());
+        match self.format {
+            Format::Ipc => {
+                let mut w = StreamWriter::try_new(BufWriter::new(file), schema)
+                    .map_err(|e| Error::arrow(ctx(), e))?;
+                for b in batches {
+                    w.write(b).map_err(|e| Error::arrow(ctx(), e))?;
+                }
+                w.finish().map_err(|e| Error::arrow(ctx(), e))?;
+                let file = w.into_inner().map_err(|e| Error::arrow(ctx(), e))?;
+                let file = file
+                    .into_inner()
+                    .map_err(|e| Error::io(path, e.into_error()))?;
+                file.sync_all().map_err(|e| Error::io(path, e))?;
+            }
+            Format::Parquet => {
+                let props = WriterProperties::builder()
+                    .set_compression(Compression::SNAPPY)
+                    .build();
+                let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))
+                    .map_err(|e| Error::arrow(ctx(), e.into()))?;
+                for b in batches {
+                    w.write(b).map_err(|e| Error::arrow(ctx(), e.into()))?;
+                }
+                let mut file = w.into_inner().map_err(|e| Error::arrow(ctx(), e.into()))?;
+                file.flush().map_err(|e| Error::io(path, e))?;
+                file.sync_all().map_err(|e| Error::io(path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn segments_in(&self, dir: &Path) -> Result<Vec<Segment>> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("part-") && Format::of(&path).is_some() {
+                out.push(Segment { path });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every complete segment of `stream`: the unpartitioned ones first, then each checkpoint
+    /// directory in name order, segments in sequence order.
+    pub fn segments(&self, stream: &str) -> Result<Vec<Segment>> {
+        let stream_dir = self.root.join(stream);
+        let mut out = self.segments_in(&stream_dir)?;
+        let mut parts = Vec::new();
+        if let Ok(entries) = fs::read_dir(&stream_dir) {
+            for entry in entries {
+                let path = entry.map_err(|e| Error::io(&stream_dir, e))?.path();
+                let is_partition = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("checkpoint="));
+                if path.is_dir() && is_partition {
+                    parts.push(path);
+                }
+            }
+        }
+        parts.sort();
+        for p in parts {
+            out.extend(self.segments_in(&p)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether the archive holds any segment of `stream`.
+    pub fn has(&self, stream: &str) -> Result<bool> {
+        Ok(!self.segments(stream)?.is_empty())
+    }
+
+    /// Reads every batch of `stream`, checking each against the stream's schema.
+    pub fn read(&self, stream: &str) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for seg in self.segments(stream)? {
+            out.extend(read_segment(stream, &seg.path)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Reads one segment file of `stream`.
+pub fn read_segment(stream: &str, path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let bad = |m: String| Error::input(Location::file(path), m);
+    let batches: Vec<RecordBatch> = match Format::of(path) {
+        Some(Format::Ipc) => StreamReader::try_new(std::io::BufReader::new(file), None)
+            .map_err(|e| bad(format!("not an Arrow IPC stream: {e}")))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(format!("corrupt Arrow IPC stream: {e}")))?,
+        Some(Format::Parquet) => ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| bad(format!("not a Parquet file: {e}")))?
+            .build()
+            .map_err(|e| bad(format!("unreadable Parquet file: {e}")))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(format!("corrupt Parquet file: {e}")))?,
+        None => {
+            return Err(bad(
+                "unknown segment extension (expected .parquet or .arrows)".into(),
+            ));
+        }
+    };
+    for b in &batches {
+        schema::check_batch(stream, b).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(batches)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Trial;
+    use crate::schema::Record;
+
+    fn trial(i: usize) -> Trial {
+        Trial {
+            trial_key: format!("trivia/q{i}/unmodified/original"),
+            dataset: "trivia".into(),
+            item_key: format!("q{i}"),
+            amendment_type: "unmodified".into(),
+            amendment_group: "unmodified".into(),
+            statement_id: None,
+            statement: None,
+            prompt_type: "original".into(),
+            belief_answer: None,
+            prompt: format!("Question {i}?"),
+            template_style: "clean".into(),
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn both_formats_round_trip_and_partition_by_checkpoint() {
+        for format in [Format::Parquet, Format::Ipc] {
+            let dir = tempfile::tempdir().unwrap();
+            let a = Archive::open(dir.path(), format).unwrap();
+            let rows: Vec<Trial> = (0..5).map(trial).collect();
+            a.append(
+                "trial",
+                &Partition::All,
+                &[Trial::to_batch(&rows[..2]).unwrap()],
+            )
+            .unwrap();
+            a.append(
+                "trial",
+                &Partition::All,
+                &[Trial::to_batch(&rows[2..]).unwrap()],
+            )
+            .unwrap();
+            let back: Vec<Trial> = a
+                .read("trial")
+                .unwrap()
+                .iter()
+                .flat_map(|b| Trial::from_batch(b).unwrap())
+                .collect();
+            assert_eq!(back, rows);
+            let seg = a.append(
+                "trial",
+                &Partition::Checkpoint("warm/epoch 2".into()),
+                &[Trial::to_batch(&rows).unwrap()],
+            );
+            let seg = seg.unwrap().unwrap();
+            assert!(
+                seg.to_string_lossy().contains("checkpoint=warm%epoch%2"),
+                "{}",
+                seg.display()
+            );
+            assert_eq!(a.segments("trial").unwrap().len(), 3);
+        }
+    }
+
+    #[test]
+    fn temporary_and_foreign_files_are_not_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path(), Format::Ipc).unwrap();
+        a.append(
+            "trial",
+            &Partition::All,
+            &[Trial::to_batch(&[trial(0)]).unwrap()],
+        )
+        .unwrap();
+        fs::write(dir.path().join("trial/.part-1-000001.tmp"), b"half written").unwrap();
+        fs::write(dir.path().join("trial/notes.txt"), b"x").unwrap();
+        assert_eq!(a.read("trial").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_segment_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path(), Format::Parquet).unwrap();
+        fs::create_dir_all(dir.path().join("trial")).unwrap();
+        fs::write(dir.path().join("trial/part-000000.parquet"), b"not parquet").unwrap();
+        let err = a.read("trial").unwrap_err().to_string();
+        assert!(
+            err.contains("part-000000.parquet") && err.contains("Parquet"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn same_rows_give_byte_identical_segments() {
+        for format in [Format::Parquet, Format::Ipc] {
+            let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let rows: Vec<Trial> = (0..50).map(trial).collect();
+            let p1 = Archive::open(d1.path(), format).unwrap().append(
+                "trial",
+                &Partition::All,
+                &[Trial::to_batch(&rows).unwrap()],
+            );
+            let p2 = Archive::open(d2.path(), format).unwrap().append(
+                "trial",
+                &Partition::All,
+                &[Trial::to_batch(&rows).unwrap()],
+            );
+            assert_eq!(
+                fs::read(p1.unwrap().unwrap()).unwrap(),
+                fs::read(p2.unwrap().unwrap()).unwrap()
+            );
+        }
+    }
+}
