@@ -72,30 +72,24 @@ impl Format {
 pub enum Partition {
     /// Streams that do not depend on a checkpoint.
     All,
-    /// One checkpoint's part of a stream; the id is the checkpoint id.
-    Checkpoint(String),
+    /// One checkpoint's part of a stream.
+    Checkpoint { model: String, checkpoint: String },
 }
 
 impl Partition {
     fn dir(&self, stream_dir: &Path) -> PathBuf {
         match self {
             Partition::All => stream_dir.to_path_buf(),
-            Partition::Checkpoint(id) => stream_dir.join(format!("checkpoint={}", escape(id))),
+            Partition::Checkpoint { model, checkpoint } => {
+                stream_dir.join(format!("model={}", escape(model))).join(format!("checkpoint={}", escape(checkpoint)))
+            }
         }
     }
 }
 
 /// Keeps a checkpoint id usable as one path component.
 fn escape(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '%'
-            }
-        })
-        .collect()
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '%' }).collect()
 }
 
 /// An archive root.
@@ -130,21 +124,14 @@ impl Archive {
 
     /// Appends `batches` (all of `stream`'s schema) as one new segment and returns its path.
     /// Nothing is written for an empty list.
-    pub fn append(
-        &self,
-        stream: &str,
-        partition: &Partition,
-        batches: &[RecordBatch],
-    ) -> Result<Option<PathBuf>> {
+    pub fn append(&self, stream: &str, partition: &Partition, batches: &[RecordBatch]) -> Result<Option<PathBuf>> {
         if batches.is_empty() {
             return Ok(None);
         }
         let expected = schema::arrow_schema(stream)?;
         for b in batches {
             if b.schema().fields() != expected.fields() {
-                return Err(Error::Internal(format!(
-                    "a batch for stream `{stream}` does not carry its schema"
-                )));
+                return Err(Error::Internal(format!("a batch for stream `{stream}` does not carry its schema")));
             }
         }
         let dir = partition.dir(&self.root.join(stream));
@@ -168,32 +155,22 @@ impl Archive {
         }
     }
 
-    fn write_segment(
-        &self,
-        path: &Path,
-        schema: &arrow::datatypes::SchemaRef,
-        batches: &[RecordBatch],
-    ) -> Result<()> {
+    fn write_segment(&self, path: &Path, schema: &arrow::datatypes::SchemaRef, batches: &[RecordBatch]) -> Result<()> {
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
         let ctx = || format!("writing {}", path.display());
         match self.format {
             Format::Ipc => {
-                let mut w = StreamWriter::try_new(BufWriter::new(file), schema)
-                    .map_err(|e| Error::arrow(ctx(), e))?;
+                let mut w = StreamWriter::try_new(BufWriter::new(file), schema).map_err(|e| Error::arrow(ctx(), e))?;
                 for b in batches {
                     w.write(b).map_err(|e| Error::arrow(ctx(), e))?;
                 }
                 w.finish().map_err(|e| Error::arrow(ctx(), e))?;
                 let file = w.into_inner().map_err(|e| Error::arrow(ctx(), e))?;
-                let file = file
-                    .into_inner()
-                    .map_err(|e| Error::io(path, e.into_error()))?;
+                let file = file.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
                 file.sync_all().map_err(|e| Error::io(path, e))?;
             }
             Format::Parquet => {
-                let props = WriterProperties::builder()
-                    .set_compression(Compression::SNAPPY)
-                    .build();
+                let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
                 let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))
                     .map_err(|e| Error::arrow(ctx(), e.into()))?;
                 for b in batches {
@@ -225,29 +202,31 @@ impl Archive {
         Ok(out)
     }
 
-    /// Every complete segment of `stream`: the unpartitioned ones first, then each checkpoint
-    /// directory in name order, segments in sequence order.
+    /// Every complete segment of `stream`: the unpartitioned ones first, then each
+    /// `key=value` partition directory in name order, segments in sequence order.
     pub fn segments(&self, stream: &str) -> Result<Vec<Segment>> {
-        let stream_dir = self.root.join(stream);
-        let mut out = self.segments_in(&stream_dir)?;
+        let mut out = Vec::new();
+        self.collect_segments(&self.root.join(stream), &mut out)?;
+        Ok(out)
+    }
+
+    fn collect_segments(&self, dir: &Path, out: &mut Vec<Segment>) -> Result<()> {
+        out.extend(self.segments_in(dir)?);
         let mut parts = Vec::new();
-        if let Ok(entries) = fs::read_dir(&stream_dir) {
+        if let Ok(entries) = fs::read_dir(dir) {
             for entry in entries {
-                let path = entry.map_err(|e| Error::io(&stream_dir, e))?.path();
-                let is_partition = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("checkpoint="));
-                if path.is_dir() && is_partition {
+                let path = entry.map_err(|e| Error::io(dir, e))?.path();
+                let is_partition = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains('='));
+                if is_partition && path.is_dir() {
                     parts.push(path);
                 }
             }
         }
         parts.sort();
         for p in parts {
-            out.extend(self.segments_in(&p)?);
+            self.collect_segments(&p, out)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Whether the archive holds any segment of `stream`.
@@ -262,6 +241,86 @@ impl Archive {
             out.extend(read_segment(stream, &seg.path)?);
         }
         Ok(out)
+    }
+}
+
+/// A checkpoint known to an archive, with the epoch (logical time) it was given.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
+pub struct CheckpointEntry {
+    pub epoch: u64,
+    pub model: String,
+    pub checkpoint: String,
+    pub is_finetuned: bool,
+    pub variant: Option<String>,
+}
+
+const CHECKPOINTS_FILE: &str = "checkpoints.json";
+
+impl Archive {
+    /// The checkpoints registered so far, in epoch order.
+    pub fn checkpoints(&self) -> Result<Vec<CheckpointEntry>> {
+        let path = self.root.join(CHECKPOINTS_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::input(Location::file(&path), e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Gives (model, checkpoint) its epoch: the one it already has, else the next one after
+    /// every registered epoch (epoch 0 is the grid). The registry is replaced atomically.
+    pub fn register_checkpoint(
+        &self,
+        model: &str,
+        checkpoint: &str,
+        is_finetuned: bool,
+        variant: Option<&str>,
+    ) -> Result<u64> {
+        let mut all = self.checkpoints()?;
+        if let Some(e) = all.iter().find(|e| e.model == model && e.checkpoint == checkpoint) {
+            if e.is_finetuned != is_finetuned {
+                return Err(Error::config(
+                    format!("{model}/{checkpoint}"),
+                    format!("already registered in {} with is_finetuned = {}", self.root.display(), e.is_finetuned),
+                ));
+            }
+            return Ok(e.epoch);
+        }
+        let epoch = all.iter().map(|e| e.epoch).max().unwrap_or(0) + 1;
+        all.push(CheckpointEntry {
+            epoch,
+            model: model.to_string(),
+            checkpoint: checkpoint.to_string(),
+            is_finetuned,
+            variant: variant.map(str::to_string),
+        });
+        let path = self.root.join(CHECKPOINTS_FILE);
+        let tmp = self.root.join(format!(".{CHECKPOINTS_FILE}.{}.tmp", std::process::id()));
+        let text = serde_json::to_string_pretty(&all).expect("plain data serializes");
+        fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(&self.root)?;
+        Ok(epoch)
+    }
+
+    /// Epoch → archive partition, for per-checkpoint streams.
+    pub fn checkpoint_partitions(&self) -> Result<std::collections::BTreeMap<u64, Partition>> {
+        Ok(self
+            .checkpoints()?
+            .into_iter()
+            .map(|e| (e.epoch, Partition::Checkpoint { model: e.model, checkpoint: e.checkpoint }))
+            .collect())
+    }
+
+    /// Removes a stream entirely (used when a grid is rebuilt on purpose).
+    pub fn remove_stream(&self, stream: &str) -> Result<()> {
+        let dir = self.root.join(stream);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&dir, e)),
+        }
     }
 }
 
@@ -281,9 +340,7 @@ pub fn read_segment(stream: &str, path: &Path) -> Result<Vec<RecordBatch>> {
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| bad(format!("corrupt Parquet file: {e}")))?,
         None => {
-            return Err(bad(
-                "unknown segment extension (expected .parquet or .arrows)".into(),
-            ));
+            return Err(bad("unknown segment extension (expected .parquet or .arrows)".into()));
         }
     };
     for b in &batches {
@@ -293,9 +350,7 @@ pub fn read_segment(stream: &str, path: &Path) -> Result<Vec<RecordBatch>> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }
 
 #[cfg(test)]
@@ -327,36 +382,14 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let a = Archive::open(dir.path(), format).unwrap();
             let rows: Vec<Trial> = (0..5).map(trial).collect();
-            a.append(
-                "trial",
-                &Partition::All,
-                &[Trial::to_batch(&rows[..2]).unwrap()],
-            )
-            .unwrap();
-            a.append(
-                "trial",
-                &Partition::All,
-                &[Trial::to_batch(&rows[2..]).unwrap()],
-            )
-            .unwrap();
-            let back: Vec<Trial> = a
-                .read("trial")
-                .unwrap()
-                .iter()
-                .flat_map(|b| Trial::from_batch(b).unwrap())
-                .collect();
+            a.append("trial", &Partition::All, &[Trial::to_batch(&rows[..2]).unwrap()]).unwrap();
+            a.append("trial", &Partition::All, &[Trial::to_batch(&rows[2..]).unwrap()]).unwrap();
+            let back: Vec<Trial> =
+                a.read("trial").unwrap().iter().flat_map(|b| Trial::from_batch(b).unwrap()).collect();
             assert_eq!(back, rows);
-            let seg = a.append(
-                "trial",
-                &Partition::Checkpoint("warm/epoch 2".into()),
-                &[Trial::to_batch(&rows).unwrap()],
-            );
-            let seg = seg.unwrap().unwrap();
-            assert!(
-                seg.to_string_lossy().contains("checkpoint=warm%epoch%2"),
-                "{}",
-                seg.display()
-            );
+            let part = Partition::Checkpoint { model: "smol".into(), checkpoint: "warm/epoch 2".into() };
+            let seg = a.append("trial", &part, &[Trial::to_batch(&rows).unwrap()]).unwrap().unwrap();
+            assert!(seg.to_string_lossy().contains("model=smol/checkpoint=warm%epoch%2"), "{}", seg.display());
             assert_eq!(a.segments("trial").unwrap().len(), 3);
         }
     }
@@ -365,12 +398,7 @@ mod tests {
     fn temporary_and_foreign_files_are_not_segments() {
         let dir = tempfile::tempdir().unwrap();
         let a = Archive::open(dir.path(), Format::Ipc).unwrap();
-        a.append(
-            "trial",
-            &Partition::All,
-            &[Trial::to_batch(&[trial(0)]).unwrap()],
-        )
-        .unwrap();
+        a.append("trial", &Partition::All, &[Trial::to_batch(&[trial(0)]).unwrap()]).unwrap();
         fs::write(dir.path().join("trial/.part-1-000001.tmp"), b"half written").unwrap();
         fs::write(dir.path().join("trial/notes.txt"), b"x").unwrap();
         assert_eq!(a.read("trial").unwrap().len(), 1);
@@ -383,10 +411,7 @@ mod tests {
         fs::create_dir_all(dir.path().join("trial")).unwrap();
         fs::write(dir.path().join("trial/part-000000.parquet"), b"not parquet").unwrap();
         let err = a.read("trial").unwrap_err().to_string();
-        assert!(
-            err.contains("part-000000.parquet") && err.contains("Parquet"),
-            "{err}"
-        );
+        assert!(err.contains("part-000000.parquet") && err.contains("Parquet"), "{err}");
     }
 
     #[test]
@@ -404,10 +429,7 @@ mod tests {
                 &Partition::All,
                 &[Trial::to_batch(&rows).unwrap()],
             );
-            assert_eq!(
-                fs::read(p1.unwrap().unwrap()).unwrap(),
-                fs::read(p2.unwrap().unwrap()).unwrap()
-            );
+            assert_eq!(fs::read(p1.unwrap().unwrap()).unwrap(), fs::read(p2.unwrap().unwrap()).unwrap());
         }
     }
 }

@@ -63,12 +63,7 @@ named_enum! {
 
 impl Dataset {
     /// The four open-ended sets the amendment × belief grid is run on.
-    pub const MAIN: &'static [Dataset] = &[
-        Dataset::Trivia,
-        Dataset::TruthfulQa,
-        Dataset::MedQa,
-        Dataset::Disinfo,
-    ];
+    pub const MAIN: &'static [Dataset] = &[Dataset::Trivia, Dataset::TruthfulQa, Dataset::MedQa, Dataset::Disinfo];
 
     /// Whether the dataset takes the amendment × prompt-type grid (the capability and safety
     /// checks are asked as they are).
@@ -138,5 +133,25 @@ named_enum! {
 impl Default for TemplateStyle {
     fn default() -> Self {
         TemplateStyle::Clean
+    }
+}
+
+named_enum! {
+    /// A scored response's verdict. UNPARSEABLE and JUDGE_ERROR are never folded into INCORRECT.
+    VerdictLabel, "verdict" {
+        Correct = "CORRECT",
+        Incorrect = "INCORRECT",
+        Refusal = "REFUSAL",
+        /// The judge answered, but its answer could not be read.
+        Unparseable = "UNPARSEABLE",
+        /// The judge call failed after its retries.
+        JudgeError = "JUDGE_ERROR",
+    }
+}
+
+impl VerdictLabel {
+    /// Reads a label case-insensitively, as answer files spell it in many ways.
+    pub fn parse_loose(s: &str) -> Option<VerdictLabel> {
+        s.trim().to_ascii_uppercase().replace(' ', "_").parse().ok()
     }
 }

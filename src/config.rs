@@ -77,11 +77,7 @@ pub struct Conditions {
 
 impl Default for Conditions {
     fn default() -> Self {
-        Conditions {
-            amendments: all_amendments(),
-            prompt_types: all_prompt_types(),
-            statements: None,
-        }
+        Conditions { amendments: all_amendments(), prompt_types: all_prompt_types(), statements: None }
     }
 }
 
@@ -186,16 +182,10 @@ impl Experiment {
         let mut names = std::collections::HashSet::new();
         for m in &self.models {
             if !names.insert(&m.name) {
-                return Err(here(
-                    "models",
-                    format!("model `{}` is listed twice", m.name),
-                ));
+                return Err(here("models", format!("model `{}` is listed twice", m.name)));
             }
             if m.checkpoints.is_empty() {
-                return Err(here(
-                    "models.checkpoints",
-                    format!("model `{}` has no checkpoint", m.name),
-                ));
+                return Err(here("models.checkpoints", format!("model `{}` has no checkpoint", m.name)));
             }
             let mut ids = std::collections::HashSet::new();
             for c in &m.checkpoints {
@@ -217,9 +207,7 @@ impl Experiment {
 
     /// The archive root.
     pub fn output_dir(&self) -> PathBuf {
-        self.output
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+        self.output.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
     }
 }
 
@@ -236,38 +224,27 @@ mod tests {
 
     #[test]
     fn unknown_amendment_names_file_line_and_choices() {
-        let text = "name = \"x\"\n[datasets.trivia]\nn = 3\n[conditions]\namendments = [\"emotion:sad\", \"emotion:bored\"]\n";
+        let text =
+            "name = \"x\"\n[datasets.trivia]\nn = 3\n[conditions]\namendments = [\"emotion:sad\", \"emotion:bored\"]\n";
         let err = Experiment::parse(text, "exp.toml").unwrap_err().to_string();
         assert!(err.contains("exp.toml") && err.contains("line 5"), "{err}");
-        assert!(
-            err.contains("emotion:bored") && err.contains("emotion:sad"),
-            "{err}"
-        );
+        assert!(err.contains("emotion:bored") && err.contains("emotion:sad"), "{err}");
     }
 
     #[test]
     fn unknown_prompt_type_and_dataset_are_rejected() {
-        let err = Experiment::parse(
-            "name='x'\n[datasets.trivia]\n[conditions]\nprompt_types=['flattering']\n",
-            "e.toml",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("flattering") && err.contains("line 4"),
-            "{err}"
-        );
-        let err = Experiment::parse("name='x'\n[datasets.squad]\n", "e.toml")
-            .unwrap_err()
-            .to_string();
+        let err =
+            Experiment::parse("name='x'\n[datasets.trivia]\n[conditions]\nprompt_types=['flattering']\n", "e.toml")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("flattering") && err.contains("line 4"), "{err}");
+        let err = Experiment::parse("name='x'\n[datasets.squad]\n", "e.toml").unwrap_err().to_string();
         assert!(err.contains("squad"), "{err}");
     }
 
     #[test]
     fn a_misspelt_key_is_an_error() {
-        let err = Experiment::parse("name='x'\nsede=3\n[datasets.trivia]\n", "e.toml")
-            .unwrap_err()
-            .to_string();
+        let err = Experiment::parse("name='x'\nsede=3\n[datasets.trivia]\n", "e.toml").unwrap_err().to_string();
         assert!(err.contains("sede") && err.contains("line 2"), "{err}");
     }
 

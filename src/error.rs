@@ -29,10 +29,7 @@ pub struct Location {
 
 impl Location {
     pub fn file(path: impl AsRef<Path>) -> Self {
-        Location {
-            file: Some(path.as_ref().to_path_buf()),
-            ..Default::default()
-        }
+        Location { file: Some(path.as_ref().to_path_buf()), ..Default::default() }
     }
     pub fn line(mut self, line: u64) -> Self {
         self.line = Some(line);
@@ -56,11 +53,7 @@ impl fmt::Display for Location {
         if let Some(field) = &self.field {
             parts.push(format!("field `{field}`"));
         }
-        if parts.is_empty() {
-            write!(f, "<unknown>")
-        } else {
-            write!(f, "{}", parts.join(", "))
-        }
+        if parts.is_empty() { write!(f, "<unknown>") } else { write!(f, "{}", parts.join(", ")) }
     }
 }
 
@@ -97,34 +90,19 @@ pub enum Error {
 
 impl Error {
     pub fn input(location: Location, message: impl Into<String>) -> Self {
-        Error::Input {
-            location,
-            message: message.into(),
-        }
+        Error::Input { location, message: message.into() }
     }
     pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config {
-            key: key.into(),
-            message: message.into(),
-        }
+        Error::Config { key: key.into(), message: message.into() }
     }
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.as_ref().to_path_buf(),
-            source,
-        }
+        Error::Io { path: path.as_ref().to_path_buf(), source }
     }
     pub fn schema(stream: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Schema {
-            stream: stream.into(),
-            message: message.into(),
-        }
+        Error::Schema { stream: stream.into(), message: message.into() }
     }
     pub fn arrow(context: impl Into<String>, source: arrow::error::ArrowError) -> Self {
-        Error::Arrow {
-            context: context.into(),
-            source,
-        }
+        Error::Arrow { context: context.into(), source }
     }
 
     /// Who should act on this error.

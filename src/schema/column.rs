@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, ListArray, ListBuilder, StringArray,
-    StringBuilder, UInt32Array, UInt64Array,
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, ListArray, ListBuilder, StringArray, StringBuilder,
+    UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field};
 
@@ -20,10 +20,7 @@ pub trait Column: Sized {
 }
 
 fn downcast<'a, A: 'static>(array: &'a ArrayRef, what: &str) -> Result<&'a A, String> {
-    array
-        .as_any()
-        .downcast_ref::<A>()
-        .ok_or_else(|| format!("expected {what}, found {:?}", array.data_type()))
+    array.as_any().downcast_ref::<A>().ok_or_else(|| format!("expected {what}, found {:?}", array.data_type()))
 }
 
 fn no_nulls(array: &dyn Array) -> Result<(), String> {
@@ -109,9 +106,7 @@ impl Column for String {
     fn read_column(array: &ArrayRef) -> Result<Vec<Self>, String> {
         let a = downcast::<StringArray>(array, "utf8")?;
         no_nulls(a)?;
-        Ok(a.iter()
-            .map(|s| s.unwrap_or_default().to_string())
-            .collect())
+        Ok(a.iter().map(|s| s.unwrap_or_default().to_string()).collect())
     }
 }
 
@@ -124,10 +119,7 @@ impl Column for Option<String> {
         Arc::new(values.map(|s| s.as_deref()).collect::<StringArray>())
     }
     fn read_column(array: &ArrayRef) -> Result<Vec<Self>, String> {
-        Ok(downcast::<StringArray>(array, "utf8")?
-            .iter()
-            .map(|s| s.map(str::to_string))
-            .collect())
+        Ok(downcast::<StringArray>(array, "utf8")?.iter().map(|s| s.map(str::to_string)).collect())
     }
 }
 
@@ -155,16 +147,8 @@ impl Column for Vec<String> {
                 let strings = inner
                     .as_any()
                     .downcast_ref::<StringArray>()
-                    .ok_or_else(|| {
-                        format!(
-                            "row {i}: list items are {:?}, expected utf8",
-                            inner.data_type()
-                        )
-                    })?;
-                Ok(strings
-                    .iter()
-                    .map(|s| s.unwrap_or_default().to_string())
-                    .collect())
+                    .ok_or_else(|| format!("row {i}: list items are {:?}, expected utf8", inner.data_type()))?;
+                Ok(strings.iter().map(|s| s.unwrap_or_default().to_string()).collect())
             })
             .collect()
     }

@@ -37,10 +37,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("trial", include_str!("../../schemas/trial.json")),
     ("response", include_str!("../../schemas/response.json")),
     ("verdict", include_str!("../../schemas/verdict.json")),
-    (
-        "observation",
-        include_str!("../../schemas/observation.json"),
-    ),
+    ("observation", include_str!("../../schemas/observation.json")),
 ];
 
 /// A stream's declaration as written in `schemas/<stream>.json`.
@@ -83,35 +80,23 @@ pub fn parse_type(name: &str) -> Option<DataType> {
 impl StreamSchema {
     /// Parses and checks one schema file's text.
     pub fn parse(stream: &str, text: &str) -> Result<Self> {
-        let parsed: StreamSchema = serde_json::from_str(text)
-            .map_err(|e| Error::schema(stream, format!("schemas/{stream}.json: {e}")))?;
+        let parsed: StreamSchema =
+            serde_json::from_str(text).map_err(|e| Error::schema(stream, format!("schemas/{stream}.json: {e}")))?;
         if parsed.stream != stream {
-            return Err(Error::schema(
-                stream,
-                format!("schemas/{stream}.json declares stream `{}`", parsed.stream),
-            ));
+            return Err(Error::schema(stream, format!("schemas/{stream}.json declares stream `{}`", parsed.stream)));
         }
         let mut seen = std::collections::HashSet::new();
         for f in &parsed.fields {
             if parse_type(&f.ty).is_none() {
-                return Err(Error::schema(
-                    stream,
-                    format!("field `{}` has unknown type `{}`", f.name, f.ty),
-                ));
+                return Err(Error::schema(stream, format!("field `{}` has unknown type `{}`", f.name, f.ty)));
             }
             if !seen.insert(f.name.as_str()) {
-                return Err(Error::schema(
-                    stream,
-                    format!("field `{}` is declared twice", f.name),
-                ));
+                return Err(Error::schema(stream, format!("field `{}` is declared twice", f.name)));
             }
         }
         for k in &parsed.key {
             if !seen.contains(k.as_str()) {
-                return Err(Error::schema(
-                    stream,
-                    format!("key column `{k}` is not a field"),
-                ));
+                return Err(Error::schema(stream, format!("key column `{k}` is not a field")));
             }
         }
         Ok(parsed)
@@ -122,18 +107,10 @@ impl StreamSchema {
         let fields: Vec<Field> = self
             .fields
             .iter()
-            .map(|f| {
-                Field::new(
-                    &f.name,
-                    parse_type(&f.ty).expect("checked in parse"),
-                    f.nullable,
-                )
-            })
+            .map(|f| Field::new(&f.name, parse_type(&f.ty).expect("checked in parse"), f.nullable))
             .collect();
-        let metadata = [
-            (META_STREAM.to_string(), self.stream.clone()),
-            (META_VERSION.to_string(), self.version.to_string()),
-        ];
+        let metadata =
+            [(META_STREAM.to_string(), self.stream.clone()), (META_VERSION.to_string(), self.version.to_string())];
         Schema::new(fields).with_metadata(metadata.into_iter().collect())
     }
 }
@@ -165,11 +142,7 @@ pub fn streams() -> Result<Vec<String>> {
 
 /// The declaration of `stream`.
 pub fn stream_schema(stream: &str) -> Result<&'static StreamSchema> {
-    registry()?
-        .streams
-        .get(stream)
-        .map(|(s, _)| s)
-        .ok_or_else(|| Error::schema(stream, "no such stream in schemas/"))
+    registry()?.streams.get(stream).map(|(s, _)| s).ok_or_else(|| Error::schema(stream, "no such stream in schemas/"))
 }
 
 /// The Arrow schema of `stream`.
@@ -209,10 +182,7 @@ pub fn validate<R: Record>() -> Result<()> {
         ));
     }
     for (d, w) in declared.fields().iter().zip(&written) {
-        if d.name() != w.name()
-            || d.data_type() != w.data_type()
-            || d.is_nullable() != w.is_nullable()
-        {
+        if d.name() != w.name() || d.data_type() != w.data_type() || d.is_nullable() != w.is_nullable() {
             return Err(Error::schema(
                 R::STREAM,
                 format!(
@@ -252,19 +222,11 @@ pub fn check_batch(stream: &str, batch: &RecordBatch) -> Result<()> {
             Ok(got) => {
                 return Err(Error::schema(
                     stream,
-                    format!(
-                        "column `{}` is {:?}, expected {:?}",
-                        f.name(),
-                        got.data_type(),
-                        f.data_type()
-                    ),
+                    format!("column `{}` is {:?}, expected {:?}", f.name(), got.data_type(), f.data_type()),
                 ));
             }
             Err(_) => {
-                return Err(Error::schema(
-                    stream,
-                    format!("column `{}` is missing", f.name()),
-                ));
+                return Err(Error::schema(stream, format!("column `{}` is missing", f.name())));
             }
         }
     }
@@ -321,10 +283,7 @@ mod tests {
     #[test]
     fn every_record_type_matches_its_json_schema() {
         validate_all().unwrap();
-        assert_eq!(
-            streams().unwrap(),
-            ["item", "observation", "response", "trial", "verdict"]
-        );
+        assert_eq!(streams().unwrap(), ["item", "observation", "response", "trial", "verdict"]);
     }
 
     #[test]
@@ -365,19 +324,13 @@ mod tests {
             verdict: "INCORRECT".into(),
             correct: None,
         }];
-        assert_eq!(
-            Observation::from_batch(&Observation::to_batch(&obs).unwrap()).unwrap(),
-            obs
-        );
+        assert_eq!(Observation::from_batch(&Observation::to_batch(&obs).unwrap()).unwrap(), obs);
     }
 
     #[test]
     fn a_batch_missing_a_column_is_rejected_by_name() {
         let batch = Item::to_batch(&[]).unwrap();
         let err = check_batch("trial", &batch).unwrap_err().to_string();
-        assert!(
-            err.contains("trial_key") && err.contains("missing"),
-            "{err}"
-        );
+        assert!(err.contains("trial_key") && err.contains("missing"), "{err}");
     }
 }

@@ -1,0 +1,460 @@
+//! The timely dataflow: Arrow batches flow between operators, and the logical time is the
+//! checkpoint epoch.
+//!
+//! Epoch 0 carries the grid (items and trials); every model checkpoint gets the next epoch in
+//! order of arrival, so "a checkpoint's results are complete" is exactly "the frontier has
+//! passed its epoch". Operators are thin adapters over [`Stage`]s, plain Rust that is tested
+//! without a dataflow. A batch knows its stream from its schema metadata, so one sink routes
+//! every stream to its archive partition.
+
+pub mod pipelines;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use arrow::array::{Array, StringArray, UInt64Array};
+use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::{Capability, Exchange as _};
+use timely::dataflow::{Stream, StreamVec};
+
+use crate::archive::{Archive, Partition};
+use crate::error::{Error, Result};
+use crate::schema::{self, META_STREAM};
+
+/// The logical time: 0 for the grid, then one epoch per checkpoint.
+pub type Epoch = u64;
+
+/// The epoch of the item and trial streams.
+pub const GRID_EPOCH: Epoch = 0;
+
+/// An Arrow batch travelling through timely. Across processes it is encoded as an Arrow IPC
+/// stream, so nothing but Arrow's own format ever goes on the wire.
+#[derive(Clone, Debug)]
+pub struct Batch(pub RecordBatch);
+
+impl Batch {
+    /// The stream this batch belongs to (from its schema metadata).
+    pub fn stream(&self) -> &str {
+        self.0.schema_ref().metadata().get(META_STREAM).map(String::as_str).unwrap_or("")
+    }
+}
+
+impl Serialize for Batch {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut buf = Vec::new();
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, self.0.schema_ref())
+            .map_err(serde::ser::Error::custom)?;
+        w.write(&self.0).map_err(serde::ser::Error::custom)?;
+        w.finish().map_err(serde::ser::Error::custom)?;
+        drop(w);
+        s.serialize_bytes(&buf)
+    }
+}
+
+impl<'de> Deserialize<'de> for Batch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let bytes: Vec<u8> = serde_bytes_compat::deserialize(d)?;
+        let mut r = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+            .map_err(serde::de::Error::custom)?;
+        let batch = r
+            .next()
+            .ok_or_else(|| serde::de::Error::custom("empty Arrow IPC message"))?
+            .map_err(serde::de::Error::custom)?;
+        Ok(Batch(batch))
+    }
+}
+
+/// Reads a byte buffer whether the format encoded it as bytes or as a sequence.
+mod serde_bytes_compat {
+    use serde::Deserializer;
+    use serde::de::{SeqAccess, Visitor};
+
+    struct BytesVisitor;
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+        fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(b) = seq.next_element()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+}
+
+/// What flows on a dataflow edge: a batch, or the error a stage hit on one. Errors travel as
+/// data so the sink, wherever it runs, knows not to mark an epoch complete.
+pub type Msg = std::result::Result<Batch, String>;
+
+/// One step of the pipeline over batches: the logic an operator wraps.
+pub trait Stage: 'static {
+    /// Operator name shown in errors and timely logs.
+    fn name(&self) -> &str;
+    /// Turns one input batch into zero or more output batches (of any streams).
+    fn apply(&mut self, epoch: Epoch, batch: &RecordBatch) -> Result<Vec<RecordBatch>>;
+}
+
+/// How a timely computation is laid out: threads per process and processes.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Cluster {
+    /// Worker threads per process.
+    #[arg(short = 'w', long = "workers", default_value_t = 1)]
+    pub workers: usize,
+    /// Number of processes (each started with the same arguments and its own --process).
+    #[arg(short = 'n', long = "processes", default_value_t = 1)]
+    pub processes: usize,
+    /// This process's index, 0-based.
+    #[arg(short = 'p', long = "process", default_value_t = 0)]
+    pub process: usize,
+    /// File of `host:port` lines, one per process (timely's host file); default: localhost
+    /// ports from 2101.
+    #[arg(long = "hostfile")]
+    pub hostfile: Option<PathBuf>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster { workers: 1, processes: 1, process: 0, hostfile: None }
+    }
+}
+
+impl Cluster {
+    /// The timely configuration, as timely's own `-w -n -p -h` options would build it.
+    pub fn timely_config(&self) -> Result<timely::Config> {
+        use timely::CommunicationConfig;
+        if self.workers == 0 {
+            return Err(Error::config("--workers", "must be at least 1"));
+        }
+        if self.process >= self.processes {
+            return Err(Error::config(
+                "--process",
+                format!("{} is not below --processes {}", self.process, self.processes),
+            ));
+        }
+        let communication = if self.processes > 1 {
+            let addresses = match &self.hostfile {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                    let hosts: Vec<String> =
+                        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+                    if hosts.len() < self.processes {
+                        return Err(Error::config(
+                            "--hostfile",
+                            format!("{} lists {} hosts for {} processes", path.display(), hosts.len(), self.processes),
+                        ));
+                    }
+                    hosts
+                }
+                None => (0..self.processes).map(|i| format!("localhost:{}", 2101 + i)).collect(),
+            };
+            CommunicationConfig::Cluster {
+                threads: self.workers,
+                process: self.process,
+                addresses,
+                report: false,
+                zerocopy: false,
+            }
+        } else if self.workers > 1 {
+            CommunicationConfig::Process(self.workers)
+        } else {
+            CommunicationConfig::Thread
+        };
+        Ok(timely::Config { communication, worker: Default::default() })
+    }
+
+    /// Whether this process hosts global worker 0, which reads sources and writes the archive.
+    pub fn is_leader(&self) -> bool {
+        self.process == 0
+    }
+}
+
+/// Runs a [`Stage`] over every batch of a stream.
+pub fn stage<'s, S: Stage>(stream: StreamVec<'s, Epoch, Msg>, mut stage: S) -> StreamVec<'s, Epoch, Msg> {
+    let name = stage.name().to_string();
+    stream.unary(Pipeline, &name, move |_cap, _info| {
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                let Some(&epoch) = cap.least() else { return };
+                let mut session = output.session(&cap);
+                for msg in data.flat_map(|d| d.drain(..)) {
+                    match msg {
+                        Ok(batch) => match stage.apply(epoch, &batch.0) {
+                            Ok(outs) => session.give_iterator(outs.into_iter().map(|b| Ok(Batch(b)))),
+                            Err(e) => session.give(Err(format!("{}: {e}", stage.name()))),
+                        },
+                        Err(e) => session.give(Err(e)),
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// A stable 64-bit hash (FNV-1a): routing must agree across processes and releases.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Spreads rows across workers by the hash of a string key column, so that every record of
+/// one key is handled by the same worker.
+pub fn partition_by<'s>(
+    stream: StreamVec<'s, Epoch, Msg>,
+    key: &'static str,
+    peers: usize,
+) -> StreamVec<'s, Epoch, Msg> {
+    stream
+        .unary(Pipeline, "PartitionBy", move |_cap, _info| {
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    let mut session = output.session(&cap);
+                    for msg in data.flat_map(|d| d.drain(..)) {
+                        match msg {
+                            Ok(batch) => match split_by_key(&batch.0, key, peers) {
+                                Ok(parts) => session.give_iterator(parts.into_iter().map(|(w, b)| (w, Ok(Batch(b))))),
+                                Err(e) => session.give((0, Err(e.to_string()))),
+                            },
+                            Err(e) => session.give((0u64, Err(e))),
+                        }
+                    }
+                });
+            }
+        })
+        .exchange(|(worker, _): &(u64, Msg)| *worker)
+        .unary::<timely::container::CapacityContainerBuilder<Vec<Msg>>, _, _, _>(Pipeline, "Unroute", |_cap, _info| {
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    output
+                        .session(&cap)
+                        .give_iterator(data.flat_map(|d: &mut Vec<(u64, Msg)>| d.drain(..)).map(|(_, m)| m));
+                });
+            }
+        })
+}
+
+/// Splits a batch into per-worker batches by the stable hash of `key`.
+pub fn split_by_key(batch: &RecordBatch, key: &str, peers: usize) -> Result<Vec<(u64, RecordBatch)>> {
+    if peers <= 1 {
+        return Ok(vec![(0, batch.clone())]);
+    }
+    let column = batch
+        .column_by_name(key)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| Error::Internal(format!("partition key `{key}` is not a string column")))?;
+    let mut rows: Vec<Vec<u64>> = vec![Vec::new(); peers];
+    for (i, k) in column.iter().enumerate() {
+        rows[(stable_hash(k.unwrap_or("").as_bytes()) % peers as u64) as usize].push(i as u64);
+    }
+    let mut out = Vec::new();
+    for (worker, idx) in rows.into_iter().enumerate() {
+        if !idx.is_empty() {
+            let part =
+                take_record_batch(batch, &UInt64Array::from(idx)).map_err(|e| Error::arrow("partitioning", e))?;
+            out.push((worker as u64, part));
+        }
+    }
+    Ok(out)
+}
+
+/// Where a stream's epoch goes in the archive.
+pub fn partition_for(stream: &str, epoch: Epoch, checkpoints: &BTreeMap<Epoch, Partition>) -> Partition {
+    match (stream, checkpoints.get(&epoch)) {
+        ("item" | "trial", _) | (_, None) => Partition::All,
+        (_, Some(p)) => p.clone(),
+    }
+}
+
+/// What the archive sink reports when an epoch is complete.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EpochDone {
+    pub epoch: Epoch,
+    /// Rows written per stream.
+    pub rows: BTreeMap<String, usize>,
+    /// Errors the stages reported for this epoch; nothing is written for an epoch with errors.
+    pub errors: Vec<String>,
+}
+
+/// Gathers every batch on worker 0 and, when the frontier passes an epoch, writes each
+/// stream's rows for that epoch as one segment, sorted by the stream's key, so the archive is
+/// a deterministic function of the input whatever the worker count. Emits one [`EpochDone`]
+/// per completed epoch.
+pub fn archive_sink<'s>(
+    stream: StreamVec<'s, Epoch, Msg>,
+    archive: Archive,
+    checkpoints: Arc<BTreeMap<Epoch, Partition>>,
+    progress: Option<indicatif::ProgressBar>,
+) -> StreamVec<'s, Epoch, EpochDone> {
+    stream.unary_frontier(Exchange::new(|_: &Msg| 0), "ArchiveSink", move |_cap, _info| {
+        let mut pending: BTreeMap<Epoch, (Capability<Epoch>, Vec<Msg>)> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each_stamp(|cap, data| {
+                let Some(cap) = cap.retain_least(0) else { return };
+                let entry = pending.entry(*cap.time()).or_insert_with(|| (cap.clone(), Vec::new()));
+                for msg in data.flat_map(|d| d.drain(..)) {
+                    if let (Some(bar), Ok(b)) = (&progress, &msg) {
+                        if b.stream() != "item" {
+                            bar.inc(b.0.num_rows() as u64);
+                        }
+                    }
+                    entry.1.push(msg);
+                }
+            });
+            let complete: Vec<Epoch> = pending.keys().copied().filter(|e| !frontier.frontier().less_equal(e)).collect();
+            for epoch in complete {
+                let (cap, msgs) = pending.remove(&epoch).expect("listed above");
+                let done = write_epoch(&archive, epoch, msgs, &checkpoints);
+                output.session(&cap).give(done);
+            }
+        }
+    })
+}
+
+fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BTreeMap<Epoch, Partition>) -> EpochDone {
+    let mut done = EpochDone { epoch, rows: BTreeMap::new(), errors: Vec::new() };
+    let mut by_stream: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
+    for msg in msgs {
+        match msg {
+            Ok(b) => by_stream.entry(b.stream().to_string()).or_default().push(b.0),
+            Err(e) => done.errors.push(e),
+        }
+    }
+    if !done.errors.is_empty() {
+        return done;
+    }
+    for (stream, batches) in by_stream {
+        let result = sorted_by_key(&stream, &batches).and_then(|batch| {
+            let partition = partition_for(&stream, epoch, checkpoints);
+            archive.append(&stream, &partition, std::slice::from_ref(&batch))?;
+            Ok(batch.num_rows())
+        });
+        match result {
+            Ok(n) => {
+                done.rows.insert(stream, n);
+            }
+            Err(e) => done.errors.push(format!("archiving stream `{stream}`: {e}")),
+        }
+    }
+    done
+}
+
+/// Concatenates batches of one stream and sorts them by the stream's key columns.
+pub fn sorted_by_key(stream: &str, batches: &[RecordBatch]) -> Result<RecordBatch> {
+    let schema = schema::arrow_schema(stream)?;
+    let all = concat_batches(&schema, batches).map_err(|e| Error::arrow(format!("stream `{stream}`"), e))?;
+    let keys = &schema::stream_schema(stream)?.key;
+    let columns: Vec<SortColumn> = keys
+        .iter()
+        .map(|k| SortColumn { values: all.column_by_name(k).expect("key is a field").clone(), options: None })
+        .collect();
+    if columns.is_empty() || all.num_rows() < 2 {
+        return Ok(all);
+    }
+    let idx = lexsort_to_indices(&columns, None).map_err(|e| Error::arrow(format!("sorting `{stream}`"), e))?;
+    take_record_batch(&all, &idx).map_err(|e| Error::arrow(format!("sorting `{stream}`"), e))
+}
+
+/// Collects the sink's reports on the worker that hosts the sink.
+pub fn collect_done<'s>(
+    stream: StreamVec<'s, Epoch, EpochDone>,
+    into: Rc<RefCell<Vec<EpochDone>>>,
+) -> Stream<'s, Epoch, Vec<EpochDone>> {
+    stream.unary(Pipeline, "CollectDone", move |_cap, _info| {
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                for d in data.flat_map(|d| d.drain(..)) {
+                    into.borrow_mut().push(d.clone());
+                    output.session(&cap).give(d);
+                }
+            });
+        }
+    })
+}
+
+/// A string column of a batch, for stages.
+pub fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray> {
+    batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or_else(|| {
+        Error::schema(Batch(batch.clone()).stream().to_string(), format!("column `{name}` is not a string column"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Trial;
+    use crate::schema::Record;
+
+    fn trials(n: usize) -> Vec<Trial> {
+        (0..n)
+            .map(|i| Trial {
+                trial_key: format!("trivia/q{i:03}/unmodified/original"),
+                dataset: "trivia".into(),
+                item_key: format!("q{i:03}"),
+                amendment_type: "unmodified".into(),
+                amendment_group: "unmodified".into(),
+                statement_id: None,
+                statement: None,
+                prompt_type: "original".into(),
+                belief_answer: None,
+                prompt: format!("Q{i}?"),
+                template_style: "clean".into(),
+                seed: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_survive_the_wire_encoding() {
+        let batch = Trial::to_batch(&trials(3)).unwrap();
+        let bytes = bincode_roundtrip(&Batch(batch.clone()));
+        assert_eq!(bytes.0, batch);
+        assert_eq!(bytes.stream(), "trial");
+    }
+
+    fn bincode_roundtrip(b: &Batch) -> Batch {
+        let json = serde_json::to_vec(b).unwrap();
+        serde_json::from_slice(&json).unwrap()
+    }
+
+    #[test]
+    fn splitting_keeps_every_row_once_and_routes_keys_stably() {
+        let batch = Trial::to_batch(&trials(100)).unwrap();
+        let parts = split_by_key(&batch, "item_key", 3).unwrap();
+        assert_eq!(parts.iter().map(|(_, b)| b.num_rows()).sum::<usize>(), 100);
+        let again = split_by_key(&batch, "item_key", 3).unwrap();
+        assert_eq!(parts, again);
+        assert!(parts.len() == 3, "100 keys over 3 workers should hit all of them");
+    }
+
+    #[test]
+    fn sorting_by_key_makes_order_irrelevant() {
+        let mut rows = trials(20);
+        let a = sorted_by_key("trial", &[Trial::to_batch(&rows).unwrap()]).unwrap();
+        rows.reverse();
+        let (x, y) = rows.split_at(7);
+        let b = sorted_by_key("trial", &[Trial::to_batch(y).unwrap(), Trial::to_batch(x).unwrap()]).unwrap();
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,299 @@
+//! The dataflows Candor runs, assembled from the operators in [`crate::dataflow`]:
+//! building the trial grid, and scoring responses (from an import or an archive replay).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use timely::dataflow::StreamVec;
+use timely::dataflow::operators::Concat;
+use timely::dataflow::operators::vec::Input;
+
+use super::{Batch, Cluster, Epoch, EpochDone, Msg, Stage, archive_sink, collect_done, partition_by, stage};
+use crate::amend::Amender;
+use crate::archive::{Archive, Partition};
+use crate::conditions::{Dataset, VerdictLabel};
+use crate::error::{Error, Result};
+use crate::records::{Item, Observation, Response, Trial, Verdict};
+use crate::schema::Record;
+use crate::score::refusal::RefusalRules;
+
+/// Runs a dataflow over `sources` (sent by worker 0 in epoch order) and archives everything
+/// the dataflow built by `build` emits. Returns the sink's report per epoch, or the errors
+/// the stages reported.
+pub fn run<F>(
+    cluster: &Cluster,
+    archive: &Archive,
+    sources: Vec<(Epoch, RecordBatch)>,
+    progress_total: Option<u64>,
+    build: F,
+) -> Result<Vec<EpochDone>>
+where
+    F: for<'s> Fn(StreamVec<'s, Epoch, Msg>, usize) -> StreamVec<'s, Epoch, Msg> + Send + Sync + 'static,
+{
+    let config = cluster.timely_config()?;
+    let checkpoints = Arc::new(archive.checkpoint_partitions()?);
+    let sources = Arc::new(sources);
+    let archive = archive.clone();
+    let bar = progress_total.map(|n| {
+        let bar = indicatif::ProgressBar::new(n);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message("archiving");
+        bar
+    });
+    let bar_for_workers = bar.clone();
+    let guards = timely::execute(config, move |worker| {
+        let index = worker.index();
+        let peers = worker.peers();
+        let done = Rc::new(RefCell::new(Vec::new()));
+        let mut input = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Msg>();
+            let out = build(stream, peers);
+            let sink_bar = if index == 0 { bar_for_workers.clone() } else { None };
+            collect_done(archive_sink(out, archive.clone(), checkpoints.clone(), sink_bar), done.clone());
+            input
+        });
+        if index == 0 {
+            for (epoch, batch) in sources.iter() {
+                if *epoch > *input.time() {
+                    input.advance_to(*epoch);
+                }
+                input.send(Ok(Batch(batch.clone())));
+            }
+        }
+        drop(input);
+        while worker.step() {}
+        done.take()
+    })
+    .map_err(|e| Error::Internal(format!("starting timely: {e}")))?;
+    let mut reports = Vec::new();
+    for result in guards.join() {
+        reports.extend(result.map_err(|e| Error::Internal(format!("a worker panicked: {e}")))?);
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    reports.sort_by_key(|d| d.epoch);
+    let errors: Vec<String> = reports.iter().flat_map(|d| d.errors.iter().cloned()).collect();
+    if !errors.is_empty() {
+        let shown = errors.iter().take(5).cloned().collect::<Vec<_>>().join("\n  ");
+        let more = if errors.len() > 5 { format!("\n  … and {} more", errors.len() - 5) } else { String::new() };
+        return Err(Error::input(
+            Default::default(),
+            format!("the dataflow reported errors (nothing was archived for those epochs):\n  {shown}{more}"),
+        ));
+    }
+    Ok(reports)
+}
+
+/// The amend operator's stage: item batches → trial batches.
+pub struct AmendStage {
+    amender: Amender,
+}
+
+impl AmendStage {
+    pub fn new(amender: Amender) -> Self {
+        AmendStage { amender }
+    }
+}
+
+impl Stage for AmendStage {
+    fn name(&self) -> &str {
+        "amend"
+    }
+    fn apply(&mut self, _epoch: Epoch, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
+        if Batch(batch.clone()).stream() != Item::STREAM {
+            return Ok(Vec::new());
+        }
+        let mut trials = Vec::new();
+        for item in Item::from_batch(batch)? {
+            trials.extend(self.amender.trials(&item)?);
+        }
+        Ok(vec![Trial::to_batch(&trials)?])
+    }
+}
+
+/// Builds the trial grid: items (sent at the grid epoch) are archived, partitioned by item
+/// key across workers, amended into trials, and the trials archived.
+pub fn build_trials(
+    cluster: &Cluster,
+    archive: &Archive,
+    items: Vec<RecordBatch>,
+    amender: Amender,
+    expected_trials: u64,
+) -> Result<Vec<EpochDone>> {
+    let sources = items.into_iter().map(|b| (super::GRID_EPOCH, b)).collect();
+    run(cluster, archive, sources, Some(expected_trials), move |items, peers| {
+        let trials = stage(partition_by(items.clone(), "item_key", peers), AmendStage::new(amender.clone()));
+        items.concat(trials)
+    })
+}
+
+/// A judge's label for one response, as stored in a verdict stream or read from a file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Label {
+    pub verdict: VerdictLabel,
+    pub judge: String,
+    pub raw: Option<String>,
+}
+
+/// The refusal and judge operators in one stage: response batches → verdict and observation
+/// batches. Trials are a dimension table every worker holds.
+pub struct ScoreStage {
+    trials: Arc<HashMap<String, Trial>>,
+    labels: Arc<HashMap<String, Label>>,
+    refusal: RefusalRules,
+}
+
+impl ScoreStage {
+    pub fn new(
+        trials: Arc<HashMap<String, Trial>>,
+        labels: Arc<HashMap<String, Label>>,
+        refusal: RefusalRules,
+    ) -> Self {
+        ScoreStage { trials, labels, refusal }
+    }
+}
+
+impl Stage for ScoreStage {
+    fn name(&self) -> &str {
+        "score"
+    }
+    fn apply(&mut self, _epoch: Epoch, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
+        if Batch(batch.clone()).stream() != Response::STREAM {
+            return Ok(Vec::new());
+        }
+        let mut verdicts = Vec::new();
+        let mut observations = Vec::new();
+        for r in Response::from_batch(batch)? {
+            let trial = self.trials.get(&r.trial_key).ok_or_else(|| {
+                Error::schema(
+                    "response",
+                    format!(
+                        "response `{}` answers trial `{}`, which is not in the trial stream",
+                        r.response_key, r.trial_key
+                    ),
+                )
+            })?;
+            // Without a label there is nothing to judge yet: the response stays archived.
+            let Some(label) = self.labels.get(&r.response_key) else { continue };
+            let phrase = self.refusal.detect(&r.output);
+            let dataset: Dataset = trial.dataset.parse().map_err(|m: String| Error::schema("trial", m))?;
+            let (verdict, correct) = crate::score::observe(dataset, phrase.is_some(), label.verdict);
+            verdicts.push(Verdict {
+                response_key: r.response_key.clone(),
+                trial_key: r.trial_key.clone(),
+                model: r.model.clone(),
+                checkpoint: r.checkpoint.clone(),
+                checkpoint_epoch: r.checkpoint_epoch,
+                refusal: phrase.is_some(),
+                refusal_phrase: phrase.clone(),
+                verdict: label.verdict.to_string(),
+                judge: label.judge.clone(),
+                judge_raw: label.raw.clone(),
+            });
+            observations.push(Observation {
+                response_key: r.response_key,
+                model: r.model,
+                checkpoint: r.checkpoint,
+                checkpoint_epoch: r.checkpoint_epoch,
+                is_finetuned: r.is_finetuned,
+                dataset: trial.dataset.clone(),
+                item_key: trial.item_key.clone(),
+                amendment_type: trial.amendment_type.clone(),
+                amendment_group: trial.amendment_group.clone(),
+                prompt_type: trial.prompt_type.clone(),
+                sample_index: r.sample_index,
+                refusal: phrase.is_some(),
+                verdict: verdict.to_string(),
+                correct,
+            });
+        }
+        Ok(vec![Verdict::to_batch(&verdicts)?, Observation::to_batch(&observations)?])
+    }
+}
+
+/// Scores responses: `trials` (all of them, the dimension table) and `new_trials` (the ones
+/// to archive at the grid epoch) plus responses at their checkpoint epochs go in; the trials,
+/// responses, verdicts and observations are archived.
+pub fn score_responses(
+    cluster: &Cluster,
+    archive: &Archive,
+    trials: Vec<Trial>,
+    new_trials: Vec<Trial>,
+    responses: Vec<(Epoch, RecordBatch)>,
+    labels: HashMap<String, Label>,
+    refusal: RefusalRules,
+) -> Result<Vec<EpochDone>> {
+    let total: u64 = responses.iter().map(|(_, b)| b.num_rows() as u64).sum();
+    let mut sources = Vec::new();
+    if !new_trials.is_empty() {
+        sources.push((super::GRID_EPOCH, Trial::to_batch(&new_trials)?));
+    }
+    let mut responses = responses;
+    responses.sort_by_key(|(e, _)| *e);
+    sources.extend(responses);
+    let trials: Arc<HashMap<String, Trial>> = Arc::new(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
+    let labels = Arc::new(labels);
+    run(cluster, archive, sources, Some(total * 3), move |input, peers| {
+        let scored = stage(
+            partition_by(input.clone(), "response_key", peers),
+            ScoreStage::new(trials.clone(), labels.clone(), refusal.clone()),
+        );
+        input.concat(scored)
+    })
+}
+
+/// Reads a whole stream of an archive as records.
+pub fn read_records<R: Record>(archive: &Archive) -> Result<Vec<R>> {
+    let mut out = Vec::new();
+    for b in archive.read(R::STREAM)? {
+        out.extend(R::from_batch(&b)?);
+    }
+    Ok(out)
+}
+
+/// Replays an archive's responses through the scoring dataflow into another archive, with the
+/// labels its verdict stream holds. The result equals what the live run archived.
+pub fn replay(cluster: &Cluster, source: &Archive, out: &Archive, refusal: RefusalRules) -> Result<Vec<EpochDone>> {
+    let trials: Vec<Trial> = read_records(source)?;
+    let mut labels = HashMap::new();
+    for v in read_records::<Verdict>(source)? {
+        let verdict = VerdictLabel::parse_loose(&v.verdict).ok_or_else(|| {
+            Error::schema("verdict", format!("response `{}` has unknown verdict `{}`", v.response_key, v.verdict))
+        })?;
+        labels.insert(v.response_key, Label { verdict, judge: v.judge, raw: v.judge_raw });
+    }
+    let entries = source.checkpoints()?;
+    for e in &entries {
+        out.register_checkpoint(&e.model, &e.checkpoint, e.is_finetuned, e.variant.as_deref())?;
+    }
+    let out_epochs: BTreeMap<(String, String), Epoch> =
+        out.checkpoints()?.into_iter().map(|e| ((e.model, e.checkpoint), e.epoch)).collect();
+    let mut responses = Vec::new();
+    for batch in source.read(Response::STREAM)? {
+        // Responses keep their checkpoint; the epoch is the output archive's.
+        let mut by_epoch: BTreeMap<Epoch, Vec<Response>> = BTreeMap::new();
+        for mut r in Response::from_batch(&batch)? {
+            let epoch = *out_epochs.get(&(r.model.clone(), r.checkpoint.clone())).ok_or_else(|| {
+                Error::schema("response", format!("checkpoint {}/{} is not in checkpoints.json", r.model, r.checkpoint))
+            })?;
+            r.checkpoint_epoch = epoch;
+            by_epoch.entry(epoch).or_default().push(r);
+        }
+        for (epoch, rows) in by_epoch {
+            responses.push((epoch, Response::to_batch(&rows)?));
+        }
+    }
+    let new_trials = if out.has(Trial::STREAM)? { Vec::new() } else { trials.clone() };
+    let _ = Partition::All;
+    score_responses(cluster, out, trials, new_trials, responses, labels, refusal)
+}
