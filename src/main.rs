@@ -1,1 +1,13 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let cli = candor::cli::Cli::parse();
+    if let Err(e) = candor::cli::main(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(match e.downcast_ref::<candor::error::Error>().map(|e| e.kind()) {
+            Some(candor::error::Domain::Internal) => 70,
+            Some(candor::error::Domain::External) => 74,
+            _ => 2,
+        });
+    }
+}

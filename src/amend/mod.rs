@@ -27,3 +27,20 @@ pub fn sample_items(items: Vec<Item>, n: Option<usize>, seed: u64) -> Vec<Item> 
     let _ = (n, seed);
     items
 }
+
+impl Amender {
+    /// The amender an experiment describes.
+    pub fn from_experiment(exp: &crate::config::Experiment) -> Result<Self> {
+        Ok(Amender {
+            style: exp.template_style,
+            amendments: exp.conditions.amendments.clone(),
+            prompt_types: exp.conditions.prompt_types.clone(),
+            seed: exp.seed,
+        })
+    }
+
+    /// How many trials one item of `dataset` becomes.
+    pub fn trials_per_item(&self, dataset: crate::conditions::Dataset) -> usize {
+        if dataset.is_open_ended() { self.amendments.len() * self.prompt_types.len() } else { 1 }
+    }
+}

@@ -1,0 +1,359 @@
+//! The `candor` command line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::amend::{Amender, sample_items};
+use crate::archive::{Archive, Format};
+use crate::conditions::Dataset;
+use crate::config::Experiment;
+use crate::dataflow::pipelines::{self, read_records};
+use crate::dataflow::{Cluster, EpochDone};
+use crate::import::{ImportDefaults, read_answers};
+use crate::records::{Item, Observation, Response, Trial};
+use crate::schema::{self, Record};
+use crate::score::refusal::{RefusalMode, RefusalRules};
+
+/// Candor evaluates whether language models stay accurate when users are warm, sad,
+/// deferential or wrong, checkpoint by checkpoint (Ibrahim, Hafner & Rocher, Nature 2026).
+///
+/// Typical use: `candor trials experiments/paper.toml` builds and archives the trial grid;
+/// `candor import answers.csv --out runs/x --model M --checkpoint C` brings in answers made
+/// elsewhere; `candor replay runs/x --out runs/y` feeds an archive through the same dataflow.
+#[derive(Debug, Parser)]
+#[command(name = "candor", version, about, long_about, max_term_width = 100)]
+pub struct Cli {
+    /// Print machine-readable JSON lines instead of tables (the default when stdout is not a
+    /// terminal).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the trial grid of an experiment (datasets × amendment types × prompt types) and
+    /// archive the item and trial streams.
+    Trials {
+        /// The experiment file (TOML), e.g. experiments/paper.toml.
+        experiment: PathBuf,
+        /// Archive directory (default: the experiment's `output`, else runs/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Segment format for new archive files.
+        #[arg(long, value_enum, default_value_t = Format::Parquet)]
+        format: Format,
+        /// Replace a grid already in the archive instead of refusing.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
+    /// Import answers produced elsewhere (CSV/JSONL with prompt and output columns, e.g. vLLM
+    /// output or the paper's sample CSVs) as a response stream, and score any labels they carry.
+    Import {
+        /// The answer file (.csv, .tsv, .jsonl).
+        file: PathBuf,
+        /// Archive directory to add to (it may already hold a trial grid to link answers to).
+        #[arg(long)]
+        out: PathBuf,
+        /// Dataset of every row, when the file has no `dataset` column.
+        #[arg(long)]
+        dataset: Option<Dataset>,
+        /// Model family, when the file has no `model` column.
+        #[arg(long)]
+        model: Option<String>,
+        /// Checkpoint id, when the file has no `checkpoint` column.
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// The answers come from a fine-tuned (or otherwise modified) checkpoint.
+        #[arg(long)]
+        finetuned: bool,
+        /// Free-text variant recorded with the checkpoint (warm, cold, warm-system-prompt, …).
+        #[arg(long)]
+        variant: Option<String>,
+        /// Refusal phrase list.
+        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
+        refusal: RefusalArg,
+        #[arg(long, value_enum, default_value_t = Format::Parquet)]
+        format: Format,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
+    /// Feed an archive's responses through the scoring dataflow again, into a new archive.
+    Replay {
+        /// The archive to read.
+        archive: PathBuf,
+        /// The archive to write (must not hold responses yet).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
+        refusal: RefusalArg,
+        #[arg(long, value_enum, default_value_t = Format::Parquet)]
+        format: Format,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
+    /// Print the declared schema of every stream (or one).
+    Schema {
+        /// A stream name: item, trial, response, verdict, observation.
+        stream: Option<String>,
+    },
+    /// Run a benchmark and print its figures.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Build and archive the full paper grid, then replay an archive of synthetic responses
+    /// to it; prints rows/s and peak memory.
+    Spine {
+        /// Where to write the benchmark archives (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Repetitions of each measurement.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
+}
+
+/// The refusal list on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum RefusalArg {
+    Paper,
+    Default,
+}
+
+impl From<RefusalArg> for RefusalMode {
+    fn from(a: RefusalArg) -> Self {
+        match a {
+            RefusalArg::Paper => RefusalMode::Paper,
+            RefusalArg::Default => RefusalMode::Default,
+        }
+    }
+}
+
+/// Runs the command line.
+pub fn main(cli: Cli) -> Result<()> {
+    schema::validate_all().context("checking the stream schemas")?;
+    let json = cli.json || !std::io::stdout().is_terminal();
+    match cli.command {
+        Command::Trials { experiment, out, format, replace, cluster } => {
+            let exp = Experiment::load(&experiment)?;
+            let out = out.unwrap_or_else(|| exp.output_dir());
+            let report = build_grid(&exp, &out, format, replace, &cluster)?;
+            if cluster.is_leader() {
+                print_grid(&report, &out, json);
+            }
+        }
+        Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, format, cluster } => {
+            let archive = Archive::open(&out, format)?;
+            let known: HashMap<String, Trial> =
+                read_records::<Trial>(&archive)?.into_iter().map(|t| (t.prompt.clone(), t)).collect();
+            let all_known: Vec<Trial> = known.values().cloned().collect();
+            let defaults = ImportDefaults { dataset, model, checkpoint, is_finetuned: finetuned };
+            let imported = read_answers(&file, &defaults, &known)?;
+            let mut batches = Vec::new();
+            for ((model, checkpoint), mut rows) in imported.responses {
+                let epoch = archive.register_checkpoint(&model, &checkpoint, finetuned, variant.as_deref())?;
+                for r in &mut rows {
+                    r.checkpoint_epoch = epoch;
+                }
+                batches.push((epoch, Response::to_batch(&rows)?));
+            }
+            let mut trials = all_known;
+            trials.extend(imported.new_trials.iter().cloned());
+            let reports = pipelines::score_responses(
+                &cluster,
+                &archive,
+                trials,
+                imported.new_trials,
+                batches,
+                imported.labels,
+                RefusalRules::new(refusal.into()),
+            )?;
+            if cluster.is_leader() {
+                print_epochs("import", &reports, &out, json);
+            }
+        }
+        Command::Replay { archive, out, refusal, format, cluster } => {
+            if !archive.join("checkpoints.json").exists() && !archive.join("response").exists() {
+                bail!("{}: not a Candor archive with responses (no checkpoints.json, no response/)", archive.display());
+            }
+            let source = Archive::open(&archive, format)?;
+            let target = Archive::open(&out, format)?;
+            if target.has(Response::STREAM)? {
+                bail!("{}: already holds responses; replay into an empty directory", out.display());
+            }
+            let reports = pipelines::replay(&cluster, &source, &target, RefusalRules::new(refusal.into()))?;
+            if cluster.is_leader() {
+                print_epochs("replay", &reports, &out, json);
+            }
+        }
+        Command::Schema { stream } => {
+            let names = match stream {
+                Some(s) => vec![s],
+                None => schema::streams()?,
+            };
+            for name in names {
+                let s = schema::stream_schema(&name)?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"stream": s.stream, "version": s.version, "key": s.key,
+                        "fields": s.fields.iter().map(|f| serde_json::json!({"name": f.name, "type": f.ty, "nullable": f.nullable})).collect::<Vec<_>>()})
+                    );
+                } else {
+                    println!("{} (v{}): {}\n  key: {}", s.stream, s.version, s.doc, s.key.join(", "));
+                    for f in &s.fields {
+                        println!(
+                            "  {:<20} {:<11} {:<9} {}",
+                            f.name,
+                            f.ty,
+                            if f.nullable { "nullable" } else { "" },
+                            f.doc
+                        );
+                    }
+                    println!();
+                }
+            }
+        }
+        Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
+            crate::bench::spine(dir.as_deref(), repeat, &cluster)?
+        }
+    }
+    Ok(())
+}
+
+/// What `trials` built.
+pub struct GridReport {
+    pub items: BTreeMap<String, usize>,
+    pub counts: BTreeMap<(String, String, String), usize>,
+    pub epochs: Vec<EpochDone>,
+}
+
+/// Loads and samples the experiment's datasets, builds the grid in the dataflow, archives it,
+/// and counts the archived trials.
+pub fn build_grid(
+    exp: &Experiment,
+    out: &Path,
+    format: Format,
+    replace: bool,
+    cluster: &Cluster,
+) -> Result<GridReport> {
+    let archive = Archive::open(out, format)?;
+    if cluster.is_leader() && (archive.has(Trial::STREAM)? || archive.has(Item::STREAM)?) {
+        if !replace {
+            bail!(
+                "{}: already holds a trial grid (pass --replace to rebuild it, or choose another --out)",
+                out.display()
+            );
+        }
+        archive.remove_stream(Trial::STREAM)?;
+        archive.remove_stream(Item::STREAM)?;
+    }
+    let amender = Amender::from_experiment(exp)?;
+    let mut batches = Vec::new();
+    let mut items = BTreeMap::new();
+    let mut expected = 0u64;
+    if cluster.is_leader() {
+        let data_dir = exp.data_dir();
+        for (dataset, cfg) in &exp.datasets {
+            let loaded = crate::datasets::load(*dataset, &cfg.source, &data_dir)
+                .with_context(|| format!("loading dataset `{dataset}`"))?;
+            let sampled = sample_items(loaded, cfg.n, exp.seed);
+            items.insert(dataset.to_string(), sampled.len());
+            expected += sampled.len() as u64 * amender.trials_per_item(*dataset) as u64;
+            batches.push(Item::to_batch(&sampled)?);
+        }
+    }
+    let epochs = pipelines::build_trials(cluster, &archive, batches, amender, expected)?;
+    let mut counts = BTreeMap::new();
+    if cluster.is_leader() {
+        for t in read_records::<Trial>(&archive)? {
+            *counts.entry((t.dataset, t.amendment_type, t.prompt_type)).or_insert(0) += 1;
+        }
+    }
+    Ok(GridReport { items, counts, epochs })
+}
+
+fn print_grid(report: &GridReport, out: &Path, json: bool) {
+    if json {
+        for ((dataset, amendment, prompt_type), n) in &report.counts {
+            println!(
+                "{}",
+                serde_json::json!({"dataset": dataset, "amendment_type": amendment, "prompt_type": prompt_type, "trials": n})
+            );
+        }
+        println!(
+            "{}",
+            serde_json::json!({"archive": out, "items": report.items, "trials": report.counts.values().sum::<usize>()})
+        );
+        return;
+    }
+    let prompt_types: Vec<String> = {
+        let mut p: Vec<String> = report.counts.keys().map(|k| k.2.clone()).collect();
+        p.sort_by_key(|s| s.parse::<crate::conditions::PromptType>().map(|x| x as usize).unwrap_or(usize::MAX));
+        p.dedup();
+        p
+    };
+    for (dataset, n_items) in &report.items {
+        println!("\n{dataset}: {n_items} items");
+        print!("  {:<28}", "amendment_type");
+        for p in &prompt_types {
+            print!("{p:>18}");
+        }
+        println!();
+        let mut amendments: Vec<&String> = report.counts.keys().filter(|k| &k.0 == dataset).map(|k| &k.1).collect();
+        amendments
+            .sort_by_key(|s| s.parse::<crate::conditions::AmendmentType>().map(|x| x as usize).unwrap_or(usize::MAX));
+        amendments.dedup();
+        for a in amendments {
+            print!("  {a:<28}");
+            for p in &prompt_types {
+                let n = report.counts.get(&(dataset.clone(), a.clone(), p.clone())).copied().unwrap_or(0);
+                print!("{n:>18}");
+            }
+            println!();
+        }
+    }
+    println!("\n{} trials archived in {}", report.counts.values().sum::<usize>(), out.display());
+}
+
+fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) {
+    for d in reports {
+        if json {
+            println!("{}", serde_json::json!({"epoch": d.epoch, "rows": d.rows}));
+        } else {
+            let rows: Vec<String> = d.rows.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            println!("epoch {}: {}", d.epoch, rows.join(", "));
+        }
+    }
+    if let Ok(archive) = Archive::open(out, Format::Parquet) {
+        if let Ok(obs) = read_records::<Observation>(&archive) {
+            let excluded = obs.iter().filter(|o| o.correct.is_none()).count();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"command": what, "archive": out, "observations": obs.len(), "excluded": excluded})
+                );
+            } else {
+                println!(
+                    "{what}: {} observations in {} ({excluded} excluded from statistics)",
+                    obs.len(),
+                    out.display()
+                );
+            }
+        }
+    }
+}
