@@ -1,0 +1,251 @@
+//! End-to-end tests of the `candor` binary: the trial grid, determinism across seeds, worker
+//! and process counts, bad input, import and replay, and reading archives outside Candor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candor::archive::{Archive, Format};
+use candor::dataflow::pipelines::read_records;
+use candor::records::{Observation, Response, Trial, Verdict};
+
+fn candor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_candor")).args(args).output().expect("candor runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = candor(args);
+    assert!(out.status.success(), "candor {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path).to_string_lossy().into_owned()
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Every file under `root`, relative path → bytes.
+fn tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, root, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn small_experiment(dir: &Path, seed: u64, style: &str) -> PathBuf {
+    let p = dir.join(format!("small-{seed}-{style}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"small\"\nseed = {seed}\ntemplate_style = \"{style}\"\ndata_dir = \"{}\"\n\
+             [datasets.trivia]\nn = 12\n[datasets.truthfulqa]\nn = 12\n[datasets.medqa]\nn = 12\n[datasets.disinfo]\nn = 12\n\
+             [datasets.mmlu]\nn = 5\n[datasets.gsm8k]\nn = 5\n[datasets.advbench]\nn = 5\n",
+            repo("data")
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn paper_grid_is_complete_and_reads_back_in_pyarrow_polars_and_duckdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("paper");
+    let lines = json_lines(&ok(&["trials", &repo("experiments/paper.toml"), "--out", out.to_str().unwrap(), "--json"]));
+    let (summary, cells) = lines.split_last().unwrap();
+    let items: HashMap<String, u64> = serde_json::from_value(summary["items"].clone()).unwrap();
+    assert_eq!(items, HashMap::from([("trivia".into(), 150), ("truthfulqa".into(), 500), ("medqa".into(), 500), ("disinfo".into(), 125)]));
+    assert_eq!(cells.len(), 4 * 9 * 4, "every dataset × amendment × prompt type cell");
+    for c in cells {
+        assert_eq!(c["trials"].as_u64().unwrap(), items[c["dataset"].as_str().unwrap()], "{c}");
+    }
+    assert_eq!(summary["trials"], 1275 * 36);
+
+    // Same grid again: refused without --replace, byte-identical with it.
+    let again = candor(&["trials", &repo("experiments/paper.toml"), "--out", out.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a trial grid"));
+    let before = tree(&out);
+    ok(&["trials", &repo("experiments/paper.toml"), "--out", out.to_str().unwrap(), "--replace", "--json"]);
+    assert_eq!(tree(&out), before);
+
+    let ipc = dir.path().join("paper-ipc");
+    ok(&["trials", &repo("experiments/paper.toml"), "--out", ipc.to_str().unwrap(), "--format", "ipc", "--json"]);
+
+    let Some(python) = std::env::var_os("CANDOR_PYTHON") else {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide CANDOR_PYTHON (scripts/python-env)");
+        eprintln!("CANDOR_PYTHON not set: skipping the pyarrow/polars/DuckDB read-back (scripts/test sets it)");
+        return;
+    };
+    for (root, readers) in [(&out, ["pyarrow", "polars", "duckdb"]), (&ipc, ["pyarrow_ipc", "polars_ipc", "pyarrow_ipc"])] {
+        let o = Command::new(&python).arg(repo("tests/python/read_archive.py")).arg(root).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for (stream, rows) in [("item", 1275), ("trial", 1275 * 36)] {
+            let declared: Vec<String> =
+                candor::schema::stream_schema(stream).unwrap().fields.iter().map(|f| f.name.clone()).collect();
+            for r in readers {
+                assert_eq!(seen[stream][r]["rows"], rows, "{r} reads {stream}");
+                let cols: Vec<String> = serde_json::from_value(seen[stream][r]["columns"].clone()).unwrap();
+                assert_eq!(cols, declared, "{r} sees {stream}'s declared columns");
+            }
+        }
+        if root == &out {
+            assert_eq!(seen["trial"]["pyarrow"]["metadata"]["candor.stream"], "trial");
+        }
+    }
+}
+
+#[test]
+fn same_seed_gives_identical_archives_for_any_worker_count_and_other_seeds_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 7, "clean");
+    let run = |name: &str, exp: &Path, workers: &str| {
+        let out = dir.path().join(name);
+        ok(&["trials", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "-w", workers, "--json"]);
+        tree(&out)
+    };
+    let one = run("w1", &exp, "1");
+    assert!(one.len() >= 2, "item and trial segments: {:?}", one.keys());
+    assert_eq!(run("w1-again", &exp, "1"), one);
+    assert_eq!(run("w3", &exp, "3"), one);
+    let other = run("seed8", &small_experiment(dir.path(), 8, "clean"), "1");
+    assert_ne!(other, one);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn two_processes_on_localhost_build_the_same_archive_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 11, "paper");
+    let single = dir.path().join("single");
+    ok(&["trials", exp.to_str().unwrap(), "--out", single.to_str().unwrap(), "--json"]);
+
+    let hosts = dir.path().join("hosts.txt");
+    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+    let multi = dir.path().join("multi");
+    let spawn = |p: &str| {
+        Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["trials", exp.to_str().unwrap(), "--out", multi.to_str().unwrap(), "--json"])
+            .args(["-w", "2", "-n", "2", "-p", p, "--hostfile", hosts.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (p0, p1) = (spawn("0"), spawn("1"));
+    let (o0, o1) = (p0.wait_with_output().unwrap(), p1.wait_with_output().unwrap());
+    assert!(o0.status.success(), "process 0: {}", String::from_utf8_lossy(&o0.stderr));
+    assert!(o1.status.success(), "process 1: {}", String::from_utf8_lossy(&o1.stderr));
+    assert_eq!(tree(&multi), tree(&single));
+}
+
+#[test]
+fn bad_input_names_the_file_line_and_field_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let fails = |exp: &Path, needles: &[&str]| {
+        let out = dir.path().join("out");
+        let o = candor(&["trials", exp.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        for n in needles {
+            assert!(err.contains(n), "`{n}` not in: {err}");
+        }
+        assert!(!out.join("trial").exists() && !out.join("item").exists(), "nothing archived after: {err}");
+    };
+    fails(&write("a.toml", "name='a'\n[datasets.trivia]\n[conditions]\namendments=['emotion:sad','stake:medium']\n"), &["a.toml", "line 4", "stake:medium"]);
+    fails(&write("b.toml", "name='b'\n[datasets.trivia]\n[conditions]\nprompt_types=['original','flattering']\n"), &["b.toml", "line 4", "flattering"]);
+    fails(&write("c.toml", "name='c'\n[datasets.trivia]\npath='nowhere.json'\n"), &["nowhere.json"]);
+    let csv = write("tqa.csv", "Type,Category,Question,Best Answer,Incorrect Answers,Source\nx,y,Why?,Because,No,src\n");
+    fails(
+        &write("d.toml", &format!("name='d'\n[datasets.truthfulqa]\npath='{}'\n", csv.display())),
+        &["tqa.csv", "Correct Answers"],
+    );
+    let jsonl = write("gsm.jsonl", "{\"question\": \"1+1?\", \"answer\": \"#### 2\"}\n{\"question\": \"2+2?\", \"answer\": \n");
+    fails(&write("e.toml", &format!("name='e'\n[datasets.gsm8k]\npath='{}'\n", jsonl.display())), &["gsm.jsonl", "line 2"]);
+    let bad_utf8 = dir.path().join("bad.jsonl");
+    std::fs::write(&bad_utf8, b"{\"question\": \"caf\xe9?\", \"answer\": \"#### 2\"}\n").unwrap();
+    fails(&write("f.toml", &format!("name='f'\n[datasets.gsm8k]\npath='{}'\n", bad_utf8.display())), &["bad.jsonl", "line 1", "UTF-8"]);
+}
+
+#[test]
+fn imported_answers_score_and_replay_to_identical_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 3, "paper");
+    let live = dir.path().join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]);
+    let archive = Archive::open(&live, Format::Parquet).unwrap();
+    let trials: Vec<Trial> = read_records(&archive).unwrap();
+
+    // Answers in the paper's sample CSV shape, for a base and a warm checkpoint.
+    for (checkpoint, flip) in [("original", 0), ("warm", 1)] {
+        let mut w = csv::Writer::from_path(dir.path().join(format!("{checkpoint}.csv"))).unwrap();
+        w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
+        for (i, t) in trials.iter().enumerate() {
+            let output = if i % 11 == 0 { "I’m sorry, but I can’t help with that." } else { "It is 42." };
+            let label = if (i + flip) % 3 == 0 { "INCORRECT" } else { "CORRECT" };
+            w.write_record([t.prompt.as_str(), output, &t.amendment_type, &t.prompt_type, label]).unwrap();
+        }
+        w.flush().unwrap();
+    }
+    let import = |checkpoint: &str, extra: &[&str]| {
+        let file = dir.path().join(format!("{checkpoint}.csv"));
+        let mut args = vec!["import", file.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", "smol", "--checkpoint", checkpoint, "--json"];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    import("original", &[]);
+    import("warm", &["--finetuned", "--variant", "warm", "-w", "2"]);
+
+    let responses: Vec<Response> = read_records(&archive).unwrap();
+    let observations: Vec<Observation> = read_records(&archive).unwrap();
+    assert_eq!(responses.len(), 2 * trials.len());
+    assert_eq!(observations.len(), 2 * trials.len());
+    assert_eq!(read_records::<Trial>(&archive).unwrap().len(), trials.len(), "answers linked to the archived trials");
+    let by_trial: HashMap<&str, &Trial> = trials.iter().map(|t| (t.trial_key.as_str(), t)).collect();
+    for o in &observations {
+        let refused = o.refusal;
+        let disinfo = o.dataset == "disinfo";
+        match (refused, disinfo) {
+            (true, true) => assert_eq!((o.verdict.as_str(), o.correct), ("CORRECT", Some(true))),
+            (true, false) => assert_eq!((o.verdict.as_str(), o.correct), ("REFUSAL", None)),
+            (false, _) => assert!(o.correct.is_some()),
+        }
+        assert!(by_trial.values().any(|t| t.item_key == o.item_key));
+    }
+    assert!(observations.iter().any(|o| o.refusal), "the curly-apostrophe refusal is caught by the default list");
+    assert!(observations.iter().any(|o| o.is_finetuned) && observations.iter().any(|o| !o.is_finetuned));
+
+    let replayed = dir.path().join("replayed");
+    ok(&["replay", live.to_str().unwrap(), "--out", replayed.to_str().unwrap(), "-w", "3", "--json"]);
+    let live_tree = tree(&live);
+    let replay_tree = tree(&replayed);
+    for stream in ["trial", "response", "verdict", "observation"] {
+        let pick = |t: &BTreeMap<PathBuf, Vec<u8>>| -> Vec<(PathBuf, Vec<u8>)> {
+            t.iter().filter(|(p, _)| p.starts_with(stream)).map(|(p, b)| (p.clone(), b.clone())).collect()
+        };
+        assert_eq!(pick(&replay_tree), pick(&live_tree), "stream {stream} replays byte for byte");
+    }
+    let verdicts: Vec<Verdict> = read_records(&Archive::open(&replayed, Format::Parquet).unwrap()).unwrap();
+    assert!(verdicts.iter().all(|v| v.judge == format!("import:{}.csv", v.checkpoint)));
+}
