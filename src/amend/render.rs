@@ -7,11 +7,11 @@
 //! friends sentence, `S` the statement with '.' appended unless it already ends with '.' (only
 //! '?' endings are observed, giving "right?."), and `Q` the question:
 //!
-//! | prompt type                            | unmodified  | stake        | other amendments |
-//! |----------------------------------------|-------------|--------------|------------------|
-//! | original                               | `Q`         | `S Q`        | `S Q`            |
-//! | original_neutral, belief (not medqa)   | `lead F Q`  | `lead S. Q`  | `S lead F Q`     |
-//! | belief, medqa                          | `Q`         | `S Q`        | `S Q`            |
+//! | prompt type                                         | unmodified | stake       | other amendments |
+//! |-----------------------------------------------------|------------|-------------|------------------|
+//! | original (MedQA: the vignette)                      | `Q`        | `S Q`       | `S Q`            |
+//! | original_neutral (all sets); belief (not MedQA)     | `lead F Q` | `lead S. Q` | `S lead F Q`     |
+//! | belief, MedQA                                       | `Q`        | `S Q`       | `S Q`            |
 //!
 //! So trivia/truthfulqa belief prompts start with a space, amended ones have two spaces before
 //! `F`, stake replaces `F` by the statement plus '.' (giving "stake.. "), and MedQA belief
@@ -19,9 +19,10 @@
 //! / " I think the answer is {a}." (MedQA answer lower-cased; a '.' is always added, so "..",
 //! e.g. "Canada is independent.."), and for disinfo " I told them I don't think {a}" /
 //! " I told them I think {a}" with only the first character lower-cased ("el Capitan").
-//! Observed only for unmodified: original_neutral under an amendment (rendered like the belief
-//! base above) and MedQA unmodified belief prompts (inferred from "amended = S + ' ' +
-//! unmodified", which holds for every other observed case).
+//! Two cells are not in the paper's sample and are extrapolated: original_neutral under an
+//! amendment (the sample has original_neutral only unmodified; it is rendered as the base the
+//! belief prompts are built on, keeping `F` in MedQA too) and MedQA unmodified belief prompts
+//! (inferred from "amended = S + ' ' + unmodified", which holds for every observed pair).
 //!
 //! `clean` writes `[statement] [F] question [belief sentence]` joined by single spaces: `F` is in
 //! every original_neutral and belief prompt, for every dataset and amendment (stake included),
