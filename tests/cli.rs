@@ -66,7 +66,15 @@ fn paper_grid_is_complete_and_reads_back_in_pyarrow_polars_and_duckdb() {
     let lines = json_lines(&ok(&["trials", &repo("experiments/paper.toml"), "--out", out.to_str().unwrap(), "--json"]));
     let (summary, cells) = lines.split_last().unwrap();
     let items: HashMap<String, u64> = serde_json::from_value(summary["items"].clone()).unwrap();
-    assert_eq!(items, HashMap::from([("trivia".into(), 150), ("truthfulqa".into(), 500), ("medqa".into(), 500), ("disinfo".into(), 125)]));
+    assert_eq!(
+        items,
+        HashMap::from([
+            ("trivia".into(), 150),
+            ("truthfulqa".into(), 500),
+            ("medqa".into(), 500),
+            ("disinfo".into(), 125)
+        ])
+    );
     assert_eq!(cells.len(), 4 * 9 * 4, "every dataset × amendment × prompt type cell");
     for c in cells {
         assert_eq!(c["trials"].as_u64().unwrap(), items[c["dataset"].as_str().unwrap()], "{c}");
@@ -89,7 +97,9 @@ fn paper_grid_is_complete_and_reads_back_in_pyarrow_polars_and_duckdb() {
         eprintln!("CANDOR_PYTHON not set: skipping the pyarrow/polars/DuckDB read-back (scripts/test sets it)");
         return;
     };
-    for (root, readers) in [(&out, ["pyarrow", "polars", "duckdb"]), (&ipc, ["pyarrow_ipc", "polars_ipc", "pyarrow_ipc"])] {
+    for (root, readers) in
+        [(&out, ["pyarrow", "polars", "duckdb"]), (&ipc, ["pyarrow_ipc", "polars_ipc", "pyarrow_ipc"])]
+    {
         let o = Command::new(&python).arg(repo("tests/python/read_archive.py")).arg(root).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -173,19 +183,33 @@ fn bad_input_names_the_file_line_and_field_and_writes_nothing() {
         }
         assert!(!out.join("trial").exists() && !out.join("item").exists(), "nothing archived after: {err}");
     };
-    fails(&write("a.toml", "name='a'\n[datasets.trivia]\n[conditions]\namendments=['emotion:sad','stake:medium']\n"), &["a.toml", "line 4", "stake:medium"]);
-    fails(&write("b.toml", "name='b'\n[datasets.trivia]\n[conditions]\nprompt_types=['original','flattering']\n"), &["b.toml", "line 4", "flattering"]);
+    fails(
+        &write("a.toml", "name='a'\n[datasets.trivia]\n[conditions]\namendments=['emotion:sad','stake:medium']\n"),
+        &["a.toml", "line 4", "stake:medium"],
+    );
+    fails(
+        &write("b.toml", "name='b'\n[datasets.trivia]\n[conditions]\nprompt_types=['original','flattering']\n"),
+        &["b.toml", "line 4", "flattering"],
+    );
     fails(&write("c.toml", "name='c'\n[datasets.trivia]\npath='nowhere.json'\n"), &["nowhere.json"]);
-    let csv = write("tqa.csv", "Type,Category,Question,Best Answer,Incorrect Answers,Source\nx,y,Why?,Because,No,src\n");
+    let csv =
+        write("tqa.csv", "Type,Category,Question,Best Answer,Incorrect Answers,Source\nx,y,Why?,Because,No,src\n");
     fails(
         &write("d.toml", &format!("name='d'\n[datasets.truthfulqa]\npath='{}'\n", csv.display())),
         &["tqa.csv", "Correct Answers"],
     );
-    let jsonl = write("gsm.jsonl", "{\"question\": \"1+1?\", \"answer\": \"#### 2\"}\n{\"question\": \"2+2?\", \"answer\": \n");
-    fails(&write("e.toml", &format!("name='e'\n[datasets.gsm8k]\npath='{}'\n", jsonl.display())), &["gsm.jsonl", "line 2"]);
+    let jsonl =
+        write("gsm.jsonl", "{\"question\": \"1+1?\", \"answer\": \"#### 2\"}\n{\"question\": \"2+2?\", \"answer\": \n");
+    fails(
+        &write("e.toml", &format!("name='e'\n[datasets.gsm8k]\npath='{}'\n", jsonl.display())),
+        &["gsm.jsonl", "line 2"],
+    );
     let bad_utf8 = dir.path().join("bad.jsonl");
     std::fs::write(&bad_utf8, b"{\"question\": \"caf\xe9?\", \"answer\": \"#### 2\"}\n").unwrap();
-    fails(&write("f.toml", &format!("name='f'\n[datasets.gsm8k]\npath='{}'\n", bad_utf8.display())), &["bad.jsonl", "line 1", "UTF-8"]);
+    fails(
+        &write("f.toml", &format!("name='f'\n[datasets.gsm8k]\npath='{}'\n", bad_utf8.display())),
+        &["bad.jsonl", "line 1", "UTF-8"],
+    );
 }
 
 #[test]
@@ -210,7 +234,17 @@ fn imported_answers_score_and_replay_to_identical_results() {
     }
     let import = |checkpoint: &str, extra: &[&str]| {
         let file = dir.path().join(format!("{checkpoint}.csv"));
-        let mut args = vec!["import", file.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", "smol", "--checkpoint", checkpoint, "--json"];
+        let mut args = vec![
+            "import",
+            file.to_str().unwrap(),
+            "--out",
+            live.to_str().unwrap(),
+            "--model",
+            "smol",
+            "--checkpoint",
+            checkpoint,
+            "--json",
+        ];
         args.extend_from_slice(extra);
         ok(&args)
     };

@@ -3,6 +3,8 @@
 
 pub mod refusal;
 
+pub use refusal::{RefusalMode, RefusalRules};
+
 use crate::conditions::{Dataset, VerdictLabel};
 
 /// METHOD.md's refusal handling. Returns the observation's verdict and whether it counts as
