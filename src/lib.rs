@@ -10,3 +10,4 @@ pub mod error;
 pub mod records;
 pub mod schema;
 pub mod score;
+pub mod stats;
