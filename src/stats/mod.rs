@@ -6,6 +6,7 @@
 //! - [`paired`]: the paired-count monoid kept per category and the per-family results.
 //! - [`glm`]: binomial-logit regression from cell counts, with Wald tests, linear combinations and
 //!   counterfactual average marginal effects.
+//! - [`models`]: the paper's regressions M1–M4 over a table of cell counts.
 //!
 //! Nothing here knows about dataflows or tables: operators feed counts in and read results out.
 //!
@@ -20,4 +21,5 @@ pub mod bh;
 pub mod effect;
 pub mod glm;
 pub mod mcnemar;
+pub mod models;
 pub mod paired;
