@@ -332,13 +332,13 @@ impl Design {
             });
         }
         for (var, &value) in self.vars.iter().zip(values) {
-            if let Variable::Factor { name, levels, .. } = var {
-                if !(value >= 0.0 && value < levels.len() as f64 && value.fract() == 0.0) {
-                    return Err(GlmError::InvalidLevelCode {
-                        factor: name.clone(),
-                        value,
-                    });
-                }
+            if let Variable::Factor { name, levels, .. } = var
+                && !(value.fract() == 0.0 && (0.0..levels.len() as f64).contains(&value))
+            {
+                return Err(GlmError::InvalidLevelCode {
+                    factor: name.clone(),
+                    value,
+                });
             }
         }
         Ok(())
@@ -500,6 +500,8 @@ pub fn fit(design: &Design, cells: &Cells) -> Result<GlmFit, GlmError> {
     let mut beta = vec![0.0; p];
     let mut info = vec![0.0; p * p];
     let mut rhs = vec![0.0; p];
+    let mut new_beta = vec![0.0; p];
+    let mut new_eta = vec![0.0; m];
     let mut dev = f64::INFINITY;
     let mut iterations = 0;
     let mut converged = false;
@@ -523,10 +525,9 @@ pub fn fit(design: &Design, cells: &Cells) -> Result<GlmFit, GlmError> {
         })?;
         let step = chol_solve(&chol, &rhs, p);
 
-        // Step-halving guards the rare case where a full Newton step overshoots.
+        // Step-halving guards the rare case where a full Newton step overshoots. The slack keeps
+        // rounding noise in the deviance (near 0 for saturated models) from shrinking real steps.
         let mut scale = 1.0;
-        let mut new_beta = vec![0.0; p];
-        let mut new_eta = vec![0.0; m];
         let mut new_dev;
         loop {
             for j in 0..p {
@@ -536,15 +537,16 @@ pub fn fit(design: &Design, cells: &Cells) -> Result<GlmFit, GlmError> {
                 new_eta[r] = dot(&x[r * p..(r + 1) * p], &new_beta);
             }
             new_dev = deviance(&y, &n, &new_eta);
-            if new_dev <= dev * (1.0 + 1e-12) || scale < 1e-3 || !dev.is_finite() {
+            if new_dev <= dev + 1e-9 * (1.0 + dev) || scale < 1e-3 || !dev.is_finite() {
                 break;
             }
             scale *= 0.5;
         }
+        // Judged on the full Newton step: a halved step says nothing about closeness to the MLE.
         let max_change = step
             .iter()
             .zip(&new_beta)
-            .map(|(s, b)| (scale * s).abs() / (1.0 + b.abs()))
+            .map(|(s, b)| s.abs() / (1.0 + b.abs()))
             .fold(0.0, f64::max);
         beta.copy_from_slice(&new_beta);
         eta.copy_from_slice(&new_eta);
@@ -778,7 +780,9 @@ fn cholesky(a: &[f64], p: usize) -> Result<Vec<f64>, usize> {
         for k in 0..j {
             d -= l[j * p + k] * l[j * p + k];
         }
-        if !(d > PIVOT_TOL * ajj.abs()) || !(d > 0.0) {
+        // Written so that a NaN pivot also fails.
+        let positive = d > PIVOT_TOL * ajj.abs() && d > 0.0;
+        if !positive {
             return Err(j);
         }
         let ljj = d.sqrt();
@@ -955,25 +959,21 @@ mod tests {
         // the fit is checked far beyond the printed digits.
         let precise = [
             (
-                -1.5877052178320398,
-                0.24063681998414864,
-                4.1693424062753776e-11,
+                -1.5877052178320399,
+                0.24063681998414865,
+                4.169342406275378e-11,
             ),
             (
-                0.68697381727882986,
+                0.6869738172788299,
                 0.22063270603446666,
-                0.0018478630438333471,
+                0.001847863043833347,
             ),
             (
-                0.91486136731231102,
-                0.22179021061267086,
-                3.7090366324178613e-5,
+                0.914861367312311,
+                0.22179021061267085,
+                3.709036632417861e-05,
             ),
-            (
-                0.11983367037906824,
-                0.21902936551455211,
-                0.58430154969346688,
-            ),
+            (0.11983367037906824, 0.2190293655145521, 0.5843015496934669),
         ];
         for (j, (coef, se, p)) in precise.into_iter().enumerate() {
             let e = m.estimate(j);
@@ -1136,6 +1136,73 @@ mod tests {
                 .average_contrast(&cells, ft, 1.0, 0.0, |v| v[1] == level)
                 .unwrap();
             assert_close(ame, (warm - base) / 100.0, 1e-10);
+        }
+    }
+
+    #[test]
+    fn paper_sized_design_recovers_known_coefficients() {
+        // M3's shape: 5 models × 4 datasets × 9 amendments × ft, ~440k answers, counts set to
+        // n·σ(η) for known β (fractional counts are allowed), so the MLE is exactly that β.
+        let amendments = [
+            "unmodified",
+            "emotion:anger",
+            "emotion:happy",
+            "emotion:sad",
+            "relation:close",
+            "relation:hierarchical_down",
+            "relation:hierarchical_up",
+            "stake:high",
+            "stake:low",
+        ];
+        let datasets = ["disinfo", "medqa", "trivia", "truthfulqa"];
+        let models = ["8b", "gpt-4o", "mistral", "qwen-32", "70b"];
+        let mut d = DesignBuilder::new();
+        let ft = d.numeric("ft");
+        let am = d.factor("amendment", &amendments, "unmodified").unwrap();
+        let ds = d.factor("dataset", &datasets, "disinfo").unwrap();
+        let md = d.factor("model", &models, "8b").unwrap();
+        d.intercept()
+            .term(&[ft])
+            .term(&[am])
+            .term(&[ds])
+            .term(&[ft, am])
+            .term(&[md]);
+        let design = d.build();
+        assert_eq!(design.n_columns(), 1 + 1 + 8 + 3 + 8 + 4);
+        let truth: Vec<f64> = (0..design.n_columns())
+            .map(|j| ((j * 37 % 23) as f64 - 11.0) / 20.0)
+            .collect();
+        let mut cells = Cells::new(4);
+        let mut row = vec![0.0; design.n_columns()];
+        for f in 0..2 {
+            for a in 0..amendments.len() {
+                for dd in 0..datasets.len() {
+                    for mm in 0..models.len() {
+                        let v = [f as f64, a as f64, dd as f64, mm as f64];
+                        design.row(&v, &mut row);
+                        let n = 1200.0 + ((f + a + dd + mm) % 5) as f64 * 10.0;
+                        cells.push(&v, n * sigmoid(dot(&row, &truth)), n).unwrap();
+                    }
+                }
+            }
+        }
+        let m = fit(&design, &cells).unwrap();
+        assert!(m.nobs > 430_000.0 && m.nobs < 450_000.0);
+        for (j, (&got, &want)) in m.params().iter().zip(&truth).enumerate() {
+            assert!(
+                (got - want).abs() < 1e-9,
+                "{}: {got} vs {want}",
+                m.names()[j]
+            );
+        }
+        assert!(m.deviance.abs() < 1e-6, "deviance {}", m.deviance);
+        assert!(m.iterations < 15, "{} iterations", m.iterations);
+        // Covariance is symmetric positive definite: every variance positive.
+        for i in 0..design.n_columns() {
+            assert!(m.cov(i, i) > 0.0);
+            for j in 0..design.n_columns() {
+                assert_eq!(m.cov(i, j), m.cov(j, i));
+            }
         }
     }
 
