@@ -16,3 +16,4 @@ pub mod import;
 pub mod records;
 pub mod schema;
 pub mod score;
+pub mod stats;

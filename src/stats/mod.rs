@@ -1,0 +1,25 @@
+//! The statistics of the paper, as a pure library over counts.
+//!
+//! - [`mcnemar`]: exact (and χ²) McNemar tests on discordant pairs, overflow-free at any size.
+//! - [`bh`]: Benjamini–Hochberg adjustment with statsmodels' exact semantics.
+//! - [`effect`]: effect sizes, including the paper's mislabelled "Cohen's g" under an honest name.
+//! - [`paired`]: the paired-count monoid kept per category and the per-family results.
+//! - [`glm`]: binomial-logit regression from cell counts, with Wald tests, linear combinations and
+//!   counterfactual average marginal effects.
+//! - [`models`]: the paper's regressions M1–M4 over a table of cell counts.
+//!
+//! Nothing here knows about dataflows or tables: operators feed counts in and read results out.
+//!
+//! ```
+//! use candor::stats::paired::{family, PairedCounts, ALPHA};
+//! let counts = PairedCounts { both_correct: 80, b: 12, c: 3, both_wrong: 5 };
+//! let stats = family(&[counts], ALPHA).unwrap();
+//! assert_eq!(stats[0].p_exact, Some(0.03515625));
+//! ```
+
+pub mod bh;
+pub mod effect;
+pub mod glm;
+pub mod mcnemar;
+pub mod models;
+pub mod paired;

@@ -1,0 +1,480 @@
+//! The paper's pooled logistic regressions M1–M4 (METHOD.md §4) over a table of cell counts.
+//!
+//! Input rows are cells of (model, dataset, amendment_type, prompt_type, ft) with the number of
+//! incorrect answers among `n`; rows may repeat a cell (they are summed). The outcome is
+//! `is_incorrect`, so positive effects mean the fine-tuned model errs more.
+//!
+//! - M1 `~ ft + C(dataset, ref=disinfo) + C(model)` on unmodified × original prompts: the
+//!   counterfactual average marginal effect of fine-tuning.
+//! - M2/M3 `~ ft + C(amendment) + C(dataset) + ft:C(amendment) + C(model)` on original prompts, with
+//!   the amendment group (M2, e.g. `emotion`) or the detailed type (M3, e.g. `emotion:sad`),
+//!   reference `unmodified`.
+//! - M4 `~ ft + C(prompt_group) + C(dataset) + ft:C(prompt_group) + C(model)`, prompt groups
+//!   `original` and `user_opinion`, reference `original`.
+//!
+//! Per context, [`ContextEffect`] gives the log-odds effect β_ft + β_ft:ctx with SE √(wᵀVw) as the
+//! paper's code computes it, and the conditional counterfactual AME (mean of p̂(ft=1) − p̂(ft=0)
+//! over that context's answers) behind its percentage-point headlines.
+//!
+//! Grouping follows the paper's code: the amendment group is the part before `:`; a prompt type
+//! containing `correct` (so also `incorrect`) is `user_opinion`, else one containing `original`
+//! (so also `original_neutral`) is `original`, else `other` (left out of every model). Factor levels
+//! are sorted as patsy sorts them; `dataset`'s reference is `disinfo` when present, else the first
+//! level, and `model`'s is the first level.
+//!
+//! M4 follows METHOD.md. The published M4 output of the paper's repository was fitted with a
+//! different formula (amendment-group fixed effects, no prompt-group main effect, the interaction
+//! coded per ft level); its per-group AMEs are the same counterfactual quantity as [`ContextEffect::ame`].
+//!
+//! ```
+//! use candor::stats::models::{m2, CellCount};
+//! let cell = |amendment: &str, ft, incorrect| CellCount::new("m", "trivia", amendment, "original", ft, incorrect, 100);
+//! let table = [
+//!     cell("unmodified", false, 30), cell("unmodified", true, 45),
+//!     cell("emotion:sad", false, 35), cell("emotion:sad", true, 60),
+//! ];
+//! let result = m2(&table).unwrap();
+//! let sad = result.effects.iter().find(|e| e.context == "emotion").unwrap();
+//! assert!((sad.ame - 0.25).abs() < 1e-9); // saturated: the raw difference in error rate
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::glm::{Cells, DesignBuilder, Estimate, GlmError, GlmFit, VarId, fit};
+
+/// One cell of answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellCount {
+    pub model: String,
+    pub dataset: String,
+    /// Detailed amendment type, e.g. `emotion:sad` or `unmodified`.
+    pub amendment_type: String,
+    /// `original`, `original_neutral`, `correct` or `incorrect`.
+    pub prompt_type: String,
+    /// Fine-tuned (true) or base (false) model.
+    pub ft: bool,
+    /// Answers judged incorrect.
+    pub incorrect: u64,
+    /// Answers in the cell.
+    pub n: u64,
+}
+
+impl CellCount {
+    pub fn new(
+        model: &str,
+        dataset: &str,
+        amendment_type: &str,
+        prompt_type: &str,
+        ft: bool,
+        incorrect: u64,
+        n: u64,
+    ) -> Self {
+        CellCount {
+            model: model.to_string(),
+            dataset: dataset.to_string(),
+            amendment_type: amendment_type.to_string(),
+            prompt_type: prompt_type.to_string(),
+            ft,
+            incorrect,
+            n,
+        }
+    }
+}
+
+/// The amendment group: the part of the type before `:` (`emotion:sad` → `emotion`).
+pub fn amendment_group(amendment_type: &str) -> &str {
+    amendment_type.split(':').next().unwrap_or("").trim()
+}
+
+/// The paper's prompt grouping (see the module docs).
+pub fn prompt_group(prompt_type: &str) -> &'static str {
+    let lower = prompt_type.to_lowercase();
+    if lower.contains("correct") {
+        "user_opinion"
+    } else if lower.contains("original") {
+        "original"
+    } else {
+        "other"
+    }
+}
+
+/// M1: the fitted model and the average marginal effect of fine-tuning.
+#[derive(Clone, Debug, PartialEq)]
+pub struct M1 {
+    pub fit: GlmFit,
+    /// Log-odds coefficient of `ft`.
+    pub ft: Estimate,
+    /// Mean over answers of p̂(ft=1) − p̂(ft=0) (probability scale; ×100 for pp).
+    pub ame: f64,
+}
+
+/// The effect of fine-tuning in one context (amendment or prompt group).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContextEffect {
+    pub context: String,
+    /// β_ft (+ β_ft:context unless the context is the reference), with SE from the covariance.
+    pub log_odds: Estimate,
+    /// Conditional counterfactual AME over the answers in this context.
+    pub ame: f64,
+    /// Answers in this context.
+    pub n: u64,
+}
+
+/// M2, M3 or M4: the fitted model and the per-context effects, contexts in sorted order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContextModel {
+    pub fit: GlmFit,
+    pub effects: Vec<ContextEffect>,
+}
+
+/// Errors of the model specifications.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelError {
+    /// `n < incorrect` in an input row.
+    InvalidCell { row: usize },
+    /// No rows pass the model's filter.
+    NoData { model: &'static str },
+    /// The context factor's reference level has no data.
+    MissingReference { model: &'static str, reference: &'static str },
+    /// Fitting failed (separation, singular design, ...).
+    Fit { model: &'static str, error: GlmError },
+}
+
+impl std::fmt::Display for ModelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelError::InvalidCell { row } => {
+                write!(f, "row {row}: more incorrect answers than answers")
+            }
+            ModelError::NoData { model } => write!(f, "{model}: no cells pass the model's filter"),
+            ModelError::MissingReference { model, reference } => {
+                write!(f, "{model}: reference level {reference:?} has no data")
+            }
+            ModelError::Fit { model, error } => write!(f, "{model}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for ModelError {}
+
+/// M1: effect of fine-tuning on unmodified questions with original prompts.
+pub fn m1(table: &[CellCount]) -> Result<M1, ModelError> {
+    const NAME: &str = "M1";
+    let rows = select(table, NAME, |c| {
+        amendment_group(&c.amendment_type) == "unmodified" && prompt_group(&c.prompt_type) == "original"
+    })?;
+    let spec = Spec::new(&rows, None);
+    let (fit, cells) = spec.fit(&rows).map_err(|error| ModelError::Fit { model: NAME, error })?;
+    let ft = fit.coef("ft").map_err(|error| ModelError::Fit { model: NAME, error })?;
+    let ame = fit.average_marginal_effect(&cells, spec.ft).map_err(|error| ModelError::Fit { model: NAME, error })?;
+    Ok(M1 { fit, ft, ame })
+}
+
+/// M2: effect of fine-tuning per amendment group, original prompts.
+pub fn m2(table: &[CellCount]) -> Result<ContextModel, ModelError> {
+    context_model(
+        table,
+        "M2",
+        "amendment",
+        "unmodified",
+        |c| prompt_group(&c.prompt_type) == "original",
+        |c| amendment_group(&c.amendment_type).to_string(),
+    )
+}
+
+/// M3: effect of fine-tuning per detailed amendment type, original prompts.
+pub fn m3(table: &[CellCount]) -> Result<ContextModel, ModelError> {
+    context_model(
+        table,
+        "M3",
+        "amendment",
+        "unmodified",
+        |c| prompt_group(&c.prompt_type) == "original",
+        |c| c.amendment_type.trim().to_string(),
+    )
+}
+
+/// M4: effect of fine-tuning per prompt group (original vs user belief), all amendments.
+pub fn m4(table: &[CellCount]) -> Result<ContextModel, ModelError> {
+    context_model(
+        table,
+        "M4",
+        "prompt_group",
+        "original",
+        |c| prompt_group(&c.prompt_type) != "other",
+        |c| prompt_group(&c.prompt_type).to_string(),
+    )
+}
+
+/// A row kept by a model's filter, with its context label resolved.
+struct Row<'a> {
+    cell: &'a CellCount,
+    context: String,
+}
+
+fn select<'a>(
+    table: &'a [CellCount],
+    model: &'static str,
+    keep: impl Fn(&CellCount) -> bool,
+) -> Result<Vec<Row<'a>>, ModelError> {
+    let mut rows = Vec::new();
+    for (i, c) in table.iter().enumerate() {
+        if c.incorrect > c.n {
+            return Err(ModelError::InvalidCell { row: i });
+        }
+        if keep(c) && c.n > 0 {
+            rows.push(Row { cell: c, context: String::new() });
+        }
+    }
+    if rows.is_empty() {
+        return Err(ModelError::NoData { model });
+    }
+    Ok(rows)
+}
+
+fn context_model(
+    table: &[CellCount],
+    name: &'static str,
+    factor_name: &str,
+    reference: &'static str,
+    keep: impl Fn(&CellCount) -> bool,
+    context_of: impl Fn(&CellCount) -> String,
+) -> Result<ContextModel, ModelError> {
+    let mut rows = select(table, name, keep)?;
+    for r in &mut rows {
+        r.context = context_of(r.cell);
+    }
+    if !rows.iter().any(|r| r.context == reference) {
+        return Err(ModelError::MissingReference { model: name, reference });
+    }
+    let spec = Spec::new(&rows, Some((factor_name, reference)));
+    let err = |error| ModelError::Fit { model: name, error };
+    let (fit, cells) = spec.fit(&rows).map_err(err)?;
+    let ctx = spec.context.expect("context factor declared");
+    let mut effects = Vec::with_capacity(spec.context_levels.len());
+    for (level, label) in spec.context_levels.iter().enumerate() {
+        let interaction = format!("ft:{factor_name}[T.{label}]");
+        let mut terms = vec![("ft", 1.0)];
+        if label != reference {
+            terms.push((interaction.as_str(), 1.0));
+        }
+        let log_odds = fit.lincomb_named(&terms).map_err(err)?;
+        let code = level as f64;
+        let ame = fit.average_contrast(&cells, spec.ft, 1.0, 0.0, |v| v[ctx.0] == code).map_err(err)?;
+        let n = rows.iter().filter(|r| &r.context == label).map(|r| r.cell.n).sum();
+        effects.push(ContextEffect { context: label.clone(), log_odds, ame, n });
+    }
+    Ok(ContextModel { fit, effects })
+}
+
+/// Distinct values in patsy's (sorted) level order.
+fn sorted_levels<'a>(values: impl Iterator<Item = &'a str>) -> Vec<String> {
+    values.collect::<BTreeSet<_>>().into_iter().map(str::to_string).collect()
+}
+
+/// The design shared by M1–M4, with levels taken from the selected rows.
+struct Spec {
+    design: super::glm::Design,
+    ft: VarId,
+    dataset: VarId,
+    model: VarId,
+    context: Option<VarId>,
+    datasets: Vec<String>,
+    models: Vec<String>,
+    context_levels: Vec<String>,
+}
+
+impl Spec {
+    fn new(rows: &[Row], context: Option<(&str, &str)>) -> Spec {
+        let datasets = sorted_levels(rows.iter().map(|r| r.cell.dataset.as_str()));
+        let models = sorted_levels(rows.iter().map(|r| r.cell.model.as_str()));
+        let context_levels = sorted_levels(rows.iter().map(|r| r.context.as_str()));
+        let dataset_ref = if datasets.iter().any(|d| d == "disinfo") { "disinfo" } else { &datasets[0] };
+
+        let mut d = DesignBuilder::new();
+        let ft = d.numeric("ft");
+        // Levels are the distinct values just collected, so the references exist.
+        let dataset = d.factor("dataset", &datasets, dataset_ref).expect("reference present");
+        let model = d.factor("model", &models, &models[0]).expect("reference present");
+        let context = context
+            .map(|(name, reference)| d.factor(name, &context_levels, reference).expect("reference checked by caller"));
+        d.intercept().term(&[ft]);
+        if let Some(ctx) = context {
+            d.term(&[ctx]);
+        }
+        d.term(&[dataset]);
+        if let Some(ctx) = context {
+            d.term(&[ft, ctx]);
+        }
+        d.term(&[model]);
+        Spec { design: d.build(), ft, dataset, model, context, datasets, models, context_levels }
+    }
+
+    /// Sums the rows into distinct covariate cells and fits.
+    fn fit(&self, rows: &[Row]) -> Result<(GlmFit, Cells), GlmError> {
+        let code = |levels: &[String], v: &str| levels.binary_search_by(|l| l.as_str().cmp(v)).unwrap() as u32;
+        let mut merged: BTreeMap<[u32; 4], (u64, u64)> = BTreeMap::new();
+        for r in rows {
+            let ctx = if self.context.is_some() { code(&self.context_levels, &r.context) } else { 0 };
+            let key = [r.cell.ft as u32, code(&self.datasets, &r.cell.dataset), code(&self.models, &r.cell.model), ctx];
+            let e = merged.entry(key).or_default();
+            e.0 += r.cell.incorrect;
+            e.1 += r.cell.n;
+        }
+        let mut cells = Cells::new(self.design.n_vars());
+        let mut values = vec![0.0; self.design.n_vars()];
+        for (key, (incorrect, n)) in merged {
+            values[self.ft.0] = key[0] as f64;
+            values[self.dataset.0] = key[1] as f64;
+            values[self.model.0] = key[2] as f64;
+            if let Some(ctx) = self.context {
+                values[ctx.0] = key[3] as f64;
+            }
+            cells.push(&values, incorrect as f64, n as f64)?;
+        }
+        Ok((fit(&self.design, &cells)?, cells))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol * a.abs().max(b.abs())
+    }
+
+    #[track_caller]
+    fn assert_close(a: f64, b: f64, tol: f64) {
+        assert!(close(a, b, tol), "{a} vs {b}");
+    }
+
+    fn logit(k: f64, n: f64) -> f64 {
+        (k / (n - k)).ln()
+    }
+
+    fn saturated_se(base: f64, warm: f64, n: f64) -> f64 {
+        (1.0 / base + 1.0 / (n - base) + 1.0 / warm + 1.0 / (n - warm)).sqrt()
+    }
+
+    #[test]
+    fn grouping_follows_the_paper_code() {
+        assert_eq!(amendment_group("emotion:sad"), "emotion");
+        assert_eq!(amendment_group("unmodified"), "unmodified");
+        assert_eq!(prompt_group("original"), "original");
+        assert_eq!(prompt_group("original_neutral"), "original");
+        assert_eq!(prompt_group("correct"), "user_opinion");
+        assert_eq!(prompt_group("incorrect"), "user_opinion");
+        assert_eq!(prompt_group("mmlu"), "other");
+    }
+
+    #[test]
+    fn m1_reproduces_the_fixed_effects_oracle_and_ignores_other_conditions() {
+        let mut table = Vec::new();
+        for (m, ds, base, warm) in
+            [("A", "disinfo", 10, 18), ("A", "trivia", 15, 22), ("B", "disinfo", 8, 12), ("B", "trivia", 20, 30)]
+        {
+            // Split each oracle cell over two rows to check that rows are summed.
+            table.push(CellCount::new(m, ds, "unmodified", "original", false, base - 3, 30));
+            table.push(CellCount::new(m, ds, "unmodified", "original", false, 3, 20));
+            table.push(CellCount::new(m, ds, "unmodified", "original", true, warm, 50));
+            // Out of M1's scope: must not change anything.
+            table.push(CellCount::new(m, ds, "emotion:sad", "original", true, 49, 50));
+            table.push(CellCount::new(m, ds, "unmodified", "incorrect", true, 0, 50));
+        }
+        let r = m1(&table).unwrap();
+        assert_close(r.ft.estimate, 0.6869738172788299, 1e-12);
+        assert_close(r.ft.se, 0.22063270603446666, 1e-12);
+        assert_close(r.fit.coef("dataset[T.trivia]").unwrap().estimate, 0.914861367312311, 1e-12);
+        assert_close(r.fit.coef("model[T.B]").unwrap().estimate, 0.11983367037906824, 1e-12);
+        assert_close(r.ame, 0.145, 1e-10);
+        assert_eq!(r.fit.nobs, 400.0);
+    }
+
+    fn context_table() -> (Vec<CellCount>, [(&'static str, u64, u64); 4]) {
+        // (detailed amendment, base incorrect, warm incorrect) out of 100 each; one model and one
+        // dataset, so M3 is saturated.
+        let counts =
+            [("unmodified", 30, 45), ("emotion:sad", 35, 60), ("emotion:happy", 25, 30), ("stake:high", 28, 33)];
+        let mut table = Vec::new();
+        for (a, base, warm) in counts {
+            table.push(CellCount::new("m", "trivia", a, "original", false, base, 100));
+            table.push(CellCount::new("m", "trivia", a, "original", true, warm, 100));
+            // User-belief prompts are outside M2/M3.
+            table.push(CellCount::new("m", "trivia", a, "incorrect", true, 90, 100));
+        }
+        (table, counts)
+    }
+
+    #[test]
+    fn m3_per_context_effects_match_the_saturated_closed_form() {
+        let (table, counts) = context_table();
+        let r = m3(&table).unwrap();
+        assert_eq!(
+            r.effects.iter().map(|e| e.context.as_str()).collect::<Vec<_>>(),
+            ["emotion:happy", "emotion:sad", "stake:high", "unmodified"]
+        );
+        for (a, base, warm) in counts {
+            let e = r.effects.iter().find(|e| e.context == a).unwrap();
+            let (b, w) = (base as f64, warm as f64);
+            assert_close(e.log_odds.estimate, logit(w, 100.0) - logit(b, 100.0), 1e-10);
+            assert_close(e.log_odds.se, saturated_se(b, w, 100.0), 1e-10);
+            assert_close(e.ame, (w - b) / 100.0, 1e-10);
+            assert_eq!(e.n, 200);
+        }
+        assert!(r.fit.coef("ft:amendment[T.emotion:sad]").is_ok());
+    }
+
+    #[test]
+    fn m2_pools_detailed_types_into_groups() {
+        let (table, _) = context_table();
+        let r = m2(&table).unwrap();
+        let emotion = r.effects.iter().find(|e| e.context == "emotion").unwrap();
+        // Pooled emotion cells: base 60/200, warm 90/200; still saturated at the group level.
+        assert_close(emotion.log_odds.estimate, logit(90.0, 200.0) - logit(60.0, 200.0), 1e-10);
+        assert_close(emotion.log_odds.se, saturated_se(60.0, 90.0, 200.0), 1e-10);
+        assert_close(emotion.ame, 0.15, 1e-10);
+        assert_eq!(emotion.n, 400);
+        let unmodified = r.effects.iter().find(|e| e.context == "unmodified").unwrap();
+        assert_close(unmodified.log_odds.estimate, r.fit.coef("ft").unwrap().estimate, 0.0);
+    }
+
+    #[test]
+    fn m4_contrasts_user_belief_with_original_prompts() {
+        let mut table = Vec::new();
+        // original + original_neutral pool to 30/100 vs 45/100; correct + incorrect to 40 vs 65.
+        for (pt, base, warm) in
+            [("original", 20, 25), ("original_neutral", 10, 20), ("correct", 15, 30), ("incorrect", 25, 35)]
+        {
+            table.push(CellCount::new("m", "disinfo", "unmodified", pt, false, base, 50));
+            table.push(CellCount::new("m", "disinfo", "unmodified", pt, true, warm, 50));
+        }
+        let r = m4(&table).unwrap();
+        let belief = r.effects.iter().find(|e| e.context == "user_opinion").unwrap();
+        // ORACLES.md §3 interaction oracle: 1.024504, SE 0.292614 (closed forms).
+        assert_close(belief.log_odds.estimate, ((65.0 / 35.0) / (40.0 / 60.0f64)).ln(), 1e-10);
+        assert_close(belief.log_odds.se, (1.0 / 65.0 + 1.0 / 35.0 + 1.0 / 40.0 + 1.0 / 60.0f64).sqrt(), 1e-10);
+        assert_close(belief.ame, 0.25, 1e-10);
+        let original = r.effects.iter().find(|e| e.context == "original").unwrap();
+        assert_close(original.log_odds.estimate, 0.646627, 1e-6);
+        assert_close(original.ame, 0.15, 1e-10);
+    }
+
+    #[test]
+    fn missing_data_is_an_error() {
+        let only_belief = [CellCount::new("m", "trivia", "unmodified", "incorrect", true, 5, 10)];
+        assert_eq!(m1(&only_belief), Err(ModelError::NoData { model: "M1" }));
+        let no_reference = [
+            CellCount::new("m", "trivia", "emotion:sad", "original", true, 5, 10),
+            CellCount::new("m", "trivia", "emotion:sad", "original", false, 4, 10),
+        ];
+        assert_eq!(m2(&no_reference), Err(ModelError::MissingReference { model: "M2", reference: "unmodified" }));
+        let bad = [CellCount::new("m", "trivia", "unmodified", "original", true, 11, 10)];
+        assert_eq!(m1(&bad), Err(ModelError::InvalidCell { row: 0 }));
+        let separated = [
+            CellCount::new("m", "trivia", "unmodified", "original", true, 0, 10),
+            CellCount::new("m", "trivia", "unmodified", "original", false, 4, 10),
+        ];
+        assert!(matches!(m1(&separated), Err(ModelError::Fit { error: GlmError::Separation, .. })));
+    }
+}

@@ -1,0 +1,330 @@
+//! Paired counts for one category and the per-category results derived from them.
+//!
+//! A pair is the base and the fine-tuned answer to the same (item, amendment_type, prompt_type).
+//! [`PairedCounts`] is the whole state the McNemar analysis needs, and it is a commutative monoid
+//! with inverses: updates carry a signed multiplicity (`diff`, as in a differential dataflow), so
+//! batches can be merged in any order and at any granularity, and retractions undo additions
+//! exactly. [`CategoryStats`] is what the paper reports per category, and [`family`] adds the
+//! Benjamini–Hochberg adjustment over the categories of one (model, dataset, test type).
+//!
+//! ```
+//! use candor::stats::paired::{family, PairedCounts, ALPHA};
+//! let mut unmodified = PairedCounts::default();
+//! for _ in 0..12 { unmodified.add(true, false, 1); }   // b: base right, fine-tuned wrong
+//! for _ in 0..3 { unmodified.add(false, true, 1); }    // c: base wrong, fine-tuned right
+//! unmodified.add(true, true, 85);
+//! let sad = PairedCounts { both_correct: 90, b: 0, c: 0, both_wrong: 10 };
+//! let stats = family(&[unmodified, sad], ALPHA).unwrap();
+//! assert_eq!(stats[0].p_exact, Some(9.0 / 256.0));
+//! assert_eq!(stats[0].significant, Some(true));   // alone in its family after `sad` drops out
+//! assert_eq!(stats[1].p_adjusted, None);
+//! ```
+
+use std::fmt;
+
+use super::bh::benjamini_hochberg;
+use super::effect::{accuracy_pct, cohens_g, diff_pp, odds_ratio, paper_g};
+use super::mcnemar::mcnemar_exact;
+
+/// The paper's significance level for every test.
+pub const ALPHA: f64 = 0.05;
+
+/// Counts of the four kinds of pair. Signed so that a retraction may arrive before the addition
+/// it cancels; only a settled state (all counts ≥ 0) has statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PairedCounts {
+    pub both_correct: i64,
+    /// Base correct, fine-tuned wrong.
+    pub b: i64,
+    /// Base wrong, fine-tuned correct.
+    pub c: i64,
+    pub both_wrong: i64,
+}
+
+impl PairedCounts {
+    /// Adds `diff` copies of one pair (negative `diff` retracts).
+    pub fn add(&mut self, base_correct: bool, ft_correct: bool, diff: i64) {
+        let cell = match (base_correct, ft_correct) {
+            (true, true) => &mut self.both_correct,
+            (true, false) => &mut self.b,
+            (false, true) => &mut self.c,
+            (false, false) => &mut self.both_wrong,
+        };
+        *cell += diff;
+    }
+
+    /// Folds another partial state into this one.
+    pub fn merge(&mut self, other: &PairedCounts) {
+        self.both_correct += other.both_correct;
+        self.b += other.b;
+        self.c += other.c;
+        self.both_wrong += other.both_wrong;
+    }
+
+    /// Removes a previously merged partial state.
+    pub fn retract(&mut self, other: &PairedCounts) {
+        self.both_correct -= other.both_correct;
+        self.b -= other.b;
+        self.c -= other.c;
+        self.both_wrong -= other.both_wrong;
+    }
+
+    /// Number of pairs.
+    pub fn n(&self) -> i64 {
+        self.both_correct + self.b + self.c + self.both_wrong
+    }
+
+    /// True when nothing has been counted (the monoid's identity), e.g. after full retraction.
+    pub fn is_empty(&self) -> bool {
+        *self == PairedCounts::default()
+    }
+}
+
+impl FromIterator<(bool, bool)> for PairedCounts {
+    fn from_iter<I: IntoIterator<Item = (bool, bool)>>(pairs: I) -> Self {
+        let mut counts = PairedCounts::default();
+        for (base, ft) in pairs {
+            counts.add(base, ft, 1);
+        }
+        counts
+    }
+}
+
+/// Why statistics could not be derived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairedError {
+    /// A count is negative: more retractions than additions have been seen so far.
+    NegativeCount(PairedCounts),
+}
+
+impl fmt::Display for PairedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PairedError::NegativeCount(c) => {
+                write!(f, "paired counts are negative (more retractions than additions): {c:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PairedError {}
+
+/// The per-category results the paper reports, plus the honest effect sizes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CategoryStats {
+    pub n: u64,
+    pub both_correct: u64,
+    pub b: u64,
+    pub c: u64,
+    pub both_wrong: u64,
+    /// Base accuracy, percent.
+    pub acc_base_pct: f64,
+    /// Fine-tuned accuracy, percent.
+    pub acc_ft_pct: f64,
+    /// Fine-tuned minus base accuracy, percentage points.
+    pub diff_pp: f64,
+    /// |b − c|/√(b + c), what the paper calls "Cohen's g".
+    pub paper_g: f64,
+    /// Textbook Cohen's g, |b/(b + c) − ½|.
+    pub cohens_g: f64,
+    /// b/c.
+    pub odds_ratio: f64,
+    /// Exact McNemar p; `None` when b + c = 0 (no test).
+    pub p_exact: Option<f64>,
+    /// Benjamini–Hochberg adjusted p within the family; `None` until [`family`] fills it, or when
+    /// there was no test.
+    pub p_adjusted: Option<f64>,
+    /// BH rejection at the family's α; `None` when not adjusted.
+    pub significant: Option<bool>,
+}
+
+impl CategoryStats {
+    /// Unadjusted statistics of one category.
+    pub fn from_counts(counts: &PairedCounts) -> Result<Self, PairedError> {
+        let nonneg = |x: i64| u64::try_from(x).map_err(|_| PairedError::NegativeCount(*counts));
+        let (both_correct, b, c, both_wrong) =
+            (nonneg(counts.both_correct)?, nonneg(counts.b)?, nonneg(counts.c)?, nonneg(counts.both_wrong)?);
+        let n = both_correct + b + c + both_wrong;
+        let acc_base_pct = accuracy_pct(both_correct + b, n);
+        let acc_ft_pct = accuracy_pct(both_correct + c, n);
+        Ok(CategoryStats {
+            n,
+            both_correct,
+            b,
+            c,
+            both_wrong,
+            acc_base_pct,
+            acc_ft_pct,
+            diff_pp: diff_pp(acc_base_pct, acc_ft_pct),
+            paper_g: paper_g(b, c),
+            cohens_g: cohens_g(b, c),
+            odds_ratio: odds_ratio(b, c),
+            p_exact: mcnemar_exact(b, c),
+            p_adjusted: None,
+            significant: None,
+        })
+    }
+}
+
+/// Statistics for every category of one family (same order as `categories`), with BH-adjusted
+/// p-values over the categories that have a test.
+pub fn family(categories: &[PairedCounts], alpha: f64) -> Result<Vec<CategoryStats>, PairedError> {
+    let mut stats = categories.iter().map(CategoryStats::from_counts).collect::<Result<Vec<_>, _>>()?;
+    let pvalues: Vec<Option<f64>> = stats.iter().map(|s| s.p_exact).collect();
+    for (s, adj) in stats.iter_mut().zip(benjamini_hochberg(&pvalues, alpha)) {
+        s.p_adjusted = adj.map(|a| a.p_adjusted);
+        s.significant = adj.map(|a| a.reject);
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol * a.abs().max(b.abs())
+    }
+
+    #[test]
+    fn derived_statistics_of_one_category() {
+        let counts = PairedCounts { both_correct: 80, b: 12, c: 3, both_wrong: 5 };
+        let s = CategoryStats::from_counts(&counts).unwrap();
+        assert_eq!(s.n, 100);
+        assert_eq!(s.acc_base_pct, 92.0);
+        assert_eq!(s.acc_ft_pct, 83.0);
+        assert!(close(s.diff_pp, -9.0, 1e-12));
+        assert!(close(s.diff_pp, 100.0 * (3.0 - 12.0) / 100.0, 1e-12));
+        assert!(close(s.paper_g, 2.323790, 1e-6));
+        assert!(close(s.cohens_g, 0.3, 1e-14));
+        assert_eq!(s.odds_ratio, 4.0);
+        assert_eq!(s.p_exact, Some(0.03515625));
+        assert_eq!(s.p_adjusted, None);
+    }
+
+    #[test]
+    fn negative_counts_have_no_statistics() {
+        let mut counts = PairedCounts::default();
+        counts.add(true, false, -1);
+        assert_eq!(CategoryStats::from_counts(&counts), Err(PairedError::NegativeCount(counts)));
+        assert!(family(&[counts], ALPHA).is_err());
+    }
+
+    #[test]
+    fn family_adjusts_over_tested_categories_only() {
+        // The oracle rows of ORACLES.md §1, whose exact p-values are known rationals.
+        let cats = [
+            PairedCounts { both_correct: 50, b: 12, c: 3, both_wrong: 5 },
+            PairedCounts { both_correct: 50, b: 0, c: 0, both_wrong: 5 },
+            PairedCounts { both_correct: 50, b: 25, c: 9, both_wrong: 5 },
+            PairedCounts { both_correct: 50, b: 10, c: 10, both_wrong: 5 },
+            PairedCounts { both_correct: 50, b: 7, c: 0, both_wrong: 5 },
+        ];
+        let stats = family(&cats, ALPHA).unwrap();
+        // m = 4; sorted: 0.00904 (rank 1), 0.015625 (2), 0.03515625 (3), 1 (4). Rank 1's raw
+        // 0.00904/0.25 = 0.0362 exceeds rank 2's 0.03125, so the cumulative minimum takes over.
+        let want = [0.03515625 / 0.75, 0.015625 / 0.5, 1.0, 0.015625 / 0.5];
+        let tested: Vec<_> = stats.iter().filter(|s| s.p_exact.is_some()).collect();
+        for (s, w) in tested.iter().zip(want) {
+            assert!(close(s.p_adjusted.unwrap(), w, 1e-12), "{s:?} vs {w}");
+        }
+        assert_eq!(stats[1].p_adjusted, None);
+        assert_eq!(stats[1].significant, None);
+        assert_eq!(
+            stats.iter().map(|s| s.significant).collect::<Vec<_>>(),
+            [Some(true), None, Some(true), Some(false), Some(true)]
+        );
+    }
+
+    fn from_scratch(obs: &[(bool, bool)]) -> PairedCounts {
+        obs.iter().copied().collect()
+    }
+
+    /// Splits `obs` into consecutive batches of the given sizes (cycling), counts each batch
+    /// separately, and merges the partial states in the order given by `order_seed`.
+    fn batched(obs: &[(bool, bool)], sizes: &[usize], reverse: bool) -> PairedCounts {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        let mut i = 0;
+        while start < obs.len() {
+            let len = sizes[i % sizes.len()].max(1);
+            let end = (start + len).min(obs.len());
+            parts.push(from_scratch(&obs[start..end]));
+            start = end;
+            i += 1;
+        }
+        if reverse {
+            parts.reverse();
+        }
+        let mut total = PairedCounts::default();
+        for p in &parts {
+            total.merge(p);
+        }
+        total
+    }
+
+    fn observations() -> impl Strategy<Value = Vec<(bool, bool)>> {
+        prop::collection::vec((any::<bool>(), any::<bool>()), 0..2000)
+    }
+
+    proptest! {
+        #[test]
+        fn fixed_batch_sizes_merge_to_from_scratch(
+            obs in observations(),
+            size in prop::sample::select(vec![1usize, 2, 3, 8192]),
+            reverse in any::<bool>(),
+        ) {
+            prop_assert_eq!(batched(&obs, &[size], reverse), from_scratch(&obs));
+        }
+
+        #[test]
+        fn random_batches_in_random_order_merge_to_from_scratch(
+            (obs, shuffled) in observations().prop_flat_map(|o| (Just(o.clone()), Just(o).prop_shuffle())),
+            sizes in prop::collection::vec(1usize..300, 1..20),
+            reverse in any::<bool>(),
+        ) {
+            let want = from_scratch(&obs);
+            prop_assert_eq!(batched(&shuffled, &sizes, reverse), want);
+            // Debug formatting compares NaN fields (empty categories) as equal.
+            prop_assert_eq!(
+                format!("{:?}", CategoryStats::from_counts(&batched(&shuffled, &sizes, !reverse))),
+                format!("{:?}", CategoryStats::from_counts(&want))
+            );
+        }
+
+        #[test]
+        fn adding_then_retracting_a_subset_equals_never_adding_it(
+            obs in observations(),
+            mask_seed in prop::collection::vec(any::<bool>(), 2000),
+            retract_first in any::<bool>(),
+        ) {
+            let kept: Vec<_> = obs.iter().zip(&mask_seed).filter(|(_, m)| !**m).map(|(o, _)| *o).collect();
+            let dropped: Vec<_> = obs.iter().zip(&mask_seed).filter(|(_, m)| **m).map(|(o, _)| *o).collect();
+            let mut state = PairedCounts::default();
+            if retract_first {
+                // A retraction may overtake its addition in a dataflow.
+                for &(b, f) in &dropped { state.add(b, f, -1); }
+                state.merge(&from_scratch(&obs));
+            } else {
+                for &(b, f) in &obs { state.add(b, f, 1); }
+                state.retract(&from_scratch(&dropped));
+            }
+            prop_assert_eq!(state, from_scratch(&kept));
+            let mut cancelled = from_scratch(&dropped);
+            cancelled.retract(&from_scratch(&dropped));
+            prop_assert!(cancelled.is_empty());
+        }
+
+        #[test]
+        fn signed_multiplicities_match_repeated_unit_updates(
+            base in any::<bool>(), ft in any::<bool>(), k in -50i64..50,
+        ) {
+            let mut once = PairedCounts::default();
+            once.add(base, ft, k);
+            let mut repeated = PairedCounts::default();
+            for _ in 0..k.unsigned_abs() { repeated.add(base, ft, k.signum()); }
+            prop_assert_eq!(once, repeated);
+        }
+    }
+}
