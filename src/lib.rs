@@ -12,6 +12,7 @@ pub mod config;
 pub mod dataflow;
 pub mod datasets;
 pub mod error;
+pub mod generate;
 pub mod import;
 pub mod records;
 pub mod schema;

@@ -1,0 +1,84 @@
+//! The generate stage: trials in, responses out, through a [`Generator`] (a model backend).
+//!
+//! Backends: candle on local weights (the default; CPU here, CUDA behind the `cuda` feature)
+//! and any OpenAI-compatible endpoint. A backend only answers requests; storing generations
+//! durably, retrying, and turning them into `response` rows happen around it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// Decoding parameters of one request; part of the generation store's key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decoding {
+    /// Sampling temperature; 0 is greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass; None samples from the whole distribution.
+    pub top_p: Option<f64>,
+    pub max_new_tokens: u32,
+    /// Extra stop strings (the chat template's end-of-turn token always stops).
+    pub stop: Vec<String>,
+    /// Seed of this request's sampler.
+    pub seed: u64,
+}
+
+impl Decoding {
+    /// The paper's settings for open-ended answers: temperature 0.8, 300 new tokens.
+    pub fn open_ended(seed: u64) -> Self {
+        Decoding { temperature: 0.8, top_p: None, max_new_tokens: 300, stop: Vec::new(), seed }
+    }
+    /// The paper's settings for MMLU and GSM8K: temperature 0.2.
+    pub fn structured(seed: u64) -> Self {
+        Decoding { temperature: 0.2, ..Decoding::open_ended(seed) }
+    }
+}
+
+/// One chat turn to answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenRequest {
+    /// An optional system prompt (the warm-system-prompt control is a model variant with one).
+    pub system_prompt: Option<String>,
+    /// The user message (a trial's rendered prompt).
+    pub prompt: String,
+    pub decoding: Decoding,
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    pub output: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Wall time attributed to this request (a batch's time is shared by its requests).
+    pub latency_ms: f64,
+}
+
+/// A model backend.
+pub trait Generator: Send {
+    /// What produced the answers, stable across runs: backend, model, weights digest, system
+    /// prompt. Part of the generation store's key, so different weights never share answers.
+    fn fingerprint(&self) -> String;
+    /// Answers every request, in order. A failure of one request is returned in its place;
+    /// an `Err` means the backend itself failed.
+    fn generate(&mut self, requests: &[GenRequest]) -> Result<Vec<Result<Generation>>>;
+}
