@@ -32,7 +32,11 @@ mod tests {
         assert_eq!(items.len(), 520);
         assert_eq!(items[519].item_key, "519");
         assert_eq!(items[519].source_row, 520);
-        assert!(items[0].question.starts_with("Write a script that can exploit"));
+        assert!(
+            items[0]
+                .question
+                .starts_with("Write a script that can exploit")
+        );
         assert!(
             items
                 .iter()

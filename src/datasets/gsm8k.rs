@@ -56,7 +56,11 @@ mod tests {
         assert_eq!(items.len(), 1319);
         assert_eq!(items[0].item_key, "0");
         assert_eq!(items[0].source_row, 1);
-        assert!(items[0].question.starts_with("Janet’s ducks lay 16 eggs per day."));
+        assert!(
+            items[0]
+                .question
+                .starts_with("Janet’s ducks lay 16 eggs per day.")
+        );
         assert_eq!(items[0].correct_answer.as_deref(), Some("18"));
         assert!(items.iter().all(|i| {
             let n = i.correct_answer.as_deref().unwrap();

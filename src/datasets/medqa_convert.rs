@@ -9,7 +9,7 @@
 //!    "," closes it); its head is the last word of it found in `nouns`. Without a head the
 //!    opening is left alone.
 //! 2. The phrase becomes "My {relative}, {N}," with the relative from `relatives` by age band
-//!    and sex; `child_nouns` (boy, girl) always take the youngest band. Sex comes from the first
+//!    and sex; `child_nouns` (boy, girl, child) always take the youngest band. Sex comes from the first
 //!    sexed word of the phrase, else the first sexed pronoun in the vignette, else
 //!    `unknown_sex`.
 //! 3. When the head directly follows "-year-old", a following word in `dropped_verbs` is
@@ -18,8 +18,8 @@
 //! 4. Everywhere, including unconverted vignettes, each `stem` pair is replaced ("Which of
 //!    the following" → "what").
 //!
-//! Vignettes without such an opening (about a sixth of the US test set: infants aged in months,
-//! "A previously healthy 30-year-old …", research scenarios, one opening written in look-alike
+//! Vignettes without such an opening (258 of the 1,273 US test vignettes: infants aged in months,
+//! "A previously healthy 30-year-old …", occupations such as "nurse" or "truck driver", research scenarios, one opening written in look-alike
 //! Cyrillic letters) keep their text apart from rule 4; [`count_unconverted`] counts them.
 
 /// A patient's sex as the vignette states it.
@@ -71,8 +71,9 @@ pub const RULES: Rules = Rules {
         ("patient", Sex::Unknown),
         ("student", Sex::Unknown),
         ("teenager", Sex::Unknown),
+        ("child", Sex::Unknown),
     ],
-    child_nouns: &["boy", "girl"],
+    child_nouns: &["boy", "girl", "child"],
     relatives: &[
         Band {
             min_age: 0,
@@ -104,7 +105,10 @@ pub const RULES: Rules = Rules {
     max_subject_words: 4,
     male_pronouns: &["he", "his", "him", "himself"],
     female_pronouns: &["she", "her", "hers", "herself"],
-    stem: &[("Which of the following", "what"), ("which of the following", "what")],
+    stem: &[
+        ("Which of the following", "what"),
+        ("which of the following", "what"),
+    ],
 };
 
 /// A vignette in first person, and whether its opening could be converted.

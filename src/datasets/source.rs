@@ -118,7 +118,9 @@ fn read_csv(
                 .map(|(i, cell)| {
                     std::str::from_utf8(cell).map(str::to_string).map_err(|_| {
                         Error::input(
-                            Location::file(&**path).line(1).field(format!("column {}", i + 1)),
+                            Location::file(&**path)
+                                .line(1)
+                                .field(format!("column {}", i + 1)),
                             "invalid UTF-8 in the header",
                         )
                     })
@@ -129,7 +131,11 @@ fn read_csv(
     };
     for name in required {
         if !names.iter().any(|n| n == name) {
-            let header_line = if matches!(columns, Columns::Header) { 1 } else { 0 };
+            let header_line = if matches!(columns, Columns::Header) {
+                1
+            } else {
+                0
+            };
             let mut location = Location::file(&**path).field(*name);
             if header_line == 1 {
                 location = location.line(1);
@@ -153,7 +159,10 @@ fn read_csv(
         let mut values = Map::new();
         for (name, cell) in names.iter().zip(record.iter()) {
             let text = std::str::from_utf8(cell).map_err(|_| {
-                Error::input(Location::file(&**path).line(line).field(name), "invalid UTF-8")
+                Error::input(
+                    Location::file(&**path).line(line).field(name),
+                    "invalid UTF-8",
+                )
             })?;
             values.insert(name.clone(), Value::String(text.to_string()));
         }
@@ -168,7 +177,10 @@ fn read_csv(
 }
 
 fn csv_error(path: &Path, line: u64, error: csv::Error) -> Error {
-    Error::input(Location::file(path).line(line), format!("malformed CSV: {error}"))
+    Error::input(
+        Location::file(path).line(line),
+        format!("malformed CSV: {error}"),
+    )
 }
 
 fn read_jsonl(path: &Arc<Path>, bytes: &[u8]) -> Result<Vec<Row>> {
@@ -361,10 +373,6 @@ fn kind(value: &Value) -> &'static str {
 }
 
 impl Row {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Where `field` of this row is, for error messages.
     pub fn location(&self, field: &str) -> Location {
         Location::file(&*self.path).line(self.line).field(field)
@@ -427,7 +435,10 @@ impl Row {
             Value::Array(items) => items,
             Value::String(s) => {
                 parsed = serde_json::from_str::<Vec<Value>>(s).map_err(|_| {
-                    self.error(field, "expected a list of strings (a JSON array in CSV cells)")
+                    self.error(
+                        field,
+                        "expected a list of strings (a JSON array in CSV cells)",
+                    )
                 })?;
                 &parsed
             }
@@ -485,12 +496,15 @@ mod tests {
     /// The location of an input error, as (file, line, field).
     fn place(error: Error) -> (PathBuf, Option<u64>, Option<String>) {
         match error {
-            Error::Input { location, .. } => (location.file.unwrap(), location.line, location.field),
+            Error::Input { location, .. } => {
+                (location.file.unwrap(), location.line, location.field)
+            }
             other => panic!("expected an input error, got {other:?}"),
         }
     }
 
-    const TQA_HEADER: &str = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source";
+    const TQA_HEADER: &str =
+        "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source";
 
     #[test]
     fn a_missing_file_is_an_input_error_naming_it() {
@@ -505,7 +519,11 @@ mod tests {
     fn a_csv_without_a_required_column_names_the_header_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tqa.csv");
-        std::fs::write(&path, "Type,Category,Question,Correct Answers,Incorrect Answers\nA,B,Q?,x,y\n").unwrap();
+        std::fs::write(
+            &path,
+            "Type,Category,Question,Correct Answers,Incorrect Answers\nA,B,Q?,x,y\n",
+        )
+        .unwrap();
         let error = load_file(Dataset::TruthfulQa, &path);
         assert_eq!(place(error), (path, Some(1), Some("Best Answer".into())));
     }
@@ -553,7 +571,12 @@ mod tests {
         )
         .unwrap();
         let error = load_file(Dataset::Gsm8k, &path);
-        assert!(error.to_string().contains("expected a string, found a number"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("expected a string, found a number"),
+            "{error}"
+        );
         assert_eq!(place(error), (path, Some(2), Some("question".into())));
 
         let array = dir.path().join("trivia.json");

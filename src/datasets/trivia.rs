@@ -137,7 +137,13 @@ fn normalise(answer: &str) -> String {
     let lower: String = answer
         .to_lowercase()
         .chars()
-        .map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect();
     lower
         .split_whitespace()
@@ -225,7 +231,10 @@ mod tests {
         assert_eq!(kind_of("Three"), Kind::Number);
         assert_eq!(kind_of("4 billion"), Kind::Number);
         assert_eq!(kind_of("APOLLO 11"), Kind::Text);
-        assert_eq!(normalise("The Taking of Pelham, One Two Three"), "taking of pelham one two three");
+        assert_eq!(
+            normalise("The Taking of Pelham, One Two Three"),
+            "taking of pelham one two three"
+        );
     }
 
     /// A user's JSONL copy with its own wrong-answer column loads to the bundled items with

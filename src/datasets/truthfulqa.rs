@@ -99,7 +99,10 @@ mod tests {
         for item in &items {
             let best = item.correct_answer.as_ref().unwrap();
             assert!(item.correct_answers.contains(best), "{}", item.item_key);
-            assert_eq!(item.incorrect_answer.as_ref(), item.incorrect_answers.first());
+            assert_eq!(
+                item.incorrect_answer.as_ref(),
+                item.incorrect_answers.first()
+            );
         }
     }
 
