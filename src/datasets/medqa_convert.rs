@@ -196,12 +196,11 @@ fn convert_opening(rules: &Rules, vignette: &str) -> Option<String> {
     let relative = relative(rules, if child { 0 } else { age }, sex)?;
 
     let mut tail = rest[head_end..].trim_start();
-    if head == 0 {
-        if let Some((first, after)) = tail.split_once(' ') {
-            if rules.dropped_verbs.contains(&first) {
-                tail = after.trim_start();
-            }
-        }
+    if head == 0
+        && let Some((first, after)) = tail.split_once(' ')
+        && rules.dropped_verbs.contains(&first)
+    {
+        tail = after.trim_start();
     }
     Some(format!("My {relative}, {age}, {tail}"))
 }

@@ -131,13 +131,8 @@ fn read_csv(
     };
     for name in required {
         if !names.iter().any(|n| n == name) {
-            let header_line = if matches!(columns, Columns::Header) {
-                1
-            } else {
-                0
-            };
             let mut location = Location::file(&**path).field(*name);
-            if header_line == 1 {
+            if matches!(columns, Columns::Header) {
                 location = location.line(1);
             }
             return Err(Error::input(
@@ -214,10 +209,10 @@ fn read_jsonl(path: &Arc<Path>, bytes: &[u8]) -> Result<Vec<Row>> {
 fn invalid_utf8_in_json(path: &Path, line: u64, raw: &[u8]) -> Error {
     let mut location = Location::file(path).line(line);
     let lossy = String::from_utf8_lossy(raw);
-    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&lossy) {
-        if let Some((key, _)) = map.iter().find(|(_, v)| v.to_string().contains('\u{fffd}')) {
-            location = location.field(key);
-        }
+    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&lossy)
+        && let Some((key, _)) = map.iter().find(|(_, v)| v.to_string().contains('\u{fffd}'))
+    {
+        location = location.field(key);
     }
     Error::input(location, "invalid UTF-8")
 }

@@ -155,10 +155,11 @@ fn normalise(answer: &str) -> String {
 fn kind_of(answer: &str) -> Kind {
     let form = normalise(answer);
     let words: Vec<&str> = form.split_whitespace().collect();
-    if let [word] = words.as_slice() {
-        if word.len() == 4 && word.parse::<u32>().is_ok_and(|y| (1000..2100).contains(&y)) {
-            return Kind::Year;
-        }
+    if let [word] = words.as_slice()
+        && word.len() == 4
+        && word.parse::<u32>().is_ok_and(|y| (1000..2100).contains(&y))
+    {
+        return Kind::Year;
     }
     let numeric = |w: &&str| w.chars().all(|c| c.is_ascii_digit()) || NUMBER_WORDS.contains(w);
     if !words.is_empty() && words.iter().all(numeric) {
