@@ -5,8 +5,7 @@
 //!
 //! Conventions shared by every loader:
 //! - `item_key` is the upstream id where the dataset has one (TriviaQA `qid`, MASK `task_id`,
-//!   MedQA `realidx`), else the 0-based data row index (0 = first row after any header), which is
-//!   also the row's index in the Hugging Face copies of these sets.
+//!   MedQA `realidx`), else the 0-based data row index (0 = first row after any header).
 //! - `source_row` is the 1-based data row (the first row after any header is 1).
 //! - Bad input is an [`Error::Input`](crate::error::Error::Input) naming the file, the line (CSV:
 //!   the record, header = line 1) and the field.
@@ -140,4 +139,29 @@ pub(crate) fn incorrect_override(input: &Input<'_>, row: &source::Row) -> Result
 #[cfg(test)]
 pub(crate) fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bundled_path_exists() {
+        for &dataset in Dataset::ALL {
+            assert!(bundled_path(dataset, &data_dir()).exists(), "{dataset}");
+        }
+    }
+
+    #[test]
+    fn incorrect_column_is_refused_where_no_incorrect_answer_is_used() {
+        let source = DatasetSource {
+            incorrect_column: Some("wrong".into()),
+            ..Default::default()
+        };
+        let error = load(Dataset::Gsm8k, &source, &data_dir()).unwrap_err();
+        assert!(
+            matches!(&error, Error::Config { key, .. } if key == "incorrect_column"),
+            "{error}"
+        );
+    }
 }

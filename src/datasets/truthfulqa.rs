@@ -3,8 +3,7 @@
 //! `correct_answer` is "Best Answer"; "Correct Answers" and "Incorrect Answers" are split on
 //! `"; "` (in JSON formats they may also be arrays); `incorrect_answer` is the first incorrect
 //! answer, the one the dataset authors list first, unless `incorrect_column` names another
-//! column. `category` is "Category"; `item_key` is the 0-based row index (the index of the
-//! question in the Hugging Face `truthful_qa` copy, which keeps the CSV order).
+//! column. `category` is "Category"; `item_key` is the 0-based row index.
 
 use super::source::{self, Columns, Row};
 use super::{Input, incorrect_override, item};
