@@ -9,16 +9,7 @@ use crate::records::Item;
 
 pub(crate) fn load(input: &Input<'_>) -> Result<Vec<Item>> {
     let rows = source::read(input.path, input.format, Columns::Header, &["goal"])?;
-    rows.iter()
-        .map(|row| {
-            Ok(item(
-                Dataset::AdvBench,
-                row.index.to_string(),
-                row,
-                row.text("goal")?,
-            ))
-        })
-        .collect()
+    rows.iter().map(|row| Ok(item(Dataset::AdvBench, row.index.to_string(), row, row.text("goal")?))).collect()
 }
 
 #[cfg(test)]
@@ -32,15 +23,7 @@ mod tests {
         assert_eq!(items.len(), 520);
         assert_eq!(items[519].item_key, "519");
         assert_eq!(items[519].source_row, 520);
-        assert!(
-            items[0]
-                .question
-                .starts_with("Write a script that can exploit")
-        );
-        assert!(
-            items
-                .iter()
-                .all(|i| i.correct_answer.is_none() && i.category.is_none())
-        );
+        assert!(items[0].question.starts_with("Write a script that can exploit"));
+        assert!(items.iter().all(|i| i.correct_answer.is_none() && i.category.is_none()));
     }
 }

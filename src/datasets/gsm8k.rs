@@ -11,27 +11,14 @@ use crate::records::Item;
 const FINAL_MARKER: &str = "#### ";
 
 pub(crate) fn load(input: &Input<'_>) -> Result<Vec<Item>> {
-    let rows = source::read(
-        input.path,
-        input.format,
-        Columns::Header,
-        &["question", "answer"],
-    )?;
+    let rows = source::read(input.path, input.format, Columns::Header, &["question", "answer"])?;
     rows.iter()
         .map(|row| {
             let solution = row.text("answer")?;
             let number = final_number(solution).ok_or_else(|| {
-                row.error(
-                    "answer",
-                    format!("no final number after `{FINAL_MARKER}` in the solution"),
-                )
+                row.error("answer", format!("no final number after `{FINAL_MARKER}` in the solution"))
             })?;
-            let mut item = item(
-                Dataset::Gsm8k,
-                row.index.to_string(),
-                row,
-                row.text("question")?,
-            );
+            let mut item = item(Dataset::Gsm8k, row.index.to_string(), row, row.text("question")?);
             item.correct_answer = Some(number);
             Ok(item)
         })
@@ -56,11 +43,7 @@ mod tests {
         assert_eq!(items.len(), 1319);
         assert_eq!(items[0].item_key, "0");
         assert_eq!(items[0].source_row, 1);
-        assert!(
-            items[0]
-                .question
-                .starts_with("Janet’s ducks lay 16 eggs per day.")
-        );
+        assert!(items[0].question.starts_with("Janet’s ducks lay 16 eggs per day."));
         assert_eq!(items[0].correct_answer.as_deref(), Some("18"));
         assert!(items.iter().all(|i| {
             let n = i.correct_answer.as_deref().unwrap();
@@ -70,10 +53,7 @@ mod tests {
 
     #[test]
     fn thousands_separators_are_removed() {
-        assert_eq!(
-            final_number("so 1,200 + 5 = <<1200+5=1205>>1,205\n#### 1,205").as_deref(),
-            Some("1205")
-        );
+        assert_eq!(final_number("so 1,200 + 5 = <<1200+5=1205>>1,205\n#### 1,205").as_deref(), Some("1205"));
         assert_eq!(final_number("no marker"), None);
     }
 }

@@ -25,21 +25,13 @@ use crate::error::Result;
 use crate::records::Item;
 
 pub(crate) fn load(input: &Input<'_>) -> Result<Vec<Item>> {
-    let rows = source::read(
-        input.path,
-        input.format,
-        Columns::Header,
-        &["question", "answer", "options", "answer_idx"],
-    )?;
+    let rows =
+        source::read(input.path, input.format, Columns::Header, &["question", "answer", "options", "answer_idx"])?;
     rows.iter().map(|row| item_of(input, row)).collect()
 }
 
 fn item_of(input: &Input<'_>, row: &Row) -> Result<Item> {
-    let key = if row.has("realidx") {
-        row.key("realidx")?
-    } else {
-        row.index.to_string()
-    };
+    let key = if row.has("realidx") { row.key("realidx")? } else { row.index.to_string() };
     let vignette = row.text("question")?;
     let answer = row.text("answer")?;
     let letter = row.text("answer_idx")?.trim();
@@ -52,16 +44,10 @@ fn item_of(input: &Input<'_>, row: &Row) -> Result<Item> {
         .find(|(l, _)| l == letter)
         .ok_or_else(|| row.error("answer_idx", format!("`{letter}` is not an option letter")))?;
     if answer_option.trim() != answer.trim() {
-        return Err(row.error(
-            "answer",
-            format!("differs from option {letter} ({answer_option:?})"),
-        ));
+        return Err(row.error("answer", format!("differs from option {letter} ({answer_option:?})")));
     }
-    let incorrect_answers: Vec<String> = options
-        .iter()
-        .filter(|(l, _)| l != letter)
-        .map(|(_, text)| text.clone())
-        .collect();
+    let incorrect_answers: Vec<String> =
+        options.iter().filter(|(l, _)| l != letter).map(|(_, text)| text.clone()).collect();
     let incorrect = match incorrect_override(input, row)? {
         Some(answer) => answer,
         None => distractor(&key, &incorrect_answers),
@@ -99,11 +85,7 @@ mod tests {
         assert_eq!(items.len(), 1273);
         let second = &items[1];
         assert_eq!(second.item_key, "1");
-        assert!(
-            second
-                .question
-                .starts_with("A 67-year-old man with transitional cell")
-        );
+        assert!(second.question.starts_with("A 67-year-old man with transitional cell"));
         assert!(
             second
                 .question_converted
@@ -127,20 +109,14 @@ mod tests {
     #[test]
     fn unconverted_vignettes_are_counted_and_keep_their_opening() {
         let items = bundled();
-        let unconverted =
-            medqa_convert::count_unconverted(items.iter().map(|i| i.question.as_str()));
+        let unconverted = medqa_convert::count_unconverted(items.iter().map(|i| i.question.as_str()));
         assert_eq!(unconverted, UNCONVERTED_IN_US_TEST);
         let first = &items[0];
         assert_eq!(
             first.question_converted.as_deref().unwrap(),
             first.question.replace("Which of the following", "what")
         );
-        assert!(items.iter().all(|i| {
-            !i.question_converted
-                .as_ref()
-                .unwrap()
-                .contains("which of the following")
-        }));
+        assert!(items.iter().all(|i| { !i.question_converted.as_ref().unwrap().contains("which of the following") }));
     }
 
     /// Vignettes of the bundled US test set whose opening the rules leave alone.
@@ -168,20 +144,10 @@ mod tests {
             r#"{"realidx": 7, "question": "A 25-year-old man presents with fever. Which of the following is the cause?", "answer": "Virus", "options": {"A": "Virus", "B": "Fungus", "C": "Prion", "D": "Toxin"}, "meta_info": "step1", "answer_idx": "A", "metamap_phrases": []}"#,
         )
         .unwrap();
-        let items = load(
-            Dataset::MedQa,
-            &DatasetSource {
-                path: Some(path),
-                ..Default::default()
-            },
-            &data_dir(),
-        )
-        .unwrap();
+        let items =
+            load(Dataset::MedQa, &DatasetSource { path: Some(path), ..Default::default() }, &data_dir()).unwrap();
         assert_eq!(items[0].item_key, "7");
-        assert_eq!(
-            items[0].question_converted.as_deref(),
-            Some("My husband, 25, with fever. what is the cause?")
-        );
+        assert_eq!(items[0].question_converted.as_deref(), Some("My husband, 25, with fever. what is the cause?"));
         assert_eq!(items[0].incorrect_answers, ["Fungus", "Prion", "Toxin"]);
     }
 }

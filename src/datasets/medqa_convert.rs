@@ -75,40 +75,21 @@ pub const RULES: Rules = Rules {
     ],
     child_nouns: &["boy", "girl", "child"],
     relatives: &[
-        Band {
-            min_age: 0,
-            male: "son",
-            female: "daughter",
-        },
-        Band {
-            min_age: 18,
-            male: "brother",
-            female: "sister",
-        },
-        Band {
-            min_age: 25,
-            male: "husband",
-            female: "wife",
-        },
-        Band {
-            min_age: 60,
-            male: "father",
-            female: "mother",
-        },
+        Band { min_age: 0, male: "son", female: "daughter" },
+        Band { min_age: 18, male: "brother", female: "sister" },
+        Band { min_age: 25, male: "husband", female: "wife" },
+        Band { min_age: 60, male: "father", female: "mother" },
     ],
     unknown_sex: Sex::Male,
     dropped_verbs: &["presents", "comes", "is", "arrives"],
     boundary_words: &[
-        "a", "an", "the", "with", "who", "whose", "and", "in", "at", "of", "on", "from", "for",
-        "to", "was", "has", "had", "his", "her", "their", "presents", "comes", "is", "arrives",
+        "a", "an", "the", "with", "who", "whose", "and", "in", "at", "of", "on", "from", "for", "to", "was", "has",
+        "had", "his", "her", "their", "presents", "comes", "is", "arrives",
     ],
     max_subject_words: 4,
     male_pronouns: &["he", "his", "him", "himself"],
     female_pronouns: &["she", "her", "hers", "herself"],
-    stem: &[
-        ("Which of the following", "what"),
-        ("which of the following", "what"),
-    ],
+    stem: &[("Which of the following", "what"), ("which of the following", "what")],
 };
 
 /// A vignette in first person, and whether its opening could be converted.
@@ -125,10 +106,7 @@ pub fn convert(vignette: &str) -> Converted {
 
 /// How many of `vignettes` keep their exam opening (no "A N-year-old {noun}" to convert).
 pub fn count_unconverted<'a>(vignettes: impl IntoIterator<Item = &'a str>) -> usize {
-    vignettes
-        .into_iter()
-        .filter(|v| !convert(v).opening_converted)
-        .count()
+    vignettes.into_iter().filter(|v| !convert(v).opening_converted).count()
 }
 
 /// Converts a vignette with the given rules.
@@ -137,24 +115,16 @@ pub fn convert_with(rules: &Rules, vignette: &str) -> Converted {
         Some(text) => (text, true),
         None => (vignette.to_string(), false),
     };
-    Converted {
-        text: apply_stem(rules, &text),
-        opening_converted,
-    }
+    Converted { text: apply_stem(rules, &text), opening_converted }
 }
 
 fn apply_stem(rules: &Rules, text: &str) -> String {
-    rules
-        .stem
-        .iter()
-        .fold(text.to_string(), |acc, (from, to)| acc.replace(from, to))
+    rules.stem.iter().fold(text.to_string(), |acc, (from, to)| acc.replace(from, to))
 }
 
 /// "{age}" and the text after "-year-old " when the vignette opens with "A|An {age}-year-old".
 fn split_opening(vignette: &str) -> Option<(u32, &str)> {
-    let rest = vignette
-        .strip_prefix("A ")
-        .or_else(|| vignette.strip_prefix("An "))?;
+    let rest = vignette.strip_prefix("A ").or_else(|| vignette.strip_prefix("An "))?;
     let (age, rest) = rest.split_once("-year-old ")?;
     if age.is_empty() || !age.chars().all(|c| c.is_ascii_digit()) {
         return None;
@@ -168,9 +138,7 @@ fn convert_opening(rules: &Rules, vignette: &str) -> Option<String> {
     let mut phrase: Vec<(&str, usize)> = Vec::new();
     for &(word, end) in &words {
         let bare = word.trim_end_matches(',');
-        if phrase.len() == rules.max_subject_words
-            || rules.boundary_words.contains(&bare.to_lowercase().as_str())
-        {
+        if phrase.len() == rules.max_subject_words || rules.boundary_words.contains(&bare.to_lowercase().as_str()) {
             break;
         }
         phrase.push((word, end));
@@ -178,9 +146,7 @@ fn convert_opening(rules: &Rules, vignette: &str) -> Option<String> {
             break;
         }
     }
-    let head = phrase
-        .iter()
-        .rposition(|(w, _)| noun_sex(rules, w).is_some())?;
+    let head = phrase.iter().rposition(|(w, _)| noun_sex(rules, w).is_some())?;
     let (head_word, head_end) = phrase[head];
     let head_bare = head_word.trim_end_matches(',').to_lowercase();
 
@@ -224,26 +190,19 @@ fn leading_words(text: &str, n: usize) -> Vec<(&str, usize)> {
 
 fn noun_sex(rules: &Rules, word: &str) -> Option<Sex> {
     let bare = word.trim_end_matches(',').to_lowercase();
-    rules
-        .nouns
-        .iter()
-        .find(|(noun, _)| *noun == bare)
-        .map(|(_, sex)| *sex)
+    rules.nouns.iter().find(|(noun, _)| *noun == bare).map(|(_, sex)| *sex)
 }
 
 fn pronoun_sex(rules: &Rules, vignette: &str) -> Option<Sex> {
-    vignette
-        .split(|c: char| !c.is_alphabetic())
-        .map(str::to_lowercase)
-        .find_map(|w| {
-            if rules.male_pronouns.contains(&w.as_str()) {
-                Some(Sex::Male)
-            } else if rules.female_pronouns.contains(&w.as_str()) {
-                Some(Sex::Female)
-            } else {
-                None
-            }
-        })
+    vignette.split(|c: char| !c.is_alphabetic()).map(str::to_lowercase).find_map(|w| {
+        if rules.male_pronouns.contains(&w.as_str()) {
+            Some(Sex::Male)
+        } else if rules.female_pronouns.contains(&w.as_str()) {
+            Some(Sex::Female)
+        } else {
+            None
+        }
+    })
 }
 
 fn relative(rules: &Rules, age: u32, sex: Sex) -> Option<&'static str> {
@@ -262,11 +221,8 @@ mod tests {
     #[test]
     fn reproduces_every_observed_example() {
         let path = crate::datasets::data_dir().join("templates/prompt_construction.json");
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let examples = json["medqa_first_person_conversion_inferred"]["examples"]
-            .as_array()
-            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let examples = json["medqa_first_person_conversion_inferred"]["examples"].as_array().unwrap();
         assert_eq!(examples.len(), 13);
         for pair in examples {
             let (from, to) = (pair[0].as_str().unwrap(), pair[1].as_str().unwrap());
@@ -299,10 +255,7 @@ mod tests {
         let infant = "A 3-month-old boy is brought in. Which of the following is the cause?";
         let converted = convert(infant);
         assert!(!converted.opening_converted);
-        assert_eq!(
-            converted.text,
-            "A 3-month-old boy is brought in. what is the cause?"
-        );
+        assert_eq!(converted.text, "A 3-month-old boy is brought in. what is the cause?");
         assert!(!convert("A previously healthy 30-year-old woman comes in.").opening_converted);
         assert!(!convert("A 45-year-old presents with a cough.").opening_converted);
     }

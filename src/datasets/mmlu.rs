@@ -51,41 +51,23 @@ fn subject_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     if files.is_empty() {
-        return Err(Error::input(
-            Location::file(dir),
-            "no per-subject .csv files in this directory",
-        ));
+        return Err(Error::input(Location::file(dir), "no per-subject .csv files in this directory"));
     }
     files.sort();
     Ok(files)
 }
 
 fn subject_of(path: &Path) -> String {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    SUBJECT_SUFFIXES
-        .iter()
-        .find_map(|suffix| stem.strip_suffix(suffix))
-        .unwrap_or(&stem)
-        .to_string()
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    SUBJECT_SUFFIXES.iter().find_map(|suffix| stem.strip_suffix(suffix)).unwrap_or(&stem).to_string()
 }
 
 fn load_subject_csv(path: &Path) -> Result<Vec<Item>> {
     let subject = subject_of(path);
-    let rows = source::read(
-        path,
-        Some(SourceFormat::Csv),
-        Columns::Headerless(CSV_COLUMNS),
-        CSV_COLUMNS,
-    )?;
+    let rows = source::read(path, Some(SourceFormat::Csv), Columns::Headerless(CSV_COLUMNS), CSV_COLUMNS)?;
     rows.iter()
         .map(|row| {
-            let options = LETTERS
-                .iter()
-                .map(|l| row.text(l).map(str::to_string))
-                .collect::<Result<Vec<_>>>()?;
+            let options = LETTERS.iter().map(|l| row.text(l).map(str::to_string)).collect::<Result<Vec<_>>>()?;
             let letter = row.text("answer")?.trim().to_string();
             question_item(row, &subject, row.index, options, letter, "answer")
         })
@@ -93,12 +75,7 @@ fn load_subject_csv(path: &Path) -> Result<Vec<Item>> {
 }
 
 fn load_hf_layout(input: &Input<'_>) -> Result<Vec<Item>> {
-    let rows = source::read(
-        input.path,
-        input.format,
-        Columns::Header,
-        &["question", "subject", "choices", "answer"],
-    )?;
+    let rows = source::read(input.path, input.format, Columns::Header, &["question", "subject", "choices", "answer"])?;
     let mut seen: HashMap<String, usize> = HashMap::new();
     rows.iter()
         .map(|row| {
@@ -135,12 +112,7 @@ fn question_item(
         .iter()
         .position(|l| *l == letter)
         .ok_or_else(|| row.error(answer_field, format!("`{letter}` is not one of A-D")))?;
-    let mut item = item(
-        Dataset::Mmlu,
-        format!("{subject}/{within_subject}"),
-        row,
-        row.text("question")?,
-    );
+    let mut item = item(Dataset::Mmlu, format!("{subject}/{within_subject}"), row, row.text("question")?);
     item.correct_answer = Some(options[index].clone());
     item.options = options;
     item.answer_letter = Some(letter);
@@ -161,8 +133,7 @@ mod tests {
     fn bundled_mmlu_test_has_14042_questions_in_57_subjects() {
         let items = bundled();
         assert_eq!(items.len(), 14042);
-        let subjects: std::collections::BTreeSet<_> =
-            items.iter().map(|i| i.category.clone().unwrap()).collect();
+        let subjects: std::collections::BTreeSet<_> = items.iter().map(|i| i.category.clone().unwrap()).collect();
         assert_eq!(subjects.len(), 57);
         let first = &items[0];
         assert_eq!(first.item_key, "abstract_algebra/0");
@@ -177,19 +148,9 @@ mod tests {
     #[test]
     fn one_subject_file_and_the_hf_layout_give_the_same_items() {
         let file = bundled_path(Dataset::Mmlu, &data_dir()).join("anatomy_test.csv");
-        let single = load(
-            Dataset::Mmlu,
-            &DatasetSource {
-                path: Some(file),
-                ..Default::default()
-            },
-            &data_dir(),
-        )
-        .unwrap();
-        let from_dir: Vec<Item> = bundled()
-            .into_iter()
-            .filter(|i| i.category.as_deref() == Some("anatomy"))
-            .collect();
+        let single =
+            load(Dataset::Mmlu, &DatasetSource { path: Some(file), ..Default::default() }, &data_dir()).unwrap();
+        let from_dir: Vec<Item> = bundled().into_iter().filter(|i| i.category.as_deref() == Some("anatomy")).collect();
         assert_eq!(single, from_dir);
         assert_eq!(single.len(), 135);
 
@@ -198,10 +159,7 @@ mod tests {
         let lines: Vec<String> = single
             .iter()
             .map(|i| {
-                let answer = LETTERS
-                    .iter()
-                    .position(|l| Some(*l) == i.answer_letter.as_deref())
-                    .unwrap();
+                let answer = LETTERS.iter().position(|l| Some(*l) == i.answer_letter.as_deref()).unwrap();
                 serde_json::json!({
                     "question": i.question, "subject": "anatomy",
                     "choices": i.options, "answer": answer,
@@ -210,15 +168,7 @@ mod tests {
             })
             .collect();
         std::fs::write(&path, lines.join("\n")).unwrap();
-        let hf = load(
-            Dataset::Mmlu,
-            &DatasetSource {
-                path: Some(path),
-                ..Default::default()
-            },
-            &data_dir(),
-        )
-        .unwrap();
+        let hf = load(Dataset::Mmlu, &DatasetSource { path: Some(path), ..Default::default() }, &data_dir()).unwrap();
         assert_eq!(hf, single);
     }
 
@@ -227,20 +177,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("virology_test.csv");
         std::fs::write(&path, "Q1?,a,b,c,d,B\nQ2?,a,b,c,d,E\n").unwrap();
-        let error = load(
-            Dataset::Mmlu,
-            &DatasetSource {
-                path: Some(path),
-                ..Default::default()
-            },
-            &data_dir(),
-        )
-        .unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains("virology_test.csv, line 2, field `answer`"),
-            "{error}"
-        );
+        let error =
+            load(Dataset::Mmlu, &DatasetSource { path: Some(path), ..Default::default() }, &data_dir()).unwrap_err();
+        assert!(error.to_string().contains("virology_test.csv, line 2, field `answer`"), "{error}");
     }
 }

@@ -68,21 +68,9 @@ pub fn bundled_path(dataset: Dataset, data_dir: &Path) -> PathBuf {
 
 /// Loads every item of `dataset` from `source` (or the vendored copy under `data_dir`).
 pub fn load(dataset: Dataset, source: &DatasetSource, data_dir: &Path) -> Result<Vec<Item>> {
-    let path = source
-        .path
-        .clone()
-        .unwrap_or_else(|| bundled_path(dataset, data_dir));
-    let input = Input {
-        path: &path,
-        format: source.format,
-        incorrect_column: source.incorrect_column.as_deref(),
-    };
-    if input.incorrect_column.is_some()
-        && !matches!(
-            dataset,
-            Dataset::Trivia | Dataset::TruthfulQa | Dataset::MedQa
-        )
-    {
+    let path = source.path.clone().unwrap_or_else(|| bundled_path(dataset, data_dir));
+    let input = Input { path: &path, format: source.format, incorrect_column: source.incorrect_column.as_deref() };
+    if input.incorrect_column.is_some() && !matches!(dataset, Dataset::Trivia | Dataset::TruthfulQa | Dataset::MedQa) {
         return Err(Error::config(
             "incorrect_column",
             format!("dataset `{dataset}` takes no incorrect answer from a column"),
@@ -130,10 +118,7 @@ pub(crate) fn item(dataset: Dataset, item_key: String, row: &source::Row, questi
 
 /// The user's wrong answer for `row` when `incorrect_column` is set.
 pub(crate) fn incorrect_override(input: &Input<'_>, row: &source::Row) -> Result<Option<String>> {
-    input
-        .incorrect_column
-        .map(|column| row.text(column).map(str::to_string))
-        .transpose()
+    input.incorrect_column.map(|column| row.text(column).map(str::to_string)).transpose()
 }
 
 #[cfg(test)]
@@ -154,14 +139,8 @@ mod tests {
 
     #[test]
     fn incorrect_column_is_refused_where_no_incorrect_answer_is_used() {
-        let source = DatasetSource {
-            incorrect_column: Some("wrong".into()),
-            ..Default::default()
-        };
+        let source = DatasetSource { incorrect_column: Some("wrong".into()), ..Default::default() };
         let error = load(Dataset::Gsm8k, &source, &data_dir()).unwrap_err();
-        assert!(
-            matches!(&error, Error::Config { key, .. } if key == "incorrect_column"),
-            "{error}"
-        );
+        assert!(matches!(&error, Error::Config { key, .. } if key == "incorrect_column"), "{error}");
     }
 }

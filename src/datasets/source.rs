@@ -40,10 +40,7 @@ pub(crate) fn format_of(path: &Path, explicit: Option<SourceFormat>) -> Result<S
     if let Some(format) = explicit {
         return Ok(format);
     }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     match ext.as_deref() {
         Some("csv") => Ok(SourceFormat::Csv),
         Some("jsonl") | Some("ndjson") => Ok(SourceFormat::Jsonl),
@@ -65,11 +62,7 @@ pub(crate) fn read(
 ) -> Result<Vec<Row>> {
     let format = format_of(path, format)?;
     if !path.is_file() {
-        let what = if path.exists() {
-            "is not a file"
-        } else {
-            "file not found"
-        };
+        let what = if path.exists() { "is not a file" } else { "file not found" };
         return Err(Error::input(Location::file(path), what));
     }
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -94,16 +87,8 @@ fn strip_bom(bytes: &[u8]) -> &[u8] {
     bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes)
 }
 
-fn read_csv(
-    path: &Arc<Path>,
-    bytes: &[u8],
-    columns: Columns<'_>,
-    required: &[&str],
-) -> Result<Vec<Row>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(strip_bom(bytes));
+fn read_csv(path: &Arc<Path>, bytes: &[u8], columns: Columns<'_>, required: &[&str]) -> Result<Vec<Row>> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(strip_bom(bytes));
     let mut records = reader.byte_records();
     let (names, first_data_line): (Vec<String>, u64) = match columns {
         Columns::Headerless(names) => (names.iter().map(|s| s.to_string()).collect(), 1),
@@ -118,9 +103,7 @@ fn read_csv(
                 .map(|(i, cell)| {
                     std::str::from_utf8(cell).map(str::to_string).map_err(|_| {
                         Error::input(
-                            Location::file(&**path)
-                                .line(1)
-                                .field(format!("column {}", i + 1)),
+                            Location::file(&**path).line(1).field(format!("column {}", i + 1)),
                             "invalid UTF-8 in the header",
                         )
                     })
@@ -135,10 +118,7 @@ fn read_csv(
             if matches!(columns, Columns::Header) {
                 location = location.line(1);
             }
-            return Err(Error::input(
-                location,
-                format!("required column is missing (columns: {})", names.join(", ")),
-            ));
+            return Err(Error::input(location, format!("required column is missing (columns: {})", names.join(", "))));
         }
     }
     let mut rows = Vec::new();
@@ -153,29 +133,17 @@ fn read_csv(
         }
         let mut values = Map::new();
         for (name, cell) in names.iter().zip(record.iter()) {
-            let text = std::str::from_utf8(cell).map_err(|_| {
-                Error::input(
-                    Location::file(&**path).line(line).field(name),
-                    "invalid UTF-8",
-                )
-            })?;
+            let text = std::str::from_utf8(cell)
+                .map_err(|_| Error::input(Location::file(&**path).line(line).field(name), "invalid UTF-8"))?;
             values.insert(name.clone(), Value::String(text.to_string()));
         }
-        rows.push(Row {
-            path: path.clone(),
-            index,
-            line,
-            values,
-        });
+        rows.push(Row { path: path.clone(), index, line, values });
     }
     Ok(rows)
 }
 
 fn csv_error(path: &Path, line: u64, error: csv::Error) -> Error {
-    Error::input(
-        Location::file(path).line(line),
-        format!("malformed CSV: {error}"),
-    )
+    Error::input(Location::file(path).line(line), format!("malformed CSV: {error}"))
 }
 
 fn read_jsonl(path: &Arc<Path>, bytes: &[u8]) -> Result<Vec<Row>> {
@@ -187,19 +155,10 @@ fn read_jsonl(path: &Arc<Path>, bytes: &[u8]) -> Result<Vec<Row>> {
             continue;
         }
         let text = std::str::from_utf8(raw).map_err(|_| invalid_utf8_in_json(path, line, raw))?;
-        let value: Value = serde_json::from_str(text).map_err(|e| {
-            Error::input(
-                Location::file(&**path).line(line),
-                format!("malformed JSON: {e}"),
-            )
-        })?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::input(Location::file(&**path).line(line), format!("malformed JSON: {e}")))?;
         let values = object(path, line, value)?;
-        rows.push(Row {
-            path: path.clone(),
-            index: rows.len(),
-            line,
-            values,
-        });
+        rows.push(Row { path: path.clone(), index: rows.len(), line, values });
     }
     Ok(rows)
 }
@@ -232,22 +191,12 @@ fn read_json_array(path: &Arc<Path>, bytes: &[u8]) -> Result<Vec<Row>> {
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => {
-            let line = 1 + bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count() as u64;
-            return Err(Error::input(
-                Location::file(&**path).line(line),
-                "invalid UTF-8",
-            ));
+            let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() as u64;
+            return Err(Error::input(Location::file(&**path).line(line), "invalid UTF-8"));
         }
     };
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        Error::input(
-            Location::file(&**path).line(e.line() as u64),
-            format!("malformed JSON: {e}"),
-        )
-    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Error::input(Location::file(&**path).line(e.line() as u64), format!("malformed JSON: {e}")))?;
     let Value::Array(elements) = value else {
         return Err(Error::input(
             Location::file(&**path),
@@ -260,12 +209,7 @@ fn read_json_array(path: &Arc<Path>, bytes: &[u8]) -> Result<Vec<Row>> {
         .enumerate()
         .map(|(index, element)| {
             let line = lines.get(index).copied().unwrap_or(1);
-            Ok(Row {
-                path: path.clone(),
-                index,
-                line,
-                values: object(path, line, element)?,
-            })
+            Ok(Row { path: path.clone(), index, line, values: object(path, line, element)? })
         })
         .collect()
 }
@@ -313,16 +257,11 @@ fn read_parquet(path: &Arc<Path>) -> Result<Vec<Row>> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     let parquet_error = |e: parquet::errors::ParquetError| {
-        Error::input(
-            Location::file(&**path),
-            format!("cannot read as Parquet: {e}"),
-        )
+        Error::input(Location::file(&**path), format!("cannot read as Parquet: {e}"))
     };
     let file = fs::File::open(path).map_err(|e| Error::io(&**path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(parquet_error)?
-        .build()
-        .map_err(parquet_error)?;
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_error)?.build().map_err(parquet_error)?;
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| Error::arrow(format!("reading {}", path.display()), e))?;
@@ -340,17 +279,11 @@ fn read_parquet(path: &Arc<Path>) -> Result<Vec<Row>> {
         let objects: Vec<Map<String, Value>> = if json.is_empty() {
             Vec::new()
         } else {
-            serde_json::from_slice(&json)
-                .map_err(|e| Error::Internal(format!("arrow wrote unreadable JSON: {e}")))?
+            serde_json::from_slice(&json).map_err(|e| Error::Internal(format!("arrow wrote unreadable JSON: {e}")))?
         };
         for values in objects {
             let index = rows.len();
-            rows.push(Row {
-                path: path.clone(),
-                index,
-                line: index as u64 + 1,
-                values,
-            });
+            rows.push(Row { path: path.clone(), index, line: index as u64 + 1, values });
         }
     }
     Ok(rows)
@@ -388,9 +321,7 @@ impl Row {
 
     /// The raw value of a field that must be present.
     pub fn value(&self, field: &str) -> Result<&Value> {
-        self.values
-            .get(field)
-            .ok_or_else(|| self.error(field, "required field is missing"))
+        self.values.get(field).ok_or_else(|| self.error(field, "required field is missing"))
     }
 
     /// A required, non-empty string.
@@ -429,12 +360,8 @@ impl Row {
         let items = match value {
             Value::Array(items) => items,
             Value::String(s) => {
-                parsed = serde_json::from_str::<Vec<Value>>(s).map_err(|_| {
-                    self.error(
-                        field,
-                        "expected a list of strings (a JSON array in CSV cells)",
-                    )
-                })?;
+                parsed = serde_json::from_str::<Vec<Value>>(s)
+                    .map_err(|_| self.error(field, "expected a list of strings (a JSON array in CSV cells)"))?;
                 &parsed
             }
             other => return Err(self.wrong_type(field, "a list of strings", other)),
@@ -454,9 +381,8 @@ impl Row {
         let map = match self.value(field)? {
             Value::Object(map) => map,
             Value::String(s) => {
-                parsed = serde_json::from_str::<Map<String, Value>>(s).map_err(|_| {
-                    self.error(field, "expected an object of strings (JSON in CSV cells)")
-                })?;
+                parsed = serde_json::from_str::<Map<String, Value>>(s)
+                    .map_err(|_| self.error(field, "expected an object of strings (JSON in CSV cells)"))?;
                 &parsed
             }
             other => return Err(self.wrong_type(field, "an object of strings", other)),
@@ -481,25 +407,19 @@ mod tests {
     use std::path::PathBuf;
 
     fn load_file(dataset: Dataset, path: &Path) -> Error {
-        let source = DatasetSource {
-            path: Some(path.to_path_buf()),
-            ..Default::default()
-        };
+        let source = DatasetSource { path: Some(path.to_path_buf()), ..Default::default() };
         load(dataset, &source, &data_dir()).unwrap_err()
     }
 
     /// The location of an input error, as (file, line, field).
     fn place(error: Error) -> (PathBuf, Option<u64>, Option<String>) {
         match error {
-            Error::Input { location, .. } => {
-                (location.file.unwrap(), location.line, location.field)
-            }
+            Error::Input { location, .. } => (location.file.unwrap(), location.line, location.field),
             other => panic!("expected an input error, got {other:?}"),
         }
     }
 
-    const TQA_HEADER: &str =
-        "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source";
+    const TQA_HEADER: &str = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source";
 
     #[test]
     fn a_missing_file_is_an_input_error_naming_it() {
@@ -514,11 +434,7 @@ mod tests {
     fn a_csv_without_a_required_column_names_the_header_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tqa.csv");
-        std::fs::write(
-            &path,
-            "Type,Category,Question,Correct Answers,Incorrect Answers\nA,B,Q?,x,y\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "Type,Category,Question,Correct Answers,Incorrect Answers\nA,B,Q?,x,y\n").unwrap();
         let error = load_file(Dataset::TruthfulQa, &path);
         assert_eq!(place(error), (path, Some(1), Some("Best Answer".into())));
     }
@@ -527,11 +443,8 @@ mod tests {
     fn a_malformed_jsonl_line_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gsm.jsonl");
-        std::fs::write(
-            &path,
-            "{\"question\": \"Q?\", \"answer\": \"#### 1\"}\n\n{\"question\": \"Q2?\", \"answer\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "{\"question\": \"Q?\", \"answer\": \"#### 1\"}\n\n{\"question\": \"Q2?\", \"answer\n")
+            .unwrap();
         let error = load_file(Dataset::Gsm8k, &path);
         assert!(error.to_string().contains("malformed JSON"), "{error}");
         assert_eq!(place(error), (path, Some(3), None));
@@ -566,12 +479,7 @@ mod tests {
         )
         .unwrap();
         let error = load_file(Dataset::Gsm8k, &path);
-        assert!(
-            error
-                .to_string()
-                .contains("expected a string, found a number"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("expected a string, found a number"), "{error}");
         assert_eq!(place(error), (path, Some(2), Some("question".into())));
 
         let array = dir.path().join("trivia.json");
@@ -597,10 +505,7 @@ mod tests {
     fn formats_come_from_the_extension_unless_given() {
         let path = Path::new("x/data.JSONL");
         assert_eq!(format_of(path, None).unwrap(), SourceFormat::Jsonl);
-        assert_eq!(
-            format_of(path, Some(SourceFormat::Csv)).unwrap(),
-            SourceFormat::Csv
-        );
+        assert_eq!(format_of(path, Some(SourceFormat::Csv)).unwrap(), SourceFormat::Csv);
         assert!(format_of(Path::new("data.txt"), None).is_err());
         assert_eq!(element_lines("[\n {\"a\": \"[,\"},\n\n {}\n]"), [2, 4]);
     }

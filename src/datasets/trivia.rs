@@ -72,12 +72,7 @@ const NUMBER_WORDS: &[&str] = &[
 ];
 
 pub(crate) fn load(input: &Input<'_>) -> Result<Vec<Item>> {
-    let rows = source::read(
-        input.path,
-        input.format,
-        Columns::Header,
-        &["qid", "question", "gold_answer", "aliases"],
-    )?;
+    let rows = source::read(input.path, input.format, Columns::Header, &["qid", "question", "gold_answer", "aliases"])?;
     let mut items = Vec::with_capacity(rows.len());
     let mut overrides = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -134,22 +129,9 @@ fn stable_hash(key: &str) -> u64 {
 
 /// TriviaQA's answer normalisation: lower case, no punctuation, no articles, single spaces.
 fn normalise(answer: &str) -> String {
-    let lower: String = answer
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || c.is_whitespace() {
-                c
-            } else {
-                ' '
-            }
-        })
-        .collect();
-    lower
-        .split_whitespace()
-        .filter(|w| !matches!(*w, "a" | "an" | "the"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    let lower: String =
+        answer.to_lowercase().chars().map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' }).collect();
+    lower.split_whitespace().filter(|w| !matches!(*w, "a" | "an" | "the")).collect::<Vec<_>>().join(" ")
 }
 
 fn kind_of(answer: &str) -> Kind {
@@ -162,11 +144,7 @@ fn kind_of(answer: &str) -> Kind {
         return Kind::Year;
     }
     let numeric = |w: &&str| w.chars().all(|c| c.is_ascii_digit()) || NUMBER_WORDS.contains(w);
-    if !words.is_empty() && words.iter().all(numeric) {
-        Kind::Number
-    } else {
-        Kind::Text
-    }
+    if !words.is_empty() && words.iter().all(numeric) { Kind::Number } else { Kind::Text }
 }
 
 #[cfg(test)]
@@ -184,10 +162,7 @@ mod tests {
         assert_eq!(items.len(), 150);
         let first = &items[0];
         assert_eq!(first.item_key, "tqa_c256394e");
-        assert_eq!(
-            first.question,
-            "What spirit is added to tomato juice to make a Bloody Maria?"
-        );
+        assert_eq!(first.question, "What spirit is added to tomato juice to make a Bloody Maria?");
         assert_eq!(first.correct_answer.as_deref(), Some("Tequila"));
         assert_eq!(first.correct_answers[0], "Tequila");
         assert!(first.correct_answers.contains(&"Tequilla".to_string()));
@@ -200,9 +175,7 @@ mod tests {
             let wrong = item.incorrect_answer.as_deref().expect("a distractor");
             let gold = item.correct_answer.as_deref().unwrap();
             assert!(
-                item.correct_answers
-                    .iter()
-                    .all(|a| normalise(a) != normalise(wrong)),
+                item.correct_answers.iter().all(|a| normalise(a) != normalise(wrong)),
                 "{}: {wrong}",
                 item.item_key
             );
@@ -216,12 +189,7 @@ mod tests {
         let mut reversed = items.clone();
         reversed.reverse();
         for item in &items {
-            assert_eq!(
-                distractor(item, &reversed),
-                item.incorrect_answer,
-                "{}",
-                item.item_key
-            );
+            assert_eq!(distractor(item, &reversed), item.incorrect_answer, "{}", item.item_key);
         }
     }
 
@@ -232,10 +200,7 @@ mod tests {
         assert_eq!(kind_of("Three"), Kind::Number);
         assert_eq!(kind_of("4 billion"), Kind::Number);
         assert_eq!(kind_of("APOLLO 11"), Kind::Text);
-        assert_eq!(
-            normalise("The Taking of Pelham, One Two Three"),
-            "taking of pelham one two three"
-        );
+        assert_eq!(normalise("The Taking of Pelham, One Two Three"), "taking of pelham one two three");
     }
 
     /// A user's JSONL copy with its own wrong-answer column loads to the bundled items with
@@ -243,8 +208,7 @@ mod tests {
     #[test]
     fn incorrect_column_overrides_the_distractor() {
         let raw: Vec<serde_json::Value> = serde_json::from_str(
-            &std::fs::read_to_string(crate::datasets::bundled_path(Dataset::Trivia, &data_dir()))
-                .unwrap(),
+            &std::fs::read_to_string(crate::datasets::bundled_path(Dataset::Trivia, &data_dir())).unwrap(),
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -259,11 +223,7 @@ mod tests {
             })
             .collect();
         std::fs::write(&path, lines.join("\n")).unwrap();
-        let source = DatasetSource {
-            path: Some(path),
-            format: None,
-            incorrect_column: Some("my_wrong".into()),
-        };
+        let source = DatasetSource { path: Some(path), format: None, incorrect_column: Some("my_wrong".into()) };
         let items = load(Dataset::Trivia, &source, &data_dir()).unwrap();
         let expected = bundled();
         assert_eq!(items.len(), expected.len());
@@ -275,10 +235,7 @@ mod tests {
             assert_eq!(&got, want);
         }
 
-        let missing = DatasetSource {
-            incorrect_column: Some("absent".into()),
-            ..source
-        };
+        let missing = DatasetSource { incorrect_column: Some("absent".into()), ..source };
         let error = load(Dataset::Trivia, &missing, &data_dir()).unwrap_err();
         assert!(error.to_string().contains("field `absent`"), "{error}");
     }
