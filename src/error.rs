@@ -83,6 +83,9 @@ pub enum Error {
         #[source]
         source: arrow::error::ArrowError,
     },
+    /// Stages of the dataflow reported errors; nothing was archived for the epochs they hit.
+    #[error("the dataflow reported errors (nothing was archived for those epochs):\n  {}", .0.join("\n  "))]
+    Dataflow(Vec<String>),
     /// An invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
@@ -108,7 +111,7 @@ impl Error {
     /// Who should act on this error.
     pub fn kind(&self) -> Domain {
         match self {
-            Error::Input { .. } | Error::Config { .. } | Error::Schema { .. } => Domain::User,
+            Error::Input { .. } | Error::Config { .. } | Error::Schema { .. } | Error::Dataflow(_) => Domain::User,
             Error::Io { .. } | Error::Arrow { .. } => Domain::External,
             Error::Internal(_) => Domain::Internal,
         }

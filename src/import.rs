@@ -44,10 +44,11 @@ struct Row {
     line: u64,
     prompt: String,
     output: String,
-    amendment: AmendmentType,
-    prompt_type: PromptType,
+    /// None when the file has no column (the linked trial, or the default, decides).
+    amendment: Option<AmendmentType>,
+    prompt_type: Option<PromptType>,
     label: Option<(VerdictLabel, String)>,
-    dataset: Dataset,
+    dataset: Option<Dataset>,
     item_key: Option<String>,
     model: String,
     checkpoint: String,
@@ -82,21 +83,47 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &HashMap<Stri
     let mut made: HashMap<String, Trial> = HashMap::new();
     let mut samples: HashMap<(String, String, String), u32> = HashMap::new();
     for row in parsed {
+        let at = |field: &str| Location::file(path).line(row.line).field(field);
         let trial = match known.get(&row.prompt) {
-            Some(t) => t.clone(),
+            Some(t) => {
+                // A row that restates its condition must agree with the trial it links to.
+                let stated = [
+                    ("dataset", row.dataset.map(|d| d.to_string()), &t.dataset),
+                    ("amendment_type", row.amendment.map(|a| a.to_string()), &t.amendment_type),
+                    ("prompt_type", row.prompt_type.map(|p| p.to_string()), &t.prompt_type),
+                ];
+                for (field, said, archived) in stated {
+                    if let Some(said) = said.filter(|s| s != archived) {
+                        return Err(Error::input(
+                            at(field),
+                            format!(
+                                "`{said}`, but the archived trial with this prompt (`{}`) has `{archived}`",
+                                t.trial_key
+                            ),
+                        ));
+                    }
+                }
+                t.clone()
+            }
             None => {
+                let dataset = row
+                    .dataset
+                    .or(defaults.dataset)
+                    .ok_or_else(|| Error::input(at("dataset"), "missing (add the column or pass --dataset)"))?;
+                let amendment = row.amendment.unwrap_or(AmendmentType::Unmodified);
+                let prompt_type = row.prompt_type.unwrap_or(PromptType::Original);
                 let item_key = row.item_key.clone().unwrap_or_else(|| prompt_digest(&row.prompt));
-                let key = Trial::key(row.dataset.as_str(), &item_key, row.amendment.as_str(), row.prompt_type.as_str());
+                let key = Trial::key(dataset.as_str(), &item_key, amendment.as_str(), prompt_type.as_str());
                 made.entry(key.clone())
                     .or_insert_with(|| Trial {
                         trial_key: key,
-                        dataset: row.dataset.to_string(),
+                        dataset: dataset.to_string(),
                         item_key,
-                        amendment_type: row.amendment.to_string(),
-                        amendment_group: row.amendment.group().to_string(),
+                        amendment_type: amendment.to_string(),
+                        amendment_group: amendment.group().to_string(),
                         statement_id: None,
                         statement: None,
-                        prompt_type: row.prompt_type.to_string(),
+                        prompt_type: prompt_type.to_string(),
                         belief_answer: None,
                         prompt: row.prompt.clone(),
                         template_style: TemplateStyle::Paper.to_string(),
@@ -162,12 +189,12 @@ fn parse_row(path: &Path, line: u64, fields: &BTreeMap<String, String>, defaults
     let prompt = required(&["prompt"])?;
     let output = required(OUTPUT_NAMES)?;
     let amendment = match fields.get("amendment_type").map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        Some(s) => s.parse().map_err(|m: String| Error::input(at("amendment_type"), m))?,
-        None => AmendmentType::Unmodified,
+        Some(s) => Some(s.parse().map_err(|m: String| Error::input(at("amendment_type"), m))?),
+        None => None,
     };
     let prompt_type = match pick(fields, PROMPT_TYPE_NAMES).filter(|(_, v)| !v.trim().is_empty()) {
-        Some((k, v)) => v.trim().parse().map_err(|m: String| Error::input(at(k), m))?,
-        None => PromptType::Original,
+        Some((k, v)) => Some(v.trim().parse().map_err(|m: String| Error::input(at(k), m))?),
+        None => None,
     };
     let label = match pick(fields, LABEL_NAMES).filter(|(_, v)| !v.trim().is_empty()) {
         Some((k, v)) => Some((
@@ -182,10 +209,8 @@ fn parse_row(path: &Path, line: u64, fields: &BTreeMap<String, String>, defaults
         None => None,
     };
     let dataset = match fields.get("dataset").map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        Some(s) => s.parse().map_err(|m: String| Error::input(at("dataset"), m))?,
-        None => {
-            defaults.dataset.ok_or_else(|| Error::input(at("dataset"), "missing (add the column or pass --dataset)"))?
-        }
+        Some(s) => Some(s.parse().map_err(|m: String| Error::input(at("dataset"), m))?),
+        None => None,
     };
     let text = |name: &str, default: &Option<String>| -> Result<String> {
         fields

@@ -40,10 +40,15 @@ pub const GRID_EPOCH: Epoch = 0;
 pub struct Batch(pub RecordBatch);
 
 impl Batch {
-    /// The stream this batch belongs to (from its schema metadata).
+    /// The stream this batch belongs to.
     pub fn stream(&self) -> &str {
-        self.0.schema_ref().metadata().get(META_STREAM).map(String::as_str).unwrap_or("")
+        stream_of(&self.0)
     }
+}
+
+/// The stream a batch belongs to, from its schema metadata ("" for foreign batches).
+pub fn stream_of(batch: &RecordBatch) -> &str {
+    batch.schema_ref().metadata().get(META_STREAM).map(String::as_str).unwrap_or("")
 }
 
 impl Serialize for Batch {
@@ -204,6 +209,18 @@ pub fn stage<'s, S: Stage>(stream: StreamVec<'s, Epoch, Msg>, mut stage: S) -> S
                         Err(e) => session.give(Err(e)),
                     }
                 }
+            });
+        }
+    })
+}
+
+/// Keeps the batches of one stream (and every error).
+pub fn only<'s>(stream: StreamVec<'s, Epoch, Msg>, name: &'static str) -> StreamVec<'s, Epoch, Msg> {
+    stream.unary(Pipeline, "Only", move |_cap, _info| {
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                let keep = data.flat_map(|d| d.drain(..)).filter(|m| m.as_ref().map_or(true, |b| b.stream() == name));
+                output.session(&cap).give_iterator(keep);
             });
         }
     })

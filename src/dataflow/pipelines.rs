@@ -11,7 +11,9 @@ use timely::dataflow::StreamVec;
 use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::vec::Input;
 
-use super::{Batch, Cluster, Epoch, EpochDone, Msg, Stage, archive_sink, collect_done, partition_by, stage};
+use super::{
+    Batch, Cluster, Epoch, EpochDone, Msg, Stage, archive_sink, collect_done, only, partition_by, stage, stream_of,
+};
 use crate::amend::Amender;
 use crate::archive::{Archive, Partition};
 use crate::conditions::{Dataset, VerdictLabel};
@@ -84,12 +86,11 @@ where
     reports.sort_by_key(|d| d.epoch);
     let errors: Vec<String> = reports.iter().flat_map(|d| d.errors.iter().cloned()).collect();
     if !errors.is_empty() {
-        let shown = errors.iter().take(5).cloned().collect::<Vec<_>>().join("\n  ");
-        let more = if errors.len() > 5 { format!("\n  … and {} more", errors.len() - 5) } else { String::new() };
-        return Err(Error::input(
-            Default::default(),
-            format!("the dataflow reported errors (nothing was archived for those epochs):\n  {shown}{more}"),
-        ));
+        let mut shown: Vec<String> = errors.iter().take(5).cloned().collect();
+        if errors.len() > 5 {
+            shown.push(format!("… and {} more", errors.len() - 5));
+        }
+        return Err(Error::Dataflow(shown));
     }
     Ok(reports)
 }
@@ -110,7 +111,7 @@ impl Stage for AmendStage {
         "amend"
     }
     fn apply(&mut self, _epoch: Epoch, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
-        if Batch(batch.clone()).stream() != Item::STREAM {
+        if stream_of(batch) != Item::STREAM {
             return Ok(Vec::new());
         }
         let mut trials = Vec::new();
@@ -132,7 +133,8 @@ pub fn build_trials(
 ) -> Result<Vec<EpochDone>> {
     let sources = items.into_iter().map(|b| (super::GRID_EPOCH, b)).collect();
     run(cluster, archive, sources, Some(expected_trials), move |items, peers| {
-        let trials = stage(partition_by(items.clone(), "item_key", peers), AmendStage::new(amender.clone()));
+        let trials =
+            stage(partition_by(only(items.clone(), Item::STREAM), "item_key", peers), AmendStage::new(amender.clone()));
         items.concat(trials)
     })
 }
@@ -168,7 +170,7 @@ impl Stage for ScoreStage {
         "score"
     }
     fn apply(&mut self, _epoch: Epoch, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
-        if Batch(batch.clone()).stream() != Response::STREAM {
+        if stream_of(batch) != Response::STREAM {
             return Ok(Vec::new());
         }
         let mut verdicts = Vec::new();
@@ -245,7 +247,7 @@ pub fn score_responses(
     let labels = Arc::new(labels);
     run(cluster, archive, sources, Some(total * 3), move |input, peers| {
         let scored = stage(
-            partition_by(input.clone(), "response_key", peers),
+            partition_by(only(input.clone(), Response::STREAM), "response_key", peers),
             ScoreStage::new(trials.clone(), labels.clone(), refusal.clone()),
         );
         input.concat(scored)
