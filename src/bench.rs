@@ -79,8 +79,11 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
             .enumerate()
             .map(|(i, t)| {
                 let key = Response::key("bench", checkpoint, &t.trial_key, 0);
-                let verdict =
-                    if (i + finetuned as usize) % 3 == 0 { VerdictLabel::Incorrect } else { VerdictLabel::Correct };
+                let verdict = if (i + finetuned as usize).is_multiple_of(3) {
+                    VerdictLabel::Incorrect
+                } else {
+                    VerdictLabel::Correct
+                };
                 labels.insert(key.clone(), Label { verdict, judge: "bench".into(), raw: None });
                 Response {
                     response_key: key,

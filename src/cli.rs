@@ -183,7 +183,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 RefusalRules::new(refusal.into()),
             )?;
             if cluster.is_leader() {
-                print_epochs("import", &reports, &out, json);
+                print_epochs("import", &reports, &out, json)?;
             }
         }
         Command::Replay { archive, out, refusal, format, cluster } => {
@@ -197,7 +197,7 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             let reports = pipelines::replay(&cluster, &source, &target, RefusalRules::new(refusal.into()))?;
             if cluster.is_leader() {
-                print_epochs("replay", &reports, &out, json);
+                print_epochs("replay", &reports, &out, json)?;
             }
         }
         Command::Schema { stream } => {
@@ -330,7 +330,7 @@ fn print_grid(report: &GridReport, out: &Path, json: bool) {
     println!("\n{} trials archived in {}", report.counts.values().sum::<usize>(), out.display());
 }
 
-fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) {
+fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) -> Result<()> {
     for d in reports {
         if json {
             println!("{}", serde_json::json!({"epoch": d.epoch, "rows": d.rows}));
@@ -339,21 +339,15 @@ fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) {
             println!("epoch {}: {}", d.epoch, rows.join(", "));
         }
     }
-    if let Ok(archive) = Archive::open(out, Format::Parquet) {
-        if let Ok(obs) = read_records::<Observation>(&archive) {
-            let excluded = obs.iter().filter(|o| o.correct.is_none()).count();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"command": what, "archive": out, "observations": obs.len(), "excluded": excluded})
-                );
-            } else {
-                println!(
-                    "{what}: {} observations in {} ({excluded} excluded from statistics)",
-                    obs.len(),
-                    out.display()
-                );
-            }
-        }
+    let obs = read_records::<Observation>(&Archive::open(out, Format::Parquet)?)?;
+    let excluded = obs.iter().filter(|o| o.correct.is_none()).count();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"command": what, "archive": out, "observations": obs.len(), "excluded": excluded})
+        );
+    } else {
+        println!("{what}: {} observations in {} ({excluded} excluded from statistics)", obs.len(), out.display());
     }
+    Ok(())
 }

@@ -122,17 +122,13 @@ impl PromptType {
 
 named_enum! {
     /// How prompts are rendered.
+    #[derive(Default)]
     TemplateStyle, "template style" {
         /// Byte for byte the prompts the paper sent, whitespace quirks included.
         Paper = "paper",
         /// Tidy text: single spaces, no doubled punctuation.
+        #[default]
         Clean = "clean",
-    }
-}
-
-impl Default for TemplateStyle {
-    fn default() -> Self {
-        TemplateStyle::Clean
     }
 }
 

@@ -331,10 +331,10 @@ pub fn archive_sink<'s>(
                 let Some(cap) = cap.retain_least(0) else { return };
                 let entry = pending.entry(*cap.time()).or_insert_with(|| (cap.clone(), Vec::new()));
                 for msg in data.flat_map(|d| d.drain(..)) {
-                    if let (Some(bar), Ok(b)) = (&progress, &msg) {
-                        if b.stream() != "item" {
-                            bar.inc(b.0.num_rows() as u64);
-                        }
+                    if let (Some(bar), Ok(b)) = (&progress, &msg)
+                        && b.stream() != "item"
+                    {
+                        bar.inc(b.0.num_rows() as u64);
                     }
                     entry.1.push(msg);
                 }
