@@ -133,6 +133,14 @@ fn same_seed_gives_identical_archives_for_any_worker_count_and_other_seeds_diffe
     assert_eq!(run("w3", &exp, "3"), one);
     let other = run("seed8", &small_experiment(dir.path(), 8, "clean"), "1");
     assert_ne!(other, one);
+
+    // The grid does not depend on which models or checkpoints will answer it.
+    let with_models = dir.path().join("with-models.toml");
+    let text = std::fs::read_to_string(&exp).unwrap()
+        + "[[models]]\nname = \"a\"\n[[models.checkpoints]]\nid = \"original\"\n[[models.checkpoints]]\nid = \"warm\"\nfinetuned = true\n\
+           [[models]]\nname = \"b\"\n[[models.checkpoints]]\nid = \"base\"\n";
+    std::fs::write(&with_models, text).unwrap();
+    assert_eq!(run("models", &with_models, "2"), one);
 }
 
 fn free_port() -> u16 {
