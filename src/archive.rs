@@ -21,7 +21,7 @@
 //! let archive = Archive::open(dir.path(), Format::Parquet).unwrap();
 //! let batch = Trial::to_batch(&[]).unwrap();
 //! archive.append("trial", &Partition::All, &[batch]).unwrap();
-//! assert_eq!(archive.read("trial").unwrap().len(), 1);
+//! assert_eq!(archive.segments("trial").unwrap().len(), 1);
 //! ```
 
 use std::fs::{self, File};
