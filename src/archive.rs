@@ -194,7 +194,7 @@ impl Archive {
         for entry in entries {
             let path = entry.map_err(|e| Error::io(dir, e))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.starts_with("part-") && Format::of(&path).is_some() {
+            if (name.starts_with("part-") || name.starts_with("log-")) && Format::of(&path).is_some() {
                 out.push(Segment { path });
             }
         }
@@ -328,7 +328,14 @@ impl Archive {
 pub fn read_segment(stream: &str, path: &Path) -> Result<Vec<RecordBatch>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let bad = |m: String| Error::input(Location::file(path), m);
+    // A log (the generation store) is appended to while it is read and may end in a message a
+    // crash cut short: keep what precedes it.
+    let is_log = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("log-"));
     let batches: Vec<RecordBatch> = match Format::of(path) {
+        Some(Format::Ipc) if is_log => match StreamReader::try_new(std::io::BufReader::new(file), None) {
+            Ok(reader) => reader.map_while(|b| b.ok()).collect(),
+            Err(_) => Vec::new(),
+        },
         Some(Format::Ipc) => StreamReader::try_new(std::io::BufReader::new(file), None)
             .map_err(|e| bad(format!("not an Arrow IPC stream: {e}")))?
             .collect::<std::result::Result<_, _>>()

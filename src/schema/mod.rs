@@ -38,6 +38,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("response", include_str!("../../schemas/response.json")),
     ("verdict", include_str!("../../schemas/verdict.json")),
     ("observation", include_str!("../../schemas/observation.json")),
+    ("generation", include_str!("../../schemas/generation.json")),
 ];
 
 /// A stream's declaration as written in `schemas/<stream>.json`.
@@ -209,6 +210,7 @@ pub fn validate_all() -> Result<()> {
     validate::<Response>()?;
     validate::<Verdict>()?;
     validate::<Observation>()?;
+    validate::<crate::generate::store::StoredGeneration>()?;
     Ok(())
 }
 
@@ -283,7 +285,7 @@ mod tests {
     #[test]
     fn every_record_type_matches_its_json_schema() {
         validate_all().unwrap();
-        assert_eq!(streams().unwrap(), ["item", "observation", "response", "trial", "verdict"]);
+        assert_eq!(streams().unwrap(), ["generation", "item", "observation", "response", "trial", "verdict"]);
     }
 
     #[test]
