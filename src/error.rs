@@ -83,6 +83,9 @@ pub enum Error {
         #[source]
         source: arrow::error::ArrowError,
     },
+    /// A model backend failed (after its retries, where they apply).
+    #[error("backend {backend}: {message}")]
+    Backend { backend: String, message: String },
     /// Stages of the dataflow reported errors; nothing was archived for the epochs they hit.
     #[error("the dataflow reported errors (nothing was archived for those epochs):\n  {}", .0.join("\n  "))]
     Dataflow(Vec<String>),
@@ -104,6 +107,9 @@ impl Error {
     pub fn schema(stream: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Schema { stream: stream.into(), message: message.into() }
     }
+    pub fn backend(backend: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Backend { backend: backend.into(), message: message.into() }
+    }
     pub fn arrow(context: impl Into<String>, source: arrow::error::ArrowError) -> Self {
         Error::Arrow { context: context.into(), source }
     }
@@ -112,7 +118,7 @@ impl Error {
     pub fn kind(&self) -> Domain {
         match self {
             Error::Input { .. } | Error::Config { .. } | Error::Schema { .. } | Error::Dataflow(_) => Domain::User,
-            Error::Io { .. } | Error::Arrow { .. } => Domain::External,
+            Error::Io { .. } | Error::Arrow { .. } | Error::Backend { .. } => Domain::External,
             Error::Internal(_) => Domain::Internal,
         }
     }
