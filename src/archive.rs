@@ -4,14 +4,21 @@
 //! Layout under the archive root:
 //!
 //! ```text
-//! <root>/<stream>/part-000000.parquet                    streams without a checkpoint (item, trial)
-//! <root>/<stream>/checkpoint=<id>/part-000000.parquet    per-checkpoint streams (response, verdict, …)
+//! <root>/<stream>/part-e<epoch>-<seq>.parquet                        item, trial
+//! <root>/<stream>/model=<m>/checkpoint=<c>/part-e<epoch>-<seq>.parquet  response, verdict, observation
+//! <root>/generation/log-*.arrows                                        the generation store
+//! <root>/epochs/<epoch>.json                                            one marker per committed epoch
+//! <root>/checkpoints.json                                               checkpoint → epoch
 //! ```
 //!
 //! A segment is written under a hidden temporary name, synced, and then linked into place
 //! under a name that must not exist yet, so a reader never sees a half-written segment and two
-//! writers never overwrite each other. The `checkpoint=<id>` directories follow the Hive
-//! convention, so DuckDB, polars and pyarrow read a stream as one partitioned table.
+//! writers never overwrite each other. The dataflow writes one segment per stream for each
+//! epoch (checkpoint) once the epoch is complete and then commits the epoch with a marker;
+//! Candor's readers skip segments of uncommitted epochs, and [`Archive::recover`] deletes them
+//! before a resumed run, so a crash never leaves a half-written epoch looking complete. The
+//! `model=…/checkpoint=…` directories follow the Hive convention, so DuckDB, polars and pyarrow
+//! read a stream as one partitioned table.
 //!
 //! ```
 //! use candor::archive::{Archive, Format, Partition};
@@ -122,9 +129,32 @@ impl Archive {
         self.format
     }
 
-    /// Appends `batches` (all of `stream`'s schema) as one new segment and returns its path.
-    /// Nothing is written for an empty list.
+    /// Appends `batches` (all of `stream`'s schema) as one new segment, visible at once, and
+    /// returns its path. Nothing is written for an empty list.
     pub fn append(&self, stream: &str, partition: &Partition, batches: &[RecordBatch]) -> Result<Option<PathBuf>> {
+        self.append_segment(stream, partition, None, batches)
+    }
+
+    /// Appends a segment that belongs to `epoch`: readers see it only once the epoch is
+    /// committed with [`Archive::commit_epoch`], and [`Archive::recover`] removes it if the
+    /// epoch never is.
+    pub fn append_epoch(
+        &self,
+        stream: &str,
+        partition: &Partition,
+        epoch: u64,
+        batches: &[RecordBatch],
+    ) -> Result<Option<PathBuf>> {
+        self.append_segment(stream, partition, Some(epoch), batches)
+    }
+
+    fn append_segment(
+        &self,
+        stream: &str,
+        partition: &Partition,
+        epoch: Option<u64>,
+        batches: &[RecordBatch],
+    ) -> Result<Option<PathBuf>> {
         if batches.is_empty() {
             return Ok(None);
         }
@@ -136,13 +166,17 @@ impl Archive {
         }
         let dir = partition.dir(&self.root.join(stream));
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mut seq = self.segments_in(&dir)?.len();
-        let tmp = dir.join(format!(".part-{}-{seq:06}.tmp", std::process::id()));
+        let prefix = match epoch {
+            Some(e) => format!("part-e{e:06}-"),
+            None => "part-".to_string(),
+        };
+        let mut seq = self.all_segments_in(&dir)?.iter().filter(|p| file_name(&p.path).starts_with(&prefix)).count();
+        let tmp = dir.join(format!(".{prefix}{}-{seq:06}.tmp", std::process::id()));
         self.write_segment(&tmp, &expected, batches)?;
         // Link under the first free sequence number: hard_link fails if the name exists, so a
         // concurrent writer can never be overwritten.
         loop {
-            let name = dir.join(format!("part-{seq:06}.{}", self.format.extension()));
+            let name = dir.join(format!("{prefix}{seq:06}.{}", self.format.extension()));
             match fs::hard_link(&tmp, &name) {
                 Ok(()) => {
                     fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -153,6 +187,75 @@ impl Archive {
                 Err(e) => return Err(Error::io(&name, e)),
             }
         }
+    }
+
+    /// Marks every segment of `epoch` visible, recording what was written. Atomic: the marker
+    /// appears whole or not at all.
+    pub fn commit_epoch(&self, epoch: u64, summary: &serde_json::Value) -> Result<()> {
+        let dir = self.root.join(EPOCHS_DIR);
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!("{epoch:06}.json"));
+        let tmp = dir.join(format!(".{epoch:06}.json.{}.tmp", std::process::id()));
+        fs::write(&tmp, serde_json::to_vec_pretty(summary).expect("json")).map_err(|e| Error::io(&tmp, e))?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(&dir)
+    }
+
+    /// Withdraws an epoch's marker (before its streams are rebuilt on purpose).
+    pub fn uncommit_epoch(&self, epoch: u64) -> Result<()> {
+        let path = self.root.join(EPOCHS_DIR).join(format!("{epoch:06}.json"));
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Epochs whose segments are complete and visible.
+    pub fn committed_epochs(&self) -> Result<std::collections::BTreeSet<u64>> {
+        let dir = self.root.join(EPOCHS_DIR);
+        let mut out = std::collections::BTreeSet::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(&dir, e))?.path();
+            if let Some(n) = file_name(&path).strip_suffix(".json").and_then(|n| n.parse().ok()) {
+                out.insert(n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes what a crash left behind: temporary files and the segments of epochs that were
+    /// never committed. Call before writing to an archive a previous run may have left.
+    pub fn recover(&self) -> Result<usize> {
+        let committed = self.committed_epochs()?;
+        let mut removed = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries {
+                let path = entry.map_err(|e| Error::io(&dir, e))?.path();
+                let name = file_name(&path);
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let orphan = match segment_epoch(&path) {
+                    Some(e) => !committed.contains(&e),
+                    None => name.starts_with(".part-") && name.ends_with(".tmp"),
+                };
+                if orphan {
+                    fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     fn write_segment(&self, path: &Path, schema: &arrow::datatypes::SchemaRef, batches: &[RecordBatch]) -> Result<()> {
@@ -184,7 +287,14 @@ impl Archive {
         Ok(())
     }
 
-    fn segments_in(&self, dir: &Path) -> Result<Vec<Segment>> {
+    /// Segments in `dir` whose epoch (if any) is committed.
+    fn segments_in(&self, dir: &Path, committed: &std::collections::BTreeSet<u64>) -> Result<Vec<Segment>> {
+        let mut all = self.all_segments_in(dir)?;
+        all.retain(|s| segment_epoch(&s.path).is_none_or(|e| committed.contains(&e)));
+        Ok(all)
+    }
+
+    fn all_segments_in(&self, dir: &Path) -> Result<Vec<Segment>> {
         let mut out = Vec::new();
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
@@ -205,13 +315,19 @@ impl Archive {
     /// Every complete segment of `stream`: the unpartitioned ones first, then each
     /// `key=value` partition directory in name order, segments in sequence order.
     pub fn segments(&self, stream: &str) -> Result<Vec<Segment>> {
+        let committed = self.committed_epochs()?;
         let mut out = Vec::new();
-        self.collect_segments(&self.root.join(stream), &mut out)?;
+        self.collect_segments(&self.root.join(stream), &committed, &mut out)?;
         Ok(out)
     }
 
-    fn collect_segments(&self, dir: &Path, out: &mut Vec<Segment>) -> Result<()> {
-        out.extend(self.segments_in(dir)?);
+    fn collect_segments(
+        &self,
+        dir: &Path,
+        committed: &std::collections::BTreeSet<u64>,
+        out: &mut Vec<Segment>,
+    ) -> Result<()> {
+        out.extend(self.segments_in(dir, committed)?);
         let mut parts = Vec::new();
         if let Ok(entries) = fs::read_dir(dir) {
             for entry in entries {
@@ -224,7 +340,7 @@ impl Archive {
         }
         parts.sort();
         for p in parts {
-            self.collect_segments(&p, out)?;
+            self.collect_segments(&p, committed, out)?;
         }
         Ok(())
     }
@@ -255,6 +371,17 @@ pub struct CheckpointEntry {
 }
 
 const CHECKPOINTS_FILE: &str = "checkpoints.json";
+const EPOCHS_DIR: &str = "epochs";
+
+fn file_name(path: &Path) -> &str {
+    path.file_name().and_then(|n| n.to_str()).unwrap_or("")
+}
+
+/// The epoch a segment belongs to, from its name `part-e<epoch>-<seq>.<ext>`.
+fn segment_epoch(path: &Path) -> Option<u64> {
+    let rest = file_name(path).strip_prefix("part-e")?;
+    rest.split('-').next()?.parse().ok()
+}
 
 impl Archive {
     /// The checkpoints registered so far, in epoch order.
@@ -399,6 +526,26 @@ mod tests {
             assert!(seg.to_string_lossy().contains("model=smol/checkpoint=warm%epoch%2"), "{}", seg.display());
             assert_eq!(a.segments("trial").unwrap().len(), 3);
         }
+    }
+
+    #[test]
+    fn epoch_segments_appear_on_commit_and_recovery_removes_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Archive::open(dir.path(), Format::Parquet).unwrap();
+        let batch = Trial::to_batch(&[trial(0), trial(1)]).unwrap();
+        let part = Partition::Checkpoint { model: "m".into(), checkpoint: "c".into() };
+        a.append_epoch("trial", &Partition::All, 0, std::slice::from_ref(&batch)).unwrap();
+        a.commit_epoch(0, &serde_json::json!({})).unwrap();
+        // Epoch 1 is written but the run dies before committing it.
+        let orphan = a.append_epoch("trial", &part, 1, std::slice::from_ref(&batch)).unwrap().unwrap();
+        assert_eq!(a.segments("trial").unwrap().len(), 1, "uncommitted segments are invisible");
+        assert_eq!(a.recover().unwrap(), 1);
+        assert!(!orphan.exists());
+        a.append_epoch("trial", &part, 1, std::slice::from_ref(&batch)).unwrap();
+        a.commit_epoch(1, &serde_json::json!({})).unwrap();
+        assert_eq!(a.segments("trial").unwrap().len(), 2);
+        assert_eq!(a.recover().unwrap(), 0, "committed segments stay");
+        assert_eq!(a.committed_epochs().unwrap().into_iter().collect::<Vec<_>>(), [0, 1]);
     }
 
     #[test]

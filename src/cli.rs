@@ -173,11 +173,14 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             let mut trials = all_known;
             trials.extend(imported.new_trials.iter().cloned());
+            // New trials belong to the first checkpoint that brought them.
+            let trials_epoch = batches.iter().map(|(e, _)| *e).min().unwrap_or(0);
             let reports = pipelines::score_responses(
                 &cluster,
                 &archive,
                 trials,
                 imported.new_trials,
+                trials_epoch,
                 batches,
                 imported.labels,
                 RefusalRules::new(refusal.into()),
@@ -261,6 +264,7 @@ pub fn build_grid(
         }
         archive.remove_stream(Trial::STREAM)?;
         archive.remove_stream(Item::STREAM)?;
+        archive.uncommit_epoch(crate::dataflow::GRID_EPOCH)?;
     }
     let amender = Amender::from_experiment(exp)?;
     let mut batches = Vec::new();

@@ -364,7 +364,7 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
     for (stream, batches) in by_stream {
         let result = sorted_by_key(&stream, &batches).and_then(|batch| {
             let partition = partition_for(&stream, epoch, checkpoints);
-            archive.append(&stream, &partition, std::slice::from_ref(&batch))?;
+            archive.append_epoch(&stream, &partition, epoch, std::slice::from_ref(&batch))?;
             Ok(batch.num_rows())
         });
         match result {
@@ -373,6 +373,11 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
             }
             Err(e) => done.errors.push(format!("archiving stream `{stream}`: {e}")),
         }
+    }
+    if done.errors.is_empty()
+        && let Err(e) = archive.commit_epoch(epoch, &serde_json::json!({"epoch": epoch, "rows": done.rows}))
+    {
+        done.errors.push(format!("committing epoch {epoch}: {e}"));
     }
     done
 }

@@ -36,6 +36,9 @@ where
     F: for<'s> Fn(StreamVec<'s, Epoch, Msg>, usize) -> StreamVec<'s, Epoch, Msg> + Send + Sync + 'static,
 {
     let config = cluster.timely_config()?;
+    if cluster.is_leader() {
+        archive.recover()?;
+    }
     let checkpoints = Arc::new(archive.checkpoint_partitions()?);
     let sources = Arc::new(sources);
     let archive = archive.clone();
@@ -224,13 +227,15 @@ impl Stage for ScoreStage {
 }
 
 /// Scores responses: `trials` (all of them, the dimension table) and `new_trials` (the ones
-/// to archive at the grid epoch) plus responses at their checkpoint epochs go in; the trials,
+/// to archive, at `trials_epoch`) plus responses at their checkpoint epochs go in; the trials,
 /// responses, verdicts and observations are archived.
+#[allow(clippy::too_many_arguments)]
 pub fn score_responses(
     cluster: &Cluster,
     archive: &Archive,
     trials: Vec<Trial>,
     new_trials: Vec<Trial>,
+    trials_epoch: Epoch,
     responses: Vec<(Epoch, RecordBatch)>,
     labels: HashMap<String, Label>,
     refusal: RefusalRules,
@@ -238,7 +243,7 @@ pub fn score_responses(
     let total: u64 = responses.iter().map(|(_, b)| b.num_rows() as u64).sum();
     let mut sources = Vec::new();
     if !new_trials.is_empty() {
-        sources.push((super::GRID_EPOCH, Trial::to_batch(&new_trials)?));
+        sources.push((trials_epoch, Trial::to_batch(&new_trials)?));
     }
     let mut responses = responses;
     responses.sort_by_key(|(e, _)| *e);
@@ -297,5 +302,5 @@ pub fn replay(cluster: &Cluster, source: &Archive, out: &Archive, refusal: Refus
     }
     let new_trials = if out.has(Trial::STREAM)? { Vec::new() } else { trials.clone() };
     let _ = Partition::All;
-    score_responses(cluster, out, trials, new_trials, responses, labels, refusal)
+    score_responses(cluster, out, trials, new_trials, super::GRID_EPOCH, responses, labels, refusal)
 }
