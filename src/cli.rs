@@ -54,6 +54,20 @@ pub enum Command {
         #[command(flatten)]
         cluster: Cluster,
     },
+    /// Generate answers for every (model, checkpoint) of an experiment, building the trial grid
+    /// first if the archive has none. Answers are stored as they come, so an interrupted run
+    /// resumes where it stopped without calling a model twice.
+    Run {
+        /// The experiment file (TOML) with `[[models]]` and their checkpoints.
+        experiment: PathBuf,
+        /// Archive directory (default: the experiment's `output`, else runs/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Parquet)]
+        format: Format,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
     /// Import answers produced elsewhere (CSV/JSONL with prompt and output columns, e.g. vLLM
     /// output or the paper's sample CSVs) as a response stream, and score any labels they carry.
     Import {
@@ -154,6 +168,56 @@ pub fn main(cli: Cli) -> Result<()> {
             let report = build_grid(&exp, &out, format, replace, &cluster)?;
             if cluster.is_leader() {
                 print_grid(&report, &out, json);
+            }
+        }
+        Command::Run { experiment, out, format, cluster } => {
+            let exp = Experiment::load(&experiment)?;
+            if exp.models.is_empty() {
+                bail!("{}: no [[models]] to run", experiment.display());
+            }
+            let out = out.unwrap_or_else(|| exp.output_dir());
+            let archive = Archive::open(&out, format)?;
+            if cluster.is_leader() && !archive.has(Trial::STREAM)? {
+                let grid = build_grid(&exp, &out, format, false, &cluster)?;
+                if !json {
+                    println!("built the trial grid: {} trials", grid.counts.values().sum::<usize>());
+                }
+            }
+            let progress = !json && std::io::stderr().is_terminal();
+            let report = pipelines::run_experiment(
+                &cluster,
+                &archive,
+                &exp,
+                Box::new(crate::generate::backend::open),
+                progress,
+            )?;
+            if cluster.is_leader() {
+                if json {
+                    for d in &report.epochs {
+                        println!("{}", serde_json::json!({"epoch": d.epoch, "rows": d.rows}));
+                    }
+                    println!(
+                        "{}",
+                        serde_json::json!({"command": "run", "archive": out, "skipped": report.skipped,
+                            "model_calls": report.model_calls, "from_store": report.from_store,
+                            "completion_tokens": report.completion_tokens})
+                    );
+                } else {
+                    for s in &report.skipped {
+                        println!("{s}: already complete in the archive");
+                    }
+                    for d in &report.epochs {
+                        let rows: Vec<String> = d.rows.iter().map(|(s, n)| format!("{n} {s}")).collect();
+                        println!("epoch {}: {}", d.epoch, rows.join(", "));
+                    }
+                    println!(
+                        "run: {} model calls, {} answers from the store, {} tokens generated; archive {}",
+                        report.model_calls,
+                        report.from_store,
+                        report.completion_tokens,
+                        out.display()
+                    );
+                }
             }
         }
         Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, format, cluster } => {

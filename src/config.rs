@@ -43,6 +43,8 @@ pub struct Experiment {
     pub conditions: Conditions,
     #[serde(default)]
     pub refusal: RefusalConfig,
+    #[serde(default)]
+    pub generation: crate::generate::GenerationConfig,
     /// Models under evaluation, each with its checkpoints.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -125,6 +127,21 @@ pub struct CheckpointConfig {
     pub path: Option<PathBuf>,
     /// A system prompt sent with every trial.
     pub system_prompt: Option<String>,
+    /// Backend settings that override the model's for this checkpoint (e.g. another served
+    /// model name, or another adapter).
+    #[serde(default)]
+    pub backend: toml::Table,
+}
+
+impl ModelConfig {
+    /// The backend table of `checkpoint`: the model's, with the checkpoint's keys on top.
+    pub fn backend_for(&self, checkpoint: &CheckpointConfig) -> toml::Table {
+        let mut t = self.backend.clone();
+        for (k, v) in &checkpoint.backend {
+            t.insert(k.clone(), v.clone());
+        }
+        t
+    }
 }
 
 impl Experiment {

@@ -75,7 +75,8 @@ where
             }
         }
         drop(input);
-        while worker.step() {}
+        // Park between activations: model calls run on other threads and wake the operator.
+        while worker.step_or_park(Some(std::time::Duration::from_millis(50))) {}
         done.take()
     })
     .map_err(|e| Error::Internal(format!("starting timely: {e}")))?;
@@ -303,4 +304,95 @@ pub fn replay(cluster: &Cluster, source: &Archive, out: &Archive, refusal: Refus
     let new_trials = if out.has(Trial::STREAM)? { Vec::new() } else { trials.clone() };
     let _ = Partition::All;
     score_responses(cluster, out, trials, new_trials, super::GRID_EPOCH, responses, labels, refusal)
+}
+
+/// What `candor run` did.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    pub epochs: Vec<EpochDone>,
+    /// Checkpoints whose epoch was already complete in the archive.
+    pub skipped: Vec<String>,
+    pub model_calls: u64,
+    pub from_store: u64,
+    pub completion_tokens: u64,
+}
+
+/// Generates (and scores, where a judge is configured) every checkpoint of the experiment whose
+/// epoch is not yet complete in the archive. The trial grid must be archived already.
+pub fn run_experiment(
+    cluster: &Cluster,
+    archive: &Archive,
+    exp: &crate::config::Experiment,
+    open: Box<
+        dyn Fn(
+                &crate::config::ModelConfig,
+                &crate::config::CheckpointConfig,
+            ) -> Result<Box<dyn crate::generate::Generator>>
+            + Send
+            + Sync,
+    >,
+    progress: bool,
+) -> Result<RunReport> {
+    use crate::generate::operator::{CheckpointPlan, Counters, GeneratePlan, generate, trial_batches};
+    let trials: Vec<Trial> = read_records(archive)?;
+    if trials.is_empty() {
+        return Err(Error::config("trials", format!("{} holds no trial grid", archive.root().display())));
+    }
+    let committed = archive.committed_epochs()?;
+    let mut report = RunReport::default();
+    let mut checkpoints = BTreeMap::new();
+    for model in &exp.models {
+        for ckpt in &model.checkpoints {
+            let epoch = archive.register_checkpoint(&model.name, &ckpt.id, ckpt.finetuned, ckpt.variant.as_deref())?;
+            if committed.contains(&epoch) {
+                report.skipped.push(format!("{}/{}", model.name, ckpt.id));
+                continue;
+            }
+            checkpoints.insert(epoch, CheckpointPlan { epoch, model: model.clone(), checkpoint: ckpt.clone() });
+        }
+    }
+    let mut sources = Vec::new();
+    for epoch in checkpoints.keys() {
+        for b in trial_batches(&trials, 256)? {
+            sources.push((*epoch, b));
+        }
+    }
+    let total = (checkpoints.len() * trials.len()) as u64 * exp.generation.samples.max(1) as u64;
+    let plan = Arc::new(GeneratePlan {
+        checkpoints,
+        generation: exp.generation.clone(),
+        seed: exp.seed,
+        archive_root: archive.root().to_path_buf(),
+        open,
+    });
+    let counters = Arc::new(Counters::default());
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} generating [{bar:30}] {pos}/{len} answers, {msg}, eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let all_trials: Arc<HashMap<String, Trial>> =
+        Arc::new(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
+    let refusal = RefusalRules::new(exp.refusal.mode);
+    let (c, b) = (counters.clone(), bar.clone());
+    report.epochs = run(cluster, archive, sources, None, move |input, peers| {
+        let responses =
+            generate(partition_by(only(input, Trial::STREAM), "trial_key", peers), plan.clone(), c.clone(), b.clone());
+        let scored =
+            stage(responses.clone(), ScoreStage::new(all_trials.clone(), Arc::new(HashMap::new()), refusal.clone()));
+        responses.concat(scored)
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    report.model_calls = counters.model_calls.load(std::sync::atomic::Ordering::Relaxed);
+    report.from_store = counters.from_store.load(std::sync::atomic::Ordering::Relaxed);
+    report.completion_tokens = counters.completion_tokens.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(report)
 }

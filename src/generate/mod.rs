@@ -4,8 +4,10 @@
 //! and any OpenAI-compatible endpoint. A backend only answers requests; storing generations
 //! durably, retrying, and turning them into `response` rows happen around it.
 
+pub mod backend;
 pub mod limit;
 pub mod openai;
+pub mod operator;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +36,52 @@ impl Decoding {
     /// The paper's settings for MMLU and GSM8K: temperature 0.2.
     pub fn structured(seed: u64) -> Self {
         Decoding { temperature: 0.2, ..Decoding::open_ended(seed) }
+    }
+}
+
+/// The experiment's `[generation]` settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationConfig {
+    /// Answers per trial (sample indices 0..samples).
+    pub samples: u32,
+    pub max_new_tokens: u32,
+    /// Temperature for the open-ended sets (paper: 0.8).
+    pub temperature: f64,
+    /// Temperature for MMLU and GSM8K (paper: 0.2).
+    pub structured_temperature: f64,
+    pub top_p: Option<f64>,
+    /// Trials handed to a backend at once.
+    pub batch_size: usize,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            samples: 1,
+            max_new_tokens: 300,
+            temperature: 0.8,
+            structured_temperature: 0.2,
+            top_p: None,
+            batch_size: 8,
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// The decoding parameters of one request: per-dataset temperature, and a seed that depends
+    /// only on the experiment seed, the trial and the sample, so every checkpoint answers a
+    /// trial with the same random stream.
+    pub fn decoding(&self, experiment_seed: u64, dataset: &str, trial_key: &str, sample_index: u32) -> Decoding {
+        let structured = matches!(dataset, "mmlu" | "gsm8k");
+        let seed = crate::dataflow::stable_hash(format!("{experiment_seed}/{trial_key}/{sample_index}").as_bytes());
+        Decoding {
+            temperature: if structured { self.structured_temperature } else { self.temperature },
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            stop: Vec::new(),
+            seed,
+        }
     }
 }
 
