@@ -113,6 +113,30 @@ pub enum Command {
         #[command(flatten)]
         cluster: Cluster,
     },
+    /// Serve a model of an experiment file over an OpenAI-compatible API
+    /// (`POST /v1/chat/completions`, `GET /v1/models`), batching concurrent requests.
+    Serve {
+        /// The experiment file naming the model and its backend.
+        experiment: PathBuf,
+        /// Model name in the experiment (default: the first).
+        #[arg(long)]
+        model: Option<String>,
+        /// Checkpoint id of that model (default: its first).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Address to listen on. Bind beyond 127.0.0.1 only on a trusted network.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Most requests decoded together.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Inject faults for testing clients, e.g. `429=0.2,500=0.1,slow=0.05,truncate=0.05,garbage=0.05`.
+        #[arg(long)]
+        faults: Option<String>,
+        /// Seed of the fault draws.
+        #[arg(long, default_value_t = 0)]
+        fault_seed: u64,
+    },
     /// Print the declared schema of every stream (or one).
     Schema {
         /// A stream name: item, trial, response, verdict, observation.
@@ -266,6 +290,47 @@ pub fn main(cli: Cli) -> Result<()> {
             if cluster.is_leader() {
                 print_epochs("replay", &reports, &out, json)?;
             }
+        }
+        Command::Serve { experiment, model, checkpoint, listen, batch_size, faults, fault_seed } => {
+            let exp = Experiment::load(&experiment)?;
+            let m = match &model {
+                Some(name) => exp.models.iter().find(|m| &m.name == name),
+                None => exp.models.first(),
+            }
+            .with_context(|| format!("{}: no model {}", experiment.display(), model.as_deref().unwrap_or("at all")))?;
+            let c = match &checkpoint {
+                Some(id) => m.checkpoints.iter().find(|c| &c.id == id),
+                None => m.checkpoints.first(),
+            }
+            .with_context(|| {
+                format!("model `{}` has no checkpoint {}", m.name, checkpoint.as_deref().unwrap_or("at all"))
+            })?;
+            let generator = crate::generate::backend::open(m, c)?;
+            let faults = match faults {
+                Some(spec) => crate::serve::Faults::parse(&spec)?,
+                None => crate::serve::Faults::default(),
+            };
+            let name = format!("{}/{}", m.name, c.id);
+            let runtime = tokio::runtime::Runtime::new()?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            runtime.block_on(async move {
+                let server = tokio::spawn(crate::serve::serve(
+                    generator,
+                    name,
+                    listen,
+                    batch_size,
+                    faults,
+                    fault_seed,
+                    Some(tx),
+                    async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    },
+                ));
+                if let Ok(addr) = rx.await {
+                    eprintln!("serving on http://{addr}/v1/chat/completions (Ctrl-C stops)");
+                }
+                server.await.map_err(|e| anyhow::anyhow!("server task: {e}"))?.map_err(anyhow::Error::from)
+            })?;
         }
         Command::Schema { stream } => {
             let names = match stream {
