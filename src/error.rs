@@ -83,6 +83,9 @@ pub enum Error {
         #[source]
         source: arrow::error::ArrowError,
     },
+    /// A model backend failed while running (a forward pass, the device).
+    #[error("model {context}: {message}")]
+    Model { context: String, message: String },
     /// An invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
@@ -109,7 +112,7 @@ impl Error {
     pub fn kind(&self) -> Domain {
         match self {
             Error::Input { .. } | Error::Config { .. } | Error::Schema { .. } => Domain::User,
-            Error::Io { .. } | Error::Arrow { .. } => Domain::External,
+            Error::Io { .. } | Error::Arrow { .. } | Error::Model { .. } => Domain::External,
             Error::Internal(_) => Domain::Internal,
         }
     }

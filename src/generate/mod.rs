@@ -4,6 +4,8 @@
 //! and any OpenAI-compatible endpoint. A backend only answers requests; storing generations
 //! durably, retrying, and turning them into `response` rows happen around it.
 
+pub mod candle;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
