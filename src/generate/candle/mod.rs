@@ -23,6 +23,7 @@
 //! | `batch_size` | sequences decoded together | 8 |
 //! | `threads` | CPU threads of candle's matmuls; sets `RAYON_NUM_THREADS`, which candle reads at its first computation in the process, so it must be the first candle work (an explicit `RAYON_NUM_THREADS` wins) | candle's default (physical cores) |
 //! | `context` | cap on prompt plus answer tokens (the rotary tables and caches are sized by it) | the model's own context length |
+//! | `dequantize` | GGUF weights expanded to f32 at load: `"auto"` (on the CPU, the quantization types candle has no SIMD kernel for, e.g. SmolLM2's Q4_1: faster and exact), `"all"`, `"none"` | `"auto"` |
 //!
 //! A checkpoint's `path` is a GGUF file, an HF llama/qwen2 safetensors directory
 //! (`config.json`, `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json` with a
@@ -142,11 +143,19 @@ pub struct CandleOptions {
     pub batch_size: usize,
     pub threads: Option<usize>,
     pub context: Option<usize>,
+    pub dequantize: llama::Dequantize,
 }
 
 impl Default for CandleOptions {
     fn default() -> Self {
-        CandleOptions { base: None, device: DeviceChoice::Auto, batch_size: 8, threads: None, context: None }
+        CandleOptions {
+            base: None,
+            device: DeviceChoice::Auto,
+            batch_size: 8,
+            threads: None,
+            context: None,
+            dequantize: llama::Dequantize::Auto,
+        }
     }
 }
 
@@ -177,10 +186,18 @@ impl CandleOptions {
                 "batch_size" => o.batch_size = positive(k, v)?,
                 "threads" => o.threads = Some(positive(k, v)?),
                 "context" => o.context = Some(positive(k, v)?),
+                "dequantize" => {
+                    o.dequantize = match string(k, v)?.as_str() {
+                        "auto" => llama::Dequantize::Auto,
+                        "all" => llama::Dequantize::All,
+                        "none" => llama::Dequantize::None,
+                        other => return Err(Error::config(key(k), format!("`{other}` is not auto, all or none"))),
+                    }
+                }
                 other => {
                     return Err(Error::config(
                         key(other),
-                        "unknown key (kind, base, device, batch_size, threads, context)".to_string(),
+                        "unknown key (kind, base, device, batch_size, threads, context, dequantize)".to_string(),
                     ));
                 }
             }
@@ -294,12 +311,18 @@ fn dir_digest(dir: &Path) -> Result<String> {
 }
 
 /// Loads a GGUF model with the tokenizer and chat template from its own metadata.
-pub fn load_gguf(path: &Path, device: &Device, context: Option<usize>) -> Result<Engine> {
+pub fn load_gguf(
+    path: &Path,
+    device: &Device,
+    context: Option<usize>,
+    dequantize: llama::Dequantize,
+) -> Result<Engine> {
     let bad = |msg: String| Error::input(Location::file(path), msg);
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file).map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
     let cfg = llama::Model::gguf_config(&ct, context).map_err(|e| bad(e.to_string()))?;
-    let model = llama::Model::from_gguf(&ct, &mut file, &cfg, device).map_err(|e| bad(format!("weights: {e}")))?;
+    let model =
+        llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize).map_err(|e| bad(format!("weights: {e}")))?;
     let tokenizer = tokenizer::from_gguf(&ct, path)?;
     let template = match ct.metadata.get("tokenizer.chat_template") {
         Some(v) => Some(v.to_string().map_err(|e| bad(format!("tokenizer.chat_template: {e}")))?.as_str()),
@@ -464,7 +487,7 @@ impl CandleGenerator {
         }
         let device = options.device.open()?;
         let engine = match &weights {
-            Weights::Gguf(p) => load_gguf(p, &device, options.context)?,
+            Weights::Gguf(p) => load_gguf(p, &device, options.context, options.dequantize)?,
             Weights::Safetensors(d) => load_safetensors(d, None, &device, options.context)?,
             Weights::Lora { base, adapter } => load_safetensors(base, Some(adapter), &device, options.context)?,
         };

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
-use super::llama::{Cache, Config, Model, Positions, Rope};
+use super::llama::{Cache, Config, Dequantize, Model, Positions, Rope};
 use super::*;
 use crate::generate::{Decoding, FinishReason, GenRequest};
 
@@ -156,7 +156,10 @@ const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first an
 
 /// A tiny GGUF with the tokenizer and chat template in its metadata, like SmolLM2's.
 fn write_gguf(path: &Path, arch: &str, dtype: GgmlDType, seed: u64) -> Config {
-    let cfg = tiny_config(arch);
+    write_gguf_with(path, arch, tiny_config(arch), dtype, seed)
+}
+
+fn write_gguf_with(path: &Path, arch: &str, cfg: Config, dtype: GgmlDType, seed: u64) -> Config {
     let hf = hf_weights(&cfg, seed);
     let tensors = gguf_tensors(&cfg, &hf, dtype, false);
     let tokens = tiny_tokens();
@@ -207,7 +210,7 @@ fn request(prompt: &str, temperature: f64, max_new_tokens: u32, seed: u64) -> Ge
 fn tiny_gguf_engine(dir: &Path, dtype: GgmlDType) -> Engine {
     let path = dir.join("tiny.gguf");
     write_gguf(&path, "llama", dtype, 7);
-    load_gguf(&path, &Device::Cpu, None).unwrap()
+    load_gguf(&path, &Device::Cpu, None, Dequantize::Auto).unwrap()
 }
 
 const PROMPTS: [&str; 4] =
@@ -258,7 +261,7 @@ fn gguf_without_a_tokenizer_model_names_file_and_key() {
     let arch = Value::String("llama".into());
     let mut f = std::fs::File::create(&path).unwrap();
     candle_core::quantized::gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("x", &t)]).unwrap();
-    let err = load_gguf(&path, &Device::Cpu, None).unwrap_err().to_string();
+    let err = load_gguf(&path, &Device::Cpu, None, Dequantize::Auto).unwrap_err().to_string();
     assert!(err.contains("bare.gguf") && err.contains("llama.embedding_length"), "{err}");
 }
 
@@ -298,7 +301,7 @@ fn gguf_graph_matches_candle_transformers_quantized_llama_and_qwen2() {
     for arch in ["llama", "qwen2"] {
         let path = dir.path().join(format!("{arch}.gguf"));
         let cfg = write_gguf(&path, arch, GgmlDType::Q8_0, 11);
-        let ours = load_gguf(&path, &Device::Cpu, None).unwrap();
+        let ours = load_gguf(&path, &Device::Cpu, None, Dequantize::Auto).unwrap();
         assert_eq!(ours.model.config(), &cfg);
         let mut f = std::fs::File::open(&path).unwrap();
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
@@ -340,11 +343,30 @@ fn gguf_llama_layout_and_hf_layout_are_one_model() {
     candle_core::quantized::gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[], &t_refs).unwrap();
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let quant = Model::from_gguf(&ct, &mut f, &cfg, &Device::Cpu).unwrap();
+    let quant = Model::from_gguf(&ct, &mut f, &cfg, &Device::Cpu, Dequantize::None).unwrap();
     let tokens = [5u32, 80, 81, 82, 200, 3];
     let a = dense.forward_all_positions(&tokens).unwrap();
     let b = quant.forward_all_positions(&tokens).unwrap();
     assert!(max_diff(&a, &b) < 1e-4, "{}", max_diff(&a, &b));
+}
+
+#[test]
+fn types_without_a_cpu_kernel_are_dequantized_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q41.gguf");
+    // candle's Q4_1 kernel takes rows of an even number of 32-blocks: width 64.
+    let wide = Config { hidden_size: 64, intermediate_size: 128, ..tiny_config("llama") };
+    write_gguf_with(&path, "llama", wide, GgmlDType::Q4_1, 8);
+    let logits = |d| load_gguf(&path, &Device::Cpu, None, d).unwrap().logits_all_positions(&[1, 50, 60, 70]).unwrap();
+    let (auto, all, none) = (logits(Dequantize::Auto), logits(Dequantize::All), logits(Dequantize::None));
+    assert_eq!(max_diff(&auto, &all), 0.0);
+    // The quantized kernel rounds activations to 8 bits: close, not equal.
+    let d = max_diff(&auto, &none);
+    let scale = auto.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(d > 0.0 && d < 0.1 * scale, "{d} of {scale}");
+    // Q8_0 has a SIMD kernel and stays quantized under auto.
+    write_gguf(&path, "llama", GgmlDType::Q8_0, 8);
+    assert_eq!(max_diff(&logits(Dequantize::Auto), &logits(Dequantize::None)), 0.0);
 }
 
 #[test]
