@@ -741,3 +741,45 @@ fn real_smollm2_answers_in_text() {
     let toks = g.engine().tokenizer.encode(again.output.as_str(), false).unwrap().get_ids().to_vec();
     assert!(toks.iter().any(|t| *t != toks[0]), "one token repeated: {:?}", again.output);
 }
+
+/// Throughput of the real SmolLM2 at batch sizes 1, 4 and 8 (a benchmark, not a check; run
+/// with `cargo test --release --lib bench_smollm2 -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_smollm2_batch_sizes() {
+    let path = models_dir().join(DEFAULT_GGUF);
+    let opts = CandleOptions { device: DeviceChoice::Cpu, ..Default::default() };
+    let mut g = CandleGenerator::open(&opts, Weights::Gguf(path), None).unwrap();
+    let prompts = [
+        "What is the capital of France?",
+        "Explain photosynthesis in one paragraph.",
+        "Is the Great Wall of China visible from space?",
+        "Give me three tips for sleeping better.",
+        "What causes the seasons on Earth?",
+        "Who painted the Mona Lisa?",
+        "Why is the sky blue?",
+        "How many legs does a spider have?",
+    ];
+    // max_new_tokens is reached by every answer (no stop token): the same work at each size.
+    let reqs: Vec<GenRequest> = prompts.iter().map(|p| request(p, 0.0, 32, 1)).collect();
+    let mut outputs = Vec::new();
+    for batch in [1, 4, 8] {
+        g.set_batch_size(batch);
+        let start = std::time::Instant::now();
+        let (out, s) = g.run_batch(&reqs).unwrap();
+        let wall = start.elapsed().as_secs_f64();
+        eprintln!(
+            "batch {batch}: prefill {} tok {:.0} tok/s | decode {} tok in {:.2}s = {:.1} tok/s | {} generated in {wall:.2}s = {:.1} tok/s overall",
+            s.prefill_tokens,
+            s.prefill_tokens_per_sec(),
+            s.decode_tokens,
+            s.decode_secs,
+            s.decode_tokens_per_sec(),
+            s.generated_tokens,
+            s.generated_tokens as f64 / wall
+        );
+        outputs.push(out.into_iter().map(|r| r.unwrap().output).collect::<Vec<_>>());
+    }
+    let same = (0..prompts.len()).filter(|&i| outputs[0][i] == outputs[2][i]).count();
+    eprintln!("answers identical at batch 1 and 8: {same}/{}", prompts.len());
+}
