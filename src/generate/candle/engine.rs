@@ -123,8 +123,7 @@ impl Engine {
         })
     }
 
-    /// Samples the next token of `seq` from `logits`; returns why it stops, if it does, and
-    /// the text it produced so far when it stops.
+    /// Samples the next token of `seq` from `logits`; returns why it stops, if it does.
     fn advance(&self, seq: &mut Seq, logits: &Tensor) -> Result<Option<FinishReason>> {
         let next = seq.sampler.sample(logits).map_err(|e| model_error("sampling", e))?;
         seq.sampled += 1;
@@ -133,10 +132,11 @@ impl Engine {
         }
         seq.output.push(next);
         let stops = &seq.request.decoding.stop;
-        if !stops.is_empty()
-            && stops.iter().any(|s| self.text(&seq.output).map(|t| t.contains(s.as_str())).unwrap_or(false))
-        {
-            return Ok(Some(FinishReason::Stop));
+        if !stops.is_empty() {
+            let text = self.text(&seq.output)?;
+            if stops.iter().any(|s| text.contains(s.as_str())) {
+                return Ok(Some(FinishReason::Stop));
+            }
         }
         if seq.sampled >= seq.request.decoding.max_new_tokens || seq.cache.len() + 1 > self.model.config().max_seq_len {
             return Ok(Some(FinishReason::Length));

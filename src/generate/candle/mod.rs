@@ -547,8 +547,11 @@ pub fn token_logprobs(engine: &Engine, tokens: &[u32]) -> Result<Vec<f32>> {
     if tokens.len() < 2 {
         return Ok(Vec::new());
     }
-    let logits = engine.logits_all_positions(&tokens[..tokens.len() - 1])?;
-    let lp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).map_err(|e| model_error("log-softmax", e))?;
-    let rows: Vec<Vec<f32>> = lp.to_vec2().map_err(|e| model_error("log-softmax", e))?;
-    Ok(rows.iter().zip(&tokens[1..]).map(|(row, &t)| row[t as usize]).collect())
+    let picked = (|| {
+        let logits = engine.model.forward_all_positions(&tokens[..tokens.len() - 1])?;
+        let lp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        let next = candle_core::Tensor::new(&tokens[1..], logits.device())?.unsqueeze(1)?;
+        lp.gather(&next, 1)?.squeeze(1)?.to_vec1::<f32>()
+    })();
+    picked.map_err(|e| model_error("log-likelihood pass", e))
 }

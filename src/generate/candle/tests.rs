@@ -383,7 +383,11 @@ fn all_positions_equal_step_by_step_decoding() {
     }
     let lp = token_logprobs(&e, &tokens).unwrap();
     assert_eq!(lp.len(), tokens.len() - 1);
-    assert!(lp.iter().all(|p| p.is_finite() && *p <= 0.0), "{lp:?}");
+    for (i, p) in lp.iter().enumerate() {
+        let row: Vec<f32> = all.get(i).unwrap().to_vec1().unwrap();
+        let log_z = row.iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert!((p - (row[tokens[i + 1] as usize] - log_z)).abs() < 1e-4, "position {i}");
+    }
 }
 
 /// Batched and one-at-a-time forward passes give the same logits, for prompts of different
@@ -782,4 +786,54 @@ fn bench_smollm2_batch_sizes() {
     }
     let same = (0..prompts.len()).filter(|&i| outputs[0][i] == outputs[2][i]).count();
     eprintln!("answers identical at batch 1 and 8: {same}/{}", prompts.len());
+}
+
+const QWEN_GGUF: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+/// The Qwen2.5 GGUF tokenizer built here agrees with candle's own GGUF tokenizer, which is
+/// right for Qwen (opt-in model: checked when `scripts/fetch-models qwen` has fetched it).
+#[test]
+fn qwen_gguf_tokenizer_agrees_with_candles() {
+    use candle_core::quantized::tokenizer::TokenizerFromGguf;
+    let path = models_dir().join(QWEN_GGUF);
+    if !path.is_file() {
+        eprintln!("skipped: {} not found (scripts/fetch-models qwen)", path.display());
+        return;
+    }
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let ours = tokenizer::from_gguf(&ct, &path).unwrap();
+    let theirs = Tokenizer::from_gguf(&ct).unwrap();
+    assert_eq!(ours.encode("<|im_start|>user\n", false).unwrap().get_ids(), &[151644, 872, 198]);
+    for text in [
+        "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\nWhat is 1234 + 5678?<|im_end|>\n",
+        "I'm sure it's   fine,\n\n  isn't it? Café naïve — 東京 😀 x=3.14159;",
+    ] {
+        let a = ours.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(a, theirs.encode(text, false).unwrap().get_ids(), "{text}");
+        assert_eq!(ours.decode(&a, false).unwrap(), text);
+    }
+}
+
+/// The opt-in Qwen2.5-Coder-0.5B answers in text (slow: run with `--ignored`).
+#[test]
+#[ignore]
+fn real_qwen25_answers_in_text() {
+    let path = models_dir().join(QWEN_GGUF);
+    let opts = CandleOptions { device: DeviceChoice::Cpu, batch_size: 3, ..Default::default() };
+    let mut g = CandleGenerator::open(&opts, Weights::Gguf(path), None).unwrap();
+    assert!(g.engine().chat.default_system.as_deref().unwrap_or("").contains("Qwen"));
+    let prompts = ["What is the capital of France?", "What is 12 plus 7?", "Name a primary colour."];
+    let reqs: Vec<GenRequest> = prompts.iter().map(|p| request(p, 0.0, 24, 1)).collect();
+    let (out, s) = g.run_batch(&reqs).unwrap();
+    for (p, r) in prompts.iter().zip(out) {
+        let a = r.unwrap();
+        eprintln!("{p} -> {:?} ({:?})", a.output, a.finish_reason);
+        assert!(a.output.split_whitespace().count() >= 2, "{p}: {:?}", a.output);
+    }
+    eprintln!(
+        "Qwen batch of 3: decode {:.1} tok/s, prefill {:.0} tok/s",
+        s.decode_tokens_per_sec(),
+        s.prefill_tokens_per_sec()
+    );
 }
