@@ -331,14 +331,16 @@ impl Model {
             spans.push((ids.len(), tokens.len(), cache.len));
             ids.extend_from_slice(tokens);
         }
+        let rep = cfg.num_heads / cfg.num_kv_heads;
+        // Causal masks `[rep * n, kv_len]`: one `[n, kv_len]` block per query head of a group.
         let masks = spans
             .iter()
             .map(|&(_, n, pos)| {
                 if n == 1 {
-                    Ok(None)
-                } else {
-                    candle_transformers::utils::build_causal_mask(n, pos, &self.device).map(Some)
+                    return Ok(None);
                 }
+                let mask = candle_transformers::utils::build_causal_mask(n, pos, &self.device)?;
+                Ok(Some(if rep == 1 { mask } else { Tensor::cat(&vec![&mask; rep], 0)? }))
             })
             .collect::<Result<Vec<_>>>()?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, &self.device)?;
@@ -371,9 +373,10 @@ impl Model {
                     None => (ks, vs),
                 };
                 cache.kv[li] = Some((ks.clone(), vs.clone()));
-                let ks = candle_transformers::utils::repeat_kv(ks, nh / nkv)?;
-                let vs = candle_transformers::utils::repeat_kv(vs, nh / nkv)?;
-                let att = (qs.matmul(&ks.t()?)? * scale)?;
+                // The query heads sharing a key/value head attend as one block of rows, so the
+                // cache is read in place instead of copied once per query head (repeat_kv).
+                let qs = qs.reshape((1, nkv, rep * n, hd))?;
+                let att = (qs.matmul(&ks.t()?)? * scale)?; // [1, nkv, rep * n, kv_len]
                 let att = match &masks[s] {
                     Some(mask) => {
                         mask.broadcast_as(att.shape())?.where_cond(&neg_inf.broadcast_as(att.shape())?, &att)?
@@ -381,7 +384,7 @@ impl Model {
                     None => att,
                 };
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let y = att.matmul(&vs.contiguous()?)?; // [1, nh, n, hd]
+                let y = att.matmul(&vs)?.reshape((1, nh, n, hd))?;
                 ys.push(y.transpose(1, 2)?.reshape((n, nh * hd))?);
             }
             let y = if ys.len() == 1 { ys.pop().expect("one sequence") } else { Tensor::cat(&ys, 0)? };
