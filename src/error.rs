@@ -89,6 +89,9 @@ pub enum Error {
     /// Stages of the dataflow reported errors; nothing was archived for the epochs they hit.
     #[error("the dataflow reported errors (nothing was archived for those epochs):\n  {}", .0.join("\n  "))]
     Dataflow(Vec<String>),
+    /// A model backend failed while running (a forward pass, the device).
+    #[error("model {context}: {message}")]
+    Model { context: String, message: String },
     /// An invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
@@ -118,7 +121,7 @@ impl Error {
     pub fn kind(&self) -> Domain {
         match self {
             Error::Input { .. } | Error::Config { .. } | Error::Schema { .. } | Error::Dataflow(_) => Domain::User,
-            Error::Io { .. } | Error::Arrow { .. } | Error::Backend { .. } => Domain::External,
+            Error::Io { .. } | Error::Arrow { .. } | Error::Backend { .. } | Error::Model { .. } => Domain::External,
             Error::Internal(_) => Domain::Internal,
         }
     }

@@ -26,10 +26,7 @@ pub fn open(model: &ModelConfig, checkpoint: &CheckpointConfig) -> Result<Box<dy
             let endpoint = Endpoint::from_table(&table, &model.name)?;
             Ok(Box::new(OpenAiGenerator::new(endpoint, checkpoint.system_prompt.as_deref())?))
         }
-        "candle" => Err(Error::config(
-            format!("models.{}.backend.kind", model.name),
-            "the candle backend is not built into this binary yet".to_string(),
-        )),
+        "candle" => Ok(Box::new(super::candle::CandleGenerator::new(model, checkpoint)?)),
         other => Err(Error::config(
             format!("models.{}.backend.kind", model.name),
             format!("unknown backend `{other}` (expected one of: {})", KINDS.join(", ")),

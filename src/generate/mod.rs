@@ -5,6 +5,7 @@
 //! durably, retrying, and turning them into `response` rows happen around it.
 
 pub mod backend;
+pub mod candle;
 pub mod limit;
 pub mod openai;
 pub mod operator;

@@ -1,0 +1,251 @@
+//! Batched generation over a loaded model: chat prompts in, answers out.
+//!
+//! Up to `batch_size` requests are in flight at once. Newly admitted requests are prefilled
+//! together in one forward pass; then every active sequence advances one token per decode
+//! pass. A sequence that stops (end of turn, a stop string, `max_new_tokens`) leaves at once
+//! and the next waiting request takes its place, so a long answer does not hold a batch.
+//! Every sequence samples with its own sampler seeded from its request, and the model computes
+//! each sequence's attention on its own cache, so an answer does not depend on which other
+//! requests shared its batch.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use candle_transformers::generation::LogitsProcessor;
+use tokenizers::Tokenizer;
+
+use super::chat::{ChatTemplate, IM_END};
+use super::llama::{Cache, Model, Positions};
+use crate::error::{Error, Location, Result};
+use crate::generate::{FinishReason, GenRequest, Generation};
+
+/// A model with its tokenizer and chat format, ready to answer.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat: ChatTemplate,
+    /// Tokens that end a turn (`<|im_end|>`, the end-of-sequence token).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Token counts and timings of one [`Engine::run`], for throughput figures.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchStats {
+    pub requests: usize,
+    /// Prompt tokens processed by prefill passes.
+    pub prefill_tokens: u64,
+    pub prefill_secs: f64,
+    /// Tokens processed by decode passes (one per active sequence per pass).
+    pub decode_tokens: u64,
+    pub decode_secs: f64,
+    /// Tokens sampled, end-of-turn tokens included.
+    pub generated_tokens: u64,
+    pub prefill_passes: u64,
+    pub decode_passes: u64,
+    /// Most sequences in one decode pass.
+    pub max_active: usize,
+}
+
+impl BatchStats {
+    pub fn prefill_tokens_per_sec(&self) -> f64 {
+        self.prefill_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+struct Seq<'r> {
+    index: usize,
+    request: &'r GenRequest,
+    cache: Cache,
+    /// Tokens to feed next: the prompt, then the last sampled token.
+    input: Vec<u32>,
+    prompt_tokens: usize,
+    sampled: u32,
+    output: Vec<u32>,
+    sampler: LogitsProcessor,
+    secs: f64,
+}
+
+fn bad_decoding(field: &str, msg: String) -> Error {
+    Error::config(format!("decoding.{field}"), msg)
+}
+
+impl Engine {
+    /// Token ids that end a turn in this tokenizer: `<|im_end|>` if it has one, and `eos`.
+    pub fn stop_ids_for(tokenizer: &Tokenizer, eos: &[u32]) -> Vec<u32> {
+        let mut ids: Vec<u32> = tokenizer.token_to_id(IM_END).into_iter().chain(eos.iter().copied()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// The prompt's token ids; `system` overrides the template's default system prompt.
+    pub fn encode_prompt(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+        let text = self.chat.render(system, user);
+        let enc = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::input(Location::default().field("prompt"), format!("cannot tokenize: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn admit<'r>(&self, index: usize, request: &'r GenRequest, system: Option<&str>) -> Result<Seq<'r>> {
+        let d = &request.decoding;
+        if !(d.temperature >= 0.0 && d.temperature.is_finite()) {
+            return Err(bad_decoding("temperature", format!("{} is not a temperature", d.temperature)));
+        }
+        if let Some(p) = d.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(bad_decoding("top_p", format!("{p} is not in (0, 1]")));
+        }
+        let prompt = self.encode_prompt(request.system_prompt.as_deref().or(system), &request.prompt)?;
+        let limit = self.model.config().max_seq_len;
+        if prompt.len() >= limit {
+            return Err(Error::input(
+                Location::default().field("prompt"),
+                format!("prompt of {} tokens leaves no room in the context of {limit} tokens", prompt.len()),
+            ));
+        }
+        Ok(Seq {
+            index,
+            request,
+            cache: Cache::new(self.model.config()),
+            prompt_tokens: prompt.len(),
+            input: prompt,
+            sampled: 0,
+            output: Vec::new(),
+            sampler: LogitsProcessor::new(d.seed, Some(d.temperature), d.top_p),
+            secs: 0.0,
+        })
+    }
+
+    /// Samples the next token of `seq` from `logits`; returns why it stops, if it does.
+    fn advance(&self, seq: &mut Seq, logits: &Tensor) -> Result<Option<FinishReason>> {
+        let next = seq.sampler.sample(logits).map_err(|e| model_error("sampling", e))?;
+        seq.sampled += 1;
+        if self.stop_ids.contains(&next) {
+            return Ok(Some(FinishReason::Stop));
+        }
+        seq.output.push(next);
+        let stops = &seq.request.decoding.stop;
+        if !stops.is_empty() {
+            let text = self.text(&seq.output)?;
+            if stops.iter().any(|s| text.contains(s.as_str())) {
+                return Ok(Some(FinishReason::Stop));
+            }
+        }
+        if seq.sampled >= seq.request.decoding.max_new_tokens || seq.cache.len() + 1 > self.model.config().max_seq_len {
+            return Ok(Some(FinishReason::Length));
+        }
+        seq.input = vec![next];
+        Ok(None)
+    }
+
+    fn text(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| Error::Internal(format!("cannot decode generated tokens: {e}")))
+    }
+
+    fn finish(&self, seq: Seq, reason: FinishReason) -> Result<Generation> {
+        let mut output = self.text(&seq.output)?;
+        // Cut at the earliest stop string; the stop string itself is not part of the answer.
+        if let Some(cut) = seq.request.decoding.stop.iter().filter_map(|s| output.find(s.as_str())).min() {
+            output.truncate(cut);
+        }
+        Ok(Generation {
+            output,
+            finish_reason: reason,
+            prompt_tokens: seq.prompt_tokens as u32,
+            completion_tokens: seq.sampled,
+            latency_ms: seq.secs * 1e3,
+        })
+    }
+
+    /// Answers `requests` in order, `batch_size` at a time; `system` is used by requests
+    /// without their own system prompt. A request that cannot be run (a bad decoding setting, a
+    /// prompt longer than the context) gets its error in place; a failing forward pass fails
+    /// the whole call.
+    pub fn run(
+        &self,
+        requests: &[GenRequest],
+        system: Option<&str>,
+        batch_size: usize,
+    ) -> Result<(Vec<Result<Generation>>, BatchStats)> {
+        let batch_size = batch_size.max(1);
+        let mut results: Vec<Option<Result<Generation>>> = (0..requests.len()).map(|_| None).collect();
+        let mut stats = BatchStats { requests: requests.len(), ..Default::default() };
+        let mut waiting = requests.iter().enumerate();
+        let mut active: Vec<Seq> = Vec::new();
+        loop {
+            // Admit waiting requests into free slots and prefill them together.
+            let mut fresh = Vec::new();
+            while active.len() + fresh.len() < batch_size {
+                let Some((i, r)) = waiting.next() else { break };
+                match self.admit(i, r, system) {
+                    Ok(seq) if r.decoding.max_new_tokens == 0 => {
+                        results[i] = Some(self.finish(seq, FinishReason::Length));
+                    }
+                    Ok(seq) => fresh.push(seq),
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+            let prefill = !fresh.is_empty();
+            let group = if prefill { &mut fresh } else { &mut active };
+            if group.is_empty() {
+                break;
+            }
+            let fed: usize = group.iter().map(|s| s.input.len()).sum();
+            let start = Instant::now();
+            let logits = {
+                let mut batch: Vec<(&[u32], &mut Cache)> =
+                    group.iter_mut().map(|s| (s.input.as_slice(), &mut s.cache)).collect();
+                self.model.forward(&mut batch, Positions::Last).map_err(|e| model_error("forward pass", e))?
+            };
+            let mut finished = Vec::new();
+            for (k, (seq, logits)) in group.iter_mut().zip(&logits).enumerate() {
+                if let Some(reason) = self.advance(seq, logits)? {
+                    finished.push((k, reason));
+                }
+            }
+            // The pass's time is shared equally by the sequences it served.
+            let secs = start.elapsed().as_secs_f64();
+            let n = group.len();
+            group.iter_mut().for_each(|s| s.secs += secs / n as f64);
+            stats.generated_tokens += n as u64;
+            if prefill {
+                stats.prefill_passes += 1;
+                stats.prefill_tokens += fed as u64;
+                stats.prefill_secs += secs;
+            } else {
+                stats.decode_passes += 1;
+                stats.decode_tokens += fed as u64;
+                stats.decode_secs += secs;
+                stats.max_active = stats.max_active.max(n);
+            }
+            for (k, reason) in finished.into_iter().rev() {
+                let seq = group.remove(k);
+                let index = seq.index;
+                results[index] = Some(self.finish(seq, reason));
+            }
+            active.append(&mut fresh);
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Internal("a request was never answered".into()))))
+            .collect();
+        Ok((results, stats))
+    }
+
+    /// Logits `[tokens, vocab]` for every position of `tokens` in one pass (entry `i` predicts
+    /// token `i + 1`): the base of per-token log-likelihood scoring.
+    pub fn logits_all_positions(&self, tokens: &[u32]) -> Result<Tensor> {
+        self.model.forward_all_positions(tokens).map_err(|e| model_error("forward pass", e))
+    }
+}
+
+pub(crate) fn model_error(context: &str, e: candle_core::Error) -> Error {
+    Error::Model { context: context.to_string(), message: e.to_string() }
+}

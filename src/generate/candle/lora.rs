@@ -1,0 +1,192 @@
+//! LoRA adapters (PEFT layout) merged into a base model's weights at load time.
+//!
+//! A fine-tuned checkpoint in the paper is a base model plus a low-rank adapter. Merging
+//! once, `W' = W + s·B·A` with `s = lora_alpha / r` (or `lora_alpha / √r` under rsLoRA),
+//! leaves decoding exactly as fast as the base model's.
+//!
+//! The adapter directory holds `adapter_config.json` (`r`, `lora_alpha`, `target_modules`,
+//! optionally `use_rslora`, `fan_in_fan_out`) and `adapter_model.safetensors` with PEFT key
+//! names, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (`[r, in]`)
+//! and `…lora_B.weight` (`[out, r]`), which apply to the base weight
+//! `model.layers.0.self_attn.q_proj.weight` (`[out, in]`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::error::{Error, Location, Result};
+
+/// `adapter_config.json`, the fields merging needs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// Where PEFT recorded the base model; a hint only (often a hub name).
+    pub base_model_name_or_path: Option<String>,
+}
+
+/// `target_modules`: a list of module names, or a regex string.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    #[default]
+    Unspecified,
+    List(Vec<String>),
+    Regex(String),
+}
+
+impl AdapterConfig {
+    /// The factor multiplying `B·A`.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora { self.lora_alpha / (self.r as f64).sqrt() } else { self.lora_alpha / self.r as f64 }
+    }
+}
+
+/// A LoRA adapter directory, read and checked.
+#[derive(Debug)]
+pub struct Adapter {
+    pub dir: PathBuf,
+    pub config: AdapterConfig,
+    /// Base weight name (`model.layers.0.self_attn.q_proj.weight`) → (A, B).
+    pub pairs: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+impl Adapter {
+    pub fn is_adapter_dir(dir: &Path) -> bool {
+        dir.join(CONFIG_FILE).is_file()
+    }
+
+    /// Reads an adapter directory; every tensor must be a `lora_A`/`lora_B` weight with its
+    /// partner, of rank `r`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let config: AdapterConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::input(Location::file(&cfg_path).line(e.line() as u64), e.to_string()))?;
+        let bad_cfg = |field: &str, msg: &str| Error::input(Location::file(&cfg_path).field(field), msg);
+        if config.r == 0 {
+            return Err(bad_cfg("r", "rank must be positive"));
+        }
+        if config.fan_in_fan_out {
+            return Err(bad_cfg("fan_in_fan_out", "GPT-2-style [in, out] weights are not supported for llama models"));
+        }
+        let w_path = dir.join(WEIGHTS_FILE);
+        let bad = |key: &str, msg: String| Error::input(Location::file(&w_path).field(key), msg);
+        let tensors = candle_core::safetensors::load(&w_path, &Device::Cpu)
+            .map_err(|e| Error::input(Location::file(&w_path), format!("cannot read safetensors: {e}")))?;
+        let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (key, t) in tensors {
+            let (module, is_a) = lora_key(&key).ok_or_else(|| {
+                bad(
+                    &key,
+                    "not a LoRA weight (expected `base_model.model.<module>.lora_A|lora_B[.default].weight`)".into(),
+                )
+            })?;
+            let entry = halves.entry(format!("{module}.weight")).or_default();
+            if is_a { entry.0 = Some(t) } else { entry.1 = Some(t) }
+        }
+        let targeted = |module: &str| match &config.target_modules {
+            TargetModules::Unspecified => true,
+            // PEFT matches a list against the module name's last components.
+            TargetModules::List(names) => names.iter().any(|n| module == n || module.ends_with(&format!(".{n}"))),
+            // PEFT matches a string with `re.fullmatch`.
+            TargetModules::Regex(re) => regex::Regex::new(&format!("^(?:{re})$")).is_ok_and(|re| re.is_match(module)),
+        };
+        let mut pairs = BTreeMap::new();
+        for (base, (a, b)) in halves {
+            let module = base.strip_suffix(".weight").unwrap_or(&base);
+            if !targeted(module) {
+                return Err(bad(
+                    &base,
+                    format!("module `{module}` is not in target_modules of {}", cfg_path.display()),
+                ));
+            }
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(bad(&base, "has only one of lora_A and lora_B".into()));
+            };
+            let (ra, _) = a.dims2().map_err(|e| bad(&base, format!("lora_A: {e}")))?;
+            let (_, rb) = b.dims2().map_err(|e| bad(&base, format!("lora_B: {e}")))?;
+            if ra != config.r || rb != config.r {
+                return Err(bad(
+                    &base,
+                    format!("lora_A is {:?} and lora_B {:?}, rank r = {}", a.dims(), b.dims(), config.r),
+                ));
+            }
+            pairs.insert(base, (a, b));
+        }
+        if pairs.is_empty() {
+            return Err(bad("", "holds no LoRA weight".into()));
+        }
+        Ok(Adapter { dir: dir.to_path_buf(), config, pairs })
+    }
+
+    /// Adds `s·B·A` to each targeted weight of `base` (HF names), in the base weights' dtype.
+    /// A LoRA weight whose base weight is absent, or whose shape does not fit it, is an error.
+    pub fn merge_into(&self, base: &mut HashMap<String, Tensor>) -> Result<()> {
+        let w_path = self.dir.join(WEIGHTS_FILE);
+        let bad = |key: &str, msg: String| Error::input(Location::file(&w_path).field(key), msg);
+        let scale = self.config.scale();
+        for (name, (a, b)) in &self.pairs {
+            let Some(w) = base.get(name) else {
+                return Err(bad(name, "matches no weight of the base model".into()));
+            };
+            let (out_dim, in_dim) = w.dims2().map_err(|e| bad(name, format!("base weight: {e}")))?;
+            if b.dims()[0] != out_dim || a.dims()[1] != in_dim {
+                return Err(bad(
+                    name,
+                    format!("B·A is [{}, {}] but the base weight is [{out_dim}, {in_dim}]", b.dims()[0], a.dims()[1]),
+                ));
+            }
+            let merged = (|| {
+                let delta = b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?;
+                let delta = (delta * scale)?.to_device(w.device())?;
+                (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())
+            })()
+            .map_err(|e: candle_core::Error| bad(name, format!("merge failed: {e}")))?;
+            base.insert(name.clone(), merged);
+        }
+        Ok(())
+    }
+}
+
+/// `base_model.model.<module>.lora_A[.default].weight` → (`<module>`, is A).
+fn lora_key(key: &str) -> Option<(&str, bool)> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    let rest = rest.strip_suffix(".weight")?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    if let Some(m) = rest.strip_suffix(".lora_A") {
+        Some((m, true))
+    } else {
+        rest.strip_suffix(".lora_B").map(|m| (m, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_keys_name_their_base_weight() {
+        assert_eq!(
+            lora_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+            Some(("model.layers.0.self_attn.q_proj", true))
+        );
+        assert_eq!(
+            lora_key("base_model.model.model.layers.3.mlp.up_proj.lora_B.default.weight"),
+            Some(("model.layers.3.mlp.up_proj", false))
+        );
+        assert_eq!(lora_key("model.layers.0.self_attn.q_proj.weight"), None);
+        assert_eq!(lora_key("base_model.model.lm_head.weight"), None);
+    }
+}

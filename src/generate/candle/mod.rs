@@ -1,0 +1,557 @@
+//! The candle backend: local llama-family models (SmolLM2, Qwen2.5, HF llama checkpoints,
+//! LoRA fine-tunes) answering trials in batches on the CPU, or on a GPU with the `cuda` feature.
+//!
+//! # Configuration
+//!
+//! A model's `backend` table in the experiment file:
+//!
+//! ```toml
+//! [[models]]
+//! name = "smollm2"
+//! backend = { kind = "candle", device = "cpu", batch_size = 8, threads = 2 }
+//! checkpoints = [
+//!   { id = "base" },                                           # the `base` weights
+//!   { id = "warm", finetuned = true, path = "adapters/warm" },  # a LoRA adapter onto `base`
+//! ]
+//! ```
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `kind` | must be `"candle"` | `"candle"` |
+//! | `base` | weights of checkpoints without a `path`, and the base a LoRA adapter is merged into: a GGUF file or an HF safetensors directory | SmolLM2-135M-Instruct Q4_1 in the model cache (see below) |
+//! | `device` | `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA when built with the `cuda` feature and a GPU is present, else CPU) | `"auto"` |
+//! | `batch_size` | sequences decoded together | 8 |
+//! | `threads` | CPU threads of candle's matmuls; sets `RAYON_NUM_THREADS`, which candle reads at its first computation in the process, so it must be the first candle work (an explicit `RAYON_NUM_THREADS` wins) | candle's default (physical cores) |
+//! | `context` | cap on prompt plus answer tokens (the rotary tables and caches are sized by it) | the model's own context length |
+//! | `dequantize` | GGUF weights expanded to f32 at load: `"auto"` (on the CPU, the quantization types candle has no SIMD kernel for, e.g. SmolLM2's Q4_1: faster and exact), `"all"`, `"none"` | `"auto"` |
+//!
+//! A checkpoint's `path` is a GGUF file, an HF llama/qwen2 safetensors directory
+//! (`config.json`, `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json` with a
+//! `chat_template`), or a PEFT LoRA adapter directory (`adapter_config.json`,
+//! `adapter_model.safetensors`) merged into `base`, which must then be a safetensors directory.
+//!
+//! The model cache is `$CANDOR_MODELS`, else `$XDG_CACHE_HOME/candor/models`, else
+//! `~/.cache/candor/models`; `scripts/fetch-models` fills it.
+//!
+//! # What a generator's fingerprint covers
+//!
+//! `candle:<sha256 of the weights>:system:<digest of the checkpoint's system prompt>`; the
+//! weights digest covers a GGUF file, or every file of a safetensors or adapter directory (and
+//! the base of an adapter), so changed weights never share stored answers.
+
+pub mod chat;
+pub mod engine;
+pub mod llama;
+pub mod lora;
+pub mod tokenizer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use engine::model_error;
+pub use engine::{BatchStats, Engine};
+
+use crate::config::{CheckpointConfig, ModelConfig};
+use crate::error::{Error, Location, Result};
+use crate::generate::{GenRequest, Generation, Generator};
+
+/// File name of the default model in the model cache.
+pub const DEFAULT_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The model cache directory (`$CANDOR_MODELS`, `$XDG_CACHE_HOME/candor/models`,
+/// `~/.cache/candor/models`).
+pub fn models_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CANDOR_MODELS") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+    cache.join("candor").join("models")
+}
+
+/// Where a backend runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+    Auto,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "auto" => Ok(DeviceChoice::Auto),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("`{s}` is not a device (cpu, cuda, cuda:N, auto)")),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device. Only this is behind the `cuda` feature: every model runs on whichever
+    /// device it is given.
+    pub fn open(self) -> Result<Device> {
+        let key = "backend.device";
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| Error::config(key, format!("cuda:{n}: {e}"))),
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda(n) => {
+                Err(Error::config(key, format!("cuda:{n} needs Candor built with `--features cuda`")))
+            }
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Auto if candle_core::utils::cuda_is_available() => DeviceChoice::Cuda(0).open(),
+            DeviceChoice::Auto => Ok(Device::Cpu),
+        }
+    }
+}
+
+/// Sets candle's CPU thread count (`RAYON_NUM_THREADS`) unless the environment already does;
+/// returns the count candle will use. candle sizes its pools at its first computation, so call
+/// this at start-up, before any model runs and before other threads read the environment.
+pub fn init_threads(threads: usize) -> usize {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() && threads > 0 {
+        // SAFETY: called at start-up, before threads that read the environment exist (see above).
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+    candle_core::utils::get_num_threads()
+}
+
+/// The `backend` table of a candle model, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CandleOptions {
+    pub base: Option<PathBuf>,
+    pub device: DeviceChoice,
+    pub batch_size: usize,
+    pub threads: Option<usize>,
+    pub context: Option<usize>,
+    pub dequantize: llama::Dequantize,
+}
+
+impl Default for CandleOptions {
+    fn default() -> Self {
+        CandleOptions {
+            base: None,
+            device: DeviceChoice::Auto,
+            batch_size: 8,
+            threads: None,
+            context: None,
+            dequantize: llama::Dequantize::Auto,
+        }
+    }
+}
+
+impl CandleOptions {
+    /// Reads a model's `backend` table; an unknown key or a wrong value names the key.
+    pub fn from_table(table: &toml::Table) -> Result<Self> {
+        let mut o = CandleOptions::default();
+        let key = |k: &str| format!("backend.{k}");
+        let positive = |k: &str, v: &toml::Value| -> Result<usize> {
+            v.as_integer()
+                .filter(|n| *n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| Error::config(key(k), format!("{v} is not a positive integer")))
+        };
+        let string = |k: &str, v: &toml::Value| -> Result<String> {
+            v.as_str().map(str::to_string).ok_or_else(|| Error::config(key(k), format!("{v} is not a string")))
+        };
+        for (k, v) in table {
+            match k.as_str() {
+                "kind" => {
+                    let kind = string(k, v)?;
+                    if kind != "candle" {
+                        return Err(Error::config(key(k), format!("`{kind}` is not the candle backend")));
+                    }
+                }
+                "base" => o.base = Some(PathBuf::from(string(k, v)?)),
+                "device" => o.device = string(k, v)?.parse().map_err(|e| Error::config(key(k), e))?,
+                "batch_size" => o.batch_size = positive(k, v)?,
+                "threads" => o.threads = Some(positive(k, v)?),
+                "context" => o.context = Some(positive(k, v)?),
+                "dequantize" => {
+                    o.dequantize = match string(k, v)?.as_str() {
+                        "auto" => llama::Dequantize::Auto,
+                        "all" => llama::Dequantize::All,
+                        "none" => llama::Dequantize::None,
+                        other => return Err(Error::config(key(k), format!("`{other}` is not auto, all or none"))),
+                    }
+                }
+                other => {
+                    return Err(Error::config(
+                        key(other),
+                        "unknown key (kind, base, device, batch_size, threads, context, dequantize)".to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// The base weights: `base`, else the default model in the cache.
+    pub fn base_path(&self) -> PathBuf {
+        self.base.clone().unwrap_or_else(|| models_dir().join(DEFAULT_GGUF))
+    }
+}
+
+/// Which weights a checkpoint runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Weights {
+    Gguf(PathBuf),
+    /// An HF safetensors model directory.
+    Safetensors(PathBuf),
+    /// A LoRA adapter directory merged into an HF safetensors base directory.
+    Lora {
+        base: PathBuf,
+        adapter: PathBuf,
+    },
+}
+
+impl Weights {
+    /// Tells a checkpoint's weights apart by what is on disk; `path` None means `base`.
+    pub fn resolve(path: Option<&Path>, base: &Path) -> Result<Self> {
+        let plain = |p: &Path| -> Result<Weights> {
+            if p.is_dir() {
+                if lora::Adapter::is_adapter_dir(p) {
+                    return Err(Error::input(Location::file(p), "a LoRA adapter cannot be a base model"));
+                }
+                if p.join("config.json").is_file() {
+                    return Ok(Weights::Safetensors(p.to_path_buf()));
+                }
+                return Err(Error::input(
+                    Location::file(p),
+                    "directory has neither config.json nor adapter_config.json",
+                ));
+            }
+            if p.is_file() {
+                return Ok(Weights::Gguf(p.to_path_buf()));
+            }
+            let hint = if p.file_name().is_some_and(|n| n == DEFAULT_GGUF) { "; run scripts/fetch-models" } else { "" };
+            Err(Error::input(Location::file(p), format!("no such model file or directory{hint}")))
+        };
+        match path {
+            None => plain(base),
+            Some(p) if p.is_dir() && lora::Adapter::is_adapter_dir(p) => match plain(base)? {
+                Weights::Safetensors(b) => Ok(Weights::Lora { base: b, adapter: p.to_path_buf() }),
+                _ => Err(Error::input(
+                    Location::file(p),
+                    format!("a LoRA adapter needs a safetensors base directory, and `base` is {}", base.display()),
+                )),
+            },
+            Some(p) => plain(p),
+        }
+    }
+
+    /// A digest of every file the weights are read from.
+    pub fn digest(&self) -> Result<String> {
+        match self {
+            Weights::Gguf(p) => sha256_file(p),
+            Weights::Safetensors(d) => dir_digest(d),
+            Weights::Lora { base, adapter } => {
+                let mut h = Sha256::new();
+                h.update(format!("base {}\nadapter {}\n", dir_digest(base)?, dir_digest(adapter)?));
+                Ok(hex(&h.finalize()))
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file's bytes, in hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Digest of a directory's model files (`*.json`, `*.safetensors`), by name and content.
+fn dir_digest(dir: &Path) -> Result<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_file() && (name.ends_with(".json") || name.ends_with(".safetensors")) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    let mut h = Sha256::new();
+    for name in names {
+        h.update(format!("{name} {}\n", sha256_file(&dir.join(&name))?));
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Loads a GGUF model with the tokenizer and chat template from its own metadata.
+pub fn load_gguf(
+    path: &Path,
+    device: &Device,
+    context: Option<usize>,
+    dequantize: llama::Dequantize,
+) -> Result<Engine> {
+    let bad = |msg: String| Error::input(Location::file(path), msg);
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let ct = gguf_file::Content::read(&mut file).map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+    let cfg = llama::Model::gguf_config(&ct, context).map_err(|e| bad(e.to_string()))?;
+    let model =
+        llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize).map_err(|e| bad(format!("weights: {e}")))?;
+    let tokenizer = tokenizer::from_gguf(&ct, path)?;
+    let template = match ct.metadata.get("tokenizer.chat_template") {
+        Some(v) => Some(v.to_string().map_err(|e| bad(format!("tokenizer.chat_template: {e}")))?.as_str()),
+        None => None,
+    };
+    let chat = chat::ChatTemplate::from_jinja(template).map_err(bad)?;
+    let eos: Vec<u32> =
+        ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).into_iter().collect();
+    let stop_ids = Engine::stop_ids_for(&tokenizer, &eos);
+    Ok(Engine { model, tokenizer, chat, stop_ids })
+}
+
+/// `config.json` of an HF llama or qwen2 model: the fields the graph needs.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    #[serde(default = "llama_type")]
+    model_type: String,
+    hidden_size: usize,
+    intermediate_size: usize,
+    vocab_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    rope_theta: f32,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    eos_token_id: Option<serde_json::Value>,
+    head_dim: Option<usize>,
+}
+
+fn llama_type() -> String {
+    "llama".into()
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+
+impl HfConfig {
+    fn read(dir: &Path) -> Result<(Self, llama::Config)> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let hf: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::input(Location::file(&path).line(e.line() as u64), e.to_string()))?;
+        let bad = |field: &str, msg: String| Error::input(Location::file(&path).field(field), msg);
+        let qkv_bias = match hf.model_type.as_str() {
+            "llama" => false,
+            "qwen2" => true,
+            other => return Err(bad("model_type", format!("`{other}` is not supported (llama, qwen2)"))),
+        };
+        if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(bad("rope_scaling", "scaled rotary embeddings are not supported".into()));
+        }
+        if hf.head_dim.is_some_and(|d| d * hf.num_attention_heads != hf.hidden_size) {
+            return Err(bad("head_dim", "a head size other than hidden_size / num_attention_heads".into()));
+        }
+        let cfg = llama::Config {
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_layers: hf.num_hidden_layers,
+            num_heads: hf.num_attention_heads,
+            num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta: hf.rope_theta,
+            rope: llama::Rope::Halves,
+            max_seq_len: hf.max_position_embeddings,
+            qkv_bias,
+            tie_word_embeddings: hf.tie_word_embeddings,
+        };
+        Ok((hf, cfg))
+    }
+
+    fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Reads every `*.safetensors` file of a directory (one file or shards) into memory.
+fn read_safetensors_dir(dir: &Path) -> Result<HashMap<String, candle_core::Tensor>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::input(Location::file(dir), "holds no .safetensors file"));
+    }
+    let mut tensors = HashMap::new();
+    for f in files {
+        let t = candle_core::safetensors::load(&f, &Device::Cpu)
+            .map_err(|e| Error::input(Location::file(&f), format!("cannot read safetensors: {e}")))?;
+        tensors.extend(t);
+    }
+    Ok(tensors)
+}
+
+/// Loads an HF llama/qwen2 safetensors directory, with a LoRA adapter merged in if given,
+/// as f32 on `device`. The tokenizer is the adapter's `tokenizer.json` if it has one, else the
+/// base's; the chat template is read from `tokenizer_config.json` the same way.
+pub fn load_safetensors(dir: &Path, adapter: Option<&Path>, device: &Device, context: Option<usize>) -> Result<Engine> {
+    let (hf, mut cfg) = HfConfig::read(dir)?;
+    if let Some(c) = context {
+        cfg.max_seq_len = cfg.max_seq_len.min(c);
+    }
+    let mut tensors = read_safetensors_dir(dir)?;
+    if let Some(a) = adapter {
+        lora::Adapter::read(a)?.merge_into(&mut tensors)?;
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let model = llama::Model::load(vb, &cfg).map_err(|e| Error::input(Location::file(dir), format!("weights: {e}")))?;
+    let pick = |name: &str| adapter.map(|a| a.join(name)).filter(|p| p.is_file()).unwrap_or_else(|| dir.join(name));
+    let tokenizer = tokenizer::from_file(&pick("tokenizer.json"))?;
+    let tc_path = pick("tokenizer_config.json");
+    let template = if tc_path.is_file() {
+        let text = std::fs::read_to_string(&tc_path).map_err(|e| Error::io(&tc_path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::input(Location::file(&tc_path), e.to_string()))?;
+        v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+    } else {
+        None
+    };
+    let chat = chat::ChatTemplate::from_jinja(template.as_deref())
+        .map_err(|e| Error::input(Location::file(&tc_path).field("chat_template"), e))?;
+    let stop_ids = Engine::stop_ids_for(&tokenizer, &hf.eos_ids());
+    Ok(Engine { model, tokenizer, chat, stop_ids })
+}
+
+/// A [`Generator`] on a local model.
+#[derive(Debug)]
+pub struct CandleGenerator {
+    engine: Engine,
+    weights: Weights,
+    system_prompt: Option<String>,
+    batch_size: usize,
+    fingerprint: String,
+    last_stats: BatchStats,
+}
+
+impl CandleGenerator {
+    /// The generator of one checkpoint of a model configured with the candle backend.
+    pub fn new(model: &ModelConfig, checkpoint: &CheckpointConfig) -> Result<Self> {
+        let options = CandleOptions::from_table(&model.backend_for(checkpoint))?;
+        let weights = Weights::resolve(checkpoint.path.as_deref(), &options.base_path())?;
+        Self::open(&options, weights, checkpoint.system_prompt.clone())
+    }
+
+    /// A generator on `weights`; `system_prompt` goes with every request that has none.
+    pub fn open(options: &CandleOptions, weights: Weights, system_prompt: Option<String>) -> Result<Self> {
+        if let Some(t) = options.threads {
+            init_threads(t);
+        }
+        let device = options.device.open()?;
+        let engine = match &weights {
+            Weights::Gguf(p) => load_gguf(p, &device, options.context, options.dequantize)?,
+            Weights::Safetensors(d) => load_safetensors(d, None, &device, options.context)?,
+            Weights::Lora { base, adapter } => load_safetensors(base, Some(adapter), &device, options.context)?,
+        };
+        let system = match &system_prompt {
+            Some(s) => hex(&Sha256::digest(s.as_bytes()))[..16].to_string(),
+            None => "none".to_string(),
+        };
+        let fingerprint = format!("candle:{}:system:{system}", weights.digest()?);
+        Ok(CandleGenerator {
+            engine,
+            weights,
+            system_prompt,
+            batch_size: options.batch_size,
+            fingerprint,
+            last_stats: BatchStats::default(),
+        })
+    }
+
+    /// Answers `requests` and reports the token counts and timings of the run.
+    pub fn run_batch(&mut self, requests: &[GenRequest]) -> Result<(Vec<Result<Generation>>, BatchStats)> {
+        let (out, stats) = self.engine.run(requests, self.system_prompt.as_deref(), self.batch_size)?;
+        self.last_stats = stats.clone();
+        Ok((out, stats))
+    }
+
+    /// Counts and timings of the last [`Generator::generate`] or [`Self::run_batch`].
+    pub fn last_stats(&self) -> &BatchStats {
+        &self.last_stats
+    }
+
+    /// The loaded model, tokenizer and chat format (for scoring with the same weights).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    pub fn set_batch_size(&mut self, batch_size: usize) {
+        self.batch_size = batch_size.max(1);
+    }
+}
+
+impl Generator for CandleGenerator {
+    fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+
+    fn generate(&mut self, requests: &[GenRequest]) -> Result<Vec<Result<Generation>>> {
+        self.run_batch(requests).map(|(out, _)| out)
+    }
+}
+
+/// Per-token log-probabilities of `tokens[1..]` given their prefixes, in one forward pass.
+pub fn token_logprobs(engine: &Engine, tokens: &[u32]) -> Result<Vec<f32>> {
+    if tokens.len() < 2 {
+        return Ok(Vec::new());
+    }
+    let picked = (|| {
+        let logits = engine.model.forward_all_positions(&tokens[..tokens.len() - 1])?;
+        let lp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        let next = candle_core::Tensor::new(&tokens[1..], logits.device())?.unsqueeze(1)?;
+        lp.gather(&next, 1)?.squeeze(1)?.to_vec1::<f32>()
+    })();
+    picked.map_err(|e| model_error("log-likelihood pass", e))
+}
