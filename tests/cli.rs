@@ -291,3 +291,147 @@ fn imported_answers_score_and_replay_to_identical_results() {
     let verdicts: Vec<Verdict> = read_records(&Archive::open(&replayed, Format::Parquet).unwrap()).unwrap();
     assert!(verdicts.iter().all(|v| v.judge == format!("import:{}.csv", v.checkpoint)));
 }
+
+/// The default local model, or None (a skip) outside CI when it has not been fetched.
+fn local_model() -> Option<PathBuf> {
+    let path = candor::generate::candle::models_dir().join(candor::generate::candle::DEFAULT_GGUF);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch the model first (scripts/fetch-models)");
+    eprintln!("{} missing: skipping (scripts/fetch-models fetches it)", path.display());
+    None
+}
+
+fn generation_experiment(dir: &Path, backend: &str, checkpoints: &str) -> PathBuf {
+    let p = dir.join(format!("gen-{}.toml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"gen\"\nseed = 5\ndata_dir = \"{}\"\n\
+             [datasets.trivia]\nn = 3\n[datasets.disinfo]\nn = 1\n\
+             [conditions]\namendments = [\"unmodified\", \"emotion:sad\"]\nprompt_types = [\"original\", \"incorrect\"]\n\
+             [generation]\nmax_new_tokens = 12\nbatch_size = 2\n\
+             [[models]]\nname = \"smollm2\"\nbackend = {backend}\n{checkpoints}",
+            repo("data")
+        ),
+    )
+    .unwrap();
+    p
+}
+
+const TWO_CHECKPOINTS: &str = "[[models.checkpoints]]\nid = \"original\"\n\
+    [[models.checkpoints]]\nid = \"warm-prompt\"\nfinetuned = true\nsystem_prompt = \"You are warm and caring.\"\n";
+
+fn summary(stdout: &str) -> serde_json::Value {
+    json_lines(stdout).into_iter().find(|v| v["command"] == "run").expect("a run summary line")
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_with_no_lost_duplicated_or_repaid_answers() {
+    if local_model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS);
+    let out = dir.path().join("run");
+    let total = 4 * 2 * 2 * 2; // items × amendments × prompt types × checkpoints
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let stored = candor::generate::store::GenerationStore::open(&out).map(|s| s.len()).unwrap_or(0);
+        if stored >= 6 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 600, "no answers stored after 10 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stored = candor::generate::store::GenerationStore::open(&out).unwrap().len();
+    assert!(stored < total, "killed mid-run ({stored} of {total} stored)");
+
+    let second = summary(&ok(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]));
+    assert_eq!(second["model_calls"].as_u64().unwrap() as usize, total - stored, "{second}");
+
+    let responses: Vec<Response> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+    let keys: std::collections::HashSet<&str> = responses.iter().map(|r| r.response_key.as_str()).collect();
+    assert_eq!(responses.len(), total, "no lost answers");
+    assert_eq!(keys.len(), total, "no duplicated answers");
+    assert!(responses.iter().all(|r| !r.output.trim().is_empty()));
+
+    let third = summary(&ok(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]));
+    assert_eq!(third["model_calls"], 0);
+    assert_eq!(third["skipped"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() {
+    if local_model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |faults: &str| {
+        let port = free_port();
+        let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS);
+        let child = Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["serve", exp.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}"), "--batch-size", "4"])
+            .args(["--faults", faults, "--fault-seed", "3"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed().as_secs() < 120, "candor serve did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        (child, port)
+    };
+    let client = |port: u16, retries: u32| {
+        generation_experiment(
+            dir.path(),
+            &format!("{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", max_retries = {retries}, timeout_secs = 60, max_concurrency = 4, api_key_env = \"CANDOR_TEST_API_KEY\" }}"),
+            "[[models.checkpoints]]\nid = \"served\"\n",
+        )
+    };
+    let run_with_key = |exp: &Path, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"])
+            .env("CANDOR_TEST_API_KEY", "sk-candor-test-secret")
+            .output()
+            .unwrap()
+    };
+
+    let (mut flaky, port) = serve("429=0.15,500=0.15,slow=0.05,truncate=0.1,garbage=0.1,slow_ms=300,retry_after=1");
+    let out = dir.path().join("flaky");
+    let o = run_with_key(&client(port, 10), &out);
+    flaky.kill().unwrap();
+    flaky.wait().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let responses: Vec<Response> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+    assert_eq!(responses.len(), 16, "every trial answered despite the faults");
+    assert!(responses.iter().all(|r| !r.output.is_empty() && r.generator.starts_with("openai:")));
+
+    let (mut dead, port) = serve("500=1.0");
+    let out = dir.path().join("dead");
+    let o = run_with_key(&client(port, 2), &out);
+    dead.kill().unwrap();
+    dead.wait().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("gave up after 3 attempts") && err.contains("500"), "{err}");
+    assert!(!Archive::open(&out, Format::Parquet).unwrap().has("response").unwrap(), "nothing half-done looks complete");
+
+    // The API key is sent but never written anywhere.
+    for (path, bytes) in tree(dir.path()) {
+        assert!(!bytes.windows(21).any(|w| w == b"sk-candor-test-secret"), "the key leaked into {}", path.display());
+    }
+    assert!(!err.contains("sk-candor-test-secret"));
+}

@@ -362,6 +362,9 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
         return done;
     }
     for (stream, batches) in by_stream {
+        if batches.iter().all(|b| b.num_rows() == 0) {
+            continue;
+        }
         let result = sorted_by_key(&stream, &batches).and_then(|batch| {
             let partition = partition_for(&stream, epoch, checkpoints);
             archive.append_epoch(&stream, &partition, epoch, std::slice::from_ref(&batch))?;
