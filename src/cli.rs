@@ -27,6 +27,10 @@ use crate::score::refusal::{RefusalMode, RefusalRules};
 #[derive(Debug, Parser)]
 #[command(name = "candor", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
+    /// CPU threads for model inference (sets RAYON_NUM_THREADS before any model loads; an
+    /// explicit RAYON_NUM_THREADS wins).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
     /// Print machine-readable JSON lines instead of tables (the default when stdout is not a
     /// terminal).
     #[arg(long, global = true)]
@@ -184,6 +188,9 @@ impl From<RefusalArg> for RefusalMode {
 /// Runs the command line.
 pub fn main(cli: Cli) -> Result<()> {
     schema::validate_all().context("checking the stream schemas")?;
+    if let Some(n) = cli.threads {
+        crate::generate::candle::init_threads(n);
+    }
     let json = cli.json || !std::io::stdout().is_terminal();
     match cli.command {
         Command::Trials { experiment, out, format, replace, cluster } => {
