@@ -17,4 +17,5 @@ pub mod import;
 pub mod records;
 pub mod schema;
 pub mod score;
+pub mod sql;
 pub mod stats;
