@@ -14,6 +14,8 @@
 //! assert!(rows.iter().all(|b| b.num_rows() == 0));
 //! ```
 
+pub mod analyze;
+pub mod bench;
 pub mod engine;
 pub mod input;
 pub mod queries;
