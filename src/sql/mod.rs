@@ -21,3 +21,6 @@ pub mod input;
 pub mod queries;
 pub mod udf;
 pub mod view;
+
+#[cfg(test)]
+mod tests;
