@@ -127,7 +127,10 @@ impl Analysis {
             } else {
                 println!("\n== {name} ({} rows)", batch.num_rows());
                 let shown = batch.slice(0, batch.num_rows().min(200));
-                println!("{}", arrow::util::pretty::pretty_format_batches(&[shown]).map_err(|e| Error::arrow(name.clone(), e))?);
+                println!(
+                    "{}",
+                    arrow::util::pretty::pretty_format_batches(&[shown]).map_err(|e| Error::arrow(name.clone(), e))?
+                );
                 if batch.num_rows() > 200 {
                     println!("… {} more rows (use --out to export them all)", batch.num_rows() - 200);
                 }

@@ -197,7 +197,8 @@ fn python_full(python: &Path, path: &Path, out: &Path) -> Result<f64> {
     if !o.status.success() {
         return Err(Error::Internal(format!("stats_reference.py failed: {}", String::from_utf8_lossy(&o.stderr))));
     }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| Error::Internal(format!("stats_reference.py output: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).map_err(|e| Error::Internal(format!("stats_reference.py output: {e}")))?;
     v["seconds"].as_f64().ok_or_else(|| Error::Internal("stats_reference.py printed no `seconds`".into()))
 }
 

@@ -184,7 +184,8 @@ impl StatsEngine {
             rows.entry(key).or_default().push(i as u64);
         }
         for (key, idx) in rows {
-            let batch = take_record_batch(&all, &UInt64Array::from(idx)).map_err(|e| Error::arrow("family_stats", e))?;
+            let batch =
+                take_record_batch(&all, &UInt64Array::from(idx)).map_err(|e| Error::arrow("family_stats", e))?;
             self.family_results.insert(key, batch);
         }
         Ok(())
@@ -244,7 +245,8 @@ impl StatsEngine {
         let scratch = SessionContext::new();
         super::udf::register(&scratch);
         register(&scratch, "paired_counts", paired_counts_schema(), vec![])?;
-        let df = self.runtime.block_on(scratch.sql(FAMILY_STATS.sql)).map_err(|e| df_err("planning family_stats.sql", e))?;
+        let df =
+            self.runtime.block_on(scratch.sql(FAMILY_STATS.sql)).map_err(|e| df_err("planning family_stats.sql", e))?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         self.family_schema = Some(schema.clone());
         Ok(schema)
@@ -335,7 +337,9 @@ pub fn fit_regressions(table: &[CellCount]) -> Result<(RecordBatch, RecordBatch,
         match f(table) {
             Ok(m) => {
                 coef.extend(m.fit.summary().into_iter().map(|(t, e)| (name.to_string(), t, e)));
-                eff.extend(m.effects.into_iter().map(|e| (name.to_string(), e.context, e.log_odds, 100.0 * e.ame, e.n)));
+                eff.extend(
+                    m.effects.into_iter().map(|e| (name.to_string(), e.context, e.log_odds, 100.0 * e.ame, e.n)),
+                );
             }
             Err(e) => errors.push(e.to_string()),
         }

@@ -71,7 +71,11 @@ fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
 
 /// Reads a CSV with every column as text; typing happens in [`normalize`].
 fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<RecordBatch>> {
-    let mut r = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_path(path).map_err(|e| Error::input(Location::file(path), e.to_string()))?;
+    let mut r = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(false)
+        .from_path(path)
+        .map_err(|e| Error::input(Location::file(path), e.to_string()))?;
     let headers: Vec<String> = r
         .headers()
         .map_err(|e| Error::input(Location::file(path), e.to_string()))?
@@ -135,14 +139,24 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
     };
     let dataset = match text(batch, &["dataset"])? {
         Some(d) => d,
-        None => fill(opts.dataset.map(|d| d.as_str().to_string()).or(if paper { path_dataset.clone() } else { None }), "dataset")?,
+        None => fill(
+            opts.dataset.map(|d| d.as_str().to_string()).or(if paper { path_dataset.clone() } else { None }),
+            "dataset",
+        )?,
     };
     let ft: BooleanArray = match text(batch, &["is_finetuned"])? {
-        Some(v) => v.iter().enumerate().map(|(i, v)| {
-            v.and_then(parse_bool).map(Some).ok_or_else(|| Error::input(loc().line(i as u64 + 2), "`is_finetuned` is not a boolean"))
-        }).collect::<Result<_>>()?,
+        Some(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.and_then(parse_bool)
+                    .map(Some)
+                    .ok_or_else(|| Error::input(loc().line(i as u64 + 2), "`is_finetuned` is not a boolean"))
+            })
+            .collect::<Result<_>>()?,
         None => {
-            let side = opts.finetuned.or_else(|| if paper { path_side.as_deref().map(|s| s != "original") } else { None });
+            let side =
+                opts.finetuned.or_else(|| if paper { path_side.as_deref().map(|s| s != "original") } else { None });
             let side = side.ok_or_else(|| Error::input(loc(), "no `is_finetuned` column and no side given"))?;
             BooleanArray::from(vec![side; n])
         }
@@ -150,9 +164,14 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
     let checkpoint: StringArray = match text(batch, &["checkpoint"])? {
         Some(c) => c,
         None => (0..n)
-            .map(|i| Some(opts.checkpoint.clone().or(if paper { path_side.clone() } else { None }).unwrap_or_else(|| {
-                if ft.value(i) { "finetuned".into() } else { "base".into() }
-            })))
+            .map(|i| {
+                Some(
+                    opts.checkpoint
+                        .clone()
+                        .or(if paper { path_side.clone() } else { None })
+                        .unwrap_or_else(|| if ft.value(i) { "finetuned".into() } else { "base".into() }),
+                )
+            })
             .collect(),
     };
     let epoch: UInt64Array = match batch.column_by_name("checkpoint_epoch") {
@@ -196,7 +215,9 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
             .enumerate()
             .map(|(i, v)| match v.map(str::trim) {
                 None | Some("") => Ok(None),
-                Some(s) => parse_bool(s).map(Some).ok_or_else(|| Error::input(loc().line(i as u64 + 2), format!("`correct` is `{s}`"))),
+                Some(s) => parse_bool(s)
+                    .map(Some)
+                    .ok_or_else(|| Error::input(loc().line(i as u64 + 2), format!("`correct` is `{s}`"))),
             })
             .collect::<Result<_>>()?;
         let refusal: BooleanArray = match text(batch, &["refusal"])? {
@@ -205,7 +226,16 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
         };
         let verdict: StringArray = match text(batch, &["verdict"])? {
             Some(v) => v,
-            None => correct.iter().map(|c| Some(match c { Some(true) => "CORRECT", Some(false) => "INCORRECT", None => "EXCLUDED" })).collect(),
+            None => correct
+                .iter()
+                .map(|c| {
+                    Some(match c {
+                        Some(true) => "CORRECT",
+                        Some(false) => "INCORRECT",
+                        None => "EXCLUDED",
+                    })
+                })
+                .collect(),
         };
         (refusal, verdict, correct)
     };

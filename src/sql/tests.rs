@@ -23,7 +23,8 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn ctx(batch_size: usize) -> SessionContext {
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_batch_size(batch_size).with_target_partitions(3));
+    let ctx =
+        SessionContext::new_with_config(SessionConfig::new().with_batch_size(batch_size).with_target_partitions(3));
     super::udf::register(&ctx);
     ctx
 }
@@ -74,12 +75,25 @@ fn bh_window_reproduces_the_oracle_families() {
     // ORACLES.md §2, examples A, B and C as three partitions of one table, plus a NULL p that
     // stays outside its family.
     let a = [
-        0.0001, 0.0004, 0.0019, 0.0095, 0.0201, 0.0278, 0.0298, 0.0344, 0.0459, 0.3240, 0.4262, 0.5719, 0.6528,
-        0.7590, 1.000,
+        0.0001, 0.0004, 0.0019, 0.0095, 0.0201, 0.0278, 0.0298, 0.0344, 0.0459, 0.3240, 0.4262, 0.5719, 0.6528, 0.7590,
+        1.000,
     ];
     let a_adj = [
-        0.0015, 0.003, 0.0095, 0.035625, 0.0603, 0.0298 * 15.0 / 7.0, 0.0298 * 15.0 / 7.0, 0.0645, 0.0765, 0.486,
-        0.581182, 0.714875, 0.753231, 0.813214, 1.0,
+        0.0015,
+        0.003,
+        0.0095,
+        0.035625,
+        0.0603,
+        0.0298 * 15.0 / 7.0,
+        0.0298 * 15.0 / 7.0,
+        0.0645,
+        0.0765,
+        0.486,
+        0.581182,
+        0.714875,
+        0.753231,
+        0.813214,
+        1.0,
     ];
     let b = [0.01, 0.04, 0.03, 0.005, 0.20];
     let b_adj = [0.025, 0.05, 0.05, 0.025, 0.2];
@@ -110,7 +124,8 @@ fn bh_window_reproduces_the_oracle_families() {
     .unwrap();
     for batch_size in [1, 2, 3, 8192] {
         let ctx = ctx(batch_size);
-        ctx.register_table("t", Arc::new(MemTable::try_new(schema.clone(), vec![vec![batch.clone()]]).unwrap())).unwrap();
+        ctx.register_table("t", Arc::new(MemTable::try_new(schema.clone(), vec![vec![batch.clone()]]).unwrap()))
+            .unwrap();
         let out = sql(
             &ctx,
             "SELECT family, i, bh_adjust(p) OVER (PARTITION BY family) AS adj, \
@@ -199,9 +214,19 @@ proptest! {
 /// base and two fine-tuned checkpoints, conditions outside both tests, excluded answers,
 /// several samples.
 fn observation() -> impl Strategy<Value = Observation> {
-    (0..2usize, 0..4usize, 0..2usize, 0..5usize, 0..3usize, 0..5usize, 0..2u32, prop::option::weighted(0.9, any::<bool>()))
+    (
+        0..2usize,
+        0..4usize,
+        0..2usize,
+        0..5usize,
+        0..3usize,
+        0..5usize,
+        0..2u32,
+        prop::option::weighted(0.9, any::<bool>()),
+    )
         .prop_map(|(m, ck, ds, item, am, pt, sample, correct)| {
-            let (checkpoint, ft, epoch) = [("base", false, 0), ("base-b", false, 1), ("warm-1", true, 2), ("warm-2", true, 3)][ck];
+            let (checkpoint, ft, epoch) =
+                [("base", false, 0), ("base-b", false, 1), ("warm-1", true, 2), ("warm-2", true, 3)][ck];
             let dataset = ["trivia", "disinfo"][ds];
             let amendment = ["unmodified", "emotion:sad", "stake:high"][am];
             let prompt = ["original", "original_neutral", "correct", "incorrect", "other"][pt];
@@ -234,8 +259,17 @@ fn sql_from_scratch(obs: &[Observation]) -> Vec<Vec<String>> {
 }
 
 const COUNT_COLUMNS: [&str; 11] = [
-    "model", "base_checkpoint", "checkpoint", "checkpoint_epoch", "dataset", "test_type", "category", "both_correct",
-    "b", "c", "both_wrong",
+    "model",
+    "base_checkpoint",
+    "checkpoint",
+    "checkpoint_epoch",
+    "dataset",
+    "test_type",
+    "category",
+    "both_correct",
+    "b",
+    "c",
+    "both_wrong",
 ];
 
 fn view_rows(view: &PairedView) -> Vec<Vec<String>> {
@@ -324,7 +358,16 @@ proptest! {
     }
 }
 
-fn obs(model: &str, ckpt: &str, ft: bool, dataset: &str, item: usize, amendment: &str, prompt: &str, correct: bool) -> Observation {
+fn obs(
+    model: &str,
+    ckpt: &str,
+    ft: bool,
+    dataset: &str,
+    item: usize,
+    amendment: &str,
+    prompt: &str,
+    correct: bool,
+) -> Observation {
     Observation {
         response_key: format!("{model}/{ckpt}/{dataset}/{item}/{amendment}/{prompt}"),
         model: model.into(),
@@ -344,7 +387,13 @@ fn obs(model: &str, ckpt: &str, ft: bool, dataset: &str, item: usize, amendment:
 }
 
 /// Pairs with the given (base, ft) outcomes for one category.
-fn pairs_for(model: &str, ckpt: &str, dataset: &str, amendment: &str, outcomes: &[(bool, bool, usize)]) -> Vec<Observation> {
+fn pairs_for(
+    model: &str,
+    ckpt: &str,
+    dataset: &str,
+    amendment: &str,
+    outcomes: &[(bool, bool, usize)],
+) -> Vec<Observation> {
     let mut out = Vec::new();
     let mut item = 0;
     for &(base, ft, k) in outcomes {
@@ -362,8 +411,20 @@ fn family_sql_agrees_with_the_stats_library_and_updates_only_touched_families() 
     let mut engine = StatsEngine::new().unwrap();
     // Oracle rows of ORACLES.md §1 as categories of one family.
     let mut rows_a = Vec::new();
-    for (amendment, b, c) in [("unmodified", 12, 3), ("emotion:sad", 25, 9), ("stake:high", 10, 10), ("stake:low", 7, 0), ("emotion:happy", 0, 0)] {
-        rows_a.extend(pairs_for("A", "warm", "trivia", amendment, &[(true, true, 20), (true, false, b), (false, true, c), (false, false, 5)]));
+    for (amendment, b, c) in [
+        ("unmodified", 12, 3),
+        ("emotion:sad", 25, 9),
+        ("stake:high", 10, 10),
+        ("stake:low", 7, 0),
+        ("emotion:happy", 0, 0),
+    ] {
+        rows_a.extend(pairs_for(
+            "A",
+            "warm",
+            "trivia",
+            amendment,
+            &[(true, true, 20), (true, false, b), (false, true, c), (false, false, 5)],
+        ));
     }
     let rows_b = pairs_for("B", "warm", "trivia", "unmodified", &[(true, false, 4), (false, true, 1), (true, true, 3)]);
     engine.apply(&Observation::to_batch(&rows_a).unwrap(), 1).unwrap();
@@ -414,7 +475,9 @@ fn sql_table(engine: &StatsEngine) -> RecordBatch {
 fn regressions_from_maintained_cells_reproduce_the_glm_oracle() {
     // ORACLES.md §3 fixed effects: (model, dataset, base incorrect, warm incorrect) of 50.
     let mut rows = Vec::new();
-    for (m, ds, base, warm) in [("A", "disinfo", 10, 18), ("A", "trivia", 15, 22), ("B", "disinfo", 8, 12), ("B", "trivia", 20, 30)] {
+    for (m, ds, base, warm) in
+        [("A", "disinfo", 10, 18), ("A", "trivia", 15, 22), ("B", "disinfo", 8, 12), ("B", "trivia", 20, 30)]
+    {
         for i in 0..50 {
             rows.push(obs(m, "base", false, ds, i, "unmodified", "original", i >= base));
             rows.push(obs(m, "warm", true, ds, i, "unmodified", "original", i >= warm));
@@ -426,7 +489,8 @@ fn regressions_from_maintained_cells_reproduce_the_glm_oracle() {
     }
     let r = engine.refresh().unwrap();
     assert!(r.regressions);
-    let coef = sql(engine.context(), "SELECT term, estimate, se FROM coefficients WHERE model_spec = 'M1' ORDER BY term");
+    let coef =
+        sql(engine.context(), "SELECT term, estimate, se FROM coefficients WHERE model_spec = 'M1' ORDER BY term");
     let got: Vec<(String, f64, f64)> = rows_f(&coef);
     let want = [
         ("Intercept", -1.587705, 0.240637),

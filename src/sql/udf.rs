@@ -27,7 +27,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StructArray};
 use arrow::datatypes::{DataType, Field, FieldRef, Fields, Int64Type};
 use datafusion::common::{Result as DfResult, ScalarValue, exec_err};
-use datafusion::logical_expr::function::{AccumulatorArgs, PartitionEvaluatorArgs, StateFieldsArgs, WindowUDFFieldArgs};
+use datafusion::logical_expr::function::{
+    AccumulatorArgs, PartitionEvaluatorArgs, StateFieldsArgs, WindowUDFFieldArgs,
+};
 use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, PartitionEvaluator, ScalarFunctionArgs, ScalarUDF,
     ScalarUDFImpl, Signature, Volatility, WindowUDF, WindowUDFImpl,
@@ -54,8 +56,9 @@ pub fn register(ctx: &SessionContext) {
     ctx.register_udaf(AggregateUDF::from(PairedCountsAgg::new()));
 }
 
-/// A scalar function of the discordant counts (b, c).
-#[derive(Debug, PartialEq, Eq, Hash)]
+/// A scalar function of the discordant counts (b, c). Identified by its name (function
+/// pointers do not compare meaningfully).
+#[derive(Debug)]
 struct CountsFn {
     name: &'static str,
     f: fn(u64, u64) -> Option<f64>,
@@ -66,6 +69,20 @@ impl CountsFn {
     fn new(name: &'static str, f: fn(u64, u64) -> Option<f64>) -> Self {
         // Exact Int64: other integer types are coerced by the planner.
         CountsFn { name, f, signature: Signature::exact(vec![DataType::Int64, DataType::Int64], Volatility::Immutable) }
+    }
+}
+
+impl PartialEq for CountsFn {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for CountsFn {}
+
+impl std::hash::Hash for CountsFn {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
     }
 }
 
@@ -181,7 +198,9 @@ struct PairedCountsAgg {
 
 impl PairedCountsAgg {
     fn new() -> Self {
-        PairedCountsAgg { signature: Signature::exact(vec![DataType::Boolean, DataType::Boolean], Volatility::Immutable) }
+        PairedCountsAgg {
+            signature: Signature::exact(vec![DataType::Boolean, DataType::Boolean], Volatility::Immutable),
+        }
     }
 }
 
@@ -189,7 +208,9 @@ const COUNT_NAMES: [&str; 4] = ["both_correct", "b", "c", "both_wrong"];
 
 /// The struct type `paired_counts` returns.
 pub fn paired_counts_type() -> DataType {
-    DataType::Struct(Fields::from(COUNT_NAMES.iter().map(|n| Field::new(*n, DataType::Int64, false)).collect::<Vec<_>>()))
+    DataType::Struct(Fields::from(
+        COUNT_NAMES.iter().map(|n| Field::new(*n, DataType::Int64, false)).collect::<Vec<_>>(),
+    ))
 }
 
 impl AggregateUDFImpl for PairedCountsAgg {
@@ -269,8 +290,10 @@ impl Accumulator for PairedAccumulator {
     fn evaluate(&mut self) -> DfResult<ScalarValue> {
         let c = self.counts;
         let DataType::Struct(fields) = paired_counts_type() else { unreachable!("a struct type") };
-        let arrays: Vec<ArrayRef> =
-            [c.both_correct, c.b, c.c, c.both_wrong].into_iter().map(|v| Arc::new(Int64Array::from(vec![v])) as ArrayRef).collect();
+        let arrays: Vec<ArrayRef> = [c.both_correct, c.b, c.c, c.both_wrong]
+            .into_iter()
+            .map(|v| Arc::new(Int64Array::from(vec![v])) as ArrayRef)
+            .collect();
         Ok(ScalarValue::Struct(Arc::new(StructArray::new(fields, arrays, None))))
     }
 

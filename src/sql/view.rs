@@ -39,9 +39,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
-};
+use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::{Error, Result};
@@ -267,7 +265,7 @@ impl PairedView {
                 .get(&key)
                 .map(|v| v.iter().filter(|h| h.checkpoint == new.checkpoint && h.ft == new.ft).copied().collect())
                 .unwrap_or_default();
-            if old.len() == 1 && old[0].mult == 1 && Held { mult: 1, ..new } == old[0] {
+            if old.len() == 1 && old[0].mult == 1 && (Held { mult: 1, ..new }) == old[0] {
                 return;
             }
             for h in old {
@@ -342,10 +340,18 @@ impl PairedView {
         if let (Some(test), Some(mine)) = (test, v.correct) {
             for other in slots.iter().filter(|h| h.ft != v.ft && h.mult != 0) {
                 let Some(theirs) = other.correct else { continue };
-                let (base, cand, base_ok, ft_ok) =
-                    if v.ft { (other.checkpoint, v.checkpoint, theirs, mine) } else { (v.checkpoint, other.checkpoint, mine, theirs) };
-                let family =
-                    FamilyKey { model: key.model, base_checkpoint: base, checkpoint: cand, dataset: key.dataset, test_type: test };
+                let (base, cand, base_ok, ft_ok) = if v.ft {
+                    (other.checkpoint, v.checkpoint, theirs, mine)
+                } else {
+                    (v.checkpoint, other.checkpoint, mine, theirs)
+                };
+                let family = FamilyKey {
+                    model: key.model,
+                    base_checkpoint: base,
+                    checkpoint: cand,
+                    dataset: key.dataset,
+                    test_type: test,
+                };
                 let categories = self.paired.entry(family).or_default();
                 let counts = categories.entry(key.amendment).or_default();
                 counts.add(base_ok, ft_ok, diff * other.mult);
@@ -416,7 +422,14 @@ impl PairedView {
     }
 
     /// Looks a family up by its names.
-    pub fn family_key(&self, model: &str, base: &str, checkpoint: &str, dataset: &str, test: &str) -> Option<FamilyKey> {
+    pub fn family_key(
+        &self,
+        model: &str,
+        base: &str,
+        checkpoint: &str,
+        dataset: &str,
+        test: &str,
+    ) -> Option<FamilyKey> {
         let s = &self.strings;
         Some(FamilyKey {
             model: s.get(model)?,
@@ -440,21 +453,21 @@ impl PairedView {
         }
         let s = &self.strings;
         rows.sort_by(|a, b| (self.family_names(&a.0), s.name(a.1)).cmp(&(self.family_names(&b.0), s.name(b.1))));
-        let strs = |f: &dyn Fn(&(FamilyKey, Sym, PairedCounts)) -> &str| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+        let strs = |v: Vec<&str>| -> ArrayRef { Arc::new(StringArray::from(v)) };
+        let ints = |f: &dyn Fn(&PairedCounts) -> i64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| f(&r.2))))
         };
-        let ints = |f: &dyn Fn(&PairedCounts) -> i64| -> ArrayRef { Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| f(&r.2)))) };
         let epochs: ArrayRef = Arc::new(UInt64Array::from_iter_values(
             rows.iter().map(|r| self.epochs.get(&(r.0.model, r.0.checkpoint)).copied().unwrap_or(0)),
         ));
         let columns = vec![
-            strs(&|r| s.name(r.0.model)),
-            strs(&|r| s.name(r.0.base_checkpoint)),
-            strs(&|r| s.name(r.0.checkpoint)),
+            strs(rows.iter().map(|r| s.name(r.0.model)).collect()),
+            strs(rows.iter().map(|r| s.name(r.0.base_checkpoint)).collect()),
+            strs(rows.iter().map(|r| s.name(r.0.checkpoint)).collect()),
             epochs,
-            strs(&|r| s.name(r.0.dataset)),
-            strs(&|r| r.0.test_type.as_str()),
-            strs(&|r| s.name(r.1)),
+            strs(rows.iter().map(|r| s.name(r.0.dataset)).collect()),
+            strs(rows.iter().map(|r| r.0.test_type.as_str()).collect()),
+            strs(rows.iter().map(|r| s.name(r.1)).collect()),
             ints(&|c| c.both_correct),
             ints(&|c| c.b),
             ints(&|c| c.c),
@@ -467,21 +480,73 @@ impl PairedView {
     pub fn cells_batch(&self) -> Result<RecordBatch> {
         let s = &self.strings;
         let mut rows: Vec<(&CellKey, &CellCounts)> = self.cells.iter().collect();
-        let names = |k: &CellKey| (s.name(k.model), k.epoch, s.name(k.checkpoint), s.name(k.dataset), s.name(k.amendment), s.name(k.prompt_type), k.ft);
-        rows.sort_by(|a, b| names(a.0).cmp(&names(b.0)));
-        let strs = |f: &dyn Fn(&CellKey) -> &str| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| f(r.0))))
+        let names = |k: &CellKey| {
+            (
+                s.name(k.model),
+                k.epoch,
+                s.name(k.checkpoint),
+                s.name(k.dataset),
+                s.name(k.amendment),
+                s.name(k.prompt_type),
+                k.ft,
+            )
         };
-        let ints = |f: &dyn Fn(&CellCounts) -> i64| -> ArrayRef { Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| f(r.1)))) };
+        rows.sort_by(|a, b| names(a.0).cmp(&names(b.0)));
+        let strs = |v: Vec<&str>| -> ArrayRef { Arc::new(StringArray::from(v)) };
+        let ints = |f: &dyn Fn(&CellCounts) -> i64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| f(r.1))))
+        };
         let columns = vec![
-            strs(&|k| s.name(k.model)),
-            strs(&|k| s.name(k.checkpoint)),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.model)
+                    })
+                    .collect(),
+            ),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.checkpoint)
+                    })
+                    .collect(),
+            ),
             Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.0.epoch))) as ArrayRef,
             Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.0.ft)))) as ArrayRef,
-            strs(&|k| s.name(k.dataset)),
-            strs(&|k| s.name(k.amendment)),
-            strs(&|k| amendment_group(s.name(k.amendment))),
-            strs(&|k| s.name(k.prompt_type)),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.dataset)
+                    })
+                    .collect(),
+            ),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.amendment)
+                    })
+                    .collect(),
+            ),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        amendment_group(s.name(k.amendment))
+                    })
+                    .collect(),
+            ),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.prompt_type)
+                    })
+                    .collect(),
+            ),
             ints(&|c| c.responses),
             ints(&|c| c.refusals),
             ints(&|c| c.excluded),
