@@ -7,6 +7,7 @@
 //!   families an update touched, and the regressions M1–M4 refitted from the cell counts.
 //! - [`queries`]: the report queries.
 //! - [`input`]: observation files (archives, CSV, Parquet, the paper's CSVs).
+//! - [`follow`]: the dataflow hook: when an epoch completes, its observations update the engine.
 //!
 //! ```
 //! let engine = candor::sql::engine::StatsEngine::new().unwrap();
@@ -17,6 +18,7 @@
 pub mod analyze;
 pub mod bench;
 pub mod engine;
+pub mod follow;
 pub mod input;
 pub mod queries;
 pub mod udf;
