@@ -124,6 +124,17 @@ fn paper_path(path: &Path) -> (Option<String>, Option<String>, Option<String>) {
 }
 
 fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
+    let schema = crate::schema::arrow_schema("observation")?;
+    // Files Candor wrote (or that follow the schema exactly) need no conversion.
+    let same = |a: &Field, b: &Field| a.name() == b.name() && a.data_type() == b.data_type();
+    if batch.schema().fields().len() == schema.fields().len()
+        && batch.schema().fields().iter().zip(schema.fields()).all(|(a, b)| same(a, b))
+    {
+        // A nullable column where the schema forbids nulls falls through to the checks below.
+        if let Ok(b) = batch.clone().with_schema(schema.clone()) {
+            return Ok(b);
+        }
+    }
     let n = batch.num_rows();
     let loc = || Location::file(path);
     let need = |v: Option<StringArray>, what: &str| v.ok_or_else(|| Error::input(loc(), format!("no `{what}` column")));
@@ -248,7 +259,6 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
         Some(k) => k,
         None => (0..n).map(|i| Some(format!("{stem}:{i}"))).collect(),
     };
-    let schema = crate::schema::arrow_schema("observation")?;
     let columns: Vec<ArrayRef> = vec![
         Arc::new(response_key),
         Arc::new(model),
