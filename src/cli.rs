@@ -141,6 +141,36 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         fault_seed: u64,
     },
+    /// The paper's statistics from observations: per-family McNemar tables with BH, error
+    /// rates, sycophancy, refusals, checkpoint trajectories and the regressions M1–M4 with
+    /// average marginal effects. Inputs are archives, or CSV/Parquet observation files
+    /// (including the paper's released per-model CSVs); see `candor::sql::input` for columns.
+    Analyze {
+        /// Archive directories or observation files (.csv, .tsv, .parquet).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Write every report as <report>.parquet / .csv into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Which files to write with --out.
+        #[arg(long, value_enum, default_value_t = crate::sql::analyze::Export::Both)]
+        export: crate::sql::analyze::Export,
+        /// Model of every row, for files without a `model` column.
+        #[arg(long)]
+        model: Option<String>,
+        /// Dataset of every row, for files without a `dataset` column.
+        #[arg(long)]
+        dataset: Option<Dataset>,
+        /// Side of every row (true = fine-tuned), for files without `is_finetuned`.
+        #[arg(long)]
+        finetuned: Option<bool>,
+        /// Checkpoint of every row, for files without a `checkpoint` column.
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Refusal phrase list applied to the paper's CSVs.
+        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
+        refusal: RefusalArg,
+    },
     /// Print the declared schema of every stream (or one).
     Schema {
         /// A stream name: item, trial, response, verdict, observation.
@@ -166,6 +196,23 @@ pub enum Bench {
         repeat: usize,
         #[command(flatten)]
         cluster: Cluster,
+    },
+    /// Candor's full statistical analysis against pandas + statsmodels on synthetic observations
+    /// at the paper's scale (439,792 rows) and multiples of it, and the latency of an
+    /// incremental update (one checkpoint, ~8,000 observations) with small and large history.
+    Stats {
+        /// Where to write the synthetic observation files (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Multiples of the paper's size to run.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 10])]
+        scales: Vec<usize>,
+        /// Python with pandas and statsmodels (default: $CANDOR_PYTHON, else scripts/python-env).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Measure Candor only.
+        #[arg(long)]
+        skip_python: bool,
     },
 }
 
@@ -369,6 +416,23 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?
+        }
+        Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
+            crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
+        }
+        Command::Analyze { inputs, out, export, model, dataset, finetuned, checkpoint, refusal } => {
+            let opts = crate::sql::input::InputOptions {
+                model,
+                dataset,
+                finetuned,
+                checkpoint,
+                refusal: Some(RefusalRules::new(refusal.into())),
+            };
+            let analysis = crate::sql::analyze::analyze(&inputs, &opts)?;
+            if let Some(dir) = &out {
+                analysis.export(dir, export)?;
+            }
+            analysis.print(json)?;
         }
     }
     Ok(())

@@ -18,4 +18,5 @@ pub mod records;
 pub mod schema;
 pub mod score;
 pub mod serve;
+pub mod sql;
 pub mod stats;

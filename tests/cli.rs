@@ -304,7 +304,10 @@ fn local_model() -> Option<PathBuf> {
 }
 
 fn generation_experiment(dir: &Path, backend: &str, checkpoints: &str) -> PathBuf {
-    let p = dir.join(format!("gen-{}.toml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let p = dir.join(format!(
+        "gen-{}.toml",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
     std::fs::write(
         &p,
         format!(
@@ -397,7 +400,9 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     let client = |port: u16, retries: u32| {
         generation_experiment(
             dir.path(),
-            &format!("{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", max_retries = {retries}, timeout_secs = 60, max_concurrency = 4, api_key_env = \"CANDOR_TEST_API_KEY\" }}"),
+            &format!(
+                "{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", max_retries = {retries}, timeout_secs = 60, max_concurrency = 4, api_key_env = \"CANDOR_TEST_API_KEY\" }}"
+            ),
             "[[models.checkpoints]]\nid = \"served\"\n",
         )
     };
@@ -426,12 +431,109 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     dead.wait().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("gave up after 3 attempts") && err.contains("500"), "{err}");
-    assert!(!Archive::open(&out, Format::Parquet).unwrap().has("response").unwrap(), "nothing half-done looks complete");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("gave up after 3 attempts") && err.contains("500"),
+        "{err}"
+    );
+    assert!(
+        !Archive::open(&out, Format::Parquet).unwrap().has("response").unwrap(),
+        "nothing half-done looks complete"
+    );
 
     // The API key is sent but never written anywhere.
     for (path, bytes) in tree(dir.path()) {
         assert!(!bytes.windows(21).any(|w| w == b"sk-candor-test-secret"), "the key leaked into {}", path.display());
     }
     assert!(!err.contains("sk-candor-test-secret"));
+}
+
+fn python_or_skip(what: &str) -> Option<std::ffi::OsString> {
+    let python = std::env::var_os("CANDOR_PYTHON");
+    if python.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide CANDOR_PYTHON (scripts/python-env)");
+        eprintln!("CANDOR_PYTHON not set: skipping {what} (scripts/test sets it)");
+    }
+    python
+}
+
+fn report_rows<'a>(lines: &'a [serde_json::Value], report: &str) -> Vec<&'a serde_json::Value> {
+    lines.iter().filter(|l| l["report"] == report).collect()
+}
+
+#[test]
+fn analyze_reads_the_papers_csvs_and_observation_files_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    // The paper's layout: <model>/<original|warm>/<dataset>_<side>_outputs.csv.
+    let mut files = Vec::new();
+    let mut obs_csv = String::from("model,is_finetuned,dataset,item_key,amendment_type,prompt_type,correct\n");
+    for (side, ft) in [("original", false), ("warm", true)] {
+        let d = dir.path().join("qwen").join(side);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut csv = String::from("content_key,prompt_template,amendment_type,output,evaluation\n");
+        for i in 0..40 {
+            // Base right on 0..30; warm wrong on 0..12 and right on 30..34: b = 12, c = 4.
+            let correct = if ft { (12..34).contains(&i) } else { i < 30 };
+            let output = if i == 39 { "I can't help with that." } else { "An answer." };
+            let label = if correct { "CORRECT" } else { "incorrect" };
+            csv.push_str(&format!("Question {i}?,original,emotion:sad,{output},{label}\n"));
+            let correct_col = if i == 39 { String::new() } else { correct.to_string() };
+            obs_csv.push_str(&format!("qwen,{ft},trivia,Question {i}?,emotion:sad,original,{correct_col}\n"));
+        }
+        let f = d.join(format!("trivia_{side}_outputs.csv"));
+        std::fs::write(&f, csv).unwrap();
+        files.push(f);
+    }
+    let paper_out = dir.path().join("paper-results");
+    let mut args = vec!["analyze".to_string()];
+    args.extend(files.iter().map(|f| f.to_string_lossy().into_owned()));
+    args.extend(["--out".into(), paper_out.to_string_lossy().into_owned(), "--json".into()]);
+    let lines = json_lines(&ok(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(lines[0]["observations"], 80);
+    assert_eq!(lines[0]["excluded"], 2, "the refusals are counted and excluded (trivia)");
+    let fam = report_rows(&lines, "family_table");
+    assert_eq!(fam.len(), 1);
+    assert_eq!((fam[0]["model"].as_str(), fam[0]["checkpoint"].as_str()), (Some("qwen"), Some("warm")));
+    assert_eq!((fam[0]["b"].as_i64(), fam[0]["c"].as_i64(), fam[0]["n"].as_i64()), (Some(12), Some(4), Some(39)));
+    let p = fam[0]["p_exact"].as_f64().unwrap();
+    assert!((p - 0.076812744140625).abs() < 1e-15, "exact McNemar for b = 12, c = 4: {p}");
+    assert!(paper_out.join("family_table.parquet").exists() && paper_out.join("effects.csv").exists());
+
+    let obs_file = dir.path().join("observations.csv");
+    std::fs::write(&obs_file, obs_csv).unwrap();
+    let obs_out = dir.path().join("obs-results");
+    ok(&["analyze", obs_file.to_str().unwrap(), "--out", obs_out.to_str().unwrap(), "--export", "csv", "--json"]);
+    // Same statistics; only the checkpoint names differ (the paper's side directory vs default).
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap().replace("original", "base").replace("warm", "finetuned");
+    assert_eq!(read(&obs_out.join("family_table.csv")), read(&paper_out.join("family_table.csv")));
+    assert!(!obs_out.join("family_table.parquet").exists());
+
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "model,is_finetuned,dataset,item_key,amendment_type,prompt_type,correct\nm,maybe,trivia,q,unmodified,original,true\n").unwrap();
+    let out = candor(&["analyze", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is_finetuned"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn statistics_agree_with_statsmodels_on_random_data() {
+    let Some(python) = python_or_skip("the statsmodels cross-check") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for seed in [3u64, 17] {
+        let obs = dir.path().join(format!("obs-{seed}.parquet"));
+        candor::sql::bench::write_parquet(&obs, &candor::sql::bench::synthetic(60_000, seed, 1).unwrap()).unwrap();
+        let out = dir.path().join(format!("candor-{seed}"));
+        ok(&["analyze", obs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--export", "parquet", "--json"]);
+        let o = Command::new(&python)
+            .arg(repo("scripts/stats_reference.py"))
+            .arg("crosscheck")
+            .arg(&obs)
+            .arg(&out)
+            .output()
+            .unwrap();
+        let figures = String::from_utf8_lossy(&o.stdout);
+        eprintln!("seed {seed}: {figures}");
+        assert!(o.status.success(), "disagreement with statsmodels: {figures}\n{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_str(figures.trim()).unwrap();
+        assert!(v["categories"].as_u64().unwrap() > 500 && v["coefficients"].as_u64().unwrap() > 40);
+    }
 }

@@ -1,0 +1,141 @@
+//! `candor analyze`: the paper's tables and regressions from observations, printed and
+//! exported as Parquet and CSV (one file per report, named after its query).
+//!
+//! ```no_run
+//! use candor::sql::analyze::{analyze, Export};
+//! use candor::sql::input::InputOptions;
+//! let analysis = analyze(&["runs/paper".into()], &InputOptions::default()).unwrap();
+//! analysis.export("results".as_ref(), Export::Both).unwrap();
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use arrow::array::RecordBatch;
+use arrow::compute::concat_batches;
+
+use super::engine::{Refresh, StatsEngine};
+use super::input::{InputOptions, read_observations};
+use super::queries::REPORTS;
+use crate::error::{Error, Result};
+
+/// Which files [`Analysis::export`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Export {
+    Parquet,
+    Csv,
+    Both,
+}
+
+/// The outcome of an analysis: every report as one batch.
+pub struct Analysis {
+    pub observations: usize,
+    /// Observations with `correct` null: counted, not used.
+    pub excluded: usize,
+    pub refresh: Refresh,
+    /// (report name, rows), in print order: the SQL reports, then `coefficients` and `effects`.
+    pub reports: Vec<(String, RecordBatch)>,
+}
+
+/// Reads every input, maintains the counts in one pass, and runs every report.
+pub fn analyze(inputs: &[PathBuf], opts: &InputOptions) -> Result<Analysis> {
+    let mut engine = StatsEngine::new()?;
+    let (mut observations, mut excluded) = (0, 0);
+    for path in inputs {
+        for batch in read_observations(path, opts)? {
+            observations += batch.num_rows();
+            excluded += batch.column_by_name("correct").map(|c| c.null_count()).unwrap_or(0);
+            engine.apply(&batch, 1)?;
+        }
+    }
+    let refresh = engine.refresh()?;
+    let reports = reports(&engine)?;
+    Ok(Analysis { observations, excluded, refresh, reports })
+}
+
+/// Runs every report query of an engine, plus the regression tables.
+pub fn reports(engine: &StatsEngine) -> Result<Vec<(String, RecordBatch)>> {
+    let mut out = Vec::new();
+    for q in REPORTS {
+        let batches = engine.query(q.sql)?;
+        let schema = match batches.first() {
+            Some(b) => b.schema(),
+            None => engine
+                .block_on(async { engine.context().sql(q.sql).await.map(|df| df.schema().as_arrow().clone()) })
+                .map(std::sync::Arc::new)
+                .map_err(|e| Error::Internal(format!("planning {}: {e}", q.name)))?,
+        };
+        out.push((q.name.to_string(), concat_batches(&schema, &batches).map_err(|e| Error::arrow(q.name, e))?));
+    }
+    out.push(("coefficients".into(), engine.coefficients().clone()));
+    out.push(("effects".into(), engine.effects().clone()));
+    Ok(out)
+}
+
+impl Analysis {
+    /// Writes `<dir>/<report>.parquet` and/or `.csv` for every report.
+    pub fn export(&self, dir: &Path, what: Export) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        for (name, batch) in &self.reports {
+            if matches!(what, Export::Parquet | Export::Both) {
+                let path = dir.join(format!("{name}.parquet"));
+                let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+                let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
+                    .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+                w.write(batch).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+                w.close().map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+            }
+            if matches!(what, Export::Csv | Export::Both) {
+                let path = dir.join(format!("{name}.csv"));
+                let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(file);
+                w.write(batch).map_err(|e| Error::arrow(path.display().to_string(), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prints every report as a table, or as JSON lines with a `report` field.
+    pub fn print(&self, json: bool) -> Result<()> {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"observations": self.observations, "excluded": self.excluded,
+                    "families": self.refresh.families, "regression_errors": self.refresh.regression_errors})
+            );
+        } else {
+            println!(
+                "{} observations ({} excluded from statistics: refusals outside disinfo, unparseable, judge errors); {} families",
+                self.observations, self.excluded, self.refresh.families
+            );
+            for e in &self.refresh.regression_errors {
+                println!("regression not fitted: {e}");
+            }
+        }
+        for (name, batch) in &self.reports {
+            if json {
+                let mut buf = Vec::new();
+                let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+                w.write(batch).map_err(|e| Error::arrow(name.clone(), e))?;
+                w.finish().map_err(|e| Error::arrow(name.clone(), e))?;
+                drop(w);
+                for line in String::from_utf8_lossy(&buf).lines() {
+                    let mut row: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_str(line).map_err(|e| Error::Internal(e.to_string()))?;
+                    row.insert("report".into(), name.clone().into());
+                    println!("{}", serde_json::Value::Object(row));
+                }
+            } else {
+                println!("\n== {name} ({} rows)", batch.num_rows());
+                let shown = batch.slice(0, batch.num_rows().min(200));
+                println!(
+                    "{}",
+                    arrow::util::pretty::pretty_format_batches(&[shown]).map_err(|e| Error::arrow(name.clone(), e))?
+                );
+                if batch.num_rows() > 200 {
+                    println!("… {} more rows (use --out to export them all)", batch.num_rows() - 200);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! The statistics engine: a [`PairedView`] kept up to date by observation batches, registered
+//! with DataFusion as tables, and the per-family results maintained family by family.
+//!
+//! Tables of [`StatsEngine::context`]:
+//!
+//! | table | rows |
+//! |---|---|
+//! | `observations` | every observation batch applied with a positive diff (when kept) |
+//! | `paired_counts` | one per family category (see [`crate::sql::view::paired_counts_schema`]) |
+//! | `cells` | answer counts per model × checkpoint × dataset × amendment × prompt type |
+//! | `family_results` | the rows of `queries/family_stats.sql` for every family |
+//! | `coefficients`, `effects` | the regressions M1–M4: coefficients, per-context effects and AMEs |
+//!
+//! [`StatsEngine::refresh`] recomputes what changed since the last refresh: `family_stats.sql`
+//! runs over the dirty families' paired counts only, and their stored rows are replaced; the
+//! regressions are refitted from the cell counts (tens of cells, well under a millisecond).
+//!
+//! ```
+//! use candor::records::Observation;
+//! use candor::schema::Record;
+//! use candor::sql::engine::StatsEngine;
+//! let obs = |ckpt: &str, ft: bool, item: &str, correct: bool| Observation {
+//!     response_key: format!("{ckpt}/{item}"), model: "m".into(), checkpoint: ckpt.into(),
+//!     checkpoint_epoch: ft as u64, is_finetuned: ft, dataset: "trivia".into(), item_key: item.into(),
+//!     amendment_type: "unmodified".into(), amendment_group: "unmodified".into(),
+//!     prompt_type: "original".into(), sample_index: 0, refusal: false,
+//!     verdict: String::new(), correct: Some(correct),
+//! };
+//! let mut engine = StatsEngine::new().unwrap();
+//! let rows: Vec<_> = (0..15).flat_map(|i| {
+//!     let item = format!("q{i}");
+//!     [obs("base", false, &item, true), obs("warm", true, &item, i < 3)]
+//! }).collect();
+//! engine.apply(&Observation::to_batch(&rows).unwrap(), 1).unwrap();
+//! let refreshed = engine.refresh().unwrap();
+//! assert_eq!(refreshed.families, 1);
+//! let table = engine.query(candor::sql::queries::FAMILY_TABLE.sql).unwrap();
+//! assert_eq!(table[0].num_rows(), 1); // one category: unmodified, b = 12, c = 0
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow::compute::{concat_batches, take_record_batch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use super::queries::{FAMILY_STATS, REGRESSION_CELLS};
+use super::view::{FamilyKey, PairedView, cells_schema, paired_counts_schema};
+use crate::error::{Error, Result};
+use crate::stats::models::{self, CellCount, ContextModel};
+
+fn df_err(context: &str, e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("{context}: {e}"))
+}
+
+/// What one refresh recomputed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Refresh {
+    /// Families whose rows were recomputed.
+    pub families: usize,
+    /// Whether the regressions were refitted.
+    pub regressions: bool,
+    /// Regressions that could not be fitted, with the reason.
+    pub regression_errors: Vec<String>,
+}
+
+/// The engine: maintained counts, DataFusion session and stored results.
+pub struct StatsEngine {
+    view: PairedView,
+    runtime: tokio::runtime::Runtime,
+    ctx: SessionContext,
+    keep_observations: bool,
+    observations: Vec<RecordBatch>,
+    family_results: BTreeMap<FamilyKey, RecordBatch>,
+    family_schema: Option<SchemaRef>,
+    coefficients: RecordBatch,
+    effects: RecordBatch,
+}
+
+impl StatsEngine {
+    /// An empty engine that does not keep raw observations (the counts are all it needs).
+    pub fn new() -> Result<Self> {
+        Self::with_options(false, 8192)
+    }
+
+    /// `keep_observations` registers the raw rows as the `observations` table (for ad-hoc
+    /// queries and `paired_counts.sql`); `batch_size` is DataFusion's execution batch size.
+    pub fn with_options(keep_observations: bool, batch_size: usize) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| df_err("starting the query runtime", e))?;
+        let config = SessionConfig::new().with_batch_size(batch_size).with_target_partitions(2);
+        let ctx = SessionContext::new_with_config(config);
+        super::udf::register(&ctx);
+        let mut engine = StatsEngine {
+            view: PairedView::default(),
+            runtime,
+            ctx,
+            keep_observations,
+            observations: Vec::new(),
+            family_results: BTreeMap::new(),
+            family_schema: None,
+            coefficients: RecordBatch::new_empty(coefficients_schema()),
+            effects: RecordBatch::new_empty(effects_schema()),
+        };
+        engine.register_all()?;
+        Ok(engine)
+    }
+
+    /// Applies an observation batch with multiplicity `diff` (−1 retracts it).
+    pub fn apply(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
+        self.view.apply(batch, diff)?;
+        if self.keep_observations && diff > 0 {
+            for _ in 0..diff {
+                self.observations.push(batch.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces observations (a re-judged answer replaces its previous verdict).
+    pub fn upsert(&mut self, batch: &RecordBatch) -> Result<()> {
+        if self.keep_observations {
+            return Err(Error::Internal("upsert is not supported while raw observations are kept".into()));
+        }
+        self.view.upsert(batch)
+    }
+
+    pub fn view(&self) -> &PairedView {
+        &self.view
+    }
+
+    /// Recomputes the families and regressions an update changed; untouched families keep
+    /// their stored rows.
+    pub fn refresh(&mut self) -> Result<Refresh> {
+        let (dirty, cells_dirty) = self.view.take_dirty();
+        let mut report = Refresh { families: dirty.len(), ..Refresh::default() };
+        if !dirty.is_empty() {
+            self.recompute_families(&dirty)?;
+        }
+        if cells_dirty || !dirty.is_empty() {
+            self.register_counts()?;
+        }
+        if cells_dirty {
+            report.regression_errors = self.refit_regressions()?;
+            report.regressions = true;
+        }
+        Ok(report)
+    }
+
+    /// Recomputes every family from the maintained counts.
+    pub fn refresh_all(&mut self) -> Result<Refresh> {
+        self.view.mark_all_dirty();
+        self.refresh()
+    }
+
+    fn recompute_families(&mut self, dirty: &BTreeSet<FamilyKey>) -> Result<()> {
+        let subset = self.view.paired_counts_batch(Some(dirty))?;
+        let scratch = SessionContext::new_with_config(self.ctx.copied_config());
+        super::udf::register(&scratch);
+        register(&scratch, "paired_counts", paired_counts_schema(), vec![subset])?;
+        let batches = self.run(&scratch, FAMILY_STATS.sql)?;
+        for key in dirty {
+            self.family_results.remove(key);
+        }
+        let Some(first) = batches.first() else { return Ok(()) };
+        let schema = first.schema();
+        self.family_schema = Some(schema.clone());
+        let all = concat_batches(&schema, &batches).map_err(|e| Error::arrow("family_stats", e))?;
+        let mut rows: BTreeMap<FamilyKey, Vec<u64>> = BTreeMap::new();
+        let col = |n: &str| all.column_by_name(n).expect("family_stats.sql selects it").as_string::<i32>().clone();
+        let (model, base, ckpt, dataset, test) =
+            (col("model"), col("base_checkpoint"), col("checkpoint"), col("dataset"), col("test_type"));
+        for i in 0..all.num_rows() {
+            let key = self
+                .view
+                .family_key(model.value(i), base.value(i), ckpt.value(i), dataset.value(i), test.value(i))
+                .ok_or_else(|| Error::Internal("family_stats.sql returned an unknown family".into()))?;
+            rows.entry(key).or_default().push(i as u64);
+        }
+        for (key, idx) in rows {
+            let batch =
+                take_record_batch(&all, &UInt64Array::from(idx)).map_err(|e| Error::arrow("family_stats", e))?;
+            self.family_results.insert(key, batch);
+        }
+        Ok(())
+    }
+
+    fn refit_regressions(&mut self) -> Result<Vec<String>> {
+        let batches = self.query(REGRESSION_CELLS.sql)?;
+        let mut table = Vec::new();
+        for b in &batches {
+            let s = |n: &str| b.column_by_name(n).expect("selected").as_string::<i32>().clone();
+            let (model, dataset, amendment, prompt) = (s("model"), s("dataset"), s("amendment_type"), s("prompt_type"));
+            let ft = b.column_by_name("is_finetuned").expect("selected").as_boolean().clone();
+            let incorrect = b.column_by_name("incorrect").expect("selected").as_primitive::<Int64Type>().clone();
+            let n = b.column_by_name("n").expect("selected").as_primitive::<Int64Type>().clone();
+            for i in 0..b.num_rows() {
+                table.push(CellCount::new(
+                    model.value(i),
+                    dataset.value(i),
+                    amendment.value(i),
+                    prompt.value(i),
+                    ft.value(i),
+                    incorrect.value(i).max(0) as u64,
+                    n.value(i).max(0) as u64,
+                ));
+            }
+        }
+        let (coefficients, effects, errors) = fit_regressions(&table)?;
+        self.coefficients = coefficients;
+        self.effects = effects;
+        register(&self.ctx, "coefficients", coefficients_schema(), vec![self.coefficients.clone()])?;
+        register(&self.ctx, "effects", effects_schema(), vec![self.effects.clone()])?;
+        Ok(errors)
+    }
+
+    fn register_all(&mut self) -> Result<()> {
+        self.register_counts()?;
+        register(&self.ctx, "coefficients", coefficients_schema(), vec![self.coefficients.clone()])?;
+        register(&self.ctx, "effects", effects_schema(), vec![self.effects.clone()])?;
+        Ok(())
+    }
+
+    fn register_counts(&mut self) -> Result<()> {
+        register(&self.ctx, "paired_counts", paired_counts_schema(), vec![self.view.paired_counts_batch(None)?])?;
+        register(&self.ctx, "cells", cells_schema(), vec![self.view.cells_batch()?])?;
+        let schema = match &self.family_schema {
+            Some(s) => s.clone(),
+            None => self.empty_family_schema()?,
+        };
+        register(&self.ctx, "family_results", schema, self.family_results.values().cloned().collect())?;
+        let obs_schema = crate::schema::arrow_schema("observation")?;
+        register(&self.ctx, "observations", obs_schema, self.observations.clone())?;
+        Ok(())
+    }
+
+    /// The output schema of `family_stats.sql`, from planning it over an empty table.
+    fn empty_family_schema(&mut self) -> Result<SchemaRef> {
+        let scratch = SessionContext::new();
+        super::udf::register(&scratch);
+        register(&scratch, "paired_counts", paired_counts_schema(), vec![])?;
+        let df =
+            self.runtime.block_on(scratch.sql(FAMILY_STATS.sql)).map_err(|e| df_err("planning family_stats.sql", e))?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        self.family_schema = Some(schema.clone());
+        Ok(schema)
+    }
+
+    /// Runs SQL against the engine's tables.
+    pub fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        self.run(&self.ctx, sql)
+    }
+
+    fn run(&self, ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+        self.runtime.block_on(async {
+            let df = ctx.sql(sql).await.map_err(|e| df_err("planning a query", e))?;
+            df.collect().await.map_err(|e| df_err("running a query", e))
+        })
+    }
+
+    /// The DataFusion session with every table registered, for ad-hoc SQL.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Blocks on a future on the engine's runtime (DataFusion is async).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    pub fn coefficients(&self) -> &RecordBatch {
+        &self.coefficients
+    }
+
+    pub fn effects(&self) -> &RecordBatch {
+        &self.effects
+    }
+}
+
+fn register(ctx: &SessionContext, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+    let table = MemTable::try_new(schema, vec![batches]).map_err(|e| df_err(&format!("table `{name}`"), e))?;
+    ctx.deregister_table(name).map_err(|e| df_err(&format!("table `{name}`"), e))?;
+    ctx.register_table(name, Arc::new(table)).map_err(|e| df_err(&format!("table `{name}`"), e))?;
+    Ok(())
+}
+
+/// Columns of the `coefficients` table: every coefficient of M1–M4 on the log-odds scale.
+pub fn coefficients_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("model_spec", DataType::Utf8, false),
+        Field::new("term", DataType::Utf8, false),
+        Field::new("estimate", DataType::Float64, false),
+        Field::new("se", DataType::Float64, false),
+        Field::new("z", DataType::Float64, false),
+        Field::new("p", DataType::Float64, false),
+    ]))
+}
+
+/// Columns of the `effects` table: the effect of fine-tuning per model and context, on the
+/// log-odds scale (β_ft + β_ft:context, SE from the covariance) and as the counterfactual
+/// average marginal effect in percentage points. M1 has the single context `all`.
+pub fn effects_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("model_spec", DataType::Utf8, false),
+        Field::new("context", DataType::Utf8, false),
+        Field::new("log_odds", DataType::Float64, false),
+        Field::new("se", DataType::Float64, false),
+        Field::new("z", DataType::Float64, false),
+        Field::new("p", DataType::Float64, false),
+        Field::new("ame_pp", DataType::Float64, false),
+        Field::new("n", DataType::UInt64, false),
+    ]))
+}
+
+/// Fits M1–M4 on a cell table; a model that cannot be fitted is reported, not fatal.
+pub fn fit_regressions(table: &[CellCount]) -> Result<(RecordBatch, RecordBatch, Vec<String>)> {
+    let mut coef: Vec<(String, String, crate::stats::glm::Estimate)> = Vec::new();
+    let mut eff: Vec<(String, String, crate::stats::glm::Estimate, f64, u64)> = Vec::new();
+    let mut errors = Vec::new();
+    match models::m1(table) {
+        Ok(m) => {
+            coef.extend(m.fit.summary().into_iter().map(|(t, e)| ("M1".to_string(), t, e)));
+            let n = m.fit.nobs as u64;
+            eff.push(("M1".into(), "all".into(), m.ft, 100.0 * m.ame, n));
+        }
+        Err(e) => errors.push(e.to_string()),
+    }
+    let specs: [(&str, fn(&[CellCount]) -> std::result::Result<ContextModel, models::ModelError>); 3] =
+        [("M2", models::m2), ("M3", models::m3), ("M4", models::m4)];
+    for (name, f) in specs {
+        match f(table) {
+            Ok(m) => {
+                coef.extend(m.fit.summary().into_iter().map(|(t, e)| (name.to_string(), t, e)));
+                eff.extend(
+                    m.effects.into_iter().map(|e| (name.to_string(), e.context, e.log_odds, 100.0 * e.ame, e.n)),
+                );
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let f64s = |v: Vec<f64>| Arc::new(Float64Array::from(v)) as ArrayRef;
+    let strs = |v: Vec<&str>| Arc::new(StringArray::from(v)) as ArrayRef;
+    let coefficients = RecordBatch::try_new(
+        coefficients_schema(),
+        vec![
+            strs(coef.iter().map(|c| c.0.as_str()).collect()),
+            strs(coef.iter().map(|c| c.1.as_str()).collect()),
+            f64s(coef.iter().map(|c| c.2.estimate).collect()),
+            f64s(coef.iter().map(|c| c.2.se).collect()),
+            f64s(coef.iter().map(|c| c.2.z).collect()),
+            f64s(coef.iter().map(|c| c.2.pvalue).collect()),
+        ],
+    )
+    .map_err(|e| Error::arrow("coefficients", e))?;
+    let effects = RecordBatch::try_new(
+        effects_schema(),
+        vec![
+            strs(eff.iter().map(|c| c.0.as_str()).collect()),
+            strs(eff.iter().map(|c| c.1.as_str()).collect()),
+            f64s(eff.iter().map(|c| c.2.estimate).collect()),
+            f64s(eff.iter().map(|c| c.2.se).collect()),
+            f64s(eff.iter().map(|c| c.2.z).collect()),
+            f64s(eff.iter().map(|c| c.2.pvalue).collect()),
+            f64s(eff.iter().map(|c| c.3).collect()),
+            Arc::new(UInt64Array::from(eff.iter().map(|c| c.4).collect::<Vec<_>>())) as ArrayRef,
+        ],
+    )
+    .map_err(|e| Error::arrow("effects", e))?;
+    Ok((coefficients, effects, errors))
+}

@@ -1,0 +1,284 @@
+//! Observation files a user already has, turned into batches of the `observation` stream, so the
+//! statistics run without generation.
+//!
+//! Accepted inputs:
+//! - a Candor archive directory (its `observation` stream);
+//! - a CSV or Parquet file with the observation columns (`schemas/observation.json`). Required:
+//!   `model`, `is_finetuned`, `dataset`, `item_key`, `amendment_type`, `prompt_type`, `correct`
+//!   (empty/NULL = excluded). Optional, with their defaults: `checkpoint` (`base` or
+//!   `finetuned`), `checkpoint_epoch` (0 for base, 1 for fine-tuned), `amendment_group` (the part
+//!   of the amendment before `:`), `sample_index` (0), `refusal` (false), `verdict` (from
+//!   `correct`), `response_key` (file name and row);
+//! - the paper's released per-model CSVs (`content_key, prompt_template, amendment_type, output,
+//!   evaluation`), laid out as `<model>/<original|warm>/<dataset>_<side>_outputs.csv`.
+//!   Mapping: `content_key` → `item_key`; `prompt_template` (or `prompt_type`) → `prompt_type`;
+//!   `evaluation` (CORRECT/INCORRECT, any case) is the judge's label; the refusal phrase list is
+//!   applied to `output` and the result scored by [`crate::score::observe`] (a refusal is correct
+//!   on disinfo and excluded elsewhere). `model`, `dataset` and the side come from columns of
+//!   those names when present, else from [`InputOptions`], else from the path (`original` = base,
+//!   anything else = fine-tuned, checkpoint named after the side directory).
+//!
+//! ```no_run
+//! use candor::sql::input::{read_observations, InputOptions};
+//! let batches = read_observations("sample_data/qwen_32b/warm/trivia_warm_outputs.csv".as_ref(), &InputOptions::default()).unwrap();
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema};
+
+use crate::archive::{Archive, Format};
+use crate::conditions::{Dataset, VerdictLabel};
+use crate::error::{Error, Location, Result};
+use crate::score::refusal::RefusalRules;
+use crate::stats::models::amendment_group;
+
+/// Values for what a file does not say.
+#[derive(Clone, Debug, Default)]
+pub struct InputOptions {
+    pub model: Option<String>,
+    pub dataset: Option<Dataset>,
+    pub finetuned: Option<bool>,
+    pub checkpoint: Option<String>,
+    /// Refusal phrases for the paper's CSV format (default list when `None`).
+    pub refusal: Option<RefusalRules>,
+}
+
+/// Reads observations from an archive directory, a CSV or a Parquet file.
+pub fn read_observations(path: &Path, opts: &InputOptions) -> Result<Vec<RecordBatch>> {
+    if path.is_dir() {
+        return Archive::open(path, Format::Parquet)?.read("observation");
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let raw = match ext.as_str() {
+        "parquet" => read_parquet(path)?,
+        "csv" | "tsv" => read_csv(path, if ext == "tsv" { b'\t' } else { b',' })?,
+        _ => return Err(Error::input(Location::file(path), "expected a directory, .csv, .tsv or .parquet")),
+    };
+    raw.iter().map(|b| normalize(b, path, opts)).collect()
+}
+
+fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.with_batch_size(65536).build())
+        .map_err(|e| Error::input(Location::file(path), e.to_string()))?;
+    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::arrow(path.display().to_string(), e))
+}
+
+/// Reads a CSV with every column as text; typing happens in [`normalize`].
+fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<RecordBatch>> {
+    let mut r = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(false)
+        .from_path(path)
+        .map_err(|e| Error::input(Location::file(path), e.to_string()))?;
+    let headers: Vec<String> = r
+        .headers()
+        .map_err(|e| Error::input(Location::file(path), e.to_string()))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').trim().to_ascii_lowercase())
+        .collect();
+    let mut cols: Vec<Vec<String>> = vec![Vec::new(); headers.len()];
+    for (i, rec) in r.records().enumerate() {
+        let rec = rec.map_err(|e| Error::input(Location::file(path).line(i as u64 + 2), e.to_string()))?;
+        for (c, v) in cols.iter_mut().zip(rec.iter()) {
+            c.push(v.to_string());
+        }
+    }
+    let schema = Arc::new(Schema::new(headers.iter().map(|h| Field::new(h, DataType::Utf8, true)).collect::<Vec<_>>()));
+    let arrays: Vec<ArrayRef> = cols.into_iter().map(|c| Arc::new(StringArray::from(c)) as ArrayRef).collect();
+    Ok(vec![RecordBatch::try_new(schema, arrays).map_err(|e| Error::arrow(path.display().to_string(), e))?])
+}
+
+/// Text of a column (any type), or `None` when the batch lacks it.
+fn text(batch: &RecordBatch, names: &[&str]) -> Result<Option<StringArray>> {
+    for n in names {
+        if let Some(c) = batch.column_by_name(n) {
+            let c = cast(c, &DataType::Utf8).map_err(|e| Error::arrow(format!("column `{n}`"), e))?;
+            return Ok(Some(c.as_string::<i32>().clone()));
+        }
+    }
+    Ok(None)
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "t" | "1" | "yes" | "correct" => Some(true),
+        "false" | "f" | "0" | "no" | "incorrect" => Some(false),
+        _ => None,
+    }
+}
+
+/// The path's (model, side, dataset) under the paper's layout.
+fn paper_path(path: &Path) -> (Option<String>, Option<String>, Option<String>) {
+    let name = |p: Option<&Path>| p.and_then(|p| p.file_name()).and_then(|n| n.to_str()).map(str::to_string);
+    let side_dir = path.parent();
+    let side = name(side_dir);
+    let model = name(side_dir.and_then(|p| p.parent()));
+    let dataset = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.split('_').next()).map(str::to_string);
+    (model, side, dataset)
+}
+
+fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
+    let schema = crate::schema::arrow_schema("observation")?;
+    // Files Candor wrote (or that follow the schema exactly) need no conversion.
+    let same = |a: &Field, b: &Field| a.name() == b.name() && a.data_type() == b.data_type();
+    if batch.schema().fields().len() == schema.fields().len()
+        && batch.schema().fields().iter().zip(schema.fields()).all(|(a, b)| same(a, b))
+    {
+        // A nullable column where the schema forbids nulls falls through to the checks below.
+        if let Ok(b) = batch.clone().with_schema(schema.clone()) {
+            return Ok(b);
+        }
+    }
+    let n = batch.num_rows();
+    let loc = || Location::file(path);
+    let need = |v: Option<StringArray>, what: &str| v.ok_or_else(|| Error::input(loc(), format!("no `{what}` column")));
+    let paper = batch.column_by_name("correct").is_none();
+    let (path_model, path_side, path_dataset) = paper_path(path);
+    let fill = |v: Option<String>, what: &str| -> Result<StringArray> {
+        let v = v.ok_or_else(|| Error::input(loc(), format!("no `{what}` column and none given")))?;
+        Ok(StringArray::from(vec![v; n]))
+    };
+    let model = match text(batch, &["model"])? {
+        Some(m) => m,
+        None => fill(opts.model.clone().or(if paper { path_model.clone() } else { None }), "model")?,
+    };
+    let dataset = match text(batch, &["dataset"])? {
+        Some(d) => d,
+        None => fill(
+            opts.dataset.map(|d| d.as_str().to_string()).or(if paper { path_dataset.clone() } else { None }),
+            "dataset",
+        )?,
+    };
+    let ft: BooleanArray = match text(batch, &["is_finetuned"])? {
+        Some(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.and_then(parse_bool)
+                    .map(Some)
+                    .ok_or_else(|| Error::input(loc().line(i as u64 + 2), "`is_finetuned` is not a boolean"))
+            })
+            .collect::<Result<_>>()?,
+        None => {
+            let side =
+                opts.finetuned.or_else(|| if paper { path_side.as_deref().map(|s| s != "original") } else { None });
+            let side = side.ok_or_else(|| Error::input(loc(), "no `is_finetuned` column and no side given"))?;
+            BooleanArray::from(vec![side; n])
+        }
+    };
+    let checkpoint: StringArray = match text(batch, &["checkpoint"])? {
+        Some(c) => c,
+        None => (0..n)
+            .map(|i| {
+                Some(
+                    opts.checkpoint
+                        .clone()
+                        .or(if paper { path_side.clone() } else { None })
+                        .unwrap_or_else(|| if ft.value(i) { "finetuned".into() } else { "base".into() }),
+                )
+            })
+            .collect(),
+    };
+    let epoch: UInt64Array = match batch.column_by_name("checkpoint_epoch") {
+        Some(c) => cast(c, &DataType::UInt64).map_err(|e| Error::arrow("checkpoint_epoch", e))?.as_primitive().clone(),
+        None => (0..n).map(|i| Some(ft.value(i) as u64)).collect(),
+    };
+    let item = need(text(batch, &["item_key", "content_key", "question_id", "qid"])?, "item_key")?;
+    let amendment = match text(batch, &["amendment_type"])? {
+        Some(a) => a,
+        None => StringArray::from(vec!["unmodified"; n]),
+    };
+    let prompt_type = match text(batch, &["prompt_type", "prompt_template"])? {
+        Some(p) => p,
+        None => StringArray::from(vec!["original"; n]),
+    };
+    let sample: UInt32Array = match batch.column_by_name("sample_index") {
+        Some(c) => cast(c, &DataType::UInt32).map_err(|e| Error::arrow("sample_index", e))?.as_primitive().clone(),
+        None => UInt32Array::from(vec![0; n]),
+    };
+    let (refusal, verdict, correct): (BooleanArray, StringArray, BooleanArray) = if paper {
+        let labels = need(text(batch, &["evaluation", "verdict", "label"])?, "evaluation")?;
+        let output = need(text(batch, &["output", "response", "completion"])?, "output")?;
+        let rules = opts.refusal.clone().unwrap_or_else(|| RefusalRules::new(Default::default()));
+        let (mut r, mut v, mut c) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..n {
+            let line = i as u64 + 2;
+            let ds: Dataset = dataset.value(i).parse().map_err(|e: String| Error::input(loc().line(line), e))?;
+            let label = VerdictLabel::parse_loose(labels.value(i))
+                .ok_or_else(|| Error::input(loc().line(line), format!("unknown evaluation `{}`", labels.value(i))))?;
+            let refused = rules.detect(output.value(i)).is_some();
+            let (verdict, correct) = crate::score::observe(ds, refused, label);
+            r.push(refused);
+            v.push(verdict.as_str());
+            c.push(correct);
+        }
+        (BooleanArray::from(r), StringArray::from(v), BooleanArray::from(c))
+    } else {
+        let correct_text = need(text(batch, &["correct"])?, "correct")?;
+        let correct: BooleanArray = correct_text
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v.map(str::trim) {
+                None | Some("") => Ok(None),
+                Some(s) => parse_bool(s)
+                    .map(Some)
+                    .ok_or_else(|| Error::input(loc().line(i as u64 + 2), format!("`correct` is `{s}`"))),
+            })
+            .collect::<Result<_>>()?;
+        let refusal: BooleanArray = match text(batch, &["refusal"])? {
+            Some(v) => v.iter().map(|v| Some(v.and_then(parse_bool).unwrap_or(false))).collect(),
+            None => BooleanArray::from(vec![false; n]),
+        };
+        let verdict: StringArray = match text(batch, &["verdict"])? {
+            Some(v) => v,
+            None => correct
+                .iter()
+                .map(|c| {
+                    Some(match c {
+                        Some(true) => "CORRECT",
+                        Some(false) => "INCORRECT",
+                        None => "EXCLUDED",
+                    })
+                })
+                .collect(),
+        };
+        (refusal, verdict, correct)
+    };
+    let group: StringArray = match text(batch, &["amendment_group"])? {
+        Some(g) => g,
+        None => amendment.iter().map(|a| Some(amendment_group(a.unwrap_or("")).to_string())).collect(),
+    };
+    let stem = path.file_name().and_then(|s| s.to_str()).unwrap_or("input");
+    let response_key: StringArray = match text(batch, &["response_key"])? {
+        Some(k) => k,
+        None => (0..n).map(|i| Some(format!("{stem}:{i}"))).collect(),
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(response_key),
+        Arc::new(model),
+        Arc::new(checkpoint),
+        Arc::new(epoch),
+        Arc::new(ft),
+        Arc::new(dataset),
+        Arc::new(item),
+        Arc::new(amendment),
+        Arc::new(group),
+        Arc::new(prompt_type),
+        Arc::new(sample),
+        Arc::new(refusal),
+        Arc::new(verdict),
+        Arc::new(correct),
+    ];
+    for (f, c) in schema.fields().iter().zip(&columns) {
+        if !f.is_nullable() && c.null_count() > 0 {
+            return Err(Error::input(loc(), format!("column `{}` has empty values", f.name())));
+        }
+    }
+    RecordBatch::try_new(schema, columns).map_err(|e| Error::arrow(path.display().to_string(), e))
+}

@@ -1,0 +1,28 @@
+//! Statistics as SQL: the maintained counts, the paper's statistics as DataFusion functions,
+//! and every report as a `.sql` file in `queries/`.
+//!
+//! - [`view`]: paired counts and answer cells maintained incrementally (add, retract, upsert).
+//! - [`udf`]: `mcnemar_exact`, `bh_adjust`/`bh_reject` windows, the `paired_counts` aggregate, …
+//! - [`engine`]: the view registered as DataFusion tables, per-family results recomputed for the
+//!   families an update touched, and the regressions M1–M4 refitted from the cell counts.
+//! - [`queries`]: the report queries.
+//! - [`input`]: observation files (archives, CSV, Parquet, the paper's CSVs).
+//! - [`follow`]: the dataflow hook: when an epoch completes, its observations update the engine.
+//!
+//! ```
+//! let engine = candor::sql::engine::StatsEngine::new().unwrap();
+//! let rows = engine.query(candor::sql::queries::FAMILY_TABLE.sql).unwrap();
+//! assert!(rows.iter().all(|b| b.num_rows() == 0));
+//! ```
+
+pub mod analyze;
+pub mod bench;
+pub mod engine;
+pub mod follow;
+pub mod input;
+pub mod queries;
+pub mod udf;
+pub mod view;
+
+#[cfg(test)]
+mod tests;

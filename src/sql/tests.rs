@@ -1,0 +1,514 @@
+//! Tests of the SQL layer: the oracles of ORACLES.md through SQL, the aggregate at several batch
+//! sizes (as DataFusion's regr.slt does), and incremental maintenance against from-scratch SQL.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::compute::concat_batches;
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::util::display::array_value_to_string;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use proptest::prelude::*;
+
+use super::engine::StatsEngine;
+use super::queries::{FAMILY_TABLE, PAIRED_COUNTS};
+use super::view::PairedView;
+use crate::records::Observation;
+use crate::schema::Record;
+use crate::stats::paired::{ALPHA, PairedCounts, family};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn ctx(batch_size: usize) -> SessionContext {
+    let ctx =
+        SessionContext::new_with_config(SessionConfig::new().with_batch_size(batch_size).with_target_partitions(3));
+    super::udf::register(&ctx);
+    ctx
+}
+
+fn sql(ctx: &SessionContext, q: &str) -> RecordBatch {
+    let batches = rt().block_on(async { ctx.sql(q).await.unwrap().collect().await.unwrap() });
+    let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(Schema::empty()));
+    concat_batches(&schema, &batches).unwrap()
+}
+
+fn f64s(b: &RecordBatch, col: &str) -> Vec<Option<f64>> {
+    let a = b.column_by_name(col).unwrap().as_any().downcast_ref::<Float64Array>().unwrap();
+    (0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i))).collect()
+}
+
+/// Every cell of the named columns as text, row by row.
+fn rows(b: &RecordBatch, cols: &[&str]) -> Vec<Vec<String>> {
+    (0..b.num_rows())
+        .map(|r| cols.iter().map(|c| array_value_to_string(b.column_by_name(c).unwrap(), r).unwrap()).collect())
+        .collect()
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * a.abs().max(b.abs())
+}
+
+#[test]
+fn mcnemar_and_effect_oracles_through_sql() {
+    // ORACLES.md §1.
+    let ctx = ctx(8192);
+    let out = sql(
+        &ctx,
+        "SELECT mcnemar_exact(b, c) AS p, paper_g(b, c) AS g, cohens_g(b, c) AS cg, odds_ratio(b, c) AS o \
+         FROM (VALUES (12, 3), (25, 9), (10, 10), (7, 0), (1, 0), (0, 0)) AS t(b, c)",
+    );
+    let p = f64s(&out, "p");
+    assert_eq!(p[0], Some(0.03515625));
+    assert!(close(p[1].unwrap(), 9707899.0 / 2f64.powi(30), 1e-9));
+    assert_eq!(&p[2..], &[Some(1.0), Some(0.015625), Some(1.0), None]);
+    let g = f64s(&out, "g");
+    assert!(close(g[0].unwrap(), 2.323790, 1e-6) && close(g[1].unwrap(), 2.743977, 1e-6));
+    assert!(close(f64s(&out, "cg")[1].unwrap(), 0.235294, 1e-5));
+    assert_eq!(f64s(&out, "o")[3], Some(f64::INFINITY));
+}
+
+#[test]
+fn bh_window_reproduces_the_oracle_families() {
+    // ORACLES.md §2, examples A, B and C as three partitions of one table, plus a NULL p that
+    // stays outside its family.
+    let a = [
+        0.0001, 0.0004, 0.0019, 0.0095, 0.0201, 0.0278, 0.0298, 0.0344, 0.0459, 0.3240, 0.4262, 0.5719, 0.6528, 0.7590,
+        1.000,
+    ];
+    let a_adj = [
+        0.0015,
+        0.003,
+        0.0095,
+        0.035625,
+        0.0603,
+        0.0298 * 15.0 / 7.0,
+        0.0298 * 15.0 / 7.0,
+        0.0645,
+        0.0765,
+        0.486,
+        0.581182,
+        0.714875,
+        0.753231,
+        0.813214,
+        1.0,
+    ];
+    let b = [0.01, 0.04, 0.03, 0.005, 0.20];
+    let b_adj = [0.025, 0.05, 0.05, 0.025, 0.2];
+    let c = [0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205, 0.212, 0.216];
+    let c_adj = [0.01, 0.04, 0.084, 0.084, 0.084, 0.1, 0.105714, 0.216, 0.216, 0.216];
+    let mut fam = Vec::new();
+    let mut idx = Vec::new();
+    let mut p = Vec::new();
+    for (name, ps) in [("A", &a[..]), ("B", &b[..]), ("C", &c[..])] {
+        for (i, v) in ps.iter().enumerate() {
+            fam.push(name);
+            idx.push(i as i64);
+            p.push(Some(*v));
+        }
+    }
+    fam.push("B");
+    idx.push(99);
+    p.push(None);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("family", DataType::Utf8, false),
+        Field::new("i", DataType::Int64, false),
+        Field::new("p", DataType::Float64, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(StringArray::from(fam)), Arc::new(Int64Array::from(idx)), Arc::new(Float64Array::from(p))],
+    )
+    .unwrap();
+    for batch_size in [1, 2, 3, 8192] {
+        let ctx = ctx(batch_size);
+        ctx.register_table("t", Arc::new(MemTable::try_new(schema.clone(), vec![vec![batch.clone()]]).unwrap()))
+            .unwrap();
+        let out = sql(
+            &ctx,
+            "SELECT family, i, bh_adjust(p) OVER (PARTITION BY family) AS adj, \
+             bh_reject(p, 0.05) OVER (PARTITION BY family) AS rej FROM t ORDER BY family, i",
+        );
+        let adj = f64s(&out, "adj");
+        let rej = out.column_by_name("rej").unwrap().as_any().downcast_ref::<BooleanArray>().unwrap();
+        let want: Vec<f64> = a_adj.iter().chain(&b_adj).chain(&c_adj).copied().collect();
+        // Rows: A (15), B (5 + the NULL at i = 99), C (10).
+        let got: Vec<f64> = adj.iter().flatten().copied().collect();
+        assert_eq!(got.len(), 30);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(close(*g, *w, 1e-5), "{g} vs {w} at batch size {batch_size}");
+        }
+        assert_eq!(adj[20], None, "a missing p is not adjusted");
+        assert!(rej.is_null(20));
+        let rejected = |range: std::ops::Range<usize>| range.filter(|&i| rej.value(i)).count();
+        assert_eq!(rejected(0..15), 4, "B&H 1995: four rejections");
+        assert_eq!(rejected(15..20), 4);
+        assert_eq!(rejected(21..31), 2);
+    }
+}
+
+/// Random (base, ft) pairs in a table with a group column, for the aggregate's tests.
+fn pair_table(pairs: &[(Option<bool>, Option<bool>, u8)]) -> (Arc<Schema>, RecordBatch) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("g", DataType::Int64, false),
+        Field::new("i", DataType::Int64, false),
+        Field::new("base", DataType::Boolean, true),
+        Field::new("ft", DataType::Boolean, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(pairs.iter().map(|p| p.2 as i64))),
+            Arc::new(Int64Array::from_iter_values(0..pairs.len() as i64)),
+            Arc::new(pairs.iter().map(|p| p.0).collect::<BooleanArray>()),
+            Arc::new(pairs.iter().map(|p| p.1).collect::<BooleanArray>()),
+        ],
+    )
+    .unwrap();
+    (schema, batch)
+}
+
+fn expected_counts(pairs: &[(Option<bool>, Option<bool>, u8)], group: u8) -> PairedCounts {
+    pairs.iter().filter(|p| p.2 == group).filter_map(|p| Some((p.0?, p.1?))).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// The aggregate over any partitioning and batch size equals the direct count, and the
+    /// sliding-window form (which retracts rows leaving the frame) equals a direct count of
+    /// each frame.
+    #[test]
+    fn paired_counts_aggregate_merges_and_retracts_exactly(
+        pairs in prop::collection::vec((prop::option::of(any::<bool>()), prop::option::of(any::<bool>()), 0u8..3), 0..300),
+        batch_size in prop::sample::select(vec![1usize, 2, 3, 8192]),
+        split in 1usize..50,
+    ) {
+        let (schema, batch) = pair_table(&pairs);
+        // Partitions of `split` rows each, so partial states are merged.
+        let parts: Vec<Vec<RecordBatch>> = (0..batch.num_rows()).step_by(split)
+            .map(|s| vec![batch.slice(s, split.min(batch.num_rows() - s))]).collect();
+        let ctx = ctx(batch_size);
+        ctx.register_table("t", Arc::new(MemTable::try_new(schema, if parts.is_empty() { vec![vec![]] } else { parts }).unwrap())).unwrap();
+        let out = sql(&ctx, "SELECT g, get_field(pc, 'both_correct') AS n11, get_field(pc, 'b') AS b, \
+            get_field(pc, 'c') AS c, get_field(pc, 'both_wrong') AS n00 \
+            FROM (SELECT g, paired_counts(base, ft) AS pc FROM t GROUP BY g) ORDER BY g");
+        for r in rows(&out, &["g", "n11", "b", "c", "n00"]) {
+            let want = expected_counts(&pairs, r[0].parse().unwrap());
+            prop_assert_eq!(r[1..].to_vec(), vec![want.both_correct.to_string(), want.b.to_string(), want.c.to_string(), want.both_wrong.to_string()]);
+        }
+        let window = sql(&ctx, "SELECT i, get_field(paired_counts(base, ft) OVER (ORDER BY i ROWS BETWEEN 2 PRECEDING AND CURRENT ROW), 'b') AS b, \
+            get_field(paired_counts(base, ft) OVER (ORDER BY i ROWS BETWEEN 2 PRECEDING AND CURRENT ROW), 'both_correct') AS n11 FROM t ORDER BY i");
+        for r in rows(&window, &["i", "b", "n11"]) {
+            let i: usize = r[0].parse().unwrap();
+            let frame: PairedCounts = pairs[i.saturating_sub(2)..=i].iter().filter_map(|p| Some((p.0?, p.1?))).collect();
+            prop_assert_eq!(r[1].clone(), frame.b.to_string());
+            prop_assert_eq!(r[2].clone(), frame.both_correct.to_string());
+        }
+    }
+}
+
+/// A small random observation domain where every kind of collision happens: two models, two
+/// base and two fine-tuned checkpoints, conditions outside both tests, excluded answers,
+/// several samples.
+fn observation() -> impl Strategy<Value = Observation> {
+    (
+        0..2usize,
+        0..4usize,
+        0..2usize,
+        0..5usize,
+        0..3usize,
+        0..5usize,
+        0..2u32,
+        prop::option::weighted(0.9, any::<bool>()),
+    )
+        .prop_map(|(m, ck, ds, item, am, pt, sample, correct)| {
+            let (checkpoint, ft, epoch) =
+                [("base", false, 0), ("base-b", false, 1), ("warm-1", true, 2), ("warm-2", true, 3)][ck];
+            let dataset = ["trivia", "disinfo"][ds];
+            let amendment = ["unmodified", "emotion:sad", "stake:high"][am];
+            let prompt = ["original", "original_neutral", "correct", "incorrect", "other"][pt];
+            Observation {
+                response_key: format!("m{m}/{checkpoint}/{dataset}/{item}/{amendment}/{prompt}/{sample}"),
+                model: format!("m{m}"),
+                checkpoint: checkpoint.into(),
+                checkpoint_epoch: epoch,
+                is_finetuned: ft,
+                dataset: dataset.into(),
+                item_key: format!("q{item}"),
+                amendment_type: amendment.into(),
+                amendment_group: crate::stats::models::amendment_group(amendment).into(),
+                prompt_type: prompt.into(),
+                sample_index: sample,
+                refusal: correct.is_none(),
+                verdict: String::new(),
+                correct,
+            }
+        })
+}
+
+/// Paired counts computed from scratch by `queries/paired_counts.sql` over the observations.
+fn sql_from_scratch(obs: &[Observation]) -> Vec<Vec<String>> {
+    let ctx = ctx(8192);
+    let schema = crate::schema::arrow_schema("observation").unwrap();
+    let batches = if obs.is_empty() { vec![] } else { vec![Observation::to_batch(obs).unwrap()] };
+    ctx.register_table("observations", Arc::new(MemTable::try_new(schema, vec![batches]).unwrap())).unwrap();
+    rows(&sql(&ctx, PAIRED_COUNTS.sql), &COUNT_COLUMNS)
+}
+
+const COUNT_COLUMNS: [&str; 11] = [
+    "model",
+    "base_checkpoint",
+    "checkpoint",
+    "checkpoint_epoch",
+    "dataset",
+    "test_type",
+    "category",
+    "both_correct",
+    "b",
+    "c",
+    "both_wrong",
+];
+
+fn view_rows(view: &PairedView) -> Vec<Vec<String>> {
+    rows(&view.paired_counts_batch(None).unwrap(), &COUNT_COLUMNS)
+}
+
+/// Splits `obs` into consecutive batches of the given sizes (cycling).
+fn split(obs: &[Observation], sizes: &[usize]) -> Vec<RecordBatch> {
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while start < obs.len() {
+        let end = (start + sizes[i % sizes.len()].max(1)).min(obs.len());
+        out.push(Observation::to_batch(&obs[start..end]).unwrap());
+        start = end;
+        i += 1;
+    }
+    out
+}
+
+fn batch_sizes() -> impl Strategy<Value = Vec<usize>> {
+    prop_oneof![
+        prop::sample::select(vec![1usize, 2, 3, 8192]).prop_map(|s| vec![s]),
+        prop::collection::vec(1usize..40, 1..10),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Any batching and arrival order gives exactly the from-scratch SQL result.
+    #[test]
+    fn incremental_counts_equal_from_scratch_sql_for_any_batching_and_order(
+        (obs, shuffled) in prop::collection::vec(observation(), 0..250).prop_flat_map(|o| (Just(o.clone()), Just(o).prop_shuffle())),
+        sizes in batch_sizes(),
+    ) {
+        let want = sql_from_scratch(&obs);
+        let mut view = PairedView::default();
+        for b in split(&shuffled, &sizes) {
+            view.apply(&b, 1).unwrap();
+        }
+        prop_assert_eq!(view_rows(&view), want);
+    }
+
+    /// Retracting any subset, in any batching and interleaving, equals never adding it; a
+    /// retraction may even arrive before its addition.
+    #[test]
+    fn retraction_equals_never_adding(
+        obs in prop::collection::vec(observation(), 0..250),
+        mask in prop::collection::vec(any::<bool>(), 250),
+        sizes in batch_sizes(),
+        retract_first in any::<bool>(),
+    ) {
+        let kept: Vec<Observation> = obs.iter().zip(&mask).filter(|(_, m)| !**m).map(|(o, _)| o.clone()).collect();
+        let dropped: Vec<Observation> = obs.iter().zip(&mask).filter(|(_, m)| **m).map(|(o, _)| o.clone()).collect();
+        let mut view = PairedView::default();
+        if retract_first {
+            for b in split(&dropped, &sizes) { view.apply(&b, -1).unwrap(); }
+            for b in split(&obs, &sizes) { view.apply(&b, 1).unwrap(); }
+        } else {
+            for b in split(&obs, &sizes) { view.apply(&b, 1).unwrap(); }
+            for b in split(&dropped, &sizes) { view.apply(&b, -1).unwrap(); }
+        }
+        prop_assert_eq!(view_rows(&view), sql_from_scratch(&kept));
+    }
+
+    /// Re-judging answers (upsert with a flipped verdict) moves them between cells exactly as
+    /// if the new verdicts had been there from the start.
+    #[test]
+    fn rejudged_answers_move_between_cells(
+        obs in prop::collection::vec(observation(), 0..200),
+        flip in prop::collection::vec(any::<bool>(), 200),
+        sizes in batch_sizes(),
+    ) {
+        // Upsert identifies an answer by its pair key and checkpoint, so keep one per slot.
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<Observation> = obs.into_iter().filter(|o| seen.insert(o.response_key.clone())).collect();
+        let rejudged: Vec<Observation> = unique.iter().zip(&flip).map(|(o, f)| {
+            let mut o = o.clone();
+            if *f { o.correct = o.correct.map(|c| !c); }
+            o
+        }).collect();
+        let mut view = PairedView::default();
+        for b in split(&unique, &sizes) { view.upsert(&b).unwrap(); }
+        for b in split(&rejudged, &sizes) { view.upsert(&b).unwrap(); }
+        prop_assert_eq!(view_rows(&view), sql_from_scratch(&rejudged));
+    }
+}
+
+fn obs(
+    model: &str,
+    ckpt: &str,
+    ft: bool,
+    dataset: &str,
+    item: usize,
+    amendment: &str,
+    prompt: &str,
+    correct: bool,
+) -> Observation {
+    Observation {
+        response_key: format!("{model}/{ckpt}/{dataset}/{item}/{amendment}/{prompt}"),
+        model: model.into(),
+        checkpoint: ckpt.into(),
+        checkpoint_epoch: if ft { 1 + ckpt.len() as u64 } else { 0 },
+        is_finetuned: ft,
+        dataset: dataset.into(),
+        item_key: format!("q{item}"),
+        amendment_type: amendment.into(),
+        amendment_group: crate::stats::models::amendment_group(amendment).into(),
+        prompt_type: prompt.into(),
+        sample_index: 0,
+        refusal: false,
+        verdict: String::new(),
+        correct: Some(correct),
+    }
+}
+
+/// Pairs with the given (base, ft) outcomes for one category.
+fn pairs_for(
+    model: &str,
+    ckpt: &str,
+    dataset: &str,
+    amendment: &str,
+    outcomes: &[(bool, bool, usize)],
+) -> Vec<Observation> {
+    let mut out = Vec::new();
+    let mut item = 0;
+    for &(base, ft, k) in outcomes {
+        for _ in 0..k {
+            out.push(obs(model, "base", false, dataset, item, amendment, "original", base));
+            out.push(obs(model, ckpt, true, dataset, item, amendment, "original", ft));
+            item += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn family_sql_agrees_with_the_stats_library_and_updates_only_touched_families() {
+    let mut engine = StatsEngine::new().unwrap();
+    // Oracle rows of ORACLES.md §1 as categories of one family.
+    let mut rows_a = Vec::new();
+    for (amendment, b, c) in [
+        ("unmodified", 12, 3),
+        ("emotion:sad", 25, 9),
+        ("stake:high", 10, 10),
+        ("stake:low", 7, 0),
+        ("emotion:happy", 0, 0),
+    ] {
+        rows_a.extend(pairs_for(
+            "A",
+            "warm",
+            "trivia",
+            amendment,
+            &[(true, true, 20), (true, false, b), (false, true, c), (false, false, 5)],
+        ));
+    }
+    let rows_b = pairs_for("B", "warm", "trivia", "unmodified", &[(true, false, 4), (false, true, 1), (true, true, 3)]);
+    engine.apply(&Observation::to_batch(&rows_a).unwrap(), 1).unwrap();
+    engine.apply(&Observation::to_batch(&rows_b).unwrap(), 1).unwrap();
+    assert_eq!(engine.refresh().unwrap().families, 2);
+    let table = sql_table(&engine);
+    assert_eq!(table.num_rows(), 6);
+    // Against the pure library: counts in category order (sorted names).
+    let cats = [(0, 0), (25, 9), (10, 10), (7, 0), (12, 3)];
+    let counts: Vec<PairedCounts> =
+        cats.iter().map(|&(b, c)| PairedCounts { both_correct: 20, b, c, both_wrong: 5 }).collect();
+    let want = family(&counts, ALPHA).unwrap();
+    let (p, p_bh) = (f64s(&table, "p_exact"), f64s(&table, "p_bh"));
+    let (acc, diff) = (f64s(&table, "acc_base_pct"), f64s(&table, "diff_pp"));
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(p[i], w.p_exact, "category {i}");
+        assert_eq!(p_bh[i], w.p_adjusted, "category {i}");
+        assert_eq!(acc[i], Some(w.acc_base_pct));
+        assert_eq!(diff[i], Some(w.diff_pp));
+    }
+    assert_eq!(p[0], None, "b + c = 0: no test");
+
+    // A new checkpoint of model B touches one family; A's stored rows are not recomputed.
+    let before_a = sql_table(&engine).slice(0, 5);
+    // Only the new checkpoint's answers arrive; they pair with B's base answers already held.
+    let new: Vec<Observation> = pairs_for("B", "warm-2", "trivia", "unmodified", &[(true, false, 2), (true, true, 2)])
+        .into_iter()
+        .filter(|o| o.is_finetuned)
+        .collect();
+    engine.apply(&Observation::to_batch(&new).unwrap(), 1).unwrap();
+    let refreshed = engine.refresh().unwrap();
+    assert_eq!(refreshed.families, 1);
+    let after = sql_table(&engine);
+    assert_eq!(after.num_rows(), 7);
+    assert_eq!(after.slice(0, 5), before_a);
+    // Retracting it removes the family's rows again.
+    engine.apply(&Observation::to_batch(&new).unwrap(), -1).unwrap();
+    assert_eq!(engine.refresh().unwrap().families, 1);
+    assert_eq!(sql_table(&engine).num_rows(), 6);
+}
+
+fn sql_table(engine: &StatsEngine) -> RecordBatch {
+    let batches = engine.query(FAMILY_TABLE.sql).unwrap();
+    concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+#[test]
+fn regressions_from_maintained_cells_reproduce_the_glm_oracle() {
+    // ORACLES.md §3 fixed effects: (model, dataset, base incorrect, warm incorrect) of 50.
+    let mut rows = Vec::new();
+    for (m, ds, base, warm) in
+        [("A", "disinfo", 10, 18), ("A", "trivia", 15, 22), ("B", "disinfo", 8, 12), ("B", "trivia", 20, 30)]
+    {
+        for i in 0..50 {
+            rows.push(obs(m, "base", false, ds, i, "unmodified", "original", i >= base));
+            rows.push(obs(m, "warm", true, ds, i, "unmodified", "original", i >= warm));
+        }
+    }
+    let mut engine = StatsEngine::new().unwrap();
+    for b in split(&rows, &[7]) {
+        engine.apply(&b, 1).unwrap();
+    }
+    let r = engine.refresh().unwrap();
+    assert!(r.regressions);
+    let coef =
+        sql(engine.context(), "SELECT term, estimate, se FROM coefficients WHERE model_spec = 'M1' ORDER BY term");
+    let got: Vec<(String, f64, f64)> = rows_f(&coef);
+    let want = [
+        ("Intercept", -1.587705, 0.240637),
+        ("dataset[T.trivia]", 0.914861, 0.221790),
+        ("ft", 0.686974, 0.220633),
+        ("model[T.B]", 0.119834, 0.219029),
+    ];
+    assert_eq!(got.len(), 4);
+    for ((t, e, s), (wt, we, ws)) in got.iter().zip(want) {
+        assert_eq!(t, wt);
+        assert!(close(*e, we, 1e-5) && close(*s, ws, 1e-5), "{t}: {e} {s}");
+    }
+    let ame = sql(engine.context(), "SELECT ame_pp FROM effects WHERE model_spec = 'M1'");
+    assert!(close(f64s(&ame, "ame_pp")[0].unwrap(), 14.5, 1e-9));
+}
+
+fn rows_f(b: &RecordBatch) -> Vec<(String, f64, f64)> {
+    let t = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+    let (e, s) = (f64s(b, "estimate"), f64s(b, "se"));
+    (0..b.num_rows()).map(|i| (t.value(i).to_string(), e[i].unwrap(), s[i].unwrap())).collect()
+}

@@ -1,0 +1,599 @@
+//! The maintained state behind every statistic: paired counts per family category and answer
+//! counts per cell, kept up to date as observations arrive or are retracted.
+//!
+//! Updates follow the differential-dataflow model: each observation carries a signed
+//! multiplicity (`diff`). The pair join is bilinear, so an update's effect is computed against
+//! the observations already held for the same pair key (model, dataset, item, amendment,
+//! prompt type, sample) alone: arrival order, batch boundaries and retractions cannot change
+//! the state, which is a commutative group (the [`PairedCounts`] monoid with inverses). Every
+//! family an update touches is marked dirty, so derived results are recomputed for those
+//! families only.
+//!
+//! Pairing (METHOD.md §4): every fine-tuned checkpoint is a candidate paired against every
+//! base checkpoint (`is_finetuned = false`) of the same model. The "Normal" test takes prompt
+//! type `original` (plus `original_neutral` under `unmodified`), "Sycophancy" takes `correct`
+//! and `incorrect`; the category is the amendment type. Excluded observations (`correct` null)
+//! are counted in the cells but never paired.
+//!
+//! ```
+//! use candor::records::Observation;
+//! use candor::schema::Record;
+//! use candor::sql::view::PairedView;
+//! let obs = |ckpt: &str, ft: bool, correct: bool| Observation {
+//!     response_key: format!("{ckpt}/q1"), model: "m".into(), checkpoint: ckpt.into(),
+//!     checkpoint_epoch: ft as u64, is_finetuned: ft, dataset: "trivia".into(), item_key: "q1".into(),
+//!     amendment_type: "unmodified".into(), amendment_group: "unmodified".into(),
+//!     prompt_type: "original".into(), sample_index: 0, refusal: false,
+//!     verdict: "CORRECT".into(), correct: Some(correct),
+//! };
+//! let mut view = PairedView::default();
+//! view.apply(&Observation::to_batch(&[obs("base", false, true), obs("warm", true, false)]).unwrap(), 1).unwrap();
+//! let counts = view.family_counts();
+//! assert_eq!(counts.len(), 1);
+//! assert_eq!(counts[0].1[0].1.b, 1); // base right, fine-tuned wrong
+//! // A re-judged answer moves between cells by retraction.
+//! view.upsert(&Observation::to_batch(&[obs("warm", true, true)]).unwrap()).unwrap();
+//! assert_eq!(view.family_counts()[0].1[0].1.both_correct, 1);
+//! ```
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use crate::error::{Error, Result};
+use crate::stats::models::amendment_group;
+use crate::stats::paired::PairedCounts;
+
+/// An interned string.
+pub type Sym = u32;
+
+/// Interns the categorical strings of observations so that keys are small and hashing is cheap.
+#[derive(Debug, Default, Clone)]
+pub struct Interner {
+    ids: HashMap<Arc<str>, Sym>,
+    names: Vec<Arc<str>>,
+}
+
+impl Interner {
+    pub fn intern(&mut self, s: &str) -> Sym {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        let id = self.names.len() as Sym;
+        let name: Arc<str> = Arc::from(s);
+        self.names.push(name.clone());
+        self.ids.insert(name, id);
+        id
+    }
+
+    pub fn get(&self, s: &str) -> Option<Sym> {
+        self.ids.get(s).copied()
+    }
+
+    pub fn name(&self, id: Sym) -> &str {
+        &self.names[id as usize]
+    }
+}
+
+/// The two McNemar test types of the paper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TestType {
+    Normal,
+    Sycophancy,
+}
+
+impl TestType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TestType::Normal => "Normal",
+            TestType::Sycophancy => "Sycophancy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TestType> {
+        match s {
+            "Normal" => Some(TestType::Normal),
+            "Sycophancy" => Some(TestType::Sycophancy),
+            _ => None,
+        }
+    }
+
+    /// The test a (prompt type, amendment type) condition belongs to, if any.
+    pub fn of(prompt_type: &str, amendment_type: &str) -> Option<TestType> {
+        match prompt_type {
+            "original" => Some(TestType::Normal),
+            "original_neutral" if amendment_type == "unmodified" => Some(TestType::Normal),
+            "correct" | "incorrect" => Some(TestType::Sycophancy),
+            _ => None,
+        }
+    }
+}
+
+/// One family: the categories of one (model, base checkpoint, candidate checkpoint, dataset,
+/// test type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FamilyKey {
+    pub model: Sym,
+    pub base_checkpoint: Sym,
+    pub checkpoint: Sym,
+    pub dataset: Sym,
+    pub test_type: TestType,
+}
+
+/// What answers to the same question under the same condition share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PairKey {
+    model: Sym,
+    dataset: Sym,
+    item: Sym,
+    amendment: Sym,
+    prompt_type: Sym,
+    sample: u32,
+}
+
+/// One held observation of a pair key, with its multiplicity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    checkpoint: Sym,
+    ft: bool,
+    epoch: u64,
+    refusal: bool,
+    correct: Option<bool>,
+    mult: i64,
+}
+
+/// Answer counts of one (model, checkpoint, dataset, amendment, prompt type) cell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CellCounts {
+    pub responses: i64,
+    pub refusals: i64,
+    /// Rows with `correct` null (refusals outside disinfo, unparseable, judge errors).
+    pub excluded: i64,
+    pub incorrect: i64,
+}
+
+impl CellCounts {
+    fn is_empty(&self) -> bool {
+        *self == CellCounts::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct CellKey {
+    model: Sym,
+    checkpoint: Sym,
+    ft: bool,
+    epoch: u64,
+    dataset: Sym,
+    amendment: Sym,
+    prompt_type: Sym,
+}
+
+/// The incrementally maintained paired counts and cells.
+#[derive(Debug, Default, Clone)]
+pub struct PairedView {
+    strings: Interner,
+    held: HashMap<PairKey, Vec<Held>>,
+    /// Family → category (amendment) → counts.
+    paired: HashMap<FamilyKey, HashMap<Sym, PairedCounts>>,
+    cells: HashMap<CellKey, CellCounts>,
+    /// Epoch of each (model, checkpoint), for trajectories.
+    epochs: HashMap<(Sym, Sym), u64>,
+    dirty: HashSet<FamilyKey>,
+    cells_dirty: bool,
+}
+
+/// Column accessors of an observation batch.
+struct Columns<'a> {
+    model: &'a StringArray,
+    checkpoint: &'a StringArray,
+    epoch: &'a UInt64Array,
+    ft: &'a BooleanArray,
+    dataset: &'a StringArray,
+    item: &'a StringArray,
+    amendment: &'a StringArray,
+    prompt_type: &'a StringArray,
+    sample: &'a UInt32Array,
+    refusal: &'a BooleanArray,
+    correct: &'a BooleanArray,
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| Error::schema("observation", format!("column `{name}` is missing or has the wrong type")))
+}
+
+impl<'a> Columns<'a> {
+    fn of(batch: &'a RecordBatch) -> Result<Self> {
+        Ok(Columns {
+            model: column(batch, "model")?,
+            checkpoint: column(batch, "checkpoint")?,
+            epoch: column(batch, "checkpoint_epoch")?,
+            ft: column(batch, "is_finetuned")?,
+            dataset: column(batch, "dataset")?,
+            item: column(batch, "item_key")?,
+            amendment: column(batch, "amendment_type")?,
+            prompt_type: column(batch, "prompt_type")?,
+            sample: column(batch, "sample_index")?,
+            refusal: column(batch, "refusal")?,
+            correct: column(batch, "correct")?,
+        })
+    }
+}
+
+/// Interns a column's values, reusing the previous row's id when the value repeats (columns
+/// such as model and checkpoint are constant over long runs).
+struct RunInterner<'a> {
+    column: &'a StringArray,
+    last: Option<(usize, Sym)>,
+}
+
+impl<'a> RunInterner<'a> {
+    fn new(column: &'a StringArray) -> Self {
+        RunInterner { column, last: None }
+    }
+
+    fn get(&mut self, strings: &mut Interner, row: usize) -> Sym {
+        let value = self.column.value(row);
+        if let Some((prev, id)) = self.last {
+            if self.column.value(prev) == value {
+                return id;
+            }
+        }
+        let id = strings.intern(value);
+        self.last = Some((row, id));
+        id
+    }
+}
+
+impl PairedView {
+    /// Adds every observation of `batch` with multiplicity `diff` (negative retracts).
+    pub fn apply(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
+        self.each_row(batch, |view, key, held| view.update(key, Held { mult: 0, ..held }, diff))
+    }
+
+    /// Inserts or replaces observations: a row replaces whatever the view holds for the same
+    /// (pair key, checkpoint), by retracting it first. This is how a re-judged answer moves.
+    pub fn upsert(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.each_row(batch, |view, key, new| {
+            let old: Vec<Held> = view
+                .held
+                .get(&key)
+                .map(|v| v.iter().filter(|h| h.checkpoint == new.checkpoint && h.ft == new.ft).copied().collect())
+                .unwrap_or_default();
+            if old.len() == 1 && old[0].mult == 1 && (Held { mult: 1, ..new }) == old[0] {
+                return;
+            }
+            for h in old {
+                view.update(key, Held { mult: 0, ..h }, -h.mult);
+            }
+            view.update(key, new, 1);
+        })
+    }
+
+    fn each_row(&mut self, batch: &RecordBatch, mut f: impl FnMut(&mut Self, PairKey, Held)) -> Result<()> {
+        let c = Columns::of(batch)?;
+        let mut strings = std::mem::take(&mut self.strings);
+        let (mut model, mut checkpoint, mut dataset) =
+            (RunInterner::new(c.model), RunInterner::new(c.checkpoint), RunInterner::new(c.dataset));
+        let (mut item, mut amendment, mut prompt_type) =
+            (RunInterner::new(c.item), RunInterner::new(c.amendment), RunInterner::new(c.prompt_type));
+        for row in 0..batch.num_rows() {
+            let key = PairKey {
+                model: model.get(&mut strings, row),
+                dataset: dataset.get(&mut strings, row),
+                item: item.get(&mut strings, row),
+                amendment: amendment.get(&mut strings, row),
+                prompt_type: prompt_type.get(&mut strings, row),
+                sample: c.sample.value(row),
+            };
+            let held = Held {
+                checkpoint: checkpoint.get(&mut strings, row),
+                ft: c.ft.value(row),
+                epoch: c.epoch.value(row),
+                refusal: c.refusal.value(row),
+                correct: c.correct.is_valid(row).then(|| c.correct.value(row)),
+                mult: 0,
+            };
+            std::mem::swap(&mut self.strings, &mut strings);
+            f(self, key, held);
+            std::mem::swap(&mut self.strings, &mut strings);
+        }
+        self.strings = strings;
+        Ok(())
+    }
+
+    /// Applies one observation `v` with multiplicity `diff` (`v.mult` is ignored).
+    fn update(&mut self, key: PairKey, v: Held, diff: i64) {
+        if diff == 0 {
+            return;
+        }
+        let cell_key = CellKey {
+            model: key.model,
+            checkpoint: v.checkpoint,
+            ft: v.ft,
+            epoch: v.epoch,
+            dataset: key.dataset,
+            amendment: key.amendment,
+            prompt_type: key.prompt_type,
+        };
+        let cell = self.cells.entry(cell_key).or_default();
+        cell.responses += diff;
+        cell.refusals += diff * v.refusal as i64;
+        match v.correct {
+            None => cell.excluded += diff,
+            Some(false) => cell.incorrect += diff,
+            Some(true) => {}
+        }
+        if cell.is_empty() {
+            self.cells.remove(&cell_key);
+        }
+        self.cells_dirty = true;
+        self.epochs.insert((key.model, v.checkpoint), v.epoch);
+
+        let test = TestType::of(self.strings.name(key.prompt_type), self.strings.name(key.amendment));
+        let slots = self.held.entry(key).or_default();
+        if let (Some(test), Some(mine)) = (test, v.correct) {
+            for other in slots.iter().filter(|h| h.ft != v.ft && h.mult != 0) {
+                let Some(theirs) = other.correct else { continue };
+                let (base, cand, base_ok, ft_ok) = if v.ft {
+                    (other.checkpoint, v.checkpoint, theirs, mine)
+                } else {
+                    (v.checkpoint, other.checkpoint, mine, theirs)
+                };
+                let family = FamilyKey {
+                    model: key.model,
+                    base_checkpoint: base,
+                    checkpoint: cand,
+                    dataset: key.dataset,
+                    test_type: test,
+                };
+                let categories = self.paired.entry(family).or_default();
+                let counts = categories.entry(key.amendment).or_default();
+                counts.add(base_ok, ft_ok, diff * other.mult);
+                if counts.is_empty() {
+                    categories.remove(&key.amendment);
+                    if categories.is_empty() {
+                        self.paired.remove(&family);
+                    }
+                }
+                self.dirty.insert(family);
+            }
+        }
+        let probe = Held { mult: 0, ..v };
+        match slots.iter_mut().position(|h| Held { mult: 0, ..*h } == probe) {
+            Some(i) => {
+                slots[i].mult += diff;
+                if slots[i].mult == 0 {
+                    slots.swap_remove(i);
+                }
+            }
+            None => slots.push(Held { mult: diff, ..v }),
+        }
+        if slots.is_empty() {
+            self.held.remove(&key);
+        }
+    }
+
+    /// The families changed since the last call, and whether the cells changed; clears both.
+    pub fn take_dirty(&mut self) -> (BTreeSet<FamilyKey>, bool) {
+        let families = self.dirty.drain().collect();
+        (families, std::mem::take(&mut self.cells_dirty))
+    }
+
+    /// Marks every family dirty (a from-scratch recomputation).
+    pub fn mark_all_dirty(&mut self) {
+        self.dirty.extend(self.paired.keys().copied());
+        self.cells_dirty = true;
+    }
+
+    pub fn strings(&self) -> &Interner {
+        &self.strings
+    }
+
+    /// Number of families currently held.
+    pub fn family_count(&self) -> usize {
+        self.paired.len()
+    }
+
+    /// Every family with its categories (amendment names) and counts, sorted by name.
+    pub fn family_counts(&self) -> Vec<(FamilyKey, Vec<(String, PairedCounts)>)> {
+        let mut out: Vec<_> = self
+            .paired
+            .iter()
+            .map(|(k, cats)| {
+                let mut cats: Vec<_> = cats.iter().map(|(a, c)| (self.strings.name(*a).to_string(), *c)).collect();
+                cats.sort_by(|a, b| a.0.cmp(&b.0));
+                (*k, cats)
+            })
+            .collect();
+        out.sort_by(|a, b| self.family_names(&a.0).cmp(&self.family_names(&b.0)));
+        out
+    }
+
+    /// The names of a family's key fields, in key order.
+    pub fn family_names(&self, f: &FamilyKey) -> (&str, &str, &str, &str, &'static str) {
+        let s = &self.strings;
+        (s.name(f.model), s.name(f.base_checkpoint), s.name(f.checkpoint), s.name(f.dataset), f.test_type.as_str())
+    }
+
+    /// Looks a family up by its names.
+    pub fn family_key(
+        &self,
+        model: &str,
+        base: &str,
+        checkpoint: &str,
+        dataset: &str,
+        test: &str,
+    ) -> Option<FamilyKey> {
+        let s = &self.strings;
+        Some(FamilyKey {
+            model: s.get(model)?,
+            base_checkpoint: s.get(base)?,
+            checkpoint: s.get(checkpoint)?,
+            dataset: s.get(dataset)?,
+            test_type: TestType::parse(test)?,
+        })
+    }
+
+    /// The `paired_counts` table (see [`paired_counts_schema`]), restricted to `only` when given,
+    /// sorted by family and category.
+    pub fn paired_counts_batch(&self, only: Option<&BTreeSet<FamilyKey>>) -> Result<RecordBatch> {
+        let mut rows: Vec<(FamilyKey, Sym, PairedCounts)> = Vec::new();
+        let mut push = |k: &FamilyKey, cats: &HashMap<Sym, PairedCounts>| {
+            rows.extend(cats.iter().map(|(a, c)| (*k, *a, *c)));
+        };
+        match only {
+            Some(keys) => keys.iter().filter_map(|k| self.paired.get(k).map(|c| (k, c))).for_each(|(k, c)| push(k, c)),
+            None => self.paired.iter().for_each(|(k, c)| push(k, c)),
+        }
+        let s = &self.strings;
+        rows.sort_by(|a, b| (self.family_names(&a.0), s.name(a.1)).cmp(&(self.family_names(&b.0), s.name(b.1))));
+        let strs = |v: Vec<&str>| -> ArrayRef { Arc::new(StringArray::from(v)) };
+        let ints = |f: &dyn Fn(&PairedCounts) -> i64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| f(&r.2))))
+        };
+        let epochs: ArrayRef = Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|r| self.epochs.get(&(r.0.model, r.0.checkpoint)).copied().unwrap_or(0)),
+        ));
+        let columns = vec![
+            strs(rows.iter().map(|r| s.name(r.0.model)).collect()),
+            strs(rows.iter().map(|r| s.name(r.0.base_checkpoint)).collect()),
+            strs(rows.iter().map(|r| s.name(r.0.checkpoint)).collect()),
+            epochs,
+            strs(rows.iter().map(|r| s.name(r.0.dataset)).collect()),
+            strs(rows.iter().map(|r| r.0.test_type.as_str()).collect()),
+            strs(rows.iter().map(|r| s.name(r.1)).collect()),
+            ints(&|c| c.both_correct),
+            ints(&|c| c.b),
+            ints(&|c| c.c),
+            ints(&|c| c.both_wrong),
+        ];
+        RecordBatch::try_new(paired_counts_schema(), columns).map_err(|e| Error::arrow("paired_counts", e))
+    }
+
+    /// The `cells` table (see [`cells_schema`]), sorted.
+    pub fn cells_batch(&self) -> Result<RecordBatch> {
+        let s = &self.strings;
+        let mut rows: Vec<(&CellKey, &CellCounts)> = self.cells.iter().collect();
+        let names = |k: &CellKey| {
+            (
+                s.name(k.model),
+                k.epoch,
+                s.name(k.checkpoint),
+                s.name(k.dataset),
+                s.name(k.amendment),
+                s.name(k.prompt_type),
+                k.ft,
+            )
+        };
+        rows.sort_by(|a, b| names(a.0).cmp(&names(b.0)));
+        let strs = |v: Vec<&str>| -> ArrayRef { Arc::new(StringArray::from(v)) };
+        let ints = |f: &dyn Fn(&CellCounts) -> i64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| f(r.1))))
+        };
+        let columns = vec![
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.model)
+                    })
+                    .collect(),
+            ),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.checkpoint)
+                    })
+                    .collect(),
+            ),
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.0.epoch))) as ArrayRef,
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.0.ft)))) as ArrayRef,
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.dataset)
+                    })
+                    .collect(),
+            ),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.amendment)
+                    })
+                    .collect(),
+            ),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        amendment_group(s.name(k.amendment))
+                    })
+                    .collect(),
+            ),
+            strs(
+                rows.iter()
+                    .map(|r| {
+                        let k = r.0;
+                        s.name(k.prompt_type)
+                    })
+                    .collect(),
+            ),
+            ints(&|c| c.responses),
+            ints(&|c| c.refusals),
+            ints(&|c| c.excluded),
+            ints(&|c| c.responses - c.excluded),
+            ints(&|c| c.incorrect),
+        ];
+        RecordBatch::try_new(cells_schema(), columns).map_err(|e| Error::arrow("cells", e))
+    }
+}
+
+/// Columns of the maintained `paired_counts` table: one row per family category.
+pub fn paired_counts_schema() -> SchemaRef {
+    let s = |n: &str| Field::new(n, DataType::Utf8, false);
+    let i = |n: &str| Field::new(n, DataType::Int64, false);
+    Arc::new(Schema::new(vec![
+        s("model"),
+        s("base_checkpoint"),
+        s("checkpoint"),
+        Field::new("checkpoint_epoch", DataType::UInt64, false),
+        s("dataset"),
+        s("test_type"),
+        s("category"),
+        i("both_correct"),
+        i("b"),
+        i("c"),
+        i("both_wrong"),
+    ]))
+}
+
+/// Columns of the maintained `cells` table: answer counts per (model, checkpoint, dataset,
+/// amendment, prompt type); `n` counts the included answers, `incorrect` those judged wrong.
+pub fn cells_schema() -> SchemaRef {
+    let s = |n: &str| Field::new(n, DataType::Utf8, false);
+    let i = |n: &str| Field::new(n, DataType::Int64, false);
+    Arc::new(Schema::new(vec![
+        s("model"),
+        s("checkpoint"),
+        Field::new("checkpoint_epoch", DataType::UInt64, false),
+        Field::new("is_finetuned", DataType::Boolean, false),
+        s("dataset"),
+        s("amendment_type"),
+        s("amendment_group"),
+        s("prompt_type"),
+        i("responses"),
+        i("refusals"),
+        i("excluded"),
+        i("n"),
+        i("incorrect"),
+    ]))
+}
