@@ -331,8 +331,8 @@ pub fn fit_regressions(table: &[CellCount]) -> Result<(RecordBatch, RecordBatch,
         }
         Err(e) => errors.push(e.to_string()),
     }
-    let specs: [(&str, fn(&[CellCount]) -> std::result::Result<ContextModel, models::ModelError>); 3] =
-        [("M2", models::m2), ("M3", models::m3), ("M4", models::m4)];
+    type Fit = fn(&[CellCount]) -> std::result::Result<ContextModel, models::ModelError>;
+    let specs: [(&str, Fit); 3] = [("M2", models::m2), ("M3", models::m3), ("M4", models::m4)];
     for (name, f) in specs {
         match f(table) {
             Ok(m) => {

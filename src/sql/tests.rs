@@ -358,6 +358,7 @@ proptest! {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one argument per observation field the tests vary
 fn obs(
     model: &str,
     ckpt: &str,

@@ -239,10 +239,10 @@ impl<'a> RunInterner<'a> {
 
     fn get(&mut self, strings: &mut Interner, row: usize) -> Sym {
         let value = self.column.value(row);
-        if let Some((prev, id)) = self.last {
-            if self.column.value(prev) == value {
-                return id;
-            }
+        if let Some((prev, id)) = self.last
+            && self.column.value(prev) == value
+        {
+            return id;
         }
         let id = strings.intern(value);
         self.last = Some((row, id));
