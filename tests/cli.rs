@@ -304,7 +304,10 @@ fn local_model() -> Option<PathBuf> {
 }
 
 fn generation_experiment(dir: &Path, backend: &str, checkpoints: &str) -> PathBuf {
-    let p = dir.join(format!("gen-{}.toml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let p = dir.join(format!(
+        "gen-{}.toml",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
     std::fs::write(
         &p,
         format!(
@@ -397,7 +400,9 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     let client = |port: u16, retries: u32| {
         generation_experiment(
             dir.path(),
-            &format!("{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", max_retries = {retries}, timeout_secs = 60, max_concurrency = 4, api_key_env = \"CANDOR_TEST_API_KEY\" }}"),
+            &format!(
+                "{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", max_retries = {retries}, timeout_secs = 60, max_concurrency = 4, api_key_env = \"CANDOR_TEST_API_KEY\" }}"
+            ),
             "[[models.checkpoints]]\nid = \"served\"\n",
         )
     };
@@ -426,8 +431,14 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     dead.wait().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("gave up after 3 attempts") && err.contains("500"), "{err}");
-    assert!(!Archive::open(&out, Format::Parquet).unwrap().has("response").unwrap(), "nothing half-done looks complete");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("gave up after 3 attempts") && err.contains("500"),
+        "{err}"
+    );
+    assert!(
+        !Archive::open(&out, Format::Parquet).unwrap().has("response").unwrap(),
+        "nothing half-done looks complete"
+    );
 
     // The API key is sent but never written anywhere.
     for (path, bytes) in tree(dir.path()) {
