@@ -210,16 +210,65 @@ impl Linear {
     }
 }
 
+/// Projections of the same input: one matmul over their stacked weights where they are all
+/// Q4_1 on Candor's kernel (one pass over the threads and one activation quantization instead
+/// of several), else one matmul each.
+#[derive(Debug, Clone)]
+enum Proj {
+    Split(Vec<Linear>),
+    Fused(Linear, Vec<usize>),
+}
+
+impl Proj {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let q41: Option<Vec<&Q41Matrix>> = parts
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Q41(m) => Some(m.as_ref()),
+                Weight::Candle(_) => None,
+            })
+            .collect();
+        let biased = parts.iter().filter(|l| l.bias.is_some()).count();
+        let Some(mats) = q41.filter(|_| biased == 0 || biased == parts.len()) else {
+            return Ok(Proj::Split(parts));
+        };
+        let Some(fused) = Q41Matrix::concat(&mats) else { return Ok(Proj::Split(parts)) };
+        let sizes = mats.iter().map(|m| m.rows()).collect();
+        let bias = if biased > 0 {
+            Some(Tensor::cat(&parts.iter().filter_map(|l| l.bias.as_ref()).collect::<Vec<_>>(), 0)?)
+        } else {
+            None
+        };
+        Ok(Proj::Fused(Linear { weight: Weight::Q41(std::sync::Arc::new(fused)), bias }, sizes))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Proj::Split(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+            Proj::Fused(l, sizes) => {
+                let y = l.forward(x)?;
+                let mut off = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        off += n;
+                        y.narrow(candle_core::D::Minus1, off - n, n)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: RmsNorm,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k, v.
+    qkv: Proj,
     wo: Linear,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// gate, up.
+    gate_up: Proj,
     down: Linear,
 }
 
@@ -264,13 +313,17 @@ impl Model {
             let mlp = l.pp("mlp");
             layers.push(Layer {
                 attn_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                wq: Linear::load(&a.pp("q_proj"), h, cfg.num_heads * hd, cfg.qkv_bias)?,
-                wk: Linear::load(&a.pp("k_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
-                wv: Linear::load(&a.pp("v_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+                qkv: Proj::Split(vec![
+                    Linear::load(&a.pp("q_proj"), h, cfg.num_heads * hd, cfg.qkv_bias)?,
+                    Linear::load(&a.pp("k_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+                    Linear::load(&a.pp("v_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+                ]),
                 wo: Linear::load(&a.pp("o_proj"), cfg.num_heads * hd, h, false)?,
                 ffn_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
-                gate: Linear::load(&mlp.pp("gate_proj"), h, cfg.intermediate_size, false)?,
-                up: Linear::load(&mlp.pp("up_proj"), h, cfg.intermediate_size, false)?,
+                gate_up: Proj::Split(vec![
+                    Linear::load(&mlp.pp("gate_proj"), h, cfg.intermediate_size, false)?,
+                    Linear::load(&mlp.pp("up_proj"), h, cfg.intermediate_size, false)?,
+                ]),
                 down: Linear::load(&mlp.pp("down_proj"), cfg.intermediate_size, h, false)?,
             });
         }
@@ -360,12 +413,9 @@ impl Model {
             layers.push(Layer {
                 attn_norm: norm(qt(&format!("blk.{i}.attn_norm.weight"))?, cfg.rms_norm_eps)?,
                 ffn_norm: norm(qt(&format!("blk.{i}.ffn_norm.weight"))?, cfg.rms_norm_eps)?,
-                wq,
-                wk,
-                wv,
+                qkv: Proj::new(vec![wq, wk, wv])?,
                 wo,
-                gate,
-                up,
+                gate_up: Proj::new(vec![gate, up])?,
                 down,
             });
         }
@@ -447,17 +497,17 @@ impl Model {
         let mut x = self.embed.forward(&ids, &self.device)?; // [T, h]
         for (li, layer) in self.layers.iter().enumerate() {
             let normed = layer.attn_norm.forward(&x)?;
-            let q = layer.wq.forward(&normed)?;
-            let k = layer.wk.forward(&normed)?;
-            let v = layer.wv.forward(&normed)?;
+            let qkv = layer.qkv.forward(&normed)?;
+            let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
             let y = if on_host {
-                self.attend_host(li, &q, &k, &v, seqs, &spans)?
+                self.attend_host(li, q, k, v, seqs, &spans)?
             } else {
-                self.attend_device(li, &q, &k, &v, seqs, &spans, &masks)?
+                self.attend_device(li, q, k, v, seqs, &spans, &masks)?
             };
             x = (layer.wo.forward(&y)? + x)?;
             let normed = layer.ffn_norm.forward(&x)?;
-            let act = (candle_nn::ops::silu(&layer.gate.forward(&normed)?)? * layer.up.forward(&normed)?)?;
+            let gate_up = layer.gate_up.forward(&normed)?;
+            let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
             x = (layer.down.forward(&act)? + x)?;
         }
         for ((tokens, cache), _) in seqs.iter_mut().zip(&spans) {

@@ -86,6 +86,17 @@ impl Q41Matrix {
         Ok(Q41Matrix { rows, cols, blocks })
     }
 
+    /// The matrices' rows one after another (projections of the same input, run as one
+    /// matmul); `None` unless they all have the same number of columns.
+    pub fn concat(parts: &[&Q41Matrix]) -> Option<Self> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        let blocks = parts.iter().flat_map(|p| p.blocks.iter().copied()).collect();
+        Some(Q41Matrix { rows: parts.iter().map(|p| p.rows).sum(), cols, blocks })
+    }
+
     /// Output features (weight rows).
     pub fn rows(&self) -> usize {
         self.rows
