@@ -182,6 +182,8 @@ pub struct GenerateBench {
     pub threads: usize,
     /// Print the rendered prompt texts as a JSON array and stop (for the llama.cpp peer).
     pub print_prompts: bool,
+    /// The backend's `dequantize` setting (`auto`, `all`, `none`).
+    pub dequantize: crate::generate::candle::llama::Dequantize,
 }
 
 /// Resets this process's peak resident memory (`VmHWM`) to its current size, so a figure
@@ -198,7 +200,12 @@ pub fn generate(opts: &GenerateBench, json: bool) -> Result<()> {
 
     let threads = cb::init_threads(opts.threads);
     let path = opts.gguf.clone().unwrap_or_else(|| cb::models_dir().join(cb::DEFAULT_GGUF));
-    let options = CandleOptions { device: DeviceChoice::Cpu, threads: Some(opts.threads), ..Default::default() };
+    let options = CandleOptions {
+        device: DeviceChoice::Cpu,
+        threads: Some(opts.threads),
+        dequantize: opts.dequantize,
+        ..Default::default()
+    };
     let start = Instant::now();
     let g = CandleGenerator::open(&options, Weights::Gguf(path.clone()), None)?;
     let load_secs = start.elapsed().as_secs_f64();
@@ -253,6 +260,7 @@ pub fn generate(opts: &GenerateBench, json: bool) -> Result<()> {
                     "decode_tok_s": s.decode_tokens_per_sec(), "generated_tokens": s.generated_tokens,
                     "aggregate_tok_s": aggregate, "wall_secs": wall, "peak_rss_mib": peak,
                     "load_secs": load_secs, "first_output": first,
+                    "dequantize": format!("{:?}", opts.dequantize).to_lowercase(),
                 })
             );
         } else {

@@ -186,6 +186,9 @@ pub enum Bench {
         /// Print the rendered prompts as a JSON array and exit (the llama.cpp peer reads them).
         #[arg(long)]
         print_prompts: bool,
+        /// GGUF weights expanded to f32 at load (the candle backend's `dequantize`): auto, all, none.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "all", "none"])]
+        dequantize: String,
     },
 }
 
@@ -388,11 +391,25 @@ pub fn main(cli: Cli) -> Result<()> {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?
         }
         Command::Bench {
-            which: Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts },
-        } => crate::bench::generate(
-            &crate::bench::GenerateBench { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts },
-            json,
-        )?,
+            which: Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts, dequantize },
+        } => {
+            use crate::generate::candle::llama::Dequantize;
+            let dequantize = match dequantize.as_str() {
+                "all" => Dequantize::All,
+                "none" => Dequantize::None,
+                _ => Dequantize::Auto,
+            };
+            let b = crate::bench::GenerateBench {
+                gguf,
+                batch_sizes,
+                prompts,
+                max_new_tokens,
+                threads,
+                print_prompts,
+                dequantize,
+            };
+            crate::bench::generate(&b, json)?
+        }
     }
     Ok(())
 }

@@ -610,7 +610,7 @@ impl Model {
         if flops < 200_000 {
             work(0..items);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(items, work);
+            super::pool::run(items, work);
         }
         Tensor::from_vec(y, (rows, nh * hd), &self.device)?.to_dtype(dtype)
     }

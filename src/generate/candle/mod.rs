@@ -43,6 +43,7 @@ pub mod chat;
 pub mod engine;
 pub mod llama;
 pub mod lora;
+mod pool;
 pub mod q4_1;
 pub mod tokenizer;
 

@@ -178,7 +178,7 @@ impl Q41Matrix {
         if m * n * self.cols < 1 << 16 {
             work(0..items);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(items, work);
+            super::pool::run(items, work);
         }
     }
 }
