@@ -16,6 +16,11 @@
 //! - **All positions.** [`Positions::All`] returns the logits of every new token (scoring a
 //!   text's per-token log-likelihood in one pass); [`Positions::Last`] only the last one, which
 //!   is what decoding needs and saves the vocabulary projection on prompt tokens.
+//! - **CPU kernels.** On the CPU, attention is computed straight from each sequence's
+//!   preallocated key/value buffers (appended in place, never copied per step), and Q4_1
+//!   weights (SmolLM2) stay quantized on Candor's AVX2 kernel ([`super::q4_1`]), with q/k/v
+//!   and gate/up each fused into one matmul. Both spread their work over Candor's
+//!   work-sharing pool, which degrades to one thread rather than stalling on a busy machine.
 //! - **One graph for both weight formats.** Qwen2 is the llama graph with q/k/v biases and
 //!   half-split ("NeoX") rotary embeddings; HF safetensors llama weights (and LoRA-merged ones)
 //!   load into the same graph as dense matrices through [`Model::load`], so every checkpoint
