@@ -67,7 +67,9 @@ def main():
     texts = json.load(open(args.prompts_json))
 
     L.llama_backend_init()
-    L.llama_log_set(L.llama_log_callback(lambda level, text, user: None), ctypes.c_void_p(0))
+    global _quiet  # the callback must outlive every call into llama.cpp
+    _quiet = L.llama_log_callback(lambda level, text, user: None)
+    L.llama_log_set(_quiet, None)
     t0 = time.perf_counter()
     mparams = L.llama_model_default_params()
     model = L.llama_model_load_from_file(args.gguf.encode(), mparams)

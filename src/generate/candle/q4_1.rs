@@ -261,7 +261,7 @@ mod tests {
         mat.dequantize_row(3, &mut row);
         assert_eq!(row, wd.get(3).unwrap().to_vec1::<f32>().unwrap());
         for m in [1, 3, 5, 70] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 13 % 29) as f32 / 14.0 - 1.0)).collect();
+            let x: Vec<f32> = (0..m * k).map(|i| (i * 13 % 29) as f32 / 14.0 - 1.0).collect();
             let x = Tensor::from_vec(x, (m, k), &dev).unwrap();
             let got = mat.forward(&x).unwrap();
             let want = x.matmul(&wd.t().unwrap()).unwrap();

@@ -672,6 +672,7 @@ fn generator_fingerprint_covers_weights_and_system_prompt() {
         epoch: None,
         path: path.map(Path::to_path_buf),
         system_prompt: sys.map(str::to_string),
+        backend: toml::Table::new(),
     };
     let mut g = CandleGenerator::new(&model, &ck(None, None)).unwrap();
     let fp = g.fingerprint();
