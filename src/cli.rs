@@ -214,6 +214,33 @@ pub enum Bench {
         #[arg(long)]
         skip_python: bool,
     },
+    /// Greedy generation throughput of the candle backend on a GGUF model at several batch
+    /// sizes: prefill, decode and overall tokens/s, wall time and peak memory per batch size.
+    /// Every request decodes exactly `--max-new-tokens` tokens (end-of-turn is ignored), so
+    /// runs and engines compare like for like; `scripts/bench-generate` sets llama.cpp beside it.
+    Generate {
+        /// The GGUF file (default: SmolLM2-135M-Instruct Q4_1 in the model cache).
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// Sequences decoded concurrently, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        batch_sizes: Vec<usize>,
+        /// Requests per run (a fixed set of TriviaQA and TruthfulQA questions, cycled).
+        #[arg(long, default_value_t = 16)]
+        prompts: usize,
+        /// New tokens per request.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: u32,
+        /// CPU threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Print the rendered prompts as a JSON array and exit (the llama.cpp peer reads them).
+        #[arg(long)]
+        print_prompts: bool,
+        /// GGUF weights expanded to f32 at load (the candle backend's `dequantize`): auto, all, none.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "all", "none"])]
+        dequantize: String,
+    },
 }
 
 /// The refusal list on the command line.
@@ -433,6 +460,26 @@ pub fn main(cli: Cli) -> Result<()> {
                 analysis.export(dir, export)?;
             }
             analysis.print(json)?;
+        }
+        Command::Bench {
+            which: Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts, dequantize },
+        } => {
+            use crate::generate::candle::llama::Dequantize;
+            let dequantize = match dequantize.as_str() {
+                "all" => Dequantize::All,
+                "none" => Dequantize::None,
+                _ => Dequantize::Auto,
+            };
+            let b = crate::bench::GenerateBench {
+                gguf,
+                batch_sizes,
+                prompts,
+                max_new_tokens,
+                threads,
+                print_prompts,
+                dequantize,
+            };
+            crate::bench::generate(&b, json)?
         }
     }
     Ok(())

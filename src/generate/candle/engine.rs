@@ -56,6 +56,15 @@ impl BatchStats {
     }
 }
 
+/// How [`Engine::run_with`] decodes, beyond each request's own settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Never stop at an end-of-turn token or a stop string: every answer runs to its
+    /// `max_new_tokens` (or the context). For benchmarks, where each side must decode the same
+    /// number of tokens whatever the model says.
+    pub ignore_stop: bool,
+}
+
 struct Seq<'r> {
     index: usize,
     request: &'r GenRequest,
@@ -113,7 +122,8 @@ impl Engine {
         Ok(Seq {
             index,
             request,
-            cache: Cache::new(self.model.config()),
+            // Room for the whole answer up front: the cache then grows in place, never copied.
+            cache: Cache::with_capacity(self.model.config(), (prompt.len() + d.max_new_tokens as usize).min(limit)),
             prompt_tokens: prompt.len(),
             input: prompt,
             sampled: 0,
@@ -124,15 +134,15 @@ impl Engine {
     }
 
     /// Samples the next token of `seq` from `logits`; returns why it stops, if it does.
-    fn advance(&self, seq: &mut Seq, logits: &Tensor) -> Result<Option<FinishReason>> {
+    fn advance(&self, seq: &mut Seq, logits: &Tensor, opts: RunOptions) -> Result<Option<FinishReason>> {
         let next = seq.sampler.sample(logits).map_err(|e| model_error("sampling", e))?;
         seq.sampled += 1;
-        if self.stop_ids.contains(&next) {
+        if self.stop_ids.contains(&next) && !opts.ignore_stop {
             return Ok(Some(FinishReason::Stop));
         }
         seq.output.push(next);
         let stops = &seq.request.decoding.stop;
-        if !stops.is_empty() {
+        if !stops.is_empty() && !opts.ignore_stop {
             let text = self.text(&seq.output)?;
             if stops.iter().any(|s| text.contains(s.as_str())) {
                 return Ok(Some(FinishReason::Stop));
@@ -174,6 +184,17 @@ impl Engine {
         system: Option<&str>,
         batch_size: usize,
     ) -> Result<(Vec<Result<Generation>>, BatchStats)> {
+        self.run_with(requests, system, batch_size, RunOptions::default())
+    }
+
+    /// [`Engine::run`] with options (a benchmark's fixed answer lengths).
+    pub fn run_with(
+        &self,
+        requests: &[GenRequest],
+        system: Option<&str>,
+        batch_size: usize,
+        opts: RunOptions,
+    ) -> Result<(Vec<Result<Generation>>, BatchStats)> {
         let batch_size = batch_size.max(1);
         let mut results: Vec<Option<Result<Generation>>> = (0..requests.len()).map(|_| None).collect();
         let mut stats = BatchStats { requests: requests.len(), ..Default::default() };
@@ -206,7 +227,7 @@ impl Engine {
             };
             let mut finished = Vec::new();
             for (k, (seq, logits)) in group.iter_mut().zip(&logits).enumerate() {
-                if let Some(reason) = self.advance(seq, logits)? {
+                if let Some(reason) = self.advance(seq, logits, opts)? {
                     finished.push((k, reason));
                 }
             }

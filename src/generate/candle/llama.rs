@@ -16,6 +16,11 @@
 //! - **All positions.** [`Positions::All`] returns the logits of every new token (scoring a
 //!   text's per-token log-likelihood in one pass); [`Positions::Last`] only the last one, which
 //!   is what decoding needs and saves the vocabulary projection on prompt tokens.
+//! - **CPU kernels.** On the CPU, attention is computed straight from each sequence's
+//!   preallocated key/value buffers (appended in place, never copied per step), and Q4_1
+//!   weights (SmolLM2) stay quantized on Candor's AVX2 kernel ([`super::q4_1`]), with q/k/v
+//!   and gate/up each fused into one matmul. Both spread their work over Candor's
+//!   work-sharing pool, which degrades to one thread rather than stalling on a busy machine.
 //! - **One graph for both weight formats.** Qwen2 is the llama graph with q/k/v biases and
 //!   half-split ("NeoX") rotary embeddings; HF safetensors llama weights (and LoRA-merged ones)
 //!   load into the same graph as dense matrices through [`Model::load`], so every checkpoint
@@ -28,6 +33,8 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
+
+use super::q4_1::Q41Matrix;
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,25 +74,65 @@ impl Config {
 /// Which GGUF weights are expanded to f32 at load time instead of staying quantized.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Dequantize {
-    /// On the CPU, the types candle 0.11 has no SIMD kernel for (Q4_1, Q5_0, Q5_1, Q8_1):
-    /// their scalar dot products are several times slower than an f32 matmul (SmolLM2's Q4_1:
-    /// 10x on prefill, 3x on decode, measured), and f32 is exact where the quantized path
-    /// rounds activations to 8 bits. Everything else stays quantized.
+    /// On the CPU: Q4_1 (SmolLM2's type) stays quantized and runs Candor's own AVX2 kernel
+    /// ([`super::q4_1`], llama.cpp's numerics) where the CPU has AVX2/FMA/F16C; the other types
+    /// candle 0.11 has no SIMD kernel for (Q5_0, Q5_1, Q8_1, and Q4_1 without AVX2) are
+    /// expanded to f32, as their scalar dot products are several times slower than an f32
+    /// matmul. Everything else stays quantized on candle's kernels.
     #[default]
     Auto,
     All,
+    /// Every type stays quantized on candle's own kernels (scalar for Q4_1).
     None,
 }
 
 impl Dequantize {
-    fn matmul(self, q: QTensor, device: &Device) -> Result<QMatMul> {
+    fn matmul(self, q: QTensor, device: &Device) -> Result<Weight> {
+        let cpu = device.is_cpu();
+        if self == Dequantize::Auto && cpu && q.dtype() == GgmlDType::Q4_1 && super::q4_1::supported() {
+            return Ok(Weight::Q41(std::sync::Arc::new(Q41Matrix::from_qtensor(&q)?)));
+        }
         let slow_on_cpu = matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1);
         match self {
-            Dequantize::All => Ok(QMatMul::Tensor(q.dequantize(device)?)),
-            Dequantize::Auto if slow_on_cpu && device.is_cpu() => Ok(QMatMul::Tensor(q.dequantize(device)?)),
-            _ => QMatMul::from_qtensor(q),
+            Dequantize::All => Ok(Weight::Candle(QMatMul::Tensor(q.dequantize(device)?))),
+            Dequantize::Auto if slow_on_cpu && cpu => Ok(Weight::Candle(QMatMul::Tensor(q.dequantize(device)?))),
+            _ => Ok(Weight::Candle(QMatMul::from_qtensor(q)?)),
         }
     }
+}
+
+/// The token embedding: a dense table, or rows of the Q4_1 output projection it is tied to,
+/// expanded one token at a time (no f32 copy of the whole vocabulary).
+#[derive(Debug, Clone)]
+enum Embed {
+    Dense(Embedding),
+    Q41(std::sync::Arc<Q41Matrix>),
+}
+
+impl Embed {
+    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embed::Dense(e) => e.forward(&Tensor::new(ids, device)?),
+            Embed::Q41(m) => {
+                let h = m.cols();
+                let mut out = vec![0f32; ids.len() * h];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(h)) {
+                    if id as usize >= m.rows() {
+                        candle_core::bail!("token id {id} is outside the vocabulary of {}", m.rows());
+                    }
+                    m.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (ids.len(), h), device)
+            }
+        }
+    }
+}
+
+/// A projection's weight: on candle's matmuls, or Q4_1 on Candor's kernel.
+#[derive(Debug, Clone)]
+enum Weight {
+    Candle(QMatMul),
+    Q41(std::sync::Arc<Q41Matrix>),
 }
 
 /// Which positions' logits [`Model::forward`] returns.
@@ -97,17 +144,37 @@ pub enum Positions {
     All,
 }
 
-/// One sequence's key/value cache: per layer, keys and values of shape
-/// `[1, kv_heads, len, head_dim]`.
+/// One sequence's key/value cache.
+///
+/// On the CPU each layer's keys and values are plain growable buffers, `[len, kv_heads,
+/// head_dim]` row-major, appended in place (a decode step writes one row per layer and copies
+/// nothing else); [`Cache::reserve`] sizes them once for a whole answer. On another device
+/// they are tensors `[1, kv_heads, len, head_dim]`, concatenated per step.
 #[derive(Clone, Debug)]
 pub struct Cache {
     kv: Vec<Option<(Tensor, Tensor)>>,
+    host: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
 }
 
 impl Cache {
     pub fn new(cfg: &Config) -> Self {
-        Cache { kv: vec![None; cfg.num_layers], len: 0 }
+        Cache { kv: vec![None; cfg.num_layers], host: vec![(Vec::new(), Vec::new()); cfg.num_layers], len: 0 }
+    }
+    /// A cache with room for `tokens` tokens on the CPU (no copy while it stays within them).
+    pub fn with_capacity(cfg: &Config, tokens: usize) -> Self {
+        let mut c = Cache::new(cfg);
+        c.reserve(cfg, tokens);
+        c
+    }
+    /// Makes room for `tokens` more tokens on the CPU. Pages are only touched as tokens are
+    /// written, so reserving for the longest possible answer costs no resident memory.
+    pub fn reserve(&mut self, cfg: &Config, tokens: usize) {
+        let row = cfg.num_kv_heads * cfg.head_dim();
+        for (k, v) in &mut self.host {
+            k.reserve(tokens * row);
+            v.reserve(tokens * row);
+        }
     }
     /// Tokens already processed (the next token's position).
     pub fn len(&self) -> usize {
@@ -121,13 +188,16 @@ impl Cache {
 /// A projection `x · Wᵀ (+ b)`, quantized (GGUF) or dense (safetensors).
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            Weight::Candle(w) => w.forward(x)?,
+            Weight::Q41(w) => w.forward(x)?.to_dtype(x.dtype())?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -135,7 +205,7 @@ impl Linear {
     }
 
     fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight: QMatMul::Tensor(weight), bias }
+        Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias }
     }
 
     fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
@@ -145,16 +215,65 @@ impl Linear {
     }
 }
 
+/// Projections of the same input: one matmul over their stacked weights where they are all
+/// Q4_1 on Candor's kernel (one pass over the threads and one activation quantization instead
+/// of several), else one matmul each.
+#[derive(Debug, Clone)]
+enum Proj {
+    Split(Vec<Linear>),
+    Fused(Linear, Vec<usize>),
+}
+
+impl Proj {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let q41: Option<Vec<&Q41Matrix>> = parts
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Q41(m) => Some(m.as_ref()),
+                Weight::Candle(_) => None,
+            })
+            .collect();
+        let biased = parts.iter().filter(|l| l.bias.is_some()).count();
+        let Some(mats) = q41.filter(|_| biased == 0 || biased == parts.len()) else {
+            return Ok(Proj::Split(parts));
+        };
+        let Some(fused) = Q41Matrix::concat(&mats) else { return Ok(Proj::Split(parts)) };
+        let sizes = mats.iter().map(|m| m.rows()).collect();
+        let bias = if biased > 0 {
+            Some(Tensor::cat(&parts.iter().filter_map(|l| l.bias.as_ref()).collect::<Vec<_>>(), 0)?)
+        } else {
+            None
+        };
+        Ok(Proj::Fused(Linear { weight: Weight::Q41(std::sync::Arc::new(fused)), bias }, sizes))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Proj::Split(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+            Proj::Fused(l, sizes) => {
+                let y = l.forward(x)?;
+                let mut off = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        off += n;
+                        y.narrow(candle_core::D::Minus1, off - n, n)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: RmsNorm,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k, v.
+    qkv: Proj,
     wo: Linear,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// gate, up.
+    gate_up: Proj,
     down: Linear,
 }
 
@@ -162,12 +281,15 @@ struct Layer {
 #[derive(Debug, Clone)]
 pub struct Model {
     cfg: Config,
-    embed: Embedding,
+    embed: Embed,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// The rotary tables on the host, `[max_seq_len, head_dim / 2]`, for CPU attention.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
     device: Device,
 }
 
@@ -196,13 +318,17 @@ impl Model {
             let mlp = l.pp("mlp");
             layers.push(Layer {
                 attn_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                wq: Linear::load(&a.pp("q_proj"), h, cfg.num_heads * hd, cfg.qkv_bias)?,
-                wk: Linear::load(&a.pp("k_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
-                wv: Linear::load(&a.pp("v_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+                qkv: Proj::Split(vec![
+                    Linear::load(&a.pp("q_proj"), h, cfg.num_heads * hd, cfg.qkv_bias)?,
+                    Linear::load(&a.pp("k_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+                    Linear::load(&a.pp("v_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+                ]),
                 wo: Linear::load(&a.pp("o_proj"), cfg.num_heads * hd, h, false)?,
                 ffn_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
-                gate: Linear::load(&mlp.pp("gate_proj"), h, cfg.intermediate_size, false)?,
-                up: Linear::load(&mlp.pp("up_proj"), h, cfg.intermediate_size, false)?,
+                gate_up: Proj::Split(vec![
+                    Linear::load(&mlp.pp("gate_proj"), h, cfg.intermediate_size, false)?,
+                    Linear::load(&mlp.pp("up_proj"), h, cfg.intermediate_size, false)?,
+                ]),
                 down: Linear::load(&mlp.pp("down_proj"), cfg.intermediate_size, h, false)?,
             });
         }
@@ -213,7 +339,7 @@ impl Model {
             Linear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false)?
         };
         let (cos, sin) = rope_tables(cfg, &device)?;
-        Ok(Model { cfg: cfg.clone(), embed: Embedding::new(embed_weight, h), layers, norm, lm_head, cos, sin, device })
+        Model::assemble(cfg, Embed::Dense(Embedding::new(embed_weight, h)), layers, norm, lm_head, (cos, sin), &device)
     }
 
     /// Reads the shape of a GGUF `llama` or `qwen2` model from its metadata; `max_seq_len`
@@ -271,10 +397,12 @@ impl Model {
     ) -> Result<Self> {
         let mut qt = |name: &str| ct.tensor(reader, name, device);
         let norm = |t: QTensor, eps: f64| -> Result<RmsNorm> { Ok(RmsNorm::new(t.dequantize(device)?, eps)) };
-        let embed_q = qt("token_embd.weight")?;
-        let embed = Embedding::new(embed_q.dequantize(device)?, cfg.hidden_size);
-        let lm_head = if cfg.tie_word_embeddings { embed_q } else { qt("output.weight")? };
+        let lm_head = qt(if cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" })?;
         let lm_head = Linear { weight: dequantize.matmul(lm_head, device)?, bias: None };
+        let embed = match (&lm_head.weight, cfg.tie_word_embeddings) {
+            (Weight::Q41(m), true) => Embed::Q41(m.clone()),
+            _ => Embed::Dense(Embedding::new(qt("token_embd.weight")?.dequantize(device)?, cfg.hidden_size)),
+        };
         let out_norm = norm(qt("output_norm.weight")?, cfg.rms_norm_eps)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -290,17 +418,42 @@ impl Model {
             layers.push(Layer {
                 attn_norm: norm(qt(&format!("blk.{i}.attn_norm.weight"))?, cfg.rms_norm_eps)?,
                 ffn_norm: norm(qt(&format!("blk.{i}.ffn_norm.weight"))?, cfg.rms_norm_eps)?,
-                wq,
-                wk,
-                wv,
+                qkv: Proj::new(vec![wq, wk, wv])?,
                 wo,
-                gate,
-                up,
+                gate_up: Proj::new(vec![gate, up])?,
                 down,
             });
         }
-        let (cos, sin) = rope_tables(cfg, device)?;
-        Ok(Model { cfg: cfg.clone(), embed, layers, norm: out_norm, lm_head, cos, sin, device: device.clone() })
+        let tables = rope_tables(cfg, device)?;
+        Model::assemble(cfg, embed, layers, out_norm, lm_head, tables, device)
+    }
+
+    fn assemble(
+        cfg: &Config,
+        embed: Embed,
+        layers: Vec<Layer>,
+        norm: RmsNorm,
+        lm_head: Linear,
+        (cos, sin): (Tensor, Tensor),
+        device: &Device,
+    ) -> Result<Self> {
+        let (cos_host, sin_host) = if device.is_cpu() {
+            (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            cos_host,
+            sin_host,
+            device: device.clone(),
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -332,65 +485,34 @@ impl Model {
             ids.extend_from_slice(tokens);
         }
         let rep = cfg.num_heads / cfg.num_kv_heads;
-        // Causal masks `[rep * n, kv_len]`: one `[n, kv_len]` block per query head of a group.
+        let on_host = self.device.is_cpu();
+        // Causal masks `[rep * n, kv_len]` (device attention only): one `[n, kv_len]` block per
+        // query head of a group.
         let masks = spans
             .iter()
             .map(|&(_, n, pos)| {
-                if n == 1 {
+                if n == 1 || on_host {
                     return Ok(None);
                 }
                 let mask = candle_transformers::utils::build_causal_mask(n, pos, &self.device)?;
                 Ok(Some(if rep == 1 { mask } else { Tensor::cat(&vec![&mask; rep], 0)? }))
             })
             .collect::<Result<Vec<_>>>()?;
-        let neg_inf = Tensor::new(f32::NEG_INFINITY, &self.device)?;
-        let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_heads, cfg.num_kv_heads);
-        let scale = 1.0 / (hd as f64).sqrt();
 
-        let mut x = self.embed.forward(&Tensor::new(ids.as_slice(), &self.device)?)?; // [T, h]
+        let mut x = self.embed.forward(&ids, &self.device)?; // [T, h]
         for (li, layer) in self.layers.iter().enumerate() {
             let normed = layer.attn_norm.forward(&x)?;
-            let q = layer.wq.forward(&normed)?;
-            let k = layer.wk.forward(&normed)?;
-            let v = layer.wv.forward(&normed)?;
-            let mut ys = Vec::with_capacity(seqs.len());
-            for (s, &(off, n, pos)) in spans.iter().enumerate() {
-                let heads = |t: &Tensor, count: usize| -> Result<Tensor> {
-                    t.narrow(0, off, n)?.reshape((1, n, count, hd))?.transpose(1, 2)?.contiguous()
-                };
-                let cos = self.cos.narrow(0, pos, n)?;
-                let sin = self.sin.narrow(0, pos, n)?;
-                let rope = |t: &Tensor| match cfg.rope {
-                    Rope::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin),
-                    Rope::Halves => candle_nn::rotary_emb::rope(t, &cos, &sin),
-                };
-                let qs = rope(&heads(&q, nh)?)?;
-                let ks = rope(&heads(&k, nkv)?)?;
-                let vs = heads(&v, nkv)?;
-                let cache = &mut seqs[s].1;
-                let (ks, vs) = match &cache.kv[li] {
-                    Some((kc, vc)) => (Tensor::cat(&[kc, &ks], 2)?, Tensor::cat(&[vc, &vs], 2)?),
-                    None => (ks, vs),
-                };
-                cache.kv[li] = Some((ks.clone(), vs.clone()));
-                // The query heads sharing a key/value head attend as one block of rows, so the
-                // cache is read in place instead of copied once per query head (repeat_kv).
-                let qs = qs.reshape((1, nkv, rep * n, hd))?;
-                let att = (qs.matmul(&ks.t()?)? * scale)?; // [1, nkv, rep * n, kv_len]
-                let att = match &masks[s] {
-                    Some(mask) => {
-                        mask.broadcast_as(att.shape())?.where_cond(&neg_inf.broadcast_as(att.shape())?, &att)?
-                    }
-                    None => att,
-                };
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let y = att.matmul(&vs)?.reshape((1, nh, n, hd))?;
-                ys.push(y.transpose(1, 2)?.reshape((n, nh * hd))?);
-            }
-            let y = if ys.len() == 1 { ys.pop().expect("one sequence") } else { Tensor::cat(&ys, 0)? };
+            let qkv = layer.qkv.forward(&normed)?;
+            let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
+            let y = if on_host {
+                self.attend_host(li, q, k, v, seqs, &spans)?
+            } else {
+                self.attend_device(li, q, k, v, seqs, &spans, &masks)?
+            };
             x = (layer.wo.forward(&y)? + x)?;
             let normed = layer.ffn_norm.forward(&x)?;
-            let act = (candle_nn::ops::silu(&layer.gate.forward(&normed)?)? * layer.up.forward(&normed)?)?;
+            let gate_up = layer.gate_up.forward(&normed)?;
+            let act = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
             x = (layer.down.forward(&act)? + x)?;
         }
         for ((tokens, cache), _) in seqs.iter_mut().zip(&spans) {
@@ -410,11 +532,195 @@ impl Model {
         }
     }
 
+    /// Attention of every sequence's new tokens on the CPU: rotary embeddings, the new keys
+    /// and values appended to each sequence's cache in place, then causal attention per
+    /// sequence, query row and head, read straight from the cache (grouped query heads share
+    /// their key/value head without copying it), spread over candle's CPU threads. Each
+    /// sequence's result depends on its own tokens and cache only.
+    #[allow(clippy::needless_range_loop)]
+    fn attend_host(
+        &self,
+        li: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [(&[u32], &mut Cache)],
+        spans: &[(usize, usize, usize)],
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_heads, cfg.num_kv_heads);
+        let rep = nh / nkv;
+        let half = hd / 2;
+        let dtype = q.dtype();
+        let host = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
+        let (mut qh, mut kh, vh) = (host(q)?, host(k)?, host(v)?);
+        let rows = qh.len() / (nh * hd);
+        // Query rows: (sequence, position).
+        let mut row_of = Vec::with_capacity(rows);
+        for (s, &(off, n, pos)) in spans.iter().enumerate() {
+            for t in 0..n {
+                let p = pos + t;
+                let cos = &self.cos_host[p * half..(p + 1) * half];
+                let sin = &self.sin_host[p * half..(p + 1) * half];
+                for head in qh[(off + t) * nh * hd..(off + t + 1) * nh * hd].chunks_exact_mut(hd) {
+                    rotate(head, cos, sin, cfg.rope);
+                }
+                for head in kh[(off + t) * nkv * hd..(off + t + 1) * nkv * hd].chunks_exact_mut(hd) {
+                    rotate(head, cos, sin, cfg.rope);
+                }
+                row_of.push((s, p));
+            }
+            let (kc, vc) = &mut seqs[s].1.host[li];
+            kc.extend_from_slice(&kh[off * nkv * hd..(off + n) * nkv * hd]);
+            vc.extend_from_slice(&vh[off * nkv * hd..(off + n) * nkv * hd]);
+        }
+        let caches: Vec<&(Vec<f32>, Vec<f32>)> = seqs.iter().map(|(_, c)| &c.host[li]).collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut y = vec![0f32; rows * nh * hd];
+        let y_addr = y.as_mut_ptr() as usize;
+        let qh = &qh;
+        // One item per (query row, head); each writes its own `hd` outputs.
+        let work = |items: std::ops::Range<usize>| {
+            let mut scores = Vec::new();
+            for item in items {
+                let (row, h) = (item / nh, item % nh);
+                let (s, p) = row_of[row];
+                let (kc, vc) = caches[s];
+                let g = h / rep;
+                let qrow = &qh[row * nh * hd + h * hd..][..hd];
+                let kv_len = p + 1;
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..kv_len {
+                    let sc = dot(qrow, &kc[(j * nkv + g) * hd..][..hd]) * scale;
+                    max = max.max(sc);
+                    scores.push(sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                // SAFETY: item (row, h) alone writes y[row * nh * hd + h * hd..][..hd], and `y`
+                // outlives the pool call.
+                let out = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(item * hd), hd) };
+                for (j, &w) in scores.iter().enumerate() {
+                    axpy(w / sum, &vc[(j * nkv + g) * hd..][..hd], out);
+                }
+            }
+        };
+        // Small steps run inline: waking the pool costs more than the work.
+        let items = rows * nh;
+        let flops: usize = row_of.iter().map(|&(_, p)| (p + 1) * hd * 4).sum::<usize>() * nh;
+        if flops < 200_000 {
+            work(0..items);
+        } else {
+            super::pool::run(items, work);
+        }
+        Tensor::from_vec(y, (rows, nh * hd), &self.device)?.to_dtype(dtype)
+    }
+
+    /// Attention on a non-CPU device, with tensors: the new keys and values concatenated to
+    /// each sequence's cache, then masked attention per sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_device(
+        &self,
+        li: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [(&[u32], &mut Cache)],
+        spans: &[(usize, usize, usize)],
+        masks: &[Option<Tensor>],
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_heads, cfg.num_kv_heads);
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let neg_inf = Tensor::new(f32::NEG_INFINITY, &self.device)?;
+        let mut ys = Vec::with_capacity(seqs.len());
+        for (s, &(off, n, pos)) in spans.iter().enumerate() {
+            let heads = |t: &Tensor, count: usize| -> Result<Tensor> {
+                t.narrow(0, off, n)?.reshape((1, n, count, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let cos = self.cos.narrow(0, pos, n)?;
+            let sin = self.sin.narrow(0, pos, n)?;
+            let rope = |t: &Tensor| match cfg.rope {
+                Rope::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin),
+                Rope::Halves => candle_nn::rotary_emb::rope(t, &cos, &sin),
+            };
+            let qs = rope(&heads(q, nh)?)?;
+            let ks = rope(&heads(k, nkv)?)?;
+            let vs = heads(v, nkv)?;
+            let cache = &mut seqs[s].1;
+            let (ks, vs) = match &cache.kv[li] {
+                Some((kc, vc)) => (Tensor::cat(&[kc, &ks], 2)?, Tensor::cat(&[vc, &vs], 2)?),
+                None => (ks, vs),
+            };
+            cache.kv[li] = Some((ks.clone(), vs.clone()));
+            // The query heads sharing a key/value head attend as one block of rows, so the
+            // cache is read in place instead of copied once per query head (repeat_kv).
+            let qs = qs.reshape((1, nkv, rep * n, hd))?;
+            let att = (qs.matmul(&ks.t()?)? * scale)?; // [1, nkv, rep * n, kv_len]
+            let att = match &masks[s] {
+                Some(mask) => mask.broadcast_as(att.shape())?.where_cond(&neg_inf.broadcast_as(att.shape())?, &att)?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&vs)?.reshape((1, nh, n, hd))?;
+            ys.push(y.transpose(1, 2)?.reshape((n, nh * hd))?);
+        }
+        if ys.len() == 1 { Ok(ys.pop().expect("one sequence")) } else { Tensor::cat(&ys, 0) }
+    }
+
     /// Logits `[tokens, vocab]` of every position of `tokens` from an empty cache: entry `i`
     /// predicts token `i + 1`. One pass, for per-token log-likelihoods.
     pub fn forward_all_positions(&self, tokens: &[u32]) -> Result<Tensor> {
         let mut cache = Cache::new(&self.cfg);
         let mut out = self.forward(&mut [(tokens, &mut cache)], Positions::All)?;
         Ok(out.pop().expect("one sequence"))
+    }
+}
+
+/// Rotary embedding of one head in place, at the position whose `cos`/`sin` rows are given.
+fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], rope: Rope) {
+    let half = cos.len();
+    match rope {
+        Rope::Interleaved => {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos[i] - b * sin[i];
+                head[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+        Rope::Halves => {
+            for i in 0..half {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos[i] - b * sin[i];
+                head[i + half] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+/// Dot product with eight independent accumulators, so the compiler vectorises it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out += w * x`.
+#[inline]
+fn axpy(w: f32, x: &[f32], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o += w * v;
     }
 }

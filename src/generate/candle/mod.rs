@@ -23,7 +23,7 @@
 //! | `batch_size` | sequences decoded together | 8 |
 //! | `threads` | CPU threads of candle's matmuls; sets `RAYON_NUM_THREADS`, which candle reads at its first computation in the process, so it must be the first candle work (an explicit `RAYON_NUM_THREADS` wins) | candle's default (physical cores) |
 //! | `context` | cap on prompt plus answer tokens (the rotary tables and caches are sized by it) | the model's own context length |
-//! | `dequantize` | GGUF weights expanded to f32 at load: `"auto"` (on the CPU, the quantization types candle has no SIMD kernel for, e.g. SmolLM2's Q4_1: faster and exact), `"all"`, `"none"` | `"auto"` |
+//! | `dequantize` | GGUF weights expanded to f32 at load: `"auto"` (on the CPU, SmolLM2's Q4_1 stays quantized on Candor's own AVX2 kernel, llama.cpp's numerics, where the CPU has AVX2; the other types candle has no SIMD kernel for are expanded), `"all"` (exact f32, 6x the memory), `"none"` | `"auto"` |
 //!
 //! A checkpoint's `path` is a GGUF file, an HF llama/qwen2 safetensors directory
 //! (`config.json`, `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json` with a
@@ -43,6 +43,8 @@ pub mod chat;
 pub mod engine;
 pub mod llama;
 pub mod lora;
+mod pool;
+pub mod q4_1;
 pub mod tokenizer;
 
 #[cfg(test)]
@@ -59,7 +61,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use engine::model_error;
-pub use engine::{BatchStats, Engine};
+pub use engine::{BatchStats, Engine, RunOptions};
 
 use crate::config::{CheckpointConfig, ModelConfig};
 use crate::error::{Error, Location, Result};
