@@ -18,7 +18,7 @@
 //!   is what decoding needs and saves the vocabulary projection on prompt tokens.
 //! - **CPU kernels.** On the CPU, attention is computed straight from each sequence's
 //!   preallocated key/value buffers (appended in place, never copied per step), and Q4_1
-//!   weights (SmolLM2) stay quantized on Candor's AVX2 kernel ([`super::q4_1`]), with q/k/v
+//!   weights (SmolLM2) stay quantized on Candor's AVX2 kernel ([`super::quant`]), with q/k/v
 //!   and gate/up each fused into one matmul. Both spread their work over Candor's
 //!   work-sharing pool, which degrades to one thread rather than stalling on a busy machine.
 //! - **One graph for both weight formats.** Qwen2 is the llama graph with q/k/v biases and
@@ -34,7 +34,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use super::q4_1::Q41Matrix;
+use super::quant::QMatrix;
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +74,8 @@ impl Config {
 /// Which GGUF weights are expanded to f32 at load time instead of staying quantized.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Dequantize {
-    /// On the CPU: Q4_1 (SmolLM2's type) stays quantized and runs Candor's own AVX2 kernel
-    /// ([`super::q4_1`], llama.cpp's numerics) where the CPU has AVX2/FMA/F16C; the other types
+    /// On the CPU: Q4_1 and Q8_0 (SmolLM2's types) stay quantized and run Candor's own AVX2
+    /// kernels ([`super::quant`], llama.cpp's numerics) where the CPU has AVX2/FMA/F16C; the other types
     /// candle 0.11 has no SIMD kernel for (Q5_0, Q5_1, Q8_1, and Q4_1 without AVX2) are
     /// expanded to f32, as their scalar dot products are several times slower than an f32
     /// matmul. Everything else stays quantized on candle's kernels.
@@ -89,8 +89,8 @@ pub enum Dequantize {
 impl Dequantize {
     fn matmul(self, q: QTensor, device: &Device) -> Result<Weight> {
         let cpu = device.is_cpu();
-        if self == Dequantize::Auto && cpu && q.dtype() == GgmlDType::Q4_1 && super::q4_1::supported() {
-            return Ok(Weight::Q41(std::sync::Arc::new(Q41Matrix::from_qtensor(&q)?)));
+        if self == Dequantize::Auto && cpu && super::quant::handles(q.dtype()) && super::quant::supported() {
+            return Ok(Weight::Own(std::sync::Arc::new(QMatrix::from_qtensor(&q)?)));
         }
         let slow_on_cpu = matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1);
         match self {
@@ -101,19 +101,19 @@ impl Dequantize {
     }
 }
 
-/// The token embedding: a dense table, or rows of the Q4_1 output projection it is tied to,
+/// The token embedding: a dense table, or rows of the quantized output projection it is tied to,
 /// expanded one token at a time (no f32 copy of the whole vocabulary).
 #[derive(Debug, Clone)]
 enum Embed {
     Dense(Embedding),
-    Q41(std::sync::Arc<Q41Matrix>),
+    Rows(std::sync::Arc<QMatrix>),
 }
 
 impl Embed {
     fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
             Embed::Dense(e) => e.forward(&Tensor::new(ids, device)?),
-            Embed::Q41(m) => {
+            Embed::Rows(m) => {
                 let h = m.cols();
                 let mut out = vec![0f32; ids.len() * h];
                 for (&id, row) in ids.iter().zip(out.chunks_exact_mut(h)) {
@@ -128,11 +128,11 @@ impl Embed {
     }
 }
 
-/// A projection's weight: on candle's matmuls, or Q4_1 on Candor's kernel.
+/// A projection's weight: on candle's matmuls, or Q4_1/Q8_0 on Candor's kernels.
 #[derive(Debug, Clone)]
 enum Weight {
     Candle(QMatMul),
-    Q41(std::sync::Arc<Q41Matrix>),
+    Own(std::sync::Arc<QMatrix>),
 }
 
 /// Which positions' logits [`Model::forward`] returns.
@@ -196,7 +196,7 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Candle(w) => w.forward(x)?,
-            Weight::Q41(w) => w.forward(x)?.to_dtype(x.dtype())?,
+            Weight::Own(w) => w.forward(x)?.to_dtype(x.dtype())?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -226,10 +226,10 @@ enum Proj {
 
 impl Proj {
     fn new(parts: Vec<Linear>) -> Result<Self> {
-        let q41: Option<Vec<&Q41Matrix>> = parts
+        let q41: Option<Vec<&QMatrix>> = parts
             .iter()
             .map(|l| match &l.weight {
-                Weight::Q41(m) => Some(m.as_ref()),
+                Weight::Own(m) => Some(m.as_ref()),
                 Weight::Candle(_) => None,
             })
             .collect();
@@ -237,14 +237,14 @@ impl Proj {
         let Some(mats) = q41.filter(|_| biased == 0 || biased == parts.len()) else {
             return Ok(Proj::Split(parts));
         };
-        let Some(fused) = Q41Matrix::concat(&mats) else { return Ok(Proj::Split(parts)) };
+        let Some(fused) = QMatrix::concat(&mats) else { return Ok(Proj::Split(parts)) };
         let sizes = mats.iter().map(|m| m.rows()).collect();
         let bias = if biased > 0 {
             Some(Tensor::cat(&parts.iter().filter_map(|l| l.bias.as_ref()).collect::<Vec<_>>(), 0)?)
         } else {
             None
         };
-        Ok(Proj::Fused(Linear { weight: Weight::Q41(std::sync::Arc::new(fused)), bias }, sizes))
+        Ok(Proj::Fused(Linear { weight: Weight::Own(std::sync::Arc::new(fused)), bias }, sizes))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
@@ -400,7 +400,7 @@ impl Model {
         let lm_head = qt(if cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" })?;
         let lm_head = Linear { weight: dequantize.matmul(lm_head, device)?, bias: None };
         let embed = match (&lm_head.weight, cfg.tie_word_embeddings) {
-            (Weight::Q41(m), true) => Embed::Q41(m.clone()),
+            (Weight::Own(m), true) => Embed::Rows(m.clone()),
             _ => Embed::Dense(Embedding::new(qt("token_embd.weight")?.dequantize(device)?, cfg.hidden_size)),
         };
         let out_norm = norm(qt("output_norm.weight")?, cfg.rms_norm_eps)?;

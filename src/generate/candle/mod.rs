@@ -44,7 +44,7 @@ pub mod engine;
 pub mod llama;
 pub mod lora;
 mod pool;
-pub mod q4_1;
+pub mod quant;
 pub mod tokenizer;
 
 #[cfg(test)]

@@ -91,8 +91,13 @@ impl Pool {
         loop {
             // Spin a little for the next step before sleeping.
             let spin_until = Instant::now() + Duration::from_micros(200);
-            while self.latest.load(Ordering::Acquire) == seen && Instant::now() < spin_until {
+            let mut spins = 0u32;
+            while self.latest.load(Ordering::Acquire) == seen {
                 std::hint::spin_loop();
+                spins += 1;
+                if spins.is_multiple_of(256) && Instant::now() >= spin_until {
+                    break;
+                }
             }
             let mut st = self.state.lock().expect("kernel pool lock");
             while st.generation == seen || !st.open {

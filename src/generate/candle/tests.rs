@@ -360,7 +360,7 @@ fn q4_1_runs_its_own_kernel_and_other_slow_types_are_dequantized_by_default() {
     let logits = |d| load_gguf(&path, &Device::Cpu, None, d).unwrap().logits_all_positions(&[1, 50, 60, 70]).unwrap();
     let (auto, all, none) = (logits(Dequantize::Auto), logits(Dequantize::All), logits(Dequantize::None));
     let scale = auto.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    if crate::generate::candle::q4_1::supported() {
+    if crate::generate::candle::quant::supported() {
         // Q4_1 stays quantized on Candor's AVX2 kernel, which rounds activations to 8 bits as
         // candle's scalar kernel does: both close to f32, not equal to it.
         let (d_all, d_none) = (max_diff(&auto, &all), max_diff(&auto, &none));
@@ -372,9 +372,11 @@ fn q4_1_runs_its_own_kernel_and_other_slow_types_are_dequantized_by_default() {
         let d = max_diff(&auto, &none);
         assert!(d > 0.0 && d < 0.1 * scale, "{d} of {scale}");
     }
-    // Q8_0 has a SIMD kernel and stays quantized under auto.
+    // Q8_0 stays quantized under auto (on Candor's kernel where the CPU has AVX2, else on
+    // candle's): within activation rounding of candle's kernel.
     write_gguf(&path, "llama", GgmlDType::Q8_0, 8);
-    assert_eq!(max_diff(&logits(Dequantize::Auto), &logits(Dequantize::None)), 0.0);
+    let (auto, none) = (logits(Dequantize::Auto), logits(Dequantize::None));
+    assert!(max_diff(&auto, &none) < 0.05 * scale, "{} of {scale}", max_diff(&auto, &none));
 }
 
 #[test]
