@@ -301,7 +301,9 @@ fn gguf_graph_matches_candle_transformers_quantized_llama_and_qwen2() {
     for arch in ["llama", "qwen2"] {
         let path = dir.path().join(format!("{arch}.gguf"));
         let cfg = write_gguf(&path, arch, GgmlDType::Q8_0, 11);
-        let ours = load_gguf(&path, &Device::Cpu, None, Dequantize::Auto).unwrap();
+        // candle's own Q8_0 kernel on both sides, so only the graphs are compared (Candor's
+        // kernel, used under `auto`, rounds activations its own way; checked in `quant`).
+        let ours = load_gguf(&path, &Device::Cpu, None, Dequantize::None).unwrap();
         assert_eq!(ours.model.config(), &cfg);
         let mut f = std::fs::File::open(&path).unwrap();
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
