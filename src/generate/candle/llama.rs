@@ -34,7 +34,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use super::quant::QMatrix;
+use candor_kernels::attn::{self, Heads, RopeLayout};
+use candor_kernels::quant::{self, QMatrix};
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +90,7 @@ pub enum Dequantize {
 impl Dequantize {
     fn matmul(self, q: QTensor, device: &Device) -> Result<Weight> {
         let cpu = device.is_cpu();
-        if self == Dequantize::Auto && cpu && super::quant::handles(q.dtype()) && super::quant::supported() {
+        if self == Dequantize::Auto && cpu && quant::handles(q.dtype()) && quant::supported() {
             return Ok(Weight::Own(std::sync::Arc::new(QMatrix::from_qtensor(&q)?)));
         }
         let slow_on_cpu = matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1);
@@ -537,7 +538,6 @@ impl Model {
     /// sequence, query row and head, read straight from the cache (grouped query heads share
     /// their key/value head without copying it), spread over candle's CPU threads. Each
     /// sequence's result depends on its own tokens and cache only.
-    #[allow(clippy::needless_range_loop)]
     fn attend_host(
         &self,
         li: usize,
@@ -549,75 +549,28 @@ impl Model {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_heads, cfg.num_kv_heads);
-        let rep = nh / nkv;
-        let half = hd / 2;
         let dtype = q.dtype();
         let host = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
         let (mut qh, mut kh, vh) = (host(q)?, host(k)?, host(v)?);
-        let rows = qh.len() / (nh * hd);
         // Query rows: (sequence, position).
-        let mut row_of = Vec::with_capacity(rows);
-        for (s, &(off, n, pos)) in spans.iter().enumerate() {
-            for t in 0..n {
-                let p = pos + t;
-                let cos = &self.cos_host[p * half..(p + 1) * half];
-                let sin = &self.sin_host[p * half..(p + 1) * half];
-                for head in qh[(off + t) * nh * hd..(off + t + 1) * nh * hd].chunks_exact_mut(hd) {
-                    rotate(head, cos, sin, cfg.rope);
-                }
-                for head in kh[(off + t) * nkv * hd..(off + t + 1) * nkv * hd].chunks_exact_mut(hd) {
-                    rotate(head, cos, sin, cfg.rope);
-                }
-                row_of.push((s, p));
-            }
+        let row_of: Vec<(usize, usize)> =
+            spans.iter().enumerate().flat_map(|(s, &(_, n, pos))| (pos..pos + n).map(move |p| (s, p))).collect();
+        let positions: Vec<usize> = row_of.iter().map(|&(_, p)| p).collect();
+        let layout = match cfg.rope {
+            Rope::Interleaved => RopeLayout::Interleaved,
+            Rope::Halves => RopeLayout::Halves,
+        };
+        attn::rope(&mut qh, nh, hd, &positions, &self.cos_host, &self.sin_host, layout);
+        attn::rope(&mut kh, nkv, hd, &positions, &self.cos_host, &self.sin_host, layout);
+        for (s, &(off, n, _)) in spans.iter().enumerate() {
             let (kc, vc) = &mut seqs[s].1.host[li];
             kc.extend_from_slice(&kh[off * nkv * hd..(off + n) * nkv * hd]);
             vc.extend_from_slice(&vh[off * nkv * hd..(off + n) * nkv * hd]);
         }
-        let caches: Vec<&(Vec<f32>, Vec<f32>)> = seqs.iter().map(|(_, c)| &c.host[li]).collect();
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut y = vec![0f32; rows * nh * hd];
-        let y_addr = y.as_mut_ptr() as usize;
-        let qh = &qh;
-        // One item per (query row, head); each writes its own `hd` outputs.
-        let work = |items: std::ops::Range<usize>| {
-            let mut scores = Vec::new();
-            for item in items {
-                let (row, h) = (item / nh, item % nh);
-                let (s, p) = row_of[row];
-                let (kc, vc) = caches[s];
-                let g = h / rep;
-                let qrow = &qh[row * nh * hd + h * hd..][..hd];
-                let kv_len = p + 1;
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..kv_len {
-                    let sc = dot(qrow, &kc[(j * nkv + g) * hd..][..hd]) * scale;
-                    max = max.max(sc);
-                    scores.push(sc);
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                // SAFETY: item (row, h) alone writes y[row * nh * hd + h * hd..][..hd], and `y`
-                // outlives the pool call.
-                let out = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(item * hd), hd) };
-                for (j, &w) in scores.iter().enumerate() {
-                    axpy(w / sum, &vc[(j * nkv + g) * hd..][..hd], out);
-                }
-            }
-        };
-        // Small steps run inline: waking the pool costs more than the work.
-        let items = rows * nh;
-        let flops: usize = row_of.iter().map(|&(_, p)| (p + 1) * hd * 4).sum::<usize>() * nh;
-        if flops < 200_000 {
-            work(0..items);
-        } else {
-            super::pool::run(items, work);
-        }
-        Tensor::from_vec(y, (rows, nh * hd), &self.device)?.to_dtype(dtype)
+        let caches: Vec<(&[f32], &[f32])> =
+            seqs.iter().map(|(_, c)| (c.host[li].0.as_slice(), c.host[li].1.as_slice())).collect();
+        let y = attn::attend(&qh, &row_of, &caches, Heads { query: nh, kv: nkv, dim: hd });
+        Tensor::from_vec(y, (row_of.len(), nh * hd), &self.device)?.to_dtype(dtype)
     }
 
     /// Attention on a non-CPU device, with tensors: the new keys and values concatenated to
@@ -679,48 +632,5 @@ impl Model {
         let mut cache = Cache::new(&self.cfg);
         let mut out = self.forward(&mut [(tokens, &mut cache)], Positions::All)?;
         Ok(out.pop().expect("one sequence"))
-    }
-}
-
-/// Rotary embedding of one head in place, at the position whose `cos`/`sin` rows are given.
-fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], rope: Rope) {
-    let half = cos.len();
-    match rope {
-        Rope::Interleaved => {
-            for i in 0..half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos[i] - b * sin[i];
-                head[2 * i + 1] = a * sin[i] + b * cos[i];
-            }
-        }
-        Rope::Halves => {
-            for i in 0..half {
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos[i] - b * sin[i];
-                head[i + half] = a * sin[i] + b * cos[i];
-            }
-        }
-    }
-}
-
-/// Dot product with eight independent accumulators, so the compiler vectorises it.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `out += w * x`.
-#[inline]
-fn axpy(w: f32, x: &[f32], out: &mut [f32]) {
-    for (o, v) in out.iter_mut().zip(x) {
-        *o += w * v;
     }
 }

@@ -43,8 +43,6 @@ pub mod chat;
 pub mod engine;
 pub mod llama;
 pub mod lora;
-mod pool;
-pub mod quant;
 pub mod tokenizer;
 
 #[cfg(test)]

@@ -250,7 +250,7 @@ impl QMatrix {
         if m * n * self.cols < 1 << 16 {
             work(0..items);
         } else {
-            super::pool::run(items, work);
+            crate::pool::run(items, work);
         }
     }
 }
@@ -368,46 +368,4 @@ unsafe fn q41_dot_n<const R: usize>(_: &[BlockQ41], _: [&[BlockQ81]; R], _: &mut
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn q80_dot_n<const R: usize>(_: &[BlockQ80], _: [&[BlockQ81]; R], _: &mut [f32; 4]) {
     unreachable!("the kernels are only used where `supported()`")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn q4_1_and_q8_0_matmuls_match_dequantized_f32_within_activation_rounding() {
-        if !supported() {
-            eprintln!("skipped: no AVX2/FMA/F16C");
-            return;
-        }
-        let dev = Device::Cpu;
-        let (n, k) = (70, 96);
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3).collect();
-        let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let mat = QMatrix::from_qtensor(&q).unwrap();
-            let wd = q.dequantize(&dev).unwrap();
-            let mut row = vec![0f32; k];
-            mat.dequantize_row(3, &mut row);
-            assert_eq!(row, wd.get(3).unwrap().to_vec1::<f32>().unwrap());
-            for m in [1, 3, 5, 70] {
-                let x: Vec<f32> = (0..m * k).map(|i| (i * 13 % 29) as f32 / 14.0 - 1.0).collect();
-                let x = Tensor::from_vec(x, (m, k), &dev).unwrap();
-                let got = mat.forward(&x).unwrap();
-                let want = x.matmul(&wd.t().unwrap()).unwrap();
-                let err = (got.clone() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(err < 0.02 * scale, "{dtype:?} m {m}: error {err} of {scale}");
-                // Each row alone gives the same bits as in the batch.
-                for r in 0..m {
-                    let alone = mat.forward(&x.narrow(0, r, 1).unwrap()).unwrap();
-                    assert_eq!(
-                        alone.get(0).unwrap().to_vec1::<f32>().unwrap(),
-                        got.get(r).unwrap().to_vec1::<f32>().unwrap()
-                    );
-                }
-            }
-        }
-    }
 }

@@ -162,30 +162,3 @@ pub fn run<F: Fn(Range<usize>) + Sync>(n: usize, f: F) {
         st = p.done.wait(st).expect("kernel pool lock");
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[test]
-    fn every_item_runs_once_whoever_calls() {
-        let callers: Vec<_> = (0..4)
-            .map(|t| {
-                std::thread::spawn(move || {
-                    for n in [0, 1, 7, 100, 1000 + t] {
-                        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-                        super::run(n, |r| {
-                            for i in r {
-                                hits[i].fetch_add(1, Ordering::Relaxed);
-                                // Nested calls run inline.
-                                super::run(2, |_| {});
-                            }
-                        });
-                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
-                    }
-                })
-            })
-            .collect();
-        callers.into_iter().for_each(|c| c.join().unwrap());
-    }
-}
