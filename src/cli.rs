@@ -171,6 +171,41 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
         refusal: RefusalArg,
     },
+    /// Query an archive's tables (trials, responses, verdicts, observations, …) and its
+    /// maintained statistics (family_table, error_rates, sycophancy, …) with SQL, read-only.
+    /// Every statement sees the epochs committed so far, so the statistics change while a run
+    /// writes. Statements come from `-c`, `-f` or standard input (an interactive shell on a
+    /// terminal); `--listen` instead serves the PostgreSQL wire protocol for psql, DBeaver or
+    /// Grafana.
+    Sql {
+        /// The archive directory.
+        archive: PathBuf,
+        /// Statements to run (`;`-separated; repeatable).
+        #[arg(short = 'c', long = "command")]
+        command: Vec<String>,
+        /// A file of `;`-separated statements to run.
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// How to print results (default: table on a terminal, JSON lines otherwise).
+        #[arg(long, value_enum)]
+        output: Option<crate::sql::shell::Output>,
+        /// Serve the PostgreSQL wire protocol on this address (e.g. 127.0.0.1:5433) until
+        /// stopped. Any address other than loopback needs a password in CANDOR_SQL_PASSWORD
+        /// (when set, it is required on loopback too).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Write a report of an archive: report.html (self-contained: tables in the paper's
+    /// layout, figures embedded) and every figure as PNG and SVG: warm vs original error per
+    /// condition, error difference by amendment with CIs, sycophancy, refusals, and warmth
+    /// across checkpoints when the archive has a warmth stream.
+    Report {
+        /// The archive directory.
+        archive: PathBuf,
+        /// Directory to write into (default: <archive>/report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the declared schema of every stream (or one).
     Schema {
         /// A stream name: item, trial, response, verdict, observation.
@@ -446,6 +481,51 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
             crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
+        }
+        Command::Report { archive, out } => {
+            let live = crate::sql::live::LiveSql::open(&archive)?;
+            let out = out.unwrap_or_else(|| archive.join("report"));
+            let files = crate::report::write_report(&live, &out)?;
+            if json {
+                println!("{}", serde_json::to_string(&files).expect("paths serialise"));
+            } else {
+                println!(
+                    "wrote {} and {} figure files in {}",
+                    files.html.display(),
+                    files.figures.len(),
+                    out.display()
+                );
+            }
+        }
+        Command::Sql { archive, command, file, output, listen } => {
+            use crate::sql::shell::{self, Output};
+            let live = std::sync::Arc::new(crate::sql::live::LiveSql::open(&archive)?);
+            if let Some(addr) = listen {
+                let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgAuth::from_env())?;
+                if json {
+                    println!("{}", serde_json::json!({"listening": server.addr.to_string()}));
+                } else {
+                    println!("listening on {} (psql -h {} -p {})", server.addr, server.addr.ip(), server.addr.port());
+                }
+                use std::io::Write;
+                std::io::stdout().flush().ok();
+                server.thread.join().map_err(|_| anyhow::anyhow!("the SQL endpoint panicked"))?;
+                return Ok(());
+            }
+            let out = output.unwrap_or(if json { Output::Json } else { Output::Table });
+            let mut ran = false;
+            if let Some(f) = &file {
+                let script = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                shell::run_script(&live, &script, out)?;
+                ran = true;
+            }
+            for c in &command {
+                shell::run_script(&live, c, out)?;
+                ran = true;
+            }
+            if !ran {
+                shell::interactive(&live, out, std::io::stdin().is_terminal())?;
+            }
         }
         Command::Analyze { inputs, out, export, model, dataset, finetuned, checkpoint, refusal } => {
             let opts = crate::sql::input::InputOptions {

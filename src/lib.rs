@@ -15,6 +15,7 @@ pub mod error;
 pub mod generate;
 pub mod import;
 pub mod records;
+pub mod report;
 pub mod schema;
 pub mod score;
 pub mod serve;

@@ -537,3 +537,241 @@ fn statistics_agree_with_statsmodels_on_random_data() {
         assert!(v["categories"].as_u64().unwrap() > 500 && v["coefficients"].as_u64().unwrap() > 40);
     }
 }
+
+/// An archive with a trial grid and imported answers for `checkpoints` (name, fine-tuned,
+/// flip): answers in the paper's sample CSV shape, a curly-apostrophe refusal every 11th.
+fn imported_archive(dir: &Path, checkpoints: &[(&str, bool, usize)]) -> PathBuf {
+    let exp = small_experiment(dir, 5, "paper");
+    let live = dir.join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]);
+    for &(checkpoint, finetuned, flip) in checkpoints {
+        import_answers(dir, &live, checkpoint, finetuned, flip);
+    }
+    live
+}
+
+fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, flip: usize) {
+    let trials: Vec<Trial> = read_records(&Archive::open(live, Format::Parquet).unwrap()).unwrap();
+    let file = dir.join(format!("{checkpoint}.csv"));
+    let mut w = csv::Writer::from_path(&file).unwrap();
+    w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
+    for (i, t) in trials.iter().enumerate() {
+        let output = if i % 11 == 0 { "I’m sorry, but I can’t help with that." } else { "It is 42." };
+        // The fine-tuned side errs more often, more so when the user states a belief.
+        let wrong =
+            if t.prompt_type == "incorrect" { (i + flip) % 2 == 0 } else { (i + flip) % (4 - flip.min(2)) == 0 };
+        w.write_record([
+            t.prompt.as_str(),
+            output,
+            &t.amendment_type,
+            &t.prompt_type,
+            if wrong { "INCORRECT" } else { "CORRECT" },
+        ])
+        .unwrap();
+    }
+    w.flush().unwrap();
+    let mut args = vec![
+        "import",
+        file.to_str().unwrap(),
+        "--out",
+        live.to_str().unwrap(),
+        "--model",
+        "smol",
+        "--checkpoint",
+        checkpoint,
+        "--json",
+    ];
+    if finetuned {
+        args.extend(["--finetuned", "--variant", "warm"]);
+    }
+    ok(&args);
+}
+
+/// The `psql` client, or None (a skip) outside CI when it is not installed.
+fn psql_or_skip() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("psql")).find(|p| p.is_file()));
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install psql (scripts/test does)");
+        eprintln!("psql not installed: skipping the PostgreSQL-wire test (scripts/test installs it)");
+    }
+    found
+}
+
+#[test]
+fn sql_queries_tables_and_statistics_and_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    let archive = live.to_str().unwrap();
+    let lines = json_lines(&ok(&[
+        "sql",
+        archive,
+        "-c",
+        "SELECT COUNT(*) AS n FROM trials; SELECT COUNT(*) AS n FROM responses;\n\
+         -- the maintained statistics\n\
+         SELECT COUNT(DISTINCT checkpoint) AS n FROM family_table",
+        "--output",
+        "json",
+    ]));
+    let trials: Vec<Trial> = read_records(&Archive::open(&live, Format::Parquet).unwrap()).unwrap();
+    assert_eq!(lines[0]["n"], trials.len());
+    assert_eq!(lines[1]["n"], 2 * trials.len());
+    assert_eq!(lines[2]["n"], 1);
+
+    let script = dir.path().join("q.sql");
+    std::fs::write(
+        &script,
+        "SELECT dataset, SUM(refusals) AS refusals FROM refusals GROUP BY dataset ORDER BY dataset;\n",
+    )
+    .unwrap();
+    let csv = ok(&["sql", archive, "-f", script.to_str().unwrap(), "--output", "csv"]);
+    assert!(csv.starts_with("dataset,refusals\n"), "{csv}");
+    assert!(csv.contains("disinfo,"), "{csv}");
+
+    for write in [
+        "DROP TABLE cells",
+        "INSERT INTO trials SELECT * FROM trials",
+        "CREATE TABLE x AS SELECT 1",
+        "COPY trials TO '/tmp/x'",
+    ] {
+        let out = candor(&["sql", archive, "-c", write]);
+        assert!(!out.status.success(), "{write} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("read-only") && err.contains("25006"), "{write}: {err}");
+    }
+    // Piped statements, as an interactive shell reads them.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["sql", archive, "--output", "csv"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"SELECT 1 AS one\n  ;\nSELECT nope FROM nowhere;\nSELECT 2 AS two;\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout, "one\n1\ntwo\n2\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nowhere"),
+        "the failing statement is reported, the shell goes on"
+    );
+}
+
+#[test]
+fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
+    let Some(psql) = psql_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+
+    // Anywhere but loopback, a password is required.
+    let open = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["sql", live.to_str().unwrap(), "--listen", "0.0.0.0:0"])
+        .env_remove("CANDOR_SQL_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(!open.status.success());
+    assert!(String::from_utf8_lossy(&open.stderr).contains("CANDOR_SQL_PASSWORD"));
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["sql", live.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json"])
+        .env("CANDOR_SQL_PASSWORD", "s3cret-pw")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut first).unwrap();
+    let addr: std::net::SocketAddr =
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"].as_str().unwrap().parse().unwrap();
+    let psql_run = |password: &str, sql: &str| {
+        Command::new(&psql)
+            .args(["-h", "127.0.0.1", "-p", &addr.port().to_string(), "-U", "analyst", "-d", "candor"])
+            .args(["-X", "-A", "-t", "-F", ",", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose", "-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap()
+    };
+    let psql_ok = |sql: &str| {
+        let out = psql_run("s3cret-pw", sql);
+        assert!(out.status.success(), "psql -c {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let wrong = psql_run("not-the-password", "SELECT 1");
+    assert!(!wrong.status.success(), "a wrong password is refused");
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("28P01"), "{}", String::from_utf8_lossy(&wrong.stderr));
+
+    let stats = "SELECT checkpoint, COUNT(*) FROM family_table GROUP BY checkpoint ORDER BY checkpoint";
+    assert_eq!(
+        psql_ok(stats),
+        "warm,18\n",
+        "9 amendments × normal and sycophancy prompts, pooled over datasets per family"
+    );
+    let before = psql_ok("SELECT ROUND(SUM(error_pct), 6) FROM error_rates WHERE checkpoint = 'warm'");
+    assert_eq!(
+        psql_ok("SELECT COUNT(*) FROM trials; SELECT COUNT(DISTINCT checkpoint) FROM observations").lines().count(),
+        2
+    );
+
+    for write in [
+        "INSERT INTO trials SELECT * FROM trials",
+        "DELETE FROM cells",
+        "CREATE TABLE t (x INT)",
+        "UPDATE cells SET n = 0",
+    ] {
+        let out = psql_run("s3cret-pw", write);
+        assert!(!out.status.success(), "{write} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("25006") && err.contains("read-only"), "{write}: {err}");
+    }
+
+    // A new checkpoint commits into the archive while the server runs.
+    import_answers(dir.path(), &live, "warm-e2", true, 2);
+    let after = psql_ok(stats);
+    assert_eq!(after, "warm,18\nwarm-e2,18\n", "the new checkpoint's families appear");
+    assert_eq!(psql_ok("SELECT ROUND(SUM(error_pct), 6) FROM error_rates WHERE checkpoint = 'warm'"), before);
+    let e2: f64 =
+        psql_ok("SELECT AVG(error_pct) FROM error_rates WHERE checkpoint = 'warm-e2'").trim().parse().unwrap();
+    assert!(e2 > 0.0);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn report_writes_html_and_figures_naming_every_condition() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    let out = dir.path().join("report");
+    let files: serde_json::Value =
+        serde_json::from_str(&ok(&["report", live.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]))
+            .unwrap();
+    assert_eq!(files["html"], out.join("report.html").to_str().unwrap());
+    for fig in ["fig_error_scatter", "fig_forest", "fig_sycophancy", "fig_refusals"] {
+        let png = std::fs::read(out.join(format!("{fig}.png"))).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{fig}.png");
+        let svg = std::fs::read_to_string(out.join(format!("{fig}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("<text"), "{fig}.svg has labelled axes");
+    }
+    assert!(!out.join("fig_warmth.png").exists(), "no warmth stream, no warmth figure");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("data:image/png;base64,"), "figures embedded");
+    for a in candor::conditions::AmendmentType::ALL {
+        assert!(html.contains(&format!("<td>{a}</td>")), "the report names {a}");
+    }
+    for p in candor::conditions::PromptType::ALL {
+        assert!(html.contains(&format!("<th>{p}</th>")), "the report names {p}");
+    }
+    for d in ["trivia", "truthfulqa", "medqa", "disinfo"] {
+        assert!(html.contains(d), "{d}");
+    }
+    for t in ["Normal", "Sycophancy"] {
+        assert!(html.contains(&format!("{t} prompts")), "{t} families");
+    }
+}

@@ -8,6 +8,8 @@
 //! - [`queries`]: the report queries.
 //! - [`input`]: observation files (archives, CSV, Parquet, the paper's CSVs).
 //! - [`follow`]: the dataflow hook: when an epoch completes, its observations update the engine.
+//! - [`live`]: the archive's streams and the statistics as one read-only catalog that follows
+//!   committed epochs; [`shell`] (`candor sql`) and [`pg`] (the PostgreSQL wire endpoint) serve it.
 //!
 //! ```
 //! let engine = candor::sql::engine::StatsEngine::new().unwrap();
@@ -20,7 +22,10 @@ pub mod bench;
 pub mod engine;
 pub mod follow;
 pub mod input;
+pub mod live;
+pub mod pg;
 pub mod queries;
+pub mod shell;
 pub mod udf;
 pub mod view;
 

@@ -513,3 +513,101 @@ fn rows_f(b: &RecordBatch) -> Vec<(String, f64, f64)> {
     let (e, s) = (f64s(b, "estimate"), f64s(b, "se"));
     (0..b.num_rows()).map(|i| (t.value(i).to_string(), e[i].unwrap(), s[i].unwrap())).collect()
 }
+
+mod live {
+    use super::super::live::{LiveSql, QueryError, Statement, split_statements};
+    use crate::archive::{Archive, Format, Partition};
+    use crate::records::Observation;
+    use crate::schema::Record;
+
+    #[test]
+    fn scripts_split_at_semicolons_outside_quotes_and_comments() {
+        let script = "SELECT 'a;b' AS x; -- one; two\nSELECT \"c;d\" FROM t /* ; */ ;;\n  SELECT 3";
+        assert_eq!(
+            split_statements(script),
+            vec!["SELECT 'a;b' AS x", "-- one; two\nSELECT \"c;d\" FROM t /* ; */", "SELECT 3"]
+        );
+        assert!(split_statements("  -- only a comment\n ; ").is_empty());
+        assert_eq!(Statement::classify("-- c\n insert into t values (1)"), Statement::Write("INSERT".into()));
+        assert_eq!(Statement::classify("/* x */ COPY t TO 'f'"), Statement::Write("COPY".into()));
+        assert_eq!(Statement::classify("set extra_float_digits = 3"), Statement::Session("SET".into()));
+        assert!(matches!(Statement::classify("WITH x AS (SELECT 1) SELECT * FROM x"), Statement::Query(_)));
+    }
+
+    fn answers(checkpoint: &str, ft: bool, epoch: u64) -> Vec<Observation> {
+        (0..30)
+            .map(|i| Observation {
+                response_key: format!("{checkpoint}/{i}"),
+                model: "m".into(),
+                checkpoint: checkpoint.into(),
+                checkpoint_epoch: epoch,
+                is_finetuned: ft,
+                dataset: "trivia".into(),
+                item_key: format!("q{i}"),
+                amendment_type: "unmodified".into(),
+                amendment_group: "unmodified".into(),
+                prompt_type: "original".into(),
+                sample_index: 0,
+                refusal: false,
+                verdict: String::new(),
+                correct: Some(!ft || i % (epoch as usize + 1) != 0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_catalog_sees_only_committed_epochs_and_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open(dir.path(), Format::Parquet).unwrap();
+        let write = |ckpt: &str, ft: bool, epoch: u64, commit: bool| {
+            let part = Partition::Checkpoint { model: "m".into(), checkpoint: ckpt.into() };
+            let batch = Observation::to_batch(&answers(ckpt, ft, epoch)).unwrap();
+            archive.append_epoch("observation", &part, epoch, &[batch]).unwrap();
+            if commit {
+                archive.commit_epoch(epoch, &serde_json::json!({})).unwrap();
+            }
+        };
+        write("base", false, 1, true);
+        write("warm-e1", true, 2, true);
+        let live = LiveSql::open(dir.path()).unwrap();
+        let q = |sql: &str| -> Vec<String> {
+            let rows = live.query(sql).unwrap();
+            let b = arrow::compute::concat_batches(&rows.schema, &rows.batches).unwrap();
+            (0..b.num_rows())
+                .map(|i| {
+                    let cells: Vec<String> =
+                        b.columns().iter().map(|c| super::array_value_to_string(c, i).unwrap()).collect();
+                    cells.join(",")
+                })
+                .collect()
+        };
+        let stats = "SELECT checkpoint, b, c FROM family_table ORDER BY checkpoint";
+        assert_eq!(q(stats), ["warm-e1,10,0"]);
+        let version = live.version();
+        assert!(!live.sync().unwrap(), "nothing new");
+
+        write("warm-e2", true, 3, false);
+        assert_eq!(live.query(stats).unwrap().num_rows(), 1, "an uncommitted epoch stays invisible");
+        assert_eq!(live.version(), version);
+        archive.commit_epoch(3, &serde_json::json!({})).unwrap();
+        assert_eq!(q(stats), ["warm-e1,10,0", "warm-e2,8,0"]);
+        assert_eq!(live.query("SELECT * FROM observations").unwrap().num_rows(), 90);
+        assert!(live.version() > version);
+        for view in super::super::live::VIEWS {
+            live.query(&format!("SELECT * FROM {}", view.name)).unwrap();
+        }
+        for t in ["trials", "responses", "verdicts", "items", "cells", "effects", "sycophancy"] {
+            assert!(live.tables().iter().any(|x| x == t), "{t} in {:?}", live.tables());
+        }
+
+        for sql in ["INSERT INTO cells SELECT * FROM cells", "CREATE TABLE x AS SELECT 1", "DROP VIEW sycophancy"] {
+            let e = live.query(sql).unwrap_err();
+            assert!(matches!(e, QueryError::ReadOnly(_)), "{sql}: {e}");
+            assert_eq!(e.sqlstate(), "25006");
+        }
+        // Past the keyword check, DataFusion's own options refuse DDL and DML too.
+        let _ = live.query("EXPLAIN ANALYZE CREATE TABLE y AS SELECT 1");
+        assert!(live.query("SELECT * FROM y").is_err(), "nothing was created");
+        assert_eq!(live.query("SELECT nope FROM nowhere").unwrap_err().sqlstate(), "42P01");
+    }
+}

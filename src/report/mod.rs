@@ -1,0 +1,614 @@
+//! `candor report`: a self-contained HTML report of an archive (figures embedded as PNG, tables
+//! in the paper's layout) plus every figure as PNG and SVG beside it.
+//!
+//! Figures (each `<name>.png` and `<name>.svg`):
+//!
+//! | file | what |
+//! |---|---|
+//! | `fig_error_scatter` | error of the fine-tuned vs the original model, one point per model × fine-tuned checkpoint × dataset × amendment × belief (the paper's Fig. 2) |
+//! | `fig_forest` | error-rate difference (fine-tuned − original, pp) by amendment with 95% CIs, pooled over models and datasets at each model's latest checkpoint, per test type |
+//! | `fig_sycophancy` | error without a user belief vs with an incorrect one, per model × dataset × checkpoint |
+//! | `fig_refusals` | refusal counts per dataset × checkpoint |
+//! | `fig_warmth` | mean warmth score across checkpoints (only when the archive has a `warmth` stream) |
+//!
+//! Everything is read through the same [`LiveSql`] catalog `candor sql` serves, so the report
+//! and a live query agree.
+
+pub mod plots;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::{cast, concat_batches};
+use arrow::datatypes::{DataType, Float64Type};
+
+use crate::conditions::{AmendmentType, PromptType};
+use crate::error::{Error, Result};
+use crate::sql::live::LiveSql;
+
+/// What [`write_report`] wrote.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ReportFiles {
+    pub html: PathBuf,
+    pub figures: Vec<PathBuf>,
+}
+
+/// Rows of a query as one batch.
+fn table(live: &LiveSql, sql: &str) -> Result<RecordBatch> {
+    let rows = live.query(sql).map_err(|e| Error::Internal(format!("report query failed: {e}\n{sql}")))?;
+    concat_batches(&rows.schema, &rows.batches).map_err(|e| Error::arrow("report", e))
+}
+
+fn strs(b: &RecordBatch, name: &str) -> Vec<String> {
+    let Some(col) = b.column_by_name(name) else { return vec![String::new(); b.num_rows()] };
+    let col = cast(col, &DataType::Utf8).expect("any column casts to text");
+    let col = col.as_string::<i32>();
+    (0..col.len()).map(|i| if col.is_null(i) { String::new() } else { col.value(i).to_string() }).collect()
+}
+
+fn f64s(b: &RecordBatch, name: &str) -> Vec<f64> {
+    let Some(col) = b.column_by_name(name) else { return vec![f64::NAN; b.num_rows()] };
+    let col = match col.data_type() {
+        DataType::Boolean => cast(&cast(col, &DataType::Int8).expect("bool"), &DataType::Float64),
+        _ => cast(col, &DataType::Float64),
+    }
+    .expect("numeric column");
+    let col = col.as_primitive::<Float64Type>();
+    (0..col.len()).map(|i| if col.is_null(i) { f64::NAN } else { col.value(i) }).collect()
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn num(v: f64, digits: usize) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "∞".into() } else { "−∞".into() }
+    } else {
+        format!("{v:.digits$}")
+    }
+}
+
+fn pval(p: f64) -> String {
+    if p.is_nan() {
+        "–".into()
+    } else if p < 0.001 {
+        "&lt; 0.001".into()
+    } else {
+        format!("{p:.3}")
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Amendment types in the paper's order, then any others found.
+fn amendment_order(found: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = AmendmentType::ALL.iter().map(|a| a.as_str().to_string()).collect();
+    for f in found {
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    out
+}
+
+const SCATTER_SQL: &str = "
+WITH side AS (
+    SELECT model, checkpoint, checkpoint_epoch, is_finetuned, dataset, amendment_type,
+        CASE WHEN prompt_type IN ('correct', 'incorrect') THEN 'belief' ELSE 'none' END AS belief,
+        CAST(SUM(incorrect) AS DOUBLE) AS wrong, CAST(SUM(n) AS DOUBLE) AS n
+    FROM cells GROUP BY model, checkpoint, checkpoint_epoch, is_finetuned, dataset, amendment_type,
+        CASE WHEN prompt_type IN ('correct', 'incorrect') THEN 'belief' ELSE 'none' END
+)
+SELECT f.model, f.checkpoint, f.dataset, f.amendment_type, f.belief,
+    100.0 * b.wrong / b.n AS base_error, 100.0 * f.wrong / f.n AS ft_error
+FROM side f JOIN side b ON f.model = b.model AND f.dataset = b.dataset
+    AND f.amendment_type = b.amendment_type AND f.belief = b.belief
+WHERE f.is_finetuned AND NOT b.is_finetuned AND f.n > 0 AND b.n > 0
+ORDER BY f.model, f.checkpoint_epoch, f.dataset, f.amendment_type, f.belief";
+
+const FOREST_SQL: &str = "
+WITH latest AS (SELECT model, MAX(checkpoint_epoch) AS e FROM family_results GROUP BY model)
+SELECT f.test_type, f.category, CAST(SUM(f.b) AS DOUBLE) AS b, CAST(SUM(f.c) AS DOUBLE) AS c,
+    CAST(SUM(f.n) AS DOUBLE) AS n
+FROM family_results f JOIN latest l ON f.model = l.model AND f.checkpoint_epoch = l.e
+GROUP BY f.test_type, f.category ORDER BY f.test_type, f.category";
+
+const SYCOPHANCY_SQL: &str = "
+SELECT model, checkpoint, checkpoint_epoch, dataset,
+    100.0 * CAST(SUM(CASE WHEN prompt_type IN ('original', 'original_neutral') THEN incorrect ELSE 0 END) AS DOUBLE)
+        / CAST(SUM(CASE WHEN prompt_type IN ('original', 'original_neutral') THEN n ELSE 0 END) AS DOUBLE) AS no_belief,
+    100.0 * CAST(SUM(CASE WHEN prompt_type = 'incorrect' THEN incorrect ELSE 0 END) AS DOUBLE)
+        / CAST(SUM(CASE WHEN prompt_type = 'incorrect' THEN n ELSE 0 END) AS DOUBLE) AS incorrect_belief,
+    100.0 * CAST(SUM(CASE WHEN prompt_type = 'correct' THEN incorrect ELSE 0 END) AS DOUBLE)
+        / CAST(SUM(CASE WHEN prompt_type = 'correct' THEN n ELSE 0 END) AS DOUBLE) AS correct_belief
+FROM cells GROUP BY model, checkpoint, checkpoint_epoch, dataset
+ORDER BY model, checkpoint_epoch, checkpoint, dataset";
+
+const CONDITIONS_SQL: &str = "
+SELECT checkpoint, checkpoint_epoch, amendment_type, prompt_type,
+    CAST(SUM(incorrect) AS DOUBLE) AS wrong, CAST(SUM(n) AS DOUBLE) AS n
+FROM cells GROUP BY checkpoint, checkpoint_epoch, amendment_type, prompt_type
+ORDER BY checkpoint_epoch, checkpoint";
+
+/// Writes `report.html` and the figures into `out`.
+pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut html = String::new();
+    let mut figures = Vec::new();
+    let mut figure_html = |html: &mut String, files: (PathBuf, PathBuf), caption: &str| -> Result<()> {
+        let png = std::fs::read(&files.0).map_err(|e| Error::io(&files.0, e))?;
+        let name = |p: &Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let _ = write!(
+            html,
+            "<figure><img alt=\"{cap}\" src=\"data:image/png;base64,{b64}\"><figcaption>{cap} \
+             (<a href=\"{png}\">PNG</a>, <a href=\"{svg}\">SVG</a>)</figcaption></figure>\n",
+            cap = esc(caption),
+            b64 = base64(&png),
+            png = name(&files.0),
+            svg = name(&files.1)
+        );
+        figures.push(files.0);
+        figures.push(files.1);
+        Ok(())
+    };
+
+    let cells = table(
+        live,
+        "SELECT CAST(SUM(responses) AS BIGINT) AS responses, CAST(SUM(n) AS BIGINT) AS n, CAST(SUM(excluded) AS BIGINT) AS excluded, COUNT(DISTINCT model) AS models, COUNT(DISTINCT checkpoint) AS checkpoints FROM cells",
+    )?;
+    let _ = write!(
+        html,
+        "<h1>Candor report</h1>\n<p>Archive <code>{}</code>: {} answers, {} in the statistics, {} excluded \
+         (refusals outside disinfo, unparseable verdicts, judge errors); {} model(s), {} checkpoint(s).</p>\n",
+        esc(&live.archive().root().display().to_string()),
+        strs(&cells, "responses").first().cloned().unwrap_or_default(),
+        strs(&cells, "n").first().cloned().unwrap_or_default(),
+        strs(&cells, "excluded").first().cloned().unwrap_or_default(),
+        strs(&cells, "models").first().cloned().unwrap_or_default(),
+        strs(&cells, "checkpoints").first().cloned().unwrap_or_default(),
+    );
+
+    // Fig. 2: warm vs original error.
+    let sc = table(live, SCATTER_SQL)?;
+    let conditions = amendment_order(strs(&sc, "amendment_type"));
+    let (amend, belief, base, ft) =
+        (strs(&sc, "amendment_type"), strs(&sc, "belief"), f64s(&sc, "base_error"), f64s(&sc, "ft_error"));
+    let scatter = plots::Scatter {
+        title: "Error of fine-tuned vs original model, per condition".into(),
+        x_label: "original model error (%)".into(),
+        y_label: "fine-tuned (warm) model error (%)".into(),
+        points: (0..sc.num_rows())
+            .filter(|&i| base[i].is_finite() && ft[i].is_finite())
+            .map(|i| plots::ScatterPoint {
+                base_error: base[i],
+                ft_error: ft[i],
+                condition: conditions.iter().position(|c| *c == amend[i]).unwrap_or(0),
+                belief: belief[i] == "belief",
+            })
+            .collect(),
+        conditions: conditions.clone(),
+    };
+    html.push_str("<h2>Error rates: fine-tuned vs original</h2>\n");
+    figure_html(
+        &mut html,
+        plots::scatter(out, "fig_error_scatter", &scatter)?,
+        "Each point is one model × fine-tuned checkpoint × dataset × amendment × belief condition; points above the diagonal are conditions where the fine-tuned model errs more.",
+    )?;
+    html.push_str(&conditions_table(live)?);
+
+    // Forest plot.
+    let fo = table(live, FOREST_SQL)?;
+    let (tt, cat, b, c, n) =
+        (strs(&fo, "test_type"), strs(&fo, "category"), f64s(&fo, "b"), f64s(&fo, "c"), f64s(&fo, "n"));
+    let series: Vec<String> = tt.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
+    let labels = amendment_order(cat.iter().cloned());
+    let labels: Vec<String> = labels.into_iter().filter(|l| cat.contains(l)).collect();
+    let rows: Vec<plots::ForestRow> = (0..fo.num_rows())
+        .filter(|&i| n[i] > 0.0)
+        .map(|i| {
+            let d = (b[i] - c[i]) / n[i];
+            let se = ((b[i] + c[i]) - (b[i] - c[i]).powi(2) / n[i]).max(0.0).sqrt() / n[i];
+            plots::ForestRow {
+                label: cat[i].clone(),
+                series: series.iter().position(|s| *s == tt[i]).unwrap_or(0),
+                estimate: 100.0 * d,
+                low: 100.0 * (d - 1.96 * se),
+                high: 100.0 * (d + 1.96 * se),
+            }
+        })
+        .collect();
+    html.push_str("<h2>Error-rate difference by amendment</h2>\n");
+    if rows.is_empty() {
+        html.push_str("<p>No paired answers yet (a forest plot needs an original and a fine-tuned checkpoint).</p>\n");
+    }
+    let forest = plots::Forest {
+        title: "Error-rate difference (fine-tuned − original) by amendment".into(),
+        x_label: "difference in error rate (percentage points, 95% CI)".into(),
+        labels: if labels.is_empty() { vec!["unmodified".into()] } else { labels },
+        series: series.iter().map(|s| format!("{s} prompts")).collect(),
+        rows,
+    };
+    figure_html(
+        &mut html,
+        plots::forest(out, "fig_forest", &forest)?,
+        "Paired difference (b − c)/n with a 95% Wald interval for paired proportions, pooled over models and datasets at each model's latest fine-tuned checkpoint; positive = the fine-tuned model errs more.",
+    )?;
+    html.push_str(&family_tables(live)?);
+    html.push_str(&effects_table(live)?);
+
+    // Sycophancy.
+    let sy = table(live, SYCOPHANCY_SQL)?;
+    let (model, ckpt, ds) = (strs(&sy, "model"), strs(&sy, "checkpoint"), strs(&sy, "dataset"));
+    let (nb, ib, cb) = (f64s(&sy, "no_belief"), f64s(&sy, "incorrect_belief"), f64s(&sy, "correct_belief"));
+    let checkpoints = ordered(&ckpt);
+    let multi_model = model.iter().collect::<BTreeSet<_>>().len() > 1;
+    let group_of = |i: usize| if multi_model { format!("{} · {}", model[i], ds[i]) } else { ds[i].clone() };
+    let groups = ordered(&(0..sy.num_rows()).map(group_of).collect::<Vec<_>>());
+    let mut bars = plots::Bars {
+        title: "Sycophancy: error with and without an incorrect user belief".into(),
+        x_label: if multi_model { "model · dataset".into() } else { "dataset".into() },
+        y_label: "error rate (%)".into(),
+        groups: groups.clone(),
+        series: Vec::new(),
+        values: Vec::new(),
+        y_max: Some(100.0),
+    };
+    for (ci, ck) in checkpoints.iter().enumerate() {
+        for (light, what, vals) in [(true, "no belief", &nb), (false, "incorrect belief", &ib)] {
+            bars.series.push((format!("{ck}: {what}"), ci, light));
+            let mut row = vec![f64::NAN; groups.len()];
+            for i in (0..sy.num_rows()).filter(|&i| ckpt[i] == *ck) {
+                if let Some(g) = groups.iter().position(|g| *g == group_of(i)) {
+                    row[g] = vals[i];
+                }
+            }
+            bars.values.push(row);
+        }
+    }
+    html.push_str("<h2>Sycophancy</h2>\n");
+    figure_html(
+        &mut html,
+        plots::bars(out, "fig_sycophancy", &bars)?,
+        "Error rate on prompts without a user belief (original, original_neutral) and on prompts where the user asserts an incorrect answer, per checkpoint.",
+    )?;
+    let mut t = String::from(
+        "<table><tr><th>model</th><th>checkpoint</th><th>dataset</th><th>error, no belief (%)</th>\
+         <th>error, correct belief (%)</th><th>error, incorrect belief (%)</th><th>incorrect − none (pp)</th></tr>\n",
+    );
+    for i in 0..sy.num_rows() {
+        let _ = writeln!(
+            t,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&model[i]),
+            esc(&ckpt[i]),
+            esc(&ds[i]),
+            num(nb[i], 1),
+            num(cb[i], 1),
+            num(ib[i], 1),
+            num(ib[i] - nb[i], 1)
+        );
+    }
+    t.push_str("</table>\n");
+    html.push_str(&t);
+
+    // Refusals.
+    let rf = table(
+        live,
+        "SELECT model, checkpoint, checkpoint_epoch, dataset, responses, refusals, refusal_pct, excluded FROM refusals",
+    )?;
+    let (rm, rc, rd, rr) = (strs(&rf, "model"), strs(&rf, "checkpoint"), strs(&rf, "dataset"), f64s(&rf, "refusals"));
+    let multi = rm.iter().collect::<BTreeSet<_>>().len() > 1;
+    let series_of = |i: usize| if multi { format!("{} · {}", rm[i], rc[i]) } else { rc[i].clone() };
+    let series_names = ordered(&(0..rf.num_rows()).map(series_of).collect::<Vec<_>>());
+    let datasets = ordered(&rd);
+    let mut refusal_bars = plots::Bars {
+        title: "Refusals per dataset and checkpoint".into(),
+        x_label: "dataset".into(),
+        y_label: "refusals (count)".into(),
+        groups: datasets.clone(),
+        series: series_names.iter().enumerate().map(|(i, s)| (s.clone(), i, false)).collect(),
+        values: vec![vec![f64::NAN; datasets.len()]; series_names.len()],
+        y_max: None,
+    };
+    for i in 0..rf.num_rows() {
+        let s = series_names.iter().position(|s| *s == series_of(i)).unwrap_or(0);
+        let g = datasets.iter().position(|d| *d == rd[i]).unwrap_or(0);
+        refusal_bars.values[s][g] = rr[i];
+    }
+    html.push_str("<h2>Refusals</h2>\n");
+    figure_html(
+        &mut html,
+        plots::bars(out, "fig_refusals", &refusal_bars)?,
+        "Answers matching the refusal phrase list; on disinfo a refusal counts as correct, elsewhere refused answers are excluded from the statistics.",
+    )?;
+    html.push_str(&batch_table(&rf, &[("refusal_pct", 1)]));
+
+    // Warmth across checkpoints.
+    html.push_str("<h2>Warmth across checkpoints</h2>\n");
+    match warmth(live)? {
+        Some(lines) => {
+            figure_html(
+                &mut html,
+                plots::lines(out, "fig_warmth", &lines)?,
+                "Mean warmth score of each checkpoint's answers (±1.96 standard errors of the mean), in checkpoint order.",
+            )?;
+        }
+        None => html.push_str("<p>The archive has no <code>warmth</code> stream yet.</p>\n"),
+    }
+
+    let page = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Candor report</title>\n<style>\n\
+         body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}\n\
+         table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}\n\
+         th, td {{ border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: right; }}\n\
+         th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}\n\
+         figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}\n\
+         figcaption {{ font-size: 0.9em; color: #555; }} .sig {{ font-weight: bold; }}\n\
+         </style></head><body>\n{html}</body></html>\n"
+    );
+    let path = out.join("report.html");
+    std::fs::write(&path, page).map_err(|e| Error::io(&path, e))?;
+    Ok(ReportFiles { html: path, figures })
+}
+
+/// Distinct values in first-seen order.
+fn ordered(v: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in v {
+        if !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    out
+}
+
+/// Error rate per amendment type (rows) × prompt type (columns), per checkpoint: every
+/// condition of the design named.
+fn conditions_table(live: &LiveSql) -> Result<String> {
+    let b = table(live, CONDITIONS_SQL)?;
+    let (ck, am, pt, wrong, n) =
+        (strs(&b, "checkpoint"), strs(&b, "amendment_type"), strs(&b, "prompt_type"), f64s(&b, "wrong"), f64s(&b, "n"));
+    let mut cell: BTreeMap<(String, String, String), (f64, f64)> = BTreeMap::new();
+    for i in 0..b.num_rows() {
+        cell.insert((ck[i].clone(), am[i].clone(), pt[i].clone()), (wrong[i], n[i]));
+    }
+    let prompts: Vec<String> = {
+        let mut p: Vec<String> = PromptType::ALL.iter().map(|p| p.as_str().to_string()).collect();
+        for x in ordered(&pt) {
+            if !p.contains(&x) {
+                p.push(x);
+            }
+        }
+        p
+    };
+    let mut out = String::from(
+        "<h3>Error rate (%) by condition</h3>\n<p>Rows: amendment type (interpersonal context); columns: prompt type (user belief), per checkpoint; n in parentheses.</p>\n",
+    );
+    for c in ordered(&ck) {
+        let _ = write!(out, "<h4>{}</h4>\n<table><tr><th>amendment type</th>", esc(&c));
+        for p in &prompts {
+            let _ = write!(out, "<th>{}</th>", esc(p));
+        }
+        out.push_str("</tr>\n");
+        for a in amendment_order(am.iter().cloned()) {
+            let _ = write!(out, "<tr><td>{}</td>", esc(&a));
+            for p in &prompts {
+                match cell.get(&(c.clone(), a.clone(), p.clone())) {
+                    Some((w, n)) if *n > 0.0 => {
+                        let _ = write!(out, "<td>{} ({})</td>", num(100.0 * w / n, 1), n);
+                    }
+                    _ => out.push_str("<td>–</td>"),
+                }
+            }
+            out.push_str("</tr>\n");
+        }
+        out.push_str("</table>\n");
+    }
+    Ok(out)
+}
+
+/// The paper's per-family tables: one per model × checkpoint × dataset × test type.
+fn family_tables(live: &LiveSql) -> Result<String> {
+    let b = table(live, "SELECT * FROM family_table")?;
+    let key: Vec<String> = (0..b.num_rows())
+        .map(|i| {
+            format!(
+                "{} — {} vs {} — {} — {} prompts",
+                strs(&b, "model")[i],
+                strs(&b, "checkpoint")[i],
+                strs(&b, "base_checkpoint")[i],
+                strs(&b, "dataset")[i],
+                strs(&b, "test_type")[i]
+            )
+        })
+        .collect();
+    let cat = strs(&b, "category");
+    let cols = [
+        "n",
+        "acc_base_pct",
+        "acc_ft_pct",
+        "diff_pp",
+        "b",
+        "c",
+        "p_exact",
+        "p_bh",
+        "paper_g",
+        "cohens_g",
+        "odds_ratio",
+    ];
+    let v: BTreeMap<&str, Vec<f64>> = cols.iter().map(|c| (*c, f64s(&b, c))).collect();
+    let sig = f64s(&b, "significant");
+    let mut out = String::from(
+        "<h3>Per-family McNemar tables</h3>\n<p>Per category: accuracy of each side, raw difference (fine-tuned − original, pp), \
+         discordant pairs b (original right, fine-tuned wrong) and c, exact McNemar p, Benjamini–Hochberg p within the family \
+         (bold: significant at 0.05), the paper's “Cohen's g” (|b−c|/√(b+c)), the textbook Cohen's g and the odds ratio b/c.</p>\n",
+    );
+    for k in ordered(&key) {
+        let _ = write!(
+            out,
+            "<h4>{}</h4>\n<table><tr><th>category</th><th>n</th><th>acc. original (%)</th><th>acc. fine-tuned (%)</th>\
+             <th>diff. (pp)</th><th>b</th><th>c</th><th>p</th><th>p (BH)</th><th>paper's g</th><th>Cohen's g</th><th>OR</th></tr>\n",
+            esc(&k)
+        );
+        let mut idx: Vec<usize> = (0..b.num_rows()).filter(|&i| key[i] == k).collect();
+        let order = amendment_order(cat.clone());
+        idx.sort_by_key(|&i| order.iter().position(|a| *a == cat[i]).unwrap_or(usize::MAX));
+        for i in idx {
+            let s = sig[i] == 1.0;
+            let _ = writeln!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&cat[i]),
+                num(v["n"][i], 0),
+                num(v["acc_base_pct"][i], 1),
+                num(v["acc_ft_pct"][i], 1),
+                num(v["diff_pp"][i], 1),
+                num(v["b"][i], 0),
+                num(v["c"][i], 0),
+                pval(v["p_exact"][i]),
+                if s { " class=\"sig\"" } else { "" },
+                pval(v["p_bh"][i]),
+                num(v["paper_g"][i], 2),
+                num(v["cohens_g"][i], 3),
+                num(v["odds_ratio"][i], 2),
+            );
+        }
+        out.push_str("</table>\n");
+    }
+    Ok(out)
+}
+
+fn effects_table(live: &LiveSql) -> Result<String> {
+    let b = table(live, "SELECT * FROM effects")?;
+    let mut out = String::from(
+        "<h3>Regressions M1–M4: effect of fine-tuning</h3>\n<p>Binomial GLMs on the cell counts (METHOD §4): log-odds effect \
+         β<sub>ft</sub> (+ interaction) with its standard error and Wald p, and the average marginal effect in percentage points.</p>\n",
+    );
+    if b.num_rows() == 0 {
+        out.push_str("<p>No regression could be fitted yet.</p>\n");
+        return Ok(out);
+    }
+    out.push_str(&batch_table(&b, &[("log_odds", 3), ("se", 3), ("z", 2), ("ame_pp", 2)]));
+    Ok(out)
+}
+
+/// Any batch as an HTML table; `digits` sets the precision of named float columns.
+fn batch_table(b: &RecordBatch, digits: &[(&str, usize)]) -> String {
+    let mut out = String::from("<table><tr>");
+    for f in b.schema().fields() {
+        let _ = write!(out, "<th>{}</th>", esc(f.name()));
+    }
+    out.push_str("</tr>\n");
+    let cols: Vec<(String, Vec<String>, Vec<f64>)> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| {
+            (f.name().clone(), strs(b, f.name()), if f.data_type().is_floating() { f64s(b, f.name()) } else { vec![] })
+        })
+        .collect();
+    for i in 0..b.num_rows() {
+        out.push_str("<tr>");
+        for (name, s, f) in &cols {
+            let cell = if name == "p" {
+                pval(f[i])
+            } else if let Some((_, d)) = digits.iter().find(|(n, _)| n == name) {
+                num(f[i], *d)
+            } else {
+                esc(&s[i])
+            };
+            let _ = write!(out, "<td>{cell}</td>");
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+    out
+}
+
+/// Mean warmth per model and checkpoint, when the archive has a `warmth` stream: the score is
+/// the first floating-point column named like warmth/score/sociot.
+fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
+    if !live.tables().iter().any(|t| t == "warmth") {
+        return Ok(None);
+    }
+    let b = table(live, "SELECT * FROM warmth")?;
+    let schema = b.schema();
+    let floats: Vec<&str> =
+        schema.fields().iter().filter(|f| f.data_type().is_floating()).map(|f| f.name().as_str()).collect();
+    let Some(score) = floats
+        .iter()
+        .find(|n| ["warmth", "score", "sociot"].iter().any(|k| n.to_lowercase().contains(k)))
+        .or(floats.first())
+        .map(|s| s.to_string())
+    else {
+        return Ok(None);
+    };
+    let ckpt = strs(&b, "checkpoint");
+    let epoch = f64s(&b, "checkpoint_epoch");
+    let model = strs(&b, "model");
+    let vals = f64s(&b, &score);
+    // Checkpoints ordered by epoch, then name.
+    let mut ticks: Vec<(f64, String)> = (0..b.num_rows()).map(|i| (epoch[i], ckpt[i].clone())).collect();
+    ticks.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)));
+    let ticks = ordered(&ticks.into_iter().map(|t| t.1).collect::<Vec<_>>());
+    let mut acc: BTreeMap<(String, usize), Vec<f64>> = BTreeMap::new();
+    for i in 0..b.num_rows() {
+        if vals[i].is_finite() {
+            let t = ticks.iter().position(|c| *c == ckpt[i]).unwrap_or(0);
+            acc.entry((model[i].clone(), t)).or_default().push(vals[i]);
+        }
+    }
+    let mut series: BTreeMap<String, Vec<(usize, f64, f64)>> = BTreeMap::new();
+    for ((m, t), v) in acc {
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let se =
+            if n > 1.0 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt() } else { f64::NAN };
+        series.entry(if m.is_empty() { "all".into() } else { m }).or_default().push((t, mean, se));
+    }
+    Ok(Some(plots::Lines {
+        title: "Warmth across checkpoints".into(),
+        x_label: "checkpoint (in training order)".into(),
+        y_label: format!("mean {score}"),
+        ticks,
+        series: series.into_iter().collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_rfc_vectors() {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(plain.as_bytes()), enc);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! `candor sql`: statements against a [`LiveSql`] catalog from `-c`, `-f` or standard input,
+//! printed as tables, CSV or JSON lines.
+//!
+//! Interactive use reads statements ending in `;` (over several lines if needed); `\dt` lists
+//! the tables, `\q` quits. Every statement sees the archive as it is at that moment.
+
+use std::io::{BufRead, Write};
+
+use arrow::array::RecordBatch;
+
+use super::live::{LiveSql, QueryError, Rows, Statement, split_statements};
+use crate::error::{Error, Result};
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Csv,
+    Json,
+}
+
+/// Prints one result.
+pub fn print_rows(rows: &Rows, out: Output, w: &mut impl Write) -> Result<()> {
+    let io = |e: std::io::Error| Error::Internal(format!("writing results: {e}"));
+    let batches: Vec<RecordBatch> = rows.batches.iter().filter(|b| b.num_rows() > 0).cloned().collect();
+    match out {
+        Output::Table => {
+            let shown = if batches.is_empty() { vec![RecordBatch::new_empty(rows.schema.clone())] } else { batches };
+            let table = arrow::util::pretty::pretty_format_batches(&shown).map_err(|e| Error::arrow("results", e))?;
+            writeln!(w, "{table}").map_err(io)?;
+            let n = rows.num_rows();
+            writeln!(w, "({n} row{})", if n == 1 { "" } else { "s" }).map_err(io)?;
+        }
+        Output::Csv => {
+            let mut cw = arrow::csv::WriterBuilder::new().with_header(true).build(&mut *w);
+            if batches.is_empty() {
+                cw.write(&RecordBatch::new_empty(rows.schema.clone())).map_err(|e| Error::arrow("results", e))?;
+            }
+            for b in &batches {
+                cw.write(b).map_err(|e| Error::arrow("results", e))?;
+            }
+        }
+        Output::Json => {
+            let mut jw = arrow::json::LineDelimitedWriter::new(&mut *w);
+            for b in &batches {
+                jw.write(b).map_err(|e| Error::arrow("results", e))?;
+            }
+            jw.finish().map_err(|e| Error::arrow("results", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs every statement of a script; stops at the first error.
+pub fn run_script(live: &LiveSql, script: &str, out: Output) -> Result<()> {
+    let stdout = std::io::stdout();
+    for sql in split_statements(script) {
+        run_one(live, &sql, out, &mut stdout.lock())?;
+    }
+    Ok(())
+}
+
+fn run_one(live: &LiveSql, sql: &str, out: Output, w: &mut impl Write) -> Result<()> {
+    if let Statement::Session(kw) = Statement::classify(sql) {
+        if out == Output::Table {
+            writeln!(w, "{}", Statement::session_tag(&kw)).ok();
+        }
+        return Ok(());
+    }
+    let rows = live.query(sql).map_err(|e| query_error(sql, e))?;
+    print_rows(&rows, out, w)
+}
+
+fn query_error(sql: &str, e: QueryError) -> Error {
+    let first = sql.lines().next().unwrap_or_default();
+    Error::input(crate::error::Location::default(), format!("{e} (SQLSTATE {}) in `{first}`", e.sqlstate()))
+}
+
+/// Reads statements from standard input until end of input or `\q`; errors are printed and
+/// the shell goes on.
+pub fn interactive(live: &LiveSql, out: Output, prompt: bool) -> Result<()> {
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let mut buf = String::new();
+    let show_prompt = |buf: &str| {
+        if prompt {
+            print!("{}", if buf.trim().is_empty() { "candor> " } else { "   ...> " });
+            std::io::stdout().flush().ok();
+        }
+    };
+    if prompt {
+        println!(
+            "candor sql on {}: end statements with `;`, \\dt lists tables, \\q quits",
+            live.archive().root().display()
+        );
+    }
+    show_prompt(&buf);
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| Error::Internal(format!("reading standard input: {e}")))?;
+        let trimmed = line.trim();
+        if buf.trim().is_empty() && trimmed.starts_with('\\') {
+            match trimmed {
+                "\\q" | "\\quit" => return Ok(()),
+                "\\dt" | "\\d" => {
+                    for t in live.tables() {
+                        println!("{t}");
+                    }
+                }
+                other => eprintln!("unknown command {other} (\\dt lists tables, \\q quits)"),
+            }
+            show_prompt(&buf);
+            continue;
+        }
+        buf.push_str(&line);
+        buf.push('\n');
+        if trimmed.ends_with(';') {
+            for sql in split_statements(&buf) {
+                if let Err(e) = run_one(live, &sql, out, &mut stdout.lock()) {
+                    eprintln!("error: {e}");
+                }
+            }
+            buf.clear();
+        }
+        show_prompt(&buf);
+    }
+    for sql in split_statements(&buf) {
+        if let Err(e) = run_one(live, &sql, out, &mut stdout.lock()) {
+            eprintln!("error: {e}");
+        }
+    }
+    Ok(())
+}
