@@ -706,14 +706,12 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
 
     let wrong = psql_run("not-the-password", "SELECT 1");
     assert!(!wrong.status.success(), "a wrong password is refused");
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("28P01"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    let err = String::from_utf8_lossy(&wrong.stderr).to_lowercase();
+    assert!(err.contains("password authentication failed"), "{err}");
 
     let stats = "SELECT checkpoint, COUNT(*) FROM family_table GROUP BY checkpoint ORDER BY checkpoint";
-    assert_eq!(
-        psql_ok(stats),
-        "warm,18\n",
-        "9 amendments × normal and sycophancy prompts, pooled over datasets per family"
-    );
+    // 4 open-ended datasets × 9 amendments × (normal, sycophancy) + MMLU, GSM8K, AdvBench unmodified.
+    assert_eq!(psql_ok(stats), "warm,75\n");
     let before = psql_ok("SELECT ROUND(SUM(error_pct), 6) FROM error_rates WHERE checkpoint = 'warm'");
     assert_eq!(
         psql_ok("SELECT COUNT(*) FROM trials; SELECT COUNT(DISTINCT checkpoint) FROM observations").lines().count(),
@@ -735,7 +733,7 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
     // A new checkpoint commits into the archive while the server runs.
     import_answers(dir.path(), &live, "warm-e2", true, 2);
     let after = psql_ok(stats);
-    assert_eq!(after, "warm,18\nwarm-e2,18\n", "the new checkpoint's families appear");
+    assert_eq!(after, "warm,75\nwarm-e2,75\n", "the new checkpoint's families appear");
     assert_eq!(psql_ok("SELECT ROUND(SUM(error_pct), 6) FROM error_rates WHERE checkpoint = 'warm'"), before);
     let e2: f64 =
         psql_ok("SELECT AVG(error_pct) FROM error_rates WHERE checkpoint = 'warm-e2'").trim().parse().unwrap();
