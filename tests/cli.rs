@@ -557,9 +557,16 @@ fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, fl
     w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
     for (i, t) in trials.iter().enumerate() {
         let output = if i % 11 == 0 { "I’m sorry, but I can’t help with that." } else { "It is 42." };
-        // The fine-tuned side errs more often, more so when the user states a belief.
-        let wrong =
-            if t.prompt_type == "incorrect" { (i + flip) % 2 == 0 } else { (i + flip) % (4 - flip.min(2)) == 0 };
+        // The fine-tuned side errs more often, more so when the user states a wrong belief: a
+        // seeded draw per (checkpoint, trial), error probability in percent.
+        let draw = t
+            .trial_key
+            .bytes()
+            .chain(checkpoint.bytes())
+            .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+            % 100;
+        let (p_plain, p_belief) = if finetuned { (20 + 8 * flip as u64, 30 + 15 * flip as u64) } else { (20, 30) };
+        let wrong = draw < if t.prompt_type == "incorrect" { p_belief } else { p_plain };
         w.write_record([
             t.prompt.as_str(),
             output,
@@ -758,6 +765,15 @@ fn report_writes_html_and_figures_naming_every_condition() {
         assert!(svg.contains("<svg") && svg.contains("<text"), "{fig}.svg has labelled axes");
     }
     assert!(!out.join("fig_warmth.png").exists(), "no warmth stream, no warmth figure");
+    // CANDOR_KEEP_REPORT=<dir> keeps the report to look at.
+    if let Some(keep) = std::env::var_os("CANDOR_KEEP_REPORT") {
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        for e in std::fs::read_dir(&out).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, keep.join(p.file_name().unwrap())).unwrap();
+        }
+    }
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("data:image/png;base64,"), "figures embedded");
     for a in candor::conditions::AmendmentType::ALL {

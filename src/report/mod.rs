@@ -263,7 +263,8 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     let checkpoints = ordered(&ckpt);
     let multi_model = model.iter().collect::<BTreeSet<_>>().len() > 1;
     let group_of = |i: usize| if multi_model { format!("{} · {}", model[i], ds[i]) } else { ds[i].clone() };
-    let groups = ordered(&(0..sy.num_rows()).map(group_of).collect::<Vec<_>>());
+    // Datasets with belief prompts only (MMLU, GSM8K and AdvBench have none).
+    let groups = ordered(&(0..sy.num_rows()).filter(|&i| ib[i].is_finite()).map(group_of).collect::<Vec<_>>());
     let mut bars = plots::Bars {
         title: "Sycophancy: error with and without an incorrect user belief".into(),
         x_label: if multi_model { "model · dataset".into() } else { "dataset".into() },

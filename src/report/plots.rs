@@ -90,7 +90,47 @@ pub struct Scatter {
 }
 
 pub fn scatter(dir: &Path, stem: &str, data: &Scatter) -> Result<(PathBuf, PathBuf)> {
-    render!(dir, stem, (1000, 760), draw_scatter, data)
+    render!(dir, stem, (1200, 800), draw_scatter, data)
+}
+
+/// A legend entry's mark.
+enum Mark {
+    Square(RGBColor),
+    Circle,
+    Triangle,
+    Line(RGBColor),
+}
+
+/// A vertical legend drawn in its own area (beside a chart, so it never hides points).
+fn legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, entries: &[(String, Mark)]) -> PlotResult
+where
+    DB::ErrorType: 'static,
+{
+    area.draw(&Text::new(title.to_string(), (10, 50), (FONT, 15).into_font()))?;
+    for (i, (name, mark)) in entries.iter().enumerate() {
+        let y = 80 + 24 * i as i32;
+        match mark {
+            Mark::Square(c) => area.draw(&Rectangle::new([(12, y - 6), (24, y + 6)], c.filled()))?,
+            Mark::Circle => area.draw(&Circle::new((18, y), 6, BLACK.filled()))?,
+            Mark::Triangle => area.draw(&TriangleMarker::new((18, y), 7, BLACK.filled()))?,
+            Mark::Line(c) => {
+                area.draw(&PathElement::new(vec![(8, y), (28, y)], ShapeStyle::from(c).stroke_width(1)))?
+            }
+        }
+        area.draw(&Text::new(
+            name.clone(),
+            (34, y),
+            (FONT, 14).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Left,
+                plotters::style::text_anchor::VPos::Center,
+            )),
+        ))?;
+    }
+    Ok(())
+}
+
+fn integer(v: &f64) -> String {
+    format!("{v:.0}")
 }
 
 fn draw_scatter<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &Scatter) -> PlotResult
@@ -98,61 +138,48 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
+    let (plot, side) = root.split_horizontally(root.dim_in_pixel().0 as i32 - 290);
     let max = d.points.iter().flat_map(|p| [p.base_error, p.ft_error]).fold(10.0f64, f64::max);
-    let top = ((max + 5.0) / 10.0).ceil() * 10.0;
-    let top = top.min(100.0);
-    let mut chart = ChartBuilder::on(root)
+    let top = (((max + 2.0) / 10.0).ceil() * 10.0).min(100.0);
+    let mut chart = ChartBuilder::on(&plot)
         .caption(&d.title, (FONT, 22))
         .margin(15)
         .x_label_area_size(55)
         .y_label_area_size(65)
-        .right_y_label_area_size(0)
-        .build_cartesian_2d(0f64..top, 0f64..top)?;
+        .build_cartesian_2d(-1f64..top + 1.0, -1f64..top + 1.0)?;
     chart
         .configure_mesh()
         .x_desc(&d.x_label)
         .y_desc(&d.y_label)
         .axis_desc_style((FONT, 17))
         .label_style((FONT, 14))
+        .x_label_formatter(&integer)
+        .y_label_formatter(&integer)
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
-    chart
-        .draw_series(LineSeries::new(
-            [(0.0, 0.0), (top, top)],
-            ShapeStyle::from(&RGBColor(120, 120, 120)).stroke_width(1),
-        ))?
-        .label("no change (y = x)")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RGBColor(120, 120, 120)));
-    for (ci, name) in d.conditions.iter().enumerate() {
+    chart.draw_series(LineSeries::new(
+        [(0.0, 0.0), (top, top)],
+        ShapeStyle::from(&RGBColor(120, 120, 120)).stroke_width(1),
+    ))?;
+    for (ci, _) in d.conditions.iter().enumerate() {
         let c = color(ci);
-        let pts: Vec<&ScatterPoint> = d.points.iter().filter(|p| p.condition == ci).collect();
-        chart
-            .draw_series(pts.iter().map(|p| {
-                let style = c.mix(0.85).filled();
-                if p.belief {
-                    TriangleMarker::new((p.base_error, p.ft_error), 7, style).into_dyn()
-                } else {
-                    Circle::new((p.base_error, p.ft_error), 5, style).into_dyn()
-                }
-            }))?
-            .label(name.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
+        chart.draw_series(d.points.iter().filter(|p| p.condition == ci).map(|p| {
+            let style = c.mix(0.8).filled();
+            if p.belief {
+                TriangleMarker::new((p.base_error, p.ft_error), 7, style).into_dyn()
+            } else {
+                Circle::new((p.base_error, p.ft_error), 5, style).into_dyn()
+            }
+        }))?;
     }
-    chart
-        .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
-        .label("● no user belief")
-        .legend(|(x, y)| Circle::new((x + 5, y), 5, BLACK.filled()));
-    chart
-        .draw_series(std::iter::empty::<TriangleMarker<(f64, f64), i32>>())?
-        .label("▲ user belief (correct/incorrect)")
-        .legend(|(x, y)| TriangleMarker::new((x + 5, y), 6, BLACK.filled()));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FONT, 13))
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(180, 180, 180))
-        .draw()?;
+    let mut entries: Vec<(String, Mark)> =
+        d.conditions.iter().enumerate().map(|(i, c)| (c.clone(), Mark::Square(color(i)))).collect();
+    entries.push((String::new(), Mark::Line(WHITE)));
+    entries.push(("no user belief".into(), Mark::Circle));
+    entries.push(("user belief (correct or".into(), Mark::Triangle));
+    entries.push(("  incorrect answer stated)".into(), Mark::Line(WHITE)));
+    entries.push(("no change (y = x)".into(), Mark::Line(RGBColor(120, 120, 120))));
+    legend(&side, "amendment (colour)", &entries)?;
     Ok(())
 }
 
@@ -200,6 +227,7 @@ where
     chart
         .configure_mesh()
         .x_desc(&d.x_label)
+        .x_label_formatter(&integer)
         .y_desc("amendment (interpersonal context)")
         .axis_desc_style((FONT, 17))
         .label_style((FONT, 14))
@@ -277,8 +305,8 @@ where
     let top = d.y_max.unwrap_or_else(|| (vmax * 1.15).max(1.0).ceil());
     let ng = d.groups.len().max(1);
     let groups = d.groups.clone();
-    let (legend_area, plot_area) = root.split_vertically(root.dim_in_pixel().1 - 70);
-    let mut chart = ChartBuilder::on(&legend_area)
+    let (chart_area, legend_area) = root.split_vertically(root.dim_in_pixel().1 as i32 - 70);
+    let mut chart = ChartBuilder::on(&chart_area)
         .caption(&d.title, (FONT, 22))
         .margin(15)
         .x_label_area_size(60)
@@ -288,6 +316,7 @@ where
         .configure_mesh()
         .x_desc(&d.x_label)
         .y_desc(&d.y_label)
+        .y_label_formatter(&integer)
         .axis_desc_style((FONT, 17))
         .label_style((FONT, 14))
         .x_labels(ng)
@@ -323,14 +352,13 @@ where
         }))?;
     }
     // The legend below the plot, one swatch per series.
-    plot_area.fill(&WHITE)?;
-    let (w, _) = plot_area.dim_in_pixel();
+    let (w, _) = legend_area.dim_in_pixel();
     let per = (w as i32 - 40) / d.series.len().max(1) as i32;
     for (si, (name, ci, light)) in d.series.iter().enumerate() {
         let c = if *light { lighter(color(*ci)) } else { color(*ci) };
         let x = 30 + per * si as i32;
-        plot_area.draw(&Rectangle::new([(x, 20), (x + 16, 36)], c.filled()))?;
-        plot_area.draw(&Text::new(name.clone(), (x + 22, 21), (FONT, 14).into_font()))?;
+        legend_area.draw(&Rectangle::new([(x, 20), (x + 16, 36)], c.filled()))?;
+        legend_area.draw(&Text::new(name.clone(), (x + 22, 21), (FONT, 14).into_font()))?;
     }
     Ok(())
 }
