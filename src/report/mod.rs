@@ -599,6 +599,30 @@ fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn the_warmth_figure_draws_one_line_per_model_across_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::env::var_os("CANDOR_KEEP_REPORT").map(std::path::PathBuf::from);
+        let out = out.as_deref().unwrap_or(dir.path());
+        std::fs::create_dir_all(out).unwrap();
+        let lines = super::plots::Lines {
+            title: "Warmth across checkpoints".into(),
+            x_label: "checkpoint (in training order)".into(),
+            y_label: "mean sociot".into(),
+            ticks: ["original", "e0.5", "e1", "e2", "e4", "e10"].map(String::from).to_vec(),
+            series: vec![
+                ("llama-8b".into(), (0..6).map(|i| (i, 0.1 * i as f64, 0.05)).collect()),
+                ("qwen-32b".into(), (0..6).map(|i| (i, 0.05 + 0.08 * i as f64, 0.04)).collect()),
+            ],
+        };
+        let (png, svg) = super::plots::lines(out, "fig_warmth", &lines).unwrap();
+        assert!(std::fs::read(png).unwrap().starts_with(b"\x89PNG"));
+        let svg = std::fs::read_to_string(svg).unwrap();
+        for label in ["mean sociot", "checkpoint (in training order)", "llama-8b", "qwen-32b", "e10"] {
+            assert!(svg.contains(label), "{label}");
+        }
+    }
+
+    #[test]
     fn base64_matches_the_rfc_vectors() {
         for (plain, enc) in [
             ("", ""),

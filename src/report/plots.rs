@@ -218,7 +218,8 @@ where
     let pad = (hi - lo) * 0.05;
     let n = d.labels.len().max(1);
     let labels = d.labels.clone();
-    let mut chart = ChartBuilder::on(root)
+    let (chart_area, legend_area) = root.split_vertically(root.dim_in_pixel().1 as i32 - 45);
+    let mut chart = ChartBuilder::on(&chart_area)
         .caption(&d.title, (FONT, 22))
         .margin(15)
         .x_label_area_size(55)
@@ -246,7 +247,7 @@ where
     chart
         .draw_series(LineSeries::new([(0.0, -0.5), (0.0, n as f64 - 0.5)], ShapeStyle::from(&BLACK).stroke_width(1)))?;
     let ns = d.series.len().max(1) as f64;
-    for (si, name) in d.series.iter().enumerate() {
+    for si in 0..d.series.len() {
         let c = color(si);
         let offset = if ns > 1.0 { 0.25 - 0.5 * si as f64 / (ns - 1.0) } else { 0.0 };
         let rows: Vec<(f64, &ForestRow)> = d
@@ -261,18 +262,16 @@ where
         chart.draw_series(rows.iter().filter(|(_, r)| r.low.is_finite() && r.high.is_finite()).map(|(y, r)| {
             ErrorBar::new_horizontal(*y, r.low, r.estimate, r.high, ShapeStyle::from(&c).stroke_width(2), 8)
         }))?;
-        chart
-            .draw_series(rows.iter().map(|(y, r)| Circle::new((r.estimate, *y), 5, c.filled())))?
-            .label(name.as_str())
-            .legend(move |(x, y)| Circle::new((x + 5, y), 5, c.filled()));
+        chart.draw_series(rows.iter().map(|(y, r)| Circle::new((r.estimate, *y), 5, c.filled())))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(RGBColor(180, 180, 180))
-        .draw()?;
+    // The legend below the plot, so it never hides an interval.
+    let (w, _) = legend_area.dim_in_pixel();
+    let per = (w as i32 - 40) / d.series.len().max(1) as i32;
+    for (si, name) in d.series.iter().enumerate() {
+        let x = 260 + per.min(260) * si as i32;
+        legend_area.draw(&Circle::new((x, 20), 6, color(si).filled()))?;
+        legend_area.draw(&Text::new(name.clone(), (x + 12, 12), (FONT, 15).into_font()))?;
+    }
     Ok(())
 }
 
