@@ -745,6 +745,27 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
     let e2: f64 =
         psql_ok("SELECT AVG(error_pct) FROM error_rates WHERE checkpoint = 'warm-e2'").trim().parse().unwrap();
     assert!(e2 > 0.0);
+
+    // The extended query protocol (as drivers such as DBeaver's and Grafana's use), binary rows.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config = format!("host=127.0.0.1 port={} user=grafana password=s3cret-pw dbname=candor", addr.port());
+        let (client, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let rows = client
+            .query("SELECT checkpoint, COUNT(*) AS n, AVG(acc_ft_pct) AS acc, BOOL_OR(significant) AS sig FROM family_table GROUP BY checkpoint ORDER BY checkpoint", &[])
+            .await
+            .unwrap();
+        let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get("checkpoint"), r.get("n"))).collect();
+        assert_eq!(got, [("warm".to_string(), 75), ("warm-e2".to_string(), 75)]);
+        let acc: f64 = rows[0].get("acc");
+        assert!(acc > 0.0 && acc <= 100.0);
+        let _: Option<bool> = rows[0].get("sig");
+        let err = client.query("DELETE FROM cells", &[]).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("25006"), "{err}");
+        let bad = tokio_postgres::connect(&config.replace("s3cret-pw", "guess"), tokio_postgres::NoTls).await;
+        assert!(bad.is_err(), "a wrong password is refused");
+    });
     server.kill().unwrap();
     server.wait().unwrap();
 }
