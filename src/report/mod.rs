@@ -546,8 +546,9 @@ fn batch_table(b: &RecordBatch, digits: &[(&str, usize)]) -> String {
     out
 }
 
-/// Mean warmth per model and checkpoint, when the archive has a `warmth` stream: the score is
-/// the first floating-point column named like warmth/score/sociot.
+/// Mean warmth per model and checkpoint, when the archive has a `warmth` stream (the SocioT
+/// score of each response): the score is the first floating-point column named like
+/// warmth/score/sociot, i.e. `warmth`.
 fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
     if !live.tables().iter().any(|t| t == "warmth") {
         return Ok(None);
@@ -566,7 +567,15 @@ fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
     };
     let ckpt = strs(&b, "checkpoint");
     let epoch = f64s(&b, "checkpoint_epoch");
-    let model = strs(&b, "model");
+    // One line per model, and per scoring mode when several were used (SocioT's formula and
+    // reference modes differ in scale).
+    let modes = strs(&b, "mode");
+    let several_modes = modes.iter().collect::<BTreeSet<_>>().len() > 1;
+    let model: Vec<String> = strs(&b, "model")
+        .into_iter()
+        .zip(&modes)
+        .map(|(m, mode)| if several_modes { format!("{m} ({mode})") } else { m })
+        .collect();
     let vals = f64s(&b, &score);
     // Checkpoints ordered by epoch, then name.
     let mut ticks: Vec<(f64, String)> = (0..b.num_rows()).map(|i| (epoch[i], ckpt[i].clone())).collect();
