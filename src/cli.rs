@@ -516,11 +516,11 @@ pub fn main(cli: Cli) -> Result<()> {
             let mut ran = false;
             if let Some(f) = &file {
                 let script = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-                shell::run_script(&live, &script, out)?;
+                shell::run_script(&live, &script, out, &f.display().to_string())?;
                 ran = true;
             }
             for c in &command {
-                shell::run_script(&live, c, out)?;
+                shell::run_script(&live, c, out, "-c")?;
                 ran = true;
             }
             if !ran {

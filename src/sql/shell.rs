@@ -51,29 +51,30 @@ pub fn print_rows(rows: &Rows, out: Output, w: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// Runs every statement of a script; stops at the first error.
-pub fn run_script(live: &LiveSql, script: &str, out: Output) -> Result<()> {
+/// Runs every statement of a script; stops at the first error. `source` names the script in
+/// errors (`-c`, a file name).
+pub fn run_script(live: &LiveSql, script: &str, out: Output, source: &str) -> Result<()> {
     let stdout = std::io::stdout();
     for sql in split_statements(script) {
-        run_one(live, &sql, out, &mut stdout.lock())?;
+        run_one(live, &sql, out, &mut stdout.lock(), source)?;
     }
     Ok(())
 }
 
-fn run_one(live: &LiveSql, sql: &str, out: Output, w: &mut impl Write) -> Result<()> {
+fn run_one(live: &LiveSql, sql: &str, out: Output, w: &mut impl Write, source: &str) -> Result<()> {
     if let Statement::Session(kw) = Statement::classify(sql) {
         if out == Output::Table {
             writeln!(w, "{}", Statement::session_tag(&kw)).ok();
         }
         return Ok(());
     }
-    let rows = live.query(sql).map_err(|e| query_error(sql, e))?;
+    let rows = live.query(sql).map_err(|e| query_error(source, sql, e))?;
     print_rows(&rows, out, w)
 }
 
-fn query_error(sql: &str, e: QueryError) -> Error {
+fn query_error(source: &str, sql: &str, e: QueryError) -> Error {
     let first = sql.lines().next().unwrap_or_default();
-    Error::input(crate::error::Location::default(), format!("{e} (SQLSTATE {}) in `{first}`", e.sqlstate()))
+    Error::input(crate::error::Location::file(source), format!("{e} (SQLSTATE {}) in `{first}`", e.sqlstate()))
 }
 
 /// Reads statements from standard input until end of input or `\q`; errors are printed and
@@ -115,7 +116,7 @@ pub fn interactive(live: &LiveSql, out: Output, prompt: bool) -> Result<()> {
         buf.push('\n');
         if trimmed.ends_with(';') {
             for sql in split_statements(&buf) {
-                if let Err(e) = run_one(live, &sql, out, &mut stdout.lock()) {
+                if let Err(e) = run_one(live, &sql, out, &mut stdout.lock(), "<stdin>") {
                     eprintln!("error: {e}");
                 }
             }
@@ -124,7 +125,7 @@ pub fn interactive(live: &LiveSql, out: Output, prompt: bool) -> Result<()> {
         show_prompt(&buf);
     }
     for sql in split_statements(&buf) {
-        if let Err(e) = run_one(live, &sql, out, &mut stdout.lock()) {
+        if let Err(e) = run_one(live, &sql, out, &mut stdout.lock(), "<stdin>") {
             eprintln!("error: {e}");
         }
     }
