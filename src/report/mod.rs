@@ -35,9 +35,11 @@ pub struct ReportFiles {
     pub figures: Vec<PathBuf>,
 }
 
-/// Rows of a query as one batch.
-fn table(live: &LiveSql, sql: &str) -> Result<RecordBatch> {
-    let rows = live.query(sql).map_err(|e| Error::Internal(format!("report query failed: {e}\n{sql}")))?;
+/// Every row of a table or view of the catalog (the queries themselves live in `queries/`).
+fn view(live: &LiveSql, name: &str) -> Result<RecordBatch> {
+    let rows = live
+        .query(&format!("SELECT * FROM {name}"))
+        .map_err(|e| Error::Internal(format!("report: reading {name}: {e}")))?;
     concat_batches(&rows.schema, &rows.batches).map_err(|e| Error::arrow("report", e))
 }
 
@@ -111,45 +113,6 @@ fn amendment_order(found: impl IntoIterator<Item = String>) -> Vec<String> {
     out
 }
 
-const SCATTER_SQL: &str = "
-WITH side AS (
-    SELECT model, checkpoint, checkpoint_epoch, is_finetuned, dataset, amendment_type,
-        CASE WHEN prompt_type IN ('correct', 'incorrect') THEN 'belief' ELSE 'none' END AS belief,
-        CAST(SUM(incorrect) AS DOUBLE) AS wrong, CAST(SUM(n) AS DOUBLE) AS n
-    FROM cells GROUP BY model, checkpoint, checkpoint_epoch, is_finetuned, dataset, amendment_type,
-        CASE WHEN prompt_type IN ('correct', 'incorrect') THEN 'belief' ELSE 'none' END
-)
-SELECT f.model, f.checkpoint, f.dataset, f.amendment_type, f.belief,
-    100.0 * b.wrong / b.n AS base_error, 100.0 * f.wrong / f.n AS ft_error
-FROM side f JOIN side b ON f.model = b.model AND f.dataset = b.dataset
-    AND f.amendment_type = b.amendment_type AND f.belief = b.belief
-WHERE f.is_finetuned AND NOT b.is_finetuned AND f.n > 0 AND b.n > 0
-ORDER BY f.model, f.checkpoint_epoch, f.dataset, f.amendment_type, f.belief";
-
-const FOREST_SQL: &str = "
-WITH latest AS (SELECT model, MAX(checkpoint_epoch) AS e FROM family_results GROUP BY model)
-SELECT f.test_type, f.category, CAST(SUM(f.b) AS DOUBLE) AS b, CAST(SUM(f.c) AS DOUBLE) AS c,
-    CAST(SUM(f.n) AS DOUBLE) AS n
-FROM family_results f JOIN latest l ON f.model = l.model AND f.checkpoint_epoch = l.e
-GROUP BY f.test_type, f.category ORDER BY f.test_type, f.category";
-
-const SYCOPHANCY_SQL: &str = "
-SELECT model, checkpoint, checkpoint_epoch, dataset,
-    100.0 * CAST(SUM(CASE WHEN prompt_type IN ('original', 'original_neutral') THEN incorrect ELSE 0 END) AS DOUBLE)
-        / CAST(SUM(CASE WHEN prompt_type IN ('original', 'original_neutral') THEN n ELSE 0 END) AS DOUBLE) AS no_belief,
-    100.0 * CAST(SUM(CASE WHEN prompt_type = 'incorrect' THEN incorrect ELSE 0 END) AS DOUBLE)
-        / CAST(SUM(CASE WHEN prompt_type = 'incorrect' THEN n ELSE 0 END) AS DOUBLE) AS incorrect_belief,
-    100.0 * CAST(SUM(CASE WHEN prompt_type = 'correct' THEN incorrect ELSE 0 END) AS DOUBLE)
-        / CAST(SUM(CASE WHEN prompt_type = 'correct' THEN n ELSE 0 END) AS DOUBLE) AS correct_belief
-FROM cells GROUP BY model, checkpoint, checkpoint_epoch, dataset
-ORDER BY model, checkpoint_epoch, checkpoint, dataset";
-
-const CONDITIONS_SQL: &str = "
-SELECT checkpoint, checkpoint_epoch, amendment_type, prompt_type,
-    CAST(SUM(incorrect) AS DOUBLE) AS wrong, CAST(SUM(n) AS DOUBLE) AS n
-FROM cells GROUP BY checkpoint, checkpoint_epoch, amendment_type, prompt_type
-ORDER BY checkpoint_epoch, checkpoint";
-
 /// Writes `report.html` and the figures into `out`.
 pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -172,10 +135,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
         Ok(())
     };
 
-    let cells = table(
-        live,
-        "SELECT CAST(SUM(responses) AS BIGINT) AS responses, CAST(SUM(n) AS BIGINT) AS n, CAST(SUM(excluded) AS BIGINT) AS excluded, COUNT(DISTINCT model) AS models, COUNT(DISTINCT checkpoint) AS checkpoints FROM cells",
-    )?;
+    let cells = view(live, "archive_summary")?;
     let _ = write!(
         html,
         "<h1>Candor report</h1>\n<p>Archive <code>{}</code>: {} answers, {} in the statistics, {} excluded \
@@ -189,10 +149,10 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     );
 
     // Fig. 2: warm vs original error.
-    let sc = table(live, SCATTER_SQL)?;
+    let sc = view(live, "error_pairs")?;
     let conditions = amendment_order(strs(&sc, "amendment_type"));
     let (amend, belief, base, ft) =
-        (strs(&sc, "amendment_type"), strs(&sc, "belief"), f64s(&sc, "base_error"), f64s(&sc, "ft_error"));
+        (strs(&sc, "amendment_type"), strs(&sc, "belief"), f64s(&sc, "base_error_pct"), f64s(&sc, "ft_error_pct"));
     let scatter = plots::Scatter {
         title: "Error of fine-tuned vs original model, per condition".into(),
         x_label: "original model error (%)".into(),
@@ -217,24 +177,18 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     html.push_str(&conditions_table(live)?);
 
     // Forest plot.
-    let fo = table(live, FOREST_SQL)?;
-    let (tt, cat, b, c, n) =
-        (strs(&fo, "test_type"), strs(&fo, "category"), f64s(&fo, "b"), f64s(&fo, "c"), f64s(&fo, "n"));
+    let fo = view(live, "amendment_effects")?;
+    let (tt, cat) = (strs(&fo, "test_type"), strs(&fo, "category"));
+    let (est, low, high) = (f64s(&fo, "diff_pp"), f64s(&fo, "ci_low_pp"), f64s(&fo, "ci_high_pp"));
     let series: Vec<String> = tt.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
-    let labels = amendment_order(cat.iter().cloned());
-    let labels: Vec<String> = labels.into_iter().filter(|l| cat.contains(l)).collect();
+    let labels: Vec<String> = amendment_order(cat.iter().cloned()).into_iter().filter(|l| cat.contains(l)).collect();
     let rows: Vec<plots::ForestRow> = (0..fo.num_rows())
-        .filter(|&i| n[i] > 0.0)
-        .map(|i| {
-            let d = (b[i] - c[i]) / n[i];
-            let se = ((b[i] + c[i]) - (b[i] - c[i]).powi(2) / n[i]).max(0.0).sqrt() / n[i];
-            plots::ForestRow {
-                label: cat[i].clone(),
-                series: series.iter().position(|s| *s == tt[i]).unwrap_or(0),
-                estimate: 100.0 * d,
-                low: 100.0 * (d - 1.96 * se),
-                high: 100.0 * (d + 1.96 * se),
-            }
+        .map(|i| plots::ForestRow {
+            label: cat[i].clone(),
+            series: series.iter().position(|s| *s == tt[i]).unwrap_or(0),
+            estimate: est[i],
+            low: low[i],
+            high: high[i],
         })
         .collect();
     html.push_str("<h2>Error-rate difference by amendment</h2>\n");
@@ -257,9 +211,9 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     html.push_str(&effects_table(live)?);
 
     // Sycophancy.
-    let sy = table(live, SYCOPHANCY_SQL)?;
+    let sy = view(live, "belief_errors")?;
     let (model, ckpt, ds) = (strs(&sy, "model"), strs(&sy, "checkpoint"), strs(&sy, "dataset"));
-    let (nb, ib, cb) = (f64s(&sy, "no_belief"), f64s(&sy, "incorrect_belief"), f64s(&sy, "correct_belief"));
+    let (nb, ib, cb) = (f64s(&sy, "no_belief_pct"), f64s(&sy, "incorrect_belief_pct"), f64s(&sy, "correct_belief_pct"));
     let checkpoints = ordered(&ckpt);
     let multi_model = model.iter().collect::<BTreeSet<_>>().len() > 1;
     let group_of = |i: usize| if multi_model { format!("{} · {}", model[i], ds[i]) } else { ds[i].clone() };
@@ -313,10 +267,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     html.push_str(&t);
 
     // Refusals.
-    let rf = table(
-        live,
-        "SELECT model, checkpoint, checkpoint_epoch, dataset, responses, refusals, refusal_pct, excluded FROM refusals",
-    )?;
+    let rf = view(live, "refusals")?;
     let (rm, rc, rd, rr) = (strs(&rf, "model"), strs(&rf, "checkpoint"), strs(&rf, "dataset"), f64s(&rf, "refusals"));
     let multi = rm.iter().collect::<BTreeSet<_>>().len() > 1;
     let series_of = |i: usize| if multi { format!("{} · {}", rm[i], rc[i]) } else { rc[i].clone() };
@@ -386,9 +337,14 @@ fn ordered(v: &[String]) -> Vec<String> {
 /// Error rate per amendment type (rows) × prompt type (columns), per checkpoint: every
 /// condition of the design named.
 fn conditions_table(live: &LiveSql) -> Result<String> {
-    let b = table(live, CONDITIONS_SQL)?;
-    let (ck, am, pt, wrong, n) =
-        (strs(&b, "checkpoint"), strs(&b, "amendment_type"), strs(&b, "prompt_type"), f64s(&b, "wrong"), f64s(&b, "n"));
+    let b = view(live, "condition_errors")?;
+    let (ck, am, pt, wrong, n) = (
+        strs(&b, "checkpoint"),
+        strs(&b, "amendment_type"),
+        strs(&b, "prompt_type"),
+        f64s(&b, "incorrect"),
+        f64s(&b, "n"),
+    );
     let mut cell: BTreeMap<(String, String, String), (f64, f64)> = BTreeMap::new();
     for i in 0..b.num_rows() {
         cell.insert((ck[i].clone(), am[i].clone(), pt[i].clone()), (wrong[i], n[i]));
@@ -430,7 +386,7 @@ fn conditions_table(live: &LiveSql) -> Result<String> {
 
 /// The paper's per-family tables: one per model × checkpoint × dataset × test type.
 fn family_tables(live: &LiveSql) -> Result<String> {
-    let b = table(live, "SELECT * FROM family_table")?;
+    let b = view(live, "family_table")?;
     let key: Vec<String> = (0..b.num_rows())
         .map(|i| {
             format!(
@@ -500,7 +456,7 @@ fn family_tables(live: &LiveSql) -> Result<String> {
 }
 
 fn effects_table(live: &LiveSql) -> Result<String> {
-    let b = table(live, "SELECT * FROM effects")?;
+    let b = view(live, "effects")?;
     let mut out = String::from(
         "<h3>Regressions M1–M4: effect of fine-tuning</h3>\n<p>Binomial GLMs on the cell counts (METHOD §4): log-odds effect \
          β<sub>ft</sub> (+ interaction) with its standard error and Wald p, and the average marginal effect in percentage points.</p>\n",
@@ -553,7 +509,7 @@ fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
     if !live.tables().iter().any(|t| t == "warmth") {
         return Ok(None);
     }
-    let b = table(live, "SELECT * FROM warmth")?;
+    let b = view(live, "warmth")?;
     let schema = b.schema();
     let floats: Vec<&str> =
         schema.fields().iter().filter(|f| f.data_type().is_floating()).map(|f| f.name().as_str()).collect();

@@ -8,7 +8,7 @@
 //! | `items`, `trials`, `responses`, `verdicts`, … | every committed segment of the archive's streams (any stream with a declared schema, e.g. `warmth` when present) |
 //! | `observations` | every committed observation |
 //! | `paired_counts`, `cells`, `family_results`, `coefficients`, `effects` | the [`StatsEngine`]'s maintained tables |
-//! | `family_stats`, `family_table`, `error_rates`, `sycophancy`, `refusals`, `trajectories`, `regression_cells` | the queries of `queries/` as views |
+//! | `family_table`, `error_rates`, `sycophancy`, `refusals`, `trajectories`, `error_pairs`, `amendment_effects`, `belief_errors`, … | the queries of `queries/` as views ([`VIEWS`]) |
 //!
 //! Every statement first checks the archive (one directory listing per stream): when an epoch
 //! has committed since the last statement, its new segments are read, the statistics of the
@@ -37,15 +37,28 @@ use datafusion::execution::context::SQLOptions;
 use super::engine::StatsEngine;
 use super::follow::ArchiveFollower;
 use super::queries::{
-    ERROR_RATES, FAMILY_STATS, FAMILY_TABLE, Query, REFUSALS, REGRESSION_CELLS, SYCOPHANCY, TRAJECTORIES,
+    AMENDMENT_EFFECTS, ARCHIVE_SUMMARY, BELIEF_ERRORS, CONDITION_ERRORS, ERROR_PAIRS, ERROR_RATES, FAMILY_STATS,
+    FAMILY_TABLE, Query, REFUSALS, REGRESSION_CELLS, SYCOPHANCY, TRAJECTORIES,
 };
 use crate::archive::{Archive, Format, read_segment};
 use crate::error::{Error, Result};
 
 /// The queries of `queries/` served as views (`paired_counts.sql` is left out: its name is the
 /// maintained table's, which it recomputes from `observations`).
-pub const VIEWS: [Query; 7] =
-    [FAMILY_STATS, FAMILY_TABLE, ERROR_RATES, SYCOPHANCY, REFUSALS, TRAJECTORIES, REGRESSION_CELLS];
+pub const VIEWS: [Query; 12] = [
+    FAMILY_STATS,
+    FAMILY_TABLE,
+    ERROR_RATES,
+    SYCOPHANCY,
+    REFUSALS,
+    TRAJECTORIES,
+    REGRESSION_CELLS,
+    ERROR_PAIRS,
+    AMENDMENT_EFFECTS,
+    BELIEF_ERRORS,
+    CONDITION_ERRORS,
+    ARCHIVE_SUMMARY,
+];
 
 /// Directories of an archive root that are not streams served as tables.
 const NOT_TABLES: [&str; 3] = ["epochs", "generation", "observation"];

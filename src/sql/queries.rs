@@ -30,5 +30,16 @@ pub const TRAJECTORIES: Query = query!("trajectories");
 /// Cell counts the regressions are fitted from.
 pub const REGRESSION_CELLS: Query = query!("regression_cells");
 
+/// Fine-tuned vs original error per dataset × amendment × belief (the report's Fig. 2 scatter).
+pub const ERROR_PAIRS: Query = query!("error_pairs");
+/// Pooled paired error difference by test type and amendment, with 95% CIs (the forest plot).
+pub const AMENDMENT_EFFECTS: Query = query!("amendment_effects");
+/// Error without a belief, with a correct one doubted, with an incorrect one asserted.
+pub const BELIEF_ERRORS: Query = query!("belief_errors");
+/// Errors per checkpoint × amendment type × prompt type.
+pub const CONDITION_ERRORS: Query = query!("condition_errors");
+/// One summary row: answers, answers in the statistics, exclusions, models, checkpoints.
+pub const ARCHIVE_SUMMARY: Query = query!("archive_summary");
+
 /// The reports `candor analyze` prints and exports, in order.
 pub const REPORTS: [Query; 5] = [FAMILY_TABLE, ERROR_RATES, SYCOPHANCY, REFUSALS, TRAJECTORIES];
