@@ -806,6 +806,8 @@ fn report_writes_html_and_figures_naming_every_condition() {
     for d in ["trivia", "truthfulqa", "medqa", "disinfo"] {
         assert!(html.contains(d), "{d}");
     }
+    // Tables come in checkpoint order (a view's own ORDER BY is not kept, so the report sorts).
+    assert!(html.find("<h4>original</h4>").unwrap() < html.find("<h4>warm</h4>").unwrap());
     for t in ["Normal", "Sycophancy"] {
         assert!(html.contains(&format!("{t} prompts")), "{t} families");
     }

@@ -35,10 +35,12 @@ pub struct ReportFiles {
     pub figures: Vec<PathBuf>,
 }
 
-/// Every row of a table or view of the catalog (the queries themselves live in `queries/`).
-fn view(live: &LiveSql, name: &str) -> Result<RecordBatch> {
+/// Every row of a table or view of the catalog (the queries themselves live in `queries/`),
+/// sorted by `order_by` when given: DataFusion does not keep a view's own ORDER BY.
+fn view(live: &LiveSql, name: &str, order_by: &str) -> Result<RecordBatch> {
+    let order = if order_by.is_empty() { String::new() } else { format!(" ORDER BY {order_by}") };
     let rows = live
-        .query(&format!("SELECT * FROM {name}"))
+        .query(&format!("SELECT * FROM {name}{order}"))
         .map_err(|e| Error::Internal(format!("report: reading {name}: {e}")))?;
     concat_batches(&rows.schema, &rows.batches).map_err(|e| Error::arrow("report", e))
 }
@@ -135,7 +137,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
         Ok(())
     };
 
-    let cells = view(live, "archive_summary")?;
+    let cells = view(live, "archive_summary", "")?;
     let _ = write!(
         html,
         "<h1>Candor report</h1>\n<p>Archive <code>{}</code>: {} answers, {} in the statistics, {} excluded \
@@ -149,7 +151,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     );
 
     // Fig. 2: warm vs original error.
-    let sc = view(live, "error_pairs")?;
+    let sc = view(live, "error_pairs", "model, checkpoint_epoch, checkpoint, dataset, amendment_type, belief")?;
     let conditions = amendment_order(strs(&sc, "amendment_type"));
     let (amend, belief, base, ft) =
         (strs(&sc, "amendment_type"), strs(&sc, "belief"), f64s(&sc, "base_error_pct"), f64s(&sc, "ft_error_pct"));
@@ -177,7 +179,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     html.push_str(&conditions_table(live)?);
 
     // Forest plot.
-    let fo = view(live, "amendment_effects")?;
+    let fo = view(live, "amendment_effects", "test_type, category")?;
     let (tt, cat) = (strs(&fo, "test_type"), strs(&fo, "category"));
     let (est, low, high) = (f64s(&fo, "diff_pp"), f64s(&fo, "ci_low_pp"), f64s(&fo, "ci_high_pp"));
     let series: Vec<String> = tt.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
@@ -211,7 +213,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     html.push_str(&effects_table(live)?);
 
     // Sycophancy.
-    let sy = view(live, "belief_errors")?;
+    let sy = view(live, "belief_errors", "model, checkpoint_epoch, checkpoint, dataset")?;
     let (model, ckpt, ds) = (strs(&sy, "model"), strs(&sy, "checkpoint"), strs(&sy, "dataset"));
     let (nb, ib, cb) = (f64s(&sy, "no_belief_pct"), f64s(&sy, "incorrect_belief_pct"), f64s(&sy, "correct_belief_pct"));
     let checkpoints = ordered(&ckpt);
@@ -267,7 +269,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     html.push_str(&t);
 
     // Refusals.
-    let rf = view(live, "refusals")?;
+    let rf = view(live, "refusals", "model, checkpoint_epoch, checkpoint, dataset")?;
     let (rm, rc, rd, rr) = (strs(&rf, "model"), strs(&rf, "checkpoint"), strs(&rf, "dataset"), f64s(&rf, "refusals"));
     let multi = rm.iter().collect::<BTreeSet<_>>().len() > 1;
     let series_of = |i: usize| if multi { format!("{} · {}", rm[i], rc[i]) } else { rc[i].clone() };
@@ -337,7 +339,7 @@ fn ordered(v: &[String]) -> Vec<String> {
 /// Error rate per amendment type (rows) × prompt type (columns), per checkpoint: every
 /// condition of the design named.
 fn conditions_table(live: &LiveSql) -> Result<String> {
-    let b = view(live, "condition_errors")?;
+    let b = view(live, "condition_errors", "checkpoint_epoch, checkpoint, amendment_type, prompt_type")?;
     let (ck, am, pt, wrong, n) = (
         strs(&b, "checkpoint"),
         strs(&b, "amendment_type"),
@@ -386,7 +388,11 @@ fn conditions_table(live: &LiveSql) -> Result<String> {
 
 /// The paper's per-family tables: one per model × checkpoint × dataset × test type.
 fn family_tables(live: &LiveSql) -> Result<String> {
-    let b = view(live, "family_table")?;
+    let b = view(
+        live,
+        "family_table",
+        "model, base_checkpoint, checkpoint_epoch, checkpoint, dataset, test_type, category",
+    )?;
     let key: Vec<String> = (0..b.num_rows())
         .map(|i| {
             format!(
@@ -456,7 +462,7 @@ fn family_tables(live: &LiveSql) -> Result<String> {
 }
 
 fn effects_table(live: &LiveSql) -> Result<String> {
-    let b = view(live, "effects")?;
+    let b = view(live, "effects", "")?;
     let mut out = String::from(
         "<h3>Regressions M1–M4: effect of fine-tuning</h3>\n<p>Binomial GLMs on the cell counts (METHOD §4): log-odds effect \
          β<sub>ft</sub> (+ interaction) with its standard error and Wald p, and the average marginal effect in percentage points.</p>\n",
@@ -509,7 +515,7 @@ fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
     if !live.tables().iter().any(|t| t == "warmth") {
         return Ok(None);
     }
-    let b = view(live, "warmth")?;
+    let b = view(live, "warmth", "")?;
     let schema = b.schema();
     let floats: Vec<&str> =
         schema.fields().iter().filter(|f| f.data_type().is_floating()).map(|f| f.name().as_str()).collect();
