@@ -685,15 +685,17 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
     assert!(!open.status.success());
     assert!(String::from_utf8_lossy(&open.stderr).contains("CANDOR_SQL_PASSWORD"));
 
-    let mut server = Command::new(env!("CARGO_BIN_EXE_candor"))
-        .args(["sql", live.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json"])
-        .env("CANDOR_SQL_PASSWORD", "s3cret-pw")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["sql", live.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json"])
+            .env("CANDOR_SQL_PASSWORD", "s3cret-pw")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut first).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut first).unwrap();
     let addr: std::net::SocketAddr =
         serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"].as_str().unwrap().parse().unwrap();
     let psql_run = |password: &str, sql: &str| {
@@ -766,8 +768,17 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
         let bad = tokio_postgres::connect(&config.replace("s3cret-pw", "guess"), tokio_postgres::NoTls).await;
         assert!(bad.is_err(), "a wrong password is refused");
     });
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
+}
+
+/// Stops a server the test started, also when an assertion fails first.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
