@@ -217,6 +217,10 @@ pub enum Bench {
         /// Texts to score.
         #[arg(long, default_value_t = 24)]
         texts: usize,
+        /// Score with GPT-2 small's shape and random weights (GPT-2's speed without its
+        /// weights; needs the GPT-2 tokenizer from `scripts/fetch-models gpt2-tokenizer`).
+        #[arg(long)]
+        random_gpt2: bool,
     },
     /// Build and archive the full paper grid, then replay an archive of synthetic responses
     /// to it; prints rows/s and peak memory.
@@ -452,9 +456,9 @@ pub fn main(cli: Cli) -> Result<()> {
             let (rows, reports) = crate::warmth::command::run(&run)?;
             print_warmth(&rows, &reports, json)?;
         }
-        Command::Bench { which: Bench::Warmth { score, texts } } => {
+        Command::Bench { which: Bench::Warmth { score, texts, random_gpt2 } } => {
             let passes = score.passes;
-            crate::warmth::command::bench(&score, texts, passes)?
+            crate::warmth::command::bench(&score, texts, passes, random_gpt2)?
         }
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?

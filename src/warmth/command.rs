@@ -48,7 +48,11 @@ impl ScoreArgs {
     fn scorer(&self, mode: Mode) -> Result<Scorer> {
         let choice =
             LmChoice { gpt2: self.gpt2.clone(), local: self.lm.clone(), tokenizer_dir: self.gpt2_tokenizer.clone() };
-        let mut s = Scorer::new(open_lm(&choice, &Device::Cpu)?, mode);
+        self.scorer_with(open_lm(&choice, &Device::Cpu)?, mode)
+    }
+
+    fn scorer_with(&self, lm: Box<dyn super::CausalLm>, mode: Mode) -> Result<Scorer> {
+        let mut s = Scorer::new(lm, mode);
         s.passes = self.passes;
         s.seed = self.seed;
         s.batch_size = self.batch_size;
@@ -163,8 +167,21 @@ pub fn write_archive(root: &Path, rows: &[WarmthScore]) -> Result<()> {
     Ok(())
 }
 
+/// GPT-2 small's shape with random weights (candle-nn's default initialisation through a
+/// `VarMap`) and GPT-2's real tokenizer: GPT-2's speed without its weights, for benchmarks only.
+pub fn random_gpt2_small(tokenizer_dir: &Path) -> Result<Box<dyn super::CausalLm>> {
+    use crate::generate::candle::gpt2;
+    let cfg = gpt2::Config::gpt2_small();
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    let model =
+        gpt2::Model::load(vb, &cfg).map_err(|e| crate::generate::candle::engine::model_error("random GPT-2", e))?;
+    let tokenizer = gpt2::tokenizer(&tokenizer_dir.join("vocab.json"), &tokenizer_dir.join("merges.txt"))?;
+    Ok(Box::new(super::Gpt2Lm { model, tokenizer, name: "gpt2-small-shape:random-weights (benchmark only)".into() }))
+}
+
 /// `candor bench warmth`: texts/s and tokens/s of both modes on the bundled validation prompts.
-pub fn bench(args: &ScoreArgs, texts: usize, passes: u32) -> Result<()> {
+pub fn bench(args: &ScoreArgs, texts: usize, passes: u32, random_gpt2: bool) -> Result<()> {
     let body = include_str!("../../data/warmth/validation_prompts.jsonl");
     let prompts: Vec<String> = body
         .lines()
@@ -180,7 +197,12 @@ pub fn bench(args: &ScoreArgs, texts: usize, passes: u32) -> Result<()> {
     for mode in [Mode::Formula, Mode::Reference] {
         let mut a = args.clone();
         a.passes = passes;
-        let scorer = a.scorer(mode)?;
+        let scorer = if random_gpt2 {
+            let dir = args.gpt2_tokenizer.clone().unwrap_or_else(super::gpt2_tokenizer_dir);
+            a.scorer_with(random_gpt2_small(&dir)?, mode)?
+        } else {
+            a.scorer(mode)?
+        };
         let (_, stats) = scorer.score(&texts)?;
         let effective = if mode == Mode::Reference && scorer.lm.has_dropout() { passes } else { 1 };
         println!(
