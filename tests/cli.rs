@@ -639,6 +639,11 @@ fn warmth_scores_an_archive_with_gpt2_archives_the_stream_and_reports_the_trajec
     let archived: Vec<candor::records::WarmthScore> = read_records(&archive).unwrap();
     assert_eq!(archived.len(), 24);
     assert!(live.join("warmth/model=m/checkpoint=warm-e2").is_dir());
+    // Scoring again adds nothing: every response already has its row for this model and mode.
+    let again = json_lines(&ok(&["warmth", live.to_str().unwrap(), "--gpt2", gpt2.to_str().unwrap(), "--json"]));
+    assert!(again.iter().all(|l| l.get("report").is_some()));
+    assert_eq!(report_rows(&again, "warmth_trajectory").len(), 2);
+    assert_eq!(read_records::<candor::records::WarmthScore>(&archive).unwrap().len(), 24);
 
     // Ad-hoc text in reference mode: passes, a standard error, and the model named.
     let texts = dir.path().join("t.txt");

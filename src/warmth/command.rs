@@ -126,6 +126,16 @@ pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<(String, arrow::rec
         (from_texts(read_texts(&run.input)?, run, &labeller), run.out.clone())
     };
     let scorer = run.score.scorer(run.score.mode)?;
+    // A response already scored with this model and mode is not scored (or archived) again.
+    let done: std::collections::HashSet<String> = match &archive_out {
+        Some(out) if out.is_dir() => read_records::<WarmthScore>(&Archive::open(out, Format::Parquet)?)?
+            .into_iter()
+            .filter(|w| w.mode == scorer.mode.name() && w.lm == scorer.lm.name())
+            .map(|w| w.response_key)
+            .collect(),
+        _ => Default::default(),
+    };
+    let pending: Vec<Pending> = pending.into_iter().filter(|p| !done.contains(&p.key)).collect();
     let texts: Vec<&str> = pending.iter().map(|p| p.text.as_str()).collect();
     let (scores, _) = scorer.score(&texts)?;
     let rows: Vec<WarmthScore> = pending
@@ -147,10 +157,14 @@ pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<(String, arrow::rec
             lm: scorer.lm.name().to_string(),
         })
         .collect();
-    if let Some(out) = archive_out {
-        write_archive(&out, &rows)?;
-    }
-    let reports = report::reports(&rows)?;
+    // The reports cover everything the archive holds, earlier runs included.
+    let reports = match archive_out {
+        Some(out) => {
+            write_archive(&out, &rows)?;
+            report::reports_from_batches(Archive::open(&out, Format::Parquet)?.read("warmth")?)?
+        }
+        None => report::reports(&rows)?,
+    };
     Ok((rows, reports))
 }
 
