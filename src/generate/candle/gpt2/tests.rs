@@ -2,7 +2,6 @@
 //! loops, one sequence at a time), on a tiny random model saved as HF safetensors.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -53,14 +52,6 @@ pub(crate) fn tiny_weights(cfg: &Config, prefix: &str, seed: u64) -> HashMap<Str
     w.insert(format!("{prefix}ln_f.weight"), t(&[h], 0.2, 1.0));
     w.insert(format!("{prefix}ln_f.bias"), t(&[h], 0.1, 0.0));
     w
-}
-
-/// Saves a tiny GPT-2 directory (config.json + model.safetensors).
-pub(crate) fn save_tiny(dir: &Path, cfg: &Config, prefix: &str, seed: u64) {
-    candle_core::safetensors::save(&tiny_weights(cfg, prefix, seed), dir.join("model.safetensors")).unwrap();
-    let c = serde_json::json!({"vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.layer_norm_epsilon});
-    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
 }
 
 fn load(w: HashMap<String, Tensor>, cfg: &Config) -> Model {
