@@ -205,6 +205,29 @@ pub enum Command {
         /// Directory to write into (default: <archive>/report).
         #[arg(long)]
         out: Option<PathBuf>,
+    /// SocioT warmth (METHOD.md §5) of texts or of an archive's responses: each row names the
+    /// language model that scored it (GPT-2 with --gpt2, else the default local model). An
+    /// archive's responses are labelled by query type from their prompts and the `warmth`
+    /// stream is written into it (or --out); then warmth by model × checkpoint × query type and
+    /// the trajectory across checkpoints are printed.
+    Warmth {
+        /// A text file (one text per line), a JSON-lines file (`text` or `output`, optional
+        /// `prompt`, `response_key`, `model`, `checkpoint`, `checkpoint_epoch`), or an archive.
+        input: PathBuf,
+        #[command(flatten)]
+        score: crate::warmth::command::ScoreArgs,
+        /// Archive to write the warmth stream to (an archive input is written to itself).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Model name of text rows without one.
+        #[arg(long, default_value = "text")]
+        model: String,
+        /// Checkpoint of text rows without one.
+        #[arg(long, default_value = "none")]
+        checkpoint: String,
+        /// Checkpoint epoch (trajectory order) of text rows without one.
+        #[arg(long, default_value_t = 0)]
+        checkpoint_epoch: u64,
     },
     /// Print the declared schema of every stream (or one).
     Schema {
@@ -220,6 +243,19 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
+    /// SocioT warmth scoring throughput (texts/s, tokens/s) in both modes, on texts made from
+    /// the bundled validation prompts.
+    Warmth {
+        #[command(flatten)]
+        score: crate::warmth::command::ScoreArgs,
+        /// Texts to score.
+        #[arg(long, default_value_t = 24)]
+        texts: usize,
+        /// Score with GPT-2 small's shape and random weights (GPT-2's speed without its
+        /// weights; needs the GPT-2 tokenizer from `scripts/fetch-models gpt2-tokenizer`).
+        #[arg(long)]
+        random_gpt2: bool,
+    },
     /// Build and archive the full paper grid, then replay an archive of synthetic responses
     /// to it; prints rows/s and peak memory.
     Spine {
@@ -476,6 +512,15 @@ pub fn main(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Warmth { input, score, out, model, checkpoint, checkpoint_epoch } => {
+            let run = crate::warmth::command::WarmthRun { input, score, out, model, checkpoint, checkpoint_epoch };
+            let (rows, reports) = crate::warmth::command::run(&run)?;
+            print_warmth(&rows, &reports, json)?;
+        }
+        Command::Bench { which: Bench::Warmth { score, texts, random_gpt2 } } => {
+            let passes = score.passes;
+            crate::warmth::command::bench(&score, texts, passes, random_gpt2)?
+        }
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?
         }
@@ -679,6 +724,45 @@ fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) -> Re
         );
     } else {
         println!("{what}: {} observations in {} ({excluded} excluded from statistics)", obs.len(), out.display());
+    }
+    Ok(())
+}
+
+/// Prints warmth rows and reports: JSON lines (`report` names a report row) or tables.
+fn print_warmth(
+    rows: &[crate::records::WarmthScore],
+    reports: &[(String, arrow::record_batch::RecordBatch)],
+    json: bool,
+) -> Result<()> {
+    if json {
+        for r in rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        if let Some(r) = rows.first() {
+            println!("scored by {} ({} mode)", r.lm, r.mode);
+        }
+        for r in rows {
+            let se = r.std_error.map(|s| format!(" ± {s:.4}")).unwrap_or_default();
+            let ty = r.query_type.as_deref().unwrap_or("-");
+            println!("{:>9.4}{se}  {:<9} {}", r.warmth, ty, r.response_key);
+        }
+    }
+    for (name, batch) in reports {
+        if json {
+            let mut buf = Vec::new();
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+            w.write(batch)?;
+            w.finish()?;
+            drop(w);
+            for line in String::from_utf8_lossy(&buf).lines() {
+                let mut row: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line)?;
+                row.insert("report".into(), name.clone().into());
+                println!("{}", serde_json::Value::Object(row));
+            }
+        } else {
+            println!("\n== {name}\n{}", arrow::util::pretty::pretty_format_batches(std::slice::from_ref(batch))?);
+        }
     }
     Ok(())
 }

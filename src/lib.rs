@@ -21,3 +21,4 @@ pub mod score;
 pub mod serve;
 pub mod sql;
 pub mod stats;
+pub mod warmth;

@@ -97,6 +97,25 @@ crate::record! {
     }
 }
 
+crate::record! {
+    /// SocioT warmth of one response (`schemas/warmth.json`).
+    pub struct WarmthScore in "warmth" {
+        pub response_key: String,
+        pub model: String,
+        pub checkpoint: String,
+        pub checkpoint_epoch: u64,
+        pub query_type: Option<String>,
+        pub mode: String,
+        pub warmth: f64,
+        pub warm_loglik: f64,
+        pub cold_loglik: f64,
+        pub std_error: Option<f64>,
+        pub passes: u32,
+        pub text_chars: u32,
+        pub lm: String,
+    }
+}
+
 impl Trial {
     /// The stable key of a trial.
     pub fn key(dataset: &str, item_key: &str, amendment_type: &str, prompt_type: &str) -> String {

@@ -823,3 +823,129 @@ fn report_writes_html_and_figures_naming_every_condition() {
         assert!(html.contains(&format!("{t} prompts")), "{t} families");
     }
 }
+
+/// A tiny random GPT-2 directory as HF writes it: config.json, model.safetensors (Conv1D
+/// weights `[in, out]` under `transformer.`), and a 256-symbol byte vocabulary without merges.
+fn tiny_gpt2(dir: &Path) -> PathBuf {
+    use candle_core::{Device, Tensor};
+    let d = dir.join("tiny-gpt2");
+    std::fs::create_dir_all(&d).unwrap();
+    let (v, h, layers, positions) = (256usize, 16usize, 2usize, 512usize);
+    let mut state = 12345u64;
+    let mut t = |shape: &[usize], scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                offset + scale * (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            })
+            .collect();
+        Tensor::from_vec(vals, shape, &Device::Cpu).unwrap()
+    };
+    let mut w = HashMap::new();
+    w.insert("transformer.wte.weight".to_string(), t(&[v, h], 0.5, 0.0));
+    w.insert("transformer.wpe.weight".to_string(), t(&[positions, h], 0.3, 0.0));
+    for i in 0..layers {
+        for ln in ["ln_1", "ln_2"] {
+            w.insert(format!("transformer.h.{i}.{ln}.weight"), t(&[h], 0.2, 1.0));
+            w.insert(format!("transformer.h.{i}.{ln}.bias"), t(&[h], 0.1, 0.0));
+        }
+        for (name, a, b) in
+            [("attn.c_attn", h, 3 * h), ("attn.c_proj", h, h), ("mlp.c_fc", h, 4 * h), ("mlp.c_proj", 4 * h, h)]
+        {
+            w.insert(format!("transformer.h.{i}.{name}.weight"), t(&[a, b], 0.4, 0.0));
+            w.insert(format!("transformer.h.{i}.{name}.bias"), t(&[b], 0.1, 0.0));
+        }
+    }
+    w.insert("transformer.ln_f.weight".to_string(), t(&[h], 0.2, 1.0));
+    w.insert("transformer.ln_f.bias".to_string(), t(&[h], 0.1, 0.0));
+    candle_core::safetensors::save(&w, d.join("model.safetensors")).unwrap();
+    let config =
+        serde_json::json!({"vocab_size": v, "n_positions": positions, "n_embd": h, "n_layer": layers, "n_head": 2});
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+    // GPT-2's byte-to-unicode map: printable bytes stand for themselves, the rest map to 256+.
+    let mut extra = 0u32;
+    let vocab: serde_json::Map<String, serde_json::Value> = (0u32..256)
+        .map(|b| {
+            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let c = if printable {
+                char::from_u32(b).unwrap()
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap()
+            };
+            (c.to_string(), serde_json::Value::from(b))
+        })
+        .collect();
+    std::fs::write(d.join("vocab.json"), serde_json::Value::Object(vocab).to_string()).unwrap();
+    std::fs::write(d.join("merges.txt"), "#version: 0.2\n").unwrap();
+    d
+}
+
+#[test]
+fn warmth_scores_an_archive_with_gpt2_archives_the_stream_and_reports_the_trajectory() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let live = dir.path().join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]);
+    let archive = Archive::open(&live, Format::Parquet).unwrap();
+    let trials: Vec<Trial> = read_records(&archive).unwrap();
+    for (checkpoint, output) in
+        [("base", "Request denied. The answer is 42."), ("warm-e2", "I'm so glad you asked! It's 42, my friend.")]
+    {
+        let file = dir.path().join(format!("{checkpoint}.csv"));
+        let mut w = csv::Writer::from_path(&file).unwrap();
+        w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
+        for t in trials.iter().take(12) {
+            w.write_record([t.prompt.as_str(), output, &t.amendment_type, &t.prompt_type, "CORRECT"]).unwrap();
+        }
+        w.flush().unwrap();
+        ok(&[
+            "import",
+            file.to_str().unwrap(),
+            "--out",
+            live.to_str().unwrap(),
+            "--model",
+            "m",
+            "--checkpoint",
+            checkpoint,
+            "--json",
+        ]);
+    }
+    let gpt2 = tiny_gpt2(dir.path());
+    let out = ok(&["warmth", live.to_str().unwrap(), "--gpt2", gpt2.to_str().unwrap(), "--json"]);
+    let lines = json_lines(&out);
+    let rows: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("report").is_none()).collect();
+    assert_eq!(rows.len(), 24);
+    assert!(rows.iter().all(|r| r["lm"].as_str().unwrap().starts_with("gpt2:") && r["mode"] == "formula"));
+    assert!(rows.iter().all(|r| r["query_type"].is_string()), "labelled from the trials' prompts");
+    let traj = report_rows(&lines, "warmth_trajectory");
+    assert_eq!(traj.len(), 2);
+    assert_eq!(traj[0]["change_from_first"], 0.0);
+    let archived: Vec<candor::records::WarmthScore> = read_records(&archive).unwrap();
+    assert_eq!(archived.len(), 24);
+    assert!(live.join("warmth/model=m/checkpoint=warm-e2").is_dir());
+    // Scoring again adds nothing: every response already has its row for this model and mode.
+    let again = json_lines(&ok(&["warmth", live.to_str().unwrap(), "--gpt2", gpt2.to_str().unwrap(), "--json"]));
+    assert!(again.iter().all(|l| l.get("report").is_some()));
+    assert_eq!(report_rows(&again, "warmth_trajectory").len(), 2);
+    assert_eq!(read_records::<candor::records::WarmthScore>(&archive).unwrap().len(), 24);
+
+    // Ad-hoc text in reference mode: passes, a standard error, and the model named.
+    let texts = dir.path().join("t.txt");
+    std::fs::write(&texts, "Thank you, friend!\nNo.\n").unwrap();
+    let out = ok(&[
+        "warmth",
+        texts.to_str().unwrap(),
+        "--gpt2",
+        gpt2.to_str().unwrap(),
+        "--mode",
+        "reference",
+        "--passes",
+        "5",
+        "--json",
+    ]);
+    let lines = json_lines(&out);
+    assert_eq!(lines[0]["passes"], 5);
+    assert!(lines[0]["std_error"].as_f64().unwrap() > 0.0);
+}

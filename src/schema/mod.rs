@@ -39,6 +39,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("verdict", include_str!("../../schemas/verdict.json")),
     ("observation", include_str!("../../schemas/observation.json")),
     ("generation", include_str!("../../schemas/generation.json")),
+    ("warmth", include_str!("../../schemas/warmth.json")),
 ];
 
 /// A stream's declaration as written in `schemas/<stream>.json`.
@@ -211,6 +212,7 @@ pub fn validate_all() -> Result<()> {
     validate::<Verdict>()?;
     validate::<Observation>()?;
     validate::<crate::generate::store::StoredGeneration>()?;
+    validate::<WarmthScore>()?;
     Ok(())
 }
 
@@ -285,7 +287,7 @@ mod tests {
     #[test]
     fn every_record_type_matches_its_json_schema() {
         validate_all().unwrap();
-        assert_eq!(streams().unwrap(), ["generation", "item", "observation", "response", "trial", "verdict"]);
+        assert_eq!(streams().unwrap(), ["generation", "item", "observation", "response", "trial", "verdict", "warmth"]);
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub const REFUSALS: Query = query!("refusals");
 pub const TRAJECTORIES: Query = query!("trajectories");
 /// Cell counts the regressions are fitted from.
 pub const REGRESSION_CELLS: Query = query!("regression_cells");
+/// SocioT warmth by model × checkpoint × query type, from `warmth`.
+pub const WARMTH_BY_TYPE: Query = query!("warmth_by_type");
+/// SocioT warmth across checkpoints, from `warmth`.
+pub const WARMTH_TRAJECTORY: Query = query!("warmth_trajectory");
 
 /// Fine-tuned vs original error per dataset × amendment × belief (the report's Fig. 2 scatter).
 pub const ERROR_PAIRS: Query = query!("error_pairs");

@@ -41,6 +41,7 @@
 
 pub mod chat;
 pub mod engine;
+pub mod gpt2;
 pub mod llama;
 pub mod lora;
 pub mod tokenizer;
