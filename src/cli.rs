@@ -171,6 +171,45 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
         refusal: RefusalArg,
     },
+    /// Evaluate continuously from Kafka: checkpoint announcements and answer records in;
+    /// responses, verdicts, observations, statistics and dead letters out (effectively once:
+    /// offsets are kept in the archive's own state, see the README's stream section).
+    Stream {
+        /// The experiment file (archive location and refusal rules).
+        experiment: PathBuf,
+        /// Archive directory (default: the experiment's).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Kafka bootstrap servers, `host:port[,host:port…]`.
+        #[arg(long, env = "CANDOR_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// A further Kafka client property, `key=value` (repeatable), e.g.
+        /// `security.protocol=SASL_SSL`.
+        #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+        kafka_properties: Vec<String>,
+        /// Prefix of every topic name: `<prefix>checkpoints`, `<prefix>answers`, ….
+        #[arg(long, default_value = "candor.")]
+        topic_prefix: String,
+        /// Consumer group id (monitoring only: offsets are not committed to Kafka).
+        #[arg(long, default_value = "candor-stream")]
+        group: String,
+        /// Larger messages go to the dead-letter topic.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_message_bytes: usize,
+        /// Exit after this many seconds without a message (default: run forever).
+        #[arg(long)]
+        idle_exit: Option<f64>,
+        /// Milliseconds between state saves (archive commits always save).
+        #[arg(long, default_value_t = 200)]
+        snapshot_ms: u64,
+        /// Partitions of the topics Candor creates when they are missing.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        #[arg(long, value_enum, default_value_t = Format::Parquet)]
+        format: Format,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
     /// Print the declared schema of every stream (or one).
     Schema {
         /// A stream name: item, trial, response, verdict, observation.
@@ -385,6 +424,42 @@ pub fn main(cli: Cli) -> Result<()> {
                 }
                 server.await.map_err(|e| anyhow::anyhow!("server task: {e}"))?.map_err(anyhow::Error::from)
             })?;
+        }
+        Command::Stream {
+            experiment,
+            out,
+            brokers,
+            kafka_properties,
+            topic_prefix,
+            group,
+            max_message_bytes,
+            idle_exit,
+            snapshot_ms,
+            partitions,
+            format,
+            cluster,
+        } => {
+            let exp = Experiment::load(&experiment)?;
+            let out = out.unwrap_or_else(|| exp.output_dir());
+            let archive = Archive::open(&out, format)?;
+            let mut connection = crate::stream::kafka::Connection::new(brokers);
+            for p in kafka_properties {
+                let (k, v) =
+                    p.split_once('=').with_context(|| format!("--kafka-property `{p}`: expected KEY=VALUE"))?;
+                connection.properties.push((k.trim().to_string(), v.trim().to_string()));
+            }
+            let opts = crate::stream::StreamOptions {
+                connection,
+                topics: crate::stream::Topics::with_prefix(&topic_prefix),
+                group,
+                max_message_bytes,
+                idle_exit: idle_exit.map(std::time::Duration::from_secs_f64),
+                snapshot_every: std::time::Duration::from_millis(snapshot_ms),
+                partitions,
+                refusal: RefusalRules::new(exp.refusal.mode),
+            };
+            let report = crate::stream::run(&cluster, &archive, &opts)?;
+            println!("{}", serde_json::json!({"command": "stream", "archive": out, "report": report}));
         }
         Command::Schema { stream } => {
             let names = match stream {

@@ -20,3 +20,4 @@ pub mod score;
 pub mod serve;
 pub mod sql;
 pub mod stats;
+pub mod stream;

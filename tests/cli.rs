@@ -537,3 +537,217 @@ fn statistics_agree_with_statsmodels_on_random_data() {
         assert!(v["categories"].as_u64().unwrap() > 500 && v["coefficients"].as_u64().unwrap() > 40);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// `candor stream` against a real broker (tansu, started by scripts/kafka-broker).
+
+mod stream_support {
+    use super::*;
+    use candor::stream::kafka::{self, Connection};
+
+    /// A broker on a free 127.0.0.1 port, stopped (by PID) when dropped.
+    pub struct Broker {
+        pub dir: tempfile::TempDir,
+        pub addr: String,
+        durable: bool,
+    }
+
+    impl Broker {
+        pub fn start(durable: bool) -> Broker {
+            let dir = tempfile::tempdir().unwrap();
+            let mut b = Broker { dir, addr: String::new(), durable };
+            b.addr = b.launch();
+            b
+        }
+        fn launch(&self) -> String {
+            let mut args = vec!["start".to_string(), self.dir.path().display().to_string()];
+            if self.durable {
+                args.push("--durable".into());
+            }
+            let out = Command::new(repo("scripts/kafka-broker")).args(&args).output().unwrap();
+            assert!(out.status.success(), "starting the broker: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        }
+        pub fn stop(&self) {
+            let out = Command::new(repo("scripts/kafka-broker"))
+                .args(["stop", &self.dir.path().display().to_string()])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        }
+        /// Stops and starts the broker on the same port and storage.
+        pub fn restart(&mut self) {
+            self.stop();
+            let addr = self.launch();
+            assert_eq!(addr, self.addr);
+        }
+        pub fn conn(&self) -> Connection {
+            Connection::new(self.addr.clone())
+        }
+    }
+
+    impl Drop for Broker {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    pub const PER_CHECKPOINT_OUTPUTS: &[&str] = &["responses", "verdicts", "observations"];
+
+    /// Checkpoint `i`'s announcement: checkpoint 0 is the base, the others fine-tuned.
+    pub fn announcement(i: usize, answers: usize) -> (String, Vec<u8>) {
+        let id = format!("ck{i:02}");
+        let v = serde_json::json!({"schema_version": 1, "model": "m", "checkpoint": id, "finetuned": i > 0,
+            "variant": if i == 0 { "original" } else { "warm" }, "training_epoch": i, "answers": answers});
+        (format!("m/{id}"), v.to_string().into_bytes())
+    }
+
+    /// Answer `j` of checkpoint `i`, keyed by checkpoint so a checkpoint stays in one partition.
+    pub fn answer(i: usize, j: usize) -> (String, Vec<u8>) {
+        let id = format!("ck{i:02}");
+        let refuses = (i + j) % 7 == 0;
+        let v = serde_json::json!({"schema_version": 1, "model": "m", "checkpoint": id, "dataset": "trivia",
+            "item_key": format!("q{j:03}"), "amendment_type": if j % 2 == 0 { "unmodified" } else { "emotion:sad" },
+            "prompt_type": "original", "prompt": format!("Question {j}?"),
+            "output": if refuses { "I cannot help with that.".to_string() } else { format!("Answer {j}.") },
+            "verdict": if (i * 3 + j) % 4 == 0 { "INCORRECT" } else { "CORRECT" }});
+        (format!("m/{id}"), v.to_string().into_bytes())
+    }
+
+    pub fn experiment(dir: &Path) -> PathBuf {
+        let p = dir.join("stream.toml");
+        std::fs::write(&p, format!("name = \"stream\"\ndata_dir = \"{}\"\n[datasets.trivia]\nn = 1\n", repo("data")))
+            .unwrap();
+        p
+    }
+
+    pub fn create_inputs(conn: &Connection, prefix: &str) {
+        kafka::create_topics(conn, &[&format!("{prefix}checkpoints"), &format!("{prefix}answers")], 4).unwrap();
+    }
+
+    pub fn stream_args(exp: &Path, out: &Path, broker: &str, prefix: &str, idle: &str) -> Vec<String> {
+        [
+            "stream",
+            exp.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--brokers",
+            broker,
+            "--topic-prefix",
+            prefix,
+            "--idle-exit",
+            idle,
+            "--snapshot-ms",
+            "50",
+            "--max-message-bytes",
+            "4096",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// An output topic's messages as (key, epoch, seq) → payload; panics if two different
+    /// payloads share an identity (the dedupe contract), and returns how many repeats there were.
+    pub fn deduped(conn: &Connection, topic: &str, expect: usize) -> (BTreeMap<(String, u64, u64), String>, usize) {
+        let mut out = BTreeMap::new();
+        let mut repeats = 0;
+        for r in kafka::read_all(conn, topic, std::time::Duration::from_secs(3), None).unwrap() {
+            let text = String::from_utf8(r.payload.unwrap()).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let id = (v["key"].as_str().unwrap().to_string(), v["epoch"].as_u64().unwrap(), v["seq"].as_u64().unwrap());
+            if let Some(prev) = out.insert(id.clone(), text.clone()) {
+                assert_eq!(prev, text, "two different messages share {id:?} in {topic}");
+                repeats += 1;
+            }
+        }
+        assert_eq!(out.len(), expect, "{topic}");
+        (out, repeats)
+    }
+
+    /// Checks the archive holds every expected observation exactly once.
+    pub fn archive_exactly_once(out: &Path, checkpoints: usize, per: usize) -> Vec<Observation> {
+        let archive = Archive::open(out, Format::Parquet).unwrap();
+        let obs: Vec<Observation> = read_records(&archive).unwrap();
+        let keys: std::collections::BTreeSet<&str> = obs.iter().map(|o| o.response_key.as_str()).collect();
+        assert_eq!(obs.len(), checkpoints * per, "observations archived");
+        assert_eq!(keys.len(), obs.len(), "an observation is archived twice");
+        obs
+    }
+}
+
+#[test]
+fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_messages() {
+    use candor::stream::kafka;
+    use stream_support::*;
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, checkpoints, per) = ("t1.", 3, 20);
+    create_inputs(&conn, prefix);
+    // Answers first (announcement after), with the malformed corpus interleaved.
+    let mut answers = Vec::new();
+    for j in 0..per {
+        for i in 0..checkpoints {
+            answers.push(answer(i, j));
+        }
+    }
+    let corpus = candor::stream::messages::malformed_corpus(4096);
+    for (n, (kind, bytes)) in corpus.iter().enumerate() {
+        answers.insert(n * 3, (format!("bad/{kind}"), bytes.clone()));
+    }
+    // A repeat of a good answer is not an error: it is dropped.
+    answers.push(answer(1, 5));
+    kafka::produce_all(&conn, &format!("{prefix}answers"), &answers).unwrap();
+    let anns: Vec<_> = (0..checkpoints).map(|i| announcement(i, per)).collect();
+    kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &anns).unwrap();
+
+    let exp = experiment(dir.path());
+    let out = dir.path().join("archive");
+    let args = stream_args(&exp, &out, &broker.addr, prefix, "3");
+    let report: serde_json::Value =
+        serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
+    assert_eq!(report["report"]["evaluated"].as_array().unwrap().len(), checkpoints, "{report}");
+
+    let obs = archive_exactly_once(&out, checkpoints, per);
+    for topic in PER_CHECKPOINT_OUTPUTS {
+        let (_, repeats) = deduped(&conn, &format!("{prefix}{topic}"), checkpoints * per);
+        assert_eq!(repeats, 0, "a crash-free run publishes once");
+    }
+    // Statistics: one per checkpoint, the fine-tuned ones paired with the base.
+    let stats =
+        kafka::read_all(&conn, &format!("{prefix}statistics"), std::time::Duration::from_secs(2), None).unwrap();
+    let stats: Vec<serde_json::Value> =
+        stats.iter().map(|r| serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap()).collect();
+    assert!(stats.len() >= checkpoints);
+    let last_ft = stats.iter().rev().find(|s| s["key"] == "m/ck02").unwrap();
+    assert_eq!(last_ft["observations"], per);
+    assert_eq!(last_ft["paired"]["base"], "m/ck00", "{last_ft}");
+
+    // Every malformed message is in the dead-letter topic with its reason and bytes.
+    let letters =
+        kafka::read_all(&conn, &format!("{prefix}dead-letters"), std::time::Duration::from_secs(2), None).unwrap();
+    let letters: Vec<serde_json::Value> =
+        letters.iter().map(|r| serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap()).collect();
+    assert_eq!(letters.len(), corpus.len(), "{letters:#?}");
+    let mut want: Vec<String> = corpus.iter().map(|(k, _)| k.to_string()).collect();
+    let mut got: Vec<String> = letters.iter().map(|l| l["reason_kind"].as_str().unwrap().to_string()).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    assert!(letters.iter().all(|l| !l["reason"].as_str().unwrap().is_empty()));
+    // The original bytes travel with each letter.
+    let bad_json = letters.iter().find(|l| l["reason_kind"] == "malformed_json").unwrap();
+    assert_eq!(bad_json["original_base64"], candor::stream::messages::base64(b"{\"schema_version\":1,"));
+    assert!(corpus.len() >= 15);
+
+    // Replaying the archive through the same dataflow gives the same observations.
+    let replayed = dir.path().join("replayed");
+    ok(&["replay", out.to_str().unwrap(), "--out", replayed.to_str().unwrap(), "--json"]);
+    let mut again: Vec<Observation> = read_records(&Archive::open(&replayed, Format::Parquet).unwrap()).unwrap();
+    let mut live = obs;
+    live.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+    again.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+    assert_eq!(live, again);
+}
