@@ -751,3 +751,96 @@ fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_mess
     again.sort_by(|a, b| a.response_key.cmp(&b.response_key));
     assert_eq!(live, again);
 }
+
+/// Produces `checkpoints` checkpoints of `per` answers, each checkpoint's answers followed
+/// by its announcement, so evaluations happen all along the run.
+fn produce_checkpoints(
+    conn: &candor::stream::kafka::Connection,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    per: usize,
+) {
+    use candor::stream::kafka;
+    use stream_support::*;
+    for i in range {
+        let answers: Vec<_> = (0..per).map(|j| answer(i, j)).collect();
+        kafka::produce_all(conn, &format!("{prefix}answers"), &answers).unwrap();
+        kafka::produce_all(conn, &format!("{prefix}checkpoints"), &[announcement(i, per)]).unwrap();
+    }
+}
+
+#[test]
+fn stream_killed_at_random_points_loses_and_duplicates_nothing() {
+    use rand::{Rng, SeedableRng};
+    use stream_support::*;
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, checkpoints, per) = ("t2.", 10, 30);
+    create_inputs(&conn, prefix);
+    produce_checkpoints(&conn, prefix, 0..checkpoints, per);
+    let exp = experiment(dir.path());
+    let out = dir.path().join("archive");
+    let args = stream_args(&exp, &out, &broker.addr, prefix, "4");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+    let mut kills = Vec::new();
+    for _ in 0..4 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let after = rng.gen_range(300..2500);
+        std::thread::sleep(std::time::Duration::from_millis(after));
+        // SIGKILL: no chance to save anything.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let committed = Archive::open(&out, Format::Parquet).unwrap().committed_epochs().unwrap().len();
+        kills.push((after, committed));
+    }
+    eprintln!("killed after (ms, committed epochs): {kills:?}");
+    let last = ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let report: serde_json::Value = serde_json::from_str(last.trim()).unwrap();
+    eprintln!("final run: {report}");
+    archive_exactly_once(&out, checkpoints, per);
+    let mut repeats = 0;
+    for topic in PER_CHECKPOINT_OUTPUTS {
+        repeats += deduped(&conn, &format!("{prefix}{topic}"), checkpoints * per).1;
+    }
+    eprintln!("repeated output messages (identical, dropped by (key, epoch, seq)): {repeats}");
+}
+
+#[test]
+fn stream_rides_out_a_broker_restart_mid_stream() {
+    use stream_support::*;
+    let mut broker = Broker::start(true);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, checkpoints, per) = ("t3.", 8, 25);
+    create_inputs(&conn, prefix);
+    produce_checkpoints(&conn, prefix, 0..checkpoints / 2, per);
+    let exp = experiment(dir.path());
+    let out = dir.path().join("archive");
+    let args = stream_args(&exp, &out, &broker.addr, prefix, "12");
+    let child = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let archive = Archive::open(&out, Format::Parquet).unwrap();
+    let start = std::time::Instant::now();
+    while archive.committed_epochs().unwrap().len() < 2 && start.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    broker.restart();
+    produce_checkpoints(&conn, prefix, checkpoints / 2..checkpoints, per);
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    eprintln!("{}", String::from_utf8_lossy(&done.stdout));
+    archive_exactly_once(&out, checkpoints, per);
+    for topic in PER_CHECKPOINT_OUTPUTS {
+        deduped(&conn, &format!("{prefix}{topic}"), checkpoints * per);
+    }
+}
