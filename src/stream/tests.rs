@@ -82,3 +82,11 @@ fn the_state_survives_a_save_and_load() {
     assert_eq!(back.published, s.published);
     assert!(StreamState::load(tempfile::tempdir().unwrap().path()).unwrap().offsets.is_empty());
 }
+
+#[test]
+fn the_dead_letter_format_documents_every_kind() {
+    let doc = include_str!("../../schemas/kafka/dead-letter.json");
+    for kind in REJECT_KINDS {
+        assert!(doc.contains(kind), "schemas/kafka/dead-letter.json does not list `{kind}`");
+    }
+}
