@@ -224,6 +224,21 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
+    /// `candor stream` throughput beside a plain consumer's, and end-to-end latency, against a
+    /// running broker (`scripts/kafka-broker start DIR` starts one).
+    Stream {
+        #[arg(long, env = "CANDOR_KAFKA_BROKERS")]
+        brokers: String,
+        #[arg(long, default_value_t = 20)]
+        checkpoints: usize,
+        #[arg(long, default_value_t = 1000)]
+        per_checkpoint: usize,
+        /// Where the archives go (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
     /// Build and archive the full paper grid, then replay an archive of synthetic responses
     /// to it; prints rows/s and peak memory.
     Spine {
@@ -488,6 +503,17 @@ pub fn main(cli: Cli) -> Result<()> {
                     println!();
                 }
             }
+        }
+        Command::Bench { which: Bench::Stream { brokers, checkpoints, per_checkpoint, dir, cluster } } => {
+            let tmp = tempfile::tempdir()?;
+            let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            crate::stream::bench::run(
+                &crate::stream::kafka::Connection::new(brokers),
+                &dir,
+                checkpoints,
+                per_checkpoint,
+                &cluster,
+            )?
         }
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?

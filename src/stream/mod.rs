@@ -20,6 +20,7 @@
 //! `schemas/kafka/output.json`: consumers drop repeats of `(key, epoch, seq)`), because the
 //! archive a message is read from is a deterministic function of the input.
 
+pub mod bench;
 pub mod kafka;
 pub mod messages;
 #[cfg(test)]
@@ -109,6 +110,8 @@ pub struct StreamReport {
     pub published: u64,
     /// Epochs published again after a restart.
     pub republished: Vec<u64>,
+    /// Seconds from the start of the run to the last evaluation's publication.
+    pub seconds_to_last_evaluation: Option<f64>,
 }
 
 /// The state saved with the archive: where to resume and what is not archived yet.
@@ -185,6 +188,7 @@ struct Streamer<'a> {
     publisher: kafka::Publisher,
     report: StreamReport,
     dirty: bool,
+    started: Instant,
 }
 
 /// Runs the stream until `idle_exit` passes without a message (or forever).
@@ -273,6 +277,7 @@ impl<'a> Streamer<'a> {
             publisher: kafka::Publisher::new(&opts.connection)?,
             report: StreamReport::default(),
             dirty: false,
+            started: Instant::now(),
         })
     }
 
@@ -465,7 +470,9 @@ impl<'a> Streamer<'a> {
         self.save()?;
         self.publish(epoch, checkpoint)?;
         self.state.published.insert(epoch);
-        self.save()
+        self.save()?;
+        self.report.seconds_to_last_evaluation = Some(self.started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     /// Publishes one committed epoch's rows, read back from the archive, and the statistics
