@@ -455,7 +455,11 @@ pub fn main(cli: Cli) -> Result<()> {
             cluster,
         } => {
             let exp = Experiment::load(&experiment)?;
-            let out = out.unwrap_or_else(|| exp.output_dir());
+            let mut out = out.unwrap_or_else(|| exp.output_dir());
+            if cluster.processes > 1 {
+                // Each process owns some partitions, and its own archive and offsets.
+                out = out.join(format!("process-{}", cluster.process));
+            }
             let archive = Archive::open(&out, format)?;
             let mut connection = crate::stream::kafka::Connection::new(brokers);
             for p in kafka_properties {

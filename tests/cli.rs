@@ -844,3 +844,76 @@ fn stream_rides_out_a_broker_restart_mid_stream() {
         deduped(&conn, &format!("{prefix}{topic}"), checkpoints * per);
     }
 }
+
+#[test]
+fn stream_on_two_processes_equals_one_process() {
+    use candor::stream::kafka;
+    use stream_support::*;
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let exp = experiment(dir.path());
+    // 6 models × 3 checkpoints, keyed by model so a base and its fine-tuned checkpoints pair
+    // up inside one partition (the default partitioner spreads m0…m5 over all 4 partitions).
+    let (models, checkpoints, per) = (6, 3, 10);
+    let by_model = |(_, bytes): (String, Vec<u8>), m: usize| {
+        let text = String::from_utf8(bytes).unwrap().replace("\"model\":\"m\"", &format!("\"model\":\"m{m}\""));
+        (format!("m{m}"), text.into_bytes())
+    };
+    let mut outs = Vec::new();
+    for prefix in ["t4a.", "t4b."] {
+        create_inputs(&conn, prefix);
+        for m in 0..models {
+            for i in 0..checkpoints {
+                let answers: Vec<_> = (0..per).map(|j| by_model(answer(i, j), m)).collect();
+                kafka::produce_all(&conn, &format!("{prefix}answers"), &answers).unwrap();
+                kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &[by_model(announcement(i, per), m)])
+                    .unwrap();
+            }
+        }
+        outs.push(dir.path().join(prefix));
+    }
+    let one = stream_args(&exp, &outs[0], &broker.addr, "t4a.", "3");
+    ok(&one.iter().map(String::as_str).collect::<Vec<_>>());
+    let two: Vec<_> = (0..2)
+        .map(|p| {
+            let mut args = stream_args(&exp, &outs[1], &broker.addr, "t4b.", "3");
+            args.extend(["-n".into(), "2".into(), "-p".into(), p.to_string()]);
+            Command::new(env!("CARGO_BIN_EXE_candor")).args(&args).output().unwrap()
+        })
+        .collect();
+    for o in &two {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let rows = |root: &Path| -> Vec<Observation> {
+        let mut v: Vec<Observation> = read_records(&Archive::open(root, Format::Parquet).unwrap()).unwrap();
+        for o in &mut v {
+            o.checkpoint_epoch = 0;
+        }
+        v.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+        v
+    };
+    let single = rows(&outs[0]);
+    assert_eq!(single.len(), models * checkpoints * per);
+    let (p0, p1) = (rows(&outs[1].join("process-0")), rows(&outs[1].join("process-1")));
+    assert!(!p0.is_empty() && !p1.is_empty(), "both processes should own models: {} / {}", p0.len(), p1.len());
+    let mut union: Vec<Observation> = p0.into_iter().chain(p1).collect();
+    union.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+    assert_eq!(union, single);
+    // Both layouts publish the same statistics (the latest update per checkpoint).
+    let latest = |prefix: &str| -> BTreeMap<String, serde_json::Value> {
+        let mut out = BTreeMap::new();
+        for r in
+            kafka::read_all(&conn, &format!("{prefix}statistics"), std::time::Duration::from_secs(2), None).unwrap()
+        {
+            let mut v: serde_json::Value = serde_json::from_slice(&r.payload.unwrap()).unwrap();
+            let key = v["key"].as_str().unwrap().to_string();
+            for epoch in ["checkpoint_epoch", "update_epoch"] {
+                v.as_object_mut().unwrap().remove(epoch);
+            }
+            out.insert(key, v);
+        }
+        out
+    };
+    assert_eq!(latest("t4a."), latest("t4b."));
+}

@@ -193,12 +193,13 @@ struct Streamer<'a> {
 
 /// Runs the stream until `idle_exit` passes without a message (or forever).
 pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result<StreamReport> {
-    if cluster.processes > 1 {
-        return Err(Error::config(
-            "--processes",
-            "candor stream runs in one process (use --workers for threads); see the README's stream section",
-        ));
-    }
+    // Processes split the input partitions (process I of P takes partition p when
+    // p mod P = I) and each keeps its own archive and state; threads (-w) run the scoring
+    // dataflow of each evaluation.
+    cluster.timely_config()?;
+    let owned = |p: i32| (p as usize) % cluster.processes.max(1) == cluster.process;
+    let local = Cluster { workers: cluster.workers, processes: 1, process: 0, hostfile: None };
+    let cluster = &local;
     archive.recover()?;
     let t = &opts.topics;
     let mut all: Vec<&str> = vec![&t.checkpoints, &t.answers];
@@ -210,7 +211,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     let consumer = kafka::consumer(&opts.connection, &opts.group)?;
     let mut tpl = TopicPartitionList::new();
     for topic in [&t.checkpoints, &t.answers] {
-        for p in 0..kafka::partitions(&consumer, topic)? {
+        for p in (0..kafka::partitions(&consumer, topic)?).filter(|p| owned(*p)) {
             let offset = match s.state.offsets.get(&format!("{topic}/{p}")) {
                 Some(o) => Offset::Offset(*o),
                 None => Offset::Beginning,
