@@ -476,7 +476,12 @@ pub fn main(cli: Cli) -> Result<()> {
                 snapshot_every: std::time::Duration::from_millis(snapshot_ms),
                 partitions,
                 refusal: RefusalRules::new(exp.refusal.mode),
+                experiment: Some(exp.clone()),
             };
+            // Announcements without answer records are generated over the trial grid.
+            if !exp.models.is_empty() && !archive.has(Trial::STREAM)? {
+                build_grid(&exp, &out, format, false, &Cluster::default())?;
+            }
             let report = crate::stream::run(&cluster, &archive, &opts)?;
             println!("{}", serde_json::json!({"command": "stream", "archive": out, "report": report}));
         }

@@ -917,3 +917,57 @@ fn stream_on_two_processes_equals_one_process() {
     };
     assert_eq!(latest("t4a."), latest("t4b."));
 }
+
+#[test]
+fn stream_generating_announced_checkpoints_killed_mid_run_repays_no_model_call() {
+    use candor::stream::kafka;
+    use stream_support::*;
+    if local_model().is_none() {
+        return;
+    }
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS);
+    let out = dir.path().join("archive");
+    let prefix = "t5.";
+    create_inputs(&conn, prefix);
+    // No answer counts: Candor generates each announced checkpoint itself.
+    let anns: Vec<(String, Vec<u8>)> = [("original", false), ("warm-prompt", true)]
+        .iter()
+        .map(|(id, ft)| {
+            let v = serde_json::json!({"schema_version": 1, "model": "smollm2", "checkpoint": id, "finetuned": ft});
+            ("smollm2".to_string(), v.to_string().into_bytes())
+        })
+        .collect();
+    kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &anns).unwrap();
+    let total = 4 * 2 * 2 * 2; // items × amendments × prompt types × checkpoints
+    let args = stream_args(&exp, &out, &broker.addr, prefix, "3");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while candor::generate::store::GenerationStore::open(&out).map(|s| s.len()).unwrap_or(0) < 6 {
+        assert!(started.elapsed().as_secs() < 600, "no answers stored after 10 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the stream ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stored = candor::generate::store::GenerationStore::open(&out).unwrap().len();
+    assert!(stored < total, "killed mid-run ({stored} of {total} stored)");
+    let second: serde_json::Value =
+        serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
+    assert_eq!(second["report"]["model_calls"].as_u64().unwrap() as usize, total - stored, "{second}");
+    let responses: Vec<Response> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+    let keys: std::collections::HashSet<&str> = responses.iter().map(|r| r.response_key.as_str()).collect();
+    assert_eq!((responses.len(), keys.len()), (total, total), "no lost or duplicated answers");
+    deduped(&conn, &format!("{prefix}responses"), total);
+    // A third run has nothing left to do and pays for nothing.
+    let third: serde_json::Value =
+        serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
+    assert_eq!(third["report"]["model_calls"], 0);
+}

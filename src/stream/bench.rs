@@ -45,6 +45,7 @@ fn options(conn: &Connection, prefix: &str, idle: f64) -> StreamOptions {
         snapshot_every: Duration::from_millis(200),
         partitions: 4,
         refusal: RefusalRules::new(RefusalMode::Default),
+        experiment: None,
     }
 }
 

@@ -58,6 +58,7 @@ pub const REJECT_KINDS: &[&str] = &[
     "conflicting_announcement",
     "conflicting_answer",
     "late_answer",
+    "unknown_model",
 ];
 
 /// A checkpoint announcement: "this checkpoint exists; evaluate it once its answers are in".
@@ -74,7 +75,9 @@ pub struct Announcement {
     pub path: Option<String>,
     pub endpoint: Option<String>,
     /// How many answer records belong to the checkpoint: it is complete when all have arrived.
-    pub answers: u64,
+    /// Absent: Candor generates the answers itself, over the experiment's trial grid with the
+    /// experiment's backend for `model`.
+    pub answers: Option<u64>,
 }
 
 /// One answer record: a model's output for one prompt, produced elsewhere.
@@ -225,9 +228,9 @@ pub fn parse_announcement(bytes: Option<&[u8]>, max_bytes: usize) -> Result<Anno
         }
     };
     let answers = match obj.get("answers") {
-        None => return Err(Reject::new("missing_field", "field `answers` is missing")),
+        None | Some(Value::Null) => None,
         Some(v) => match v.as_u64() {
-            Some(n) if (1..=10_000_000).contains(&n) => n,
+            Some(n) if (1..=10_000_000).contains(&n) => Some(n),
             _ => return Err(Reject::new("bad_answer_count", format!("`answers` is {v}; expected 1 to 10000000"))),
         },
     };

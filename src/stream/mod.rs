@@ -93,6 +93,8 @@ pub struct StreamOptions {
     /// Partitions of the topics Candor creates when they are missing.
     pub partitions: i32,
     pub refusal: RefusalRules,
+    /// The experiment whose `[[models]]` generate for announcements without answer records.
+    pub experiment: Option<crate::config::Experiment>,
 }
 
 /// What a stream run did.
@@ -110,6 +112,10 @@ pub struct StreamReport {
     pub published: u64,
     /// Epochs published again after a restart.
     pub republished: Vec<u64>,
+    /// Model calls made by generating announced checkpoints, and answers the generation store
+    /// already had (a restart re-pays nothing).
+    pub model_calls: u64,
+    pub from_store: u64,
     /// Seconds from the start of the run to the last evaluation's publication.
     pub seconds_to_last_evaluation: Option<f64>,
 }
@@ -388,6 +394,15 @@ impl<'a> Streamer<'a> {
             self.report.skipped += 1;
             return Ok(None);
         }
+        if a.answers.is_none() && self.generator_for(&a).is_none() {
+            return Err(Reject::new(
+                "unknown_model",
+                format!(
+                    "no `answers` count, and the experiment has no [[models]] entry `{}` to generate with",
+                    a.model
+                ),
+            ));
+        }
         let epoch = self
             .archive
             .register_checkpoint(&a.model, &a.checkpoint, a.finetuned, a.variant.as_deref())
@@ -425,13 +440,26 @@ impl<'a> Streamer<'a> {
     fn evaluate_if_complete(&mut self, checkpoint: &str) -> Result<()> {
         let Some(announced) = self.state.announced.get(checkpoint).cloned() else { return Ok(()) };
         let have = self.state.pending.get(checkpoint).map_or(0, BTreeMap::len) as u64;
-        if have < announced.announcement.answers {
+        if announced.announcement.answers.is_some_and(|n| have < n) {
             return Ok(());
         }
         let epoch = announced.epoch;
         let finetuned = announced.announcement.finetuned;
         let answers = self.state.pending.remove(checkpoint).unwrap_or_default();
-        if !self.committed.contains(&epoch) {
+        if !self.committed.contains(&epoch) && announced.announcement.answers.is_none() {
+            let exp = self.generator_for(&announced.announcement).expect("checked when announced");
+            let run = pipelines::run_experiment(
+                self.cluster,
+                self.archive,
+                &exp,
+                Box::new(crate::generate::backend::open),
+                false,
+            )?;
+            self.report.model_calls += run.model_calls;
+            self.report.from_store += run.from_store;
+            self.committed.insert(epoch);
+            self.report.evaluated.push(checkpoint.to_string());
+        } else if !self.committed.contains(&epoch) {
             let source = format!("kafka:{}", self.opts.topics.answers);
             let mut responses = Vec::with_capacity(answers.len());
             let mut labels = HashMap::new();
@@ -474,6 +502,27 @@ impl<'a> Streamer<'a> {
         self.save()?;
         self.report.seconds_to_last_evaluation = Some(self.started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// The experiment narrowed to the announced checkpoint, when it can generate for it.
+    fn generator_for(&self, a: &Announcement) -> Option<crate::config::Experiment> {
+        let mut exp = self.opts.experiment.clone()?;
+        let mut model = exp.models.iter().find(|m| m.name == a.model)?.clone();
+        let checkpoint = match model.checkpoints.iter().find(|c| c.id == a.checkpoint) {
+            Some(c) => c.clone(),
+            None => crate::config::CheckpointConfig {
+                id: a.checkpoint.clone(),
+                finetuned: a.finetuned,
+                variant: a.variant.clone(),
+                epoch: a.training_epoch,
+                path: a.path.as_ref().map(std::path::PathBuf::from),
+                system_prompt: None,
+                backend: Default::default(),
+            },
+        };
+        model.checkpoints = vec![checkpoint];
+        exp.models = vec![model];
+        Some(exp)
     }
 
     /// Publishes one committed epoch's rows, read back from the archive, and the statistics

@@ -17,6 +17,7 @@ pub fn malformed_announcements() -> Vec<(&'static str, Vec<u8>)> {
         ("unknown_variant", format!(r#"{ok},"variant":"lukewarm"}}"#).into_bytes()),
         ("bad_answer_count", ok.replace(r#""answers":3"#, r#""answers":0}"#).into_bytes()),
         ("missing_field", r#"{"schema_version":1,"model":"m","checkpoint":"c","answers":3}"#.as_bytes().to_vec()),
+        ("wrong_type", r#"{"schema_version":1,"model":"m","checkpoint":"c","finetuned":"yes"}"#.as_bytes().to_vec()),
         ("wrong_type", format!(r#"{ok},"training_epoch":"two"}}"#).into_bytes()),
     ]
 }
@@ -55,7 +56,7 @@ fn every_malformed_announcement_is_rejected_with_its_kind() {
         MAX,
     )
     .unwrap();
-    assert_eq!((a.answers, a.variant.as_deref(), a.training_epoch), (3, Some("warm"), Some(2.0)));
+    assert_eq!((a.answers, a.variant.as_deref(), a.training_epoch), (Some(3), Some("warm"), Some(2.0)));
 }
 
 #[test]
