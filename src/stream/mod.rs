@@ -195,6 +195,8 @@ struct Streamer<'a> {
     report: StreamReport,
     dirty: bool,
     started: Instant,
+    /// Checkpoints complete and waiting for the end of the current poll batch.
+    ready: BTreeSet<String>,
 }
 
 /// Runs the stream until `idle_exit` passes without a message (or forever).
@@ -231,18 +233,28 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     let mut last_message = Instant::now();
     let mut last_save = Instant::now();
     loop {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
-                let payload = m.payload().map(<[u8]>::to_vec);
-                drop(m);
-                s.handle(&topic, partition, offset, payload.as_deref())?;
-                last_message = Instant::now();
+        // A poll batch: wait for one message, then take what is already fetched, so that
+        // every checkpoint it completes is evaluated in one run of the dataflow.
+        let mut wait = Duration::from_millis(100);
+        for _ in 0..20_000 {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
+                    let payload = m.payload().map(<[u8]>::to_vec);
+                    drop(m);
+                    s.handle(&topic, partition, offset, payload.as_deref())?;
+                    last_message = Instant::now();
+                    wait = Duration::ZERO;
+                }
+                // The client reconnects by itself (a broker restart shows up here).
+                Some(Err(e)) => {
+                    eprintln!("candor stream: {e}");
+                    break;
+                }
+                None => break,
             }
-            // The client reconnects by itself (a broker restart shows up here).
-            Some(Err(e)) => eprintln!("candor stream: {e}"),
-            None => {}
         }
+        s.evaluate_ready()?;
         s.publisher.poll();
         if s.dirty && last_save.elapsed() >= opts.snapshot_every {
             s.save()?;
@@ -285,6 +297,7 @@ impl<'a> Streamer<'a> {
             report: StreamReport::default(),
             dirty: false,
             started: Instant::now(),
+            ready: BTreeSet::new(),
         })
     }
 
@@ -316,11 +329,11 @@ impl<'a> Streamer<'a> {
             self.state.published.insert(epoch);
             self.save()?;
         }
-        let ready: Vec<String> = self.state.announced.keys().cloned().collect();
-        for k in ready {
-            self.evaluate_if_complete(&k)?;
+        let announced: Vec<String> = self.state.announced.keys().cloned().collect();
+        for k in announced {
+            self.mark_if_complete(&k);
         }
-        Ok(())
+        self.evaluate_ready()
     }
 
     /// Flushes the dead letters sent so far, then saves the state: an offset is saved only
@@ -344,7 +357,10 @@ impl<'a> Streamer<'a> {
             messages::parse_answer(payload, self.opts.max_message_bytes).and_then(|a| self.on_answer(a))
         };
         match outcome {
-            Ok(Some(checkpoint)) => self.evaluate_if_complete(&checkpoint),
+            Ok(Some(checkpoint)) => {
+                self.mark_if_complete(&checkpoint);
+                Ok(())
+            }
             Ok(None) => Ok(()),
             Err(reject) => self.dead_letter(topic, partition, offset, payload, &reject),
         }
@@ -437,33 +453,53 @@ impl<'a> Streamer<'a> {
         }
     }
 
-    fn evaluate_if_complete(&mut self, checkpoint: &str) -> Result<()> {
-        let Some(announced) = self.state.announced.get(checkpoint).cloned() else { return Ok(()) };
+    /// Queues a checkpoint for evaluation once it is announced and all its answers are in.
+    fn mark_if_complete(&mut self, checkpoint: &str) {
+        let Some(announced) = self.state.announced.get(checkpoint) else { return };
         let have = self.state.pending.get(checkpoint).map_or(0, BTreeMap::len) as u64;
-        if announced.announcement.answers.is_some_and(|n| have < n) {
+        if announced.announcement.answers.is_none_or(|n| have >= n) {
+            self.ready.insert(checkpoint.to_string());
+        }
+    }
+
+    /// Evaluates every queued checkpoint: those with answer records in one run of the scoring
+    /// dataflow (one epoch each), those to generate one at a time; then saves the state,
+    /// publishes and saves again.
+    fn evaluate_ready(&mut self) -> Result<()> {
+        let ready = std::mem::take(&mut self.ready);
+        if ready.is_empty() {
             return Ok(());
         }
-        let epoch = announced.epoch;
-        let finetuned = announced.announcement.finetuned;
-        let answers = self.state.pending.remove(checkpoint).unwrap_or_default();
-        if !self.committed.contains(&epoch) && announced.announcement.answers.is_none() {
-            let exp = self.generator_for(&announced.announcement).expect("checked when announced");
-            let run = pipelines::run_experiment(
-                self.cluster,
-                self.archive,
-                &exp,
-                Box::new(crate::generate::backend::open),
-                false,
-            )?;
-            self.report.model_calls += run.model_calls;
-            self.report.from_store += run.from_store;
-            self.committed.insert(epoch);
-            self.report.evaluated.push(checkpoint.to_string());
-        } else if !self.committed.contains(&epoch) {
-            let source = format!("kafka:{}", self.opts.topics.answers);
+        let source = format!("kafka:{}", self.opts.topics.answers);
+        let mut sources = Vec::new();
+        let mut labels = HashMap::new();
+        let mut new_trials = BTreeMap::new();
+        let mut keys = Vec::new();
+        let mut finished = Vec::new();
+        for checkpoint in &ready {
+            let announced = self.state.announced.get(checkpoint).cloned().expect("queued when announced");
+            let (epoch, finetuned) = (announced.epoch, announced.announcement.finetuned);
+            let answers = self.state.pending.remove(checkpoint).unwrap_or_default();
+            finished.push((checkpoint.clone(), epoch, finetuned));
+            if self.committed.contains(&epoch) {
+                continue;
+            }
+            if announced.announcement.answers.is_none() {
+                let exp = self.generator_for(&announced.announcement).expect("checked when announced");
+                let run = pipelines::run_experiment(
+                    self.cluster,
+                    self.archive,
+                    &exp,
+                    Box::new(crate::generate::backend::open),
+                    false,
+                )?;
+                self.report.model_calls += run.model_calls;
+                self.report.from_store += run.from_store;
+                self.committed.insert(epoch);
+                self.report.evaluated.push(checkpoint.clone());
+                continue;
+            }
             let mut responses = Vec::with_capacity(answers.len());
-            let mut labels = HashMap::new();
-            let mut new_trials = BTreeMap::new();
             for a in answers.values() {
                 let r = a.response(epoch, finetuned, &source);
                 if let Some(v) = &a.verdict {
@@ -474,31 +510,42 @@ impl<'a> Streamer<'a> {
                 if !self.trials.contains_key(&r.trial_key) {
                     new_trials.entry(r.trial_key.clone()).or_insert_with(|| a.trial());
                 }
+                keys.push(r.response_key.clone());
                 responses.push(r);
             }
+            sources.push((epoch, Response::to_batch(&responses)?));
+            self.report.evaluated.push(checkpoint.clone());
+        }
+        if !sources.is_empty() {
+            let epochs: Vec<u64> = sources.iter().map(|(e, _)| *e).collect();
             let new_trials: Vec<Trial> = new_trials.into_values().collect();
             let mut all: Vec<Trial> = self.trials.values().cloned().collect();
             all.extend(new_trials.iter().cloned());
+            // New trials belong to the first epoch of the run, which commits first.
+            let trials_epoch = *epochs.iter().min().expect("not empty");
             pipelines::score_responses(
                 self.cluster,
                 self.archive,
                 all,
                 new_trials.clone(),
-                epoch,
-                vec![(epoch, Response::to_batch(&responses)?)],
+                trials_epoch,
+                sources,
                 labels,
                 self.opts.refusal.clone(),
             )?;
-            self.committed.insert(epoch);
-            self.archived_keys.extend(responses.into_iter().map(|r| r.response_key));
+            self.committed.extend(epochs);
+            self.archived_keys.extend(keys);
             self.trials.extend(new_trials.into_iter().map(|t| (t.trial_key.clone(), t)));
-            self.report.evaluated.push(checkpoint.to_string());
         }
-        self.done.insert(checkpoint.to_string(), (epoch, finetuned));
-        self.state.announced.remove(checkpoint);
+        for (checkpoint, epoch, finetuned) in &finished {
+            self.done.insert(checkpoint.clone(), (*epoch, *finetuned));
+            self.state.announced.remove(checkpoint);
+        }
         self.save()?;
-        self.publish(epoch, checkpoint)?;
-        self.state.published.insert(epoch);
+        for (checkpoint, epoch, _) in &finished {
+            self.publish(*epoch, checkpoint)?;
+            self.state.published.insert(*epoch);
+        }
         self.save()?;
         self.report.seconds_to_last_evaluation = Some(self.started.elapsed().as_secs_f64());
         Ok(())
