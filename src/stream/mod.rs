@@ -516,6 +516,8 @@ impl<'a> Streamer<'a> {
             sources.push((epoch, Response::to_batch(&responses)?));
             self.report.evaluated.push(checkpoint.clone());
         }
+        let trace = std::env::var_os("CANDOR_STREAM_TRACE").is_some();
+        let t0 = Instant::now();
         if !sources.is_empty() {
             let epochs: Vec<u64> = sources.iter().map(|(e, _)| *e).collect();
             let new_trials: Vec<Trial> = new_trials.into_values().collect();
@@ -541,12 +543,25 @@ impl<'a> Streamer<'a> {
             self.done.insert(checkpoint.clone(), (*epoch, *finetuned));
             self.state.announced.remove(checkpoint);
         }
+        let t1 = Instant::now();
         self.save()?;
+        let t2 = Instant::now();
         for (checkpoint, epoch, _) in &finished {
             self.publish(*epoch, checkpoint)?;
             self.state.published.insert(*epoch);
         }
+        let t3 = Instant::now();
         self.save()?;
+        if trace {
+            eprintln!(
+                "evaluated {} checkpoints: dataflow {:?}, save {:?}, publish {:?}, save {:?}",
+                finished.len(),
+                t1 - t0,
+                t2 - t1,
+                t3 - t2,
+                t3.elapsed()
+            );
+        }
         self.report.seconds_to_last_evaluation = Some(self.started.elapsed().as_secs_f64());
         Ok(())
     }
