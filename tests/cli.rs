@@ -697,10 +697,16 @@ fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_mess
     for (n, (kind, bytes)) in corpus.iter().enumerate() {
         answers.insert(n * 3, (format!("bad/{kind}"), bytes.clone()));
     }
-    // A repeat of a good answer is not an error: it is dropped.
+    // A repeat of a good answer is not an error: it is dropped; a different answer under the
+    // same key is (same key → same partition, so it comes second).
     answers.push(answer(1, 5));
+    let (key, good) = answer(2, 3);
+    answers.push((key, String::from_utf8(good).unwrap().replace("Answer 3.", "Answer three.").into_bytes()));
     kafka::produce_all(&conn, &format!("{prefix}answers"), &answers).unwrap();
-    let anns: Vec<_> = (0..checkpoints).map(|i| announcement(i, per)).collect();
+    let mut anns: Vec<_> = (0..checkpoints).map(|i| announcement(i, per)).collect();
+    // Nothing to generate with: the experiment has no [[models]].
+    let ghost = serde_json::json!({"schema_version": 1, "model": "ghost", "checkpoint": "x", "finetuned": false});
+    anns.push(("ghost/x".into(), ghost.to_string().into_bytes()));
     kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &anns).unwrap();
 
     let exp = experiment(dir.path());
@@ -709,6 +715,17 @@ fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_mess
     let report: serde_json::Value =
         serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
     assert_eq!(report["report"]["evaluated"].as_array().unwrap().len(), checkpoints, "{report}");
+    // An answer for a checkpoint already evaluated, read by a second run.
+    let (key, late) = answer(0, 1);
+    let late = String::from_utf8(late).unwrap().replace("\"prompt_type\"", "\"sample_index\":1,\"prompt_type\"");
+    kafka::produce_all(&conn, &format!("{prefix}answers"), &[(key, late.into_bytes())]).unwrap();
+    let second: serde_json::Value = serde_json::from_str(
+        ok(&stream_args(&exp, &out, &broker.addr, prefix, "2").iter().map(String::as_str).collect::<Vec<_>>()).trim(),
+    )
+    .unwrap();
+    assert_eq!(second["report"]["consumed"], 1, "a second run resumes from the saved offsets: {second}");
+    let mut corpus = corpus;
+    corpus.extend([("conflicting_answer", Vec::new()), ("unknown_model", Vec::new()), ("late_answer", Vec::new())]);
 
     let obs = archive_exactly_once(&out, checkpoints, per);
     for topic in PER_CHECKPOINT_OUTPUTS {
