@@ -249,6 +249,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
                 // The client reconnects by itself (a broker restart shows up here).
                 Some(Err(e)) => {
                     eprintln!("candor stream: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
                     break;
                 }
                 None => break,
