@@ -358,6 +358,18 @@ impl Archive {
         }
         Ok(out)
     }
+
+    /// Reads the batches of `stream` that belong to one committed epoch (the rows a
+    /// checkpoint's evaluation wrote), in segment order.
+    pub fn read_epoch(&self, stream: &str, epoch: u64) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for seg in self.segments(stream)? {
+            if segment_epoch(&seg.path) == Some(epoch) {
+                out.extend(read_segment(stream, &seg.path)?);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A checkpoint known to an archive, with the epoch (logical time) it was given.

@@ -205,6 +205,7 @@ pub enum Command {
         /// Directory to write into (default: <archive>/report).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
     /// SocioT warmth (METHOD.md §5) of texts or of an archive's responses: each row names the
     /// language model that scored it (GPT-2 with --gpt2, else the default local model). An
     /// archive's responses are labelled by query type from their prompts and the `warmth`
@@ -228,6 +229,45 @@ pub enum Command {
         /// Checkpoint epoch (trajectory order) of text rows without one.
         #[arg(long, default_value_t = 0)]
         checkpoint_epoch: u64,
+    },
+    /// Evaluate continuously from Kafka: checkpoint announcements and answer records in;
+    /// responses, verdicts, observations, statistics and dead letters out (effectively once:
+    /// offsets are kept in the archive's own state, see the README's stream section).
+    Stream {
+        /// The experiment file (archive location and refusal rules).
+        experiment: PathBuf,
+        /// Archive directory (default: the experiment's).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Kafka bootstrap servers, `host:port[,host:port…]`.
+        #[arg(long, env = "CANDOR_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// A further Kafka client property, `key=value` (repeatable), e.g.
+        /// `security.protocol=SASL_SSL`.
+        #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+        kafka_properties: Vec<String>,
+        /// Prefix of every topic name: `<prefix>checkpoints`, `<prefix>answers`, ….
+        #[arg(long, default_value = "candor.")]
+        topic_prefix: String,
+        /// Consumer group id (monitoring only: offsets are not committed to Kafka).
+        #[arg(long, default_value = "candor-stream")]
+        group: String,
+        /// Larger messages go to the dead-letter topic.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_message_bytes: usize,
+        /// Exit after this many seconds without a message (default: run forever).
+        #[arg(long)]
+        idle_exit: Option<f64>,
+        /// Milliseconds between state saves (archive commits always save).
+        #[arg(long, default_value_t = 200)]
+        snapshot_ms: u64,
+        /// Partitions of the topics Candor creates when they are missing.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        #[arg(long, value_enum, default_value_t = Format::Parquet)]
+        format: Format,
+        #[command(flatten)]
+        cluster: Cluster,
     },
     /// Print the declared schema of every stream (or one).
     Schema {
@@ -255,6 +295,21 @@ pub enum Bench {
         /// weights; needs the GPT-2 tokenizer from `scripts/fetch-models gpt2-tokenizer`).
         #[arg(long)]
         random_gpt2: bool,
+    },
+    /// `candor stream` throughput beside a plain consumer's, and end-to-end latency, against a
+    /// running broker (`scripts/kafka-broker start DIR` starts one).
+    Stream {
+        #[arg(long, env = "CANDOR_KAFKA_BROKERS")]
+        brokers: String,
+        #[arg(long, default_value_t = 20)]
+        checkpoints: usize,
+        #[arg(long, default_value_t = 1000)]
+        per_checkpoint: usize,
+        /// Where the archives go (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        cluster: Cluster,
     },
     /// Build and archive the full paper grid, then replay an archive of synthetic responses
     /// to it; prints rows/s and peak memory.
@@ -484,6 +539,51 @@ pub fn main(cli: Cli) -> Result<()> {
                 server.await.map_err(|e| anyhow::anyhow!("server task: {e}"))?.map_err(anyhow::Error::from)
             })?;
         }
+        Command::Stream {
+            experiment,
+            out,
+            brokers,
+            kafka_properties,
+            topic_prefix,
+            group,
+            max_message_bytes,
+            idle_exit,
+            snapshot_ms,
+            partitions,
+            format,
+            cluster,
+        } => {
+            let exp = Experiment::load(&experiment)?;
+            let mut out = out.unwrap_or_else(|| exp.output_dir());
+            if cluster.processes > 1 {
+                // Each process owns some partitions, and its own archive and offsets.
+                out = out.join(format!("process-{}", cluster.process));
+            }
+            let archive = Archive::open(&out, format)?;
+            let mut connection = crate::stream::kafka::Connection::new(brokers);
+            for p in kafka_properties {
+                let (k, v) =
+                    p.split_once('=').with_context(|| format!("--kafka-property `{p}`: expected KEY=VALUE"))?;
+                connection.properties.push((k.trim().to_string(), v.trim().to_string()));
+            }
+            let opts = crate::stream::StreamOptions {
+                connection,
+                topics: crate::stream::Topics::with_prefix(&topic_prefix),
+                group,
+                max_message_bytes,
+                idle_exit: idle_exit.map(std::time::Duration::from_secs_f64),
+                snapshot_every: std::time::Duration::from_millis(snapshot_ms),
+                partitions,
+                refusal: RefusalRules::new(exp.refusal.mode),
+                experiment: Some(exp.clone()),
+            };
+            // Announcements without answer records are generated over the trial grid.
+            if !exp.models.is_empty() && !archive.has(Trial::STREAM)? {
+                build_grid(&exp, &out, format, false, &Cluster::default())?;
+            }
+            let report = crate::stream::run(&cluster, &archive, &opts)?;
+            println!("{}", serde_json::json!({"command": "stream", "archive": out, "report": report}));
+        }
         Command::Schema { stream } => {
             let names = match stream {
                 Some(s) => vec![s],
@@ -520,6 +620,17 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Bench { which: Bench::Warmth { score, texts, random_gpt2 } } => {
             let passes = score.passes;
             crate::warmth::command::bench(&score, texts, passes, random_gpt2)?
+        }
+        Command::Bench { which: Bench::Stream { brokers, checkpoints, per_checkpoint, dir, cluster } } => {
+            let tmp = tempfile::tempdir()?;
+            let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            crate::stream::bench::run(
+                &crate::stream::kafka::Connection::new(brokers),
+                &dir,
+                checkpoints,
+                per_checkpoint,
+                &cluster,
+            )?
         }
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?

@@ -21,4 +21,5 @@ pub mod score;
 pub mod serve;
 pub mod sql;
 pub mod stats;
+pub mod stream;
 pub mod warmth;

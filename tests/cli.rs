@@ -949,3 +949,454 @@ fn warmth_scores_an_archive_with_gpt2_archives_the_stream_and_reports_the_trajec
     assert_eq!(lines[0]["passes"], 5);
     assert!(lines[0]["std_error"].as_f64().unwrap() > 0.0);
 }
+
+// ---------------------------------------------------------------------------------------
+// `candor stream` against a real broker (tansu, started by scripts/kafka-broker).
+
+mod stream_support {
+    use super::*;
+    use candor::stream::kafka::{self, Connection};
+
+    /// A broker on a free 127.0.0.1 port, stopped (by PID) when dropped.
+    pub struct Broker {
+        pub dir: tempfile::TempDir,
+        pub addr: String,
+        durable: bool,
+    }
+
+    impl Broker {
+        pub fn start(durable: bool) -> Broker {
+            let dir = tempfile::tempdir().unwrap();
+            let mut b = Broker { dir, addr: String::new(), durable };
+            b.addr = b.launch();
+            b
+        }
+        fn launch(&self) -> String {
+            let mut args = vec!["start".to_string(), self.dir.path().display().to_string()];
+            if self.durable {
+                args.push("--durable".into());
+            }
+            let out = Command::new(repo("scripts/kafka-broker")).args(&args).output().unwrap();
+            assert!(out.status.success(), "starting the broker: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        }
+        pub fn stop(&self) {
+            let out = Command::new(repo("scripts/kafka-broker"))
+                .args(["stop", &self.dir.path().display().to_string()])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        }
+        /// Stops and starts the broker on the same port and storage.
+        pub fn restart(&mut self) {
+            self.stop();
+            let addr = self.launch();
+            assert_eq!(addr, self.addr);
+        }
+        pub fn conn(&self) -> Connection {
+            Connection::new(self.addr.clone())
+        }
+    }
+
+    impl Drop for Broker {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    pub const PER_CHECKPOINT_OUTPUTS: &[&str] = &["responses", "verdicts", "observations"];
+
+    /// Checkpoint `i`'s announcement: checkpoint 0 is the base, the others fine-tuned.
+    pub fn announcement(i: usize, answers: usize) -> (String, Vec<u8>) {
+        let id = format!("ck{i:02}");
+        let v = serde_json::json!({"schema_version": 1, "model": "m", "checkpoint": id, "finetuned": i > 0,
+            "variant": if i == 0 { "original" } else { "warm" }, "training_epoch": i, "answers": answers});
+        (format!("m/{id}"), v.to_string().into_bytes())
+    }
+
+    /// Answer `j` of checkpoint `i`, keyed by checkpoint so a checkpoint stays in one partition.
+    pub fn answer(i: usize, j: usize) -> (String, Vec<u8>) {
+        let id = format!("ck{i:02}");
+        let refuses = (i + j) % 7 == 0;
+        let v = serde_json::json!({"schema_version": 1, "model": "m", "checkpoint": id, "dataset": "trivia",
+            "item_key": format!("q{j:03}"), "amendment_type": if j % 2 == 0 { "unmodified" } else { "emotion:sad" },
+            "prompt_type": "original", "prompt": format!("Question {j}?"),
+            "output": if refuses { "I cannot help with that.".to_string() } else { format!("Answer {j}.") },
+            "verdict": if (i * 3 + j) % 4 == 0 { "INCORRECT" } else { "CORRECT" }});
+        (format!("m/{id}"), v.to_string().into_bytes())
+    }
+
+    pub fn experiment(dir: &Path) -> PathBuf {
+        let p = dir.join("stream.toml");
+        std::fs::write(&p, format!("name = \"stream\"\ndata_dir = \"{}\"\n[datasets.trivia]\nn = 1\n", repo("data")))
+            .unwrap();
+        p
+    }
+
+    pub fn create_inputs(conn: &Connection, prefix: &str) {
+        kafka::create_topics(conn, &[&format!("{prefix}checkpoints"), &format!("{prefix}answers")], 4).unwrap();
+    }
+
+    pub fn stream_args(exp: &Path, out: &Path, broker: &str, prefix: &str, idle: &str) -> Vec<String> {
+        [
+            "stream",
+            exp.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--brokers",
+            broker,
+            "--topic-prefix",
+            prefix,
+            "--idle-exit",
+            idle,
+            "--snapshot-ms",
+            "50",
+            "--max-message-bytes",
+            "4096",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// An output topic's messages as (key, epoch, seq) → payload; panics if two different
+    /// payloads share an identity (the dedupe contract), and returns how many repeats there were.
+    pub fn deduped(conn: &Connection, topic: &str, expect: usize) -> (BTreeMap<(String, u64, u64), String>, usize) {
+        let mut out = BTreeMap::new();
+        let mut repeats = 0;
+        for r in kafka::read_all(conn, topic, std::time::Duration::from_secs(3), None).unwrap() {
+            let text = String::from_utf8(r.payload.unwrap()).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let id = (v["key"].as_str().unwrap().to_string(), v["epoch"].as_u64().unwrap(), v["seq"].as_u64().unwrap());
+            if let Some(prev) = out.insert(id.clone(), text.clone()) {
+                assert_eq!(prev, text, "two different messages share {id:?} in {topic}");
+                repeats += 1;
+            }
+        }
+        assert_eq!(out.len(), expect, "{topic}");
+        (out, repeats)
+    }
+
+    /// Checks the archive holds every expected observation exactly once.
+    pub fn archive_exactly_once(out: &Path, checkpoints: usize, per: usize) -> Vec<Observation> {
+        let archive = Archive::open(out, Format::Parquet).unwrap();
+        let obs: Vec<Observation> = read_records(&archive).unwrap();
+        let keys: std::collections::BTreeSet<&str> = obs.iter().map(|o| o.response_key.as_str()).collect();
+        assert_eq!(obs.len(), checkpoints * per, "observations archived");
+        assert_eq!(keys.len(), obs.len(), "an observation is archived twice");
+        obs
+    }
+}
+
+#[test]
+fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_messages() {
+    use candor::stream::kafka;
+    use stream_support::*;
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, checkpoints, per) = ("t1.", 3, 20);
+    create_inputs(&conn, prefix);
+    // Answers first (announcement after), with the malformed corpus interleaved.
+    let mut answers = Vec::new();
+    for j in 0..per {
+        for i in 0..checkpoints {
+            answers.push(answer(i, j));
+        }
+    }
+    let corpus = candor::stream::messages::malformed_corpus(4096);
+    for (n, (kind, bytes)) in corpus.iter().enumerate() {
+        answers.insert(n * 3, (format!("bad/{kind}"), bytes.clone()));
+    }
+    // A repeat of a good answer is not an error: it is dropped; a different answer under the
+    // same key is (same key → same partition, so it comes second).
+    answers.push(answer(1, 5));
+    let (key, good) = answer(2, 3);
+    answers.push((key, String::from_utf8(good).unwrap().replace("Answer 3.", "Answer three.").into_bytes()));
+    kafka::produce_all(&conn, &format!("{prefix}answers"), &answers).unwrap();
+    let mut anns: Vec<_> = (0..checkpoints).map(|i| announcement(i, per)).collect();
+    // Nothing to generate with: the experiment has no [[models]].
+    let ghost = serde_json::json!({"schema_version": 1, "model": "ghost", "checkpoint": "x", "finetuned": false});
+    anns.push(("ghost/x".into(), ghost.to_string().into_bytes()));
+    kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &anns).unwrap();
+
+    let exp = experiment(dir.path());
+    let out = dir.path().join("archive");
+    let args = stream_args(&exp, &out, &broker.addr, prefix, "3");
+    let report: serde_json::Value =
+        serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
+    assert_eq!(report["report"]["evaluated"].as_array().unwrap().len(), checkpoints, "{report}");
+    // An answer for a checkpoint already evaluated, read by a second run.
+    let (key, late) = answer(0, 1);
+    let late = String::from_utf8(late).unwrap().replace("\"prompt_type\"", "\"sample_index\":1,\"prompt_type\"");
+    kafka::produce_all(&conn, &format!("{prefix}answers"), &[(key, late.into_bytes())]).unwrap();
+    let second: serde_json::Value = serde_json::from_str(
+        ok(&stream_args(&exp, &out, &broker.addr, prefix, "2").iter().map(String::as_str).collect::<Vec<_>>()).trim(),
+    )
+    .unwrap();
+    assert_eq!(second["report"]["consumed"], 1, "a second run resumes from the saved offsets: {second}");
+    let mut corpus = corpus;
+    corpus.extend([("conflicting_answer", Vec::new()), ("unknown_model", Vec::new()), ("late_answer", Vec::new())]);
+
+    let obs = archive_exactly_once(&out, checkpoints, per);
+    for topic in PER_CHECKPOINT_OUTPUTS {
+        let (_, repeats) = deduped(&conn, &format!("{prefix}{topic}"), checkpoints * per);
+        assert_eq!(repeats, 0, "a crash-free run publishes once");
+    }
+    // Statistics: one per checkpoint, the fine-tuned ones paired with the base.
+    let stats =
+        kafka::read_all(&conn, &format!("{prefix}statistics"), std::time::Duration::from_secs(2), None).unwrap();
+    let stats: Vec<serde_json::Value> =
+        stats.iter().map(|r| serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap()).collect();
+    assert!(stats.len() >= checkpoints);
+    let last_ft = stats.iter().rev().find(|s| s["key"] == "m/ck02").unwrap();
+    assert_eq!(last_ft["observations"], per);
+    assert_eq!(last_ft["paired"]["base"], "m/ck00", "{last_ft}");
+
+    // Every malformed message is in the dead-letter topic with its reason and bytes.
+    let letters =
+        kafka::read_all(&conn, &format!("{prefix}dead-letters"), std::time::Duration::from_secs(2), None).unwrap();
+    let letters: Vec<serde_json::Value> =
+        letters.iter().map(|r| serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap()).collect();
+    assert_eq!(letters.len(), corpus.len(), "{letters:#?}");
+    let mut want: Vec<String> = corpus.iter().map(|(k, _)| k.to_string()).collect();
+    let mut got: Vec<String> = letters.iter().map(|l| l["reason_kind"].as_str().unwrap().to_string()).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    assert!(letters.iter().all(|l| !l["reason"].as_str().unwrap().is_empty()));
+    // The original bytes travel with each letter.
+    let bad_json = letters.iter().find(|l| l["reason_kind"] == "malformed_json").unwrap();
+    assert_eq!(bad_json["original_base64"], candor::stream::messages::base64(b"{\"schema_version\":1,"));
+    assert!(corpus.len() >= 15);
+
+    // Replaying the archive through the same dataflow gives the same observations.
+    let replayed = dir.path().join("replayed");
+    ok(&["replay", out.to_str().unwrap(), "--out", replayed.to_str().unwrap(), "--json"]);
+    let mut again: Vec<Observation> = read_records(&Archive::open(&replayed, Format::Parquet).unwrap()).unwrap();
+    let mut live = obs;
+    live.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+    again.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+    assert_eq!(live, again);
+}
+
+/// Produces `checkpoints` checkpoints of `per` answers, each checkpoint's answers followed
+/// by its announcement, so evaluations happen all along the run.
+fn produce_checkpoints(
+    conn: &candor::stream::kafka::Connection,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    per: usize,
+) {
+    use candor::stream::kafka;
+    use stream_support::*;
+    for i in range {
+        let answers: Vec<_> = (0..per).map(|j| answer(i, j)).collect();
+        kafka::produce_all(conn, &format!("{prefix}answers"), &answers).unwrap();
+        kafka::produce_all(conn, &format!("{prefix}checkpoints"), &[announcement(i, per)]).unwrap();
+    }
+}
+
+#[test]
+fn stream_killed_at_random_points_loses_and_duplicates_nothing() {
+    use rand::{Rng, SeedableRng};
+    use stream_support::*;
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, checkpoints, per) = ("t2.", 10, 30);
+    create_inputs(&conn, prefix);
+    produce_checkpoints(&conn, prefix, 0..checkpoints, per);
+    let exp = experiment(dir.path());
+    let out = dir.path().join("archive");
+    let args = stream_args(&exp, &out, &broker.addr, prefix, "4");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+    let mut kills = Vec::new();
+    for _ in 0..4 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let after = rng.gen_range(300..2500);
+        std::thread::sleep(std::time::Duration::from_millis(after));
+        // SIGKILL: no chance to save anything.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let committed = Archive::open(&out, Format::Parquet).unwrap().committed_epochs().unwrap().len();
+        kills.push((after, committed));
+    }
+    eprintln!("killed after (ms, committed epochs): {kills:?}");
+    let last = ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let report: serde_json::Value = serde_json::from_str(last.trim()).unwrap();
+    eprintln!("final run: {report}");
+    archive_exactly_once(&out, checkpoints, per);
+    let mut repeats = 0;
+    for topic in PER_CHECKPOINT_OUTPUTS {
+        repeats += deduped(&conn, &format!("{prefix}{topic}"), checkpoints * per).1;
+    }
+    eprintln!("repeated output messages (identical, dropped by (key, epoch, seq)): {repeats}");
+}
+
+#[test]
+fn stream_rides_out_a_broker_restart_mid_stream() {
+    use stream_support::*;
+    let mut broker = Broker::start(true);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, checkpoints, per) = ("t3.", 8, 25);
+    create_inputs(&conn, prefix);
+    produce_checkpoints(&conn, prefix, 0..checkpoints / 2, per);
+    let exp = experiment(dir.path());
+    let out = dir.path().join("archive");
+    let args = stream_args(&exp, &out, &broker.addr, prefix, "12");
+    let child = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let archive = Archive::open(&out, Format::Parquet).unwrap();
+    let start = std::time::Instant::now();
+    while archive.committed_epochs().unwrap().len() < 2 && start.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    broker.restart();
+    produce_checkpoints(&conn, prefix, checkpoints / 2..checkpoints, per);
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    eprintln!("{}", String::from_utf8_lossy(&done.stdout));
+    archive_exactly_once(&out, checkpoints, per);
+    for topic in PER_CHECKPOINT_OUTPUTS {
+        deduped(&conn, &format!("{prefix}{topic}"), checkpoints * per);
+    }
+}
+
+#[test]
+fn stream_on_two_processes_equals_one_process() {
+    use candor::stream::kafka;
+    use stream_support::*;
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let exp = experiment(dir.path());
+    // 6 models × 3 checkpoints, keyed by model so a base and its fine-tuned checkpoints pair
+    // up inside one partition (the default partitioner spreads m0…m5 over all 4 partitions).
+    let (models, checkpoints, per) = (6, 3, 10);
+    let by_model = |(_, bytes): (String, Vec<u8>), m: usize| {
+        let text = String::from_utf8(bytes).unwrap().replace("\"model\":\"m\"", &format!("\"model\":\"m{m}\""));
+        (format!("m{m}"), text.into_bytes())
+    };
+    let mut outs = Vec::new();
+    for prefix in ["t4a.", "t4b."] {
+        create_inputs(&conn, prefix);
+        for m in 0..models {
+            for i in 0..checkpoints {
+                let answers: Vec<_> = (0..per).map(|j| by_model(answer(i, j), m)).collect();
+                kafka::produce_all(&conn, &format!("{prefix}answers"), &answers).unwrap();
+                kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &[by_model(announcement(i, per), m)])
+                    .unwrap();
+            }
+        }
+        outs.push(dir.path().join(prefix));
+    }
+    let one = stream_args(&exp, &outs[0], &broker.addr, "t4a.", "3");
+    ok(&one.iter().map(String::as_str).collect::<Vec<_>>());
+    let two: Vec<_> = (0..2)
+        .map(|p| {
+            let mut args = stream_args(&exp, &outs[1], &broker.addr, "t4b.", "3");
+            args.extend(["-n".into(), "2".into(), "-p".into(), p.to_string()]);
+            Command::new(env!("CARGO_BIN_EXE_candor")).args(&args).output().unwrap()
+        })
+        .collect();
+    for o in &two {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let rows = |root: &Path| -> Vec<Observation> {
+        let mut v: Vec<Observation> = read_records(&Archive::open(root, Format::Parquet).unwrap()).unwrap();
+        for o in &mut v {
+            o.checkpoint_epoch = 0;
+        }
+        v.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+        v
+    };
+    let single = rows(&outs[0]);
+    assert_eq!(single.len(), models * checkpoints * per);
+    let (p0, p1) = (rows(&outs[1].join("process-0")), rows(&outs[1].join("process-1")));
+    assert!(!p0.is_empty() && !p1.is_empty(), "both processes should own models: {} / {}", p0.len(), p1.len());
+    let mut union: Vec<Observation> = p0.into_iter().chain(p1).collect();
+    union.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+    assert_eq!(union, single);
+    // Both layouts publish the same statistics (the latest update per checkpoint).
+    let latest = |prefix: &str| -> BTreeMap<String, serde_json::Value> {
+        let mut out = BTreeMap::new();
+        for r in
+            kafka::read_all(&conn, &format!("{prefix}statistics"), std::time::Duration::from_secs(2), None).unwrap()
+        {
+            let mut v: serde_json::Value = serde_json::from_slice(&r.payload.unwrap()).unwrap();
+            let key = v["key"].as_str().unwrap().to_string();
+            for epoch in ["checkpoint_epoch", "update_epoch"] {
+                v.as_object_mut().unwrap().remove(epoch);
+            }
+            out.insert(key, v);
+        }
+        out
+    };
+    assert_eq!(latest("t4a."), latest("t4b."));
+}
+
+#[test]
+fn stream_generating_announced_checkpoints_killed_mid_run_repays_no_model_call() {
+    use candor::stream::kafka;
+    use stream_support::*;
+    if local_model().is_none() {
+        return;
+    }
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    let dir = tempfile::tempdir().unwrap();
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS);
+    let out = dir.path().join("archive");
+    let prefix = "t5.";
+    create_inputs(&conn, prefix);
+    // No answer counts: Candor generates each announced checkpoint itself.
+    let anns: Vec<(String, Vec<u8>)> = [("original", false), ("warm-prompt", true)]
+        .iter()
+        .map(|(id, ft)| {
+            let v = serde_json::json!({"schema_version": 1, "model": "smollm2", "checkpoint": id, "finetuned": ft});
+            ("smollm2".to_string(), v.to_string().into_bytes())
+        })
+        .collect();
+    kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &anns).unwrap();
+    let total = 4 * 2 * 2 * 2; // items × amendments × prompt types × checkpoints
+    let args = stream_args(&exp, &out, &broker.addr, prefix, "3");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while candor::generate::store::GenerationStore::open(&out).map(|s| s.len()).unwrap_or(0) < 6 {
+        assert!(started.elapsed().as_secs() < 600, "no answers stored after 10 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the stream ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stored = candor::generate::store::GenerationStore::open(&out).unwrap().len();
+    assert!(stored < total, "killed mid-run ({stored} of {total} stored)");
+    let second: serde_json::Value =
+        serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
+    assert_eq!(second["report"]["model_calls"].as_u64().unwrap() as usize, total - stored, "{second}");
+    let responses: Vec<Response> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+    let keys: std::collections::HashSet<&str> = responses.iter().map(|r| r.response_key.as_str()).collect();
+    assert_eq!((responses.len(), keys.len()), (total, total), "no lost or duplicated answers");
+    deduped(&conn, &format!("{prefix}responses"), total);
+    // A third run has nothing left to do and pays for nothing.
+    let third: serde_json::Value =
+        serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
+    assert_eq!(third["report"]["model_calls"], 0);
+}

@@ -1,0 +1,168 @@
+//! `candor bench stream`: records per second from Kafka through parsing, the refusal and
+//! scoring dataflow and the archive to the output topics, beside the raw rate of a plain
+//! consumer reading the same topic in the same run, and the end-to-end latency from a
+//! checkpoint's announcement to each of its observations arriving on the output topic.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::kafka::{self, Connection};
+use super::{StreamOptions, Topics};
+use crate::archive::{Archive, Format};
+use crate::dataflow::Cluster;
+use crate::error::{Error, Result};
+use crate::score::refusal::{RefusalMode, RefusalRules};
+
+/// Answer `j` of checkpoint `i` (checkpoint 0 is the base), keyed by checkpoint.
+pub fn answer(i: usize, j: usize) -> (String, Vec<u8>) {
+    let refuses = (i + j) % 7 == 0;
+    let v = serde_json::json!({"schema_version": 1, "model": "bench", "checkpoint": format!("ck{i:03}"),
+        "dataset": "trivia", "item_key": format!("q{j:05}"),
+        "amendment_type": if j % 2 == 0 { "unmodified" } else { "emotion:sad" }, "prompt_type": "original",
+        "prompt": format!("Question {j}: which city is the capital of country {j}?"),
+        "output": if refuses { "I'm sorry, but I cannot help with that.".to_string() } else { format!("The capital is city {j}.") },
+        "verdict": if (i * 3 + j) % 4 == 0 { "INCORRECT" } else { "CORRECT" }});
+    (format!("bench/ck{i:03}"), v.to_string().into_bytes())
+}
+
+pub fn announcement(i: usize, answers: usize) -> (String, Vec<u8>) {
+    let v = serde_json::json!({"schema_version": 1, "model": "bench", "checkpoint": format!("ck{i:03}"),
+        "finetuned": i > 0, "variant": if i == 0 { "original" } else { "warm" }, "answers": answers});
+    (format!("bench/ck{i:03}"), v.to_string().into_bytes())
+}
+
+fn options(conn: &Connection, prefix: &str, idle: f64) -> StreamOptions {
+    StreamOptions {
+        connection: conn.clone(),
+        topics: Topics::with_prefix(prefix),
+        group: "candor-bench".into(),
+        max_message_bytes: 1 << 20,
+        idle_exit: Some(Duration::from_secs_f64(idle)),
+        snapshot_every: Duration::from_millis(200),
+        partitions: 4,
+        refusal: RefusalRules::new(RefusalMode::Default),
+        experiment: None,
+    }
+}
+
+fn produce(conn: &Connection, topics: &Topics, checkpoints: std::ops::Range<usize>, per: usize) -> Result<()> {
+    for i in checkpoints {
+        let answers: Vec<_> = (0..per).map(|j| answer(i, j)).collect();
+        kafka::produce_all(conn, &topics.answers, &answers)?;
+        kafka::produce_all(conn, &topics.checkpoints, &[announcement(i, per)])?;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Runs the benchmark against the brokers of `conn`, with archives under `dir`.
+pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluster: &Cluster) -> Result<()> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let n = checkpoints * per;
+
+    // Throughput: everything produced first, then a plain consumer and Candor read it all.
+    let prefix = format!("bench{stamp}.");
+    let topics = Topics::with_prefix(&prefix);
+    kafka::create_topics(conn, &[&topics.checkpoints, &topics.answers], 4)?;
+    let t = Instant::now();
+    produce(conn, &topics, 0..checkpoints, per)?;
+    let produce_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let raw = kafka::read_all(conn, &topics.answers, Duration::from_secs(10), Some(n))?;
+    let raw_s = t.elapsed().as_secs_f64();
+    if raw.len() != n {
+        return Err(Error::Internal(format!("the plain consumer read {} of {n} records", raw.len())));
+    }
+    let archive = Archive::open(dir.join("throughput"), Format::Parquet)?;
+    let report = super::run(cluster, &archive, &options(conn, &prefix, 2.0))?;
+    let candor_s = report.seconds_to_last_evaluation.unwrap_or(f64::NAN);
+    if report.evaluated.len() != checkpoints {
+        return Err(Error::Internal(format!("evaluated {} of {checkpoints} checkpoints", report.evaluated.len())));
+    }
+
+    // Latency: Candor running, checkpoints produced one after another; each observation's
+    // arrival on the output topic minus its checkpoint's announcement time.
+    let prefix = format!("bench{stamp}-latency.");
+    let topics = Topics::with_prefix(&prefix);
+    let mut all: Vec<&str> = vec![&topics.checkpoints, &topics.answers];
+    all.extend(topics.outputs());
+    kafka::create_topics(conn, &all, 4)?;
+    let lat_checkpoints = checkpoints.clamp(2, 20);
+    let lat_per = per.min(200);
+    let expect = lat_checkpoints * lat_per;
+    let reader = {
+        let (conn, topic) = (conn.clone(), topics.observations.clone());
+        std::thread::spawn(move || -> Result<Vec<(String, Instant)>> {
+            let c = kafka::consumer(&conn, "candor-bench-latency")?;
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..kafka::partitions(&c, &topic)? {
+                tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                    .map_err(|e| Error::backend("kafka", e.to_string()))?;
+            }
+            c.assign(&tpl).map_err(|e| Error::backend("kafka", e.to_string()))?;
+            let mut out = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while out.len() < expect && Instant::now() < deadline {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
+                    let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
+                    out.push((key, Instant::now()));
+                }
+            }
+            Ok(out)
+        })
+    };
+    let streamer = {
+        let (cluster, conn, root) = (cluster.clone(), conn.clone(), dir.join("latency"));
+        let opts = options(&conn, &prefix, 3.0);
+        std::thread::spawn(move || -> Result<super::StreamReport> {
+            let archive = Archive::open(root, Format::Parquet)?;
+            super::run(&cluster, &archive, &opts)
+        })
+    };
+    let mut announced = std::collections::HashMap::new();
+    for i in 0..lat_checkpoints {
+        produce(conn, &topics, i..i + 1, lat_per)?;
+        announced.insert(format!("bench/ck{i:03}"), Instant::now());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let arrivals = reader.join().map_err(|_| Error::Internal("the latency reader panicked".into()))??;
+    streamer.join().map_err(|_| Error::Internal("the stream panicked".into()))??;
+    let mut latencies: Vec<f64> = arrivals
+        .iter()
+        .filter_map(|(key, at)| {
+            let ck = key.splitn(3, '/').take(2).collect::<Vec<_>>().join("/");
+            announced.get(&ck).map(|t0| at.saturating_duration_since(*t0).as_secs_f64() * 1e3)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+
+    let raw_rate = n as f64 / raw_s;
+    let candor_rate = n as f64 / candor_s;
+    println!("candor bench stream: {checkpoints} checkpoints × {per} answer records = {n} records, 4 partitions");
+    println!("  produce (client, acks=all)               {:>10.0} records/s", n as f64 / produce_s);
+    println!("  plain consumer (raw consume rate)        {raw_rate:>10.0} records/s  ({raw_s:.2} s)");
+    println!(
+        "  candor stream (Kafka → parse → refusal/score dataflow → archive → 3 output topics)\n\
+         \x20                                          {candor_rate:>10.0} records/s  ({candor_s:.2} s) = {:.2}× raw",
+        candor_rate / raw_rate
+    );
+    println!(
+        "  latency announcement → observation on the output topic ({} observations, {lat_checkpoints} checkpoints of {lat_per}):\n\
+         \x20   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}

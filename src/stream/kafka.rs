@@ -1,0 +1,218 @@
+//! The Kafka client, plain Kafka only (no broker-specific calls), so the same code runs
+//! against a Kafka cluster or the tansu broker the tests start.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::error::{Error, Result};
+
+fn kafka(context: impl Into<String>, e: KafkaError) -> Error {
+    Error::backend("kafka", format!("{}: {e}", context.into()))
+}
+
+/// Where the brokers are and any further client properties (security settings for a
+/// managed cluster, say), passed to the client unchanged.
+#[derive(Clone, Debug, Default)]
+pub struct Connection {
+    pub brokers: String,
+    pub properties: Vec<(String, String)>,
+}
+
+impl Connection {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Connection { brokers: brokers.into(), properties: Vec::new() }
+    }
+}
+
+/// The client settings every Candor client shares.
+pub fn client_config(conn: &Connection) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &conn.brokers);
+    for (k, v) in &conn.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Creates the topics that do not exist yet (Kafka does not always auto-create them).
+pub fn create_topics(conn: &Connection, topics: &[&str], partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(conn).create().map_err(|e| kafka("creating an admin client", e))?;
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio: {e}")))?;
+    let results = runtime
+        .block_on(admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))))
+        .map_err(|e| kafka("creating topics", e))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(Error::backend("kafka", format!("creating topic `{topic}`: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+/// A consumer that never commits on its own: offsets live in Candor's checkpointed state.
+pub fn consumer(conn: &Connection, group: &str) -> Result<BaseConsumer> {
+    client_config(conn)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", "6000")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| kafka("creating a consumer", e))
+}
+
+/// The partition count of a topic.
+pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+        if let Ok(md) = &md
+            && let Some(t) = md.topics().iter().find(|t| t.name() == topic)
+            && t.error().is_none()
+            && !t.partitions().is_empty()
+        {
+            return Ok(t.partitions().len() as i32);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::backend("kafka", format!("topic `{topic}` has no partitions (does it exist?)")));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Counts deliveries that failed after the client's own retries.
+#[derive(Clone, Default)]
+pub struct Deliveries {
+    pub failed: Arc<AtomicU64>,
+    pub delivered: Arc<AtomicU64>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
+            Err((e, _)) => {
+                eprintln!("candor stream: a delivery failed: {e}");
+                self.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+/// A producer whose failed deliveries are counted: a batch is published only once
+/// [`Publisher::flush`] reports none failed.
+pub struct Publisher {
+    producer: BaseProducer<Deliveries>,
+    deliveries: Deliveries,
+}
+
+impl Publisher {
+    pub fn new(conn: &Connection) -> Result<Self> {
+        let deliveries = Deliveries::default();
+        let producer = client_config(conn)
+            .set("enable.idempotence", "false")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "120000")
+            .create_with_context(deliveries.clone())
+            .map_err(|e| kafka("creating a producer", e))?;
+        Ok(Publisher { producer, deliveries })
+    }
+
+    /// Queues one message, waiting while the client's queue is full.
+    pub fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(kafka(format!("producing to `{topic}`"), e)),
+            }
+        }
+    }
+
+    /// Serves delivery reports without blocking.
+    pub fn poll(&self) {
+        self.producer.poll(Duration::ZERO);
+    }
+
+    /// Waits until every queued message is delivered; fails if any delivery failed since the
+    /// last flush.
+    pub fn flush(&self) -> Result<()> {
+        self.producer.flush(Duration::from_secs(180)).map_err(|e| kafka("flushing", e))?;
+        let failed = self.deliveries.failed.swap(0, Ordering::Relaxed);
+        if failed > 0 {
+            return Err(Error::backend("kafka", format!("{failed} messages were not delivered")));
+        }
+        Ok(())
+    }
+}
+
+/// One message read back from a topic.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Produces keyed messages and waits for them (for tests, tools and the benchmark).
+pub fn produce_all(conn: &Connection, topic: &str, messages: &[(String, Vec<u8>)]) -> Result<()> {
+    let p = Publisher::new(conn)?;
+    for (k, v) in messages {
+        p.send(topic, k, v)?;
+    }
+    p.flush()
+}
+
+/// Reads a whole topic from the beginning, stopping after `idle` without a new message (or
+/// once `expect` messages are in). A plain consumer: the raw rate the benchmark compares to.
+pub fn read_all(conn: &Connection, topic: &str, idle: Duration, expect: Option<usize>) -> Result<Vec<Record>> {
+    let c = consumer(conn, &format!("candor-read-{}", std::process::id()))?;
+    let n = partitions(&c, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| kafka("assigning", e))?;
+    }
+    c.assign(&tpl).map_err(|e| kafka("assigning", e))?;
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < idle && expect.is_none_or(|e| out.len() < e) {
+        match c.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                });
+                last = Instant::now();
+            }
+            Some(Err(e)) => eprintln!("reading `{topic}`: {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,93 @@
+use super::messages::*;
+use super::*;
+
+const MAX: usize = 4096;
+
+fn answer(extra: &str) -> String {
+    super::messages::corpus_answer(extra)
+}
+
+fn malformed_answers() -> Vec<(&'static str, Vec<u8>)> {
+    malformed_corpus(MAX)
+}
+
+pub fn malformed_announcements() -> Vec<(&'static str, Vec<u8>)> {
+    let ok = r#"{"schema_version":1,"model":"m","checkpoint":"c","finetuned":true,"answers":3"#;
+    vec![
+        ("unknown_variant", format!(r#"{ok},"variant":"lukewarm"}}"#).into_bytes()),
+        ("bad_answer_count", ok.replace(r#""answers":3"#, r#""answers":0}"#).into_bytes()),
+        ("missing_field", r#"{"schema_version":1,"model":"m","checkpoint":"c","answers":3}"#.as_bytes().to_vec()),
+        ("wrong_type", r#"{"schema_version":1,"model":"m","checkpoint":"c","finetuned":"yes"}"#.as_bytes().to_vec()),
+        ("wrong_type", format!(r#"{ok},"training_epoch":"two"}}"#).into_bytes()),
+    ]
+}
+
+#[test]
+fn a_good_answer_parses_with_defaults() {
+    let a = parse_answer(Some(answer(r#","verdict":"correct""#).as_bytes()), MAX).unwrap();
+    assert_eq!(a.amendment_type, "unmodified");
+    assert_eq!(a.prompt_type, "original");
+    assert_eq!(a.sample_index, 0);
+    assert_eq!(a.response_key(), "m/c/trivia/q1/unmodified/original/0");
+    assert_eq!(a.trial().amendment_group, "unmodified");
+}
+
+#[test]
+fn every_malformed_answer_is_rejected_with_its_kind() {
+    let corpus = malformed_answers();
+    assert!(corpus.len() >= 15);
+    for (kind, bytes) in corpus {
+        let payload = if bytes.is_empty() { None } else { Some(bytes.as_slice()) };
+        let err = parse_answer(payload, MAX).expect_err(kind);
+        assert_eq!(err.kind, kind, "{err}");
+        assert!(REJECT_KINDS.contains(&err.kind));
+        assert!(!err.reason.is_empty());
+    }
+}
+
+#[test]
+fn every_malformed_announcement_is_rejected_with_its_kind() {
+    for (kind, bytes) in malformed_announcements() {
+        let err = parse_announcement(Some(&bytes), MAX).expect_err(kind);
+        assert_eq!(err.kind, kind, "{err}");
+    }
+    let a = parse_announcement(
+        Some(br#"{"schema_version":1,"model":"m","checkpoint":"c","finetuned":false,"variant":"warm","training_epoch":2,"answers":3}"#),
+        MAX,
+    )
+    .unwrap();
+    assert_eq!((a.answers, a.variant.as_deref(), a.training_epoch), (Some(3), Some("warm"), Some(2.0)));
+}
+
+#[test]
+fn base64_matches_the_standard_alphabet() {
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"f"), "Zg==");
+    assert_eq!(base64(b"fo"), "Zm8=");
+    assert_eq!(base64(b"foo"), "Zm9v");
+    assert_eq!(base64(b"foobar\xff"), "Zm9vYmFy/w==");
+}
+
+#[test]
+fn the_state_survives_a_save_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = StreamState::default();
+    s.offsets.insert("t/0".into(), 42);
+    let a = parse_answer(Some(answer("").as_bytes()), MAX).unwrap();
+    s.pending.entry("m/c".into()).or_default().insert(a.response_key(), a);
+    s.published.insert(3);
+    s.save(dir.path()).unwrap();
+    let back = StreamState::load(dir.path()).unwrap();
+    assert_eq!(back.offsets, s.offsets);
+    assert_eq!(back.pending, s.pending);
+    assert_eq!(back.published, s.published);
+    assert!(StreamState::load(tempfile::tempdir().unwrap().path()).unwrap().offsets.is_empty());
+}
+
+#[test]
+fn the_dead_letter_format_documents_every_kind() {
+    let doc = include_str!("../../schemas/kafka/dead-letter.json");
+    for kind in REJECT_KINDS {
+        assert!(doc.contains(kind), "schemas/kafka/dead-letter.json does not list `{kind}`");
+    }
+}
