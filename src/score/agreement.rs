@@ -15,10 +15,13 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::conditions::VerdictLabel;
+use crate::error::{Error, Location, Result};
+use crate::records::Verdict;
 
 /// Agreement of two judges over a set of responses.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -84,4 +87,128 @@ pub fn by_dataset(rows: &[(String, VerdictLabel, VerdictLabel)]) -> BTreeMap<Str
         groups.entry("all".into()).or_default().push((*a, *b));
     }
     groups.into_iter().map(|(k, v)| (k, Agreement::of(&v))).collect()
+}
+
+/// One judge's labels read back: response key → (dataset, label, judge id).
+fn labels(verdicts: &[Verdict]) -> BTreeMap<String, (String, VerdictLabel, String)> {
+    verdicts
+        .iter()
+        .map(|v| {
+            let ds = v.trial_key.split('/').next().unwrap_or("").to_string();
+            let label = VerdictLabel::parse_loose(&v.verdict).unwrap_or(VerdictLabel::Unparseable);
+            (v.response_key.clone(), (ds, label, v.judge.clone()))
+        })
+        .collect()
+}
+
+/// What `candor agreement` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Responses both sides labelled.
+    pub paired: usize,
+    /// Responses only one side labelled.
+    pub unpaired: usize,
+    /// The judge ids on each side.
+    pub first_judges: Vec<String>,
+    pub second_judges: Vec<String>,
+    pub by_dataset: BTreeMap<String, Agreement>,
+}
+
+/// Pairs two verdict lists by response key and measures their agreement. For the second list
+/// read from a human CSV the dataset comes from the first list.
+pub fn compare(first: &[Verdict], second: &[Verdict]) -> Report {
+    let (a, b) = (labels(first), labels(second));
+    let mut rows = Vec::new();
+    for (key, (ds, la, _)) in &a {
+        if let Some((_, lb, _)) = b.get(key) {
+            rows.push((ds.clone(), *la, *lb));
+        }
+    }
+    let judges = |m: &BTreeMap<String, (String, VerdictLabel, String)>| {
+        let mut j: Vec<String> = m.values().map(|(_, _, j)| j.clone()).collect();
+        j.sort();
+        j.dedup();
+        j
+    };
+    Report {
+        paired: rows.len(),
+        unpaired: a.len() + b.len() - 2 * rows.len(),
+        first_judges: judges(&a),
+        second_judges: judges(&b),
+        by_dataset: by_dataset(&rows),
+    }
+}
+
+/// Human labels from a CSV with columns `response_key` and `verdict` (any case; "correct",
+/// "incorrect", "refusal", …), as verdicts of the judge `human`.
+pub fn read_human_csv(path: &Path) -> Result<Vec<Verdict>> {
+    let mut reader = csv::Reader::from_path(path).map_err(|e| Error::input(Location::file(path), e.to_string()))?;
+    let headers = reader.headers().map_err(|e| Error::input(Location::file(path), e.to_string()))?.clone();
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim() == name)
+            .ok_or_else(|| Error::input(Location::file(path).field(name), "missing column"))
+    };
+    let (k, v) = (col("response_key")?, col("verdict")?);
+    let mut out = Vec::new();
+    for (line, rec) in reader.records().enumerate() {
+        let rec = rec.map_err(|e| Error::input(Location::file(path), e.to_string()))?;
+        let verdict = rec.get(v).unwrap_or("");
+        let label = VerdictLabel::parse_loose(verdict).ok_or_else(|| {
+            Error::input(
+                Location::file(path).line(line as u64 + 2).field("verdict"),
+                format!("unknown verdict `{verdict}`"),
+            )
+        })?;
+        let key = rec.get(k).unwrap_or("").to_string();
+        // The response key is model/checkpoint/trial_key/sample; the trial key starts with the dataset.
+        let trial_key =
+            key.splitn(3, '/').nth(2).and_then(|t| t.rsplit_once('/')).map(|(t, _)| t).unwrap_or("").to_string();
+        out.push(Verdict {
+            response_key: key,
+            trial_key,
+            model: String::new(),
+            checkpoint: String::new(),
+            checkpoint_epoch: 0,
+            refusal: false,
+            refusal_phrase: None,
+            verdict: label.to_string(),
+            judge: "human".into(),
+            judge_raw: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Prints a report as JSON lines (one per dataset) or as text.
+pub fn print(report: &Report, json: bool) {
+    if json {
+        for (ds, a) in &report.by_dataset {
+            println!("{}", serde_json::json!({"dataset": ds, "agreement": a}));
+        }
+        println!(
+            "{}",
+            serde_json::json!({"command": "agreement", "paired": report.paired, "unpaired": report.unpaired,
+                "first_judges": report.first_judges, "second_judges": report.second_judges})
+        );
+        return;
+    }
+    println!("first judge:  {}", report.first_judges.join(", "));
+    println!("second judge: {}", report.second_judges.join(", "));
+    println!("{} responses paired ({} labelled by one side only)", report.paired, report.unpaired);
+    for (ds, a) in &report.by_dataset {
+        let kappa = match (a.kappa, a.kappa_ci) {
+            (Some(k), Some((lo, hi))) => format!("kappa {k:.3} [{lo:.3}, {hi:.3}]"),
+            _ => "kappa undefined".into(),
+        };
+        println!(
+            "{ds:>10}: {:.1}% agreement over {} compared, {kappa}; {} unreadable",
+            a.percent, a.compared, a.unreadable
+        );
+        for (la, row) in &a.confusion {
+            let cells: Vec<String> = row.iter().map(|(lb, n)| format!("{lb}={n}")).collect();
+            println!("{:>12}{la:<12} → {}", "", cells.join(" "));
+        }
+    }
 }

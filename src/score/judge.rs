@@ -506,8 +506,11 @@ impl Judge for NextTokenJudge {
                 continue;
             };
             let id = format!("{fingerprint}:prompt:{}:labels=CORRECT|INCORRECT", p.version);
-            let request =
-                GenRequest { system_prompt: None, prompt: fill(p.text, case.item, case.output), decoding: judge_decoding() };
+            let request = GenRequest {
+                system_prompt: None,
+                prompt: fill(p.text, case.item, case.output),
+                decoding: judge_decoding(),
+            };
             let key = GenerationStore::key(&fingerprint, &request, 0);
             let stored = self.store.as_ref().expect("opened above").get(&key).cloned();
             let raw = match stored {

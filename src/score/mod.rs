@@ -36,4 +36,3 @@ pub fn observe(dataset: Dataset, refusal: bool, judged: VerdictLabel) -> (Verdic
         other => (other, None),
     }
 }
-

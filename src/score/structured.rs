@@ -37,7 +37,9 @@ fn fold(s: &str) -> String {
 /// when exactly one distinct letter is written that way (several is a hedge or a list).
 pub fn mmlu_letter(output: &str) -> Option<char> {
     static STRICT: LazyLock<Regex> = LazyLock::new(|| {
-        re(r"(?i)(?:answer\s*(?:is|:)|answer\s+would\s+be|correct\s+(?:option|answer|choice)\s+is)\s*:?\s*(?:option\s*)?\*{0,2}\(?([ABCD])\b\)?")
+        re(
+            r"(?i)(?:answer\s*(?:is|:)|answer\s+would\s+be|correct\s+(?:option|answer|choice)\s+is)\s*:?\s*(?:option\s*)?\*{0,2}\(?([ABCD])\b\)?",
+        )
     });
     static LEADING: LazyLock<Regex> = LazyLock::new(|| re(r"^\W*\(?([ABCD])(?:[).:]|\s*$|\s+[-\u{2013}\u{2014}])"));
     static FLEXIBLE: LazyLock<Regex> = LazyLock::new(|| re(r"\(([ABCD])\)|(?:^|\s)([ABCD])\)"));
