@@ -80,8 +80,16 @@ impl Default for JudgeConfig {
 }
 
 impl JudgeConfig {
-    /// Reads a `--judge` argument: `reference`, `candle`, `auto`, or `openai=<base_url>[,model]`.
+    /// Reads a `--judge` argument: `reference`, `candle[=<weights>]`, `auto`,
+    /// `openai=<base_url>[,model]`, or a TOML inline table like the `[judge]` table
+    /// (`{ kind = "openai", base_url = "…", max_retries = 1 }`).
     pub fn parse_arg(arg: &str) -> Result<Self> {
+        if arg.trim_start().starts_with('{') {
+            let doc: toml::Table = toml::from_str(&format!("judge = {arg}"))
+                .map_err(|e| Error::config("--judge", format!("not a TOML inline table: {e}")))?;
+            let table = doc["judge"].clone();
+            return table.try_into().map_err(|e| Error::config("--judge", e.to_string()));
+        }
         let mut backend = toml::Table::new();
         let kind = match arg.split_once('=') {
             Some(("openai", rest)) => {

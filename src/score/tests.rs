@@ -255,6 +255,8 @@ mod judges {
         assert_eq!(o.kind, "openai");
         assert_eq!(o.backend["model"].as_str(), Some("m"));
         assert!(JudgeConfig::parse_arg("gpt").is_err());
+        let t = JudgeConfig::parse_arg(r#"{ kind = "openai", base_url = "http://x", max_retries = 1 }"#).unwrap();
+        assert_eq!((t.kind.as_str(), t.backend["max_retries"].as_integer()), ("openai", Some(1)));
     }
 
     #[test]
