@@ -51,7 +51,13 @@ impl Embedder {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }
             .map_err(|e| model_error("loading MiniLM", e))?;
         let model = BertModel::load(vb, &config).map_err(|e| model_error("loading MiniLM", e))?;
-        let tokenizer = crate::generate::candle::tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let mut tokenizer = crate::generate::candle::tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        // The file pads every text to 128 tokens; one text at a time needs no padding, and a
+        // padded mean would pool [PAD] states. Truncation is sentence-transformers' 256, below.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::input(Location::file(dir.join("tokenizer.json")), e.to_string()))?;
         let digest = crate::generate::candle::sha256_file(&weights)?;
         Ok(Embedder { model, tokenizer, device, digest })
     }
@@ -72,7 +78,12 @@ impl Embedder {
             .encode(text, true)
             .map_err(|e| Error::input(Location::default().field("text"), format!("cannot tokenize: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
-        ids.truncate(MAX_TOKENS);
+        if ids.len() > MAX_TOKENS {
+            // Keep the closing [SEP].
+            let last = ids[ids.len() - 1];
+            ids.truncate(MAX_TOKENS - 1);
+            ids.push(last);
+        }
         let run = || -> candle_core::Result<Vec<f32>> {
             let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
             let types = input.zeros_like()?;
