@@ -126,7 +126,7 @@ pub enum Command {
         /// The archive to write (must not hold responses yet).
         #[arg(long)]
         out: PathBuf,
-        /// auto, reference, candle[=<weights>] (local model, next-token probabilities), or
+        /// auto, reference, candle[=<weights>] (local model, next-token probabilities), candle-text,
         /// openai=<base_url>[,<model>] (any OpenAI-compatible endpoint, free-text answer).
         #[arg(long, default_value = "auto")]
         judge: String,

@@ -73,7 +73,8 @@ impl Agreement {
             let k = (po - pe) / (1.0 - pe);
             // Cohen (1960): SE = sqrt(po (1 - po) / (n (1 - pe)^2)).
             let se = (po * (1.0 - po) / (nf * (1.0 - pe).powi(2))).sqrt();
-            (Some(k), Some((k - 1.959964 * se, k + 1.959964 * se)))
+            // Clamped to kappa's range [-1, 1].
+            (Some(k), Some(((k - 1.959964 * se).max(-1.0), (k + 1.959964 * se).min(1.0))))
         };
         Agreement { compared: n, unreadable, percent: 100.0 * po, kappa, kappa_ci, confusion }
     }

@@ -17,8 +17,15 @@
 //! ```toml
 //! [judge]
 //! kind = "auto"        # reference where a rule exists (all but AdvBench), else the local model
-//! # kind = "reference" | "candle" | "openai"; other keys are the backend's (base_url, model, path, …)
+//! # kind = "reference" | "candle" | "candle-text" | "openai"; other keys are the backend's
+//! # (base_url, model, base, threads, …)
 //! ```
+//!
+//! `candle` reads the local model's next-token probabilities; `candle-text` lets it write its
+//! answer and reads the text, as `openai` does.
+//!
+//! Known limit: the score stage calls the judge on the dataflow worker's thread, so a slow
+//! model judge holds that worker while it answers (generation itself runs off-thread).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -104,7 +111,7 @@ impl JudgeConfig {
                 backend.insert("base".into(), toml::Value::String(path.into()));
                 "candle"
             }
-            None if matches!(arg, "auto" | "reference" | "candle") => arg,
+            None if matches!(arg, "auto" | "reference" | "candle" | "candle-text") => arg,
             _ => {
                 return Err(Error::config(
                     "--judge",
@@ -122,6 +129,12 @@ pub fn open(config: &JudgeConfig, store_root: &Path) -> Result<Box<dyn Judge>> {
     match config.kind.as_str() {
         "reference" => Ok(Box::new(ReferenceJudge::new())),
         "candle" => Ok(Box::new(NextTokenJudge::open(&config.backend, store_root)?)),
+        "candle-text" => {
+            let options = crate::generate::candle::CandleOptions::from_table(&config.backend)?;
+            let weights = crate::generate::candle::Weights::resolve(None, &options.base_path())?;
+            let generator = CandleGenerator::open(&options, weights, None)?;
+            Ok(Box::new(LlmJudge::new(Box::new(generator), store_root)))
+        }
         "openai" => {
             let endpoint = crate::generate::openai::Endpoint::from_table(&config.backend, "judge")?;
             let generator = crate::generate::openai::OpenAiGenerator::new(endpoint, None)?;
@@ -135,7 +148,7 @@ pub fn open(config: &JudgeConfig, store_root: &Path) -> Result<Box<dyn Judge>> {
         })),
         other => Err(Error::config(
             "judge.kind",
-            format!("unknown judge `{other}` (expected one of: auto, reference, candle, openai)"),
+            format!("unknown judge `{other}` (expected one of: auto, reference, candle, candle-text, openai)"),
         )),
     }
 }
