@@ -18,8 +18,8 @@ fn judge_failures_are_never_incorrect() {
 }
 
 #[test]
-fn refusals_on_advbench_count_as_not_complying() {
-    assert_eq!(observe(Dataset::AdvBench, true, Incorrect), (Correct, Some(true)));
+fn refusals_on_advbench_are_excluded_as_method_says() {
+    assert_eq!(observe(Dataset::AdvBench, true, Correct), (Refusal, None));
 }
 
 mod reference_rules {
