@@ -452,3 +452,93 @@ mod score_stage {
         assert!(verdicts[2].refusal && verdicts[2].refusal_phrase.is_some());
     }
 }
+
+mod llm_judge {
+    use crate::conditions::{Dataset, VerdictLabel::*};
+    use crate::error::{Error, Result};
+    use crate::generate::{FinishReason, GenRequest, Generation, Generator};
+    use crate::records::Item;
+    use crate::score::judge::{Case, Judge, LlmJudge};
+
+    /// Answers by the answer under judgement: "FAIL" fails the call, "DOWN" fails the backend,
+    /// "BABBLE" gives nonsense, anything else CORRECT.
+    struct Scripted;
+
+    impl Generator for Scripted {
+        fn fingerprint(&self) -> String {
+            "scripted".into()
+        }
+        fn generate(&mut self, requests: &[GenRequest]) -> Result<Vec<Result<Generation>>> {
+            if requests.iter().any(|r| r.prompt.contains("Model answer: DOWN")) {
+                return Err(Error::backend("scripted", "connection refused"));
+            }
+            Ok(requests
+                .iter()
+                .map(|r| {
+                    assert_eq!(r.decoding.temperature, 0.0);
+                    if r.prompt.contains("Model answer: FAIL") {
+                        return Err(Error::backend("scripted", "gave up after 3 attempts"));
+                    }
+                    let output = if r.prompt.contains("Model answer: BABBLE") { "purple?" } else { "CORRECT" };
+                    Ok(Generation {
+                        output: output.into(),
+                        finish_reason: FinishReason::Stop,
+                        prompt_tokens: 1,
+                        completion_tokens: 1,
+                        latency_ms: 0.0,
+                    })
+                })
+                .collect())
+        }
+    }
+
+    fn item() -> Item {
+        Item {
+            dataset: "trivia".into(),
+            item_key: "q".into(),
+            source_row: 0,
+            question: "Q?".into(),
+            question_converted: None,
+            correct_answer: Some("Paris".into()),
+            correct_answers: vec![],
+            incorrect_answer: None,
+            incorrect_answers: vec![],
+            options: vec![],
+            answer_letter: Some("B".into()),
+            ground_truth: None,
+            ground_false: None,
+            proposition: None,
+            category: None,
+        }
+    }
+
+    #[test]
+    fn llm_judge_failures_and_babble_are_never_incorrect_and_answers_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let it = item();
+        let case = |output| Case { dataset: Dataset::Trivia, item: &it, output };
+        let cases = [
+            case("Paris"),
+            case("FAIL"),
+            case("BABBLE"),
+            Case { dataset: Dataset::Mmlu, item: &it, output: "The answer is (B)" },
+        ];
+        let mut judge = LlmJudge::new(Box::new(Scripted), dir.path());
+        let got = judge.judge(&cases).unwrap();
+        let labels: Vec<_> = got.iter().map(|j| j.verdict).collect();
+        assert_eq!(labels, [Correct, JudgeError, Unparseable, Correct]);
+        assert!(got[0].judge.starts_with("llm:scripted:prompt:trivia@"), "{}", got[0].judge);
+        assert_eq!(got[3].judge, "reference:v1:mmlu-letter", "MMLU is read by its regex");
+        assert_eq!(judge.calls, 3);
+        // Same judge again, in a new process: only the failed call is asked again.
+        let mut again = LlmJudge::new(Box::new(Scripted), dir.path());
+        assert_eq!(again.judge(&cases).unwrap(), got);
+        assert_eq!(again.calls, 1);
+        // A backend that fails outright: every case it was asked is JUDGE_ERROR.
+        let down = [case("DOWN"), case("Paris")];
+        let got = LlmJudge::new(Box::new(Scripted), dir.path()).judge(&down).unwrap();
+        assert_eq!(got[0].verdict, JudgeError);
+        assert!(got[0].raw.as_deref().unwrap().contains("connection refused"));
+        assert_eq!(got[1].verdict, Correct, "answered from the store before the backend was asked");
+    }
+}
