@@ -490,19 +490,26 @@ impl NextTokenJudge {
         format!("next-token:{}", self.generator.fingerprint())
     }
 
-    /// Probabilities of the two labels' first tokens after the prompt.
-    fn label_probs(&self, prompt: &str) -> Result<[f32; 2]> {
+    /// Probabilities of the two labels' first tokens after each prompt, prompts prefilled
+    /// together.
+    fn label_probs(&self, prompts: &[&str]) -> Result<Vec<[f32; 2]>> {
         let engine = self.generator.engine();
-        let tokens = engine.encode_prompt(None, prompt)?;
-        let logits = engine.logits_all_positions(&tokens)?;
-        let probs = (|| {
-            let last = logits.get(tokens.len() - 1)?;
-            candle_nn::ops::softmax_last_dim(&last.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()
-        })()
-        .map_err(|e| Error::Model { context: "judge next-token pass".into(), message: e.to_string() })?;
-        Ok([probs[self.labels[0] as usize], probs[self.labels[1] as usize]])
+        let tokens: Vec<Vec<u32>> = prompts.iter().map(|p| engine.encode_prompt(None, p)).collect::<Result<_>>()?;
+        let logits = crate::generate::candle::next_token_logits(engine, &tokens)?;
+        Ok(logits
+            .iter()
+            .map(|l| {
+                let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = l.iter().map(|x| (x - max).exp()).sum();
+                let p = |id: u32| (l[id as usize] - max).exp() / z;
+                [p(self.labels[0]), p(self.labels[1])]
+            })
+            .collect())
     }
 }
+
+/// Prompts prefilled together by the next-token judge.
+const JUDGE_BATCH: usize = 8;
 
 /// Reads a next-token judge's stored answer `{"CORRECT": p, "INCORRECT": q}`.
 pub fn read_label_probs(raw: &str) -> Option<VerdictLabel> {
@@ -520,10 +527,12 @@ impl Judge for NextTokenJudge {
             self.store = Some(GenerationStore::open(&self.store_root)?);
         }
         let fingerprint = self.fingerprint();
-        let mut out = Vec::with_capacity(cases.len());
-        for case in cases {
+        let mut out: Vec<Option<Judged>> = vec![None; cases.len()];
+        // (case index, request, store key, judge id) of the cases the model reads.
+        let mut asks = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
             let Some(p) = prompt(case.dataset) else {
-                out.push(self.reference.judge_one(case)?);
+                out[i] = Some(self.reference.judge_one(case)?);
                 continue;
             };
             let id = format!("{fingerprint}:prompt:{}:labels=CORRECT|INCORRECT", p.version);
@@ -533,37 +542,53 @@ impl Judge for NextTokenJudge {
                 decoding: judge_decoding(),
             };
             let key = GenerationStore::key(&fingerprint, &request, 0);
-            let stored = self.store.as_ref().expect("opened above").get(&key).cloned();
-            let raw = match stored {
-                Some(g) => g.output,
-                None => {
-                    self.calls += 1;
-                    let start = std::time::Instant::now();
-                    match self.label_probs(&request.prompt) {
-                        Ok([c, i]) => {
-                            let raw = serde_json::json!({"CORRECT": c, "INCORRECT": i}).to_string();
+            asks.push((i, request, key, id));
+        }
+        let missing: Vec<usize> =
+            (0..asks.len()).filter(|&a| self.store.as_ref().expect("opened").get(&asks[a].2).is_none()).collect();
+        let mut failed: HashMap<usize, String> = HashMap::new();
+        for chunk in missing.chunks(JUDGE_BATCH) {
+            self.calls += chunk.len() as u64;
+            let start = std::time::Instant::now();
+            let prompts: Vec<&str> = chunk.iter().map(|&a| asks[a].1.prompt.as_str()).collect();
+            match self.label_probs(&prompts) {
+                Ok(probs) => {
+                    let ms = start.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+                    let entries: Vec<_> = chunk
+                        .iter()
+                        .zip(probs)
+                        .map(|(&a, [c, i])| {
                             let g = Generation {
-                                output: raw.clone(),
+                                output: serde_json::json!({"CORRECT": c, "INCORRECT": i}).to_string(),
                                 finish_reason: FinishReason::Stop,
                                 prompt_tokens: 0,
                                 completion_tokens: 0,
-                                latency_ms: start.elapsed().as_secs_f64() * 1e3,
+                                latency_ms: ms,
                             };
-                            let store = self.store.as_mut().expect("opened above");
-                            store.put(&[(key, fingerprint.clone(), request, 0, g)])?;
-                            raw
-                        }
-                        Err(e) => {
-                            out.push(Judged { verdict: VerdictLabel::JudgeError, judge: id, raw: Some(e.to_string()) });
-                            continue;
-                        }
+                            (asks[a].2.clone(), fingerprint.clone(), asks[a].1.clone(), 0, g)
+                        })
+                        .collect();
+                    self.store.as_mut().expect("opened").put(&entries)?;
+                }
+                Err(e) => {
+                    for &a in chunk {
+                        failed.insert(a, e.to_string());
                     }
                 }
-            };
-            let verdict = read_label_probs(&raw).unwrap_or(VerdictLabel::Unparseable);
-            out.push(Judged { verdict, judge: id, raw: Some(raw) });
+            }
         }
-        Ok(out)
+        let store = self.store.as_ref().expect("opened");
+        for (a, (i, _, key, id)) in asks.into_iter().enumerate() {
+            out[i] = Some(match failed.remove(&a) {
+                Some(e) => Judged { verdict: VerdictLabel::JudgeError, judge: id, raw: Some(e) },
+                None => {
+                    let raw = store.get(&key).expect("stored above").output.clone();
+                    let verdict = read_label_probs(&raw).unwrap_or(VerdictLabel::Unparseable);
+                    Judged { verdict, judge: id, raw: Some(raw) }
+                }
+            });
+        }
+        Ok(out.into_iter().map(|j| j.expect("every case judged")).collect())
     }
 }
 
