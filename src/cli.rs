@@ -117,6 +117,35 @@ pub enum Command {
         #[command(flatten)]
         cluster: Cluster,
     },
+    /// Re-score an archive's responses with another judge, into a new archive, without
+    /// generating anything. The judge's calls are kept in the source archive's generation
+    /// store, so rescoring again with the same judge asks no model.
+    Rescore {
+        /// The archive to read (items, trials, responses).
+        archive: PathBuf,
+        /// The archive to write (must not hold responses yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// auto, reference, candle[=<weights>] (local model, next-token probabilities), candle-text,
+        /// openai=<base_url>[,<model>] (any OpenAI-compatible endpoint, free-text answer).
+        #[arg(long, default_value = "auto")]
+        judge: String,
+        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
+        refusal: RefusalArg,
+        #[arg(long, value_enum, default_value_t = Format::Parquet)]
+        format: Format,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
+    /// Agreement of two judges on the same responses (two archives' verdicts, or an archive's
+    /// verdicts against human labels in a CSV with columns response_key,verdict): percent
+    /// agreement, Cohen's kappa with a 95% interval, and the confusion table, per dataset.
+    Agreement {
+        /// The first judge's archive.
+        first: PathBuf,
+        /// The second judge's archive, or a CSV of human labels.
+        second: PathBuf,
+    },
     /// Serve a model of an experiment file over an OpenAI-compatible API
     /// (`POST /v1/chat/completions`, `GET /v1/models`), batching concurrent requests.
     Serve {
@@ -323,6 +352,16 @@ pub enum Bench {
         #[command(flatten)]
         cluster: Cluster,
     },
+    /// Verdicts/s of the reference judge and of the local LLM judge (next-token) on answers
+    /// SmolLM2 generates for a small sample of each dataset.
+    Score {
+        /// Items per dataset.
+        #[arg(long, default_value_t = 4)]
+        n: usize,
+        /// Where to write the benchmark archive (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Candor's full statistical analysis against pandas + statsmodels on synthetic observations
     /// at the paper's scale (439,792 rows) and multiples of it, and the latency of an
     /// incremental update (one checkpoint, ~8,000 observations) with small and large history.
@@ -423,6 +462,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 progress,
             )?;
             if cluster.is_leader() {
+                let verdicts = verdict_counts(&archive)?;
                 if json {
                     for d in &report.epochs {
                         println!("{}", serde_json::json!({"epoch": d.epoch, "rows": d.rows}));
@@ -431,7 +471,7 @@ pub fn main(cli: Cli) -> Result<()> {
                         "{}",
                         serde_json::json!({"command": "run", "archive": out, "skipped": report.skipped,
                             "model_calls": report.model_calls, "from_store": report.from_store,
-                            "completion_tokens": report.completion_tokens})
+                            "completion_tokens": report.completion_tokens, "verdicts": verdicts})
                     );
                 } else {
                     for s in &report.skipped {
@@ -448,6 +488,10 @@ pub fn main(cli: Cli) -> Result<()> {
                         report.completion_tokens,
                         out.display()
                     );
+                    for (ds, counts) in &verdicts {
+                        let c: Vec<String> = counts.iter().map(|(v, n)| format!("{n} {v}")).collect();
+                        println!("  {ds}: {}", c.join(", "));
+                    }
                 }
             }
         }
@@ -479,6 +523,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 batches,
                 imported.labels,
                 RefusalRules::new(refusal.into()),
+                None,
             )?;
             if cluster.is_leader() {
                 print_epochs("import", &reports, &out, json)?;
@@ -497,6 +542,32 @@ pub fn main(cli: Cli) -> Result<()> {
             if cluster.is_leader() {
                 print_epochs("replay", &reports, &out, json)?;
             }
+        }
+        Command::Rescore { archive, out, judge, refusal, format, cluster } => {
+            let source = Archive::open(&archive, format)?;
+            if !source.has(Response::STREAM)? {
+                bail!("{}: holds no responses to rescore", archive.display());
+            }
+            let target = Archive::open(&out, format)?;
+            if target.has(Response::STREAM)? {
+                bail!("{}: already holds responses; rescore into an empty directory", out.display());
+            }
+            let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
+            let judge = crate::score::judge::open(&config, source.root())?;
+            let reports = pipelines::rescore(&cluster, &source, &target, RefusalRules::new(refusal.into()), judge)?;
+            if cluster.is_leader() {
+                print_epochs("rescore", &reports, &out, json)?;
+            }
+        }
+        Command::Agreement { first, second } => {
+            let a = read_records::<crate::records::Verdict>(&Archive::open(&first, Format::Parquet)?)?;
+            let b = if second.is_file() {
+                crate::score::agreement::read_human_csv(&second)?
+            } else {
+                read_records::<crate::records::Verdict>(&Archive::open(&second, Format::Parquet)?)?
+            };
+            let report = crate::score::agreement::compare(&a, &b);
+            crate::score::agreement::print(&report, json);
         }
         Command::Serve { experiment, model, checkpoint, listen, batch_size, faults, fault_seed } => {
             let exp = Experiment::load(&experiment)?;
@@ -635,6 +706,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?
         }
+        Command::Bench { which: Bench::Score { n, dir } } => crate::bench::score(n, dir.as_deref())?,
         Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
             crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
         }
@@ -826,15 +898,22 @@ fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) -> Re
             println!("epoch {}: {}", d.epoch, rows.join(", "));
         }
     }
-    let obs = read_records::<Observation>(&Archive::open(out, Format::Parquet)?)?;
+    let archive = Archive::open(out, Format::Parquet)?;
+    let obs = read_records::<Observation>(&archive)?;
     let excluded = obs.iter().filter(|o| o.correct.is_none()).count();
+    let verdicts = verdict_counts(&archive)?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"command": what, "archive": out, "observations": obs.len(), "excluded": excluded})
+            serde_json::json!({"command": what, "archive": out, "observations": obs.len(), "excluded": excluded,
+                "verdicts": verdicts})
         );
     } else {
         println!("{what}: {} observations in {} ({excluded} excluded from statistics)", obs.len(), out.display());
+        for (ds, counts) in &verdicts {
+            let c: Vec<String> = counts.iter().map(|(v, n)| format!("{n} {v}")).collect();
+            println!("  {ds}: {}", c.join(", "));
+        }
     }
     Ok(())
 }
@@ -876,4 +955,15 @@ fn print_warmth(
         }
     }
     Ok(())
+}
+
+/// Verdicts by dataset and label (UNPARSEABLE and JUDGE_ERROR included: they are counted,
+/// never folded into INCORRECT).
+pub fn verdict_counts(archive: &Archive) -> Result<BTreeMap<String, BTreeMap<String, usize>>> {
+    let mut out: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for v in read_records::<crate::records::Verdict>(archive)? {
+        let ds = v.trial_key.split('/').next().unwrap_or("").to_string();
+        *out.entry(ds).or_default().entry(v.verdict).or_default() += 1;
+    }
+    Ok(out)
 }

@@ -45,6 +45,9 @@ pub struct Experiment {
     pub refusal: RefusalConfig,
     #[serde(default)]
     pub generation: crate::generate::GenerationConfig,
+    /// Who judges the answers `candor run` generates (`[judge]`, see [`crate::score::judge`]).
+    #[serde(default)]
+    pub judge: crate::score::judge::JudgeConfig,
     /// Models under evaluation, each with its checkpoints.
     #[serde(default)]
     pub models: Vec<ModelConfig>,

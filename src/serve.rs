@@ -4,7 +4,8 @@
 //!
 //! Concurrent requests are gathered into batches for the model (decoded together), answered on
 //! a thread of their own. `--faults` makes the server misbehave on purpose (429 with
-//! Retry-After, 500, slow answers, truncated and non-JSON bodies), seeded, so clients' retry
+//! Retry-After, 500, slow answers, truncated and non-JSON bodies, and well-formed answers whose
+//! text is babble, as a confused judge model would give), seeded, so clients' retry
 //! and error handling can be exercised against a real endpoint.
 
 use std::net::SocketAddr;
@@ -31,6 +32,8 @@ pub struct Faults {
     pub slow: f64,
     pub truncated: f64,
     pub garbage: f64,
+    /// A well-formed completion whose content is nonsense instead of the model's answer.
+    pub babble: f64,
     /// How long a slow answer waits.
     pub slow_for: Duration,
     /// The Retry-After a 429 carries, in seconds.
@@ -38,7 +41,7 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// Parses `429=0.2,500=0.1,slow=0.05,truncate=0.05,garbage=0.05[,slow_ms=2000][,retry_after=1]`.
+    /// Parses `429=0.2,500=0.1,slow=0.05,truncate=0.05,garbage=0.05,babble=0.05[,slow_ms=2000][,retry_after=1]`.
     pub fn parse(spec: &str) -> Result<Self> {
         let mut f = Faults { slow_for: Duration::from_millis(1500), retry_after_secs: 1, ..Default::default() };
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -51,17 +54,20 @@ impl Faults {
                 "slow" => f.slow = num,
                 "truncate" => f.truncated = num,
                 "garbage" => f.garbage = num,
+                "babble" => f.babble = num,
                 "slow_ms" => f.slow_for = Duration::from_millis(num as u64),
                 "retry_after" => f.retry_after_secs = num as u32,
                 _ => {
                     return Err(Error::config(
                         "--faults",
-                        format!("unknown fault `{k}` (429, 500, slow, truncate, garbage, slow_ms, retry_after)"),
+                        format!(
+                            "unknown fault `{k}` (429, 500, slow, truncate, garbage, babble, slow_ms, retry_after)"
+                        ),
                     ));
                 }
             }
         }
-        if f.rate_limit + f.server_error + f.slow + f.truncated + f.garbage > 1.0 {
+        if f.rate_limit + f.server_error + f.slow + f.truncated + f.garbage + f.babble > 1.0 {
             return Err(Error::config("--faults", "the probabilities add up to more than 1"));
         }
         Ok(f)
@@ -75,6 +81,7 @@ enum Fault {
     Slow,
     Truncated,
     Garbage,
+    Babble,
 }
 
 struct ServeState {
@@ -105,7 +112,11 @@ impl ServeState {
             return Fault::Truncated;
         }
         edge += f.garbage;
-        if u < edge { Fault::Garbage } else { Fault::None }
+        if u < edge {
+            return Fault::Garbage;
+        }
+        edge += f.babble;
+        if u < edge { Fault::Babble } else { Fault::None }
     }
 }
 
@@ -239,7 +250,7 @@ async fn chat(State(state): State<Arc<ServeState>>, Json(body): Json<Value>) -> 
             return (StatusCode::OK, "<html><body>502 Bad Gateway (injected)</body></html>").into_response();
         }
         Fault::Slow => tokio::time::sleep(state.faults.slow_for).await,
-        Fault::None | Fault::Truncated => {}
+        Fault::None | Fault::Truncated | Fault::Babble => {}
     }
     let request = match parse_request(&body) {
         Ok(r) => r,
@@ -254,6 +265,10 @@ async fn chat(State(state): State<Arc<ServeState>>, Json(body): Json<Value>) -> 
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "the model thread has stopped"),
     };
+    let mut answer = answer;
+    if let Fault::Babble = fault {
+        answer.output = "Hmm, well, perhaps the purple elephant of the question sings?".into();
+    }
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let reply = json!({
         "id": format!("chatcmpl-candor-{created}"),

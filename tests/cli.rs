@@ -1400,3 +1400,182 @@ fn stream_generating_announced_checkpoints_killed_mid_run_repays_no_model_call()
         serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
     assert_eq!(third["report"]["model_calls"], 0);
 }
+
+/// An experiment of `datasets` (n items each), unmodified and original prompts only, SmolLM2
+/// answering in a few tokens, judged by `judge` (a `[judge]` table body).
+fn judge_experiment(dir: &Path, datasets: &[&str], n: usize, judge: &str) -> PathBuf {
+    let p = dir.join("judge-exp.toml");
+    let mut text = format!(
+        "name = \"judged\"\nseed = 9\ndata_dir = \"{}\"\n\
+         [conditions]\namendments = [\"unmodified\"]\nprompt_types = [\"original\"]\n\
+         [generation]\nmax_new_tokens = 24\nbatch_size = 8\n\
+         [judge]\n{judge}\n\
+         [[models]]\nname = \"smollm2\"\nbackend = {{ kind = \"candle\", threads = 2 }}\n\
+         [[models.checkpoints]]\nid = \"original\"\n",
+        repo("data")
+    );
+    for d in datasets {
+        text.push_str(&format!("[datasets.{d}]\nn = {n}\n"));
+    }
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn verdict_counts(stdout: &str, command: &str) -> serde_json::Value {
+    let line = json_lines(stdout).into_iter().find(|v| v["command"] == command).expect("a summary line");
+    line["verdicts"].clone()
+}
+
+#[test]
+fn a_judge_that_fails_or_babbles_gives_judge_error_or_unparseable_never_incorrect() {
+    if local_model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exp = judge_experiment(dir.path(), &["trivia", "disinfo"], 2, "kind = \"reference\"");
+    let run = dir.path().join("run");
+    let first = verdict_counts(&ok(&["run", exp.to_str().unwrap(), "--out", run.to_str().unwrap(), "--json"]), "run");
+    let judged: u64 = first
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|c| c.as_object().unwrap().values())
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(judged, 4, "the reference judge scored every answer of the run: {first}");
+
+    let serve = |faults: &str| {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["serve", exp.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}"), "--batch-size", "4"])
+            .args(["--faults", faults, "--fault-seed", "3"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed().as_secs() < 120, "candor serve did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        (child, port)
+    };
+    let judge = |port: u16| {
+        format!(
+            "{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", model = \"judge\", max_retries = 1, timeout_secs = 60 }}"
+        )
+    };
+    let rescore = |port: u16, name: &str| {
+        let out = dir.path().join(name);
+        let stdout =
+            ok(&["rescore", run.to_str().unwrap(), "--out", out.to_str().unwrap(), "--judge", &judge(port), "--json"]);
+        let verdicts: Vec<Verdict> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+        let obs: Vec<Observation> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+        (verdict_counts(&stdout, "rescore"), verdicts, obs)
+    };
+
+    // The endpoint fails every call: JUDGE_ERROR, counted, excluded from the statistics.
+    let (mut dead, port) = serve("500=1.0");
+    let (counts, verdicts, obs) = rescore(port, "dead");
+    dead.kill().unwrap();
+    dead.wait().unwrap();
+    assert_eq!(verdicts.len(), 4);
+    assert!(verdicts.iter().all(|v| v.verdict == "JUDGE_ERROR" && v.judge.starts_with("llm:openai:")), "{verdicts:?}");
+    assert!(verdicts.iter().all(|v| v.judge_raw.as_deref().unwrap_or("").contains("500")), "{verdicts:?}");
+    assert_eq!(counts["trivia"]["JUDGE_ERROR"], 2, "{counts}");
+    // Disinfo refusals would count CORRECT; a judge error never counts at all.
+    assert!(obs.iter().all(|o| o.correct.is_none() || o.refusal), "{obs:?}");
+    assert!(obs.iter().all(|o| o.verdict != "INCORRECT"));
+
+    // The endpoint answers, but with babble: UNPARSEABLE, the judge's answer kept.
+    let (mut babbling, port) = serve("babble=1.0");
+    let (counts, verdicts, _) = rescore(port, "babble");
+    babbling.kill().unwrap();
+    babbling.wait().unwrap();
+    assert!(verdicts.iter().all(|v| v.verdict == "UNPARSEABLE"), "{verdicts:?}");
+    assert!(verdicts.iter().all(|v| v.judge_raw.as_deref().unwrap().contains("purple elephant")));
+    assert_eq!(counts["disinfo"]["UNPARSEABLE"], 2, "{counts}");
+
+    // A healthy endpoint: every label is what the judge's raw answer says, nothing unreadable
+    // becomes INCORRECT; judging again with the server gone is answered from the store.
+    let (mut healthy, port) = serve("");
+    let (_, verdicts, _) = rescore(port, "healthy");
+    healthy.kill().unwrap();
+    healthy.wait().unwrap();
+    for v in &verdicts {
+        let read = candor::score::judge::parse_verdict(v.judge_raw.as_deref().unwrap());
+        let expected = read.map_or("UNPARSEABLE".to_string(), |l| l.to_string());
+        assert_eq!(v.verdict, expected, "{v:?}");
+    }
+    let (_, again, _) = rescore(port, "again");
+    let key = |v: &Verdict| (v.response_key.clone(), v.verdict.clone(), v.judge_raw.clone());
+    let mut a: Vec<_> = verdicts.iter().map(key).collect();
+    let mut b: Vec<_> = again.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "re-judging with the same judge asks no model");
+}
+
+#[test]
+fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their_agreement() {
+    if local_model().is_none() {
+        return;
+    }
+    if !candor::score::embed::minilm_dir().join("model.safetensors").is_file() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run scripts/fetch-models minilm");
+        eprintln!("MiniLM missing: skipping (scripts/fetch-models minilm)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let all = ["trivia", "truthfulqa", "medqa", "disinfo", "mmlu", "gsm8k", "advbench"];
+    let exp = judge_experiment(dir.path(), &all, 1, "kind = \"auto\"");
+    let run = dir.path().join("run");
+    let stdout = ok(&["run", exp.to_str().unwrap(), "--out", run.to_str().unwrap(), "--json"]);
+    let counts = verdict_counts(&stdout, "run");
+    for d in all {
+        assert!(counts.get(d).is_some(), "{d} judged: {counts}");
+    }
+    let verdicts: Vec<Verdict> = read_records(&Archive::open(&run, Format::Parquet).unwrap()).unwrap();
+    let judge_of =
+        |ds: &str| verdicts.iter().find(|v| v.trial_key.starts_with(&format!("{ds}/"))).unwrap().judge.clone();
+    assert!(judge_of("trivia").starts_with("reference:v1:trivia-alias"));
+    assert!(judge_of("truthfulqa").contains(":minilm:53aa51172d14"));
+    assert!(judge_of("advbench").starts_with("next-token:candle:"), "{}", judge_of("advbench"));
+
+    let local = dir.path().join("local");
+    ok(&["rescore", run.to_str().unwrap(), "--out", local.to_str().unwrap(), "--judge", "candle", "--json"]);
+    let text = ok(&["agreement", run.to_str().unwrap(), local.to_str().unwrap()]);
+    println!("{text}");
+    let lines = json_lines(&text);
+    let summary = lines.iter().find(|l| l["command"] == "agreement").unwrap();
+    assert_eq!(summary["paired"], 7, "{summary}");
+    let overall = lines.iter().find(|l| l["dataset"] == "all").unwrap();
+    assert_eq!(
+        overall["agreement"]["compared"].as_u64().unwrap() + overall["agreement"]["unreadable"].as_u64().unwrap(),
+        7
+    );
+    // MMLU and GSM8K are read by the same regular expressions whichever judge runs.
+    for d in ["mmlu", "gsm8k"] {
+        let a = &lines.iter().find(|l| l["dataset"] == d).unwrap()["agreement"];
+        assert!(a["percent"] == 100.0 || a["unreadable"] == 1, "{d}: {a}");
+    }
+
+    // Against human labels in a CSV: the run's own labels with one flipped.
+    let csv = dir.path().join("human.csv");
+    let mut rows = String::from("response_key,verdict\n");
+    for (i, v) in verdicts.iter().enumerate() {
+        let label = if i == 0 && v.verdict == "CORRECT" {
+            "incorrect"
+        } else if i == 0 {
+            "correct"
+        } else {
+            &v.verdict
+        };
+        rows.push_str(&format!("{},{label}\n", v.response_key));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let lines = json_lines(&ok(&["agreement", run.to_str().unwrap(), csv.to_str().unwrap()]));
+    let summary = lines.iter().find(|l| l["command"] == "agreement").unwrap();
+    assert_eq!(summary["second_judges"][0], "human");
+    let overall = &lines.iter().find(|l| l["dataset"] == "all").unwrap()["agreement"];
+    assert!(overall["percent"].as_f64().unwrap() < 100.0, "{overall}");
+}

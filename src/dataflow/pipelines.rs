@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
 use timely::dataflow::StreamVec;
@@ -20,6 +20,7 @@ use crate::conditions::{Dataset, VerdictLabel};
 use crate::error::{Error, Result};
 use crate::records::{Item, Observation, Response, Trial, Verdict};
 use crate::schema::Record;
+use crate::score::judge::{Case, Judge};
 use crate::score::refusal::RefusalRules;
 
 /// Runs a dataflow over `sources` (sent by worker 0 in epoch order) and archives everything
@@ -151,12 +152,30 @@ pub struct Label {
     pub raw: Option<String>,
 }
 
+/// A judge shared by the workers of one process, with the items it reads reference fields
+/// from (keyed by dataset and item key).
+#[derive(Clone)]
+pub struct Judging {
+    pub items: Arc<HashMap<(String, String), Item>>,
+    pub judge: Arc<Mutex<Box<dyn Judge>>>,
+}
+
+impl Judging {
+    pub fn new(items: Vec<Item>, judge: Box<dyn Judge>) -> Self {
+        let items = items.into_iter().map(|i| ((i.dataset.clone(), i.item_key.clone()), i)).collect();
+        Judging { items: Arc::new(items), judge: Arc::new(Mutex::new(judge)) }
+    }
+}
+
 /// The refusal and judge operators in one stage: response batches → verdict and observation
-/// batches. Trials are a dimension table every worker holds.
+/// batches. Trials are a dimension table every worker holds. A response is scored with its
+/// label when one was given (an import, a replay), else by the judge when there is one; with
+/// neither it stays archived unscored.
 pub struct ScoreStage {
     trials: Arc<HashMap<String, Trial>>,
     labels: Arc<HashMap<String, Label>>,
     refusal: RefusalRules,
+    judging: Option<Judging>,
 }
 
 impl ScoreStage {
@@ -165,7 +184,43 @@ impl ScoreStage {
         labels: Arc<HashMap<String, Label>>,
         refusal: RefusalRules,
     ) -> Self {
-        ScoreStage { trials, labels, refusal }
+        ScoreStage { trials, labels, refusal, judging: None }
+    }
+
+    /// Judges responses that have no label.
+    pub fn with_judge(mut self, judging: Option<Judging>) -> Self {
+        self.judging = judging;
+        self
+    }
+
+    /// Labels for `responses` (None: left unscored): given labels first, then the judge's.
+    fn labels_for(&self, responses: &[(Response, &Trial, Dataset)]) -> Result<Vec<Option<Label>>> {
+        let mut out: Vec<Option<Label>> =
+            responses.iter().map(|(r, _, _)| self.labels.get(&r.response_key).cloned()).collect();
+        let Some(j) = &self.judging else { return Ok(out) };
+        let mut cases = Vec::new();
+        let mut at = Vec::new();
+        for (i, (r, t, dataset)) in responses.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            let item = j.items.get(&(t.dataset.clone(), t.item_key.clone())).ok_or_else(|| {
+                Error::schema(
+                    "trial",
+                    format!("trial `{}` names item `{}`, which is not in the item stream", t.trial_key, t.item_key),
+                )
+            })?;
+            cases.push(Case { dataset: *dataset, item, output: &r.output });
+            at.push(i);
+        }
+        if cases.is_empty() {
+            return Ok(out);
+        }
+        let judged = j.judge.lock().map_err(|_| Error::Internal("the judge panicked".into()))?.judge(&cases)?;
+        for (i, v) in at.into_iter().zip(judged) {
+            out[i] = Some(Label { verdict: v.verdict, judge: v.judge, raw: v.raw });
+        }
+        Ok(out)
     }
 }
 
@@ -177,8 +232,7 @@ impl Stage for ScoreStage {
         if stream_of(batch) != Response::STREAM {
             return Ok(Vec::new());
         }
-        let mut verdicts = Vec::new();
-        let mut observations = Vec::new();
+        let mut rows = Vec::new();
         for r in Response::from_batch(batch)? {
             let trial = self.trials.get(&r.trial_key).ok_or_else(|| {
                 Error::schema(
@@ -189,10 +243,16 @@ impl Stage for ScoreStage {
                     ),
                 )
             })?;
-            // Without a label there is nothing to judge yet: the response stays archived.
-            let Some(label) = self.labels.get(&r.response_key) else { continue };
-            let phrase = self.refusal.detect(&r.output);
             let dataset: Dataset = trial.dataset.parse().map_err(|m: String| Error::schema("trial", m))?;
+            rows.push((r, trial, dataset));
+        }
+        let labels = self.labels_for(&rows)?;
+        let mut verdicts = Vec::new();
+        let mut observations = Vec::new();
+        for ((r, trial, dataset), label) in rows.into_iter().zip(labels) {
+            // Without a label there is nothing to judge yet: the response stays archived.
+            let Some(label) = label else { continue };
+            let phrase = self.refusal.detect(&r.output);
             let (verdict, correct) = crate::score::observe(dataset, phrase.is_some(), label.verdict);
             verdicts.push(Verdict {
                 response_key: r.response_key.clone(),
@@ -203,8 +263,8 @@ impl Stage for ScoreStage {
                 refusal: phrase.is_some(),
                 refusal_phrase: phrase.clone(),
                 verdict: label.verdict.to_string(),
-                judge: label.judge.clone(),
-                judge_raw: label.raw.clone(),
+                judge: label.judge,
+                judge_raw: label.raw,
             });
             observations.push(Observation {
                 response_key: r.response_key,
@@ -240,6 +300,7 @@ pub fn score_responses(
     responses: Vec<(Epoch, RecordBatch)>,
     labels: HashMap<String, Label>,
     refusal: RefusalRules,
+    judging: Option<Judging>,
 ) -> Result<Vec<EpochDone>> {
     let total: u64 = responses.iter().map(|(_, b)| b.num_rows() as u64).sum();
     let mut sources = Vec::new();
@@ -254,7 +315,7 @@ pub fn score_responses(
     run(cluster, archive, sources, Some(total * 3), move |input, peers| {
         let scored = stage(
             partition_by(only(input.clone(), Response::STREAM), "response_key", peers),
-            ScoreStage::new(trials.clone(), labels.clone(), refusal.clone()),
+            ScoreStage::new(trials.clone(), labels.clone(), refusal.clone()).with_judge(judging.clone()),
         );
         input.concat(scored)
     })
@@ -272,9 +333,42 @@ pub fn read_records<R: Record>(archive: &Archive) -> Result<Vec<R>> {
 /// Replays an archive's responses through the scoring dataflow into another archive, with the
 /// labels its verdict stream holds. The result equals what the live run archived.
 pub fn replay(cluster: &Cluster, source: &Archive, out: &Archive, refusal: RefusalRules) -> Result<Vec<EpochDone>> {
+    replay_with(cluster, source, out, refusal, None)
+}
+
+/// Re-scores an archive's responses with `judge` into another archive, without generating
+/// anything: the responses are replayed and every one is judged afresh. The judge's own
+/// calls go through the source archive's generation store, so rescoring again with the same
+/// judge asks no model.
+pub fn rescore(
+    cluster: &Cluster,
+    source: &Archive,
+    out: &Archive,
+    refusal: RefusalRules,
+    judge: Box<dyn Judge>,
+) -> Result<Vec<EpochDone>> {
+    let items: Vec<Item> = read_records(source)?;
+    if items.is_empty() {
+        return Err(Error::config(
+            "rescore",
+            format!("{} holds no item stream to judge against", source.root().display()),
+        ));
+    }
+    replay_with(cluster, source, out, refusal, Some(Judging::new(items, judge)))
+}
+
+fn replay_with(
+    cluster: &Cluster,
+    source: &Archive,
+    out: &Archive,
+    refusal: RefusalRules,
+    judging: Option<Judging>,
+) -> Result<Vec<EpochDone>> {
     let trials: Vec<Trial> = read_records(source)?;
     let mut labels = HashMap::new();
-    for v in read_records::<Verdict>(source)? {
+    // A rescore ignores the verdicts already archived.
+    let old = if judging.is_some() { Vec::new() } else { read_records::<Verdict>(source)? };
+    for v in old {
         let verdict = VerdictLabel::parse_loose(&v.verdict).ok_or_else(|| {
             Error::schema("verdict", format!("response `{}` has unknown verdict `{}`", v.response_key, v.verdict))
         })?;
@@ -303,7 +397,7 @@ pub fn replay(cluster: &Cluster, source: &Archive, out: &Archive, refusal: Refus
     }
     let new_trials = if out.has(Trial::STREAM)? { Vec::new() } else { trials.clone() };
     let _ = Partition::All;
-    score_responses(cluster, out, trials, new_trials, super::GRID_EPOCH, responses, labels, refusal)
+    score_responses(cluster, out, trials, new_trials, super::GRID_EPOCH, responses, labels, refusal, judging)
 }
 
 /// What `candor run` did.
@@ -380,12 +474,16 @@ pub fn run_experiment(
     let all_trials: Arc<HashMap<String, Trial>> =
         Arc::new(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
     let refusal = RefusalRules::new(exp.refusal.mode);
+    let judging = Judging::new(read_records(archive)?, crate::score::judge::open(&exp.judge, archive.root())?);
     let (c, b) = (counters.clone(), bar.clone());
     report.epochs = run(cluster, archive, sources, None, move |input, peers| {
         let responses =
             generate(partition_by(only(input, Trial::STREAM), "trial_key", peers), plan.clone(), c.clone(), b.clone());
-        let scored =
-            stage(responses.clone(), ScoreStage::new(all_trials.clone(), Arc::new(HashMap::new()), refusal.clone()));
+        let scored = stage(
+            responses.clone(),
+            ScoreStage::new(all_trials.clone(), Arc::new(HashMap::new()), refusal.clone())
+                .with_judge(Some(judging.clone())),
+        );
         responses.concat(scored)
     })?;
     if let Some(bar) = bar {

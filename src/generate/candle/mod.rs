@@ -556,3 +556,17 @@ pub fn token_logprobs(engine: &Engine, tokens: &[u32]) -> Result<Vec<f32>> {
     })();
     picked.map_err(|e| model_error("log-likelihood pass", e))
 }
+
+/// Next-token logits `[vocab]` after each prompt (token ids), prompts prefilled together in one
+/// batched pass: the local judge's reading of label probabilities. Only the last position's
+/// logits are computed, not the whole `[tokens, vocab]` of [`Engine::logits_all_positions`].
+pub fn next_token_logits(engine: &Engine, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    let mut caches: Vec<llama::Cache> = prompts.iter().map(|_| llama::Cache::new(engine.model.config())).collect();
+    let mut batch: Vec<(&[u32], &mut llama::Cache)> =
+        prompts.iter().map(Vec::as_slice).zip(caches.iter_mut()).collect();
+    let logits = engine
+        .model
+        .forward(&mut batch, llama::Positions::Last)
+        .map_err(|e| engine::model_error("next-token pass", e))?;
+    logits.iter().map(|t| t.to_vec1::<f32>().map_err(|e| engine::model_error("next-token pass", e))).collect()
+}
