@@ -69,6 +69,15 @@ pub enum Command {
         out: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Parquet)]
         format: Format,
+        /// Serve the archive's live tables and statistics over the PostgreSQL wire protocol on
+        /// this address while the run goes (as `candor sql --listen`): each checkpoint's
+        /// statistics appear when its epoch commits. Non-loopback addresses need
+        /// CANDOR_SQL_PASSWORD.
+        #[arg(long, value_name = "ADDR")]
+        sql_listen: Option<std::net::SocketAddr>,
+        /// With --sql-listen: keep serving after the run ends, until interrupted.
+        #[arg(long, requires = "sql_listen")]
+        sql_stay: bool,
         #[command(flatten)]
         cluster: Cluster,
     },
@@ -440,7 +449,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 print_grid(&report, &out, json);
             }
         }
-        Command::Run { experiment, out, format, cluster } => {
+        Command::Run { experiment, out, format, sql_listen, sql_stay, cluster } => {
             let exp = Experiment::load(&experiment)?;
             if exp.models.is_empty() {
                 bail!("{}: no [[models]] to run", experiment.display());
@@ -453,6 +462,19 @@ pub fn main(cli: Cli) -> Result<()> {
                     println!("built the trial grid: {} trials", grid.counts.values().sum::<usize>());
                 }
             }
+            // The live SQL endpoint reads only committed epochs, so it can start before the run.
+            let endpoint = match sql_listen {
+                Some(addr) if cluster.is_leader() => {
+                    let live = std::sync::Arc::new(crate::sql::live::LiveSql::open(&out)?);
+                    let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgAuth::from_env())?;
+                    eprintln!("live SQL (PostgreSQL protocol) on {}", server.addr);
+                    if json {
+                        println!("{}", serde_json::json!({"sql_listen": server.addr.to_string()}));
+                    }
+                    Some(server)
+                }
+                _ => None,
+            };
             let progress = !json && std::io::stderr().is_terminal();
             let report = pipelines::run_experiment(
                 &cluster,
@@ -492,6 +514,12 @@ pub fn main(cli: Cli) -> Result<()> {
                         let c: Vec<String> = counts.iter().map(|(v, n)| format!("{n} {v}")).collect();
                         println!("  {ds}: {}", c.join(", "));
                     }
+                }
+            }
+            if let Some(server) = endpoint {
+                if sql_stay {
+                    eprintln!("run complete; live SQL still on {} (interrupt to stop)", server.addr);
+                    let _ = server.thread.join();
                 }
             }
         }

@@ -540,6 +540,9 @@ impl<'a> Streamer<'a> {
                 sources,
                 labels,
                 self.opts.refusal.clone(),
+                // Answer records carry their verdicts; unlabelled ones stay archived unscored
+                // (`candor rescore` judges them afterwards).
+                None,
             )?;
             self.committed.extend(epochs);
             self.archived_keys.extend(keys);
