@@ -96,11 +96,16 @@ pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
     }
 }
 
-/// Counts deliveries that failed after the client's own retries.
+/// A message whose delivery failed, kept to be sent again.
+type Failed = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Counts deliveries, and keeps the messages whose delivery failed after the client's own
+/// retries (e.g. while a broker restarts) so [`Publisher::flush`] can send them again.
 #[derive(Clone, Default)]
 pub struct Deliveries {
     pub failed: Arc<AtomicU64>,
     pub delivered: Arc<AtomicU64>,
+    retry: Arc<std::sync::Mutex<(Vec<Failed>, Option<String>)>>,
 }
 
 impl ClientContext for Deliveries {}
@@ -109,17 +114,27 @@ impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         match result {
-            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
-            Err((e, _)) => {
-                eprintln!("candor stream: a delivery failed: {e}");
-                self.failed.fetch_add(1, Ordering::Relaxed)
+            Ok(_) => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
             }
-        };
+            Err((e, m)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut retry = self.retry.lock().expect("delivery lock");
+                retry.0.push((m.topic().to_string(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
+                retry.1 = Some(format!("{e} (topic `{}`, partition {})", m.topic(), m.partition()));
+            }
+        }
     }
 }
 
-/// A producer whose failed deliveries are counted: a batch is published only once
-/// [`Publisher::flush`] reports none failed.
+/// How often [`Publisher::flush`] sends failed messages again before giving up (with
+/// backoff from 0.5 s doubling to 8 s: about a minute in all).
+const REDELIVERIES: u32 = 10;
+
+/// A producer whose failed deliveries are sent again: a batch is published only once
+/// [`Publisher::flush`] reports every message delivered. A message sent again may reach a
+/// topic twice (identical bytes, same key, epoch and sequence number), which the consumer
+/// dedupe contract (README, stream section) already covers.
 pub struct Publisher {
     producer: BaseProducer<Deliveries>,
     deliveries: Deliveries,
@@ -139,7 +154,17 @@ impl Publisher {
 
     /// Queues one message, waiting while the client's queue is full.
     pub fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        self.send_bytes(topic, Some(key.as_bytes()), Some(payload))
+    }
+
+    fn send_bytes(&self, topic: &str, key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<()> {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -157,15 +182,44 @@ impl Publisher {
         self.producer.poll(Duration::ZERO);
     }
 
-    /// Waits until every queued message is delivered; fails if any delivery failed since the
-    /// last flush.
+    /// Waits until every queued message is delivered, sending failed ones again with backoff;
+    /// fails, naming the last error, if some are still undelivered after [`REDELIVERIES`]
+    /// rounds.
     pub fn flush(&self) -> Result<()> {
-        self.producer.flush(Duration::from_secs(180)).map_err(|e| kafka("flushing", e))?;
-        let failed = self.deliveries.failed.swap(0, Ordering::Relaxed);
-        if failed > 0 {
-            return Err(Error::backend("kafka", format!("{failed} messages were not delivered")));
+        let mut backoff = Duration::from_millis(500);
+        for round in 0..=REDELIVERIES {
+            self.producer.flush(Duration::from_secs(180)).map_err(|e| kafka("flushing", e))?;
+            let (failed, last) = {
+                let mut retry = self.deliveries.retry.lock().expect("delivery lock");
+                (std::mem::take(&mut retry.0), retry.1.take())
+            };
+            if failed.is_empty() {
+                self.deliveries.failed.store(0, Ordering::Relaxed);
+                return Ok(());
+            }
+            if round == REDELIVERIES {
+                return Err(Error::backend(
+                    "kafka",
+                    format!(
+                        "{} messages were not delivered after {REDELIVERIES} redeliveries; last error: {}",
+                        failed.len(),
+                        last.unwrap_or_default()
+                    ),
+                ));
+            }
+            eprintln!(
+                "candor stream: {} deliveries failed ({}); sending them again in {:?}",
+                failed.len(),
+                last.unwrap_or_default(),
+                backoff
+            );
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(8));
+            for (topic, key, payload) in &failed {
+                self.send_bytes(topic, key.as_deref(), payload.as_deref())?;
+            }
         }
-        Ok(())
+        unreachable!("the last round returns")
     }
 }
 
