@@ -1579,3 +1579,74 @@ fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their
     let overall = &lines.iter().find(|l| l["dataset"] == "all").unwrap()["agreement"];
     assert!(overall["percent"].as_f64().unwrap() < 100.0, "{overall}");
 }
+
+/// `candor run --sql-listen`: psql, connected while SmolLM2 answers, sees the observations grow
+/// and the paired statistics appear once the fine-tuned checkpoint's epoch commits, and cannot
+/// write; with `--sql-stay` the endpoint outlives the run.
+#[test]
+fn psql_watches_a_run_fill_in_its_statistics() {
+    let Some(psql) = psql_or_skip() else { return };
+    if local_model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS);
+    let out = dir.path().join("run");
+    let mut run = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"])
+            .args(["--sql-listen", "127.0.0.1:0", "--sql-stay"])
+            .env_remove("CANDOR_SQL_PASSWORD")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = std::io::BufReader::new(run.0.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let addr: std::net::SocketAddr =
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["sql_listen"].as_str().unwrap().parse().unwrap();
+    let psql_run = |sql: &str| {
+        Command::new(&psql)
+            .args(["-h", "127.0.0.1", "-p", &addr.port().to_string(), "-U", "analyst", "-d", "candor"])
+            .args(["-X", "-A", "-t", "-F", ",", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap()
+    };
+    let total = 4 * 2 * 2; // items × amendments × prompt types, per checkpoint
+    let mut seen = Vec::new(); // (observations, families) as psql saw them while the run went
+    let started = std::time::Instant::now();
+    loop {
+        let o = psql_run(
+            "SELECT (SELECT COUNT(*) FROM observations) AS n, (SELECT COUNT(*) FROM family_table WHERE checkpoint = 'warm-prompt') AS f",
+        );
+        if o.status.success() {
+            let line = String::from_utf8(o.stdout).unwrap();
+            let (a, b) = line.trim().split_once(',').unwrap();
+            let now = (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap());
+            if seen.last() != Some(&now) {
+                seen.push(now);
+            }
+            if now.0 == 2 * total {
+                break;
+            }
+        }
+        assert!(started.elapsed().as_secs() < 600, "the run did not finish in 10 minutes: {seen:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("psql saw (observations, warm-prompt families): {seen:?}");
+    // Statistics changed under psql's eyes: first the base checkpoint alone (no pairs yet),
+    // then the fine-tuned one with its McNemar families.
+    assert!(seen.iter().any(|&(n, f)| n == total && f == 0), "{seen:?}");
+    assert!(seen.last().unwrap().1 > 0, "{seen:?}");
+    let write = psql_run("DELETE FROM observations");
+    assert!(!write.status.success() && String::from_utf8_lossy(&write.stderr).contains("read-only"));
+    // --sql-stay keeps the endpoint after the run; the run itself reported its summary.
+    let mut rest = String::new();
+    while !rest.contains("\"command\":\"run\"") {
+        assert!(std::io::BufRead::read_line(&mut stdout, &mut rest).unwrap() > 0, "no run summary: {rest}");
+    }
+    assert!(run.0.try_wait().unwrap().is_none(), "--sql-stay keeps serving");
+}
