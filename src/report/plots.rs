@@ -304,7 +304,12 @@ where
     let top = d.y_max.unwrap_or_else(|| (vmax * 1.15).max(1.0).ceil());
     let ng = d.groups.len().max(1);
     let groups = d.groups.clone();
-    let (chart_area, legend_area) = root.split_vertically(root.dim_in_pixel().1 as i32 - 70);
+    // The legend below the plot in as many rows as its labels need (long checkpoint names).
+    let longest = d.series.iter().map(|(n, _, _)| n.chars().count()).max().unwrap_or(1) as i32;
+    let cell = 40 + 8 * longest; // swatch, gap and ~8 px per character at 14 px
+    let cols = ((root.dim_in_pixel().0 as i32 - 40) / cell).clamp(1, d.series.len().max(1) as i32);
+    let rows = (d.series.len() as i32 + cols - 1) / cols;
+    let (chart_area, legend_area) = root.split_vertically(root.dim_in_pixel().1 as i32 - 46 - 24 * rows);
     let mut chart = ChartBuilder::on(&chart_area)
         .caption(&d.title, (FONT, 22))
         .margin(15)
@@ -350,14 +355,14 @@ where
             )
         }))?;
     }
-    // The legend below the plot, one swatch per series.
+    // The legend below the plot, one swatch per series, `cols` to a row.
     let (w, _) = legend_area.dim_in_pixel();
-    let per = (w as i32 - 40) / d.series.len().max(1) as i32;
+    let per = (w as i32 - 40) / cols;
     for (si, (name, ci, light)) in d.series.iter().enumerate() {
         let c = if *light { lighter(color(*ci)) } else { color(*ci) };
-        let x = 30 + per * si as i32;
-        legend_area.draw(&Rectangle::new([(x, 20), (x + 16, 36)], c.filled()))?;
-        legend_area.draw(&Text::new(name.clone(), (x + 22, 21), (FONT, 14).into_font()))?;
+        let (x, y) = (30 + per * (si as i32 % cols), 20 + 24 * (si as i32 / cols));
+        legend_area.draw(&Rectangle::new([(x, y), (x + 16, y + 16)], c.filled()))?;
+        legend_area.draw(&Text::new(name.clone(), (x + 22, y + 1), (FONT, 14).into_font()))?;
     }
     Ok(())
 }
