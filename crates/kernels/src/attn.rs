@@ -19,7 +19,15 @@ pub enum RopeLayout {
 /// Rotates every head of every row of `x` (`[rows, heads, head_dim]`) in place; row `r` is at
 /// position `positions[r]`, whose tables are `cos[p * head_dim / 2..][..head_dim / 2]` (and
 /// the same in `sin`).
-pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], cos: &[f32], sin: &[f32], layout: RopeLayout) {
+pub fn rope(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[usize],
+    cos: &[f32],
+    sin: &[f32],
+    layout: RopeLayout,
+) {
     let half = head_dim / 2;
     for (row, &p) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
         let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
