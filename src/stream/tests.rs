@@ -60,15 +60,6 @@ fn every_malformed_announcement_is_rejected_with_its_kind() {
 }
 
 #[test]
-fn base64_matches_the_standard_alphabet() {
-    assert_eq!(base64(b""), "");
-    assert_eq!(base64(b"f"), "Zg==");
-    assert_eq!(base64(b"fo"), "Zm8=");
-    assert_eq!(base64(b"foo"), "Zm9v");
-    assert_eq!(base64(b"foobar\xff"), "Zm9vYmFy/w==");
-}
-
-#[test]
 fn the_state_survives_a_save_and_load() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = StreamState::default();
