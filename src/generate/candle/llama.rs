@@ -34,17 +34,13 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use candor_kernels::attn::{self, Heads, RopeLayout};
+use candor_kernels::attn::{self, Heads};
 use candor_kernels::quant::{self, QMatrix};
 
-/// How rotary embeddings pair the dimensions of a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rope {
-    /// Pairs (2i, 2i+1): GGUF llama (llama.cpp permutes q/k weights into this order).
-    Interleaved,
-    /// Pairs (i, i+d/2): HF checkpoints and every GGUF qwen2.
-    Halves,
-}
+/// How rotary embeddings pair the dimensions of a head: `Interleaved` pairs (2i, 2i+1), GGUF
+/// llama (llama.cpp permutes q/k weights into this order); `Halves` pairs (i, i+d/2), HF
+/// checkpoints and every GGUF qwen2. The kernels' own type, so the CPU path takes it as is.
+pub use candor_kernels::attn::RopeLayout as Rope;
 
 /// Shape of a llama-family model.
 #[derive(Clone, Debug, PartialEq)]
@@ -556,12 +552,8 @@ impl Model {
         let row_of: Vec<(usize, usize)> =
             spans.iter().enumerate().flat_map(|(s, &(_, n, pos))| (pos..pos + n).map(move |p| (s, p))).collect();
         let positions: Vec<usize> = row_of.iter().map(|&(_, p)| p).collect();
-        let layout = match cfg.rope {
-            Rope::Interleaved => RopeLayout::Interleaved,
-            Rope::Halves => RopeLayout::Halves,
-        };
-        attn::rope(&mut qh, nh, hd, &positions, &self.cos_host, &self.sin_host, layout);
-        attn::rope(&mut kh, nkv, hd, &positions, &self.cos_host, &self.sin_host, layout);
+        attn::rope(&mut qh, nh, hd, &positions, &self.cos_host, &self.sin_host, cfg.rope);
+        attn::rope(&mut kh, nkv, hd, &positions, &self.cos_host, &self.sin_host, cfg.rope);
         for (s, &(off, n, _)) in spans.iter().enumerate() {
             let (kc, vc) = &mut seqs[s].1.host[li];
             kc.extend_from_slice(&kh[off * nkv * hd..(off + n) * nkv * hd]);
