@@ -127,9 +127,13 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// How often [`Publisher::flush`] sends failed messages again before giving up (with
-/// backoff from 0.5 s doubling to 8 s: about a minute in all).
-const REDELIVERIES: u32 = 10;
+/// How [`Publisher::flush`] sends failed messages again: up to 10 rounds, waiting 0.5 s doubling
+/// to 8 s between them (about a minute in all), on the generate stage's retry policy.
+const REDELIVERY: crate::generate::limit::RetryPolicy = crate::generate::limit::RetryPolicy {
+    max_retries: 10,
+    base: Duration::from_millis(500),
+    max_delay: Duration::from_secs(8),
+};
 
 /// A producer whose failed deliveries are sent again: a batch is published only once
 /// [`Publisher::flush`] reports every message delivered. A message sent again may reach a
@@ -183,11 +187,10 @@ impl Publisher {
     }
 
     /// Waits until every queued message is delivered, sending failed ones again with backoff;
-    /// fails, naming the last error, if some are still undelivered after [`REDELIVERIES`]
+    /// fails, naming the last error, if some are still undelivered after [`REDELIVERY`]'s
     /// rounds.
     pub fn flush(&self) -> Result<()> {
-        let mut backoff = Duration::from_millis(500);
-        for round in 0..=REDELIVERIES {
+        for round in 0..=REDELIVERY.max_retries {
             self.producer.flush(Duration::from_secs(180)).map_err(|e| kafka("flushing", e))?;
             let (failed, last) = {
                 let mut retry = self.deliveries.retry.lock().expect("delivery lock");
@@ -197,16 +200,19 @@ impl Publisher {
                 self.deliveries.failed.store(0, Ordering::Relaxed);
                 return Ok(());
             }
-            if round == REDELIVERIES {
+            if round == REDELIVERY.max_retries {
                 return Err(Error::backend(
                     "kafka",
                     format!(
-                        "{} messages were not delivered after {REDELIVERIES} redeliveries; last error: {}",
+                        "{} messages were not delivered after {} redeliveries; last error: {}",
                         failed.len(),
+                        REDELIVERY.max_retries,
                         last.unwrap_or_default()
                     ),
                 ));
             }
+            // The full delay (no jitter): a broker coming back needs the time.
+            let backoff = REDELIVERY.delay(round, 1.0);
             eprintln!(
                 "candor stream: {} deliveries failed ({}); sending them again in {:?}",
                 failed.len(),
@@ -214,7 +220,6 @@ impl Publisher {
                 backoff
             );
             std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(8));
             for (topic, key, payload) in &failed {
                 self.send_bytes(topic, key.as_deref(), payload.as_deref())?;
             }
