@@ -375,6 +375,24 @@ fn a_run_killed_with_sigkill_resumes_with_no_lost_duplicated_or_repaid_answers()
     assert_eq!(third["skipped"].as_array().unwrap().len(), 2);
 }
 
+/// `candor serve` of `exp`'s model on a free port with `faults` injected (seeded), once it
+/// accepts connections: the child and its port.
+fn serve_with_faults(exp: &Path, faults: &str) -> (std::process::Child, u16) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["serve", exp.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}"), "--batch-size", "4"])
+        .args(["--faults", faults, "--fault-seed", "3"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed().as_secs() < 120, "candor serve did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (child, port)
+}
+
 #[test]
 fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() {
     if local_model().is_none() {
@@ -382,20 +400,10 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     }
     let dir = tempfile::tempdir().unwrap();
     let serve = |faults: &str| {
-        let port = free_port();
-        let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS);
-        let child = Command::new(env!("CARGO_BIN_EXE_candor"))
-            .args(["serve", exp.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}"), "--batch-size", "4"])
-            .args(["--faults", faults, "--fault-seed", "3"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed().as_secs() < 120, "candor serve did not start");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        (child, port)
+        serve_with_faults(
+            &generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS),
+            faults,
+        )
     };
     let client = |port: u16, retries: u32| {
         generation_experiment(
@@ -1444,21 +1452,7 @@ fn a_judge_that_fails_or_babbles_gives_judge_error_or_unparseable_never_incorrec
         .sum();
     assert_eq!(judged, 4, "the reference judge scored every answer of the run: {first}");
 
-    let serve = |faults: &str| {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_candor"))
-            .args(["serve", exp.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}"), "--batch-size", "4"])
-            .args(["--faults", faults, "--fault-seed", "3"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed().as_secs() < 120, "candor serve did not start");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        (child, port)
-    };
+    let serve = |faults: &str| serve_with_faults(&exp, faults);
     let judge = |port: u16| {
         format!(
             "{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", model = \"judge\", max_retries = 1, timeout_secs = 60 }}"
