@@ -324,13 +324,7 @@ where
         .axis_desc_style((FONT, 17))
         .label_style((FONT, 14))
         .x_labels(ng)
-        .x_label_formatter(&|v: &f64| {
-            let i = v.round();
-            if (v - i).abs() > 1e-6 || i < 0.0 {
-                return String::new();
-            }
-            groups.get(i as usize).cloned().unwrap_or_default()
-        })
+        .x_label_formatter(&|v: &f64| category_label(&groups, *v))
         .disable_x_mesh()
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
@@ -413,13 +407,7 @@ where
         .axis_desc_style((FONT, 17))
         .label_style((FONT, 14))
         .x_labels(nt)
-        .x_label_formatter(&|v: &f64| {
-            let i = v.round();
-            if (v - i).abs() > 1e-6 || i < 0.0 {
-                return String::new();
-            }
-            ticks.get(i as usize).cloned().unwrap_or_default()
-        })
+        .x_label_formatter(&|v: &f64| category_label(&ticks, *v))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
     for (si, (name, pts)) in d.series.iter().enumerate() {
@@ -444,4 +432,13 @@ where
         .border_style(RGBColor(180, 180, 180))
         .draw()?;
     Ok(())
+}
+
+/// The name of the category at a whole-number axis position; other positions stay unlabelled.
+fn category_label(names: &[String], v: f64) -> String {
+    let i = v.round();
+    if (v - i).abs() > 1e-6 || i < 0.0 {
+        return String::new();
+    }
+    names.get(i as usize).cloned().unwrap_or_default()
 }
