@@ -2,7 +2,6 @@
 //! against a Kafka cluster or the tansu broker the tests start.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -99,12 +98,10 @@ pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
 /// A message whose delivery failed, kept to be sent again.
 type Failed = (String, Option<Vec<u8>>, Option<Vec<u8>>);
 
-/// Counts deliveries, and keeps the messages whose delivery failed after the client's own
-/// retries (e.g. while a broker restarts) so [`Publisher::flush`] can send them again.
+/// Keeps the messages whose delivery failed after the client's own retries (e.g. while a
+/// broker restarts), and the last error, so [`Publisher::flush`] can send them again.
 #[derive(Clone, Default)]
 pub struct Deliveries {
-    pub failed: Arc<AtomicU64>,
-    pub delivered: Arc<AtomicU64>,
     retry: Arc<std::sync::Mutex<(Vec<Failed>, Option<String>)>>,
 }
 
@@ -113,16 +110,10 @@ impl ClientContext for Deliveries {}
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
-                self.delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            Err((e, m)) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                let mut retry = self.retry.lock().expect("delivery lock");
-                retry.0.push((m.topic().to_string(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
-                retry.1 = Some(format!("{e} (topic `{}`, partition {})", m.topic(), m.partition()));
-            }
+        if let Err((e, m)) = result {
+            let mut retry = self.retry.lock().expect("delivery lock");
+            retry.0.push((m.topic().to_string(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
+            retry.1 = Some(format!("{e} (topic `{}`, partition {})", m.topic(), m.partition()));
         }
     }
 }
@@ -197,7 +188,6 @@ impl Publisher {
                 (std::mem::take(&mut retry.0), retry.1.take())
             };
             if failed.is_empty() {
-                self.deliveries.failed.store(0, Ordering::Relaxed);
                 return Ok(());
             }
             if round == REDELIVERY.max_retries {
