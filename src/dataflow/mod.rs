@@ -305,13 +305,18 @@ pub fn partition_for(stream: &str, epoch: Epoch, checkpoints: &BTreeMap<Epoch, P
 }
 
 /// What the archive sink reports when an epoch is complete.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EpochDone {
     pub epoch: Epoch,
     /// Rows written per stream.
     pub rows: BTreeMap<String, usize>,
     /// Errors the stages reported for this epoch; nothing is written for an epoch with errors.
     pub errors: Vec<String>,
+    /// The batch written per stream, exactly as archived (sorted by the stream's key), for
+    /// callers that pass the rows on (`candor stream` publishes them) without reading the
+    /// archive back. Not serialised: it stays in the process that wrote it.
+    #[serde(skip)]
+    pub written: BTreeMap<String, RecordBatch>,
 }
 
 /// Gathers every batch on worker 0 and, when the frontier passes an epoch, writes each
@@ -350,7 +355,7 @@ pub fn archive_sink<'s>(
 }
 
 fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BTreeMap<Epoch, Partition>) -> EpochDone {
-    let mut done = EpochDone { epoch, rows: BTreeMap::new(), errors: Vec::new() };
+    let mut done = EpochDone { epoch, rows: BTreeMap::new(), errors: Vec::new(), written: BTreeMap::new() };
     let mut by_stream: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     for msg in msgs {
         match msg {
@@ -368,11 +373,12 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
         let result = sorted_by_key(&stream, &batches).and_then(|batch| {
             let partition = partition_for(&stream, epoch, checkpoints);
             archive.append_epoch(&stream, &partition, epoch, std::slice::from_ref(&batch))?;
-            Ok(batch.num_rows())
+            Ok(batch)
         });
         match result {
-            Ok(n) => {
-                done.rows.insert(stream, n);
+            Ok(batch) => {
+                done.rows.insert(stream.clone(), batch.num_rows());
+                done.written.insert(stream, batch);
             }
             Err(e) => done.errors.push(format!("archiving stream `{stream}`: {e}")),
         }

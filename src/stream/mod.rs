@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use arrow::record_batch::RecordBatch;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -197,6 +198,8 @@ struct Streamer<'a> {
     started: Instant,
     /// Checkpoints complete and waiting for the end of the current poll batch.
     ready: BTreeSet<String>,
+    /// Time spent reading and parsing messages since the last evaluation (for the trace).
+    consuming: Duration,
 }
 
 /// Runs the stream until `idle_exit` passes without a message (or forever).
@@ -236,6 +239,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
         // A poll batch: wait for one message, then take what is already fetched, so that
         // every checkpoint it completes is evaluated in one run of the dataflow.
         let mut wait = Duration::from_millis(100);
+        let polled = Instant::now();
         for _ in 0..20_000 {
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
@@ -254,6 +258,9 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
                 }
                 None => break,
             }
+        }
+        if wait.is_zero() {
+            s.consuming += polled.elapsed();
         }
         let busy = Instant::now();
         s.evaluate_ready()?;
@@ -304,6 +311,7 @@ impl<'a> Streamer<'a> {
             dirty: false,
             started: Instant::now(),
             ready: BTreeSet::new(),
+            consuming: Duration::ZERO,
         })
     }
 
@@ -330,7 +338,7 @@ impl<'a> Streamer<'a> {
             .collect();
         unpublished.sort();
         for (epoch, key) in unpublished {
-            self.publish(epoch, &key)?;
+            self.publish(epoch, &key, BTreeMap::new())?;
             self.report.republished.push(epoch);
             self.state.published.insert(epoch);
             self.save()?;
@@ -524,6 +532,8 @@ impl<'a> Streamer<'a> {
         }
         let trace = std::env::var_os("CANDOR_STREAM_TRACE").is_some();
         let t0 = Instant::now();
+        // What each epoch's dataflow wrote, published as is rather than read back.
+        let mut written = HashMap::new();
         if !sources.is_empty() {
             let epochs: Vec<u64> = sources.iter().map(|(e, _)| *e).collect();
             let new_trials: Vec<Trial> = new_trials.into_values().collect();
@@ -531,7 +541,7 @@ impl<'a> Streamer<'a> {
             all.extend(new_trials.iter().cloned());
             // New trials belong to the first epoch of the run, which commits first.
             let trials_epoch = *epochs.iter().min().expect("not empty");
-            pipelines::score_responses(
+            let reports = pipelines::score_responses(
                 self.cluster,
                 self.archive,
                 all,
@@ -544,6 +554,7 @@ impl<'a> Streamer<'a> {
                 // (`candor rescore` judges them afterwards).
                 None,
             )?;
+            written.extend(reports.into_iter().map(|d| (d.epoch, d.written)));
             self.committed.extend(epochs);
             self.archived_keys.extend(keys);
             self.trials.extend(new_trials.into_iter().map(|t| (t.trial_key.clone(), t)));
@@ -556,15 +567,18 @@ impl<'a> Streamer<'a> {
         self.save()?;
         let t2 = Instant::now();
         for (checkpoint, epoch, _) in &finished {
-            self.publish(*epoch, checkpoint)?;
-            self.state.published.insert(*epoch);
+            self.publish(*epoch, checkpoint, written.remove(epoch).unwrap_or_default())?;
         }
+        // One flush for the whole batch: an epoch counts as published once all is delivered.
+        self.publisher.flush()?;
+        self.state.published.extend(finished.iter().map(|(_, e, _)| *e));
         let t3 = Instant::now();
         self.save()?;
         if trace {
             eprintln!(
-                "evaluated {} checkpoints: dataflow {:?}, save {:?}, publish {:?}, save {:?}",
+                "evaluated {} checkpoints: consume {:?}, dataflow {:?}, save {:?}, publish {:?}, save {:?}",
                 finished.len(),
+                std::mem::take(&mut self.consuming),
                 t1 - t0,
                 t2 - t1,
                 t3 - t2,
@@ -596,13 +610,16 @@ impl<'a> Streamer<'a> {
         Some(exp)
     }
 
-    /// Publishes one committed epoch's rows, read back from the archive, and the statistics
-    /// it changes; returns once all are delivered.
-    fn publish(&mut self, epoch: u64, checkpoint: &str) -> Result<()> {
+    /// Queues one committed epoch's rows and the statistics it changes for publication: the
+    /// batches its dataflow wrote (`written`, by stream) or, for streams not there (after a
+    /// restart, or a checkpoint Candor generated), the rows read back from the archive. Either
+    /// way the same rows in the same order, so a message published again is byte-identical.
+    /// Delivered at the next [`kafka::Publisher::flush`].
+    fn publish(&mut self, epoch: u64, checkpoint: &str, written: BTreeMap<String, RecordBatch>) -> Result<()> {
         let t = self.opts.topics.clone();
-        let responses: Vec<Response> = read_epoch(self.archive, epoch)?;
-        let verdicts: Vec<Verdict> = read_epoch(self.archive, epoch)?;
-        let observations: Vec<Observation> = read_epoch(self.archive, epoch)?;
+        let responses: Vec<Response> = epoch_rows(self.archive, epoch, &written)?;
+        let verdicts: Vec<Verdict> = epoch_rows(self.archive, epoch, &written)?;
+        let observations: Vec<Observation> = epoch_rows(self.archive, epoch, &written)?;
         self.send_rows(&t.responses, epoch, &responses, |r| &r.response_key)?;
         self.send_rows(&t.verdicts, epoch, &verdicts, |r| &r.response_key)?;
         self.send_rows(&t.observations, epoch, &observations, |r| &r.response_key)?;
@@ -629,7 +646,7 @@ impl<'a> Streamer<'a> {
             self.publisher.send(&t.statistics, &k, stats.to_string().as_bytes())?;
             self.report.published += 1;
         }
-        self.publisher.flush()
+        Ok(())
     }
 
     fn send_rows<R: Record + Serialize>(
@@ -707,8 +724,12 @@ impl<'a> Streamer<'a> {
     }
 }
 
-/// One committed epoch's rows of a stream, in archive order.
-fn read_epoch<R: Record>(archive: &Archive, epoch: u64) -> Result<Vec<R>> {
+/// One committed epoch's rows of a stream, in archive order: from the batch its dataflow
+/// wrote when there is one, else read back from the archive.
+fn epoch_rows<R: Record>(archive: &Archive, epoch: u64, written: &BTreeMap<String, RecordBatch>) -> Result<Vec<R>> {
+    if let Some(batch) = written.get(R::STREAM) {
+        return R::from_batch(batch);
+    }
     let mut out = Vec::new();
     for b in archive.read_epoch(R::STREAM, epoch)? {
         out.extend(R::from_batch(&b)?);
