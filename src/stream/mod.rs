@@ -23,6 +23,7 @@
 pub mod bench;
 pub mod kafka;
 pub mod messages;
+pub mod outbox;
 #[cfg(test)]
 mod tests;
 
@@ -117,8 +118,10 @@ pub struct StreamReport {
     /// already had (a restart re-pays nothing).
     pub model_calls: u64,
     pub from_store: u64,
-    /// Seconds from the start of the run to the last evaluation's publication.
+    /// Seconds from the start of the run to the last evaluation's archive commit.
     pub seconds_to_last_evaluation: Option<f64>,
+    /// Seconds from the start of the run until the last evaluation's outputs were delivered.
+    pub seconds_to_last_publication: Option<f64>,
 }
 
 /// The state saved with the archive: where to resume and what is not archived yet.
@@ -192,7 +195,10 @@ struct Streamer<'a> {
     trials: HashMap<String, Trial>,
     /// Per checkpoint, pair key → correct (None: excluded).
     observations: HashMap<String, HashMap<String, Option<bool>>>,
+    /// Dead letters, sent from this thread and flushed before every save.
     publisher: kafka::Publisher,
+    /// The output rows and statistics, sent on a thread of their own.
+    outbox: outbox::Outbox,
     report: StreamReport,
     dirty: bool,
     started: Instant,
@@ -269,6 +275,8 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
             last_message = Instant::now();
         }
         s.publisher.poll();
+        let delivered = s.outbox.delivered()?;
+        s.mark_published(delivered);
         if s.dirty && last_save.elapsed() >= opts.snapshot_every {
             s.save()?;
             last_save = Instant::now();
@@ -277,6 +285,9 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
             break;
         }
     }
+    let delivered = s.outbox.finish()?;
+    s.mark_published(delivered);
+    s.report.published = s.outbox.published;
     s.save()?;
     Ok(s.report)
 }
@@ -307,6 +318,7 @@ impl<'a> Streamer<'a> {
             trials,
             observations,
             publisher: kafka::Publisher::new(&opts.connection)?,
+            outbox: outbox::Outbox::start(&opts.connection)?,
             report: StreamReport::default(),
             dirty: false,
             started: Instant::now(),
@@ -340,14 +352,21 @@ impl<'a> Streamer<'a> {
         for (epoch, key) in unpublished {
             self.publish(epoch, &key, BTreeMap::new())?;
             self.report.republished.push(epoch);
-            self.state.published.insert(epoch);
-            self.save()?;
         }
         let announced: Vec<String> = self.state.announced.keys().cloned().collect();
         for k in announced {
             self.mark_if_complete(&k);
         }
         self.evaluate_ready()
+    }
+
+    /// Marks epochs the outbox delivered as published.
+    fn mark_published(&mut self, delivered: Vec<(u64, Instant)>) {
+        for (epoch, at) in delivered {
+            self.state.published.insert(epoch);
+            self.dirty = true;
+            self.report.seconds_to_last_publication = Some((at - self.started).as_secs_f64());
+        }
     }
 
     /// Flushes the dead letters sent so far, then saves the state: an offset is saved only
@@ -569,20 +588,14 @@ impl<'a> Streamer<'a> {
         for (checkpoint, epoch, _) in &finished {
             self.publish(*epoch, checkpoint, written.remove(epoch).unwrap_or_default())?;
         }
-        // One flush for the whole batch: an epoch counts as published once all is delivered.
-        self.publisher.flush()?;
-        self.state.published.extend(finished.iter().map(|(_, e, _)| *e));
-        let t3 = Instant::now();
-        self.save()?;
         if trace {
             eprintln!(
-                "evaluated {} checkpoints: consume {:?}, dataflow {:?}, save {:?}, publish {:?}, save {:?}",
+                "evaluated {} checkpoints: consume {:?}, dataflow {:?}, save {:?}, queue for publication {:?}",
                 finished.len(),
                 std::mem::take(&mut self.consuming),
                 t1 - t0,
                 t2 - t1,
-                t3 - t2,
-                t3.elapsed()
+                t2.elapsed()
             );
         }
         self.report.seconds_to_last_evaluation = Some(self.started.elapsed().as_secs_f64());
@@ -614,15 +627,13 @@ impl<'a> Streamer<'a> {
     /// batches its dataflow wrote (`written`, by stream) or, for streams not there (after a
     /// restart, or a checkpoint Candor generated), the rows read back from the archive. Either
     /// way the same rows in the same order, so a message published again is byte-identical.
-    /// Delivered at the next [`kafka::Publisher::flush`].
+    /// Published by the outbox thread; marked published once [`outbox::Outbox::delivered`]
+    /// reports it.
     fn publish(&mut self, epoch: u64, checkpoint: &str, written: BTreeMap<String, RecordBatch>) -> Result<()> {
         let t = self.opts.topics.clone();
         let responses: Vec<Response> = epoch_rows(self.archive, epoch, &written)?;
         let verdicts: Vec<Verdict> = epoch_rows(self.archive, epoch, &written)?;
         let observations: Vec<Observation> = epoch_rows(self.archive, epoch, &written)?;
-        self.send_rows(&t.responses, epoch, &responses, |r| &r.response_key)?;
-        self.send_rows(&t.verdicts, epoch, &verdicts, |r| &r.response_key)?;
-        self.send_rows(&t.observations, epoch, &observations, |r| &r.response_key)?;
         let cell = self.observations.entry(checkpoint.to_string()).or_default();
         for o in &observations {
             cell.insert(pair_key(o), o.correct);
@@ -641,38 +652,20 @@ impl<'a> Streamer<'a> {
             others.sort();
             changed.extend(others);
         }
-        for k in changed {
-            let stats = self.statistics(&k, epoch);
-            self.publisher.send(&t.statistics, &k, stats.to_string().as_bytes())?;
-            self.report.published += 1;
-        }
-        Ok(())
-    }
-
-    fn send_rows<R: Record + Serialize>(
-        &mut self,
-        topic: &str,
-        epoch: u64,
-        rows: &[R],
-        key: impl Fn(&R) -> &String,
-    ) -> Result<()> {
-        /// One output message (`schemas/kafka/output.json`), serialised without a JSON tree.
-        #[derive(Serialize)]
-        struct Out<'r, R> {
-            schema_version: u64,
-            stream: &'static str,
-            key: &'r str,
-            epoch: u64,
-            seq: usize,
-            record: &'r R,
-        }
-        for (seq, r) in rows.iter().enumerate() {
-            let out = Out { schema_version: SCHEMA_VERSION, stream: R::STREAM, key: key(r), epoch, seq, record: r };
-            let value = serde_json::to_vec(&out).map_err(|e| Error::Internal(format!("serialising a row: {e}")))?;
-            self.publisher.send(topic, key(r), &value)?;
-            self.report.published += 1;
-        }
-        Ok(())
+        let statistics = changed
+            .into_iter()
+            .map(|k| {
+                let stats = self.statistics(&k, epoch).to_string().into_bytes();
+                (t.statistics.clone(), k, stats)
+            })
+            .collect();
+        self.outbox.submit(outbox::Job {
+            epoch,
+            responses: (t.responses, responses),
+            verdicts: (t.verdicts, verdicts),
+            observations: (t.observations, observations),
+            statistics,
+        })
     }
 
     /// A checkpoint's statistics: accuracy over the included observations and, for a
