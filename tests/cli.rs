@@ -1283,7 +1283,7 @@ fn stream_rides_out_a_broker_restart_mid_stream() {
 }
 
 #[test]
-fn stream_on_two_processes_equals_one_process() {
+fn stream_on_two_processes_equals_one_process_with_two_reader_threads() {
     use candor::stream::kafka;
     use stream_support::*;
     let broker = Broker::start(false);
@@ -1310,7 +1310,9 @@ fn stream_on_two_processes_equals_one_process() {
         }
         outs.push(dir.path().join(prefix));
     }
-    let one = stream_args(&exp, &outs[0], &broker.addr, "t4a.", "3");
+    // The single process reads with 2 reader threads splitting its partitions.
+    let mut one = stream_args(&exp, &outs[0], &broker.addr, "t4a.", "3");
+    one.extend(["-w".into(), "2".into()]);
     ok(&one.iter().map(String::as_str).collect::<Vec<_>>());
     let two: Vec<_> = (0..2)
         .map(|p| {

@@ -71,6 +71,9 @@ pub fn consumer(conn: &Connection, group: &str) -> Result<BaseConsumer> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("session.timeout.ms", "6000")
+        // A fetch returns within 50 ms when there is little to read (the default waits up
+        // to 500 ms), which is most of an evaluation's latency on a quiet stream.
+        .set("fetch.wait.max.ms", "50")
         .set("enable.partition.eof", "false")
         .create()
         .map_err(|e| kafka("creating a consumer", e))
@@ -165,7 +168,8 @@ impl Publisher {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
-                    self.producer.poll(Duration::from_millis(10));
+                    self.producer.poll(Duration::ZERO);
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 Err((e, _)) => return Err(kafka(format!("producing to `{topic}`"), e)),
             }
@@ -178,20 +182,22 @@ impl Publisher {
     }
 
     /// Waits until the client holds no message (each delivered or reported failed). The
-    /// client's own `flush` polls in steps of 100 ms that always run to their end, which cost
-    /// every publication a tenth of a second; this polls in 1 ms steps.
+    /// client's own `flush` polls in steps of 100 ms that always run to their end (and a
+    /// shorter poll spins on the clock), which cost every publication a tenth of a second;
+    /// this serves what is there and sleeps half a millisecond between looks.
     fn drain(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        while self.producer.in_flight_count() > 0 {
-            if Instant::now() > deadline {
-                return Err(Error::backend(
-                    "kafka",
-                    format!("{} messages still undelivered after {timeout:?}", self.producer.in_flight_count()),
-                ));
+        loop {
+            self.producer.poll(Duration::ZERO);
+            let left = self.producer.in_flight_count();
+            if left == 0 {
+                return Ok(());
             }
-            self.producer.poll(Duration::from_millis(1));
+            if Instant::now() > deadline {
+                return Err(Error::backend("kafka", format!("{left} messages still undelivered after {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_micros(500));
         }
-        Ok(())
     }
 
     /// Waits until every queued message is delivered, sending failed ones again with backoff;

@@ -247,7 +247,88 @@ pub fn parse_announcement(bytes: Option<&[u8]>, max_bytes: usize) -> Result<Anno
 }
 
 /// Parses a message from the answer-record topic.
+///
+/// Well-formed records take a typed fast path (no JSON tree, strings borrowed where they
+/// have no escapes); anything the fast path does not accept outright is parsed again field
+/// by field, so every rejection names its reason exactly as before.
 pub fn parse_answer(bytes: Option<&[u8]>, max_bytes: usize) -> Result<Answer, Reject> {
+    if let Some(b) = bytes
+        && b.len() <= max_bytes
+        && let Some(a) = fast_answer(b)
+    {
+        return Ok(a);
+    }
+    parse_answer_checked(bytes, max_bytes)
+}
+
+/// The fast path of [`parse_answer`]: `Some` only for a record the checked parse accepts, with
+/// the same result.
+pub(super) fn fast_answer(bytes: &[u8]) -> Option<Answer> {
+    use std::borrow::Cow;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw<'a> {
+        schema_version: u64,
+        #[serde(borrow)]
+        model: Cow<'a, str>,
+        #[serde(borrow)]
+        checkpoint: Cow<'a, str>,
+        #[serde(borrow)]
+        dataset: Cow<'a, str>,
+        #[serde(borrow)]
+        item_key: Cow<'a, str>,
+        #[serde(borrow, default)]
+        amendment_type: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        prompt_type: Option<Cow<'a, str>>,
+        #[serde(default)]
+        sample_index: Option<u32>,
+        #[serde(borrow)]
+        prompt: Cow<'a, str>,
+        #[serde(borrow)]
+        output: Cow<'a, str>,
+        #[serde(borrow, default)]
+        verdict: Option<Cow<'a, str>>,
+    }
+    let raw: Raw<'_> = serde_json::from_str(std::str::from_utf8(bytes).ok()?).ok()?;
+    if raw.schema_version != SCHEMA_VERSION {
+        return None;
+    }
+    // The checked parse trims strings and rejects empty ones.
+    let text = |s: &str| Some(s.trim()).filter(|t| !t.is_empty()).map(str::to_string);
+    let opt = |s: &Option<Cow<'_, str>>| match s {
+        None => Some(None),
+        Some(s) => text(s).map(Some),
+    };
+    let dataset: Dataset = text(&raw.dataset)?.parse().ok()?;
+    let amendment: AmendmentType = match opt(&raw.amendment_type)? {
+        Some(s) => s.parse().ok()?,
+        None => AmendmentType::Unmodified,
+    };
+    let prompt_type: PromptType = match opt(&raw.prompt_type)? {
+        Some(s) => s.parse().ok()?,
+        None => PromptType::Original,
+    };
+    let verdict = opt(&raw.verdict)?;
+    if let Some(v) = &verdict {
+        VerdictLabel::parse_loose(v)?;
+    }
+    Some(Answer {
+        model: text(&raw.model)?,
+        checkpoint: text(&raw.checkpoint)?,
+        dataset: dataset.to_string(),
+        item_key: text(&raw.item_key)?,
+        amendment_type: amendment.to_string(),
+        prompt_type: prompt_type.to_string(),
+        sample_index: raw.sample_index.unwrap_or(0),
+        prompt: text(&raw.prompt)?,
+        output: raw.output.into_owned(),
+        verdict,
+    })
+}
+
+/// [`parse_answer`] field by field, naming the first fault.
+pub(super) fn parse_answer_checked(bytes: Option<&[u8]>, max_bytes: usize) -> Result<Answer, Reject> {
     let obj = object(bytes, max_bytes)?;
     check_fields(
         &obj,

@@ -24,6 +24,7 @@ pub mod bench;
 pub mod kafka;
 pub mod messages;
 pub mod outbox;
+pub mod readers;
 #[cfg(test)]
 mod tests;
 
@@ -32,9 +33,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
-use rdkafka::consumer::Consumer;
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::Archive;
@@ -46,6 +45,7 @@ use crate::records::{Observation, Response, Trial, Verdict};
 use crate::schema::Record;
 use crate::score::refusal::RefusalRules;
 use messages::{Announcement, Answer, Reject, SCHEMA_VERSION};
+use readers::{Incoming, Parsed, Readers, Source};
 
 /// The topics of one Candor stream.
 #[derive(Clone, Debug)]
@@ -211,10 +211,12 @@ struct Streamer<'a> {
 /// Runs the stream until `idle_exit` passes without a message (or forever).
 pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result<StreamReport> {
     // Processes split the input partitions (process I of P takes partition p when
-    // p mod P = I) and each keeps its own archive and state; threads (-w) run the scoring
+    // p mod P = I) and each keeps its own archive and state; within a process, the W reader
+    // threads (-w) split its partitions (see `readers`), and W timely workers run the scoring
     // dataflow of each evaluation.
     cluster.timely_config()?;
-    let owned = |p: i32| (p as usize) % cluster.processes.max(1) == cluster.process;
+    let processes = cluster.processes.max(1);
+    let owned = |p: i32| (p as usize) % processes == cluster.process;
     let local = Cluster { workers: cluster.workers, processes: 1, process: 0, hostfile: None };
     let cluster = &local;
     archive.recover()?;
@@ -225,47 +227,47 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     let mut s = Streamer::open(cluster, archive, opts)?;
     s.reconcile()?;
 
-    let consumer = kafka::consumer(&opts.connection, &opts.group)?;
-    let mut tpl = TopicPartitionList::new();
-    for topic in [&t.checkpoints, &t.answers] {
-        for p in (0..kafka::partitions(&consumer, topic)?).filter(|p| owned(*p)) {
+    let metadata = kafka::consumer(&opts.connection, &opts.group)?;
+    let mut assigned = Vec::new();
+    for (source, topic) in [(Source::Checkpoints, &t.checkpoints), (Source::Answers, &t.answers)] {
+        for p in (0..kafka::partitions(&metadata, topic)?).filter(|p| owned(*p)) {
             let offset = match s.state.offsets.get(&format!("{topic}/{p}")) {
                 Some(o) => Offset::Offset(*o),
                 None => Offset::Beginning,
             };
-            tpl.add_partition_offset(topic, p, offset)
-                .map_err(|e| Error::backend("kafka", format!("assigning {topic}/{p}: {e}")))?;
+            assigned.push((source, topic.clone(), p, offset));
         }
     }
-    consumer.assign(&tpl).map_err(|e| Error::backend("kafka", format!("assigning partitions: {e}")))?;
+    let readers = Readers::start(
+        &opts.connection,
+        metadata,
+        &opts.group,
+        &assigned,
+        cluster.workers,
+        processes,
+        opts.max_message_bytes,
+    )?;
+    if std::env::var_os("CANDOR_STREAM_TRACE").is_some() {
+        eprintln!("reading from {:?} after starting", s.started.elapsed());
+    }
 
     let mut last_message = Instant::now();
     let mut last_save = Instant::now();
     loop {
-        // A poll batch: wait for one message, then take what is already fetched, so that
-        // every checkpoint it completes is evaluated in one run of the dataflow.
-        let mut wait = Duration::from_millis(100);
+        // A poll batch: wait for one batch of messages, then take what the readers already
+        // have, so that every checkpoint it completes is evaluated in one run of the dataflow.
         let polled = Instant::now();
-        for _ in 0..20_000 {
-            match consumer.poll(wait) {
-                Some(Ok(m)) => {
-                    let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
-                    let payload = m.payload().map(<[u8]>::to_vec);
-                    drop(m);
-                    s.handle(&topic, partition, offset, payload.as_deref())?;
-                    last_message = Instant::now();
-                    wait = Duration::ZERO;
-                }
-                // The client reconnects by itself (a broker restart shows up here).
-                Some(Err(e)) => {
-                    eprintln!("candor stream: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                    break;
-                }
-                None => break,
+        let mut taken = 0;
+        let mut next = readers.recv(Duration::from_millis(100));
+        while let Some(batch) = next {
+            taken += batch.len();
+            for m in batch {
+                s.handle(m)?;
             }
+            last_message = Instant::now();
+            next = if taken < 20_000 { readers.try_recv() } else { None };
         }
-        if wait.is_zero() {
+        if taken > 0 {
             s.consuming += polled.elapsed();
         }
         let busy = Instant::now();
@@ -285,6 +287,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
             break;
         }
     }
+    readers.stop()?;
     let delivered = s.outbox.finish()?;
     s.mark_published(delivered);
     s.report.published = s.outbox.published;
@@ -378,17 +381,29 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    fn handle(&mut self, topic: &str, partition: i32, offset: i64, payload: Option<&[u8]>) -> Result<()> {
+    fn handle(&mut self, m: Incoming) -> Result<()> {
         self.report.consumed += 1;
+        let Incoming { source, partition, offset, payload, parsed } = m;
+        let opts = self.opts;
+        let topic = match source {
+            Source::Checkpoints => &opts.topics.checkpoints,
+            Source::Answers => &opts.topics.answers,
+        };
         // The offset moves first: the state saved by an evaluation this message completes
         // must not read it again.
-        self.state.offsets.insert(format!("{topic}/{partition}"), offset + 1);
+        let position = format!("{topic}/{partition}");
+        match self.state.offsets.get_mut(&position) {
+            Some(o) => *o = offset + 1,
+            None => {
+                self.state.offsets.insert(position, offset + 1);
+            }
+        }
         self.dirty = true;
-        let outcome = if topic == self.opts.topics.checkpoints {
-            messages::parse_announcement(payload, self.opts.max_message_bytes).and_then(|a| self.on_announcement(a))
-        } else {
-            messages::parse_answer(payload, self.opts.max_message_bytes).and_then(|a| self.on_answer(a))
-        };
+        let payload = payload.as_deref();
+        let outcome = parsed.and_then(|p| match p {
+            Parsed::Announcement(a) => self.on_announcement(a),
+            Parsed::Answer(a) => self.on_answer(a),
+        });
         match outcome {
             Ok(Some(checkpoint)) => {
                 self.mark_if_complete(&checkpoint);

@@ -82,3 +82,34 @@ fn the_dead_letter_format_documents_every_kind() {
         assert!(doc.contains(kind), "schemas/kafka/dead-letter.json does not list `{kind}`");
     }
 }
+
+#[test]
+fn the_fast_answer_path_agrees_with_the_checked_one() {
+    let mut messages: Vec<Vec<u8>> = [
+        "",
+        r#","verdict":"correct""#,
+        r#","verdict":" INCORRECT ","sample_index":3,"amendment_type":"emotion:sad","prompt_type":"incorrect_belief""#,
+        r#","sample_index":null,"amendment_type":null,"verdict":null"#,
+        r#","prompt_type":"  ""#,
+        r#","sample_index":1.0"#,
+        r#","sample_index":4294967296"#,
+        r#","verdict":"CORRECT","verdict":"MAYBE""#,
+    ]
+    .iter()
+    .map(|extra| answer(extra).into_bytes())
+    .collect();
+    messages.push(answer("").replace(r#""output":"A.""#, r#""output":"""#).into_bytes());
+    messages.push(answer("").replace(r#""output":"A.""#, r#""output":null"#).into_bytes());
+    messages.push(answer("").replace(r#""model":"m""#, r#""model":" m\u00e9 ""#).into_bytes());
+    messages.push(answer("").replace(r#""schema_version":1"#, r#""schema_version":1.0"#).into_bytes());
+    messages.extend(malformed_answers().into_iter().map(|(_, b)| b));
+    let mut fast = 0;
+    for m in &messages {
+        let payload = if m.is_empty() { None } else { Some(m.as_slice()) };
+        if fast_answer(m).is_some() {
+            fast += 1;
+        }
+        assert_eq!(parse_answer(payload, MAX), parse_answer_checked(payload, MAX), "{}", String::from_utf8_lossy(m));
+    }
+    assert!(fast >= 4, "well-formed records take the fast path ({fast})");
+}
