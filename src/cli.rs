@@ -112,10 +112,26 @@ pub enum Command {
         #[command(flatten)]
         cluster: Cluster,
     },
-    /// Feed an archive's responses through the scoring dataflow again, into a new archive.
+    /// Feed an archive's responses through the scoring dataflow again, into a new archive;
+    /// or, with `--capture`, a capture of a stream's input topics (`candor capture`) through
+    /// the same evaluation as `candor stream`.
     Replay {
         /// The archive to read.
-        archive: PathBuf,
+        #[arg(required_unless_present = "capture", conflicts_with = "capture")]
+        archive: Option<PathBuf>,
+        /// A Kafka capture (JSON lines from `candor capture`, or kcat -J) to replay instead.
+        #[arg(long)]
+        capture: Option<PathBuf>,
+        /// With `--capture`: the experiment whose [[models]] generate for announcements without
+        /// answer records, as `candor stream` does.
+        #[arg(long, requires = "capture")]
+        experiment: Option<PathBuf>,
+        /// With `--capture`: the topic prefix of the captured stream.
+        #[arg(long, default_value = "candor.")]
+        topic_prefix: String,
+        /// With `--capture`: the live run's `--max-message-bytes`.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_message_bytes: usize,
         /// The archive to write (must not hold responses yet).
         #[arg(long)]
         out: PathBuf,
@@ -306,6 +322,22 @@ pub enum Command {
         format: Format,
         #[command(flatten)]
         cluster: Cluster,
+    },
+    /// Save a stream's input topics (`<prefix>checkpoints`, `<prefix>answers`) from the
+    /// beginning as JSON lines, for `candor replay --capture`.
+    Capture {
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, env = "CANDOR_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+        kafka_properties: Vec<String>,
+        #[arg(long, default_value = "candor.")]
+        topic_prefix: String,
+        /// Stop reading a topic after this many seconds without a message.
+        #[arg(long, default_value_t = 2.0)]
+        idle: f64,
     },
     /// Print the declared schema of every stream (or one).
     Schema {
@@ -557,7 +589,47 @@ pub fn main(cli: Cli) -> Result<()> {
                 print_epochs("import", &reports, &out, json)?;
             }
         }
-        Command::Replay { archive, out, refusal, format, cluster } => {
+        Command::Replay {
+            archive: None,
+            capture: Some(capture),
+            experiment,
+            topic_prefix,
+            max_message_bytes,
+            out,
+            refusal,
+            format,
+            cluster,
+        } => {
+            let messages = crate::stream::capture::read(&capture)?;
+            let exp = experiment.as_deref().map(Experiment::load).transpose()?;
+            let target = Archive::open(&out, format)?;
+            if target.has(Response::STREAM)? {
+                bail!("{}: already holds responses; replay into an empty directory", out.display());
+            }
+            if let Some(exp) = &exp
+                && !exp.models.is_empty()
+            {
+                build_grid(exp, &out, format, false, &Cluster::default())?;
+            }
+            let opts = crate::stream::StreamOptions {
+                connection: Default::default(),
+                topics: crate::stream::Topics::with_prefix(&topic_prefix),
+                group: String::new(),
+                max_message_bytes,
+                idle_exit: None,
+                snapshot_every: std::time::Duration::from_secs(3600),
+                partitions: 1,
+                refusal: RefusalRules::new(refusal.into()),
+                experiment: exp,
+            };
+            let report = crate::stream::replay_capture(&cluster, &target, &opts, messages)?;
+            println!(
+                "{}",
+                serde_json::json!({"command": "replay", "capture": capture, "archive": out, "report": report})
+            );
+        }
+        Command::Replay { archive, out, refusal, format, cluster, .. } => {
+            let archive = archive.expect("clap requires an archive without --capture");
             if !archive.join("checkpoints.json").exists() && !archive.join("response").exists() {
                 bail!("{}: not a Candor archive with responses (no checkpoints.json, no response/)", archive.display());
             }
@@ -659,12 +731,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 out = out.join(format!("process-{}", cluster.process));
             }
             let archive = Archive::open(&out, format)?;
-            let mut connection = crate::stream::kafka::Connection::new(brokers);
-            for p in kafka_properties {
-                let (k, v) =
-                    p.split_once('=').with_context(|| format!("--kafka-property `{p}`: expected KEY=VALUE"))?;
-                connection.properties.push((k.trim().to_string(), v.trim().to_string()));
-            }
+            let connection = kafka_connection(brokers, kafka_properties)?;
             let opts = crate::stream::StreamOptions {
                 connection,
                 topics: crate::stream::Topics::with_prefix(&topic_prefix),
@@ -682,6 +749,13 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             let report = crate::stream::run(&cluster, &archive, &opts)?;
             println!("{}", serde_json::json!({"command": "stream", "archive": out, "report": report}));
+        }
+        Command::Capture { out, brokers, kafka_properties, topic_prefix, idle } => {
+            let connection = kafka_connection(brokers, kafka_properties)?;
+            let topics = crate::stream::Topics::with_prefix(&topic_prefix);
+            let n =
+                crate::stream::capture::capture(&connection, &topics, &out, std::time::Duration::from_secs_f64(idle))?;
+            println!("{}", serde_json::json!({"command": "capture", "file": out, "messages": n}));
         }
         Command::Schema { stream } => {
             let names = match stream {
@@ -915,6 +989,16 @@ fn print_grid(report: &GridReport, out: &Path, json: bool) {
         }
     }
     println!("\n{} trials archived in {}", report.counts.values().sum::<usize>(), out.display());
+}
+
+/// The brokers and `--kafka-property KEY=VALUE` settings of a Kafka command.
+fn kafka_connection(brokers: String, properties: Vec<String>) -> Result<crate::stream::kafka::Connection> {
+    let mut connection = crate::stream::kafka::Connection::new(brokers);
+    for p in properties {
+        let (k, v) = p.split_once('=').with_context(|| format!("--kafka-property `{p}`: expected KEY=VALUE"))?;
+        connection.properties.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok(connection)
 }
 
 fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) -> Result<()> {

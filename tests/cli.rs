@@ -1187,6 +1187,61 @@ fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_mess
     live.sort_by(|a, b| a.response_key.cmp(&b.response_key));
     again.sort_by(|a, b| a.response_key.cmp(&b.response_key));
     assert_eq!(live, again);
+
+    // A capture of the input topics replays, without a broker, to the same archive rows
+    // (epoch numbers aside: they follow the order announcements are read in) and the same
+    // dead letters, counted.
+    let cap = dir.path().join("capture.jsonl");
+    let captured: serde_json::Value = serde_json::from_str(
+        ok(&["capture", "--brokers", &broker.addr, "--topic-prefix", prefix, "--out", cap.to_str().unwrap()]).trim(),
+    )
+    .unwrap();
+    assert_eq!(captured["messages"].as_u64().unwrap() as usize, answers.len() + 1 + anns.len(), "{captured}");
+    let from_capture = dir.path().join("from-capture");
+    let replay: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "replay",
+            "--capture",
+            cap.to_str().unwrap(),
+            "--topic-prefix",
+            prefix,
+            "--max-message-bytes",
+            "4096",
+            "--out",
+            from_capture.to_str().unwrap(),
+        ])
+        .trim(),
+    )
+    .unwrap();
+    let mut dead: Vec<String> = Vec::new();
+    for (kind, n) in replay["report"]["dead_letters"].as_object().unwrap() {
+        dead.extend(std::iter::repeat_n(kind.clone(), n.as_u64().unwrap() as usize));
+    }
+    assert_eq!(dead, want, "{replay}");
+    fn same_rows<R: candor::schema::Record + std::fmt::Debug + PartialEq>(
+        a: &Path,
+        b: &Path,
+        epoch: impl Fn(&mut R),
+        key: impl Fn(&R) -> String,
+    ) {
+        let rows = |root: &Path| {
+            let mut v: Vec<R> = read_records(&Archive::open(root, Format::Parquet).unwrap()).unwrap();
+            v.iter_mut().for_each(&epoch);
+            v.sort_by_key(&key);
+            v
+        };
+        let (x, y) = (rows(a), rows(b));
+        assert!(!x.is_empty());
+        assert_eq!(x, y, "stream {}", R::STREAM);
+    }
+    same_rows::<Response>(&out, &from_capture, |r| r.checkpoint_epoch = 0, |r| r.response_key.clone());
+    same_rows::<Verdict>(&out, &from_capture, |r| r.checkpoint_epoch = 0, |r| r.response_key.clone());
+    same_rows::<Observation>(&out, &from_capture, |r| r.checkpoint_epoch = 0, |r| r.response_key.clone());
+    // A capture line that is not a message is named by its line.
+    std::fs::write(&cap, "{\"topic\": \"t1.answers\"}\n").unwrap();
+    let bad = candor(&["replay", "--capture", cap.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("capture.jsonl") && err.contains('1'), "{err}");
 }
 
 /// Produces `checkpoints` checkpoints of `per` answers, each checkpoint's answers followed

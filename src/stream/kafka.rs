@@ -248,6 +248,8 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// The message's timestamp (ms since the epoch), when it has one.
+    pub timestamp: Option<i64>,
 }
 
 /// Produces keyed messages and waits for them (for tests, tools and the benchmark).
@@ -279,6 +281,7 @@ pub fn read_all(conn: &Connection, topic: &str, idle: Duration, expect: Option<u
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec),
+                    timestamp: m.timestamp().to_millis(),
                 });
                 last = Instant::now();
             }

@@ -21,6 +21,7 @@
 //! archive a message is read from is a deterministic function of the input.
 
 pub mod bench;
+pub mod capture;
 pub mod kafka;
 pub mod messages;
 pub mod outbox;
@@ -195,10 +196,11 @@ struct Streamer<'a> {
     trials: HashMap<String, Trial>,
     /// Per checkpoint, pair key → correct (None: excluded).
     observations: HashMap<String, HashMap<String, Option<bool>>>,
-    /// Dead letters, sent from this thread and flushed before every save.
-    publisher: kafka::Publisher,
+    /// Dead letters, sent from this thread and flushed before every save (none when
+    /// replaying a capture: nothing is published then).
+    publisher: Option<kafka::Publisher>,
     /// The output rows and statistics, sent on a thread of their own.
-    outbox: outbox::Outbox,
+    outbox: Option<outbox::Outbox>,
     report: StreamReport,
     dirty: bool,
     started: Instant,
@@ -224,7 +226,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     let mut all: Vec<&str> = vec![&t.checkpoints, &t.answers];
     all.extend(t.outputs());
     kafka::create_topics(&opts.connection, &all, opts.partitions)?;
-    let mut s = Streamer::open(cluster, archive, opts)?;
+    let mut s = Streamer::open(cluster, archive, opts, true)?;
     s.reconcile()?;
 
     let metadata = kafka::consumer(&opts.connection, &opts.group)?;
@@ -276,9 +278,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
             // Idle means no message waiting, not time spent evaluating.
             last_message = Instant::now();
         }
-        s.publisher.poll();
-        let delivered = s.outbox.delivered()?;
-        s.mark_published(delivered);
+        s.poll_outputs()?;
         if s.dirty && last_save.elapsed() >= opts.snapshot_every {
             s.save()?;
             last_save = Instant::now();
@@ -288,15 +288,45 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
         }
     }
     readers.stop()?;
-    let delivered = s.outbox.finish()?;
-    s.mark_published(delivered);
-    s.report.published = s.outbox.published;
-    s.save()?;
-    Ok(s.report)
+    s.finish()
+}
+
+/// Replays a capture of the input topics ([`capture`]) through the same evaluation as a
+/// live run, publishing nothing: each checkpoint is evaluated as soon as it is complete,
+/// so the archive holds the same responses, verdicts and observations as the live run's
+/// (a live run evaluates after each poll batch, so an answer beyond the announced count that
+/// arrives in the same batch as the last one counted is the one case where they differ).
+pub fn replay_capture(
+    cluster: &Cluster,
+    archive: &Archive,
+    opts: &StreamOptions,
+    messages: Vec<capture::Captured>,
+) -> Result<StreamReport> {
+    archive.recover()?;
+    let mut s = Streamer::open(cluster, archive, opts, false)?;
+    s.reconcile()?;
+    let t = &opts.topics;
+    for c in messages {
+        let source = if c.topic == t.checkpoints {
+            Source::Checkpoints
+        } else if c.topic == t.answers {
+            Source::Answers
+        } else {
+            continue;
+        };
+        let payload =
+            c.bytes().map_err(|e| Error::Internal(format!("{}/{}@{}: {e}", c.topic, c.partition, c.offset)))?;
+        let parsed = readers::parse(source, payload.as_deref(), opts.max_message_bytes);
+        s.handle(Incoming { source, partition: c.partition, offset: c.offset, payload, parsed })?;
+        s.evaluate_ready()?;
+    }
+    s.evaluate_ready()?;
+    s.finish()
 }
 
 impl<'a> Streamer<'a> {
-    fn open(cluster: &'a Cluster, archive: &'a Archive, opts: &'a StreamOptions) -> Result<Self> {
+    /// `live`: publishing to Kafka (false: replaying a capture).
+    fn open(cluster: &'a Cluster, archive: &'a Archive, opts: &'a StreamOptions, live: bool) -> Result<Self> {
         let committed = archive.committed_epochs()?;
         let done = archive
             .checkpoints()?
@@ -320,8 +350,8 @@ impl<'a> Streamer<'a> {
             archived_keys,
             trials,
             observations,
-            publisher: kafka::Publisher::new(&opts.connection)?,
-            outbox: outbox::Outbox::start(&opts.connection)?,
+            publisher: if live { Some(kafka::Publisher::new(&opts.connection)?) } else { None },
+            outbox: if live { Some(outbox::Outbox::start(&opts.connection)?) } else { None },
             report: StreamReport::default(),
             dirty: false,
             started: Instant::now(),
@@ -363,6 +393,30 @@ impl<'a> Streamer<'a> {
         self.evaluate_ready()
     }
 
+    /// Serves the dead-letter producer and marks what the outbox delivered as published.
+    fn poll_outputs(&mut self) -> Result<()> {
+        if let Some(p) = &self.publisher {
+            p.poll();
+        }
+        let delivered = match &mut self.outbox {
+            Some(o) => o.delivered()?,
+            None => Vec::new(),
+        };
+        self.mark_published(delivered);
+        Ok(())
+    }
+
+    /// Waits for every output to be delivered, then saves the state for the last time.
+    fn finish(mut self) -> Result<StreamReport> {
+        if let Some(o) = &mut self.outbox {
+            let delivered = o.finish()?;
+            self.report.published = o.published;
+            self.mark_published(delivered);
+        }
+        self.save()?;
+        Ok(self.report)
+    }
+
     /// Marks epochs the outbox delivered as published.
     fn mark_published(&mut self, delivered: Vec<(u64, Instant)>) {
         for (epoch, at) in delivered {
@@ -375,7 +429,9 @@ impl<'a> Streamer<'a> {
     /// Flushes the dead letters sent so far, then saves the state: an offset is saved only
     /// once what its message produced is delivered.
     fn save(&mut self) -> Result<()> {
-        self.publisher.flush()?;
+        if let Some(p) = &self.publisher {
+            p.flush()?;
+        }
         self.state.save(self.archive.root())?;
         self.dirty = false;
         Ok(())
@@ -435,7 +491,9 @@ impl<'a> Streamer<'a> {
             "original_text": shown,
         });
         let key = format!("{topic}/{partition}/{offset}");
-        self.publisher.send(&self.opts.topics.dead_letters, &key, letter.to_string().as_bytes())?;
+        if let Some(p) = &self.publisher {
+            p.send(&self.opts.topics.dead_letters, &key, letter.to_string().as_bytes())?;
+        }
         *self.report.dead_letters.entry(reject.kind.to_string()).or_default() += 1;
         self.state.dead_letters += 1;
         Ok(())
@@ -674,7 +732,12 @@ impl<'a> Streamer<'a> {
                 (t.statistics.clone(), k, stats)
             })
             .collect();
-        self.outbox.submit(outbox::Job {
+        let Some(outbox) = &mut self.outbox else {
+            // A replay publishes nothing.
+            self.state.published.insert(epoch);
+            return Ok(());
+        };
+        outbox.submit(outbox::Job {
             epoch,
             responses: (t.responses, responses),
             verdicts: (t.verdicts, verdicts),
