@@ -1161,6 +1161,29 @@ fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_mess
     let last_ft = stats.iter().rev().find(|s| s["key"] == "m/ck02").unwrap();
     assert_eq!(last_ft["observations"], per);
     assert_eq!(last_ft["paired"]["base"], "m/ck00", "{last_ft}");
+    // The paper's tests per family: the latest message for ck02 against ck00 holds, per
+    // amendment type, the paired counts the archive's observations give, with McNemar and BH.
+    let family = stats.iter().rev().find(|s| s["key"] == "m/ck00/ck02/trivia/Normal").expect("a family message");
+    assert_eq!(family["kind"], "family");
+    let correct: HashMap<(String, String, String), Option<bool>> =
+        obs.iter().map(|o| ((o.checkpoint.clone(), o.item_key.clone(), o.amendment_type.clone()), o.correct)).collect();
+    for cat in family["categories"].as_array().unwrap() {
+        let amendment = cat["category"].as_str().unwrap();
+        let (mut b, mut c) = (0, 0);
+        for ((ck, item, am), ft) in &correct {
+            if ck != "ck02" || am != amendment {
+                continue;
+            }
+            match (correct[&("ck00".to_string(), item.clone(), am.clone())], *ft) {
+                (Some(true), Some(false)) => b += 1,
+                (Some(false), Some(true)) => c += 1,
+                _ => {}
+            }
+        }
+        assert_eq!((cat["b"].as_u64().unwrap(), cat["c"].as_u64().unwrap()), (b, c), "{cat}");
+        assert_eq!(cat["p_exact"].as_f64(), candor::stats::mcnemar::mcnemar_exact(b, c), "{cat}");
+    }
+    assert_eq!(family["categories"].as_array().unwrap().len(), 2, "{family}");
 
     // Every malformed message is in the dead-letter topic with its reason and bytes.
     let letters =

@@ -415,6 +415,15 @@ impl PairedView {
         out
     }
 
+    /// One family's categories (amendment names) and counts, sorted by name (empty when the
+    /// family is gone, e.g. after retractions).
+    pub fn family_categories(&self, f: &FamilyKey) -> Vec<(String, PairedCounts)> {
+        let mut cats: Vec<_> =
+            self.paired.get(f).into_iter().flatten().map(|(a, c)| (self.strings.name(*a).to_string(), *c)).collect();
+        cats.sort_by(|a, b| a.0.cmp(&b.0));
+        cats
+    }
+
     /// The names of a family's key fields, in key order.
     pub fn family_names(&self, f: &FamilyKey) -> (&str, &str, &str, &str, &'static str) {
         let s = &self.strings;

@@ -208,6 +208,9 @@ struct Streamer<'a> {
     ready: BTreeSet<String>,
     /// Time spent reading and parsing messages since the last evaluation (for the trace).
     consuming: Duration,
+    /// The paper's paired counts per family, maintained as epochs are published (the same
+    /// incremental view `candor sql` keeps), for the per-family statistics messages.
+    paired: crate::sql::view::PairedView,
 }
 
 /// Runs the stream until `idle_exit` passes without a message (or forever).
@@ -340,6 +343,11 @@ impl<'a> Streamer<'a> {
         for o in read_records::<Observation>(archive)? {
             observations.entry(checkpoint_key(&o.model, &o.checkpoint)).or_default().insert(pair_key(&o), o.correct);
         }
+        let mut paired = crate::sql::view::PairedView::default();
+        for b in archive.read(Observation::STREAM)? {
+            paired.upsert(&b)?;
+        }
+        paired.take_dirty();
         Ok(Streamer {
             cluster,
             archive,
@@ -357,6 +365,7 @@ impl<'a> Streamer<'a> {
             started: Instant::now(),
             ready: BTreeSet::new(),
             consuming: Duration::ZERO,
+            paired,
         })
     }
 
@@ -725,13 +734,27 @@ impl<'a> Streamer<'a> {
             others.sort();
             changed.extend(others);
         }
-        let statistics = changed
+        let mut statistics: Vec<(String, String, Vec<u8>)> = changed
             .into_iter()
             .map(|k| {
                 let stats = self.statistics(&k, epoch).to_string().into_bytes();
                 (t.statistics.clone(), k, stats)
             })
             .collect();
+        // The paper's per-category tests of every family the epoch changed. An upsert, so
+        // an epoch published again after a restart is not counted twice.
+        let batch = match written.get(Observation::STREAM) {
+            Some(b) => b.clone(),
+            None => Observation::to_batch(&observations)?,
+        };
+        self.paired.upsert(&batch)?;
+        let (dirty, _) = self.paired.take_dirty();
+        let mut families: Vec<_> = dirty.into_iter().map(|f| (self.paired.family_names(&f), f)).collect();
+        families.sort();
+        for (names, f) in families {
+            let (key, stats) = family_statistics(names, &self.paired.family_categories(&f), epoch)?;
+            statistics.push((t.statistics.clone(), key, stats.to_string().into_bytes()));
+        }
         let Some(outbox) = &mut self.outbox else {
             // A replay publishes nothing.
             self.state.published.insert(epoch);
@@ -782,6 +805,7 @@ impl<'a> Streamer<'a> {
         });
         serde_json::json!({
             "schema_version": SCHEMA_VERSION,
+            "kind": "checkpoint",
             "key": checkpoint,
             "checkpoint_epoch": epoch,
             "update_epoch": update_epoch,
@@ -793,6 +817,49 @@ impl<'a> Streamer<'a> {
             "paired": paired,
         })
     }
+}
+
+/// A family's statistics message: per category (amendment type) the paired counts, the
+/// accuracies, the exact McNemar p, its Benjamini–Hochberg adjustment within the family and
+/// the effect sizes, as `candor analyze` reports them (METHOD.md §4).
+fn family_statistics(
+    (model, base, checkpoint, dataset, test): (&str, &str, &str, &str, &str),
+    categories: &[(String, crate::stats::paired::PairedCounts)],
+    update_epoch: u64,
+) -> Result<(String, serde_json::Value)> {
+    use crate::stats::paired::{ALPHA, family};
+    let counts: Vec<_> = categories.iter().map(|(_, c)| *c).collect();
+    let stats = family(&counts, ALPHA).map_err(|e| Error::Internal(format!("family statistics: {e}")))?;
+    let rows: Vec<serde_json::Value> = categories
+        .iter()
+        .zip(stats)
+        .map(|((category, _), s)| {
+            serde_json::json!({
+                "category": category, "n": s.n, "both_correct": s.both_correct, "b": s.b, "c": s.c,
+                "both_wrong": s.both_wrong, "acc_base_pct": s.acc_base_pct, "acc_ft_pct": s.acc_ft_pct,
+                "diff_pp": s.diff_pp, "p_exact": s.p_exact, "p_adjusted": s.p_adjusted,
+                "significant": s.significant, "paper_g": s.paper_g, "cohens_g": s.cohens_g,
+                "odds_ratio": s.odds_ratio,
+            })
+        })
+        .collect();
+    let key = format!("{model}/{base}/{checkpoint}/{dataset}/{test}");
+    Ok((
+        key.clone(),
+        serde_json::json!({
+            "schema_version": SCHEMA_VERSION,
+            "kind": "family",
+            "key": key,
+            "update_epoch": update_epoch,
+            "model": model,
+            "base_checkpoint": base,
+            "checkpoint": checkpoint,
+            "dataset": dataset,
+            "test_type": test,
+            "alpha": ALPHA,
+            "categories": rows,
+        }),
+    ))
 }
 
 /// One committed epoch's rows of a stream, in archive order: from the batch its dataflow

@@ -30,7 +30,7 @@ pub struct Job {
 }
 
 /// Epochs waiting at most this many deep before [`Outbox::submit`] blocks (back-pressure).
-const DEPTH: usize = 4;
+const DEPTH: usize = 16;
 
 /// The publishing thread and its two channels.
 pub struct Outbox {
