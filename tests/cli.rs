@@ -597,7 +597,8 @@ fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, fl
         "--json",
     ];
     if finetuned {
-        args.extend(["--finetuned", "--variant", "warm"]);
+        // A checkpoint named cold… is the cold control, any other fine-tuned one warm.
+        args.extend(["--finetuned", "--variant", if checkpoint.starts_with("cold") { "cold" } else { "warm" }]);
     }
     ok(&args);
 }
@@ -792,13 +793,16 @@ impl Drop for KillOnDrop {
 #[test]
 fn report_writes_html_and_figures_naming_every_condition() {
     let dir = tempfile::tempdir().unwrap();
-    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1), ("cold", true, 0)]);
     let out = dir.path().join("report");
     let files: serde_json::Value =
         serde_json::from_str(&ok(&["report", live.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]))
             .unwrap();
     assert_eq!(files["html"], out.join("report.html").to_str().unwrap());
-    for fig in ["fig_error_scatter", "fig_forest", "fig_sycophancy", "fig_refusals"] {
+    // The warm model and its cold control each get their own Fig. 2 scatter.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("warm fine-tuning (smol/warm)") && html.contains("cold fine-tuning (smol/cold)"), "{html}");
+    for fig in ["fig_error_scatter", "fig_error_scatter_cold", "fig_forest", "fig_sycophancy", "fig_refusals"] {
         let png = std::fs::read(out.join(format!("{fig}.png"))).unwrap();
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{fig}.png");
         let svg = std::fs::read_to_string(out.join(format!("{fig}.svg"))).unwrap();

@@ -5,7 +5,8 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `fig_error_scatter` | error of the fine-tuned vs the original model, one point per model × fine-tuned checkpoint × dataset × amendment × belief (the paper's Fig. 2) |
+//! | `fig_error_scatter` | error of the warm fine-tuned vs the original model, one point per model × dataset × amendment × belief at each model's latest warm checkpoint (the paper's Fig. 2) |
+//! | `fig_error_scatter_<variant>` | the same for every other fine-tuning variant (the cold control, …), each on its own |
 //! | `fig_forest` | error-rate difference (fine-tuned − original, pp) by amendment with 95% CIs, pooled over models and datasets at each model's latest checkpoint, per test type |
 //! | `fig_sycophancy` | error without a user belief vs with an incorrect one, per model × dataset × checkpoint |
 //! | `fig_refusals` | refusal counts per dataset × checkpoint |
@@ -133,32 +134,73 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
         strs(&cells, "checkpoints").first().cloned().unwrap_or_default(),
     );
 
-    // Fig. 2: warm vs original error.
+    // Fig. 2: fine-tuned vs original error, one figure per fine-tuning variant (warm, cold,
+    // …) at each model's latest checkpoint of that variant, so a warm model and its cold
+    // control are never drawn as one.
     let sc = view(live, "error_pairs", "model, checkpoint_epoch, checkpoint, dataset, amendment_type, belief")?;
     let conditions = amendment_order(strs(&sc, "amendment_type"));
-    let (amend, belief, base, ft) =
-        (strs(&sc, "amendment_type"), strs(&sc, "belief"), f64s(&sc, "base_error_pct"), f64s(&sc, "ft_error_pct"));
-    let scatter = plots::Scatter {
-        title: "Error of fine-tuned vs original model, per condition".into(),
-        x_label: "original model error (%)".into(),
-        y_label: "fine-tuned (warm) model error (%)".into(),
-        points: (0..sc.num_rows())
-            .filter(|&i| base[i].is_finite() && ft[i].is_finite())
-            .map(|i| plots::ScatterPoint {
-                base_error: base[i],
-                ft_error: ft[i],
-                condition: conditions.iter().position(|c| *c == amend[i]).unwrap_or(0),
-                belief: belief[i] == "belief",
-            })
-            .collect(),
-        conditions: conditions.clone(),
+    let (model, ckpt, amend, belief, base, ft) = (
+        strs(&sc, "model"),
+        strs(&sc, "checkpoint"),
+        strs(&sc, "amendment_type"),
+        strs(&sc, "belief"),
+        f64s(&sc, "base_error_pct"),
+        f64s(&sc, "ft_error_pct"),
+    );
+    let entries = live.archive().checkpoints()?;
+    let variant_of = |m: &str, c: &str| {
+        entries
+            .iter()
+            .find(|e| e.model == m && e.checkpoint == c)
+            .map(|e| (e.variant.clone().unwrap_or_else(|| "fine-tuned".into()), e.epoch))
     };
+    // Variant → (model → its latest checkpoint of that variant).
+    let mut latest: BTreeMap<String, BTreeMap<String, (u64, String)>> = BTreeMap::new();
+    for i in 0..sc.num_rows() {
+        if let Some((v, epoch)) = variant_of(&model[i], &ckpt[i]) {
+            let slot = latest.entry(v).or_default().entry(model[i].clone()).or_insert((epoch, ckpt[i].clone()));
+            if epoch > slot.0 {
+                *slot = (epoch, ckpt[i].clone());
+            }
+        }
+    }
+    // Warm first: its figure keeps the plain name `fig_error_scatter`.
+    let mut variants: Vec<String> = latest.keys().cloned().collect();
+    variants.sort_by_key(|v| (v != "warm", v.clone()));
+    if variants.is_empty() {
+        variants.push("fine-tuned".into());
+    }
     html.push_str("<h2>Error rates: fine-tuned vs original</h2>\n");
-    figure_html(
-        &mut html,
-        plots::scatter(out, "fig_error_scatter", &scatter)?,
-        "Each point is one model × fine-tuned checkpoint × dataset × amendment × belief condition; points above the diagonal are conditions where the fine-tuned model errs more.",
-    )?;
+    for (n, variant) in variants.iter().enumerate() {
+        let chosen = latest.get(variant);
+        let scatter = plots::Scatter {
+            title: format!("Error of the {variant} fine-tuned vs the original model, per condition"),
+            x_label: "original model error (%)".into(),
+            y_label: format!("{variant} fine-tuned model error (%)"),
+            points: (0..sc.num_rows())
+                .filter(|&i| base[i].is_finite() && ft[i].is_finite())
+                .filter(|&i| chosen.and_then(|c| c.get(&model[i])).is_some_and(|(_, c)| *c == ckpt[i]))
+                .map(|i| plots::ScatterPoint {
+                    base_error: base[i],
+                    ft_error: ft[i],
+                    condition: conditions.iter().position(|c| *c == amend[i]).unwrap_or(0),
+                    belief: belief[i] == "belief",
+                })
+                .collect(),
+            conditions: conditions.clone(),
+        };
+        let name =
+            if n == 0 { "fig_error_scatter".to_string() } else { format!("fig_error_scatter_{}", file_safe(variant)) };
+        let shown: Vec<String> = chosen.into_iter().flatten().map(|(m, (_, c))| format!("{m}/{c}")).collect();
+        figure_html(
+            &mut html,
+            plots::scatter(out, &name, &scatter)?,
+            &format!(
+                "{variant} fine-tuning ({}): each point is one model × dataset × amendment × belief condition at the model's latest {variant} checkpoint; points above the diagonal are conditions where the fine-tuned model errs more.",
+                if shown.is_empty() { "no checkpoint yet".to_string() } else { shown.join(", ") }
+            ),
+        )?;
+    }
     html.push_str(&conditions_table(live)?);
 
     // Forest plot.
@@ -548,6 +590,11 @@ fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
         ticks,
         series: series.into_iter().collect(),
     }))
+}
+
+/// A name safe in a file name: letters, digits, `-` and `_`; anything else becomes `_`.
+fn file_safe(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 #[cfg(test)]
