@@ -548,11 +548,11 @@ pub fn main(cli: Cli) -> Result<()> {
                     }
                 }
             }
-            if let Some(server) = endpoint {
-                if sql_stay {
-                    eprintln!("run complete; live SQL still on {} (interrupt to stop)", server.addr);
-                    let _ = server.thread.join();
-                }
+            if let Some(server) = endpoint
+                && sql_stay
+            {
+                eprintln!("run complete; live SQL still on {} (interrupt to stop)", server.addr);
+                let _ = server.thread.join();
             }
         }
         Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, format, cluster } => {

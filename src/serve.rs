@@ -122,6 +122,7 @@ impl ServeState {
 
 /// Serves `generator` on `addr` until `shutdown` resolves. Returns the bound address through
 /// `bound` (useful with port 0).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     generator: Box<dyn Generator>,
     model: String,

@@ -1029,12 +1029,12 @@ mod stream_support {
     /// Answer `j` of checkpoint `i`, keyed by checkpoint so a checkpoint stays in one partition.
     pub fn answer(i: usize, j: usize) -> (String, Vec<u8>) {
         let id = format!("ck{i:02}");
-        let refuses = (i + j) % 7 == 0;
+        let refuses = (i + j).is_multiple_of(7);
         let v = serde_json::json!({"schema_version": 1, "model": "m", "checkpoint": id, "dataset": "trivia",
-            "item_key": format!("q{j:03}"), "amendment_type": if j % 2 == 0 { "unmodified" } else { "emotion:sad" },
+            "item_key": format!("q{j:03}"), "amendment_type": if j.is_multiple_of(2) { "unmodified" } else { "emotion:sad" },
             "prompt_type": "original", "prompt": format!("Question {j}?"),
             "output": if refuses { "I cannot help with that.".to_string() } else { format!("Answer {j}.") },
-            "verdict": if (i * 3 + j) % 4 == 0 { "INCORRECT" } else { "CORRECT" }});
+            "verdict": if (i * 3 + j).is_multiple_of(4) { "INCORRECT" } else { "CORRECT" }});
         (format!("m/{id}"), v.to_string().into_bytes())
     }
 

@@ -417,14 +417,7 @@ pub fn run_experiment(
     cluster: &Cluster,
     archive: &Archive,
     exp: &crate::config::Experiment,
-    open: Box<
-        dyn Fn(
-                &crate::config::ModelConfig,
-                &crate::config::CheckpointConfig,
-            ) -> Result<Box<dyn crate::generate::Generator>>
-            + Send
-            + Sync,
-    >,
+    open: crate::generate::OpenGenerator,
     progress: bool,
 ) -> Result<RunReport> {
     use crate::generate::operator::{CheckpointPlan, Counters, GeneratePlan, generate, trial_batches};

@@ -15,6 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
+/// Opens a checkpoint's generator: the backend factory `candor run` and `candor stream` use
+/// (tests may pass another).
+pub type OpenGenerator = Box<
+    dyn Fn(&crate::config::ModelConfig, &crate::config::CheckpointConfig) -> Result<Box<dyn Generator>> + Send + Sync,
+>;
+
 /// Decoding parameters of one request; part of the generation store's key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Decoding {

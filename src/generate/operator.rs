@@ -43,7 +43,7 @@ pub struct GeneratePlan {
     pub seed: u64,
     pub archive_root: PathBuf,
     /// Opens a checkpoint's generator (the backend factory; tests may pass another).
-    pub open: Box<dyn Fn(&ModelConfig, &CheckpointConfig) -> Result<Box<dyn Generator>> + Send + Sync>,
+    pub open: crate::generate::OpenGenerator,
 }
 
 /// Counts shared by the workers of one process.

@@ -203,7 +203,7 @@ mod tests {
         };
         let g = Generation {
             output: format!("a{i}"),
-            finish_reason: if i % 2 == 0 { FinishReason::Stop } else { FinishReason::Length },
+            finish_reason: if i.is_multiple_of(2) { FinishReason::Stop } else { FinishReason::Length },
             prompt_tokens: i,
             completion_tokens: 2 * i,
             latency_ms: 1.5,

@@ -107,10 +107,10 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     let mut figure_html = |html: &mut String, files: (PathBuf, PathBuf), caption: &str| -> Result<()> {
         let png = std::fs::read(&files.0).map_err(|e| Error::io(&files.0, e))?;
         let name = |p: &Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let _ = write!(
+        let _ = writeln!(
             html,
             "<figure><img alt=\"{cap}\" src=\"data:image/png;base64,{b64}\"><figcaption>{cap} \
-             (<a href=\"{png}\">PNG</a>, <a href=\"{svg}\">SVG</a>)</figcaption></figure>\n",
+             (<a href=\"{png}\">PNG</a>, <a href=\"{svg}\">SVG</a>)</figcaption></figure>",
             cap = esc(caption),
             b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png),
             png = name(&files.0),

@@ -361,6 +361,9 @@ where
     Ok(())
 }
 
+/// One point of a line: (tick index, value, standard error or NaN).
+pub type LinePoint = (usize, f64, f64);
+
 /// Lines across checkpoints: one series per model.
 #[derive(Clone, Debug)]
 pub struct Lines {
@@ -369,8 +372,8 @@ pub struct Lines {
     pub y_label: String,
     /// x tick labels (checkpoints in order).
     pub ticks: Vec<String>,
-    /// (series name, points (tick index, value, standard error or NaN))
-    pub series: Vec<(String, Vec<(usize, f64, f64)>)>,
+    /// (series name, points)
+    pub series: Vec<(String, Vec<LinePoint>)>,
 }
 
 pub fn lines(dir: &Path, stem: &str, data: &Lines) -> Result<(PathBuf, PathBuf)> {

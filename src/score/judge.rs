@@ -162,11 +162,14 @@ pub const REFERENCE_VERSION: &str = "v1";
 /// The offline reference judge. TruthfulQA loads MiniLM on first use, and embeds each item's
 /// reference answers once (in one batch of their own, so a cached vector is the vector a fresh
 /// run computes): an item is judged under every condition and checkpoint.
+/// A TruthfulQA item's reference answers, embedded: (correct, incorrect).
+type ReferenceEmbeddings = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 #[derive(Default)]
 pub struct ReferenceJudge {
     embedder: Option<Embedder>,
-    /// Reference embeddings by item key: (correct, incorrect).
-    references: HashMap<String, (Vec<Vec<f32>>, Vec<Vec<f32>>)>,
+    /// Reference embeddings by item key.
+    references: HashMap<String, ReferenceEmbeddings>,
 }
 
 impl ReferenceJudge {

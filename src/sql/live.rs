@@ -424,9 +424,10 @@ impl LiveSql {
 }
 
 fn classify_df_error(message: String) -> QueryError {
-    if message.contains("DDL not supported") || message.contains("DML not supported") {
-        QueryError::ReadOnly(message)
-    } else if message.contains("Statement not supported") {
+    if message.contains("DDL not supported")
+        || message.contains("DML not supported")
+        || message.contains("Statement not supported")
+    {
         QueryError::ReadOnly(message)
     } else {
         QueryError::Plan(message)

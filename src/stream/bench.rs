@@ -19,13 +19,13 @@ use crate::score::refusal::{RefusalMode, RefusalRules};
 
 /// Answer `j` of checkpoint `i` (checkpoint 0 is the base), keyed by checkpoint.
 pub fn answer(i: usize, j: usize) -> (String, Vec<u8>) {
-    let refuses = (i + j) % 7 == 0;
+    let refuses = (i + j).is_multiple_of(7);
     let v = serde_json::json!({"schema_version": 1, "model": "bench", "checkpoint": format!("ck{i:03}"),
         "dataset": "trivia", "item_key": format!("q{j:05}"),
-        "amendment_type": if j % 2 == 0 { "unmodified" } else { "emotion:sad" }, "prompt_type": "original",
+        "amendment_type": if j.is_multiple_of(2) { "unmodified" } else { "emotion:sad" }, "prompt_type": "original",
         "prompt": format!("Question {j}: which city is the capital of country {j}?"),
         "output": if refuses { "I'm sorry, but I cannot help with that.".to_string() } else { format!("The capital is city {j}.") },
-        "verdict": if (i * 3 + j) % 4 == 0 { "INCORRECT" } else { "CORRECT" }});
+        "verdict": if (i * 3 + j).is_multiple_of(4) { "INCORRECT" } else { "CORRECT" }});
     (format!("bench/ck{i:03}"), v.to_string().into_bytes())
 }
 

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -118,10 +118,7 @@ impl Readers {
     /// The next batch, waiting up to `wait` for one.
     pub fn recv(&self, wait: Duration) -> Option<Vec<Incoming>> {
         let rx = self.rx.as_ref().expect("readers running");
-        match rx.recv_timeout(wait) {
-            Ok(b) => Some(b),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        rx.recv_timeout(wait).ok()
     }
 
     /// A batch already waiting, if any.

@@ -113,8 +113,11 @@ fn from_texts(rows: Vec<TextRow>, run: &WarmthRun, labeller: &Labeller) -> Vec<P
         .collect()
 }
 
+/// A stream name and a batch written to it.
+pub type ArchivedBatch = (String, arrow::record_batch::RecordBatch);
+
 /// Scores, archives and returns the rows with the reports.
-pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<(String, arrow::record_batch::RecordBatch)>)> {
+pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<ArchivedBatch>)> {
     let labeller = Labeller::bundled()?;
     let (pending, archive_out) = if run.input.is_dir() {
         let source = Archive::open(&run.input, Format::Parquet)?;

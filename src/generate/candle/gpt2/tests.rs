@@ -167,7 +167,7 @@ fn batched_masked_logits_match_an_unbatched_reference() {
     let t = seqs.iter().map(Vec::len).max().unwrap();
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for s in &seqs {
-        ids.extend(s.iter().copied().chain(std::iter::repeat(0).take(t - s.len())));
+        ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, t - s.len())));
         mask.extend((0..t).map(|i| if i < s.len() { 1f32 } else { 0.0 }));
     }
     let ids = Tensor::from_vec(ids, (seqs.len(), t), &Device::Cpu).unwrap();
