@@ -39,6 +39,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `candor stream` publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PublishArg {
+    All,
+    Statistics,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build the trial grid of an experiment (datasets × amendment types × prompt types) and
@@ -318,6 +325,10 @@ pub enum Command {
         /// Partitions of the topics Candor creates when they are missing.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+        /// What to publish: every evaluated row and the statistics (`all`), or the statistics
+        /// (and dead letters) only, the rows staying in the archive (`statistics`).
+        #[arg(long, value_enum, default_value_t = PublishArg::All)]
+        publish: PublishArg,
         #[arg(long, value_enum, default_value_t = Format::Parquet)]
         format: Format,
         #[command(flatten)]
@@ -371,9 +382,9 @@ pub enum Bench {
     Stream {
         #[arg(long, env = "CANDOR_KAFKA_BROKERS")]
         brokers: String,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 50)]
         checkpoints: usize,
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 2000)]
         per_checkpoint: usize,
         /// Where the archives go (default: a temporary directory).
         #[arg(long)]
@@ -621,6 +632,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 partitions: 1,
                 refusal: RefusalRules::new(refusal.into()),
                 experiment: exp,
+                publish_rows: false,
             };
             let report = crate::stream::replay_capture(&cluster, &target, &opts, messages)?;
             println!(
@@ -721,6 +733,7 @@ pub fn main(cli: Cli) -> Result<()> {
             idle_exit,
             snapshot_ms,
             partitions,
+            publish,
             format,
             cluster,
         } => {
@@ -742,6 +755,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 partitions,
                 refusal: RefusalRules::new(exp.refusal.mode),
                 experiment: Some(exp.clone()),
+                publish_rows: publish == PublishArg::All,
             };
             // Announcements without answer records are generated over the trial grid.
             if !exp.models.is_empty() && !archive.has(Trial::STREAM)? {

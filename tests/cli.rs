@@ -1269,6 +1269,20 @@ fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_mess
     let bad = candor(&["replay", "--capture", cap.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("capture.jsonl") && err.contains('1'), "{err}");
+
+    // `--publish statistics` evaluates the same input into another archive and publishes
+    // statistics only: the row topics get nothing new.
+    let count = |topic: &str| {
+        kafka::read_all(&conn, &format!("{prefix}{topic}"), std::time::Duration::from_secs(2), None).unwrap().len()
+    };
+    let (rows_before, stats_before) = (count("observations"), count("statistics"));
+    let mut args = stream_args(&exp, &dir.path().join("statistics-only"), &broker.addr, prefix, "2");
+    args.extend(["--publish".into(), "statistics".into()]);
+    let quiet: serde_json::Value =
+        serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
+    assert_eq!(quiet["report"]["evaluated"].as_array().unwrap().len(), checkpoints, "{quiet}");
+    assert_eq!(count("observations"), rows_before);
+    assert!(count("statistics") > stats_before);
 }
 
 /// Produces `checkpoints` checkpoints of `per` answers, each checkpoint's answers followed

@@ -35,7 +35,7 @@ pub fn announcement(i: usize, answers: usize) -> (String, Vec<u8>) {
     (format!("bench/ck{i:03}"), v.to_string().into_bytes())
 }
 
-fn options(conn: &Connection, prefix: &str, idle: f64) -> StreamOptions {
+fn options(conn: &Connection, prefix: &str, idle: f64, publish_rows: bool) -> StreamOptions {
     StreamOptions {
         connection: conn.clone(),
         topics: Topics::with_prefix(prefix),
@@ -46,6 +46,7 @@ fn options(conn: &Connection, prefix: &str, idle: f64) -> StreamOptions {
         partitions: 4,
         refusal: RefusalRules::new(RefusalMode::Default),
         experiment: None,
+        publish_rows,
     }
 }
 
@@ -84,12 +85,21 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
         return Err(Error::Internal(format!("the plain consumer read {} of {n} records", raw.len())));
     }
     let archive = Archive::open(dir.join("throughput"), Format::Parquet)?;
-    let report = super::run(cluster, &archive, &options(conn, &prefix, 2.0))?;
+    let report = super::run(cluster, &archive, &options(conn, &prefix, 2.0, true))?;
     let candor_s = report.seconds_to_last_evaluation.unwrap_or(f64::NAN);
     let published_s = report.seconds_to_last_publication.unwrap_or(f64::NAN);
     if report.evaluated.len() != checkpoints {
         return Err(Error::Internal(format!("evaluated {} of {checkpoints} checkpoints", report.evaluated.len())));
     }
+    // The same input again into a fresh archive, publishing statistics only (`--publish
+    // statistics`): the path Kafka → parse → refusal/score → archive without the per-record
+    // output messages.
+    let archive = Archive::open(dir.join("throughput-statistics"), Format::Parquet)?;
+    let quiet = super::run(cluster, &archive, &options(conn, &prefix, 2.0, false))?;
+    if quiet.evaluated.len() != checkpoints {
+        return Err(Error::Internal(format!("evaluated {} of {checkpoints} checkpoints", quiet.evaluated.len())));
+    }
+    let quiet_s = quiet.seconds_to_last_publication.unwrap_or(f64::NAN);
 
     // Latency: Candor running, checkpoints produced one after another; each observation's
     // arrival on the output topic minus its checkpoint's announcement time.
@@ -124,7 +134,7 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     };
     let streamer = {
         let (cluster, conn, root) = (cluster.clone(), conn.clone(), dir.join("latency"));
-        let opts = options(&conn, &prefix, 3.0);
+        let opts = options(&conn, &prefix, 3.0, true);
         std::thread::spawn(move || -> Result<super::StreamReport> {
             let archive = Archive::open(root, Format::Parquet)?;
             super::run(&cluster, &archive, &opts)
@@ -163,6 +173,12 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
          \x20                                          {published_rate:>10.0} records/s  ({published_s:.2} s) = {:.2}× raw",
         report.published,
         published_rate / raw_rate
+    );
+    println!(
+        "  --publish statistics: Kafka → parse → refusal/score dataflow → archive, statistics delivered\n\
+         \x20                                          {:>10.0} records/s  ({quiet_s:.2} s) = {:.2}× raw",
+        n as f64 / quiet_s,
+        n as f64 / quiet_s / raw_rate
     );
     println!(
         "  latency announcement → observation on the output topic ({} observations, {lat_checkpoints} checkpoints of {lat_per}):\n\

@@ -98,6 +98,9 @@ pub struct StreamOptions {
     pub refusal: RefusalRules,
     /// The experiment whose `[[models]]` generate for announcements without answer records.
     pub experiment: Option<crate::config::Experiment>,
+    /// Publish every evaluated row (responses, verdicts, observations) as well as the
+    /// statistics; false: statistics and dead letters only (the rows stay in the archive).
+    pub publish_rows: bool,
 }
 
 /// What a stream run did.
@@ -713,8 +716,9 @@ impl<'a> Streamer<'a> {
     /// reports it.
     fn publish(&mut self, epoch: u64, checkpoint: &str, written: BTreeMap<String, RecordBatch>) -> Result<()> {
         let t = self.opts.topics.clone();
-        let responses: Vec<Response> = epoch_rows(self.archive, epoch, &written)?;
-        let verdicts: Vec<Verdict> = epoch_rows(self.archive, epoch, &written)?;
+        let rows = self.opts.publish_rows;
+        let responses: Vec<Response> = if rows { epoch_rows(self.archive, epoch, &written)? } else { Vec::new() };
+        let verdicts: Vec<Verdict> = if rows { epoch_rows(self.archive, epoch, &written)? } else { Vec::new() };
         let observations: Vec<Observation> = epoch_rows(self.archive, epoch, &written)?;
         let cell = self.observations.entry(checkpoint.to_string()).or_default();
         for o in &observations {
@@ -764,7 +768,7 @@ impl<'a> Streamer<'a> {
             epoch,
             responses: (t.responses, responses),
             verdicts: (t.verdicts, verdicts),
-            observations: (t.observations, observations),
+            observations: (t.observations, if rows { observations } else { Vec::new() }),
             statistics,
         })
     }
