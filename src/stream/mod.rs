@@ -299,9 +299,9 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
 
 /// Replays a capture of the input topics ([`capture`]) through the same evaluation as a
 /// live run, publishing nothing: each checkpoint is evaluated as soon as it is complete,
-/// so the archive holds the same responses, verdicts and observations as the live run's
-/// (a live run evaluates after each poll batch, so an answer beyond the announced count that
-/// arrives in the same batch as the last one counted is the one case where they differ).
+/// so the archive holds the same responses, verdicts and observations as the live run's (in
+/// both, an answer beyond a complete checkpoint's count is late, however messages were
+/// batched).
 pub fn replay_capture(
     cluster: &Cluster,
     archive: &Archive,
@@ -564,6 +564,13 @@ impl<'a> Streamer<'a> {
             Some(_) => {
                 Err(Reject::new("conflicting_answer", format!("a different answer with key `{key}` came first")))
             }
+            // Complete (all its announced answers are in) but not evaluated yet: an answer
+            // beyond the count is late however the messages were batched, so a replay of the
+            // same input decides the same.
+            None if self.ready.contains(&checkpoint) => Err(Reject::new(
+                "late_answer",
+                format!("checkpoint `{checkpoint}` already has all the answers its announcement counts"),
+            )),
             None => {
                 pending.insert(key, a);
                 Ok(Some(checkpoint))

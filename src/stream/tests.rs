@@ -113,3 +113,70 @@ fn the_fast_answer_path_agrees_with_the_checked_one() {
     }
     assert!(fast >= 4, "well-formed records take the fast path ({fast})");
 }
+
+/// A capture of `(topic, payload)` messages, one partition per topic, offsets in order.
+fn capture_of(messages: &[(&str, String)]) -> Vec<capture::Captured> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, (topic, payload))| capture::Captured {
+            topic: topic.to_string(),
+            partition: 0,
+            offset: i as i64,
+            timestamp: Some(i as i64),
+            key: None,
+            payload: Some(payload.clone()),
+            payload_base64: None,
+        })
+        .collect()
+}
+
+fn replay_options() -> StreamOptions {
+    StreamOptions {
+        connection: Default::default(),
+        topics: Topics::with_prefix("t."),
+        group: String::new(),
+        max_message_bytes: MAX,
+        idle_exit: None,
+        snapshot_every: Duration::from_secs(60),
+        partitions: 1,
+        refusal: RefusalRules::new(crate::score::refusal::RefusalMode::Default),
+        experiment: None,
+        publish_rows: false,
+    }
+}
+
+#[test]
+fn an_answer_beyond_a_complete_checkpoints_count_is_late_and_the_rest_is_archived_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Archive::open(dir.path(), crate::archive::Format::Parquet).unwrap();
+    let ann = r#"{"schema_version":1,"model":"m","checkpoint":"c","finetuned":false,"answers":2}"#.to_string();
+    let a = |item: &str| answer(r#","verdict":"CORRECT""#).replace("\"q1\"", &format!("\"{item}\""));
+    let messages = capture_of(&[
+        ("t.answers", a("q1")),
+        ("t.checkpoints", ann),
+        ("t.answers", a("q1")), // a repeat: skipped, not late
+        ("t.answers", a("q2")), // completes the checkpoint
+        ("t.answers", a("q3")), // beyond the count
+        ("t.answers", "{".into()),
+    ]);
+    let report = replay_capture(&Cluster::default(), &archive, &replay_options(), messages).unwrap();
+    assert_eq!(report.evaluated, ["m/c"]);
+    assert_eq!(report.skipped, 1);
+    assert_eq!(report.dead_letters.get("late_answer"), Some(&1), "{:?}", report.dead_letters);
+    assert_eq!(report.dead_letters.get("malformed_json"), Some(&1));
+    let responses: Vec<Response> = read_records(&archive).unwrap();
+    let mut items: Vec<&str> = responses.iter().map(|r| r.trial_key.as_str()).collect();
+    items.sort();
+    assert_eq!(items, ["trivia/q1/unmodified/original", "trivia/q2/unmodified/original"]);
+    // Replaying the same capture again adds nothing: everything is archived already.
+    let again = replay_capture(
+        &Cluster::default(),
+        &archive,
+        &replay_options(),
+        capture_of(&[("t.answers", a("q3")), ("t.checkpoints", "{}".into())]),
+    )
+    .unwrap();
+    assert!(again.evaluated.is_empty());
+    assert_eq!(read_records::<Response>(&archive).unwrap().len(), 2);
+}
