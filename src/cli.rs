@@ -300,16 +300,8 @@ pub enum Command {
         /// Archive directory (default: the experiment's).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Kafka bootstrap servers, `host:port[,host:port…]`.
-        #[arg(long, env = "CANDOR_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-        brokers: String,
-        /// A further Kafka client property, `key=value` (repeatable), e.g.
-        /// `security.protocol=SASL_SSL`.
-        #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
-        kafka_properties: Vec<String>,
-        /// Prefix of every topic name: `<prefix>checkpoints`, `<prefix>answers`, ….
-        #[arg(long, default_value = "candor.")]
-        topic_prefix: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         /// Consumer group id (monitoring only: offsets are not committed to Kafka).
         #[arg(long, default_value = "candor-stream")]
         group: String,
@@ -340,12 +332,8 @@ pub enum Command {
         /// The file to write.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, env = "CANDOR_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-        brokers: String,
-        #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
-        kafka_properties: Vec<String>,
-        #[arg(long, default_value = "candor.")]
-        topic_prefix: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         /// Stop reading a topic after this many seconds without a message.
         #[arg(long, default_value_t = 2.0)]
         idle: f64,
@@ -725,9 +713,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Stream {
             experiment,
             out,
-            brokers,
-            kafka_properties,
-            topic_prefix,
+            kafka,
             group,
             max_message_bytes,
             idle_exit,
@@ -744,10 +730,10 @@ pub fn main(cli: Cli) -> Result<()> {
                 out = out.join(format!("process-{}", cluster.process));
             }
             let archive = Archive::open(&out, format)?;
-            let connection = kafka_connection(brokers, kafka_properties)?;
+            let connection = kafka.connection()?;
             let opts = crate::stream::StreamOptions {
                 connection,
-                topics: crate::stream::Topics::with_prefix(&topic_prefix),
+                topics: crate::stream::Topics::with_prefix(&kafka.topic_prefix),
                 group,
                 max_message_bytes,
                 idle_exit: idle_exit.map(std::time::Duration::from_secs_f64),
@@ -764,9 +750,9 @@ pub fn main(cli: Cli) -> Result<()> {
             let report = crate::stream::run(&cluster, &archive, &opts)?;
             println!("{}", serde_json::json!({"command": "stream", "archive": out, "report": report}));
         }
-        Command::Capture { out, brokers, kafka_properties, topic_prefix, idle } => {
-            let connection = kafka_connection(brokers, kafka_properties)?;
-            let topics = crate::stream::Topics::with_prefix(&topic_prefix);
+        Command::Capture { out, kafka, idle } => {
+            let connection = kafka.connection()?;
+            let topics = crate::stream::Topics::with_prefix(&kafka.topic_prefix);
             let n =
                 crate::stream::capture::capture(&connection, &topics, &out, std::time::Duration::from_secs_f64(idle))?;
             println!("{}", serde_json::json!({"command": "capture", "file": out, "messages": n}));
@@ -1005,14 +991,31 @@ fn print_grid(report: &GridReport, out: &Path, json: bool) {
     println!("\n{} trials archived in {}", report.counts.values().sum::<usize>(), out.display());
 }
 
-/// The brokers and `--kafka-property KEY=VALUE` settings of a Kafka command.
-fn kafka_connection(brokers: String, properties: Vec<String>) -> Result<crate::stream::kafka::Connection> {
-    let mut connection = crate::stream::kafka::Connection::new(brokers);
-    for p in properties {
-        let (k, v) = p.split_once('=').with_context(|| format!("--kafka-property `{p}`: expected KEY=VALUE"))?;
-        connection.properties.push((k.trim().to_string(), v.trim().to_string()));
+/// Where a Kafka command finds its brokers and topics.
+#[derive(Debug, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port…]`.
+    #[arg(long, env = "CANDOR_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// A further Kafka client property, `key=value` (repeatable), e.g.
+    /// `security.protocol=SASL_SSL`.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    pub kafka_properties: Vec<String>,
+    /// Prefix of every topic name: `<prefix>checkpoints`, `<prefix>answers`, ….
+    #[arg(long, default_value = "candor.")]
+    pub topic_prefix: String,
+}
+
+impl KafkaArgs {
+    /// The brokers and the `--kafka-property KEY=VALUE` settings.
+    fn connection(&self) -> Result<crate::stream::kafka::Connection> {
+        let mut connection = crate::stream::kafka::Connection::new(self.brokers.clone());
+        for p in &self.kafka_properties {
+            let (k, v) = p.split_once('=').with_context(|| format!("--kafka-property `{p}`: expected KEY=VALUE"))?;
+            connection.properties.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        Ok(connection)
     }
-    Ok(connection)
 }
 
 fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) -> Result<()> {
