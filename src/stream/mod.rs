@@ -5,9 +5,14 @@
 //! announced and all the answers its announcement counts have arrived: its responses go
 //! through the same scoring dataflow as `candor import` and `candor replay`
 //! ([`pipelines::score_responses`]) into the archive as one epoch, and then its responses,
-//! verdicts, observations and a statistics update are published. Messages that cannot be
-//! used go to `<prefix>dead-letters` with the reason and the original bytes. Formats:
-//! `schemas/kafka/*.json`.
+//! verdicts, observations and statistics updates (per checkpoint, and the paper's per-family
+//! tests) are published. Messages that cannot be used go to `<prefix>dead-letters` with the
+//! reason and the original bytes. Formats: `schemas/kafka/*.json`.
+//!
+//! Threads: [`readers`] read and parse the input partitions; this module's loop handles the
+//! parsed messages in partition order and evaluates; [`outbox`] publishes. A capture of the
+//! input topics ([`capture`]) replays through the same loop without a broker
+//! ([`replay_capture`]).
 //!
 //! **Effectively once.** Consumer offsets are never committed to Kafka: they live in
 //! `stream-state.json` in the archive, saved atomically together with the operator state
@@ -18,7 +23,8 @@
 //! not yet marked published is published again. Outputs therefore may repeat after a crash,
 //! but only byte-identical messages with the same key and sequence number (see
 //! `schemas/kafka/output.json`: consumers drop repeats of `(key, epoch, seq)`), because the
-//! archive a message is read from is a deterministic function of the input.
+//! archive a message is read from (or the batch its dataflow wrote, which is what the archive
+//! holds) is a deterministic function of the input.
 
 pub mod bench;
 pub mod capture;
