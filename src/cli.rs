@@ -53,7 +53,7 @@ pub enum Command {
     Trials {
         /// The experiment file (TOML), e.g. experiments/paper.toml.
         experiment: PathBuf,
-        /// Archive directory (default: the experiment's `output`, else runs/<name>).
+        /// Archive directory (default: the experiment's `output`, else `runs/<name>`).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Segment format for new archive files.
@@ -71,7 +71,7 @@ pub enum Command {
     Run {
         /// The experiment file (TOML) with `[[models]]` and their checkpoints.
         experiment: PathBuf,
-        /// Archive directory (default: the experiment's `output`, else runs/<name>).
+        /// Archive directory (default: the experiment's `output`, else `runs/<name>`).
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Parquet)]
@@ -129,7 +129,7 @@ pub enum Command {
         /// A Kafka capture (JSON lines from `candor capture`, or kcat -J) to replay instead.
         #[arg(long)]
         capture: Option<PathBuf>,
-        /// With `--capture`: the experiment whose [[models]] generate for announcements without
+        /// With `--capture`: the experiment whose `[[models]]` generate for announcements without
         /// answer records, as `candor stream` does.
         #[arg(long, requires = "capture")]
         experiment: Option<PathBuf>,
@@ -158,8 +158,8 @@ pub enum Command {
         /// The archive to write (must not hold responses yet).
         #[arg(long)]
         out: PathBuf,
-        /// auto, reference, candle[=<weights>] (local model, next-token probabilities), candle-text,
-        /// openai=<base_url>[,<model>] (any OpenAI-compatible endpoint, free-text answer).
+        /// auto, reference, `candle[=<weights>]` (local model, next-token probabilities), candle-text,
+        /// `openai=<base_url>[,<model>]` (any OpenAI-compatible endpoint, free-text answer).
         #[arg(long, default_value = "auto")]
         judge: String,
         #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
@@ -210,7 +210,7 @@ pub enum Command {
         /// Archive directories or observation files (.csv, .tsv, .parquet).
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
-        /// Write every report as <report>.parquet / .csv into this directory.
+        /// Write every report as `<report>.parquet` / `.csv` into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Which files to write with --out.
@@ -263,7 +263,7 @@ pub enum Command {
     Report {
         /// The archive directory.
         archive: PathBuf,
-        /// Directory to write into (default: <archive>/report).
+        /// Directory to write into (default: `<archive>/report`).
         #[arg(long)]
         out: Option<PathBuf>,
     },

@@ -4,7 +4,7 @@
 //! The paper's converter was not published; these rules were inferred from its public sample
 //! (`medqa_first_person_conversion_inferred` in `data/templates/prompt_construction.json`) and
 //! live in the one table [`RULES`] so they can be changed in one place:
-//! 1. Opening: "A|An {N}-year-old [descriptors] {noun} …". The patient phrase is the words after
+//! 1. Opening: "A|An {N}-year-old \[descriptors\] {noun} …". The patient phrase is the words after
 //!    "-year-old" up to the first boundary word (at most `max_subject_words`, a word ending in
 //!    "," closes it); its head is the last word of it found in `nouns`. Without a head the
 //!    opening is left alone.

@@ -7,7 +7,7 @@
 //! - `item_key` is the upstream id where the dataset has one (TriviaQA `qid`, MASK `task_id`,
 //!   MedQA `realidx`), else the 0-based data row index (0 = first row after any header).
 //! - `source_row` is the 1-based data row (the first row after any header is 1).
-//! - Bad input is an [`Error::Input`](crate::error::Error::Input) naming the file, the line (CSV:
+//! - Bad input is an [`Error::Input`] naming the file, the line (CSV:
 //!   the record, header = line 1) and the field.
 
 mod advbench;

@@ -284,7 +284,7 @@ pub struct Bars {
     pub groups: Vec<String>,
     /// (series name, colour index, light shade)
     pub series: Vec<(String, usize, bool)>,
-    /// values[series][group]; NaN = missing
+    /// `values[series][group]`; NaN = missing
     pub values: Vec<Vec<f64>>,
     /// Fixed y range top (e.g. 100 for percentages); None = from the data.
     pub y_max: Option<f64>,

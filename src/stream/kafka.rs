@@ -201,7 +201,7 @@ impl Publisher {
     }
 
     /// Waits until every queued message is delivered, sending failed ones again with backoff;
-    /// fails, naming the last error, if some are still undelivered after [`REDELIVERY`]'s
+    /// fails, naming the last error, if some are still undelivered after `REDELIVERY`'s
     /// rounds.
     pub fn flush(&self) -> Result<()> {
         for round in 0..=REDELIVERY.max_retries {

@@ -63,7 +63,7 @@ impl Outbox {
         Ok(Outbox { jobs: Some(jobs), done, thread: Some(thread), published: 0 })
     }
 
-    /// Queues an epoch's outputs, waiting while [`DEPTH`] epochs are already queued.
+    /// Queues an epoch's outputs, waiting while `DEPTH` (16) epochs are already queued.
     pub fn submit(&mut self, job: Job) -> Result<()> {
         let jobs = self.jobs.as_ref().expect("submit after finish");
         if jobs.send(job).is_err() {

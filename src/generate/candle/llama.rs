@@ -18,7 +18,7 @@
 //!   is what decoding needs and saves the vocabulary projection on prompt tokens.
 //! - **CPU kernels.** On the CPU, attention is computed straight from each sequence's
 //!   preallocated key/value buffers (appended in place, never copied per step), and Q4_1
-//!   weights (SmolLM2) stay quantized on Candor's AVX2 kernel ([`super::quant`]), with q/k/v
+//!   weights (SmolLM2) stay quantized on Candor's AVX2 kernel ([`candor_kernels::quant`]), with q/k/v
 //!   and gate/up each fused into one matmul. Both spread their work over Candor's
 //!   work-sharing pool, which degrades to one thread rather than stalling on a busy machine.
 //! - **One graph for both weight formats.** Qwen2 is the llama graph with q/k/v biases and
@@ -72,7 +72,7 @@ impl Config {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Dequantize {
     /// On the CPU: Q4_1 and Q8_0 (SmolLM2's types) stay quantized and run Candor's own AVX2
-    /// kernels ([`super::quant`], llama.cpp's numerics) where the CPU has AVX2/FMA/F16C; the other types
+    /// kernels ([`candor_kernels::quant`], llama.cpp's numerics) where the CPU has AVX2/FMA/F16C; the other types
     /// candle 0.11 has no SIMD kernel for (Q5_0, Q5_1, Q8_1, and Q4_1 without AVX2) are
     /// expanded to f32, as their scalar dot products are several times slower than an f32
     /// matmul. Everything else stays quantized on candle's kernels.
