@@ -610,18 +610,12 @@ pub fn main(cli: Cli) -> Result<()> {
             {
                 build_grid(exp, &out, format, false, &Cluster::default())?;
             }
-            let opts = crate::stream::StreamOptions {
-                connection: Default::default(),
-                topics: crate::stream::Topics::with_prefix(&topic_prefix),
-                group: String::new(),
+            let opts = crate::stream::StreamOptions::for_replay(
+                &topic_prefix,
                 max_message_bytes,
-                idle_exit: None,
-                snapshot_every: std::time::Duration::from_secs(3600),
-                partitions: 1,
-                refusal: RefusalRules::new(refusal.into()),
-                experiment: exp,
-                publish_rows: false,
-            };
+                RefusalRules::new(refusal.into()),
+                exp,
+            );
             let report = crate::stream::replay_capture(&cluster, &target, &opts, messages)?;
             println!(
                 "{}",

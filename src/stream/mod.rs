@@ -109,6 +109,29 @@ pub struct StreamOptions {
     pub publish_rows: bool,
 }
 
+impl StreamOptions {
+    /// The options of a capture replay ([`replay_capture`]): no broker, nothing published.
+    pub fn for_replay(
+        topic_prefix: &str,
+        max_message_bytes: usize,
+        refusal: RefusalRules,
+        experiment: Option<crate::config::Experiment>,
+    ) -> Self {
+        StreamOptions {
+            connection: Default::default(),
+            topics: Topics::with_prefix(topic_prefix),
+            group: String::new(),
+            max_message_bytes,
+            idle_exit: None,
+            snapshot_every: Duration::from_secs(3600),
+            partitions: 1,
+            refusal,
+            experiment,
+            publish_rows: false,
+        }
+    }
+}
+
 /// What a stream run did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StreamReport {
@@ -348,13 +371,17 @@ impl<'a> Streamer<'a> {
             .collect();
         let archived_keys = read_records::<Response>(archive)?.into_iter().map(|r| r.response_key).collect();
         let trials = read_records::<Trial>(archive)?.into_iter().map(|t| (t.trial_key.clone(), t)).collect();
+        // The archived observations, read once, feed both statistics states.
         let mut observations: HashMap<String, HashMap<String, Option<bool>>> = HashMap::new();
-        for o in read_records::<Observation>(archive)? {
-            observations.entry(checkpoint_key(&o.model, &o.checkpoint)).or_default().insert(pair_key(&o), o.correct);
-        }
         let mut paired = crate::sql::view::PairedView::default();
         for b in archive.read(Observation::STREAM)? {
             paired.upsert(&b)?;
+            for o in Observation::from_batch(&b)? {
+                observations
+                    .entry(checkpoint_key(&o.model, &o.checkpoint))
+                    .or_default()
+                    .insert(pair_key(&o), o.correct);
+            }
         }
         paired.take_dirty();
         Ok(Streamer {
@@ -732,7 +759,11 @@ impl<'a> Streamer<'a> {
         let rows = self.opts.publish_rows;
         let responses: Vec<Response> = if rows { epoch_rows(self.archive, epoch, &written)? } else { Vec::new() };
         let verdicts: Vec<Verdict> = if rows { epoch_rows(self.archive, epoch, &written)? } else { Vec::new() };
-        let observations: Vec<Observation> = epoch_rows(self.archive, epoch, &written)?;
+        let observation_batches = epoch_batches::<Observation>(self.archive, epoch, &written)?;
+        let mut observations = Vec::new();
+        for b in &observation_batches {
+            observations.extend(Observation::from_batch(b)?);
+        }
         let cell = self.observations.entry(checkpoint.to_string()).or_default();
         for o in &observations {
             cell.insert(pair_key(o), o.correct);
@@ -760,11 +791,9 @@ impl<'a> Streamer<'a> {
             .collect();
         // The paper's per-category tests of every family the epoch changed. An upsert, so
         // an epoch published again after a restart is not counted twice.
-        let batch = match written.get(Observation::STREAM) {
-            Some(b) => b.clone(),
-            None => Observation::to_batch(&observations)?,
-        };
-        self.paired.upsert(&batch)?;
+        for b in &observation_batches {
+            self.paired.upsert(b)?;
+        }
         let (dirty, _) = self.paired.take_dirty();
         let mut families: Vec<_> = dirty.into_iter().map(|f| (self.paired.family_names(&f), f)).collect();
         families.sort();
@@ -879,14 +908,23 @@ fn family_statistics(
     ))
 }
 
-/// One committed epoch's rows of a stream, in archive order: from the batch its dataflow
-/// wrote when there is one, else read back from the archive.
-fn epoch_rows<R: Record>(archive: &Archive, epoch: u64, written: &BTreeMap<String, RecordBatch>) -> Result<Vec<R>> {
-    if let Some(batch) = written.get(R::STREAM) {
-        return R::from_batch(batch);
+/// One committed epoch's batches of a stream, in archive order: the batch its dataflow wrote
+/// when there is one, else read back from the archive.
+fn epoch_batches<R: Record>(
+    archive: &Archive,
+    epoch: u64,
+    written: &BTreeMap<String, RecordBatch>,
+) -> Result<Vec<RecordBatch>> {
+    match written.get(R::STREAM) {
+        Some(batch) => Ok(vec![batch.clone()]),
+        None => archive.read_epoch(R::STREAM, epoch),
     }
+}
+
+/// One committed epoch's rows of a stream, in archive order (see [`epoch_batches`]).
+fn epoch_rows<R: Record>(archive: &Archive, epoch: u64, written: &BTreeMap<String, RecordBatch>) -> Result<Vec<R>> {
     let mut out = Vec::new();
-    for b in archive.read_epoch(R::STREAM, epoch)? {
+    for b in epoch_batches::<R>(archive, epoch, written)? {
         out.extend(R::from_batch(&b)?);
     }
     Ok(out)

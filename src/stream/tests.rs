@@ -132,18 +132,7 @@ fn capture_of(messages: &[(&str, String)]) -> Vec<capture::Captured> {
 }
 
 fn replay_options() -> StreamOptions {
-    StreamOptions {
-        connection: Default::default(),
-        topics: Topics::with_prefix("t."),
-        group: String::new(),
-        max_message_bytes: MAX,
-        idle_exit: None,
-        snapshot_every: Duration::from_secs(60),
-        partitions: 1,
-        refusal: RefusalRules::new(crate::score::refusal::RefusalMode::Default),
-        experiment: None,
-        publish_rows: false,
-    }
+    StreamOptions::for_replay("t.", MAX, RefusalRules::new(crate::score::refusal::RefusalMode::Default), None)
 }
 
 #[test]
