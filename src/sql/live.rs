@@ -381,12 +381,7 @@ impl LiveSql {
             Statement::Empty => return Err(QueryError::Plan("empty statement".into())),
             Statement::Query(_) => {}
         }
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.sync_locked(&mut st)?;
-        let ctx = st.engine.context().clone();
-        let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
-        st.engine.block_on(async {
-            let df = ctx.sql_with_options(sql, options).await.map_err(|e| classify_df_error(e.to_string()))?;
+        self.read_only(sql, async |df| {
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             let batches = df.collect().await.map_err(|e| QueryError::Execution(e.to_string()))?;
             Ok(Rows { schema, batches })
@@ -398,13 +393,23 @@ impl LiveSql {
         if let Statement::Write(kw) = Statement::classify(sql) {
             return Err(QueryError::ReadOnly(kw));
         }
+        self.read_only(sql, async |df| Ok(Arc::new(df.schema().as_arrow().clone()) as SchemaRef))
+    }
+
+    /// Brings the tables up to date, plans `sql` with DDL, DML and other statements refused,
+    /// and hands the plan to `finish`.
+    fn read_only<T>(
+        &self,
+        sql: &str,
+        finish: impl AsyncFnOnce(datafusion::dataframe::DataFrame) -> std::result::Result<T, QueryError>,
+    ) -> std::result::Result<T, QueryError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.sync_locked(&mut st)?;
         let ctx = st.engine.context().clone();
         let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
         st.engine.block_on(async {
             let df = ctx.sql_with_options(sql, options).await.map_err(|e| classify_df_error(e.to_string()))?;
-            Ok(Arc::new(df.schema().as_arrow().clone()))
+            finish(df).await
         })
     }
 
