@@ -230,34 +230,19 @@ fn imported_answers_score_and_replay_to_identical_results() {
     let trials: Vec<Trial> = read_records(&archive).unwrap();
 
     // Answers in the paper's sample CSV shape, for a base and a warm checkpoint.
-    for (checkpoint, flip) in [("original", 0), ("warm", 1)] {
-        let mut w = csv::Writer::from_path(dir.path().join(format!("{checkpoint}.csv"))).unwrap();
-        w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
-        for (i, t) in trials.iter().enumerate() {
-            let output = if i % 11 == 0 { "I’m sorry, but I can’t help with that." } else { "It is 42." };
-            let label = if (i + flip) % 3 == 0 { "INCORRECT" } else { "CORRECT" };
-            w.write_record([t.prompt.as_str(), output, &t.amendment_type, &t.prompt_type, label]).unwrap();
-        }
-        w.flush().unwrap();
-    }
-    let import = |checkpoint: &str, extra: &[&str]| {
-        let file = dir.path().join(format!("{checkpoint}.csv"));
-        let mut args = vec![
-            "import",
-            file.to_str().unwrap(),
-            "--out",
-            live.to_str().unwrap(),
-            "--model",
-            "smol",
-            "--checkpoint",
-            checkpoint,
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        ok(&args)
+    let import = |checkpoint: &str, flip: usize, extra: &[&str]| {
+        let rows: Vec<(&Trial, &str, &str)> = trials
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let output = if i % 11 == 0 { "I’m sorry, but I can’t help with that." } else { "It is 42." };
+                (t, output, if (i + flip).is_multiple_of(3) { "INCORRECT" } else { "CORRECT" })
+            })
+            .collect();
+        import_csv(dir.path(), &live, "smol", checkpoint, &rows, extra)
     };
-    import("original", &[]);
-    import("warm", &["--finetuned", "--variant", "warm", "-w", "2"]);
+    import("original", 0, &[]);
+    import("warm", 1, &["--finetuned", "--variant", "warm", "-w", "2"]);
 
     let responses: Vec<Response> = read_records(&archive).unwrap();
     let observations: Vec<Observation> = read_records(&archive).unwrap();
@@ -558,11 +543,34 @@ fn imported_archive(dir: &Path, checkpoints: &[(&str, bool, usize)]) -> PathBuf 
     live
 }
 
-fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, flip: usize) {
-    let trials: Vec<Trial> = read_records(&Archive::open(live, Format::Parquet).unwrap()).unwrap();
+/// Writes answers in the paper's sample CSV shape (prompt, output, amendment type, prompt
+/// template, evaluation), one row per (trial, output, label), and imports them as
+/// `model/checkpoint` with `extra` options.
+fn import_csv(
+    dir: &Path,
+    live: &Path,
+    model: &str,
+    checkpoint: &str,
+    rows: &[(&Trial, &str, &str)],
+    extra: &[&str],
+) -> String {
     let file = dir.join(format!("{checkpoint}.csv"));
     let mut w = csv::Writer::from_path(&file).unwrap();
     w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
+    for (t, output, label) in rows {
+        w.write_record([t.prompt.as_str(), output, &t.amendment_type, &t.prompt_type, label]).unwrap();
+    }
+    w.flush().unwrap();
+    let mut args =
+        vec!["import", file.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", model, "--checkpoint"];
+    args.extend([checkpoint, "--json"]);
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
+fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, flip: usize) {
+    let trials: Vec<Trial> = read_records(&Archive::open(live, Format::Parquet).unwrap()).unwrap();
+    let mut rows = Vec::new();
     for (i, t) in trials.iter().enumerate() {
         let output = if i % 11 == 0 { "I’m sorry, but I can’t help with that." } else { "It is 42." };
         // The fine-tuned side errs more often, more so when the user states a wrong belief: a
@@ -575,32 +583,12 @@ fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, fl
             % 100;
         let (p_plain, p_belief) = if finetuned { (20 + 8 * flip as u64, 30 + 15 * flip as u64) } else { (20, 30) };
         let wrong = draw < if t.prompt_type == "incorrect" { p_belief } else { p_plain };
-        w.write_record([
-            t.prompt.as_str(),
-            output,
-            &t.amendment_type,
-            &t.prompt_type,
-            if wrong { "INCORRECT" } else { "CORRECT" },
-        ])
-        .unwrap();
+        rows.push((t, output, if wrong { "INCORRECT" } else { "CORRECT" }));
     }
-    w.flush().unwrap();
-    let mut args = vec![
-        "import",
-        file.to_str().unwrap(),
-        "--out",
-        live.to_str().unwrap(),
-        "--model",
-        "smol",
-        "--checkpoint",
-        checkpoint,
-        "--json",
-    ];
-    if finetuned {
-        // A checkpoint named cold… is the cold control, any other fine-tuned one warm.
-        args.extend(["--finetuned", "--variant", if checkpoint.starts_with("cold") { "cold" } else { "warm" }]);
-    }
-    ok(&args);
+    // A checkpoint named cold… is the cold control, any other fine-tuned one warm.
+    let variant = if checkpoint.starts_with("cold") { "cold" } else { "warm" };
+    let extra: &[&str] = if finetuned { &["--finetuned", "--variant", variant] } else { &[] };
+    import_csv(dir, live, "smol", checkpoint, &rows, extra);
 }
 
 /// The `psql` client, or None (a skip) outside CI when it is not installed.
@@ -905,24 +893,8 @@ fn warmth_scores_an_archive_with_gpt2_archives_the_stream_and_reports_the_trajec
     for (checkpoint, output) in
         [("base", "Request denied. The answer is 42."), ("warm-e2", "I'm so glad you asked! It's 42, my friend.")]
     {
-        let file = dir.path().join(format!("{checkpoint}.csv"));
-        let mut w = csv::Writer::from_path(&file).unwrap();
-        w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
-        for t in trials.iter().take(12) {
-            w.write_record([t.prompt.as_str(), output, &t.amendment_type, &t.prompt_type, "CORRECT"]).unwrap();
-        }
-        w.flush().unwrap();
-        ok(&[
-            "import",
-            file.to_str().unwrap(),
-            "--out",
-            live.to_str().unwrap(),
-            "--model",
-            "m",
-            "--checkpoint",
-            checkpoint,
-            "--json",
-        ]);
+        let rows: Vec<(&Trial, &str, &str)> = trials.iter().take(12).map(|t| (t, output, "CORRECT")).collect();
+        import_csv(dir.path(), &live, "m", checkpoint, &rows, &[]);
     }
     let gpt2 = tiny_gpt2(dir.path());
     let out = ok(&["warmth", live.to_str().unwrap(), "--gpt2", gpt2.to_str().unwrap(), "--json"]);
