@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::archive::{Archive, Format};
+use crate::archive::Archive;
 use crate::conditions::VerdictLabel;
 use crate::config::Experiment;
 use crate::dataflow::Cluster;
@@ -57,7 +57,8 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
         let out = root.join(format!("grid-{i}"));
         let _ = std::fs::remove_dir_all(&out);
         let start = Instant::now();
-        let report = crate::cli::build_grid(&exp, &out, Format::Parquet, false, cluster)?;
+        let archive = Archive::open_writer(&out, "bench")?;
+        let report = crate::cli::build_grid(&exp, &archive, crate::cli::GridMode::Keep, cluster)?;
         grid_secs.push(start.elapsed().as_secs_f64());
         trials = report.counts.values().sum();
     }
@@ -68,7 +69,7 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
     );
 
     // Two checkpoints answering every trial, with labels, archived once as the replay source.
-    let source = Archive::open(root.join("grid-0"), Format::Parquet)?;
+    let source = Archive::open_writer(root.join("grid-0"), "bench")?;
     let all: Vec<Trial> = read_records(&source)?;
     let mut labels = HashMap::new();
     let mut batches = Vec::new();
@@ -129,8 +130,8 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
     for i in 0..repeat {
         let out = root.join(format!("replay-{i}"));
         let _ = std::fs::remove_dir_all(&out);
-        let target = Archive::open(&out, Format::Parquet)?;
         let start = Instant::now();
+        let target = Archive::open_writer(&out, "bench")?;
         pipelines::replay(cluster, &source, &target, RefusalRules::new(RefusalMode::Default))?;
         replay_secs.push(start.elapsed().as_secs_f64());
     }
@@ -305,8 +306,8 @@ pub fn score(n: usize, dir: Option<&Path>) -> Result<()> {
     let out = root.join("archive");
     let _ = std::fs::remove_dir_all(&out);
     let cluster = Cluster::default();
-    crate::cli::build_grid(&exp, &out, Format::Parquet, false, &cluster)?;
-    let archive = Archive::open(&out, Format::Parquet)?;
+    let archive = Archive::open_writer(&out, "bench")?;
+    crate::cli::build_grid(&exp, &archive, crate::cli::GridMode::Keep, &cluster)?;
     let start = Instant::now();
     let report = pipelines::run_experiment(&cluster, &archive, &exp, Box::new(crate::generate::backend::open), false)?;
     println!(

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::amend::{Amender, sample_items};
-use crate::archive::{Archive, Format};
+use crate::archive::Archive;
 use crate::conditions::Dataset;
 use crate::config::Experiment;
 use crate::dataflow::pipelines::{self, read_records};
@@ -56,11 +56,9 @@ pub enum Command {
         /// Archive directory (default: the experiment's `output`, else `runs/<name>`).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Segment format for new archive files.
-        #[arg(long, value_enum, default_value_t = Format::Parquet)]
-        format: Format,
-        /// Replace a grid already in the archive instead of refusing.
-        #[arg(long)]
+        /// Build the experiment's grid as the archive's next grid version when it differs from
+        /// the one there (as `candor run --regrid`), instead of refusing.
+        #[arg(long, alias = "regrid")]
         replace: bool,
         #[command(flatten)]
         cluster: Cluster,
@@ -74,8 +72,12 @@ pub enum Command {
         /// Archive directory (default: the experiment's `output`, else `runs/<name>`).
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = Format::Parquet)]
-        format: Format,
+        /// When the experiment's grid differs from the archive's: build the new grid as the
+        /// archive's next grid version and evaluate every checkpoint on it again (answers
+        /// already in the generation store are reused). Without it a changed grid is an error
+        /// that says what changed.
+        #[arg(long)]
+        regrid: bool,
         /// Serve the archive's live tables and statistics over the PostgreSQL wire protocol on
         /// this address while the run goes (as `candor sql --listen`): each checkpoint's
         /// statistics appear when its epoch commits. Non-loopback addresses need
@@ -114,10 +116,19 @@ pub enum Command {
         /// Refusal phrase list.
         #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
         refusal: RefusalArg,
-        #[arg(long, value_enum, default_value_t = Format::Parquet)]
-        format: Format,
+        /// Replace the answers of a checkpoint already in the archive. Without it, importing
+        /// the same answers again does nothing and different ones are refused.
+        #[arg(long)]
+        replace: bool,
         #[command(flatten)]
         cluster: Cluster,
+    },
+    /// Check an archive: every Delta log, every committed file's size, SHA-256, row count and
+    /// schema, the checkpoint registry, interrupted writes, files no log lists, and the
+    /// generation store. Lists every problem (exit 65 when there is one).
+    Verify {
+        /// The archive directory.
+        archive: PathBuf,
     },
     /// Feed an archive's responses through the scoring dataflow again, into a new archive;
     /// or, with `--capture`, a capture of a stream's input topics (`candor capture`) through
@@ -144,8 +155,6 @@ pub enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
         refusal: RefusalArg,
-        #[arg(long, value_enum, default_value_t = Format::Parquet)]
-        format: Format,
         #[command(flatten)]
         cluster: Cluster,
     },
@@ -164,8 +173,6 @@ pub enum Command {
         judge: String,
         #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
         refusal: RefusalArg,
-        #[arg(long, value_enum, default_value_t = Format::Parquet)]
-        format: Format,
         #[command(flatten)]
         cluster: Cluster,
     },
@@ -321,8 +328,9 @@ pub enum Command {
         /// (and dead letters) only, the rows staying in the archive (`statistics`).
         #[arg(long, value_enum, default_value_t = PublishArg::All)]
         publish: PublishArg,
-        #[arg(long, value_enum, default_value_t = Format::Parquet)]
-        format: Format,
+        /// As `candor run --regrid`: build a changed experiment's grid as a new version.
+        #[arg(long)]
+        regrid: bool,
         #[command(flatten)]
         cluster: Cluster,
     },
@@ -472,25 +480,31 @@ pub fn main(cli: Cli) -> Result<()> {
     }
     let json = cli.json || !std::io::stdout().is_terminal();
     match cli.command {
-        Command::Trials { experiment, out, format, replace, cluster } => {
+        Command::Trials { experiment, out, replace, cluster } => {
             let exp = Experiment::load(&experiment)?;
             let out = out.unwrap_or_else(|| exp.output_dir());
-            let report = build_grid(&exp, &out, format, replace, &cluster)?;
+            let archive = open_for(&out, "trials", &cluster)?;
+            let mode = if replace { GridMode::Regrid } else { GridMode::Keep };
+            let report = build_grid(&exp, &archive, mode, &cluster)?;
             if cluster.is_leader() {
+                if report.unchanged && !json {
+                    println!("{}: the trial grid is already built from this experiment (grid version {})", out.display(), report.version);
+                }
                 print_grid(&report, &out, json);
             }
         }
-        Command::Run { experiment, out, format, sql_listen, sql_stay, cluster } => {
+        Command::Run { experiment, out, regrid, sql_listen, sql_stay, cluster } => {
             let exp = Experiment::load(&experiment)?;
             if exp.models.is_empty() {
                 bail!("{}: no [[models]] to run", experiment.display());
             }
             let out = out.unwrap_or_else(|| exp.output_dir());
-            let archive = Archive::open(&out, format)?;
-            if cluster.is_leader() && !archive.has(Trial::STREAM)? {
-                let grid = build_grid(&exp, &out, format, false, &cluster)?;
-                if !json {
-                    println!("built the trial grid: {} trials", grid.counts.values().sum::<usize>());
+            let archive = open_for(&out, "run", &cluster)?;
+            if cluster.is_leader() {
+                let mode = if regrid { GridMode::Regrid } else { GridMode::Keep };
+                let grid = build_grid(&exp, &archive, mode, &Cluster::default())?;
+                if !json && !grid.unchanged {
+                    println!("built the trial grid (version {}): {} trials", grid.version, grid.counts.values().sum::<usize>());
                 }
             }
             // The live SQL endpoint reads only committed epochs, so it can start before the run.
@@ -554,20 +568,61 @@ pub fn main(cli: Cli) -> Result<()> {
                 let _ = server.thread.join();
             }
         }
-        Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, format, cluster } => {
-            let archive = Archive::open(&out, format)?;
+        Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, replace, cluster } => {
+            let archive = open_for(&out, "import", &cluster)?;
             let known: HashMap<String, Trial> =
-                read_records::<Trial>(&archive)?.into_iter().map(|t| (t.prompt.clone(), t)).collect();
+                read_records::<Trial>(&archive)?.into_iter().map(|t| (crate::import::prompt_key(&t.prompt), t)).collect();
             let all_known: Vec<Trial> = known.values().cloned().collect();
             let defaults = ImportDefaults { dataset, model, checkpoint, is_finetuned: finetuned };
-            let imported = read_answers(&file, &defaults, &known)?;
+            let mut imported = read_answers(&file, &defaults, &known)?;
+            let committed = archive.committed_epochs()?;
             let mut batches = Vec::new();
-            for ((model, checkpoint), mut rows) in imported.responses {
+            let mut already = Vec::new();
+            let mut to_replace = std::collections::BTreeSet::new();
+            for ((model, checkpoint), mut rows) in std::mem::take(&mut imported.responses) {
                 let epoch = archive.register_checkpoint(&model, &checkpoint, finetuned, variant.as_deref())?;
                 for r in &mut rows {
                     r.checkpoint_epoch = epoch;
                 }
+                if committed.contains(&epoch) {
+                    let id = crate::identity::CheckpointRef::new(&model, &checkpoint);
+                    match crate::import::compare_with_archive(&archive, epoch, &id, &rows, &imported.labels)? {
+                        None => {
+                            already.push(id);
+                            continue;
+                        }
+                        Some(_) if replace => {
+                            to_replace.insert(epoch);
+                        }
+                        Some(difference) => bail!(crate::error::Error::input(
+                            crate::error::Location::file(&file),
+                            format!(
+                                "{id} is already in {} with other answers ({difference}); pass --replace to replace that checkpoint's answers",
+                                out.display()
+                            ),
+                        )),
+                    }
+                }
                 batches.push((epoch, Response::to_batch(&rows)?));
+            }
+            for id in &already {
+                eprintln!("{id}: already in the archive with these answers; nothing to import");
+            }
+            if !to_replace.is_empty() {
+                archive.retract_epochs(&to_replace)?;
+                // Trials the replaced epochs had brought left with them: bring back those
+                // these answers use.
+                let remaining: std::collections::HashSet<String> =
+                    read_records::<Trial>(&archive)?.into_iter().map(|t| t.trial_key).collect();
+                let mut used = std::collections::HashSet::new();
+                for (_, b) in &batches {
+                    used.extend(Response::from_batch(b)?.into_iter().map(|r| r.trial_key));
+                }
+                for t in &all_known {
+                    if !remaining.contains(&t.trial_key) && used.contains(&t.trial_key) {
+                        imported.new_trials.push(t.clone());
+                    }
+                }
             }
             let mut trials = all_known;
             trials.extend(imported.new_trials.iter().cloned());
@@ -596,19 +651,18 @@ pub fn main(cli: Cli) -> Result<()> {
             max_message_bytes,
             out,
             refusal,
-            format,
             cluster,
         } => {
             let messages = crate::stream::capture::read(&capture)?;
             let exp = experiment.as_deref().map(Experiment::load).transpose()?;
-            let target = Archive::open(&out, format)?;
+            let target = open_for(&out, "replay", &cluster)?;
             if target.has(Response::STREAM)? {
                 bail!("{}: already holds responses; replay into an empty directory", out.display());
             }
             if let Some(exp) = &exp
                 && !exp.models.is_empty()
             {
-                build_grid(exp, &out, format, false, &Cluster::default())?;
+                build_grid(exp, &target, GridMode::Keep, &Cluster::default())?;
             }
             let opts = crate::stream::StreamOptions::for_replay(
                 &topic_prefix,
@@ -622,13 +676,10 @@ pub fn main(cli: Cli) -> Result<()> {
                 serde_json::json!({"command": "replay", "capture": capture, "archive": out, "report": report})
             );
         }
-        Command::Replay { archive, out, refusal, format, cluster, .. } => {
+        Command::Replay { archive, out, refusal, cluster, .. } => {
             let archive = archive.expect("clap requires an archive without --capture");
-            if !archive.join("checkpoints.json").exists() && !archive.join("response").exists() {
-                bail!("{}: not a Candor archive with responses (no checkpoints.json, no response/)", archive.display());
-            }
-            let source = Archive::open(&archive, format)?;
-            let target = Archive::open(&out, format)?;
+            let source = Archive::open(&archive)?;
+            let target = open_for(&out, "replay", &cluster)?;
             if target.has(Response::STREAM)? {
                 bail!("{}: already holds responses; replay into an empty directory", out.display());
             }
@@ -637,12 +688,12 @@ pub fn main(cli: Cli) -> Result<()> {
                 print_epochs("replay", &reports, &out, json)?;
             }
         }
-        Command::Rescore { archive, out, judge, refusal, format, cluster } => {
-            let source = Archive::open(&archive, format)?;
+        Command::Rescore { archive, out, judge, refusal, cluster } => {
+            let source = Archive::open(&archive)?;
             if !source.has(Response::STREAM)? {
                 bail!("{}: holds no responses to rescore", archive.display());
             }
-            let target = Archive::open(&out, format)?;
+            let target = open_for(&out, "rescore", &cluster)?;
             if target.has(Response::STREAM)? {
                 bail!("{}: already holds responses; rescore into an empty directory", out.display());
             }
@@ -653,12 +704,33 @@ pub fn main(cli: Cli) -> Result<()> {
                 print_epochs("rescore", &reports, &out, json)?;
             }
         }
+        Command::Verify { archive } => {
+            let a = Archive::open(&archive)?;
+            let problems = a.verify();
+            for (path, message) in &problems {
+                if json {
+                    println!("{}", serde_json::json!({"path": path, "problem": message}));
+                } else {
+                    println!("{}: {message}", path.display());
+                }
+            }
+            if problems.is_empty() {
+                if !json {
+                    println!("{}: sound (every log, file, checksum and row count as committed)", archive.display());
+                }
+            } else {
+                bail!(crate::error::Error::integrity(
+                    &archive,
+                    format!("{} problem(s) found (listed above)", problems.len())
+                ));
+            }
+        }
         Command::Agreement { first, second } => {
-            let a = read_records::<crate::records::Verdict>(&Archive::open(&first, Format::Parquet)?)?;
+            let a = read_records::<crate::records::Verdict>(&Archive::open(&first)?)?;
             let b = if second.is_file() {
                 crate::score::agreement::read_human_csv(&second)?
             } else {
-                read_records::<crate::records::Verdict>(&Archive::open(&second, Format::Parquet)?)?
+                read_records::<crate::records::Verdict>(&Archive::open(&second)?)?
             };
             let report = crate::score::agreement::compare(&a, &b);
             crate::score::agreement::print(&report, json);
@@ -714,7 +786,7 @@ pub fn main(cli: Cli) -> Result<()> {
             snapshot_ms,
             partitions,
             publish,
-            format,
+            regrid,
             cluster,
         } => {
             let exp = Experiment::load(&experiment)?;
@@ -723,7 +795,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 // Each process owns some partitions, and its own archive and offsets.
                 out = out.join(format!("process-{}", cluster.process));
             }
-            let archive = Archive::open(&out, format)?;
+            let archive = open_for(&out, "stream", &Cluster::default())?;
             let connection = kafka.connection()?;
             let opts = crate::stream::StreamOptions {
                 connection,
@@ -738,8 +810,9 @@ pub fn main(cli: Cli) -> Result<()> {
                 publish_rows: publish == PublishArg::All,
             };
             // Announcements without answer records are generated over the trial grid.
-            if !exp.models.is_empty() && !archive.has(Trial::STREAM)? {
-                build_grid(&exp, &out, format, false, &Cluster::default())?;
+            if !exp.models.is_empty() {
+                let mode = if regrid { GridMode::Regrid } else { GridMode::Keep };
+                build_grid(&exp, &archive, mode, &Cluster::default())?;
             }
             let report = crate::stream::run(&cluster, &archive, &opts)?;
             println!("{}", serde_json::json!({"command": "stream", "archive": out, "report": report}));
@@ -894,52 +967,170 @@ pub struct GridReport {
     pub items: BTreeMap<String, usize>,
     pub counts: BTreeMap<(String, String, String), usize>,
     pub epochs: Vec<EpochDone>,
+    /// The grid was already built from the same definition: nothing was written.
+    pub unchanged: bool,
+    /// The grid's version in the archive (1 for the first; `--regrid` adds one).
+    pub version: u64,
+}
+
+/// What to do when the archive already holds a grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GridMode {
+    /// Keep a grid built from the same definition; refuse a different one, saying what changed.
+    Keep,
+    /// Build the new grid as the archive's next grid version: the old grid and every
+    /// checkpoint evaluated on it are withdrawn (they stay in the tables' Delta history) and
+    /// evaluated again (answers come from the generation store).
+    Regrid,
+}
+
+/// The sampled items of an experiment and its grid definition: the grid-defining part of the
+/// experiment (datasets, sample sizes, seed, template style, conditions, statements) with a
+/// digest of the items each dataset yields, so a change of settings or of a dataset file is
+/// seen.
+fn plan_grid(exp: &Experiment) -> Result<(Vec<Item>, BTreeMap<String, usize>, serde_json::Value)> {
+    use sha2::{Digest, Sha256};
+    let data_dir = exp.data_dir();
+    let mut all = Vec::new();
+    let mut items = BTreeMap::new();
+    let mut datasets = serde_json::Map::new();
+    for (dataset, cfg) in &exp.datasets {
+        let loaded = crate::datasets::load(*dataset, &cfg.source, &data_dir)
+            .with_context(|| format!("loading dataset `{dataset}`"))?;
+        let sampled = sample_items(loaded, cfg.n, exp.seed);
+        items.insert(dataset.to_string(), sampled.len());
+        let digest = crate::archive::log::hex(&Sha256::digest(serde_json::to_vec(&sampled)?));
+        datasets.insert(
+            dataset.to_string(),
+            serde_json::json!({
+                "n": cfg.n,
+                "path": cfg.source.path,
+                "format": cfg.source.format.map(|f| format!("{f:?}")),
+                "incorrect_column": cfg.source.incorrect_column,
+                "items_sha256": digest,
+            }),
+        );
+        all.extend(sampled);
+    }
+    let statements = match &exp.conditions.statements {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(crate::archive::log::hex(&Sha256::digest(bytes)))
+        }
+        None => None,
+    };
+    let definition = serde_json::json!({
+        "seed": exp.seed,
+        "template_style": format!("{:?}", exp.template_style),
+        "amendments": exp.conditions.amendments.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
+        "prompt_types": exp.conditions.prompt_types.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        "statements_sha256": statements,
+        "datasets": datasets,
+    });
+    Ok((all, items, definition))
+}
+
+/// The differences between two grid definitions, one line each (`datasets.trivia.n: 1 → 2`).
+pub fn grid_changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let null = serde_json::Value::Null;
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                }
+            }
+            (a, b) if a != b => out.push(format!("{path}: {a} → {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    out
 }
 
 /// Loads and samples the experiment's datasets, builds the grid in the dataflow, archives it,
-/// and counts the archived trials.
-pub fn build_grid(
-    exp: &Experiment,
-    out: &Path,
-    format: Format,
-    replace: bool,
-    cluster: &Cluster,
-) -> Result<GridReport> {
-    let archive = Archive::open(out, format)?;
-    if cluster.is_leader() && (archive.has(Trial::STREAM)? || archive.has(Item::STREAM)?) {
-        if !replace {
-            bail!(
-                "{}: already holds a trial grid (pass --replace to rebuild it, or choose another --out)",
-                out.display()
-            );
-        }
-        archive.remove_stream(Trial::STREAM)?;
-        archive.remove_stream(Item::STREAM)?;
-        archive.uncommit_epoch(crate::dataflow::GRID_EPOCH)?;
-    }
+/// and counts the archived trials. An archive whose grid was built from the same definition
+/// is left as it is; a different definition is refused with what changed, unless `mode` is
+/// [`GridMode::Regrid`].
+pub fn build_grid(exp: &Experiment, archive: &Archive, mode: GridMode, cluster: &Cluster) -> Result<GridReport> {
     let amender = Amender::from_experiment(exp)?;
     let mut batches = Vec::new();
     let mut items = BTreeMap::new();
     let mut expected = 0u64;
+    let mut version = 1;
     if cluster.is_leader() {
-        let data_dir = exp.data_dir();
-        for (dataset, cfg) in &exp.datasets {
-            let loaded = crate::datasets::load(*dataset, &cfg.source, &data_dir)
-                .with_context(|| format!("loading dataset `{dataset}`"))?;
-            let sampled = sample_items(loaded, cfg.n, exp.seed);
-            items.insert(dataset.to_string(), sampled.len());
-            expected += sampled.len() as u64 * amender.trials_per_item(*dataset) as u64;
-            batches.push(Item::to_batch(&sampled)?);
+        let (sampled, per_dataset, definition) = plan_grid(exp)?;
+        items = per_dataset;
+        let manifest = archive.manifest()?;
+        let committed = archive.committed_epochs()?;
+        let stored = manifest.grid.clone();
+        let old_version = stored.as_ref().and_then(|g| g.get("version")).and_then(|v| v.as_u64()).unwrap_or(0);
+        if let Some(old) = stored.as_ref().and_then(|g| g.get("definition")) {
+            let changes = grid_changes(old, &definition);
+            if changes.is_empty() && committed.contains(&crate::dataflow::GRID_EPOCH) {
+                let counts = count_trials(archive)?;
+                return Ok(GridReport { items, counts, epochs: Vec::new(), unchanged: true, version: old_version });
+            }
+            if !changes.is_empty() && mode == GridMode::Keep && committed.contains(&crate::dataflow::GRID_EPOCH) {
+                bail!(crate::error::Error::input(
+                    crate::error::Location::file(archive.root()),
+                    format!(
+                        "the experiment's grid differs from the one this archive was built with (grid version {old_version}):\n  {}\npass --regrid to build the new grid as version {} (every checkpoint is evaluated again on it; stored answers are reused), or choose another --out",
+                        changes.join("\n  "),
+                        old_version + 1
+                    ),
+                ));
+            }
+        } else if archive.has(Trial::STREAM)? && mode == GridMode::Keep {
+            bail!(crate::error::Error::input(
+                crate::error::Location::file(archive.root()),
+                "holds trials that were not built from an experiment's grid (imported answers); build the grid in another --out, or pass --regrid to replace them",
+            ));
+        }
+        if mode == GridMode::Regrid && !committed.is_empty() {
+            archive.retract_epochs(&committed)?;
+            eprintln!(
+                "{}: grid version {} replaces version {old_version}; {} checkpoint epoch(s) withdrawn and to be evaluated again",
+                archive.root().display(),
+                old_version + 1,
+                committed.iter().filter(|e| **e != crate::dataflow::GRID_EPOCH).count()
+            );
+        }
+        version = old_version + 1;
+        // Recorded first: a crash before the grid commits leaves an archive that builds the
+        // same grid again, never one whose grid lacks its definition.
+        archive.set_grid(serde_json::json!({"version": version, "definition": definition}))?;
+        for dataset in exp.datasets.keys() {
+            let n: Vec<Item> = sampled.iter().filter(|i| i.dataset == dataset.as_str()).cloned().collect();
+            expected += n.len() as u64 * amender.trials_per_item(*dataset) as u64;
+            batches.push(Item::to_batch(&n)?);
         }
     }
-    let epochs = pipelines::build_trials(cluster, &archive, batches, amender, expected)?;
+    let epochs = pipelines::build_trials(cluster, archive, batches, amender, expected)?;
+    let counts = if cluster.is_leader() { count_trials(archive)? } else { BTreeMap::new() };
+    Ok(GridReport { items, counts, epochs, unchanged: false, version })
+}
+
+fn count_trials(archive: &Archive) -> Result<BTreeMap<(String, String, String), usize>> {
     let mut counts = BTreeMap::new();
-    if cluster.is_leader() {
-        for t in read_records::<Trial>(&archive)? {
-            *counts.entry((t.dataset, t.amendment_type, t.prompt_type)).or_insert(0) += 1;
-        }
+    for t in read_records::<Trial>(archive)? {
+        *counts.entry((t.dataset, t.amendment_type, t.prompt_type)).or_insert(0) += 1;
     }
-    Ok(GridReport { items, counts, epochs })
+    Ok(counts)
+}
+
+/// The archive a writing command writes: opened for writing (created where `out` is new or
+/// empty) by the process that writes, or a handle that never touches it on the other
+/// processes of a cluster.
+fn open_for(out: &Path, command: &str, cluster: &Cluster) -> Result<Archive> {
+    if cluster.is_leader() {
+        Ok(Archive::open_writer(out, command)?)
+    } else {
+        Ok(Archive::elsewhere(out))
+    }
 }
 
 fn print_grid(report: &GridReport, out: &Path, json: bool) {
@@ -1021,7 +1212,7 @@ fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) -> Re
             println!("epoch {}: {}", d.epoch, rows.join(", "));
         }
     }
-    let archive = Archive::open(out, Format::Parquet)?;
+    let archive = Archive::open(out)?;
     let obs = read_records::<Observation>(&archive)?;
     let excluded = obs.iter().filter(|o| o.correct.is_none()).count();
     let verdicts = verdict_counts(&archive)?;

@@ -14,6 +14,9 @@ pub enum Domain {
     User,
     /// Something outside Candor failed (an endpoint, the disk); retrying may help.
     External,
+    /// Stored data is damaged (a checksum or row count does not match what was committed):
+    /// restore the named file, or re-create what it held.
+    Data,
     /// A bug in Candor.
     Internal,
 }
@@ -92,6 +95,17 @@ pub enum Error {
     /// A model backend failed while running (a forward pass, the device).
     #[error("model {context}: {message}")]
     Model { context: String, message: String },
+    /// Stored data no longer matches what was committed (a flipped bit, a truncated or
+    /// edited file): never read as data.
+    #[error("{}: damaged: {message}", path.display())]
+    Integrity { path: PathBuf, message: String },
+    /// Another writer changed the same table at the same time; nothing of this write was
+    /// committed.
+    #[error("concurrent write: {0}")]
+    Conflict(String),
+    /// The archive's table format failed outside Candor's checks.
+    #[error("archive: {0}")]
+    Archive(String),
     /// An invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
@@ -116,12 +130,21 @@ impl Error {
     pub fn arrow(context: impl Into<String>, source: arrow::error::ArrowError) -> Self {
         Error::Arrow { context: context.into(), source }
     }
+    pub fn integrity(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        Error::Integrity { path: path.as_ref().to_path_buf(), message: message.into() }
+    }
 
     /// Who should act on this error.
     pub fn kind(&self) -> Domain {
         match self {
             Error::Input { .. } | Error::Config { .. } | Error::Schema { .. } | Error::Dataflow(_) => Domain::User,
-            Error::Io { .. } | Error::Arrow { .. } | Error::Backend { .. } | Error::Model { .. } => Domain::External,
+            Error::Io { .. }
+            | Error::Arrow { .. }
+            | Error::Backend { .. }
+            | Error::Model { .. }
+            | Error::Conflict(_)
+            | Error::Archive(_) => Domain::External,
+            Error::Integrity { .. } => Domain::Data,
             Error::Internal(_) => Domain::Internal,
         }
     }

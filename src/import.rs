@@ -84,7 +84,7 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &HashMap<Stri
     let mut samples: HashMap<(String, String, String), u32> = HashMap::new();
     for row in parsed {
         let at = |field: &str| Location::file(path).line(row.line).field(field);
-        let trial = match known.get(&row.prompt) {
+        let trial = match known.get(&prompt_key(&row.prompt)) {
             Some(t) => {
                 // A row that restates its condition must agree with the trial it links to.
                 let stated = [
@@ -170,10 +170,16 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &HashMap<Stri
     Ok(out)
 }
 
+/// A prompt as it is matched and digested: line endings made `\n`, so a file saved with CRLF
+/// line endings links and pairs its rows exactly as the same file with LF.
+pub fn prompt_key(prompt: &str) -> String {
+    prompt.replace("\r\n", "\n")
+}
+
 /// A short stable id for a prompt, used as item key when a file has none: base and
 /// fine-tuned answers to the same prompt then pair up.
 fn prompt_digest(prompt: &str) -> String {
-    let d = Sha256::digest(prompt.as_bytes());
+    let d = Sha256::digest(prompt_key(prompt).as_bytes());
     format!("p{}", d.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>())
 }
 
@@ -186,8 +192,8 @@ fn parse_row(path: &Path, line: u64, fields: &BTreeMap<String, String>, defaults
     let required = |names: &[&str]| -> Result<String> {
         pick(fields, names).map(|(_, v)| v.to_string()).ok_or_else(|| Error::input(at(names[0]), "missing"))
     };
-    let prompt = required(&["prompt"])?;
-    let output = required(OUTPUT_NAMES)?;
+    let prompt = prompt_key(&required(&["prompt"])?);
+    let output = prompt_key(&required(OUTPUT_NAMES)?);
     let amendment = match fields.get("amendment_type").map(|s| s.trim()).filter(|s| !s.is_empty()) {
         Some(s) => Some(s.parse().map_err(|m: String| Error::input(at("amendment_type"), m))?),
         None => None,
@@ -406,4 +412,45 @@ mod tests {
         assert!(imp.new_trials.is_empty());
         assert_eq!(imp.responses.values().next().unwrap()[0].trial_key, t.trial_key);
     }
+}
+
+/// Whether the answers of a checkpoint already committed at `epoch` are these (None) or
+/// differ (what differs, in words): importing the same answers twice is a no-op.
+pub fn compare_with_archive(
+    archive: &crate::archive::Archive,
+    epoch: u64,
+    id: &crate::identity::CheckpointRef,
+    rows: &[Response],
+    labels: &HashMap<String, Label>,
+) -> Result<Option<String>> {
+    use crate::schema::Record;
+    let mut archived: HashMap<String, Response> = HashMap::new();
+    for b in archive.read_epoch(Response::STREAM, epoch)? {
+        for r in Response::from_batch(&b)? {
+            archived.insert(r.response_key.clone(), r);
+        }
+    }
+    let mut verdicts: HashMap<String, String> = HashMap::new();
+    for b in archive.read_epoch(crate::records::Verdict::STREAM, epoch)? {
+        for v in crate::records::Verdict::from_batch(&b)? {
+            verdicts.insert(v.response_key.clone(), v.verdict);
+        }
+    }
+    if archived.len() != rows.len() {
+        return Ok(Some(format!("{} answers archived for {id}, {} in this file", archived.len(), rows.len())));
+    }
+    for r in rows {
+        let Some(a) = archived.get(&r.response_key) else {
+            return Ok(Some(format!("trial `{}` sample {} is not archived", r.trial_key, r.sample_index)));
+        };
+        if a.output != r.output {
+            return Ok(Some(format!("trial `{}` sample {} has another answer", r.trial_key, r.sample_index)));
+        }
+        if let Some(l) = labels.get(&r.response_key)
+            && verdicts.get(&r.response_key).is_some_and(|v| v != &l.verdict.to_string())
+        {
+            return Ok(Some(format!("trial `{}` sample {} has another label", r.trial_key, r.sample_index)));
+        }
+    }
+    Ok(None)
 }

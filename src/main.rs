@@ -12,6 +12,7 @@ fn main() {
         std::process::exit(match e.downcast_ref::<candor::error::Error>().map(|e| e.kind()) {
             Some(candor::error::Domain::Internal) => 70,
             Some(candor::error::Domain::External) => 74,
+            Some(candor::error::Domain::Data) => 65,
             _ => 2,
         });
     }

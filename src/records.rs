@@ -69,6 +69,7 @@ crate::record! {
         pub model: String,
         pub checkpoint: String,
         pub checkpoint_epoch: u64,
+        pub sample_index: u32,
         pub refusal: bool,
         pub refusal_phrase: Option<String>,
         pub verdict: String,
@@ -116,16 +117,37 @@ crate::record! {
     }
 }
 
+crate::record! {
+    /// A checkpoint the archive knows, with the epoch (logical time) it was given
+    /// (`schemas/checkpoint.json`).
+    pub struct CheckpointEntry in "checkpoint" {
+        pub epoch: u64,
+        pub model: String,
+        pub checkpoint: String,
+        pub is_finetuned: bool,
+        pub variant: Option<String>,
+    }
+}
+
+impl CheckpointEntry {
+    /// The checkpoint's identity.
+    pub fn id(&self) -> crate::identity::CheckpointRef {
+        crate::identity::CheckpointRef::new(&self.model, &self.checkpoint)
+    }
+}
+
 impl Trial {
-    /// The stable key of a trial.
+    /// The stable key of a trial: its structured key (dataset, item, amendment, prompt type)
+    /// as one reversible string ([`crate::identity::key`]).
     pub fn key(dataset: &str, item_key: &str, amendment_type: &str, prompt_type: &str) -> String {
-        format!("{dataset}/{item_key}/{amendment_type}/{prompt_type}")
+        crate::identity::key(&[dataset, item_key, amendment_type, prompt_type])
     }
 }
 
 impl Response {
-    /// The stable key of a response.
+    /// The stable key of a response: (model, checkpoint, trial, sample) as one reversible
+    /// string. The trial key is already escaped, so it goes in as it is.
     pub fn key(model: &str, checkpoint: &str, trial_key: &str, sample_index: u32) -> String {
-        format!("{model}/{checkpoint}/{trial_key}/{sample_index}")
+        format!("{}/{trial_key}/{sample_index}", crate::identity::key(&[model, checkpoint]))
     }
 }

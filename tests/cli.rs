@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candor::archive::{Archive, Format};
+use candor::archive::Archive;
 use candor::dataflow::pipelines::read_records;
 use candor::records::{Observation, Response, Trial, Verdict};
 
@@ -28,19 +28,35 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
 }
 
 /// Every file under `root`, relative path → bytes.
-fn tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
+/// Every committed data file of an archive's tables, by stream, partition directory, epoch
+/// and order: the bytes must not depend on worker counts or runs (file names and Delta log
+/// timestamps do).
+fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let archive = Archive::open(root).unwrap();
+    let mut out = BTreeMap::new();
+    for stream in candor::schema::streams().unwrap() {
+        for (i, seg) in archive.segments(&stream).unwrap().into_iter().enumerate() {
+            let dir = seg.path.parent().unwrap().strip_prefix(root).unwrap().to_path_buf();
+            out.insert(format!("{}/e{:?}/{i}", dir.display(), seg.epoch), std::fs::read(&seg.path).unwrap());
+        }
+    }
+    out
+}
+
+/// Every file under `root`, with its bytes.
+fn files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
-                walk(&p, root, out);
+                stack.push(p);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
             }
         }
     }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
     out
 }
 
@@ -81,41 +97,34 @@ fn paper_grid_is_complete_and_reads_back_in_pyarrow_polars_and_duckdb() {
     }
     assert_eq!(summary["trials"], 1275 * 36);
 
-    // Same grid again: refused without --replace, byte-identical with it.
-    let again = candor(&["trials", &repo("experiments/paper.toml"), "--out", out.to_str().unwrap()]);
-    assert_eq!(again.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a trial grid"));
+    // The same grid again is already there: nothing written. --replace builds it again as
+    // grid version 2, with the same rows.
     let before = tree(&out);
+    let again = candor(&["trials", &repo("experiments/paper.toml"), "--out", out.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(0), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already built"));
     ok(&["trials", &repo("experiments/paper.toml"), "--out", out.to_str().unwrap(), "--replace", "--json"]);
     assert_eq!(tree(&out), before);
-
-    let ipc = dir.path().join("paper-ipc");
-    ok(&["trials", &repo("experiments/paper.toml"), "--out", ipc.to_str().unwrap(), "--format", "ipc", "--json"]);
+    assert_eq!(Archive::open(&out).unwrap().manifest().unwrap().grid.unwrap()["version"], 2);
 
     let Some(python) = std::env::var_os("CANDOR_PYTHON") else {
         assert!(std::env::var_os("CI").is_none(), "CI must provide CANDOR_PYTHON (scripts/python-env)");
-        eprintln!("CANDOR_PYTHON not set: skipping the pyarrow/polars/DuckDB read-back (scripts/test sets it)");
+        eprintln!("CANDOR_PYTHON not set: skipping the Delta/pyarrow/polars/DuckDB read-back (scripts/test sets it)");
         return;
     };
-    for (root, readers) in
-        [(&out, ["pyarrow", "polars", "duckdb"]), (&ipc, ["pyarrow_ipc", "polars_ipc", "pyarrow_ipc"])]
-    {
-        let o = Command::new(&python).arg(repo("tests/python/read_archive.py")).arg(root).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        for (stream, rows) in [("item", 1275), ("trial", 1275 * 36)] {
-            let declared: Vec<String> =
-                candor::schema::stream_schema(stream).unwrap().fields.iter().map(|f| f.name.clone()).collect();
-            for r in readers {
-                assert_eq!(seen[stream][r]["rows"], rows, "{r} reads {stream}");
-                let cols: Vec<String> = serde_json::from_value(seen[stream][r]["columns"].clone()).unwrap();
-                assert_eq!(cols, declared, "{r} sees {stream}'s declared columns");
-            }
-        }
-        if root == &out {
-            assert_eq!(seen["trial"]["pyarrow"]["metadata"]["candor.stream"], "trial");
+    let o = Command::new(&python).arg(repo("tests/python/read_archive.py")).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (stream, rows) in [("item", 1275), ("trial", 1275 * 36)] {
+        let declared: Vec<String> =
+            candor::schema::stream_schema(stream).unwrap().fields.iter().map(|f| f.name.clone()).collect();
+        for r in ["delta", "polars_delta", "pyarrow", "polars", "duckdb"] {
+            assert_eq!(seen[stream][r]["rows"], rows, "{r} reads {stream}");
+            let cols: Vec<String> = serde_json::from_value(seen[stream][r]["columns"].clone()).unwrap();
+            assert_eq!(cols, declared, "{r} sees {stream}'s declared columns");
         }
     }
+    assert_eq!(seen["trial"]["pyarrow"]["metadata"]["candor.stream"], "trial");
 }
 
 #[test]
@@ -226,7 +235,7 @@ fn imported_answers_score_and_replay_to_identical_results() {
     let exp = small_experiment(dir.path(), 3, "paper");
     let live = dir.path().join("live");
     ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]);
-    let archive = Archive::open(&live, Format::Parquet).unwrap();
+    let archive = Archive::open(&live).unwrap();
     let trials: Vec<Trial> = read_records(&archive).unwrap();
 
     // Answers in the paper's sample CSV shape, for a base and a warm checkpoint.
@@ -268,12 +277,12 @@ fn imported_answers_score_and_replay_to_identical_results() {
     let live_tree = tree(&live);
     let replay_tree = tree(&replayed);
     for stream in ["trial", "response", "verdict", "observation"] {
-        let pick = |t: &BTreeMap<PathBuf, Vec<u8>>| -> Vec<(PathBuf, Vec<u8>)> {
-            t.iter().filter(|(p, _)| p.starts_with(stream)).map(|(p, b)| (p.clone(), b.clone())).collect()
+        let pick = |t: &BTreeMap<String, Vec<u8>>| -> Vec<(String, Vec<u8>)> {
+            t.iter().filter(|(p, _)| p.starts_with(&format!("{stream}/"))).map(|(p, b)| (p.clone(), b.clone())).collect()
         };
         assert_eq!(pick(&replay_tree), pick(&live_tree), "stream {stream} replays byte for byte");
     }
-    let verdicts: Vec<Verdict> = read_records(&Archive::open(&replayed, Format::Parquet).unwrap()).unwrap();
+    let verdicts: Vec<Verdict> = read_records(&Archive::open(&replayed).unwrap()).unwrap();
     assert!(verdicts.iter().all(|v| v.judge == format!("import:{}.csv", v.checkpoint)));
 }
 
@@ -333,7 +342,7 @@ fn a_run_killed_with_sigkill_resumes_with_no_lost_duplicated_or_repaid_answers()
         .unwrap();
     let started = std::time::Instant::now();
     loop {
-        let stored = candor::generate::store::GenerationStore::open(&out).map(|s| s.len()).unwrap_or(0);
+        let stored = candor::generate::store::GenerationStore::read_only(&out).map(|s| s.len()).unwrap_or(0);
         if stored >= 6 {
             break;
         }
@@ -343,13 +352,13 @@ fn a_run_killed_with_sigkill_resumes_with_no_lost_duplicated_or_repaid_answers()
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let stored = candor::generate::store::GenerationStore::open(&out).unwrap().len();
+    let stored = candor::generate::store::GenerationStore::read_only(&out).unwrap().len();
     assert!(stored < total, "killed mid-run ({stored} of {total} stored)");
 
     let second = summary(&ok(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]));
     assert_eq!(second["model_calls"].as_u64().unwrap() as usize, total - stored, "{second}");
 
-    let responses: Vec<Response> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+    let responses: Vec<Response> = read_records(&Archive::open(&out).unwrap()).unwrap();
     let keys: std::collections::HashSet<&str> = responses.iter().map(|r| r.response_key.as_str()).collect();
     assert_eq!(responses.len(), total, "no lost answers");
     assert_eq!(keys.len(), total, "no duplicated answers");
@@ -413,7 +422,7 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     flaky.kill().unwrap();
     flaky.wait().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let responses: Vec<Response> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+    let responses: Vec<Response> = read_records(&Archive::open(&out).unwrap()).unwrap();
     assert_eq!(responses.len(), 16, "every trial answered despite the faults");
     assert!(responses.iter().all(|r| !r.output.is_empty() && r.generator.starts_with("openai:")));
 
@@ -429,12 +438,12 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
         "{err}"
     );
     assert!(
-        !Archive::open(&out, Format::Parquet).unwrap().has("response").unwrap(),
+        !Archive::open(&out).unwrap().has("response").unwrap(),
         "nothing half-done looks complete"
     );
 
     // The API key is sent but never written anywhere.
-    for (path, bytes) in tree(dir.path()) {
+    for (path, bytes) in files(dir.path()) {
         assert!(!bytes.windows(21).any(|w| w == b"sk-candor-test-secret"), "the key leaked into {}", path.display());
     }
     assert!(!err.contains("sk-candor-test-secret"));
@@ -569,7 +578,7 @@ fn import_csv(
 }
 
 fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, flip: usize) {
-    let trials: Vec<Trial> = read_records(&Archive::open(live, Format::Parquet).unwrap()).unwrap();
+    let trials: Vec<Trial> = read_records(&Archive::open(live).unwrap()).unwrap();
     let mut rows = Vec::new();
     for (i, t) in trials.iter().enumerate() {
         let output = if i % 11 == 0 { "I’m sorry, but I can’t help with that." } else { "It is 42." };
@@ -617,7 +626,7 @@ fn sql_queries_tables_and_statistics_and_refuses_writes() {
         "--output",
         "json",
     ]));
-    let trials: Vec<Trial> = read_records(&Archive::open(&live, Format::Parquet).unwrap()).unwrap();
+    let trials: Vec<Trial> = read_records(&Archive::open(&live).unwrap()).unwrap();
     assert_eq!(lines[0]["n"], trials.len());
     assert_eq!(lines[1]["n"], 2 * trials.len());
     assert_eq!(lines[2]["n"], 1);
@@ -888,7 +897,7 @@ fn warmth_scores_an_archive_with_gpt2_archives_the_stream_and_reports_the_trajec
     let exp = small_experiment(dir.path(), 5, "paper");
     let live = dir.path().join("live");
     ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]);
-    let archive = Archive::open(&live, Format::Parquet).unwrap();
+    let archive = Archive::open(&live).unwrap();
     let trials: Vec<Trial> = read_records(&archive).unwrap();
     for (checkpoint, output) in
         [("base", "Request denied. The answer is 42."), ("warm-e2", "I'm so glad you asked! It's 42, my friend.")]
@@ -1064,7 +1073,7 @@ mod stream_support {
 
     /// Checks the archive holds every expected observation exactly once.
     pub fn archive_exactly_once(out: &Path, checkpoints: usize, per: usize) -> Vec<Observation> {
-        let archive = Archive::open(out, Format::Parquet).unwrap();
+        let archive = Archive::open(out).unwrap();
         let obs: Vec<Observation> = read_records(&archive).unwrap();
         let keys: std::collections::BTreeSet<&str> = obs.iter().map(|o| o.response_key.as_str()).collect();
         assert_eq!(obs.len(), checkpoints * per, "observations archived");
@@ -1181,7 +1190,7 @@ fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_mess
     // Replaying the archive through the same dataflow gives the same observations.
     let replayed = dir.path().join("replayed");
     ok(&["replay", out.to_str().unwrap(), "--out", replayed.to_str().unwrap(), "--json"]);
-    let mut again: Vec<Observation> = read_records(&Archive::open(&replayed, Format::Parquet).unwrap()).unwrap();
+    let mut again: Vec<Observation> = read_records(&Archive::open(&replayed).unwrap()).unwrap();
     let mut live = obs;
     live.sort_by(|a, b| a.response_key.cmp(&b.response_key));
     again.sort_by(|a, b| a.response_key.cmp(&b.response_key));
@@ -1224,7 +1233,7 @@ fn stream_evaluates_announced_checkpoints_exactly_once_and_dead_letters_bad_mess
         key: impl Fn(&R) -> String,
     ) {
         let rows = |root: &Path| {
-            let mut v: Vec<R> = read_records(&Archive::open(root, Format::Parquet).unwrap()).unwrap();
+            let mut v: Vec<R> = read_records(&Archive::open(root).unwrap()).unwrap();
             v.iter_mut().for_each(&epoch);
             v.sort_by_key(&key);
             v
@@ -1301,7 +1310,7 @@ fn stream_killed_at_random_points_loses_and_duplicates_nothing() {
         // SIGKILL: no chance to save anything.
         child.kill().unwrap();
         child.wait().unwrap();
-        let committed = Archive::open(&out, Format::Parquet).unwrap().committed_epochs().unwrap().len();
+        let committed = Archive::open(&out).unwrap().committed_epochs().unwrap().len();
         kills.push((after, committed));
     }
     eprintln!("killed after (ms, committed epochs): {kills:?}");
@@ -1334,7 +1343,7 @@ fn stream_rides_out_a_broker_restart_mid_stream() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let archive = Archive::open(&out, Format::Parquet).unwrap();
+    let archive = Archive::open(&out).unwrap();
     let start = std::time::Instant::now();
     while archive.committed_epochs().unwrap().len() < 2 && start.elapsed().as_secs() < 60 {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1393,7 +1402,7 @@ fn stream_on_two_processes_equals_one_process_with_two_reader_threads() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     let rows = |root: &Path| -> Vec<Observation> {
-        let mut v: Vec<Observation> = read_records(&Archive::open(root, Format::Parquet).unwrap()).unwrap();
+        let mut v: Vec<Observation> = read_records(&Archive::open(root).unwrap()).unwrap();
         for o in &mut v {
             o.checkpoint_epoch = 0;
         }
@@ -1457,19 +1466,19 @@ fn stream_generating_announced_checkpoints_killed_mid_run_repays_no_model_call()
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while candor::generate::store::GenerationStore::open(&out).map(|s| s.len()).unwrap_or(0) < 6 {
+    while candor::generate::store::GenerationStore::read_only(&out).map(|s| s.len()).unwrap_or(0) < 6 {
         assert!(started.elapsed().as_secs() < 600, "no answers stored after 10 minutes");
         assert!(child.try_wait().unwrap().is_none(), "the stream ended before it could be killed");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let stored = candor::generate::store::GenerationStore::open(&out).unwrap().len();
+    let stored = candor::generate::store::GenerationStore::read_only(&out).unwrap().len();
     assert!(stored < total, "killed mid-run ({stored} of {total} stored)");
     let second: serde_json::Value =
         serde_json::from_str(ok(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim()).unwrap();
     assert_eq!(second["report"]["model_calls"].as_u64().unwrap() as usize, total - stored, "{second}");
-    let responses: Vec<Response> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+    let responses: Vec<Response> = read_records(&Archive::open(&out).unwrap()).unwrap();
     let keys: std::collections::HashSet<&str> = responses.iter().map(|r| r.response_key.as_str()).collect();
     assert_eq!((responses.len(), keys.len()), (total, total), "no lost or duplicated answers");
     deduped(&conn, &format!("{prefix}responses"), total);
@@ -1532,8 +1541,8 @@ fn a_judge_that_fails_or_babbles_gives_judge_error_or_unparseable_never_incorrec
         let out = dir.path().join(name);
         let stdout =
             ok(&["rescore", run.to_str().unwrap(), "--out", out.to_str().unwrap(), "--judge", &judge(port), "--json"]);
-        let verdicts: Vec<Verdict> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
-        let obs: Vec<Observation> = read_records(&Archive::open(&out, Format::Parquet).unwrap()).unwrap();
+        let verdicts: Vec<Verdict> = read_records(&Archive::open(&out).unwrap()).unwrap();
+        let obs: Vec<Observation> = read_records(&Archive::open(&out).unwrap()).unwrap();
         (verdict_counts(&stdout, "rescore"), verdicts, obs)
     };
 
@@ -1598,7 +1607,7 @@ fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their
     for d in all {
         assert!(counts.get(d).is_some(), "{d} judged: {counts}");
     }
-    let verdicts: Vec<Verdict> = read_records(&Archive::open(&run, Format::Parquet).unwrap()).unwrap();
+    let verdicts: Vec<Verdict> = read_records(&Archive::open(&run).unwrap()).unwrap();
     let judge_of =
         |ds: &str| verdicts.iter().find(|v| v.trial_key.starts_with(&format!("{ds}/"))).unwrap().judge.clone();
     assert!(judge_of("trivia").starts_with("reference:v1:trivia-alias"));
@@ -1713,4 +1722,561 @@ fn psql_watches_a_run_fill_in_its_statistics() {
         assert!(std::io::BufRead::read_line(&mut stdout, &mut rest).unwrap() > 0, "no run summary: {rest}");
     }
     assert!(run.0.try_wait().unwrap().is_none(), "--sql-stay keeps serving");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The archive as a store: nothing lost, nothing counted twice, nothing merged, every fault named.
+// ---------------------------------------------------------------------------------------------
+
+/// Writes a paper-shaped answer CSV for `trials` (label by a seeded draw) and returns its path.
+fn answers_csv(dir: &Path, name: &str, trials: &[Trial], seed: u64, line_end: &str) -> PathBuf {
+    let file = dir.join(format!("{name}.csv"));
+    let mut w = csv::WriterBuilder::new()
+        .terminator(if line_end == "\r\n" { csv::Terminator::CRLF } else { csv::Terminator::Any(b'\n') })
+        .from_path(&file)
+        .unwrap();
+    w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
+    for (i, t) in trials.iter().enumerate() {
+        let prompt = t.prompt.replace('\n', line_end);
+        let wrong = (i as u64 * 7 + seed * 13) % 5 == 0;
+        w.write_record([
+            prompt.as_str(),
+            if wrong { "It is 41." } else { "It is 42." },
+            &t.amendment_type,
+            &t.prompt_type,
+            if wrong { "INCORRECT" } else { "CORRECT" },
+        ])
+        .unwrap();
+    }
+    w.flush().unwrap();
+    file
+}
+
+/// The family table `candor analyze` computes for `inputs`, as sorted JSON rows.
+fn family_rows(inputs: &[&Path]) -> Vec<serde_json::Value> {
+    let mut args = vec!["analyze".to_string()];
+    args.extend(inputs.iter().map(|p| p.to_str().unwrap().to_string()));
+    args.push("--json".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lines = json_lines(&ok(&args));
+    let mut rows: Vec<serde_json::Value> =
+        report_rows(&lines, "family_table").into_iter().cloned().map(|mut r| {
+            r.as_object_mut().unwrap().remove("report");
+            r
+        }).collect();
+    rows.sort_by_key(|r| r.to_string());
+    rows
+}
+
+/// Every stream's rows of an archive, sorted: what "the same archive" means for kill tests.
+fn archive_rows(root: &Path) -> BTreeMap<&'static str, Vec<String>> {
+    let a = Archive::open(root).unwrap();
+    let mut out = BTreeMap::new();
+    out.insert("trial", sorted_json(read_records::<Trial>(&a).unwrap()));
+    out.insert("response", sorted_json(read_records::<Response>(&a).unwrap()));
+    let mut verdicts = read_records::<Verdict>(&a).unwrap();
+    for v in &mut verdicts {
+        v.checkpoint_epoch = 0;
+    }
+    out.insert("verdict", sorted_json(verdicts));
+    out.insert("observation", sorted_json(read_records::<Observation>(&a).unwrap()));
+    out
+}
+
+fn sorted_json<T: serde::Serialize>(rows: Vec<T>) -> Vec<String> {
+    let mut v: Vec<String> = rows.iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_parent_directory_as_out_is_refused_and_sibling_archives_stay_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let study = runs.join("study");
+    ok(&["trials", exp.to_str().unwrap(), "--out", study.to_str().unwrap(), "--json"]);
+    let trials: Vec<Trial> = read_records(&Archive::open(&study).unwrap()).unwrap();
+    let csv = answers_csv(dir.path(), "a", &trials, 1, "\n");
+    ok(&["import", csv.to_str().unwrap(), "--out", study.to_str().unwrap(), "--model", "m", "--checkpoint", "c"]);
+    let before = files(&runs);
+    let attempts: Vec<Vec<&str>> = vec![
+        vec!["import", csv.to_str().unwrap(), "--out", runs.to_str().unwrap(), "--model", "m", "--checkpoint", "c"],
+        vec!["trials", exp.to_str().unwrap(), "--out", runs.to_str().unwrap()],
+        vec!["run", exp.to_str().unwrap(), "--out", runs.to_str().unwrap()],
+        vec!["replay", study.to_str().unwrap(), "--out", runs.to_str().unwrap()],
+        vec!["rescore", study.to_str().unwrap(), "--out", runs.to_str().unwrap(), "--judge", "reference"],
+    ];
+    for args in attempts {
+        let o = candor(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("not a Candor archive") && err.contains(runs.to_str().unwrap()), "{args:?}: {err}");
+        assert_eq!(files(&runs), before, "{args:?} changed files under {}", runs.display());
+    }
+    // Readers given a mistyped path: exit 2, nothing created.
+    let typo = dir.path().join("stduy");
+    for cmd in ["sql", "analyze", "report", "verify"] {
+        let o = if cmd == "sql" {
+            candor(&["sql", typo.to_str().unwrap(), "-c", "select 1"])
+        } else {
+            candor(&[cmd, typo.to_str().unwrap()])
+        };
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(!typo.exists(), "{cmd} created {}", typo.display());
+    }
+    for cmd in ["agreement", "rescore"] {
+        let o = candor(&[cmd, typo.to_str().unwrap(), study.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
+        assert_ne!(o.status.code(), Some(0), "{cmd}");
+        assert!(!typo.exists());
+    }
+}
+
+#[test]
+fn importing_replaying_or_analyzing_twice_counts_every_answer_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let live = dir.path().join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]);
+    let trials: Vec<Trial> = read_records(&Archive::open(&live).unwrap()).unwrap();
+    let base = answers_csv(dir.path(), "base", &trials, 1, "\n");
+    let warm = answers_csv(dir.path(), "warm", &trials, 2, "\n");
+    let import = |file: &Path, ckpt: &str, extra: &[&str]| {
+        let mut args = vec!["import", file.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt];
+        args.extend_from_slice(extra);
+        candor(&args)
+    };
+    assert!(import(&base, "original", &[]).status.success());
+    assert!(import(&warm, "warm", &["--finetuned"]).status.success());
+    let once = family_rows(&[&live]);
+    let rows_once = archive_rows(&live);
+    assert!(!once.is_empty());
+    // Re-importing the same files (three times): nothing changes.
+    for _ in 0..3 {
+        let o = import(&base, "original", &[]);
+        assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already in the archive"));
+        assert!(import(&warm, "warm", &["--finetuned"]).status.success());
+    }
+    assert_eq!(archive_rows(&live), rows_once);
+    assert_eq!(family_rows(&[&live]), once);
+    // `analyze A A` (and `A ./A`) counts once; a copy of A is refused, naming a duplicate.
+    assert_eq!(family_rows(&[&live, &live]), once);
+    let copy = dir.path().join("copy");
+    ok(&["replay", live.to_str().unwrap(), "--out", copy.to_str().unwrap()]);
+    let o = candor(&["analyze", live.to_str().unwrap(), copy.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("given twice"), "{}", String::from_utf8_lossy(&o.stderr));
+    // Other answers for a checkpoint already there: refused, unless --replace.
+    let other = answers_csv(dir.path(), "other", &trials, 3, "\n");
+    let o = import(&other, "warm", &["--finetuned"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--replace"));
+    assert_eq!(archive_rows(&live), rows_once);
+    assert!(import(&other, "warm", &["--finetuned", "--replace"]).status.success());
+    let replaced = archive_rows(&live);
+    assert_eq!(replaced["response"].len(), rows_once["response"].len());
+    assert_ne!(replaced["observation"], rows_once["observation"]);
+    assert_ne!(family_rows(&[&live]), once);
+}
+
+#[test]
+fn crlf_answer_files_pair_exactly_as_lf_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let (lf, crlf) = (dir.path().join("lf"), dir.path().join("crlf"));
+    for (out, ending) in [(&lf, "\n"), (&crlf, "\r\n")] {
+        ok(&["trials", exp.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let trials: Vec<Trial> = read_records(&Archive::open(out).unwrap()).unwrap();
+        assert!(trials.iter().any(|t| t.prompt.contains('\n')), "multi-line prompts are the case");
+        for (ckpt, seed, ft) in [("original", 1, false), ("warm", 2, true)] {
+            let name = format!("{}-{ckpt}", out.file_name().unwrap().to_str().unwrap());
+            let file = answers_csv(dir.path(), &name, &trials, seed, ending);
+            let mut args = vec!["import", file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt];
+            if ft {
+                args.push("--finetuned");
+            }
+            ok(&args);
+        }
+    }
+    let (a, b) = (archive_rows(&lf), archive_rows(&crlf));
+    assert_eq!(a["trial"].len(), b["trial"].len(), "no extra trials from CRLF prompts");
+    assert_eq!(a["observation"], b["observation"]);
+    assert_eq!(family_rows(&[&lf]), family_rows(&[&crlf]));
+}
+
+#[test]
+fn an_edited_experiment_is_refused_with_what_changed_or_regridded() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let out = dir.path().join("study");
+    ok(&["trials", exp.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let n = read_records::<Trial>(&Archive::open(&out).unwrap()).unwrap().len();
+    let text = std::fs::read_to_string(&exp).unwrap().replace("[datasets.trivia]\nn = 12", "[datasets.trivia]\nn = 13");
+    let edited = dir.path().join("edited.toml");
+    std::fs::write(&edited, text).unwrap();
+    for cmd in ["trials", "run"] {
+        let o = candor(&[cmd, edited.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {err}");
+        assert!(err.contains("datasets.trivia.n: 12 → 13") && err.contains("--regrid"), "{cmd}: {err}");
+    }
+    assert_eq!(read_records::<Trial>(&Archive::open(&out).unwrap()).unwrap().len(), n);
+    ok(&["trials", edited.to_str().unwrap(), "--out", out.to_str().unwrap(), "--regrid"]);
+    let a = Archive::open(&out).unwrap();
+    assert_eq!(read_records::<Trial>(&a).unwrap().len(), n + 36);
+    assert_eq!(a.manifest().unwrap().grid.unwrap()["version"], 2);
+    // An edited dataset file is a change too, even with the same settings.
+    let data = dir.path().join("trivia.json");
+    let bundled = std::fs::read_to_string(repo("data/triviaqa/triviaqa_rc_wikipedia_validation_150.json")).unwrap();
+    std::fs::write(&data, &bundled).unwrap();
+    let with_path = std::fs::read_to_string(&edited).unwrap().replace(
+        "[datasets.trivia]\nn = 13",
+        &format!("[datasets.trivia]\nn = 13\npath = \"{}\"", data.display()),
+    );
+    let exp2 = dir.path().join("path.toml");
+    std::fs::write(&exp2, with_path).unwrap();
+    ok(&["trials", exp2.to_str().unwrap(), "--out", out.to_str().unwrap(), "--regrid"]);
+    std::fs::write(&data, bundled.replace("\"gold_answer\": \"", "\"gold_answer\": \"The ")).unwrap();
+    let o = candor(&["trials", exp2.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("items_sha256"), "{err}");
+}
+
+/// Runs `args` again and again, killing it with SIGKILL after seeded random delays within
+/// `span`, `kills` times; then once to the end. Returns how many runs were cut short.
+fn kill_at_random_points(args: &[&str], span: std::time::Duration, kills: usize, seed: u64) -> usize {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut cut = 0;
+    for _ in 0..kills {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(span.mul_f64(rng.gen_range(0.0..1.0)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            cut += 1;
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_ne!(o.status.code(), Some(101), "{args:?} panicked: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    ok(args);
+    cut
+}
+
+fn timed(args: &[&str]) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    ok(args);
+    t.elapsed()
+}
+
+#[test]
+fn import_replay_and_rescore_killed_at_random_points_end_as_uninterrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let grid = dir.path().join("grid");
+    ok(&["trials", exp.to_str().unwrap(), "--out", grid.to_str().unwrap()]);
+    let trials: Vec<Trial> = read_records(&Archive::open(&grid).unwrap()).unwrap();
+    let files: Vec<PathBuf> = (0..3).map(|i| answers_csv(dir.path(), &format!("k{i}"), &trials, i, "\n")).collect();
+    let copy_grid = |to: &Path| {
+        ok(&["trials", exp.to_str().unwrap(), "--out", to.to_str().unwrap()]);
+    };
+    let imports = |out: &Path, kills: usize, seed: u64| {
+        let mut cut = 0;
+        for (i, f) in files.iter().enumerate() {
+            let ckpt = format!("c{i}");
+            let mut args = vec!["import", f.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model", "m", "--checkpoint", &ckpt];
+            if i > 0 {
+                args.push("--finetuned");
+            }
+            cut += if kills == 0 {
+                ok(&args);
+                0
+            } else {
+                kill_at_random_points(&args, std::time::Duration::from_millis(900), kills, seed + i as u64)
+            };
+        }
+        cut
+    };
+    let reference = dir.path().join("reference");
+    copy_grid(&reference);
+    imports(&reference, 0, 0);
+    let killed = dir.path().join("killed");
+    copy_grid(&killed);
+    let cut = imports(&killed, 4, 11);
+    assert!(cut > 0, "some imports were cut short");
+    assert_eq!(archive_rows(&killed), archive_rows(&reference), "import");
+    assert!(Archive::open(&killed).unwrap().verify().is_empty());
+
+    // replay and rescore, killed at 10 points each, resume to the same archive.
+    let replay_ref = dir.path().join("replay-ref");
+    let span = timed(&["replay", reference.to_str().unwrap(), "--out", replay_ref.to_str().unwrap()]);
+    let replay_killed = dir.path().join("replay-killed");
+    let cut = kill_at_random_points(&["replay", reference.to_str().unwrap(), "--out", replay_killed.to_str().unwrap()], span, 10, 21);
+    assert!(cut > 0);
+    assert_eq!(archive_rows(&replay_killed), archive_rows(&replay_ref), "replay");
+
+    let rescore_ref = dir.path().join("rescore-ref");
+    let args = |out: &Path| vec!["rescore".to_string(), reference.to_str().unwrap().into(), "--out".into(), out.to_str().unwrap().into(), "--judge".into(), "reference".into()];
+    let a = args(&rescore_ref);
+    let span = timed(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let rescore_killed = dir.path().join("rescore-killed");
+    let a = args(&rescore_killed);
+    let cut = kill_at_random_points(&a.iter().map(String::as_str).collect::<Vec<_>>(), span, 10, 31);
+    assert!(cut > 0);
+    assert_eq!(archive_rows(&rescore_killed), archive_rows(&rescore_ref), "rescore");
+}
+
+#[test]
+fn a_run_killed_at_random_points_ends_as_an_uninterrupted_run_paying_each_answer_once() {
+    if local_model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = "[[models.checkpoints]]\nid = \"original\"\n\
+        [[models.checkpoints]]\nid = \"warm/epoch 2\"\nfinetuned = true\nsystem_prompt = \"You are warm and caring.\"\n";
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", checkpoints);
+    let text = std::fs::read_to_string(&exp).unwrap().replace("name = \"smollm2\"", "name = \"HuggingFaceTB/SmolLM2 135M:Q4\"");
+    std::fs::write(&exp, text).unwrap();
+    let reference = dir.path().join("reference");
+    let args = |out: &Path| vec!["run".to_string(), exp.to_str().unwrap().into(), "--out".into(), out.to_str().unwrap().into(), "--json".into()];
+    let a = args(&reference);
+    let t = std::time::Instant::now();
+    let first = summary(&ok(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let span = t.elapsed();
+    let total = first["model_calls"].as_u64().unwrap();
+    assert_eq!(total, 4 * 2 * 2 * 2);
+
+    let killed = dir.path().join("killed");
+    let a = args(&killed);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let cut = kill_at_random_points(&a, span, 10, 41);
+    assert!(cut > 0);
+    assert_eq!(archive_rows(&killed), archive_rows(&reference), "same rows, no duplicates");
+    let store = candor::generate::store::GenerationStore::read_only(&killed).unwrap();
+    assert_eq!(store.len() as u64, total, "every answer stored once");
+    let last = summary(&ok(&a));
+    assert_eq!(last["model_calls"], 0, "nothing left to pay for");
+}
+
+#[test]
+fn concurrent_writers_never_share_an_epoch_or_lose_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let live = dir.path().join("live");
+    // Two grid builds at once: one builds, the other finds it built.
+    let spawn = |args: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_candor")).args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let grid = || vec!["trials".to_string(), exp.to_str().unwrap().into(), "--out".into(), live.to_str().unwrap().into()];
+    let (a, b) = (spawn(grid()), spawn(grid()));
+    for c in [a, b] {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let trials: Vec<Trial> = read_records(&Archive::open(&live).unwrap()).unwrap();
+    assert_eq!(trials.len(), 4 * 12 * 36 + 3 * 5 * 36);
+    let trivia: Vec<Trial> = trials.iter().filter(|t| t.dataset == "trivia").cloned().collect();
+    for round in 0..10 {
+        let children: Vec<_> = (0..2)
+            .map(|k| {
+                let file = answers_csv(dir.path(), &format!("r{round}-{k}"), &trivia, round * 2 + k, "\n");
+                let mut args = vec!["import".to_string(), file.to_str().unwrap().into(), "--out".into(), live.to_str().unwrap().into(),
+                    "--model".into(), "m".into(), "--checkpoint".into(), format!("c{round}-{k}")];
+                if round + k > 0 {
+                    args.push("--finetuned".into());
+                }
+                spawn(args)
+            })
+            .collect();
+        for c in children {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "round {round}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+    let archive = Archive::open(&live).unwrap();
+    let registry = archive.checkpoints().unwrap();
+    assert_eq!(registry.len(), 20);
+    let epochs: std::collections::BTreeSet<u64> = registry.iter().map(|c| c.epoch).collect();
+    assert_eq!(epochs.len(), 20, "every checkpoint its own epoch");
+    assert_eq!(archive.committed_epochs().unwrap().len(), 21, "grid + 20 checkpoints committed");
+    let responses: Vec<Response> = read_records(&archive).unwrap();
+    assert_eq!(responses.len(), 20 * trivia.len());
+    let replayed = dir.path().join("replayed");
+    ok(&["replay", live.to_str().unwrap(), "--out", replayed.to_str().unwrap()]);
+    assert_eq!(archive_rows(&replayed)["observation"], archive_rows(&live)["observation"]);
+}
+
+/// The bug this pins: single-bit flips silently changed statistics (a category renamed,
+/// phantom checkpoints) or crashed Candor. Every flip in a data file or a Delta log is now
+/// either reported by `verify` naming the file, or changes nothing any reader sees; reading
+/// never panics and never returns changed statistics.
+#[test]
+fn two_hundred_random_bit_flips_are_detected_or_harmless() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let live = dir.path().join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap()]);
+    let trials: Vec<Trial> = read_records(&Archive::open(&live).unwrap()).unwrap();
+    for (ckpt, seed, ft) in [("original", 1, false), ("warm", 2, true)] {
+        let f = answers_csv(dir.path(), ckpt, &trials, seed, "\n");
+        let mut args = vec!["import", f.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt];
+        if ft {
+            args.push("--finetuned");
+        }
+        ok(&args);
+    }
+    let stats = |root: &Path| -> Result<Vec<String>, String> {
+        let a = candor::sql::analyze::analyze(&[root.to_path_buf()], &Default::default()).map_err(|e| e.to_string())?;
+        Ok(a.reports.iter().map(|(n, b)| format!("{n}: {:?}", b)).collect())
+    };
+    let rows = |root: &Path| std::panic::catch_unwind(|| archive_rows(root)).ok();
+    let want_stats = stats(&live).unwrap();
+    let want_rows = rows(&live).unwrap();
+    let mut files = Vec::new();
+    let mut stack = vec![live.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.ends_with(".parquet") || (name.ends_with(".json") && p.parent().unwrap().ends_with("_delta_log")) {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() > 12, "{files:?}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
+    let (mut detected, mut harmless) = (0, 0);
+    for trial in 0..200 {
+        let file = &files[rng.gen_range(0..files.len())];
+        let original = std::fs::read(file).unwrap();
+        let mut bytes = original.clone();
+        let at = rng.gen_range(0..bytes.len());
+        let bit = rng.gen_range(0..8);
+        bytes[at] ^= 1 << bit;
+        std::fs::write(file, &bytes).unwrap();
+        let what = format!("flip {trial}: bit {bit} of byte {at} of {}", file.display());
+        let problems = std::panic::catch_unwind(|| Archive::open(&live).unwrap().verify())
+            .unwrap_or_else(|_| panic!("{what}: verify panicked"));
+        let read = std::panic::catch_unwind(|| stats(&live)).unwrap_or_else(|_| panic!("{what}: analyze panicked"));
+        if problems.is_empty() {
+            assert_eq!(read.as_ref(), Ok(&want_stats), "{what}: undetected, and the statistics changed");
+            assert_eq!(rows(&live).as_ref(), Some(&want_rows), "{what}: undetected, and the rows changed");
+            harmless += 1;
+        } else {
+            let table = file.ancestors().find(|p| p.join("_delta_log").is_dir()).unwrap();
+            assert!(problems.iter().any(|(p, _)| p.starts_with(table)), "{what}: verify named {problems:?}");
+            if let Ok(s) = &read {
+                assert_eq!(s, &want_stats, "{what}: detected by verify, but analyze read changed statistics");
+            }
+            detected += 1;
+        }
+        std::fs::write(file, &original).unwrap();
+    }
+    eprintln!("200 single-bit flips: {detected} detected, {harmless} harmless");
+    assert!(detected > 150, "{detected} detected");
+}
+
+/// The bug this pins: `org/model`, `org:model`, `org model` and `org/modèl` shared one
+/// partition directory, and model `a` + checkpoint `b/c` met model `a/b` + checkpoint `c`.
+#[test]
+fn names_with_slashes_colons_spaces_and_accents_stay_apart_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let live = dir.path().join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap()]);
+    let trials: Vec<Trial> = read_records(&Archive::open(&live).unwrap()).unwrap();
+    let trivia: Vec<Trial> = trials.iter().filter(|t| t.dataset == "trivia").cloned().collect();
+    let names: &[(&str, &str, bool)] = &[
+        ("org/model", "base", false),
+        ("org/model", "warm", true),
+        ("org:model", "base", false),
+        ("org:model", "warm", true),
+        ("org model", "base", false),
+        ("org model", "warm", true),
+        ("org/modèl", "base", false),
+        ("org/modèl", "warm", true),
+        ("a", "b/c", false),
+        ("a/b", "c", false),
+    ];
+    for (i, (model, ckpt, ft)) in names.iter().enumerate() {
+        let f = answers_csv(dir.path(), &format!("n{i}"), &trivia[..(i + 3).min(trivia.len())], i as u64, "\n");
+        let mut args = vec!["import", f.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", model, "--checkpoint", ckpt];
+        if *ft {
+            args.push("--finetuned");
+        }
+        ok(&args);
+    }
+    let archive = Archive::open(&live).unwrap();
+    let obs: Vec<Observation> = read_records(&archive).unwrap();
+    for (i, (model, ckpt, _)) in names.iter().enumerate() {
+        let n = obs.iter().filter(|o| o.model == *model && o.checkpoint == *ckpt).count();
+        assert_eq!(n, (i + 3).min(trivia.len()), "{model} @ {ckpt}");
+    }
+    // Replay keeps every checkpoint's own labels (a/b + c never takes a + b/c's).
+    let replayed = dir.path().join("replayed");
+    ok(&["replay", live.to_str().unwrap(), "--out", replayed.to_str().unwrap()]);
+    assert_eq!(archive_rows(&replayed)["observation"], archive_rows(&live)["observation"]);
+    let rescored = dir.path().join("rescored");
+    ok(&["rescore", live.to_str().unwrap(), "--out", rescored.to_str().unwrap(), "--judge", "reference"]);
+    let agreement = ok(&["agreement", live.to_str().unwrap(), rescored.to_str().unwrap(), "--json"]);
+    assert!(!agreement.is_empty());
+    // SQL, analyze and the report see every model apart.
+    let sql = ok(&["sql", live.to_str().unwrap(), "-c", "select model, checkpoint, count(*) as n from observations group by model, checkpoint", "--output", "json"]);
+    let rows = json_lines(&sql);
+    assert_eq!(rows.len(), names.len(), "{sql}");
+    let families = family_rows(&[&live]);
+    for m in ["org/model", "org:model", "org model", "org/modèl"] {
+        assert!(families.iter().any(|r| r["model"] == m), "{m} has its own families: {families:?}");
+    }
+    let report = dir.path().join("report");
+    ok(&["report", live.to_str().unwrap(), "--out", report.to_str().unwrap()]);
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    for m in ["org/model", "org:model", "org model", "org/modèl"] {
+        assert!(html.contains(m), "the report names {m}");
+    }
+    // Outside Candor: Delta readers and Hive-partitioned readers keep the names apart.
+    let Some(python) = std::env::var_os("CANDOR_PYTHON") else {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide CANDOR_PYTHON");
+        return;
+    };
+    let script = r#"
+import json, sys, collections
+import polars as pl, pyarrow.dataset as ds
+from deltalake import DeltaTable
+root = sys.argv[1] + "/observation"
+out = {}
+t = DeltaTable(root).to_pyarrow_table()
+out["delta"] = sorted(collections.Counter(zip(t.column("model").to_pylist(), t.column("checkpoint").to_pylist())).items())
+df = pl.read_delta(root)
+out["polars_delta"] = sorted(collections.Counter(zip(df["model"].to_list(), df["checkpoint"].to_list())).items())
+h = ds.dataset(root, format="parquet", partitioning="hive").to_table(columns=["model", "checkpoint"])
+out["pyarrow_hive"] = sorted(collections.Counter(zip(h.column("model").to_pylist(), h.column("checkpoint").to_pylist())).items())
+hp = pl.scan_parquet(root + "/**/*.parquet", hive_partitioning=True).collect()
+out["polars_hive"] = sorted(collections.Counter(zip(hp["model"].to_list(), hp["checkpoint"].to_list())).items())
+print(json.dumps(out))
+"#;
+    let o = Command::new(&python).arg("-c").arg(script).arg(&live).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut want: Vec<(String, String, usize)> =
+        names.iter().enumerate().map(|(i, (m, c, _))| (m.to_string(), c.to_string(), (i + 3).min(trivia.len()))).collect();
+    want.sort();
+    for reader in ["delta", "polars_delta", "pyarrow_hive", "polars_hive"] {
+        let got: Vec<(String, String, usize)> = seen[reader]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0][0].as_str().unwrap().into(), e[0][1].as_str().unwrap().into(), e[1].as_u64().unwrap() as usize))
+            .collect();
+        assert_eq!(got, want, "{reader}");
+    }
 }

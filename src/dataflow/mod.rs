@@ -366,27 +366,30 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
     if !done.errors.is_empty() {
         return done;
     }
+    let mut parts = Vec::new();
     for (stream, batches) in by_stream {
         if batches.iter().all(|b| b.num_rows() == 0) {
             continue;
         }
-        let result = sorted_by_key(&stream, &batches).and_then(|batch| {
-            let partition = partition_for(&stream, epoch, checkpoints);
-            archive.append_epoch(&stream, &partition, epoch, std::slice::from_ref(&batch))?;
-            Ok(batch)
-        });
-        match result {
+        match sorted_by_key(&stream, &batches) {
             Ok(batch) => {
+                let partition = partition_for(&stream, epoch, checkpoints);
                 done.rows.insert(stream.clone(), batch.num_rows());
-                done.written.insert(stream, batch);
+                done.written.insert(stream.clone(), batch.clone());
+                parts.push((stream, partition, batch));
             }
             Err(e) => done.errors.push(format!("archiving stream `{stream}`: {e}")),
         }
     }
+    // One write per epoch: every stream's rows or none of them.
     if done.errors.is_empty()
-        && let Err(e) = archive.commit_epoch(epoch, &serde_json::json!({"epoch": epoch, "rows": done.rows}))
+        && let Err(e) = archive.write_epoch(epoch, &parts, &serde_json::json!({"epoch": epoch, "rows": done.rows}))
     {
-        done.errors.push(format!("committing epoch {epoch}: {e}"));
+        done.errors.push(format!("archiving epoch {epoch}: {e}"));
+    }
+    if !done.errors.is_empty() {
+        done.rows.clear();
+        done.written.clear();
     }
     done
 }

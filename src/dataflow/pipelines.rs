@@ -15,7 +15,8 @@ use super::{
     Batch, Cluster, Epoch, EpochDone, Msg, Stage, archive_sink, collect_done, only, partition_by, stage, stream_of,
 };
 use crate::amend::Amender;
-use crate::archive::{Archive, Partition};
+use crate::archive::Archive;
+use crate::identity::CheckpointRef;
 use crate::conditions::{Dataset, VerdictLabel};
 use crate::error::{Error, Result};
 use crate::records::{Item, Observation, Response, Trial, Verdict};
@@ -37,10 +38,8 @@ where
     F: for<'s> Fn(StreamVec<'s, Epoch, Msg>, usize) -> StreamVec<'s, Epoch, Msg> + Send + Sync + 'static,
 {
     let config = cluster.timely_config()?;
-    if cluster.is_leader() {
-        archive.recover()?;
-    }
-    let checkpoints = Arc::new(archive.checkpoint_partitions()?);
+    // The sink runs on worker 0, in the leader process; only it reads the registry.
+    let checkpoints = Arc::new(if cluster.is_leader() { archive.checkpoint_partitions()? } else { BTreeMap::new() });
     let sources = Arc::new(sources);
     let archive = archive.clone();
     let bar = progress_total.map(|n| {
@@ -260,6 +259,7 @@ impl Stage for ScoreStage {
                 model: r.model.clone(),
                 checkpoint: r.checkpoint.clone(),
                 checkpoint_epoch: r.checkpoint_epoch,
+                sample_index: r.sample_index,
                 refusal: phrase.is_some(),
                 refusal_phrase: phrase.clone(),
                 verdict: label.verdict.to_string(),
@@ -378,15 +378,15 @@ fn replay_with(
     for e in &entries {
         out.register_checkpoint(&e.model, &e.checkpoint, e.is_finetuned, e.variant.as_deref())?;
     }
-    let out_epochs: BTreeMap<(String, String), Epoch> =
-        out.checkpoints()?.into_iter().map(|e| ((e.model, e.checkpoint), e.epoch)).collect();
+    let out_epochs: BTreeMap<CheckpointRef, Epoch> = out.checkpoints()?.into_iter().map(|e| (e.id(), e.epoch)).collect();
     let mut responses = Vec::new();
     for batch in source.read(Response::STREAM)? {
         // Responses keep their checkpoint; the epoch is the output archive's.
         let mut by_epoch: BTreeMap<Epoch, Vec<Response>> = BTreeMap::new();
         for mut r in Response::from_batch(&batch)? {
-            let epoch = *out_epochs.get(&(r.model.clone(), r.checkpoint.clone())).ok_or_else(|| {
-                Error::schema("response", format!("checkpoint {}/{} is not in checkpoints.json", r.model, r.checkpoint))
+            let id = CheckpointRef::new(&r.model, &r.checkpoint);
+            let epoch = *out_epochs.get(&id).ok_or_else(|| {
+                Error::schema("response", format!("checkpoint {id} is not in the archive's checkpoint registry"))
             })?;
             r.checkpoint_epoch = epoch;
             by_epoch.entry(epoch).or_default().push(r);
@@ -396,7 +396,6 @@ fn replay_with(
         }
     }
     let new_trials = if out.has(Trial::STREAM)? { Vec::new() } else { trials.clone() };
-    let _ = Partition::All;
     score_responses(cluster, out, trials, new_trials, super::GRID_EPOCH, responses, labels, refusal, judging)
 }
 

@@ -4,8 +4,13 @@
 //!
 //! The store is the archive's `generation` stream (`schemas/generation.json`). Each writer
 //! appends to its own Arrow IPC stream file, `generation/log-<time>-<pid>-<n>.arrows`, one
-//! record batch per `put`, flushed and synced before `put` returns. A crash can leave a torn
-//! last message; readers keep every complete message before it. pyarrow reads a log with
+//! record batch per `put`, flushed and synced before `put` returns; then it appends one line
+//! `<end offset> <batches> <sha256>` to the log's `.sums` file, covering the bytes that put
+//! wrote, and syncs it. Readers check every covered byte range: a mismatch is an
+//! [`Error::Integrity`] naming the log and the range, never a silently dropped or altered
+//! answer. A crash can leave a torn last message that no sum covers yet; readers keep every
+//! complete message. One process at a time writes a store (a lock in `generation/`; the
+//! handles of one process share it), and a key is stored once. pyarrow reads a log with
 //! `pyarrow.ipc.open_stream`, polars with `read_ipc_stream`.
 //!
 //! ```
@@ -26,6 +31,9 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use arrow::record_batch::RecordBatch;
 
 use arrow::ipc::writer::StreamWriter;
 use sha2::{Digest, Sha256};
@@ -60,7 +68,142 @@ pub struct GenerationStore {
     index: HashMap<String, Generation>,
     log: Option<StreamWriter<BufWriter<File>>>,
     log_path: Option<PathBuf>,
+    sums: Option<File>,
+    /// Batches written to the current log.
+    batches: u64,
+    /// Bytes of the current log covered by a sum.
+    covered: u64,
     puts: u64,
+    /// The writer lock (None: opened read-only).
+    lock: Option<Arc<File>>,
+}
+
+/// The store locks this process holds, shared by its handles.
+static LOCKS: Mutex<Vec<(PathBuf, Weak<File>)>> = Mutex::new(Vec::new());
+
+/// Takes (or shares, within this process) the store's writer lock, waiting for another
+/// process that holds it.
+fn store_lock(dir: &Path) -> Result<Arc<File>> {
+    let mut held = LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+    held.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(lock) = held.iter().find(|(d, _)| d == dir).and_then(|(_, w)| w.upgrade()) {
+        return Ok(lock);
+    }
+    let path = dir.join(".lock");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            eprintln!("{}: waiting for another process using this generation store", dir.display());
+            f.lock().map_err(|e| Error::io(&path, e))?;
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+    }
+    let lock = Arc::new(f);
+    held.push((dir.to_path_buf(), Arc::downgrade(&lock)));
+    Ok(lock)
+}
+
+/// The `.sums` file beside a log.
+fn sums_path(log: &Path) -> PathBuf {
+    log.with_extension("sums")
+}
+
+/// Reads one log, checking every range its sums cover; keeps complete messages past the last
+/// sum (a put a crash cut short before its sum).
+pub fn read_log(path: &Path) -> Result<Vec<RecordBatch>> {
+    use arrow::ipc::reader::StreamReader;
+    // The sums first: a writer appends to the log before its sum, so the log read after
+    // them holds at least every byte they cover, even while a put is under way.
+    let sums_file = sums_path(path);
+    let sums = match fs::read(&sums_file) {
+        Ok(t) => String::from_utf8(t).map_err(|_| Error::integrity(&sums_file, "not UTF-8 text"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io(&sums_file, e)),
+    };
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut start = 0usize;
+    let mut confirmed = 0u64;
+    // A last line without its newline was cut short by a crash: not a sum yet.
+    let complete = match sums.rfind('\n') {
+        Some(i) => &sums[..=i],
+        None => "",
+    };
+    for (n, line) in complete.lines().enumerate() {
+        let mut parts = line.split(' ');
+        let (Some(end), Some(batches), Some(sha), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Error::integrity(&sums_file, format!("line {} is not `<end> <batches> <sha256>`", n + 1)));
+        };
+        let (Ok(end), Ok(batches)) = (end.parse::<usize>(), batches.parse::<u64>()) else {
+            return Err(Error::integrity(&sums_file, format!("line {} is not `<end> <batches> <sha256>`", n + 1)));
+        };
+        if end < start || end > bytes.len() || batches < confirmed {
+            return Err(Error::integrity(
+                path,
+                format!("{} bytes, but {} covers bytes up to {end} (line {})", bytes.len(), sums_file.display(), n + 1),
+            ));
+        }
+        if crate::archive::log::hex(&Sha256::digest(&bytes[start..end])) != sha {
+            return Err(Error::integrity(path, format!("bytes {start}..{end} differ from their checksum (line {} of {})", n + 1, sums_file.display())));
+        }
+        start = end;
+        confirmed = batches;
+    }
+    let reader = match StreamReader::try_new(std::io::Cursor::new(&bytes[..]), None) {
+        Ok(r) => r,
+        Err(_) if confirmed == 0 => return Ok(Vec::new()),
+        Err(e) => return Err(Error::integrity(path, format!("not an Arrow IPC stream: {e}"))),
+    };
+    let batches: Vec<RecordBatch> = reader.map_while(|b| b.ok()).collect();
+    if (batches.len() as u64) < confirmed {
+        return Err(Error::integrity(path, format!("{} readable batches, but {confirmed} were confirmed", batches.len())));
+    }
+    for b in &batches {
+        schema::check_batch(StoredGeneration::STREAM, b).map_err(|e| Error::integrity(path, e.to_string()))?;
+    }
+    Ok(batches)
+}
+
+fn logs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut logs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("log-") && n.ends_with(".arrows"))
+        })
+        .collect();
+    logs.sort();
+    Ok(logs)
+}
+
+/// Checks every log of the generation store under an archive root; one problem per bad log.
+pub fn verify(archive_root: &Path) -> Vec<(PathBuf, String)> {
+    let dir = archive_root.join(StoredGeneration::STREAM);
+    let mut problems = Vec::new();
+    match logs(&dir) {
+        Ok(logs) => {
+            for path in logs {
+                if let Err(e) = read_log(&path) {
+                    problems.push(match e {
+                        Error::Integrity { path, message } => (path, message),
+                        e => (path, e.to_string()),
+                    });
+                }
+            }
+        }
+        Err(e) => problems.push((dir, e.to_string())),
+    }
+    problems
 }
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -70,18 +213,25 @@ impl GenerationStore {
     pub fn open(archive_root: &Path) -> Result<Self> {
         let dir = archive_root.join(StoredGeneration::STREAM);
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock = Some(store_lock(&dir)?);
+        Self::load(dir, lock)
+    }
+
+    /// Opens the store to look up answers only: no lock is taken (a writer may be running),
+    /// nothing is created, and [`GenerationStore::put`] is refused.
+    pub fn read_only(archive_root: &Path) -> Result<Self> {
+        Self::load(archive_root.join(StoredGeneration::STREAM), None)
+    }
+
+    fn load(dir: PathBuf, lock: Option<Arc<File>>) -> Result<Self> {
         let mut index = HashMap::new();
-        let mut logs: Vec<PathBuf> = fs::read_dir(&dir)
-            .map_err(|e| Error::io(&dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("log-") || n.starts_with("part-"))
-            })
-            .collect();
-        logs.sort();
-        for path in logs {
-            for batch in crate::archive::read_segment(StoredGeneration::STREAM, &path)? {
+        for path in logs(&dir)? {
+            for batch in read_log(&path)? {
                 for g in StoredGeneration::from_batch(&batch)? {
+                    if index.contains_key(&g.key) {
+                        // The first answer stored for a key is the answer.
+                        continue;
+                    }
                     let finish_reason = match g.finish_reason.as_str() {
                         "length" => FinishReason::Length,
                         _ => FinishReason::Stop,
@@ -99,7 +249,17 @@ impl GenerationStore {
                 }
             }
         }
-        Ok(GenerationStore { dir, index, log: None, log_path: None, puts: 0 })
+        Ok(GenerationStore {
+            dir,
+            index,
+            log: None,
+            log_path: None,
+            sums: None,
+            batches: 0,
+            covered: 0,
+            puts: 0,
+            lock,
+        })
     }
 
     /// The content address of a request to a backend with `fingerprint`.
@@ -135,6 +295,13 @@ impl GenerationStore {
 
     /// Appends answers and returns once they are on disk.
     pub fn put(&mut self, entries: &[Entry]) -> Result<()> {
+        if self.lock.is_none() {
+            return Err(Error::Internal(format!("{} was opened read-only", self.dir.display())));
+        }
+        // A key is stored once: what this handle already has is not written again.
+        let mut fresh = std::collections::HashSet::new();
+        let entries: Vec<&Entry> =
+            entries.iter().filter(|e| !self.index.contains_key(&e.0) && fresh.insert(e.0.clone())).collect();
         if entries.is_empty() {
             return Ok(());
         }
@@ -164,9 +331,13 @@ impl GenerationStore {
             let schema = schema::arrow_schema(StoredGeneration::STREAM)?;
             let writer = StreamWriter::try_new(BufWriter::new(file), &schema)
                 .map_err(|e| Error::arrow(format!("creating {}", path.display()), e))?;
+            let sums = File::create_new(sums_path(&path)).map_err(|e| Error::io(sums_path(&path), e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(&self.dir, e))?;
             self.log = Some(writer);
             self.log_path = Some(path);
+            self.sums = Some(sums);
+            self.batches = 0;
+            self.covered = 0;
         }
         let path = self.log_path.clone().expect("set with the log");
         let log = self.log.as_mut().expect("opened above");
@@ -174,6 +345,21 @@ impl GenerationStore {
         log.flush().map_err(|e| Error::arrow(format!("writing {}", path.display()), e))?;
         log.get_mut().flush().map_err(|e| Error::io(&path, e))?;
         log.get_ref().get_ref().sync_data().map_err(|e| Error::io(&path, e))?;
+        // The sum of what this put wrote: read back from the file, as a reader will see it.
+        let end = log.get_ref().get_ref().metadata().map_err(|e| Error::io(&path, e))?.len();
+        let written = {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            f.seek(SeekFrom::Start(self.covered)).map_err(|e| Error::io(&path, e))?;
+            let mut buf = Vec::with_capacity((end - self.covered) as usize);
+            f.take(end - self.covered).read_to_end(&mut buf).map_err(|e| Error::io(&path, e))?;
+            buf
+        };
+        self.batches += 1;
+        let line = format!("{end} {} {}\n", self.batches, crate::archive::log::hex(&Sha256::digest(&written)));
+        let sums = self.sums.as_mut().expect("opened with the log");
+        sums.write_all(line.as_bytes()).and_then(|_| sums.sync_data()).map_err(|e| Error::io(sums_path(&path), e))?;
+        self.covered = end;
         for (key, _, _, _, g) in entries {
             self.index.insert(key.clone(), g.clone());
         }

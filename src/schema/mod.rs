@@ -40,6 +40,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("observation", include_str!("../../schemas/observation.json")),
     ("generation", include_str!("../../schemas/generation.json")),
     ("warmth", include_str!("../../schemas/warmth.json")),
+    ("checkpoint", include_str!("../../schemas/checkpoint.json")),
 ];
 
 /// A stream's declaration as written in `schemas/<stream>.json`.
@@ -213,6 +214,7 @@ pub fn validate_all() -> Result<()> {
     validate::<Observation>()?;
     validate::<crate::generate::store::StoredGeneration>()?;
     validate::<WarmthScore>()?;
+    validate::<CheckpointEntry>()?;
     Ok(())
 }
 
@@ -287,7 +289,7 @@ mod tests {
     #[test]
     fn every_record_type_matches_its_json_schema() {
         validate_all().unwrap();
-        assert_eq!(streams().unwrap(), ["generation", "item", "observation", "response", "trial", "verdict", "warmth"]);
+        assert_eq!(streams().unwrap(), ["checkpoint", "generation", "item", "observation", "response", "trial", "verdict", "warmth"]);
     }
 
     #[test]

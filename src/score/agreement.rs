@@ -163,15 +163,20 @@ pub fn read_human_csv(path: &Path) -> Result<Vec<Verdict>> {
             )
         })?;
         let key = rec.get(k).unwrap_or("").to_string();
-        // The response key is model/checkpoint/trial_key/sample; the trial key starts with the dataset.
-        let trial_key =
-            key.splitn(3, '/').nth(2).and_then(|t| t.rsplit_once('/')).map(|(t, _)| t).unwrap_or("").to_string();
+        // The response key is (model, checkpoint, dataset, item, amendment, prompt type,
+        // sample) as one reversible string; the trial key is its middle four.
+        let parts = crate::identity::split_key(&key);
+        let trial_key = match parts.get(2..6) {
+            Some(t) => crate::identity::key(&t.iter().map(String::as_str).collect::<Vec<_>>()),
+            None => String::new(),
+        };
         out.push(Verdict {
             response_key: key,
             trial_key,
-            model: String::new(),
-            checkpoint: String::new(),
+            model: parts.first().cloned().unwrap_or_default(),
+            checkpoint: parts.get(1).cloned().unwrap_or_default(),
             checkpoint_epoch: 0,
+            sample_index: parts.get(6).and_then(|s| s.parse().ok()).unwrap_or(0),
             refusal: false,
             refusal_phrase: None,
             verdict: label.to_string(),

@@ -40,7 +40,14 @@ pub struct Analysis {
 pub fn analyze(inputs: &[PathBuf], opts: &InputOptions) -> Result<Analysis> {
     let mut engine = StatsEngine::new()?;
     let (mut observations, mut excluded) = (0, 0);
+    // The same input named twice (`analyze A A`, or `A` and `./A`) is read once.
+    let mut seen = std::collections::HashSet::new();
     for path in inputs {
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        if !seen.insert(canonical) {
+            eprintln!("{}: given more than once; read once", path.display());
+            continue;
+        }
         for batch in read_observations(path, opts)? {
             observations += batch.num_rows();
             excluded += batch.column_by_name("correct").map(|c| c.null_count()).unwrap_or(0);

@@ -119,6 +119,13 @@ impl StatsEngine {
             for _ in 0..diff {
                 self.observations.push(batch.clone());
             }
+        } else if self.keep_observations && diff < 0 {
+            for _ in 0..-diff {
+                let at = self.observations.iter().position(|b| b == batch).ok_or_else(|| {
+                    Error::Internal("retracting observations that were never applied".into())
+                })?;
+                self.observations.remove(at);
+            }
         }
         Ok(())
     }

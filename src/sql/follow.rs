@@ -3,12 +3,14 @@
 //! [`ArchiveFollower::poll`] applies every observation segment it has not applied yet and
 //! refreshes the engine, so only the families of that checkpoint are recomputed.
 //!
-//! Segments are append-only and written atomically, so "not applied yet" is exactly "new".
+//! Segments are written atomically under fresh names and leave the archive only as a whole
+//! (a checkpoint replaced, a grid re-built), so "not applied yet" is exactly "new", and a
+//! segment that disappeared is retracted (its rows applied with diff −1).
 //!
 //! ```no_run
-//! use candor::archive::{Archive, Format};
+//! use candor::archive::Archive;
 //! use candor::sql::{engine::StatsEngine, follow::ArchiveFollower};
-//! let archive = Archive::open("runs/study", Format::Parquet).unwrap();
+//! let archive = Archive::open("runs/study").unwrap();
 //! let mut engine = StatsEngine::new().unwrap();
 //! let mut follower = ArchiveFollower::default();
 //! // After each EpochDone:
@@ -16,8 +18,10 @@
 //! println!("{} families recomputed", refreshed.families);
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+use arrow::record_batch::RecordBatch;
 
 use super::engine::{Refresh, StatsEngine};
 use crate::archive::{Archive, read_segment};
@@ -26,20 +30,29 @@ use crate::error::Result;
 /// Remembers which observation segments of an archive the engine has seen.
 #[derive(Debug, Default)]
 pub struct ArchiveFollower {
-    applied: BTreeSet<PathBuf>,
+    applied: BTreeMap<PathBuf, Vec<RecordBatch>>,
 }
 
 impl ArchiveFollower {
     /// Applies the archive's new observation segments and refreshes the engine.
     pub fn poll(&mut self, archive: &Archive, engine: &mut StatsEngine) -> Result<Refresh> {
-        for seg in archive.segments("observation")? {
-            if self.applied.contains(&seg.path) {
+        let segments = archive.segments("observation")?;
+        let present: std::collections::BTreeSet<&PathBuf> = segments.iter().map(|s| &s.path).collect();
+        let gone: Vec<PathBuf> = self.applied.keys().filter(|p| !present.contains(p)).cloned().collect();
+        for path in gone {
+            for batch in self.applied.remove(&path).unwrap_or_default() {
+                engine.apply(&batch, -1)?;
+            }
+        }
+        for seg in &segments {
+            if self.applied.contains_key(&seg.path) {
                 continue;
             }
-            for batch in read_segment("observation", &seg.path)? {
-                engine.apply(&batch, 1)?;
+            let batches = read_segment(seg)?;
+            for batch in &batches {
+                engine.apply(batch, 1)?;
             }
-            self.applied.insert(seg.path);
+            self.applied.insert(seg.path.clone(), batches);
         }
         engine.refresh()
     }
@@ -48,7 +61,7 @@ impl ArchiveFollower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::{Format, Partition};
+    use crate::archive::Partition;
     use crate::records::Observation;
     use crate::schema::Record;
 
@@ -76,11 +89,11 @@ mod tests {
     #[test]
     fn each_completed_checkpoint_recomputes_only_its_own_families() {
         let dir = tempfile::tempdir().unwrap();
-        let archive = Archive::open(dir.path(), Format::Parquet).unwrap();
+        let archive = Archive::open(dir.path()).unwrap();
         let mut engine = StatsEngine::new().unwrap();
         let mut follower = ArchiveFollower::default();
         let write = |model: &str, ckpt: &str, ft: bool, epoch: u64| {
-            let part = Partition::Checkpoint { model: model.into(), checkpoint: ckpt.into() };
+            let part = Partition::checkpoint(model, ckpt);
             archive
                 .append("observation", &part, &[Observation::to_batch(&answers(model, ckpt, ft, epoch)).unwrap()])
                 .unwrap();

@@ -30,7 +30,7 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringAr
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 
-use crate::archive::{Archive, Format};
+use crate::archive::Archive;
 use crate::conditions::{Dataset, VerdictLabel};
 use crate::error::{Error, Location, Result};
 use crate::score::refusal::RefusalRules;
@@ -50,7 +50,7 @@ pub struct InputOptions {
 /// Reads observations from an archive directory, a CSV or a Parquet file.
 pub fn read_observations(path: &Path, opts: &InputOptions) -> Result<Vec<RecordBatch>> {
     if path.is_dir() {
-        return Archive::open(path, Format::Parquet)?.read("observation");
+        return Archive::open(path)?.read("observation");
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let raw = match ext.as_str() {

@@ -40,7 +40,7 @@ use super::queries::{
     AMENDMENT_EFFECTS, ARCHIVE_SUMMARY, BELIEF_ERRORS, CONDITION_ERRORS, ERROR_PAIRS, ERROR_RATES, FAMILY_STATS,
     FAMILY_TABLE, Query, REFUSALS, REGRESSION_CELLS, SYCOPHANCY, TRAJECTORIES,
 };
-use crate::archive::{Archive, Format, read_segment};
+use crate::archive::{Archive, read_segment};
 use crate::error::{Error, Result};
 
 /// The queries of `queries/` served as views (`paired_counts.sql` is left out: its name is the
@@ -266,7 +266,7 @@ impl LiveSql {
                 "no archive here (create one with `candor trials`, `candor run` or `candor import`)",
             ));
         }
-        let archive = Archive::open(root, Format::Parquet)?;
+        let archive = Archive::open(root)?;
         let live = LiveSql {
             archive,
             state: Mutex::new(State {
@@ -318,13 +318,15 @@ impl LiveSql {
 
     fn sync_locked(&self, st: &mut State) -> Result<bool> {
         let streams = self.streams()?;
-        let epochs = self.archive.committed_epochs()?;
-        let mut segments: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+        // One checked view of the archive for the whole sync.
+        let snapshot = self.archive.snapshot()?;
+        let epochs = snapshot.committed_epochs();
+        let mut segments: BTreeMap<String, Vec<crate::archive::Segment>> = BTreeMap::new();
         let mut all = Vec::new();
         for s in streams.iter().map(String::as_str).chain(["observation"]) {
-            let paths: Vec<PathBuf> = self.archive.segments(s)?.into_iter().map(|seg| seg.path).collect();
-            all.extend(paths.iter().cloned());
-            segments.insert(s.to_string(), paths);
+            let segs = snapshot.segments(s);
+            all.extend(segs.iter().map(|seg| seg.path.clone()));
+            segments.insert(s.to_string(), segs);
         }
         let fingerprint = (epochs, all);
         if st.fingerprint.as_ref() == Some(&fingerprint) {
@@ -334,9 +336,15 @@ impl LiveSql {
         for s in &streams {
             let table = st.streams.entry(s.clone()).or_default();
             let mut changed = st.fingerprint.is_none();
-            for path in &segments[s] {
-                if table.applied.insert(path.clone()) {
-                    table.batches.extend(read_segment(s, path)?);
+            // A segment that left the archive (a checkpoint replaced): rebuild the table.
+            let present: BTreeSet<&PathBuf> = segments[s].iter().map(|seg| &seg.path).collect();
+            if table.applied.iter().any(|p| !present.contains(p)) {
+                table.applied.clear();
+                table.batches.clear();
+            }
+            for seg in &segments[s] {
+                if table.applied.insert(seg.path.clone()) {
+                    table.batches.extend(read_segment(seg)?);
                     changed = true;
                 }
             }

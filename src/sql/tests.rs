@@ -516,7 +516,7 @@ fn rows_f(b: &RecordBatch) -> Vec<(String, f64, f64)> {
 
 mod live {
     use super::super::live::{LiveSql, QueryError, Statement, split_statements};
-    use crate::archive::{Archive, Format, Partition};
+    use crate::archive::{Archive, Partition};
     use crate::records::Observation;
     use crate::schema::Record;
 
@@ -558,9 +558,9 @@ mod live {
     #[test]
     fn the_catalog_sees_only_committed_epochs_and_refuses_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let archive = Archive::open(dir.path(), Format::Parquet).unwrap();
+        let archive = Archive::open(dir.path()).unwrap();
         let write = |ckpt: &str, ft: bool, epoch: u64, commit: bool| {
-            let part = Partition::Checkpoint { model: "m".into(), checkpoint: ckpt.into() };
+            let part = Partition::checkpoint("m", ckpt);
             let batch = Observation::to_batch(&answers(ckpt, ft, epoch)).unwrap();
             archive.append_epoch("observation", &part, epoch, &[batch]).unwrap();
             if commit {

@@ -252,8 +252,48 @@ impl<'a> RunInterner<'a> {
 
 impl PairedView {
     /// Adds every observation of `batch` with multiplicity `diff` (negative retracts).
+    ///
+    /// An observation is counted once: adding one the view already holds (same model,
+    /// checkpoint, dataset, item, amendment, prompt type and sample) is refused, the rest of
+    /// the batch applied, and the first such row named in the error. Re-judged answers go
+    /// through [`PairedView::upsert`].
     pub fn apply(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
-        self.each_row(batch, |view, key, held| view.update(key, Held { mult: 0, ..held }, diff))
+        let mut duplicate = None;
+        self.each_row(batch, |view, key, held| {
+            if diff > 0 && view.holds(&key, &held) {
+                duplicate.get_or_insert_with(|| view.describe(&key, &held));
+                return;
+            }
+            view.update(key, Held { mult: 0, ..held }, diff)
+        })?;
+        match duplicate {
+            Some(d) => Err(Error::schema(
+                "observation",
+                format!("the observation {d} is given twice; every observation is counted once"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the view already holds an observation of `key` from `v`'s checkpoint.
+    fn holds(&self, key: &PairKey, v: &Held) -> bool {
+        self.held
+            .get(key)
+            .is_some_and(|slots| slots.iter().any(|h| h.checkpoint == v.checkpoint && h.ft == v.ft && h.mult > 0))
+    }
+
+    fn describe(&self, key: &PairKey, v: &Held) -> String {
+        let n = |s: Sym| self.strings.name(s).to_string();
+        format!(
+            "(model {:?}, checkpoint {:?}, dataset {}, item {:?}, amendment {}, prompt type {}, sample {})",
+            n(key.model),
+            n(v.checkpoint),
+            n(key.dataset),
+            n(key.item),
+            n(key.amendment),
+            n(key.prompt_type),
+            key.sample
+        )
     }
 
     /// Inserts or replaces observations: a row replaces whatever the view holds for the same

@@ -12,7 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::kafka::{self, Connection};
 use super::{StreamOptions, Topics};
-use crate::archive::{Archive, Format};
+use crate::archive::Archive;
 use crate::dataflow::Cluster;
 use crate::error::{Error, Result};
 use crate::score::refusal::{RefusalMode, RefusalRules};
@@ -91,7 +91,7 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     }
     raw_times.sort_by(f64::total_cmp);
     let raw_s = raw_times[1];
-    let archive = Archive::open(dir.join("throughput"), Format::Parquet)?;
+    let archive = Archive::open_writer(dir.join("throughput"), "bench")?;
     let report = super::run(cluster, &archive, &options(conn, &prefix, 2.0, true))?;
     let candor_s = report.seconds_to_last_evaluation.unwrap_or(f64::NAN);
     let published_s = report.seconds_to_last_publication.unwrap_or(f64::NAN);
@@ -101,7 +101,7 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     // The same input again into a fresh archive, publishing statistics only (`--publish
     // statistics`): the path Kafka → parse → refusal/score → archive without the per-record
     // output messages.
-    let archive = Archive::open(dir.join("throughput-statistics"), Format::Parquet)?;
+    let archive = Archive::open_writer(dir.join("throughput-statistics"), "bench")?;
     let quiet = super::run(cluster, &archive, &options(conn, &prefix, 2.0, false))?;
     if quiet.evaluated.len() != checkpoints {
         return Err(Error::Internal(format!("evaluated {} of {checkpoints} checkpoints", quiet.evaluated.len())));
@@ -143,7 +143,7 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
         let (cluster, conn, root) = (cluster.clone(), conn.clone(), dir.join("latency"));
         let opts = options(&conn, &prefix, 3.0, true);
         std::thread::spawn(move || -> Result<super::StreamReport> {
-            let archive = Archive::open(root, Format::Parquet)?;
+            let archive = Archive::open_writer(root, "bench")?;
             super::run(&cluster, &archive, &opts)
         })
     };

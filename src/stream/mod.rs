@@ -208,12 +208,17 @@ impl StreamState {
 }
 
 fn checkpoint_key(model: &str, checkpoint: &str) -> String {
-    format!("{model}/{checkpoint}")
+    crate::identity::CheckpointRef::new(model, checkpoint).key()
+}
+
+/// The model of a [`checkpoint_key`].
+fn model_of(checkpoint_key: &str) -> String {
+    crate::identity::split_key(checkpoint_key).into_iter().next().unwrap_or_default()
 }
 
 /// The key that pairs a fine-tuned checkpoint's observation with its base's.
 fn pair_key(o: &Observation) -> String {
-    format!("{}/{}/{}/{}/{}", o.dataset, o.item_key, o.amendment_type, o.prompt_type, o.sample_index)
+    crate::identity::key(&[&o.dataset, &o.item_key, &o.amendment_type, &o.prompt_type, &o.sample_index.to_string()])
 }
 
 struct Streamer<'a> {
@@ -256,7 +261,6 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     let owned = |p: i32| (p as usize) % processes == cluster.process;
     let local = Cluster { workers: cluster.workers, processes: 1, process: 0, hostfile: None };
     let cluster = &local;
-    archive.recover()?;
     let t = &opts.topics;
     let mut all: Vec<&str> = vec![&t.checkpoints, &t.answers];
     all.extend(t.outputs());
@@ -337,7 +341,6 @@ pub fn replay_capture(
     opts: &StreamOptions,
     messages: Vec<capture::Captured>,
 ) -> Result<StreamReport> {
-    archive.recover()?;
     let mut s = Streamer::open(cluster, archive, opts, false)?;
     s.reconcile()?;
     let t = &opts.topics;
@@ -770,13 +773,13 @@ impl<'a> Streamer<'a> {
         }
         // The checkpoint's own statistics, and, when it is a base, those of the fine-tuned
         // checkpoints it pairs with.
-        let (model, finetuned) = (checkpoint.split('/').next().unwrap_or("").to_string(), self.done[checkpoint].1);
+        let (model, finetuned) = (model_of(checkpoint), self.done[checkpoint].1);
         let mut changed = vec![checkpoint.to_string()];
         if !finetuned {
             let mut others: Vec<String> = self
                 .done
                 .iter()
-                .filter(|(k, (_, ft))| *ft && k.split('/').next() == Some(model.as_str()))
+                .filter(|(k, (_, ft))| *ft && model_of(k) == model)
                 .map(|(k, _)| k.clone())
                 .collect();
             others.sort();
@@ -824,11 +827,11 @@ impl<'a> Streamer<'a> {
         let correct = obs.values().filter(|c| **c == Some(true)).count();
         let included = obs.values().filter(|c| c.is_some()).count();
         let (epoch, finetuned) = self.done[checkpoint];
-        let model = checkpoint.split('/').next().unwrap_or("");
+        let model = model_of(checkpoint);
         let base = self
             .done
             .iter()
-            .filter(|(k, (_, ft))| !*ft && k.split('/').next() == Some(model))
+            .filter(|(k, (_, ft))| !*ft && model_of(k) == model)
             .map(|(k, _)| k.clone())
             .min();
         let paired = base.filter(|_| finetuned).map(|b| {

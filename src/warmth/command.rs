@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use super::query_type::Labeller;
 use super::{LmChoice, Mode, Scorer, TextRow, open_lm, read_texts, report};
-use crate::archive::{Archive, Format, Partition};
+use crate::archive::{Archive, Partition};
 use crate::dataflow::pipelines::read_records;
 use crate::error::{Error, Location, Result};
 use crate::records::{Response, Trial, WarmthScore};
@@ -120,7 +120,7 @@ pub type ArchivedBatch = (String, arrow::record_batch::RecordBatch);
 pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<ArchivedBatch>)> {
     let labeller = Labeller::bundled()?;
     let (pending, archive_out) = if run.input.is_dir() {
-        let source = Archive::open(&run.input, Format::Parquet)?;
+        let source = Archive::open(&run.input)?;
         if !source.has("response")? {
             return Err(Error::input(Location::file(&run.input), "archive has no response stream"));
         }
@@ -129,9 +129,10 @@ pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<ArchivedBatch>)> {
         (from_texts(read_texts(&run.input)?, run, &labeller), run.out.clone())
     };
     let scorer = run.score.scorer(run.score.mode)?;
+    let archive_out = archive_out.map(|out| Archive::open_writer(out, "warmth")).transpose()?;
     // A response already scored with this model and mode is not scored (or archived) again.
     let done: std::collections::HashSet<String> = match &archive_out {
-        Some(out) if out.is_dir() => read_records::<WarmthScore>(&Archive::open(out, Format::Parquet)?)?
+        Some(out) => read_records::<WarmthScore>(out)?
             .into_iter()
             .filter(|w| w.mode == scorer.mode.name() && w.lm == scorer.lm.name())
             .map(|w| w.response_key)
@@ -164,22 +165,21 @@ pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<ArchivedBatch>)> {
     let reports = match archive_out {
         Some(out) => {
             write_archive(&out, &rows)?;
-            report::reports_from_batches(Archive::open(&out, Format::Parquet)?.read("warmth")?)?
+            report::reports_from_batches(out.read("warmth")?)?
         }
         None => report::reports(&rows)?,
     };
     Ok((rows, reports))
 }
 
-/// Appends the rows to `root`'s warmth stream, one segment per model × checkpoint.
-pub fn write_archive(root: &Path, rows: &[WarmthScore]) -> Result<()> {
-    let archive = Archive::open(root, Format::Parquet)?;
+/// Appends the rows to an archive's warmth stream, one segment per model × checkpoint.
+pub fn write_archive(archive: &Archive, rows: &[WarmthScore]) -> Result<()> {
     let mut parts: BTreeMap<(String, String), Vec<WarmthScore>> = BTreeMap::new();
     for r in rows {
         parts.entry((r.model.clone(), r.checkpoint.clone())).or_default().push(r.clone());
     }
     for ((model, checkpoint), rows) in parts {
-        archive.append("warmth", &Partition::Checkpoint { model, checkpoint }, &[WarmthScore::to_batch(&rows)?])?;
+        archive.append("warmth", &Partition::checkpoint(model, checkpoint), &[WarmthScore::to_batch(&rows)?])?;
     }
     Ok(())
 }

@@ -1,0 +1,143 @@
+//! Writing a stream's Delta table: every commit goes through `deltalake-core`'s commit
+//! protocol (the next `_delta_log/<version>.json` is created only if absent; a writer that
+//! loses the race re-reads the log, checks for conflicts and retries, or fails), with the
+//! actions Candor built itself, so that every commit carries Candor's checksum of its actions
+//! (see [`super::log`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake_core::kernel::{Action, EagerSnapshot, Metadata, Protocol, StructType};
+use deltalake_core::logstore::{LogStoreRef, StorageConfig, logstore_for};
+use deltalake_core::protocol::{DeltaOperation, SaveMode};
+use serde_json::Value;
+
+use super::log::{ACTIONS_SHA256, actions_digest};
+use crate::error::{Error, Result};
+
+/// Runs a future of the Delta library to completion from synchronous code, also when the
+/// caller is itself on a tokio runtime (the SQL endpoint): then on a thread of its own.
+pub(super) fn block_on<F>(future: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("candor-archive")
+            .enable_all()
+            .build()
+            .expect("a tokio runtime for the archive")
+    });
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(|| runtime.block_on(future)).join().expect("archive thread"))
+    } else {
+        runtime.block_on(future)
+    }
+}
+
+fn delta_error(table: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Archive(format!("{}: {what}: {e}", table.display()))
+}
+
+fn log_store(table: &Path) -> Result<LogStoreRef> {
+    let url = url::Url::from_directory_path(table)
+        .map_err(|_| Error::Internal(format!("{} is not an absolute directory path", table.display())))?;
+    logstore_for(&url, StorageConfig::default()).map_err(|e| delta_error(table, "opening the Delta log", e))
+}
+
+/// The Delta schema of an Arrow schema.
+fn delta_schema(schema: &arrow::datatypes::Schema) -> Result<StructType> {
+    use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel;
+    schema.try_into_kernel().map_err(|e| Error::Internal(format!("no Delta type for the schema: {e}")))
+}
+
+/// What one commit says about itself, besides its actions (goes into `commitInfo`).
+pub(super) type CommitMeta = serde_json::Map<String, Value>;
+
+/// Commits `actions` to the table at `table` (creating it, with `schema`, when its log does not
+/// exist yet). `txn`: an application transaction id whose concurrent use by another writer
+/// makes this commit fail instead of retrying (how epoch numbers stay unique).
+pub(super) fn commit(
+    table: &Path,
+    schema: &arrow::datatypes::Schema,
+    mut actions: Vec<Action>,
+    operation: Operation,
+    mut meta: CommitMeta,
+    txn: Option<(&str, i64)>,
+) -> Result<u64> {
+    let store = log_store(table)?;
+    let exists = table.join("_delta_log").join(format!("{:020}.json", 0)).is_file();
+    if let Some((app_id, version)) = txn {
+        actions.push(Action::Txn(deltalake_core::kernel::Transaction::new(app_id, version)));
+    }
+    let table_path = table.to_path_buf();
+    let schema = delta_schema(schema)?;
+    block_on(async move {
+        let snapshot = if exists {
+            Some(
+                EagerSnapshot::try_new(store.as_ref(), None)
+                    .await
+                    .map_err(|e| delta_error(&table_path, "reading the Delta log", e))?,
+            )
+        } else {
+            let protocol: Protocol =
+                serde_json::from_value(serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}))
+                    .map_err(|e| Error::Internal(format!("Delta protocol: {e}")))?;
+            let metadata: Metadata = deltalake_core::kernel::new_metadata(&schema, Vec::<String>::new(), Vec::<(String, String)>::new())
+                .map_err(|e| Error::Internal(format!("Delta metadata: {e}")))?;
+            actions.insert(0, Action::Metadata(metadata));
+            actions.insert(0, Action::Protocol(protocol));
+            None
+        };
+        let digest = actions_digest(&actions, &meta)?;
+        meta.insert(ACTIONS_SHA256.into(), Value::String(digest));
+        let operation = match operation {
+            Operation::Append if snapshot.is_none() => DeltaOperation::Create {
+                mode: SaveMode::ErrorIfExists,
+                location: store.root_url().clone(),
+                protocol: match &actions[0] {
+                    Action::Protocol(p) => p.clone(),
+                    _ => unreachable!("inserted above"),
+                },
+                metadata: match &actions[1] {
+                    Action::Metadata(m) => m.clone(),
+                    _ => unreachable!("inserted above"),
+                },
+            },
+            Operation::Append => DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None },
+            Operation::Remove => DeltaOperation::Delete { predicate: None },
+        };
+        let app_metadata: HashMap<String, Value> = meta.into_iter().collect();
+        // No Delta checkpoints, no log cleanup: Candor reads and checks every JSON commit itself.
+        let properties = CommitProperties::default().with_create_checkpoint(false).with_cleanup_expired_logs(Some(false));
+        let committed = CommitBuilder::from(properties)
+            .with_actions(actions)
+            .with_app_metadata(app_metadata)
+            .with_max_retries(if txn.is_some() { 0 } else { 15 })
+            .build(snapshot.as_ref().map(|s| s as &dyn deltalake_core::kernel::transaction::TableReference), store, operation)
+            .await
+            .map_err(|e| match e {
+                deltalake_core::DeltaTableError::Transaction { source } => Error::Conflict(format!(
+                    "{}: another writer committed to this table at the same time ({source}); nothing of this commit was written",
+                    table_path.display()
+                )),
+                e => delta_error(&table_path, "committing", e),
+            })?;
+        Ok(committed.version())
+    })
+}
+
+/// What a commit does, for the Delta log's operation name.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Operation {
+    Append,
+    Remove,
+}
+
+#[allow(dead_code)]
+fn _assert_send(_: Arc<()>) {}

@@ -1,0 +1,360 @@
+use super::*;
+use crate::records::{Observation, Trial};
+
+fn trial(i: usize) -> Trial {
+    Trial {
+        trial_key: Trial::key("trivia", &format!("q{i}"), "unmodified", "original"),
+        dataset: "trivia".into(),
+        item_key: format!("q{i}"),
+        amendment_type: "unmodified".into(),
+        amendment_group: "unmodified".into(),
+        statement_id: None,
+        statement: None,
+        prompt_type: "original".into(),
+        belief_answer: None,
+        prompt: format!("Question {i}?"),
+        template_style: "clean".into(),
+        seed: 1,
+    }
+}
+
+fn obs(model: &str, checkpoint: &str, epoch: u64, i: usize) -> Observation {
+    Observation {
+        response_key: crate::records::Response::key(model, checkpoint, &trial(i).trial_key, 0),
+        model: model.into(),
+        checkpoint: checkpoint.into(),
+        checkpoint_epoch: epoch,
+        is_finetuned: epoch > 1,
+        dataset: "trivia".into(),
+        item_key: format!("q{i}"),
+        amendment_type: "unmodified".into(),
+        amendment_group: "unmodified".into(),
+        prompt_type: "original".into(),
+        sample_index: 0,
+        refusal: false,
+        verdict: "CORRECT".into(),
+        correct: Some(i % 2 == 0),
+    }
+}
+
+fn grid(a: &Archive, n: usize) {
+    let rows: Vec<Trial> = (0..n).map(trial).collect();
+    a.write_epoch(0, &[("trial".into(), Partition::All, Trial::to_batch(&rows).unwrap())], &Value::Null).unwrap();
+}
+
+fn checkpoint(a: &Archive, model: &str, ckpt: &str, n: usize) -> u64 {
+    let epoch = a.register_checkpoint(model, ckpt, false, None).unwrap();
+    let rows: Vec<Observation> = (0..n).map(|i| obs(model, ckpt, epoch, i)).collect();
+    a.write_epoch(
+        epoch,
+        &[("observation".into(), Partition::checkpoint(model, ckpt), Observation::to_batch(&rows).unwrap())],
+        &Value::Null,
+    )
+    .unwrap();
+    epoch
+}
+
+fn read_obs(a: &Archive) -> Vec<Observation> {
+    a.read("observation").unwrap().iter().flat_map(|b| Observation::from_batch(b).unwrap()).collect()
+}
+
+#[test]
+fn epochs_round_trip_and_checkpoints_get_reversible_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path().join("a"), "test").unwrap();
+    grid(&a, 5);
+    let e1 = checkpoint(&a, "org/model", "warm epoch 2", 3);
+    let e2 = checkpoint(&a, "org:model", "warm epoch 2", 4);
+    assert_eq!((e1, e2), (1, 2));
+    assert_eq!(a.committed_epochs().unwrap().into_iter().collect::<Vec<_>>(), [0, 1, 2]);
+    let back: Vec<Trial> = a.read("trial").unwrap().iter().flat_map(|b| Trial::from_batch(b).unwrap()).collect();
+    assert_eq!(back.len(), 5);
+    let segs = a.segments("observation").unwrap();
+    assert!(segs[0].path.to_string_lossy().contains("model=org%2Fmodel/checkpoint=warm%20epoch%202/"), "{segs:?}");
+    assert!(segs[1].path.to_string_lossy().contains("model=org%3Amodel/"), "{segs:?}");
+    let all = read_obs(&a);
+    assert_eq!(all.iter().filter(|o| o.model == "org/model").count(), 3);
+    assert_eq!(all.iter().filter(|o| o.model == "org:model").count(), 4);
+    // A reader sees the same, and re-opening as a writer changes nothing.
+    drop(a);
+    let a = Archive::open_writer(dir.path().join("a"), "test").unwrap();
+    assert_eq!(read_obs(&Archive::open(a.root()).unwrap()).len(), 7);
+    assert!(a.verify().is_empty(), "{:?}", a.verify());
+}
+
+#[test]
+fn opening_what_is_not_an_archive_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    let err = Archive::open(&missing).unwrap_err();
+    assert_eq!(err.kind(), crate::error::Domain::User);
+    assert!(!missing.exists(), "reading must not create a directory");
+    // The bug this pins: `--out runs` (a parent of archives) deleted every archive's files.
+    let runs = dir.path().join("runs");
+    let study = Archive::open_writer(runs.join("study"), "test").unwrap();
+    grid(&study, 3);
+    drop(study);
+    let before = fs::read_dir(runs.join("study/trial")).unwrap().count();
+    let err = Archive::open_writer(&runs, "test").unwrap_err().to_string();
+    assert!(err.contains("not a Candor archive") && err.contains("runs"), "{err}");
+    assert!(!runs.join(MANIFEST).exists());
+    assert_eq!(fs::read_dir(runs.join("study/trial")).unwrap().count(), before);
+    assert_eq!(Archive::open(runs.join("study")).unwrap().read("trial").unwrap()[0].num_rows(), 3);
+}
+
+#[test]
+fn an_epoch_is_written_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    grid(&a, 2);
+    let rows = Trial::to_batch(&[trial(0), trial(1)]).unwrap();
+    let err = a.write_epoch(0, &[("trial".into(), Partition::All, rows)], &Value::Null).unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    // The refused write left no file behind.
+    assert!(a.verify().is_empty(), "{:?}", a.verify());
+    assert_eq!(a.read("trial").unwrap()[0].num_rows(), 2);
+}
+
+#[test]
+fn keys_are_archived_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    let twice = Trial::to_batch(&[trial(0), trial(0)]).unwrap();
+    let err = a.write_epoch(0, &[("trial".into(), Partition::All, twice)], &Value::Null).unwrap_err();
+    assert!(err.to_string().contains("share the key"), "{err}");
+    grid(&a, 2);
+    // A later epoch may add trials, but not one the grid has.
+    let epoch = a.register_checkpoint("m", "c", false, None).unwrap();
+    let again = Trial::to_batch(&[trial(1), trial(2)]).unwrap();
+    let err = a.write_epoch(epoch, &[("trial".into(), Partition::All, again)], &Value::Null).unwrap_err();
+    assert!(err.to_string().contains("already holds a row"), "{err}");
+    assert_eq!(a.read("trial").unwrap().iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+}
+
+#[test]
+fn rows_must_belong_to_their_epochs_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    let e = a.register_checkpoint("m", "c", false, None).unwrap();
+    let rows = Observation::to_batch(&[obs("m", "other", e, 0)]).unwrap();
+    let err = a.write_epoch(e, &[("observation".into(), Partition::checkpoint("m", "c"), rows)], &Value::Null);
+    assert!(err.unwrap_err().to_string().contains("partition of m @ c"));
+}
+
+/// Commits only the `trial` part of an epoch write, as a crash after that commit leaves it;
+/// returns the staged observation file.
+fn half_commit(a: &Archive, e: u64) -> PathBuf {
+    let o = Observation::to_batch(&[obs("m", "c", e, 0)]).unwrap();
+    let t = Trial::to_batch(&[trial(7)]).unwrap();
+    a.append_epoch("trial", &Partition::All, e, std::slice::from_ref(&t)).unwrap();
+    a.append_epoch("observation", &Partition::checkpoint("m", "c"), e, std::slice::from_ref(&o)).unwrap();
+    let (write, staged) = a.inner.staged.lock().unwrap().remove(&e).unwrap();
+    let mut manifest = serde_json::Map::new();
+    manifest.insert("trial".into(), 1.into());
+    manifest.insert("observation".into(), 1.into());
+    let trial_file = staged.iter().find(|f| f.stream == "trial").unwrap();
+    let meta = epoch_meta("epoch", e, &write, &manifest, &Value::Null);
+    a.commit_table("trial", vec![add_action(trial_file, Some((e, &write)))], Operation::Append, meta, None).unwrap();
+    staged.iter().find(|f| f.stream == "observation").unwrap().path.clone()
+}
+
+/// A crash between two streams' commits: the epoch is invisible and readers are told; the
+/// next writer completes it from the files already written, and says so.
+#[test]
+fn an_interrupted_write_is_invisible_then_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    grid(&a, 3);
+    let e = a.register_checkpoint("m", "c", false, None).unwrap();
+    half_commit(&a, e);
+    drop(a);
+
+    let reader = Archive::open(dir.path()).unwrap();
+    let snap = reader.snapshot().unwrap();
+    assert!(!snap.committed.contains_key(&e));
+    assert_eq!(snap.partial.len(), 1);
+    assert!(snap.partial[0].missing[0].contains("observation"), "{:?}", snap.partial);
+    assert_eq!(reader.read("trial").unwrap().iter().map(|b| b.num_rows()).sum::<usize>(), 3, "trial 7 invisible");
+    assert!(reader.read("observation").unwrap().is_empty());
+    assert!(reader.verify().iter().any(|(_, m)| m.contains("not completely written")));
+
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    let snap = a.snapshot().unwrap();
+    assert!(snap.partial.is_empty() && snap.committed.contains_key(&e));
+    assert_eq!(read_obs(&a).len(), 1);
+    assert_eq!(a.read("trial").unwrap().iter().map(|b| b.num_rows()).sum::<usize>(), 4);
+    assert!(a.verify().is_empty(), "{:?}", a.verify());
+}
+
+/// When the files of the missing part are gone too, the next writer rolls the write back
+/// (and says so); the epoch can then be written whole.
+#[test]
+fn an_interrupted_write_without_its_files_is_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    grid(&a, 3);
+    let e = a.register_checkpoint("m", "c", false, None).unwrap();
+    let lost = half_commit(&a, e);
+    drop(a);
+    fs::remove_file(lost).unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    let snap = a.snapshot().unwrap();
+    assert!(snap.partial.is_empty() && !snap.committed.contains_key(&e));
+    assert_eq!(a.read("trial").unwrap().iter().map(|b| b.num_rows()).sum::<usize>(), 3);
+    assert!(a.verify().is_empty(), "{:?}", a.verify());
+    let o = Observation::to_batch(&[obs("m", "c", e, 0)]).unwrap();
+    a.write_epoch(e, &[("observation".into(), Partition::checkpoint("m", "c"), o)], &Value::Null).unwrap();
+    assert_eq!(read_obs(&a).len(), 1);
+}
+
+#[test]
+fn files_no_commit_lists_are_deleted_by_the_next_writer_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    grid(&a, 2);
+    let e = a.register_checkpoint("m", "c", false, None).unwrap();
+    let staged = a
+        .append_epoch("observation", &Partition::checkpoint("m", "c"), e, &[Observation::to_batch(&[obs("m", "c", e, 0)]).unwrap()])
+        .unwrap()
+        .unwrap();
+    std::mem::forget(a); // a crash: the staged file is never committed
+    assert!(staged.exists());
+    assert_eq!(Archive::open(dir.path()).unwrap().verify().len(), 1, "verify names the orphan");
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    assert!(!staged.exists());
+    assert!(read_obs(&a).is_empty());
+}
+
+#[test]
+fn a_retracted_epoch_can_be_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    let e = checkpoint(&a, "m", "c", 4);
+    let old = a.segments("observation").unwrap();
+    a.retract_epochs(&[e].into()).unwrap();
+    assert!(read_obs(&a).is_empty());
+    assert!(!old[0].path.exists(), "Hive readers must not see retracted files");
+    let rows: Vec<Observation> = (0..2).map(|i| obs("m", "c", e, i)).collect();
+    a.write_epoch(e, &[("observation".into(), Partition::checkpoint("m", "c"), Observation::to_batch(&rows).unwrap())], &Value::Null)
+        .unwrap();
+    assert_eq!(read_obs(&a).len(), 2);
+    assert!(a.verify().is_empty(), "{:?}", a.verify());
+}
+
+/// Optimistic concurrency on the registry, with the writer lock out of the way: two writers
+/// registering at once never give two checkpoints one epoch.
+#[test]
+fn concurrent_registrations_never_share_an_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("a");
+    create(&root).unwrap();
+    let unlocked = || Archive {
+        root: root.clone(),
+        inner: Arc::new(Inner { writer: Some(File::open(root.join(MANIFEST)).unwrap()), staged: Mutex::new(BTreeMap::new()) }),
+    };
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let a = unlocked();
+            std::thread::spawn(move || {
+                (0..3).map(|i| a.register_checkpoint("m", &format!("t{t}-{i}"), false, None).unwrap()).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut epochs: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    epochs.sort();
+    assert_eq!(epochs, (1..=12).collect::<Vec<_>>());
+    let registry = unlocked().checkpoints().unwrap();
+    assert_eq!(registry.len(), 12);
+}
+
+#[test]
+fn a_second_writer_waits_for_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Archive::open_writer(dir.path(), "first").unwrap();
+    let root = dir.path().to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let second = std::thread::spawn(move || {
+        let a = Archive::open_writer(&root, "second").unwrap();
+        tx.send(()).unwrap();
+        a.register_checkpoint("m", "second", false, None).unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(rx.try_recv().is_err(), "the second writer must wait");
+    assert!(writer_active(dir.path()));
+    assert_eq!(first.register_checkpoint("m", "first", false, None).unwrap(), 1);
+    drop(first);
+    assert_eq!(second.join().unwrap(), 2);
+}
+
+#[test]
+fn damage_is_named_and_never_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    grid(&a, 4);
+    checkpoint(&a, "m", "c", 6);
+    drop(a);
+    let reader = Archive::open(dir.path()).unwrap();
+    let seg = reader.segments("observation").unwrap().remove(0);
+    let good = fs::read(&seg.path).unwrap();
+
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x10;
+    fs::write(&seg.path, &bad).unwrap();
+    let err = reader.read("observation").unwrap_err();
+    assert_eq!(err.kind(), crate::error::Domain::Data);
+    assert!(err.to_string().contains(&seg.path.display().to_string()) && err.to_string().contains("SHA-256"), "{err}");
+
+    fs::write(&seg.path, &good[..good.len() - 3]).unwrap();
+    assert!(reader.read("observation").unwrap_err().to_string().contains("truncated"));
+    fs::write(&seg.path, &good).unwrap();
+
+    // A log version edited: its checksum no longer matches.
+    let log = dir.path().join("observation/_delta_log/00000000000000000000.json");
+    let text = fs::read_to_string(&log).unwrap();
+    fs::write(&log, text.replacen("\"numRecords\\\":6", "\"numRecords\\\":7", 1)).unwrap();
+    let err = reader.read("observation").unwrap_err().to_string();
+    assert!(err.contains("00000000000000000000.json"), "{err}");
+    // verify lists both damaged things without stopping at the first.
+    fs::write(&seg.path, &bad).unwrap();
+    let trial_seg = reader.segments("trial").unwrap().remove(0);
+    let mut t = fs::read(&trial_seg.path).unwrap();
+    t[10] ^= 1;
+    fs::write(&trial_seg.path, &t).unwrap();
+    let problems = reader.verify();
+    assert!(problems.iter().any(|(p, _)| p == &log), "{problems:?}");
+    assert!(problems.iter().any(|(p, _)| p == &trial_seg.path), "{problems:?}");
+}
+
+/// The bug this pins: a deleted commit marker made a checkpoint vanish with exit 0. A log
+/// version missing in the middle is an error; the last one missing is reported as an
+/// interrupted write by every reader, never silently dropped.
+#[test]
+fn a_missing_log_version_is_never_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    grid(&a, 2);
+    let e = a.register_checkpoint("m", "c", false, None).unwrap();
+    let t = Trial::to_batch(&[trial(5)]).unwrap();
+    let o = Observation::to_batch(&[obs("m", "c", e, 0)]).unwrap();
+    a.write_epoch(
+        e,
+        &[("trial".into(), Partition::All, t), ("observation".into(), Partition::checkpoint("m", "c"), o)],
+        &Value::Null,
+    )
+    .unwrap();
+    drop(a);
+    // The last version of a table gone: the epoch is reported, then completed again.
+    let last = dir.path().join("observation/_delta_log/00000000000000000000.json");
+    fs::remove_file(&last).unwrap();
+    let reader = Archive::open(dir.path()).unwrap();
+    assert!(!reader.committed_epochs().unwrap().contains(&e));
+    assert!(reader.verify().iter().any(|(_, m)| m.contains(&format!("epoch {e} was not completely written"))));
+    let a = Archive::open_writer(dir.path(), "test").unwrap();
+    assert!(a.committed_epochs().unwrap().contains(&e));
+    assert_eq!(read_obs(&a).len(), 1);
+    drop(a);
+    // A version missing in the middle is an error naming it.
+    fs::remove_file(dir.path().join("trial/_delta_log/00000000000000000000.json")).unwrap();
+    let err = Archive::open(dir.path()).unwrap().read("trial").unwrap_err().to_string();
+    assert!(err.contains("version 0 is missing"), "{err}");
+}
