@@ -59,9 +59,19 @@ fn delta_schema(schema: &arrow::datatypes::Schema) -> Result<StructType> {
 /// What one commit says about itself, besides its actions (goes into `commitInfo`).
 pub(super) type CommitMeta = serde_json::Map<String, Value>;
 
+/// Which version of a table a commit was decided on.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Base {
+    /// Whatever the table holds when the commit is made (blind appends under the writer lock).
+    Latest,
+    /// The version the writer read (None: the table had no log yet). Commits made since are
+    /// checked for conflicts against this one.
+    Read(Option<u64>),
+}
+
 /// Commits `actions` to the table at `table` (creating it, with `schema`, when its log does not
 /// exist yet). `txn`: an application transaction id whose concurrent use by another writer
-/// makes this commit fail instead of retrying (how epoch numbers stay unique).
+/// since `base` makes this commit fail instead of retrying (how epoch numbers stay unique).
 pub(super) fn commit(
     table: &Path,
     schema: &arrow::datatypes::Schema,
@@ -69,9 +79,17 @@ pub(super) fn commit(
     operation: Operation,
     mut meta: CommitMeta,
     txn: Option<(&str, i64)>,
+    base: Base,
 ) -> Result<u64> {
     let store = log_store(table)?;
-    let exists = table.join("_delta_log").join(format!("{:020}.json", 0)).is_file();
+    let read_version = match base {
+        Base::Latest => None,
+        Base::Read(v) => v,
+    };
+    let exists = match base {
+        Base::Latest => table.join("_delta_log").join(format!("{:020}.json", 0)).is_file(),
+        Base::Read(v) => v.is_some(),
+    };
     if let Some((app_id, version)) = txn {
         actions.push(Action::Txn(deltalake_core::kernel::Transaction::new(app_id, version)));
     }
@@ -80,7 +98,7 @@ pub(super) fn commit(
     block_on(async move {
         let snapshot = if exists {
             Some(
-                EagerSnapshot::try_new(store.as_ref(), None)
+                EagerSnapshot::try_new(store.as_ref(), read_version)
                     .await
                     .map_err(|e| delta_error(&table_path, "reading the Delta log", e))?,
             )

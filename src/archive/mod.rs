@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use self::delta::Operation;
+use self::delta::{Base, Operation};
 use self::log::{LoggedFile, TAG_EPOCH, TAG_ROWS, TAG_SHA256, TAG_WRITE, TableLog};
 use crate::error::{Error, Location, Result};
 use crate::identity::{CheckpointRef, partition_segment};
@@ -450,7 +450,9 @@ impl Archive {
             let mut meta = serde_json::Map::new();
             meta.insert(INFO_KIND.into(), "register".into());
             let txn = Some(("candor.registry", epoch as i64));
-            match self.commit_table(REGISTRY, vec![add_action(&file, None)], Operation::Append, meta, txn) {
+            // Decided on the registry as read: a registration committed since is a conflict.
+            let base = Base::Read(snap.tables.get(REGISTRY).and_then(|t| t.version));
+            match self.commit_table_at(REGISTRY, vec![add_action(&file, None)], Operation::Append, meta, txn, base) {
                 Ok(_) => return Ok(epoch),
                 Err(Error::Conflict(_)) => {
                     let _ = fs::remove_file(&file.path);
@@ -892,8 +894,20 @@ impl Archive {
         meta: serde_json::Map<String, Value>,
         txn: Option<(&str, i64)>,
     ) -> Result<u64> {
+        self.commit_table_at(stream, actions, operation, meta, txn, Base::Latest)
+    }
+
+    fn commit_table_at(
+        &self,
+        stream: &str,
+        actions: Vec<Action>,
+        operation: Operation,
+        meta: serde_json::Map<String, Value>,
+        txn: Option<(&str, i64)>,
+        base: Base,
+    ) -> Result<u64> {
         let schema = schema::arrow_schema(stream)?;
-        delta::commit(&self.table_dir(stream), &schema, actions, operation, meta, txn)
+        delta::commit(&self.table_dir(stream), &schema, actions, operation, meta, txn, base)
     }
 }
 
@@ -982,7 +996,8 @@ fn add_action(f: &Staged, epoch: Option<(u64, &str)>) -> Action {
         tags.insert(TAG_WRITE.to_string(), Some(w.to_string()));
     }
     Action::Add(Add {
-        path: encode_log_path(&f.rel),
+        // Raw: the Delta library escapes paths when it writes the log.
+        path: f.rel.clone(),
         partition_values: Default::default(),
         size: f.size as i64,
         modification_time: now_millis(),
@@ -998,7 +1013,7 @@ fn add_action(f: &Staged, epoch: Option<(u64, &str)>) -> Action {
 
 fn remove_action(f: &LoggedFile) -> Action {
     Action::Remove(Remove {
-        path: encode_log_path(&f.rel),
+        path: f.rel.clone(),
         data_change: true,
         deletion_timestamp: Some(now_millis()),
         extended_file_metadata: Some(true),
@@ -1009,11 +1024,6 @@ fn remove_action(f: &LoggedFile) -> Action {
         base_row_id: None,
         default_row_commit_version: None,
     })
-}
-
-/// A relative path as the Delta log stores it (a URI path: `%` escaped).
-fn encode_log_path(rel: &str) -> String {
-    rel.replace('%', "%25")
 }
 
 fn encode_parquet(stream: &str, schema: &arrow::datatypes::SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {

@@ -217,7 +217,7 @@ fn files_no_commit_lists_are_deleted_by_the_next_writer_only() {
         .append_epoch("observation", &Partition::checkpoint("m", "c"), e, &[Observation::to_batch(&[obs("m", "c", e, 0)]).unwrap()])
         .unwrap()
         .unwrap();
-    std::mem::forget(a); // a crash: the staged file is never committed
+    drop(a); // a crash: the staged file is never committed
     assert!(staged.exists());
     assert_eq!(Archive::open(dir.path()).unwrap().verify().len(), 1, "verify names the orphan");
     let a = Archive::open_writer(dir.path(), "test").unwrap();
@@ -314,12 +314,18 @@ fn damage_is_named_and_never_read() {
     fs::write(&log, text.replacen("\"numRecords\\\":6", "\"numRecords\\\":7", 1)).unwrap();
     let err = reader.read("observation").unwrap_err().to_string();
     assert!(err.contains("00000000000000000000.json"), "{err}");
-    // verify lists both damaged things without stopping at the first.
+    let damaged_log = fs::read(&log).unwrap();
+    fs::write(&log, &text).unwrap();
+    // verify lists every damaged thing without stopping at the first.
     fs::write(&seg.path, &bad).unwrap();
     let trial_seg = reader.segments("trial").unwrap().remove(0);
     let mut t = fs::read(&trial_seg.path).unwrap();
     t[10] ^= 1;
     fs::write(&trial_seg.path, &t).unwrap();
+    let problems = reader.verify();
+    assert!(problems.iter().any(|(p, _)| p == &seg.path), "{problems:?}");
+    assert!(problems.iter().any(|(p, _)| p == &trial_seg.path), "{problems:?}");
+    fs::write(&log, &damaged_log).unwrap();
     let problems = reader.verify();
     assert!(problems.iter().any(|(p, _)| p == &log), "{problems:?}");
     assert!(problems.iter().any(|(p, _)| p == &trial_seg.path), "{problems:?}");
