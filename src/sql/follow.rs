@@ -89,14 +89,14 @@ mod tests {
     #[test]
     fn each_completed_checkpoint_recomputes_only_its_own_families() {
         let dir = tempfile::tempdir().unwrap();
-        let archive = Archive::open(dir.path()).unwrap();
+        let archive = Archive::open_writer(dir.path(), "test").unwrap();
         let mut engine = StatsEngine::new().unwrap();
         let mut follower = ArchiveFollower::default();
         let write = |model: &str, ckpt: &str, ft: bool, epoch: u64| {
+            assert_eq!(archive.register_checkpoint(model, ckpt, ft, None).unwrap(), epoch);
             let part = Partition::checkpoint(model, ckpt);
-            archive
-                .append("observation", &part, &[Observation::to_batch(&answers(model, ckpt, ft, epoch)).unwrap()])
-                .unwrap();
+            let batch = Observation::to_batch(&answers(model, ckpt, ft, epoch)).unwrap();
+            archive.write_epoch(epoch, &[("observation".into(), part, batch)], &serde_json::Value::Null).unwrap();
         };
         for (model, epoch) in [("a", 1), ("b", 2)] {
             write(model, "base", false, epoch);

@@ -213,6 +213,27 @@ proptest! {
 /// A small random observation domain where every kind of collision happens: two models, two
 /// base and two fine-tuned checkpoints, conditions outside both tests, excluded answers,
 /// several samples.
+/// Up to `max` observations, each key at most once (the view counts a key once: a second
+/// copy is an error, tested on its own).
+fn observations(max: usize) -> impl Strategy<Value = Vec<Observation>> {
+    prop::collection::vec(observation(), 0..max).prop_map(|obs| {
+        let mut seen = std::collections::HashSet::new();
+        obs.into_iter()
+            .filter(|o| {
+                seen.insert((
+                    o.model.clone(),
+                    o.checkpoint.clone(),
+                    o.dataset.clone(),
+                    o.item_key.clone(),
+                    o.amendment_type.clone(),
+                    o.prompt_type.clone(),
+                    o.sample_index,
+                ))
+            })
+            .collect()
+    })
+}
+
 fn observation() -> impl Strategy<Value = Observation> {
     (
         0..2usize,
@@ -302,7 +323,7 @@ proptest! {
     /// Any batching and arrival order gives exactly the from-scratch SQL result.
     #[test]
     fn incremental_counts_equal_from_scratch_sql_for_any_batching_and_order(
-        (obs, shuffled) in prop::collection::vec(observation(), 0..250).prop_flat_map(|o| (Just(o.clone()), Just(o).prop_shuffle())),
+        (obs, shuffled) in observations(250).prop_flat_map(|o| (Just(o.clone()), Just(o).prop_shuffle())),
         sizes in batch_sizes(),
     ) {
         let want = sql_from_scratch(&obs);
@@ -317,7 +338,7 @@ proptest! {
     /// retraction may even arrive before its addition.
     #[test]
     fn retraction_equals_never_adding(
-        obs in prop::collection::vec(observation(), 0..250),
+        obs in observations(250),
         mask in prop::collection::vec(any::<bool>(), 250),
         sizes in batch_sizes(),
         retract_first in any::<bool>(),
@@ -339,7 +360,7 @@ proptest! {
     /// if the new verdicts had been there from the start.
     #[test]
     fn rejudged_answers_move_between_cells(
-        obs in prop::collection::vec(observation(), 0..200),
+        obs in observations(200),
         flip in prop::collection::vec(any::<bool>(), 200),
         sizes in batch_sizes(),
     ) {
@@ -558,8 +579,9 @@ mod live {
     #[test]
     fn the_catalog_sees_only_committed_epochs_and_refuses_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let archive = Archive::open(dir.path()).unwrap();
+        let archive = Archive::open_writer(dir.path(), "test").unwrap();
         let write = |ckpt: &str, ft: bool, epoch: u64, commit: bool| {
+            assert_eq!(archive.register_checkpoint("m", ckpt, ft, None).unwrap(), epoch);
             let part = Partition::checkpoint("m", ckpt);
             let batch = Observation::to_batch(&answers(ckpt, ft, epoch)).unwrap();
             archive.append_epoch("observation", &part, epoch, &[batch]).unwrap();
@@ -583,6 +605,10 @@ mod live {
         };
         let stats = "SELECT checkpoint, b, c FROM family_table ORDER BY checkpoint";
         assert_eq!(q(stats), ["warm-e1,10,0"]);
+        // Registering a checkpoint is visible (the `checkpoints` table); its rows are not, until
+        // its epoch commits.
+        archive.register_checkpoint("m", "warm-e2", true, None).unwrap();
+        live.sync().unwrap();
         let version = live.version();
         assert!(!live.sync().unwrap(), "nothing new");
 

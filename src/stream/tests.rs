@@ -138,7 +138,7 @@ fn replay_options() -> StreamOptions {
 #[test]
 fn an_answer_beyond_a_complete_checkpoints_count_is_late_and_the_rest_is_archived_once() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = Archive::open(dir.path()).unwrap();
+    let archive = Archive::open_writer(dir.path(), "test").unwrap();
     let ann = r#"{"schema_version":1,"model":"m","checkpoint":"c","finetuned":false,"answers":2}"#.to_string();
     let a = |item: &str| answer(r#","verdict":"CORRECT""#).replace("\"q1\"", &format!("\"{item}\""));
     let messages = capture_of(&[
