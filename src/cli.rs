@@ -1143,7 +1143,8 @@ fn print_grid(report: &GridReport, out: &Path, json: bool) {
         }
         println!(
             "{}",
-            serde_json::json!({"archive": out, "items": report.items, "trials": report.counts.values().sum::<usize>()})
+            serde_json::json!({"archive": out, "items": report.items, "trials": report.counts.values().sum::<usize>(),
+                "grid_version": report.version, "unchanged": report.unchanged})
         );
         return;
     }

@@ -60,6 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, ArrayRef, StringArray};
+use arrow::datatypes::{DataType, Field};
 use arrow::record_batch::RecordBatch;
 use deltalake_core::kernel::{Action, Add, Remove};
 use parquet::arrow::ArrowWriter;
@@ -716,7 +717,7 @@ impl Archive {
         else {
             return Ok(None);
         };
-        if batches.iter().any(|b| schema::check_batch(stream, b).is_err()) {
+        if batches.iter().any(|b| from_storage(stream, b).is_err()) {
             return Ok(None);
         }
         let table = self.table_dir(stream);
@@ -906,7 +907,7 @@ impl Archive {
         txn: Option<(&str, i64)>,
         base: Base,
     ) -> Result<u64> {
-        let schema = schema::arrow_schema(stream)?;
+        let schema = storage_schema(schema::arrow_schema(stream)?.as_ref());
         delta::commit(&self.table_dir(stream), &schema, actions, operation, meta, txn, base)
     }
 }
@@ -1026,12 +1027,64 @@ fn remove_action(f: &LoggedFile) -> Action {
     })
 }
 
+/// The type a column is stored as: Delta Lake has no unsigned integers, so `uint64` and
+/// `uint32` columns are stored as `long` and `integer` (their values fit), which every Delta
+/// reader takes as they are; Candor turns them back when it reads.
+fn storage_type(t: &DataType) -> DataType {
+    match t {
+        DataType::UInt64 => DataType::Int64,
+        DataType::UInt32 => DataType::Int32,
+        t => t.clone(),
+    }
+}
+
+/// A stream's schema as its files and its Delta table store it.
+fn storage_schema(schema: &arrow::datatypes::Schema) -> arrow::datatypes::Schema {
+    let fields: Vec<Field> =
+        schema.fields().iter().map(|f| f.as_ref().clone().with_data_type(storage_type(f.data_type()))).collect();
+    arrow::datatypes::Schema::new(fields).with_metadata(schema.metadata().clone())
+}
+
+/// Casts every column of `batch` to the types of `schema` (checked: a value that does not fit
+/// is an error, never a wrapped number).
+fn cast_to(batch: &RecordBatch, schema: &arrow::datatypes::SchemaRef) -> std::result::Result<RecordBatch, String> {
+    let options = arrow::compute::CastOptions { safe: false, ..Default::default() };
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        let c = batch.column_by_name(f.name()).ok_or_else(|| format!("column `{}` is missing", f.name()))?;
+        let c = if c.data_type() == f.data_type() {
+            c.clone()
+        } else {
+            arrow::compute::cast_with_options(c, f.data_type(), &options)
+                .map_err(|e| format!("column `{}`: {e}", f.name()))?
+        };
+        columns.push(c);
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}
+
+/// A batch read from a file of `stream`, in the stream's own schema.
+fn from_storage(stream: &str, batch: &RecordBatch) -> std::result::Result<RecordBatch, String> {
+    let schema = schema::arrow_schema(stream).map_err(|e| e.to_string())?;
+    for f in schema.fields() {
+        match batch.schema().field_with_name(f.name()) {
+            Ok(got) if storage_type(f.data_type()) == *got.data_type() || got.data_type() == f.data_type() => {}
+            Ok(got) => return Err(format!("column `{}` is {:?}, expected {:?}", f.name(), got.data_type(), f.data_type())),
+            Err(_) => return Err(format!("column `{}` is missing", f.name())),
+        }
+    }
+    cast_to(batch, &schema)
+}
+
 fn encode_parquet(stream: &str, schema: &arrow::datatypes::SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
     let ctx = || format!("encoding stream `{stream}` as Parquet");
+    let storage = Arc::new(storage_schema(schema));
     let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-    let mut w = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).map_err(|e| Error::arrow(ctx(), e.into()))?;
+    let mut w =
+        ArrowWriter::try_new(Vec::new(), storage.clone(), Some(props)).map_err(|e| Error::arrow(ctx(), e.into()))?;
     for b in batches {
-        w.write(b).map_err(|e| Error::arrow(ctx(), e.into()))?;
+        let b = cast_to(b, &storage).map_err(|m| Error::Internal(format!("stream `{stream}`: {m}")))?;
+        w.write(&b).map_err(|e| Error::arrow(ctx(), e.into()))?;
     }
     w.into_inner().map_err(|e| Error::arrow(ctx(), e.into()))
 }
@@ -1063,10 +1116,7 @@ pub fn read_segment(seg: &Segment) -> Result<Vec<RecordBatch>> {
     if rows != seg.rows {
         return Err(bad(format!("{rows} rows, but {} were committed", seg.rows)));
     }
-    for b in &batches {
-        schema::check_batch(&seg.stream, b).map_err(|e| bad(e.to_string()))?;
-    }
-    Ok(batches)
+    batches.iter().map(|b| from_storage(&seg.stream, b).map_err(bad)).collect()
 }
 
 /// Works out committed and partial epoch writes from every table's commits (see the module
