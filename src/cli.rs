@@ -679,10 +679,8 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Replay { archive, out, refusal, cluster, .. } => {
             let archive = archive.expect("clap requires an archive without --capture");
             let source = Archive::open(&archive)?;
+            // A replay into an archive a previous replay of the same source began resumes it.
             let target = open_for(&out, "replay", &cluster)?;
-            if target.has(Response::STREAM)? {
-                bail!("{}: already holds responses; replay into an empty directory", out.display());
-            }
             let reports = pipelines::replay(&cluster, &source, &target, RefusalRules::new(refusal.into()))?;
             if cluster.is_leader() {
                 print_epochs("replay", &reports, &out, json)?;
@@ -693,10 +691,8 @@ pub fn main(cli: Cli) -> Result<()> {
             if !source.has(Response::STREAM)? {
                 bail!("{}: holds no responses to rescore", archive.display());
             }
+            // A rescore into an archive a previous rescore of the same source began resumes it.
             let target = open_for(&out, "rescore", &cluster)?;
-            if target.has(Response::STREAM)? {
-                bail!("{}: already holds responses; rescore into an empty directory", out.display());
-            }
             let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
             let judge = crate::score::judge::open(&config, source.root())?;
             let reports = pipelines::rescore(&cluster, &source, &target, RefusalRules::new(refusal.into()), judge)?;

@@ -379,6 +379,10 @@ fn replay_with(
         out.register_checkpoint(&e.model, &e.checkpoint, e.is_finetuned, e.variant.as_deref())?;
     }
     let out_epochs: BTreeMap<CheckpointRef, Epoch> = out.checkpoints()?.into_iter().map(|e| (e.id(), e.epoch)).collect();
+    // A replay resumed after a crash: checkpoints already complete in `out` are not written
+    // again (they must hold as many responses as the source has).
+    let done = out.committed_epochs()?;
+    let mut skipped: BTreeMap<Epoch, (CheckpointRef, usize)> = BTreeMap::new();
     let mut responses = Vec::new();
     for batch in source.read(Response::STREAM)? {
         // Responses keep their checkpoint; the epoch is the output archive's.
@@ -388,11 +392,24 @@ fn replay_with(
             let epoch = *out_epochs.get(&id).ok_or_else(|| {
                 Error::schema("response", format!("checkpoint {id} is not in the archive's checkpoint registry"))
             })?;
+            if done.contains(&epoch) {
+                skipped.entry(epoch).or_insert_with(|| (id, 0)).1 += 1;
+                continue;
+            }
             r.checkpoint_epoch = epoch;
             by_epoch.entry(epoch).or_default().push(r);
         }
         for (epoch, rows) in by_epoch {
             responses.push((epoch, Response::to_batch(&rows)?));
+        }
+    }
+    for (epoch, (id, n)) in skipped {
+        let there: usize = out.read_epoch(Response::STREAM, epoch)?.iter().map(|b| b.num_rows()).sum();
+        if there != n {
+            return Err(Error::input(
+                crate::error::Location::file(out.root()),
+                format!("already holds {there} responses of {id}, the source {n}: replay into a new archive"),
+            ));
         }
     }
     let new_trials = if out.has(Trial::STREAM)? { Vec::new() } else { trials.clone() };
