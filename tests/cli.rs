@@ -1812,6 +1812,8 @@ fn a_parent_directory_as_out_is_refused_and_sibling_archives_stay_byte_identical
         vec!["run", exp.to_str().unwrap(), "--out", runs.to_str().unwrap()],
         vec!["replay", study.to_str().unwrap(), "--out", runs.to_str().unwrap()],
         vec!["rescore", study.to_str().unwrap(), "--out", runs.to_str().unwrap(), "--judge", "reference"],
+        vec!["stream", exp.to_str().unwrap(), "--out", runs.to_str().unwrap(), "--brokers", "127.0.0.1:9"],
+        vec!["warmth", study.to_str().unwrap(), "--out", runs.to_str().unwrap()],
     ];
     for args in attempts {
         let o = candor(&args);

@@ -434,6 +434,52 @@ mod tests {
         assert_eq!(s.get(&entry(2).0).unwrap().finish_reason, FinishReason::Stop);
     }
 
+    /// Every bit of a finished log and its sums is covered: a flip anywhere is an error naming
+    /// the log (or its sums), or lands in the end-of-stream marker and changes nothing.
+    #[test]
+    fn a_flipped_bit_in_a_log_is_named_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = GenerationStore::open(dir.path()).unwrap();
+        s.put(&[entry(1), entry(2)]).unwrap();
+        s.put(&[entry(3)]).unwrap();
+        let path = s.log_path.clone().unwrap();
+        drop(s);
+        let want: Vec<_> = (1..=3).map(|i| entry(i).4).collect();
+        for file in [path.clone(), sums_path(&path)] {
+            let original = fs::read(&file).unwrap();
+            for at in 0..original.len() {
+                let mut bytes = original.clone();
+                bytes[at] ^= 1 << (at % 8);
+                fs::write(&file, &bytes).unwrap();
+                match GenerationStore::read_only(dir.path()) {
+                    Err(Error::Integrity { path: p, .. }) => assert!(p == path || p == sums_path(&path)),
+                    Err(e) => panic!("byte {at} of {}: {e}", file.display()),
+                    Ok(s) => {
+                        let got: Vec<_> = (1..=3).map(|i| s.get(&entry(i).0).cloned()).collect();
+                        assert_eq!(got, want.iter().cloned().map(Some).collect::<Vec<_>>(), "byte {at} of {}", file.display());
+                    }
+                }
+            }
+            fs::write(&file, &original).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_key_is_stored_once_and_one_process_writes_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = GenerationStore::open(dir.path()).unwrap();
+        a.put(&[entry(1), entry(1)]).unwrap();
+        a.put(&[entry(1)]).unwrap();
+        let rows: usize = read_log(a.log_path.as_ref().unwrap()).unwrap().iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 1, "a key already stored is not written again");
+        // The lock is shared within this process, and refused to read-only handles' puts.
+        let mut b = GenerationStore::open(dir.path()).unwrap();
+        b.put(&[entry(2)]).unwrap();
+        assert!(GenerationStore::read_only(dir.path()).unwrap().put(&[entry(3)]).is_err());
+        let held = fs::File::open(dir.path().join("generation/.lock")).unwrap();
+        assert!(held.try_lock().is_err(), "another process would wait");
+    }
+
     #[test]
     fn two_handles_write_separate_logs() {
         let dir = tempfile::tempdir().unwrap();

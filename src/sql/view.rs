@@ -260,11 +260,9 @@ impl PairedView {
     pub fn apply(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
         let mut duplicate = None;
         self.each_row(batch, |view, key, held| {
-            if diff > 0 && view.holds(&key, &held) {
-                duplicate.get_or_insert_with(|| view.describe(&key, &held));
-                return;
+            if !view.update(key, Held { mult: 0, ..held }, diff) && duplicate.is_none() {
+                duplicate = Some(view.describe(&key, &held));
             }
-            view.update(key, Held { mult: 0, ..held }, diff)
         })?;
         match duplicate {
             Some(d) => Err(Error::schema(
@@ -273,13 +271,6 @@ impl PairedView {
             )),
             None => Ok(()),
         }
-    }
-
-    /// Whether the view already holds an observation of `key` from `v`'s checkpoint.
-    fn holds(&self, key: &PairKey, v: &Held) -> bool {
-        self.held
-            .get(key)
-            .is_some_and(|slots| slots.iter().any(|h| h.checkpoint == v.checkpoint && h.ft == v.ft && h.mult > 0))
     }
 
     fn describe(&self, key: &PairKey, v: &Held) -> String {
@@ -347,10 +338,15 @@ impl PairedView {
         Ok(())
     }
 
-    /// Applies one observation `v` with multiplicity `diff` (`v.mult` is ignored).
-    fn update(&mut self, key: PairKey, v: Held, diff: i64) {
+    /// Applies one observation `v` with multiplicity `diff` (`v.mult` is ignored). Adding an
+    /// observation the view already holds for the same checkpoint is refused (false).
+    fn update(&mut self, key: PairKey, v: Held, diff: i64) -> bool {
         if diff == 0 {
-            return;
+            return true;
+        }
+        let slots = self.held.entry(key).or_default();
+        if diff > 0 && slots.iter().any(|h| h.checkpoint == v.checkpoint && h.ft == v.ft && h.mult > 0) {
+            return false;
         }
         let cell_key = CellKey {
             model: key.model,
@@ -376,7 +372,6 @@ impl PairedView {
         self.epochs.insert((key.model, v.checkpoint), v.epoch);
 
         let test = TestType::of(self.strings.name(key.prompt_type), self.strings.name(key.amendment));
-        let slots = self.held.entry(key).or_default();
         if let (Some(test), Some(mine)) = (test, v.correct) {
             for other in slots.iter().filter(|h| h.ft != v.ft && h.mult != 0) {
                 let Some(theirs) = other.correct else { continue };
@@ -417,6 +412,7 @@ impl PairedView {
         if slots.is_empty() {
             self.held.remove(&key);
         }
+        true
     }
 
     /// The families changed since the last call, and whether the cells changed; clears both.

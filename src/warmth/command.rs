@@ -128,8 +128,9 @@ pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<ArchivedBatch>)> {
     } else {
         (from_texts(read_texts(&run.input)?, run, &labeller), run.out.clone())
     };
-    let scorer = run.score.scorer(run.score.mode)?;
+    // The archive first: a wrong --out is refused before any model loads.
     let archive_out = archive_out.map(|out| Archive::open_writer(out, "warmth")).transpose()?;
+    let scorer = run.score.scorer(run.score.mode)?;
     // A response already scored with this model and mode is not scored (or archived) again.
     let done: std::collections::HashSet<String> = match &archive_out {
         Some(out) => read_records::<WarmthScore>(out)?
