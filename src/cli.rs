@@ -488,7 +488,11 @@ pub fn main(cli: Cli) -> Result<()> {
             let report = build_grid(&exp, &archive, mode, &cluster)?;
             if cluster.is_leader() {
                 if report.unchanged && !json {
-                    println!("{}: the trial grid is already built from this experiment (grid version {})", out.display(), report.version);
+                    println!(
+                        "{}: the trial grid is already built from this experiment (grid version {})",
+                        out.display(),
+                        report.version
+                    );
                 }
                 print_grid(&report, &out, json);
             }
@@ -504,7 +508,11 @@ pub fn main(cli: Cli) -> Result<()> {
                 let mode = if regrid { GridMode::Regrid } else { GridMode::Keep };
                 let grid = build_grid(&exp, &archive, mode, &Cluster::default())?;
                 if !json && !grid.unchanged {
-                    println!("built the trial grid (version {}): {} trials", grid.version, grid.counts.values().sum::<usize>());
+                    println!(
+                        "built the trial grid (version {}): {} trials",
+                        grid.version,
+                        grid.counts.values().sum::<usize>()
+                    );
                 }
             }
             // The live SQL endpoint reads only committed epochs, so it can start before the run.
@@ -570,8 +578,10 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, replace, cluster } => {
             let archive = open_for(&out, "import", &cluster)?;
-            let known: HashMap<String, Trial> =
-                read_records::<Trial>(&archive)?.into_iter().map(|t| (crate::import::prompt_key(&t.prompt), t)).collect();
+            let known: HashMap<String, Trial> = read_records::<Trial>(&archive)?
+                .into_iter()
+                .map(|t| (crate::import::prompt_key(&t.prompt), t))
+                .collect();
             let all_known: Vec<Trial> = known.values().cloned().collect();
             let defaults = ImportDefaults { dataset, model, checkpoint, is_finetuned: finetuned };
             let mut imported = read_answers(&file, &defaults, &known)?;
@@ -1122,11 +1132,7 @@ fn count_trials(archive: &Archive) -> Result<BTreeMap<(String, String, String), 
 /// empty) by the process that writes, or a handle that never touches it on the other
 /// processes of a cluster.
 fn open_for(out: &Path, command: &str, cluster: &Cluster) -> Result<Archive> {
-    if cluster.is_leader() {
-        Ok(Archive::open_writer(out, command)?)
-    } else {
-        Ok(Archive::elsewhere(out))
-    }
+    if cluster.is_leader() { Ok(Archive::open_writer(out, command)?) } else { Ok(Archive::elsewhere(out)) }
 }
 
 fn print_grid(report: &GridReport, out: &Path, json: bool) {

@@ -325,6 +325,47 @@ fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<(u64, BTreeMap<String, St
     Ok(rows)
 }
 
+/// Whether the answers of a checkpoint already committed at `epoch` are these (None) or
+/// differ (what differs, in words): importing the same answers twice is a no-op.
+pub fn compare_with_archive(
+    archive: &crate::archive::Archive,
+    epoch: u64,
+    id: &crate::identity::CheckpointRef,
+    rows: &[Response],
+    labels: &HashMap<String, Label>,
+) -> Result<Option<String>> {
+    use crate::schema::Record;
+    let mut archived: HashMap<String, Response> = HashMap::new();
+    for b in archive.read_epoch(Response::STREAM, epoch)? {
+        for r in Response::from_batch(&b)? {
+            archived.insert(r.response_key.clone(), r);
+        }
+    }
+    let mut verdicts: HashMap<String, String> = HashMap::new();
+    for b in archive.read_epoch(crate::records::Verdict::STREAM, epoch)? {
+        for v in crate::records::Verdict::from_batch(&b)? {
+            verdicts.insert(v.response_key.clone(), v.verdict);
+        }
+    }
+    if archived.len() != rows.len() {
+        return Ok(Some(format!("{} answers archived for {id}, {} in this file", archived.len(), rows.len())));
+    }
+    for r in rows {
+        let Some(a) = archived.get(&r.response_key) else {
+            return Ok(Some(format!("trial `{}` sample {} is not archived", r.trial_key, r.sample_index)));
+        };
+        if a.output != r.output {
+            return Ok(Some(format!("trial `{}` sample {} has another answer", r.trial_key, r.sample_index)));
+        }
+        if let Some(l) = labels.get(&r.response_key)
+            && verdicts.get(&r.response_key).is_some_and(|v| v != &l.verdict.to_string())
+        {
+            return Ok(Some(format!("trial `{}` sample {} has another label", r.trial_key, r.sample_index)));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,45 +453,4 @@ mod tests {
         assert!(imp.new_trials.is_empty());
         assert_eq!(imp.responses.values().next().unwrap()[0].trial_key, t.trial_key);
     }
-}
-
-/// Whether the answers of a checkpoint already committed at `epoch` are these (None) or
-/// differ (what differs, in words): importing the same answers twice is a no-op.
-pub fn compare_with_archive(
-    archive: &crate::archive::Archive,
-    epoch: u64,
-    id: &crate::identity::CheckpointRef,
-    rows: &[Response],
-    labels: &HashMap<String, Label>,
-) -> Result<Option<String>> {
-    use crate::schema::Record;
-    let mut archived: HashMap<String, Response> = HashMap::new();
-    for b in archive.read_epoch(Response::STREAM, epoch)? {
-        for r in Response::from_batch(&b)? {
-            archived.insert(r.response_key.clone(), r);
-        }
-    }
-    let mut verdicts: HashMap<String, String> = HashMap::new();
-    for b in archive.read_epoch(crate::records::Verdict::STREAM, epoch)? {
-        for v in crate::records::Verdict::from_batch(&b)? {
-            verdicts.insert(v.response_key.clone(), v.verdict);
-        }
-    }
-    if archived.len() != rows.len() {
-        return Ok(Some(format!("{} answers archived for {id}, {} in this file", archived.len(), rows.len())));
-    }
-    for r in rows {
-        let Some(a) = archived.get(&r.response_key) else {
-            return Ok(Some(format!("trial `{}` sample {} is not archived", r.trial_key, r.sample_index)));
-        };
-        if a.output != r.output {
-            return Ok(Some(format!("trial `{}` sample {} has another answer", r.trial_key, r.sample_index)));
-        }
-        if let Some(l) = labels.get(&r.response_key)
-            && verdicts.get(&r.response_key).is_some_and(|v| v != &l.verdict.to_string())
-        {
-            return Ok(Some(format!("trial `{}` sample {} has another label", r.trial_key, r.sample_index)));
-        }
-    }
-    Ok(None)
 }

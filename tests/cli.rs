@@ -282,7 +282,10 @@ fn imported_answers_score_and_replay_to_identical_results() {
     let replay_tree = tree(&replayed);
     for stream in ["trial", "response", "verdict", "observation"] {
         let pick = |t: &BTreeMap<String, Vec<u8>>| -> Vec<(String, Vec<u8>)> {
-            t.iter().filter(|(p, _)| p.starts_with(&format!("{stream}/"))).map(|(p, b)| (p.clone(), b.clone())).collect()
+            t.iter()
+                .filter(|(p, _)| p.starts_with(&format!("{stream}/")))
+                .map(|(p, b)| (p.clone(), b.clone()))
+                .collect()
         };
         assert_eq!(pick(&replay_tree), pick(&live_tree), "stream {stream} replays byte for byte");
     }
@@ -441,10 +444,7 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
         err.contains(&format!("127.0.0.1:{port}")) && err.contains("gave up after 3 attempts") && err.contains("500"),
         "{err}"
     );
-    assert!(
-        !Archive::open(&out).unwrap().has("response").unwrap(),
-        "nothing half-done looks complete"
-    );
+    assert!(!Archive::open(&out).unwrap().has("response").unwrap(), "nothing half-done looks complete");
 
     // The API key is sent but never written anywhere.
     for (path, bytes) in files(dir.path()) {
@@ -1742,7 +1742,7 @@ fn answers_csv(dir: &Path, name: &str, trials: &[Trial], seed: u64, line_end: &s
     w.write_record(["prompt", "output", "amendment_type", "prompt_template", "evaluation"]).unwrap();
     for (i, t) in trials.iter().enumerate() {
         let prompt = t.prompt.replace('\n', line_end);
-        let wrong = (i as u64 * 7 + seed * 13) % 5 == 0;
+        let wrong = (i as u64 * 7 + seed * 13).is_multiple_of(5);
         w.write_record([
             prompt.as_str(),
             if wrong { "It is 41." } else { "It is 42." },
@@ -1763,11 +1763,14 @@ fn family_rows(inputs: &[&Path]) -> Vec<serde_json::Value> {
     args.push("--json".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let lines = json_lines(&ok(&args));
-    let mut rows: Vec<serde_json::Value> =
-        report_rows(&lines, "family_table").into_iter().cloned().map(|mut r| {
+    let mut rows: Vec<serde_json::Value> = report_rows(&lines, "family_table")
+        .into_iter()
+        .cloned()
+        .map(|mut r| {
             r.as_object_mut().unwrap().remove("report");
             r
-        }).collect();
+        })
+        .collect();
     rows.sort_by_key(|r| r.to_string());
     rows
 }
@@ -1839,7 +1842,13 @@ fn a_parent_directory_as_out_is_refused_and_sibling_archives_stay_byte_identical
         assert!(!typo.exists(), "{cmd} created {}", typo.display());
     }
     for cmd in ["agreement", "rescore"] {
-        let o = candor(&[cmd, typo.to_str().unwrap(), study.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()]);
+        let o = candor(&[
+            cmd,
+            typo.to_str().unwrap(),
+            study.to_str().unwrap(),
+            "--out",
+            dir.path().join("x").to_str().unwrap(),
+        ]);
         assert_ne!(o.status.code(), Some(0), "{cmd}");
         assert!(!typo.exists());
     }
@@ -1855,7 +1864,16 @@ fn importing_replaying_or_analyzing_twice_counts_every_answer_once() {
     let base = answers_csv(dir.path(), "base", &trials, 1, "\n");
     let warm = answers_csv(dir.path(), "warm", &trials, 2, "\n");
     let import = |file: &Path, ckpt: &str, extra: &[&str]| {
-        let mut args = vec!["import", file.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt];
+        let mut args = vec![
+            "import",
+            file.to_str().unwrap(),
+            "--out",
+            live.to_str().unwrap(),
+            "--model",
+            "m",
+            "--checkpoint",
+            ckpt,
+        ];
         args.extend_from_slice(extra);
         candor(&args)
     };
@@ -1904,7 +1922,16 @@ fn crlf_answer_files_pair_exactly_as_lf_files() {
         for (ckpt, seed, ft) in [("original", 1, false), ("warm", 2, true)] {
             let name = format!("{}-{ckpt}", out.file_name().unwrap().to_str().unwrap());
             let file = answers_csv(dir.path(), &name, &trials, seed, ending);
-            let mut args = vec!["import", file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt];
+            let mut args = vec![
+                "import",
+                file.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--model",
+                "m",
+                "--checkpoint",
+                ckpt,
+            ];
             if ft {
                 args.push("--finetuned");
             }
@@ -1945,10 +1972,9 @@ fn an_edited_experiment_is_refused_with_what_changed_or_regridded() {
     let data = dir.path().join("trivia.json");
     let bundled = std::fs::read_to_string(repo("data/triviaqa/triviaqa_rc_wikipedia_validation_150.json")).unwrap();
     std::fs::write(&data, &bundled).unwrap();
-    let with_path = std::fs::read_to_string(&edited).unwrap().replace(
-        "[datasets.trivia]\nn = 13",
-        &format!("[datasets.trivia]\nn = 13\npath = \"{}\"", data.display()),
-    );
+    let with_path = std::fs::read_to_string(&edited)
+        .unwrap()
+        .replace("[datasets.trivia]\nn = 13", &format!("[datasets.trivia]\nn = 13\npath = \"{}\"", data.display()));
     let exp2 = dir.path().join("path.toml");
     std::fs::write(&exp2, with_path).unwrap();
     ok(&["trials", exp2.to_str().unwrap(), "--out", out.to_str().unwrap(), "--regrid"]);
@@ -2024,8 +2050,11 @@ fn import_replay_and_rescore_killed_at_random_points_end_as_uninterrupted() {
     let base = answers_csv(dir.path(), "base", &trials, 1, "\n");
     let warm = answers_csv(dir.path(), "warm", &trials, 2, "\n");
     let import_args = |out: &Path, file: &Path, ckpt: &str| -> Vec<String> {
-        let mut a: Vec<String> = ["import", file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt]
-            .iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> =
+            ["import", file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         if ckpt == "warm" {
             a.push("--finetuned".into());
         }
@@ -2061,9 +2090,18 @@ fn import_replay_and_rescore_killed_at_random_points_end_as_uninterrupted() {
         let out = dir.path().join(format!("{what}-killed"));
         let mut a = vec![what, reference.to_str().unwrap(), "--out", out.to_str().unwrap()];
         a.extend(&extra);
-        let cut = kill_at_random_points(&a, span, 10, seed, &|| { let _ = std::fs::remove_dir_all(&out); }, &|t| {
-            assert_eq!(archive_rows(&out), want, "{what}, trial {t}");
-        });
+        let cut = kill_at_random_points(
+            &a,
+            span,
+            10,
+            seed,
+            &|| {
+                let _ = std::fs::remove_dir_all(&out);
+            },
+            &|t| {
+                assert_eq!(archive_rows(&out), want, "{what}, trial {t}");
+            },
+        );
         assert!(cut >= 5, "the kills landed mid-{what} ({cut} of 10)");
     }
     let _ = strs;
@@ -2078,10 +2116,20 @@ fn a_run_killed_at_random_points_ends_as_an_uninterrupted_run_paying_each_answer
     let checkpoints = "[[models.checkpoints]]\nid = \"original\"\n\
         [[models.checkpoints]]\nid = \"warm/epoch 2\"\nfinetuned = true\nsystem_prompt = \"You are warm and caring.\"\n";
     let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", checkpoints);
-    let text = std::fs::read_to_string(&exp).unwrap().replace("name = \"smollm2\"", "name = \"HuggingFaceTB/SmolLM2 135M:Q4\"");
+    let text = std::fs::read_to_string(&exp)
+        .unwrap()
+        .replace("name = \"smollm2\"", "name = \"HuggingFaceTB/SmolLM2 135M:Q4\"");
     std::fs::write(&exp, text).unwrap();
     let reference = dir.path().join("reference");
-    let args = |out: &Path| vec!["run".to_string(), exp.to_str().unwrap().into(), "--out".into(), out.to_str().unwrap().into(), "--json".into()];
+    let args = |out: &Path| {
+        vec![
+            "run".to_string(),
+            exp.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--json".into(),
+        ]
+    };
     let a = args(&reference);
     let t = std::time::Instant::now();
     let first = summary(&ok(&a.iter().map(String::as_str).collect::<Vec<_>>()));
@@ -2132,9 +2180,15 @@ fn concurrent_writers_never_share_an_epoch_or_lose_a_checkpoint() {
     let live = dir.path().join("live");
     // Two grid builds at once: one builds, the other finds it built.
     let spawn = |args: Vec<String>| {
-        Command::new(env!("CARGO_BIN_EXE_candor")).args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     };
-    let grid = || vec!["trials".to_string(), exp.to_str().unwrap().into(), "--out".into(), live.to_str().unwrap().into()];
+    let grid =
+        || vec!["trials".to_string(), exp.to_str().unwrap().into(), "--out".into(), live.to_str().unwrap().into()];
     let (a, b) = (spawn(grid()), spawn(grid()));
     for c in [a, b] {
         let o = c.wait_with_output().unwrap();
@@ -2149,8 +2203,16 @@ fn concurrent_writers_never_share_an_epoch_or_lose_a_checkpoint() {
         let children: Vec<_> = (0..2)
             .map(|k| {
                 let file = answers_csv(dir.path(), &format!("r{round}-{k}"), &trivia, round * 2 + k, "\n");
-                let mut args = vec!["import".to_string(), file.to_str().unwrap().into(), "--out".into(), live.to_str().unwrap().into(),
-                    "--model".into(), "m".into(), "--checkpoint".into(), format!("c{round}-{k}")];
+                let mut args = vec![
+                    "import".to_string(),
+                    file.to_str().unwrap().into(),
+                    "--out".into(),
+                    live.to_str().unwrap().into(),
+                    "--model".into(),
+                    "m".into(),
+                    "--checkpoint".into(),
+                    format!("c{round}-{k}"),
+                ];
                 if round + k > 0 {
                     args.push("--finetuned".into());
                 }
@@ -2189,7 +2251,8 @@ fn two_hundred_random_bit_flips_are_detected_or_harmless() {
     let trials: Vec<Trial> = read_records(&Archive::open(&live).unwrap()).unwrap();
     for (ckpt, seed, ft) in [("original", 1, false), ("warm", 2, true)] {
         let f = answers_csv(dir.path(), ckpt, &trials, seed, "\n");
-        let mut args = vec!["import", f.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt];
+        let mut args =
+            vec!["import", f.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", "m", "--checkpoint", ckpt];
         if ft {
             args.push("--finetuned");
         }
@@ -2210,7 +2273,9 @@ fn two_hundred_random_bit_flips_are_detected_or_harmless() {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             if p.is_dir() {
                 stack.push(p);
-            } else if name.ends_with(".parquet") || (name.ends_with(".json") && p.parent().unwrap().ends_with("_delta_log")) {
+            } else if name.ends_with(".parquet")
+                || (name.ends_with(".json") && p.parent().unwrap().ends_with("_delta_log"))
+            {
                 files.push(p);
             }
         }
@@ -2273,7 +2338,16 @@ fn names_with_slashes_colons_spaces_and_accents_stay_apart_everywhere() {
     ];
     for (i, (model, ckpt, ft)) in names.iter().enumerate() {
         let f = answers_csv(dir.path(), &format!("n{i}"), &trivia[..(i + 3).min(trivia.len())], i as u64, "\n");
-        let mut args = vec!["import", f.to_str().unwrap(), "--out", live.to_str().unwrap(), "--model", model, "--checkpoint", ckpt];
+        let mut args = vec![
+            "import",
+            f.to_str().unwrap(),
+            "--out",
+            live.to_str().unwrap(),
+            "--model",
+            model,
+            "--checkpoint",
+            ckpt,
+        ];
         if *ft {
             args.push("--finetuned");
         }
@@ -2294,7 +2368,14 @@ fn names_with_slashes_colons_spaces_and_accents_stay_apart_everywhere() {
     let agreement = ok(&["agreement", live.to_str().unwrap(), rescored.to_str().unwrap(), "--json"]);
     assert!(!agreement.is_empty());
     // SQL, analyze and the report see every model apart.
-    let sql = ok(&["sql", live.to_str().unwrap(), "-c", "select model, checkpoint, count(*) as n from observations group by model, checkpoint", "--output", "json"]);
+    let sql = ok(&[
+        "sql",
+        live.to_str().unwrap(),
+        "-c",
+        "select model, checkpoint, count(*) as n from observations group by model, checkpoint",
+        "--output",
+        "json",
+    ]);
     let rows = json_lines(&sql);
     assert_eq!(rows.len(), names.len(), "{sql}");
     let families = family_rows(&[&live]);
@@ -2331,15 +2412,20 @@ print(json.dumps(out))
     let o = Command::new(&python).arg("-c").arg(script).arg(&live).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let mut want: Vec<(String, String, usize)> =
-        names.iter().enumerate().map(|(i, (m, c, _))| (m.to_string(), c.to_string(), (i + 3).min(trivia.len()))).collect();
+    let mut want: Vec<(String, String, usize)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, (m, c, _))| (m.to_string(), c.to_string(), (i + 3).min(trivia.len())))
+        .collect();
     want.sort();
     for reader in ["delta", "polars_delta", "pyarrow_hive", "polars_hive"] {
         let got: Vec<(String, String, usize)> = seen[reader]
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e[0][0].as_str().unwrap().into(), e[0][1].as_str().unwrap().into(), e[1].as_u64().unwrap() as usize))
+            .map(|e| {
+                (e[0][0].as_str().unwrap().into(), e[0][1].as_str().unwrap().into(), e[1].as_u64().unwrap() as usize)
+            })
             .collect();
         assert_eq!(got, want, "{reader}");
     }

@@ -106,8 +106,9 @@ pub(super) fn commit(
             let protocol: Protocol =
                 serde_json::from_value(serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}))
                     .map_err(|e| Error::Internal(format!("Delta protocol: {e}")))?;
-            let metadata: Metadata = deltalake_core::kernel::new_metadata(&schema, Vec::<String>::new(), Vec::<(String, String)>::new())
-                .map_err(|e| Error::Internal(format!("Delta metadata: {e}")))?;
+            let metadata: Metadata =
+                deltalake_core::kernel::new_metadata(&schema, Vec::<String>::new(), Vec::<(String, String)>::new())
+                    .map_err(|e| Error::Internal(format!("Delta metadata: {e}")))?;
             actions.insert(0, Action::Metadata(metadata));
             actions.insert(0, Action::Protocol(protocol));
             None
@@ -132,7 +133,8 @@ pub(super) fn commit(
         };
         let app_metadata: HashMap<String, Value> = meta.into_iter().collect();
         // No Delta checkpoints, no log cleanup: Candor reads and checks every JSON commit itself.
-        let properties = CommitProperties::default().with_create_checkpoint(false).with_cleanup_expired_logs(Some(false));
+        let properties =
+            CommitProperties::default().with_create_checkpoint(false).with_cleanup_expired_logs(Some(false));
         let committed = CommitBuilder::from(properties)
             .with_actions(actions)
             .with_app_metadata(app_metadata)

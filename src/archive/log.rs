@@ -29,7 +29,10 @@ pub const TAG_WRITE: &str = "candor.write";
 /// The checksum of a commit as Candor writes and checks it: its actions but `commitInfo`
 /// (canonical JSON, one per line, in order), then Candor's own `candor.*` entries of
 /// `commitInfo` (but the checksum itself), so the epoch a commit belongs to is covered too.
-pub fn actions_digest(actions: &[deltalake_core::kernel::Action], meta: &serde_json::Map<String, Value>) -> Result<String> {
+pub fn actions_digest(
+    actions: &[deltalake_core::kernel::Action],
+    meta: &serde_json::Map<String, Value>,
+) -> Result<String> {
     let mut values = Vec::with_capacity(actions.len());
     for a in actions {
         let v = serde_json::to_value(a).map_err(|e| Error::Internal(format!("a Delta action as JSON: {e}")))?;
@@ -159,7 +162,8 @@ pub fn read(table: &Path) -> Result<TableLog> {
             };
             match kind.as_str() {
                 "add" => {
-                    let f = logged_file(body, version).map_err(|m| Error::integrity(&path, format!("line {line}: {m}")))?;
+                    let f =
+                        logged_file(body, version).map_err(|m| Error::integrity(&path, format!("line {line}: {m}")))?;
                     commit.adds.push(f.rel.clone());
                     log.ever.insert(f.rel.clone(), f.clone());
                     log.live.insert(f.rel.clone(), f);
@@ -171,7 +175,10 @@ pub fn read(table: &Path) -> Result<TableLog> {
                         .and_then(decode_path)
                         .ok_or_else(|| Error::integrity(&path, format!("line {line}: remove without a path")))?;
                     if log.live.remove(&rel).is_none() {
-                        return Err(Error::integrity(&path, format!("line {line}: removes `{rel}`, which is not in the table")));
+                        return Err(Error::integrity(
+                            &path,
+                            format!("line {line}: removes `{rel}`, which is not in the table"),
+                        ));
                     }
                     commit.removes.push(rel);
                 }

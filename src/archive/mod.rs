@@ -261,7 +261,9 @@ fn table_streams() -> Result<Vec<String>> {
     let mut out: Vec<String> =
         schema::streams()?.into_iter().filter(|s| !NOT_TABLES.contains(&s.as_str()) && s != REGISTRY).collect();
     // A fixed commit order: the grid streams first, the statistics' stream last.
-    out.sort_by_key(|s| (["item", "trial", "response", "verdict", "observation"].iter().position(|x| x == s), s.clone()));
+    out.sort_by_key(|s| {
+        (["item", "trial", "response", "verdict", "observation"].iter().position(|x| x == s), s.clone())
+    });
     out.push(REGISTRY.to_string());
     Ok(out)
 }
@@ -287,11 +289,8 @@ impl Archive {
     /// (saying so on stderr).
     pub fn open_writer(root: impl AsRef<Path>, command: &str) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        let root = if root.is_absolute() {
-            root
-        } else {
-            std::env::current_dir().map_err(|e| Error::io(".", e))?.join(root)
-        };
+        let root =
+            if root.is_absolute() { root } else { std::env::current_dir().map_err(|e| Error::io(".", e))?.join(root) };
         if !root.join(MANIFEST).exists() {
             create(&root)?;
         }
@@ -428,11 +427,7 @@ impl Archive {
                 if e.is_finetuned != is_finetuned {
                     return Err(Error::config(
                         format!("checkpoint {id}"),
-                        format!(
-                            "already registered in {} with is_finetuned = {}",
-                            self.root.display(),
-                            e.is_finetuned
-                        ),
+                        format!("already registered in {} with is_finetuned = {}", self.root.display(), e.is_finetuned),
                     ));
                 }
                 return Ok(e.epoch);
@@ -713,7 +708,8 @@ impl Archive {
         let Ok(reader) = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes.clone())) else {
             return Ok(None);
         };
-        let Ok(batches) = reader.build().and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>().map_err(Into::into))
+        let Ok(batches) =
+            reader.build().and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>().map_err(Into::into))
         else {
             return Ok(None);
         };
@@ -764,7 +760,11 @@ impl Archive {
             meta.insert(INFO_KIND.into(), "register".into());
             let txn = Some(("candor.registry", row.epoch as i64));
             self.commit_table(REGISTRY, vec![add_action(&file, None)], Operation::Append, meta, txn)?;
-            done.push(format!("registered {} as epoch {} again (its registration was interrupted)", row.id(), row.epoch));
+            done.push(format!(
+                "registered {} as epoch {} again (its registration was interrupted)",
+                row.id(),
+                row.epoch
+            ));
             known.push(row.clone());
         }
         Ok(done)
@@ -1069,7 +1069,9 @@ fn from_storage(stream: &str, batch: &RecordBatch) -> std::result::Result<Record
     for f in schema.fields() {
         match batch.schema().field_with_name(f.name()) {
             Ok(got) if storage_type(f.data_type()) == *got.data_type() || got.data_type() == f.data_type() => {}
-            Ok(got) => return Err(format!("column `{}` is {:?}, expected {:?}", f.name(), got.data_type(), f.data_type())),
+            Ok(got) => {
+                return Err(format!("column `{}` is {:?}, expected {:?}", f.name(), got.data_type(), f.data_type()));
+            }
             Err(_) => return Err(format!("column `{}` is missing", f.name())),
         }
     }

@@ -33,7 +33,7 @@ fn obs(model: &str, checkpoint: &str, epoch: u64, i: usize) -> Observation {
         sample_index: 0,
         refusal: false,
         verdict: "CORRECT".into(),
-        correct: Some(i % 2 == 0),
+        correct: Some(i.is_multiple_of(2)),
     }
 }
 
@@ -214,7 +214,12 @@ fn files_no_commit_lists_are_deleted_by_the_next_writer_only() {
     grid(&a, 2);
     let e = a.register_checkpoint("m", "c", false, None).unwrap();
     let staged = a
-        .append_epoch("observation", &Partition::checkpoint("m", "c"), e, &[Observation::to_batch(&[obs("m", "c", e, 0)]).unwrap()])
+        .append_epoch(
+            "observation",
+            &Partition::checkpoint("m", "c"),
+            e,
+            &[Observation::to_batch(&[obs("m", "c", e, 0)]).unwrap()],
+        )
         .unwrap()
         .unwrap();
     drop(a); // a crash: the staged file is never committed
@@ -235,8 +240,12 @@ fn a_retracted_epoch_can_be_written_again() {
     assert!(read_obs(&a).is_empty());
     assert!(!old[0].path.exists(), "Hive readers must not see retracted files");
     let rows: Vec<Observation> = (0..2).map(|i| obs("m", "c", e, i)).collect();
-    a.write_epoch(e, &[("observation".into(), Partition::checkpoint("m", "c"), Observation::to_batch(&rows).unwrap())], &Value::Null)
-        .unwrap();
+    a.write_epoch(
+        e,
+        &[("observation".into(), Partition::checkpoint("m", "c"), Observation::to_batch(&rows).unwrap())],
+        &Value::Null,
+    )
+    .unwrap();
     assert_eq!(read_obs(&a).len(), 2);
     assert!(a.verify().is_empty(), "{:?}", a.verify());
 }
@@ -250,13 +259,18 @@ fn concurrent_registrations_never_share_an_epoch() {
     create(&root).unwrap();
     let unlocked = || Archive {
         root: root.clone(),
-        inner: Arc::new(Inner { writer: Some(File::open(root.join(MANIFEST)).unwrap()), staged: Mutex::new(BTreeMap::new()) }),
+        inner: Arc::new(Inner {
+            writer: Some(File::open(root.join(MANIFEST)).unwrap()),
+            staged: Mutex::new(BTreeMap::new()),
+        }),
     };
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let a = unlocked();
             std::thread::spawn(move || {
-                (0..3).map(|i| a.register_checkpoint("m", &format!("t{t}-{i}"), false, None).unwrap()).collect::<Vec<_>>()
+                (0..3)
+                    .map(|i| a.register_checkpoint("m", &format!("t{t}-{i}"), false, None).unwrap())
+                    .collect::<Vec<_>>()
             })
         })
         .collect();

@@ -16,9 +16,9 @@ use super::{
 };
 use crate::amend::Amender;
 use crate::archive::Archive;
-use crate::identity::CheckpointRef;
 use crate::conditions::{Dataset, VerdictLabel};
 use crate::error::{Error, Result};
+use crate::identity::CheckpointRef;
 use crate::records::{Item, Observation, Response, Trial, Verdict};
 use crate::schema::Record;
 use crate::score::judge::{Case, Judge};
@@ -378,7 +378,8 @@ fn replay_with(
     for e in &entries {
         out.register_checkpoint(&e.model, &e.checkpoint, e.is_finetuned, e.variant.as_deref())?;
     }
-    let out_epochs: BTreeMap<CheckpointRef, Epoch> = out.checkpoints()?.into_iter().map(|e| (e.id(), e.epoch)).collect();
+    let out_epochs: BTreeMap<CheckpointRef, Epoch> =
+        out.checkpoints()?.into_iter().map(|e| (e.id(), e.epoch)).collect();
     // A replay resumed after a crash: checkpoints already complete in `out` are not written
     // again (they must hold as many responses as the source has).
     let done = out.committed_epochs()?;

@@ -90,12 +90,8 @@ fn store_lock(dir: &Path) -> Result<Arc<File>> {
         return Ok(lock);
     }
     let path = dir.join(".lock");
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
+    let f =
+        fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(|e| Error::io(&path, e))?;
     match f.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
@@ -150,7 +146,10 @@ pub fn read_log(path: &Path) -> Result<Vec<RecordBatch>> {
             ));
         }
         if crate::archive::log::hex(&Sha256::digest(&bytes[start..end])) != sha {
-            return Err(Error::integrity(path, format!("bytes {start}..{end} differ from their checksum (line {} of {})", n + 1, sums_file.display())));
+            return Err(Error::integrity(
+                path,
+                format!("bytes {start}..{end} differ from their checksum (line {} of {})", n + 1, sums_file.display()),
+            ));
         }
         start = end;
         confirmed = batches;
@@ -162,7 +161,10 @@ pub fn read_log(path: &Path) -> Result<Vec<RecordBatch>> {
     };
     let batches: Vec<RecordBatch> = reader.map_while(|b| b.ok()).collect();
     if (batches.len() as u64) < confirmed {
-        return Err(Error::integrity(path, format!("{} readable batches, but {confirmed} were confirmed", batches.len())));
+        return Err(Error::integrity(
+            path,
+            format!("{} readable batches, but {confirmed} were confirmed", batches.len()),
+        ));
     }
     for b in &batches {
         schema::check_batch(StoredGeneration::STREAM, b).map_err(|e| Error::integrity(path, e.to_string()))?;
@@ -249,17 +251,7 @@ impl GenerationStore {
                 }
             }
         }
-        Ok(GenerationStore {
-            dir,
-            index,
-            log: None,
-            log_path: None,
-            sums: None,
-            batches: 0,
-            covered: 0,
-            puts: 0,
-            lock,
-        })
+        Ok(GenerationStore { dir, index, log: None, log_path: None, sums: None, batches: 0, covered: 0, puts: 0, lock })
     }
 
     /// The content address of a request to a backend with `fingerprint`.
@@ -456,7 +448,12 @@ mod tests {
                     Err(e) => panic!("byte {at} of {}: {e}", file.display()),
                     Ok(s) => {
                         let got: Vec<_> = (1..=3).map(|i| s.get(&entry(i).0).cloned()).collect();
-                        assert_eq!(got, want.iter().cloned().map(Some).collect::<Vec<_>>(), "byte {at} of {}", file.display());
+                        assert_eq!(
+                            got,
+                            want.iter().cloned().map(Some).collect::<Vec<_>>(),
+                            "byte {at} of {}",
+                            file.display()
+                        );
                     }
                 }
             }

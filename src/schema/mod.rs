@@ -289,7 +289,10 @@ mod tests {
     #[test]
     fn every_record_type_matches_its_json_schema() {
         validate_all().unwrap();
-        assert_eq!(streams().unwrap(), ["checkpoint", "generation", "item", "observation", "response", "trial", "verdict", "warmth"]);
+        assert_eq!(
+            streams().unwrap(),
+            ["checkpoint", "generation", "item", "observation", "response", "trial", "verdict", "warmth"]
+        );
     }
 
     #[test]

@@ -121,9 +121,11 @@ impl StatsEngine {
             }
         } else if self.keep_observations && diff < 0 {
             for _ in 0..-diff {
-                let at = self.observations.iter().position(|b| b == batch).ok_or_else(|| {
-                    Error::Internal("retracting observations that were never applied".into())
-                })?;
+                let at = self
+                    .observations
+                    .iter()
+                    .position(|b| b == batch)
+                    .ok_or_else(|| Error::Internal("retracting observations that were never applied".into()))?;
                 self.observations.remove(at);
             }
         }

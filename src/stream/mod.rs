@@ -776,12 +776,8 @@ impl<'a> Streamer<'a> {
         let (model, finetuned) = (model_of(checkpoint), self.done[checkpoint].1);
         let mut changed = vec![checkpoint.to_string()];
         if !finetuned {
-            let mut others: Vec<String> = self
-                .done
-                .iter()
-                .filter(|(k, (_, ft))| *ft && model_of(k) == model)
-                .map(|(k, _)| k.clone())
-                .collect();
+            let mut others: Vec<String> =
+                self.done.iter().filter(|(k, (_, ft))| *ft && model_of(k) == model).map(|(k, _)| k.clone()).collect();
             others.sort();
             changed.extend(others);
         }
@@ -828,12 +824,7 @@ impl<'a> Streamer<'a> {
         let included = obs.values().filter(|c| c.is_some()).count();
         let (epoch, finetuned) = self.done[checkpoint];
         let model = model_of(checkpoint);
-        let base = self
-            .done
-            .iter()
-            .filter(|(k, (_, ft))| !*ft && model_of(k) == model)
-            .map(|(k, _)| k.clone())
-            .min();
+        let base = self.done.iter().filter(|(k, (_, ft))| !*ft && model_of(k) == model).map(|(k, _)| k.clone()).min();
         let paired = base.filter(|_| finetuned).map(|b| {
             let base_obs = self.observations.get(&b).unwrap_or(&empty);
             let mut cells = [0u64; 4];
