@@ -251,10 +251,13 @@ pub enum Command {
         #[arg(long, value_enum)]
         output: Option<crate::sql::shell::Output>,
         /// Serve the PostgreSQL wire protocol on this address (e.g. 127.0.0.1:5433) until
-        /// stopped. Any address other than loopback needs a password in CANDOR_SQL_PASSWORD
-        /// (when set, it is required on loopback too).
+        /// SIGTERM or Ctrl-C. Any address other than loopback needs a password in
+        /// CANDOR_SQL_PASSWORD (when set, it is required on loopback too; checked with
+        /// SCRAM-SHA-256).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        endpoint: SqlEndpointArgs,
     },
     /// Write a report of an archive: report.html (self-contained: tables in the paper's
     /// layout, figures embedded) and every figure as PNG and SVG: warm vs original error per
@@ -497,7 +500,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let endpoint = match sql_listen {
                 Some(addr) if cluster.is_leader() => {
                     let live = std::sync::Arc::new(crate::sql::live::LiveSql::open(&out)?);
-                    let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgAuth::from_env())?;
+                    let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgOptions::from_env())?;
                     eprintln!("live SQL (PostgreSQL protocol) on {}", server.addr);
                     if json {
                         println!("{}", serde_json::json!({"sql_listen": server.addr.to_string()}));
@@ -550,8 +553,8 @@ pub fn main(cli: Cli) -> Result<()> {
             if let Some(server) = endpoint
                 && sql_stay
             {
-                eprintln!("run complete; live SQL still on {} (interrupt to stop)", server.addr);
-                let _ = server.thread.join();
+                eprintln!("run complete; live SQL still on {} (SIGTERM or Ctrl-C stops)", server.addr);
+                server.stop_on_signals()?;
             }
         }
         Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, format, cluster } => {
@@ -821,11 +824,11 @@ pub fn main(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Sql { archive, command, file, output, listen } => {
+        Command::Sql { archive, command, file, output, listen, endpoint } => {
             use crate::sql::shell::{self, Output};
-            let live = std::sync::Arc::new(crate::sql::live::LiveSql::open(&archive)?);
+            let live = std::sync::Arc::new(crate::sql::live::LiveSql::open_with(&archive, endpoint.memory_limits())?);
             if let Some(addr) = listen {
-                let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgAuth::from_env())?;
+                let server = crate::sql::pg::spawn_pg(live, addr, endpoint.options())?;
                 if json {
                     println!("{}", serde_json::json!({"listening": server.addr.to_string()}));
                 } else {
@@ -833,7 +836,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 }
                 use std::io::Write;
                 std::io::stdout().flush().ok();
-                server.thread.join().map_err(|_| anyhow::anyhow!("the SQL endpoint panicked"))?;
+                server.stop_on_signals()?;
                 return Ok(());
             }
             let out = output.unwrap_or(if json { Output::Json } else { Output::Table });
@@ -986,6 +989,76 @@ fn print_grid(report: &GridReport, out: &Path, json: bool) {
 }
 
 /// Where a Kafka command finds its brokers and topics.
+/// How `candor sql --listen` serves: TLS, limits and timeouts.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SqlEndpointArgs {
+    /// TLS certificate chain (PEM) to serve with; needs --tls-key.
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Connections served at once; more are refused (SQLSTATE 53300).
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// A statement's timeout unless its session sets `statement_timeout` (e.g. 60s, 500ms; 0: none).
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    statement_timeout: std::time::Duration,
+    /// Memory one statement may use, its result included (e.g. 1GiB, 256MiB); over it the
+    /// statement fails with SQLSTATE 53200.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes_arg)]
+    query_memory: usize,
+    /// Memory all statements together may use.
+    #[arg(long, default_value = "4GiB", value_parser = parse_bytes_arg)]
+    memory_limit: usize,
+}
+
+impl SqlEndpointArgs {
+    fn options(&self) -> crate::sql::pg::PgOptions {
+        crate::sql::pg::PgOptions {
+            tls: self
+                .tls_cert
+                .clone()
+                .zip(self.tls_key.clone())
+                .map(|(cert, key)| crate::sql::pg::TlsFiles { cert, key }),
+            max_connections: self.max_connections,
+            statement_timeout: self.statement_timeout,
+            ..crate::sql::pg::PgOptions::from_env()
+        }
+    }
+
+    fn memory_limits(&self) -> crate::sql::live::MemoryLimits {
+        crate::sql::live::MemoryLimits { query: self.query_memory, server: self.memory_limit.max(self.query_memory) }
+    }
+}
+
+fn parse_duration_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
+    crate::sql::pg::parse_timeout(s).ok_or_else(|| format!("`{s}` is not a duration (e.g. 60s, 500ms, 2min)"))
+}
+
+/// `1GiB`, `256MiB`, `512MB`, `1e9`, plain bytes.
+pub fn parse_bytes_arg(s: &str) -> std::result::Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 1GiB, 256MiB)"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1048576.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1073741824.0,
+        _ => return Err(format!("`{s}`: unknown unit (B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    let bytes = n * scale;
+    if !(bytes >= 1.0 && bytes < 1e18) {
+        return Err(format!("`{s}` is not a usable size"));
+    }
+    Ok(bytes as usize)
+}
+
 #[derive(Debug, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, `host:port[,host:port…]`.

@@ -195,6 +195,17 @@ fn batch_loop(
     }
 }
 
+/// Resolves at SIGTERM or SIGINT (Ctrl-C): how Candor's servers learn to stop.
+pub async fn terminated() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Internal(format!("SIGTERM handler: {e}")))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.map_err(|e| Error::Internal(format!("SIGINT handler: {e}")))?,
+    }
+    Ok(())
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": {"message": message.into(), "type": "invalid_request_error"}}))).into_response()
 }
