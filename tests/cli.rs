@@ -713,7 +713,7 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
     let wrong = psql_run("not-the-password", "SELECT 1");
     assert!(!wrong.status.success(), "a wrong password is refused");
     let err = String::from_utf8_lossy(&wrong.stderr).to_lowercase();
-    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(err.contains("password authentication failed") && err.contains("28p01"), "{err}");
 
     let stats = "SELECT checkpoint, COUNT(*) FROM family_table GROUP BY checkpoint ORDER BY checkpoint";
     // 4 open-ended datasets × 9 amendments × (normal, sycophancy) + MMLU, GSM8K, AdvBench unmodified.
@@ -766,6 +766,234 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
         assert!(bad.is_err(), "a wrong password is refused");
     });
     drop(server);
+}
+
+/// `candor sql <archive> --listen 127.0.0.1:0 --json` with `args` and `env`: the server and
+/// the address it listens on.
+fn sql_endpoint(archive: &Path, args: &[&str], env: &[(&str, &str)]) -> (KillOnDrop, std::net::SocketAddr) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candor"));
+    cmd.args(["sql", archive.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json"])
+        .args(args)
+        .env_remove("CANDOR_SQL_PASSWORD")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut server = KillOnDrop(cmd.spawn().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut first).unwrap();
+    let addr =
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"].as_str().unwrap().parse().unwrap();
+    (server, addr)
+}
+
+/// psql against `addr` (user `analyst`, unaligned, tuples only), with `env` (PGPASSWORD, …).
+fn psql_at(psql: &Path, addr: std::net::SocketAddr, commands: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(psql);
+    cmd.args(["-h", "127.0.0.1", "-p", &addr.port().to_string(), "-U", "analyst", "-d", "candor"])
+        .args(["-X", "-A", "-t", "-F", ",", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGPASSWORD");
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// The first column of the first row of a simple query's answer.
+fn first_value(messages: Vec<tokio_postgres::SimpleQueryMessage>) -> String {
+    messages
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[test]
+fn the_sql_endpoint_survives_long_huge_and_too_many_statements() {
+    let Some(psql) = psql_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    let (mut server, addr) =
+        sql_endpoint(&live, &["--max-connections", "12", "--query-memory", "64MiB", "--statement-timeout", "20s"], &[]);
+    let long = "SELECT count(*) FROM generate_series(1, 100000000000)";
+
+    // A long statement does not hold up another client's, and its own timeout stops it.
+    let started = std::time::Instant::now();
+    let slow = {
+        let psql = psql.clone();
+        std::thread::spawn(move || psql_at(&psql, addr, &["SET statement_timeout = '3s'", long], &[]))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let quick = std::time::Instant::now();
+    let one = psql_at(&psql, addr, &["SELECT 1"], &[]);
+    let quick = quick.elapsed();
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    assert_eq!(String::from_utf8_lossy(&one.stdout), "1\n");
+    assert!(quick < std::time::Duration::from_secs(1), "SELECT 1 took {quick:?} beside a long statement");
+    let slow = slow.join().unwrap();
+    let err = String::from_utf8_lossy(&slow.stderr);
+    assert!(!slow.status.success() && err.contains("57014") && err.contains("statement timeout"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "the timeout stopped it: {:?}", started.elapsed());
+    assert_eq!(psql_at(&psql, addr, &["SHOW statement_timeout"], &[]).stdout, b"20000ms\n", "a session's own setting");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let config = format!("host=127.0.0.1 port={} user=grafana dbname=candor", addr.port());
+    rt.block_on(async {
+        // A cancel request (psql's Ctrl-C) stops the statement at once.
+        let (client, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let token = client.cancel_token();
+        let cancel = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        });
+        let started = std::time::Instant::now();
+        let err = client.simple_query(long).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "cancelled after {:?}", started.elapsed());
+        cancel.await.unwrap();
+        assert_eq!(first_value(client.simple_query("SELECT 2").await.unwrap()), "2", "the session goes on");
+
+        // Too many connections: 300 more than the limit are refused with 53300, the
+        // connections there are keep being served.
+        let mut held = vec![client];
+        while held.len() < 12 {
+            let (c, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            held.push(c);
+        }
+        let attempts: Vec<_> = (0..300)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move { tokio_postgres::connect(&config, tokio_postgres::NoTls).await.map(|_| ()) })
+            })
+            .collect();
+        for a in attempts {
+            let err = a.await.unwrap().expect_err("over the limit");
+            assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
+        }
+        // psql (which asks for TLS first) is told so too.
+        let psql_refused = tokio::task::spawn_blocking({
+            let psql = psql.clone();
+            move || psql_at(&psql, addr, &["SELECT 1"], &[])
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&psql_refused.stderr);
+        assert!(err.contains("too many clients"), "{err}");
+        for c in &held {
+            c.simple_query("SELECT 1").await.unwrap();
+        }
+        held.truncate(11);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let (c, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c.simple_query("SELECT 1").await.unwrap();
+    });
+    drop(rt); // closes the connections
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // A result too big for the statement's memory fails cleanly, and the server goes on.
+    let huge = psql_at(&psql, addr, &["SELECT * FROM generate_series(1, 3000000000)"], &[]);
+    let err = String::from_utf8_lossy(&huge.stderr);
+    assert!(!huge.status.success() && err.contains("53200"), "{err}");
+    let one = psql_at(&psql, addr, &["SELECT 1"], &[]);
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+
+    // psql's table listing and SHOW TABLES see the catalog.
+    let dt = psql_at(&psql, addr, &["\\dt"], &[]);
+    let listing = String::from_utf8_lossy(&dt.stdout);
+    assert!(dt.status.success(), "{}", String::from_utf8_lossy(&dt.stderr));
+    for t in ["public,trials,table,candor", "public,responses,table", "public,cells,table"] {
+        assert!(listing.contains(t), "{t} in {listing}");
+    }
+    let show = psql_at(&psql, addr, &["SHOW TABLES"], &[]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("family_table"));
+
+    // SIGTERM stops the server cleanly.
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed().as_secs() < 15, "still running after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn the_sql_endpoint_logs_in_with_scram_slows_guessers_and_speaks_tls() {
+    let Some(psql) = psql_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (_server, addr) = sql_endpoint(
+        &live,
+        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+        &[("CANDOR_SQL_PASSWORD", "correct horse")],
+    );
+    // psql over TLS, the server's certificate verified, SCRAM with channel binding.
+    let root = cert.to_str().unwrap();
+    let tls = [
+        ("PGPASSWORD", "correct horse"),
+        ("PGSSLMODE", "verify-full"),
+        ("PGSSLROOTCERT", root),
+        ("PGCHANNELBINDING", "require"),
+    ];
+    let out = psql_at(&psql, addr, &["SELECT COUNT(DISTINCT checkpoint) FROM observations"], &tls);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n");
+    let plain = psql_at(&psql, addr, &["SELECT 1"], &[("PGPASSWORD", "correct horse"), ("PGSSLMODE", "disable")]);
+    assert!(plain.status.success(), "TLS is offered, not forced: {}", String::from_utf8_lossy(&plain.stderr));
+    let no_password = psql_at(&psql, addr, &["SELECT 1"], &[("PGSSLMODE", "disable")]);
+    assert!(!no_password.status.success());
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config =
+            |pw: &str| format!("host=127.0.0.1 port={} user=grafana password='{pw}' dbname=candor", addr.port());
+        let (client, conn) = tokio_postgres::connect(&config("correct horse"), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        assert_eq!(
+            first_value(client.simple_query("SELECT 1").await.unwrap()),
+            "1",
+            "tokio-postgres logs in with SCRAM"
+        );
+
+        // Fifty wrong passwords: the first few are answered at once, then one per 250 ms.
+        let mut times = Vec::new();
+        for _ in 0..50 {
+            let t = std::time::Instant::now();
+            let err =
+                tokio_postgres::connect(&config("Tr0ub4dor&3"), tokio_postgres::NoTls).await.map(|_| ()).unwrap_err();
+            assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+            times.push(t.elapsed());
+        }
+        let first: std::time::Duration = times[..5].iter().sum();
+        let rest: std::time::Duration = times[5..].iter().sum();
+        assert!(first < std::time::Duration::from_secs(2), "{first:?}");
+        assert!(rest >= std::time::Duration::from_millis(44 * 250), "45 guesses took only {rest:?}");
+        let (client, conn) = tokio_postgres::connect(&config("correct horse"), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.simple_query("SELECT 1").await.unwrap();
+    });
 }
 
 /// Stops a server the test started, also when an assertion fails first.

@@ -250,7 +250,7 @@ pub async fn serve_pg(
 }
 
 /// Most refusals sent at once; connections beyond it are closed without one.
-const MAX_REFUSALS: usize = 256;
+const MAX_REFUSALS: usize = 1024;
 
 async fn serve_listener(
     live: Arc<LiveSql>,
@@ -272,15 +272,27 @@ async fn serve_listener(
     let startup = match &options.auth.password {
         None => Startup::Open(Arc::new(OpenStartup { manager: manager.clone() })),
         Some(password) => {
-            let mut scram = ScramAuth::new(Arc::new(SaltedPassword::new(password)));
-            if let Some((_, pem)) = &tls {
-                scram
-                    .configure_certificate(pem)
-                    .map_err(|e| Error::config("tls-cert", format!("channel binding: {e}")))?;
-            }
-            let sasl =
-                SASLAuthStartupHandler::new(parameters).with_scram(scram).with_connection_manager(manager.clone());
-            Startup::Scram(Box::new(sasl), Backoff::default())
+            let secret = Arc::new(SaltedPassword::new(password));
+            let sasl = |scram| {
+                Box::new(
+                    SASLAuthStartupHandler::new(parameters.clone())
+                        .with_scram(scram)
+                        .with_connection_manager(manager.clone()),
+                )
+            };
+            // Channel binding (SCRAM-SHA-256-PLUS) is offered on TLS connections only: clients
+            // refuse an offer of it over plain TCP.
+            let tls_scram = match &tls {
+                Some((_, pem)) => {
+                    let mut scram = ScramAuth::new(secret.clone());
+                    scram
+                        .configure_certificate(pem)
+                        .map_err(|e| Error::config("tls-cert", format!("channel binding: {e}")))?;
+                    Some(sasl(scram))
+                }
+                None => None,
+            };
+            Startup::Scram { plain: sasl(ScramAuth::new(secret)), tls: tls_scram, backoff: Backoff::default() }
         }
     };
     let handlers = Arc::new(Handlers {
@@ -348,10 +360,18 @@ async fn refuse(mut socket: tokio::net::TcpStream, limit: usize) {
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        // The client speaks first (its startup or TLS request); answer it, then drain what
-        // it sent so closing does not reset the connection before the error is read.
+        // The client speaks first. To a TLS or GSS encryption request answer "no" (the error
+        // is then read as PostgreSQL's own refusal is, after the startup message); then
+        // answer the startup message with the error, and drain what the client sends so
+        // closing does not reset the connection before the error is read.
         let mut scratch = [0u8; 1024];
-        let _ = socket.read(&mut scratch).await;
+        let mut head = [0u8; 8];
+        socket.read_exact(&mut head).await?;
+        let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if head[..4] == 8u32.to_be_bytes() && (code == 80877103 || code == 80877104) {
+            socket.write_all(b"N").await?;
+            let _ = socket.read(&mut scratch).await?;
+        }
         socket.write_all(&buf).await?;
         socket.shutdown().await?;
         while socket.read(&mut scratch).await? > 0 {}
@@ -396,7 +416,7 @@ type ScramStartup = SASLAuthStartupHandler<DefaultServerParameterProvider>;
 
 enum Startup {
     Open(Arc<OpenStartup>),
-    Scram(Box<ScramStartup>, Backoff),
+    Scram { plain: Box<ScramStartup>, tls: Option<Box<ScramStartup>>, backoff: Backoff },
 }
 
 #[async_trait]
@@ -409,7 +429,11 @@ impl StartupHandler for Startup {
     {
         match self {
             Startup::Open(open) => open.on_startup(client, message).await,
-            Startup::Scram(scram, backoff) => {
+            Startup::Scram { plain, tls, backoff } => {
+                let scram = match tls {
+                    Some(tls) if client.is_secure() => tls,
+                    _ => plain,
+                };
                 let ip = client.socket_addr().ip();
                 if matches!(message, PgWireFrontendMessage::Startup(_)) {
                     let turn = backoff.turn(ip, Instant::now());
