@@ -196,7 +196,7 @@ fn reset_peak_rss() {
 /// Greedy generation throughput of the candle backend: for each batch size B, `prompts`
 /// requests with B decoded concurrently, each forced to `max_new_tokens` new tokens.
 pub fn generate(opts: &GenerateBench, json: bool) -> Result<()> {
-    use crate::generate::candle::{self as cb, CandleGenerator, CandleOptions, DeviceChoice, RunOptions, Weights};
+    use crate::generate::candle::{self as cb, CandleGenerator, CandleOptions, DeviceChoice, Weights};
     use crate::generate::{Decoding, GenRequest};
 
     let threads = cb::init_threads(opts.threads);
@@ -220,11 +220,17 @@ pub fn generate(opts: &GenerateBench, json: bool) -> Result<()> {
     let request = |prompt: &str, max_new_tokens: u32| GenRequest {
         system_prompt: None,
         prompt: prompt.to_string(),
-        decoding: Decoding { temperature: 0.0, top_p: None, max_new_tokens, stop: Vec::new(), seed: 0 },
+        decoding: Decoding {
+            temperature: 0.0,
+            top_p: None,
+            max_new_tokens,
+            stop: Vec::new(),
+            seed: 0,
+            ignore_eos: true,
+        },
     };
-    let forced = RunOptions { ignore_stop: true };
     // Warm-up: thread pools and first-touch allocations are not part of any figure.
-    engine.run_with(&[request(texts[0], 4)], None, 1, forced)?;
+    engine.run(&[request(texts[0], 4)], None, 1)?;
     if !json {
         println!(
             "candle backend, {} ({} threads, loaded in {load_secs:.2} s): {} prompts x {} new tokens, greedy, end-of-turn ignored",
@@ -242,7 +248,7 @@ pub fn generate(opts: &GenerateBench, json: bool) -> Result<()> {
     for &b in &opts.batch_sizes {
         reset_peak_rss();
         let start = Instant::now();
-        let (out, s) = engine.run_with(&reqs, None, b.max(1), forced)?;
+        let (out, s) = engine.run(&reqs, None, b.max(1))?;
         let wall = start.elapsed().as_secs_f64();
         let peak = peak_rss_mib().unwrap_or(f64::NAN);
         let first = match out.into_iter().next() {

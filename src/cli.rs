@@ -179,7 +179,8 @@ pub enum Command {
         second: PathBuf,
     },
     /// Serve a model of an experiment file over an OpenAI-compatible API
-    /// (`POST /v1/chat/completions`, `GET /v1/models`), batching concurrent requests.
+    /// (`POST /v1/chat/completions`, `GET /v1/models`), requests joining the running batch
+    /// as they arrive (continuous batching). Any address but loopback needs an API key.
     Serve {
         /// The experiment file naming the model and its backend.
         experiment: PathBuf,
@@ -189,12 +190,33 @@ pub enum Command {
         /// Checkpoint id of that model (default: its first).
         #[arg(long)]
         checkpoint: Option<String>,
-        /// Address to listen on. Bind beyond 127.0.0.1 only on a trusted network.
+        /// Address to listen on. Any address but loopback needs --api-key-env.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        /// Clients must send `Authorization: Bearer <key>`, the key read from this environment
+        /// variable (never from the command line, where other users could read it).
+        #[arg(long, value_name = "NAME")]
+        api_key_env: Option<String>,
         /// Most requests decoded together.
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
+        /// `continuous`: requests join the running batch between decode steps; `static`:
+        /// requests arriving together are decoded as one batch, later ones wait for all of it.
+        #[arg(long, value_enum, default_value_t = crate::serve::Batching::Continuous)]
+        batching: crate::serve::Batching,
+        /// Most new tokens one request may ask for (bounds the response size); requests
+        /// without `max_tokens` get 256, fitted to the context.
+        #[arg(long, default_value_t = 4096)]
+        max_tokens: u32,
+        /// Requests one client address may have waiting or running at once (429 beyond).
+        #[arg(long, default_value_t = 16)]
+        per_client: usize,
+        /// Requests waiting or running in all (503 beyond).
+        #[arg(long, default_value_t = 256)]
+        max_pending: usize,
+        /// Largest request body (413 beyond), e.g. 1MiB.
+        #[arg(long, default_value = "1MiB", value_parser = parse_bytes_arg)]
+        max_request_bytes: usize,
         /// Inject faults for testing clients, e.g. `429=0.2,500=0.1,slow=0.05,truncate=0.05,garbage=0.05`.
         #[arg(long)]
         faults: Option<String>,
@@ -666,7 +688,21 @@ pub fn main(cli: Cli) -> Result<()> {
             let report = crate::score::agreement::compare(&a, &b);
             crate::score::agreement::print(&report, json);
         }
-        Command::Serve { experiment, model, checkpoint, listen, batch_size, faults, fault_seed } => {
+        Command::Serve {
+            experiment,
+            model,
+            checkpoint,
+            listen,
+            api_key_env,
+            batch_size,
+            batching,
+            max_tokens,
+            per_client,
+            max_pending,
+            max_request_bytes,
+            faults,
+            fault_seed,
+        } => {
             let exp = Experiment::load(&experiment)?;
             let m = match &model {
                 Some(name) => exp.models.iter().find(|m| &m.name == name),
@@ -680,29 +716,44 @@ pub fn main(cli: Cli) -> Result<()> {
             .with_context(|| {
                 format!("model `{}` has no checkpoint {}", m.name, checkpoint.as_deref().unwrap_or("at all"))
             })?;
-            let generator = crate::generate::backend::open(m, c)?;
-            let faults = match faults {
-                Some(spec) => crate::serve::Faults::parse(&spec)?,
-                None => crate::serve::Faults::default(),
+            let api_key = match &api_key_env {
+                Some(var) => Some(
+                    std::env::var(var)
+                        .ok()
+                        .filter(|k| !k.is_empty())
+                        .with_context(|| format!("--api-key-env {var}: ${var} is not set"))?,
+                ),
+                None => None,
             };
-            let name = format!("{}/{}", m.name, c.id);
+            let options = crate::serve::ServeOptions {
+                batch_size,
+                batching,
+                api_key,
+                max_tokens,
+                per_client,
+                max_pending,
+                max_request_bytes,
+                faults: match faults {
+                    Some(spec) => crate::serve::Faults::parse(&spec)?,
+                    None => crate::serve::Faults::default(),
+                },
+                fault_seed,
+                ..crate::serve::ServeOptions::new(format!("{}/{}", m.name, c.id), listen)
+            };
+            options.check()?;
+            let generator = crate::generate::backend::open(m, c)?;
             let runtime = tokio::runtime::Runtime::new()?;
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.block_on(async move {
-                let server = tokio::spawn(crate::serve::serve(
-                    generator,
-                    name,
-                    listen,
-                    batch_size,
-                    faults,
-                    fault_seed,
-                    Some(tx),
-                    async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    },
-                ));
+                let server = tokio::spawn(crate::serve::serve(generator, options, Some(tx), async {
+                    let _ = crate::serve::terminated().await;
+                    eprintln!("candor serve: stopping");
+                }));
                 if let Ok(addr) = rx.await {
-                    eprintln!("serving on http://{addr}/v1/chat/completions (Ctrl-C stops)");
+                    eprintln!("serving on http://{addr}/v1/chat/completions (SIGTERM or Ctrl-C stops)");
+                    if json {
+                        println!("{}", serde_json::json!({"listening": addr.to_string()}));
+                    }
                 }
                 server.await.map_err(|e| anyhow::anyhow!("server task: {e}"))?.map_err(anyhow::Error::from)
             })?;
