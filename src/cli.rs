@@ -738,6 +738,7 @@ pub fn main(cli: Cli) -> Result<()> {
                     None => crate::serve::Faults::default(),
                 },
                 fault_seed,
+                aliases: vec![m.name.clone()],
                 ..crate::serve::ServeOptions::new(format!("{}/{}", m.name, c.id), listen)
             };
             options.check()?;
@@ -745,9 +746,12 @@ pub fn main(cli: Cli) -> Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.block_on(async move {
-                let server = tokio::spawn(crate::serve::serve(generator, options, Some(tx), async {
+                let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+                let stop = stopping.clone();
+                let server = tokio::spawn(crate::serve::serve(generator, options, Some(tx), async move {
                     let _ = crate::serve::terminated().await;
-                    eprintln!("candor serve: stopping");
+                    eprintln!("candor serve: stopping (requests in flight get up to 30 s)");
+                    stop.notify_one();
                 }));
                 if let Ok(addr) = rx.await {
                     eprintln!("serving on http://{addr}/v1/chat/completions (SIGTERM or Ctrl-C stops)");
@@ -755,7 +759,13 @@ pub fn main(cli: Cli) -> Result<()> {
                         println!("{}", serde_json::json!({"listening": addr.to_string()}));
                     }
                 }
-                server.await.map_err(|e| anyhow::anyhow!("server task: {e}"))?.map_err(anyhow::Error::from)
+                tokio::select! {
+                    r = server => r.map_err(|e| anyhow::anyhow!("server task: {e}"))?.map_err(anyhow::Error::from),
+                    _ = async {
+                        stopping.notified().await;
+                        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    } => Ok(()),
+                }
             })?;
         }
         Command::Stream {

@@ -115,8 +115,10 @@ pub enum Batching {
 /// How `candor serve` serves.
 #[derive(Clone)]
 pub struct ServeOptions {
-    /// The model id requests must name (`model/checkpoint`).
+    /// The model id requests name (`model/checkpoint`), listed by `/v1/models`.
     pub model: String,
+    /// Other names requests may use for it (the experiment's model name).
+    pub aliases: Vec<String>,
     pub listen: SocketAddr,
     /// Most requests decoded together.
     pub batch_size: usize,
@@ -152,6 +154,7 @@ impl ServeOptions {
     pub fn new(model: impl Into<String>, listen: SocketAddr) -> Self {
         ServeOptions {
             model: model.into(),
+            aliases: Vec::new(),
             listen,
             batch_size: 8,
             batching: Batching::Continuous,
@@ -185,6 +188,7 @@ impl ServeOptions {
 
 struct ServeState {
     model: String,
+    aliases: Vec<String>,
     queue: Mutex<mpsc::Sender<Job>>,
     budget: Option<Arc<dyn TokenBudget>>,
     api_key: Option<Vec<u8>>,
@@ -247,6 +251,7 @@ pub async fn serve(
         .map_err(|e| Error::Internal(format!("spawning the model thread: {e}")))?;
     let state = Arc::new(ServeState {
         model: options.model,
+        aliases: options.aliases,
         queue: Mutex::new(tx),
         budget,
         api_key: options.api_key.map(String::into_bytes),
@@ -508,7 +513,7 @@ pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// Checks a parsed request against the served model, the server's cap and the model's
 /// context; fits a default `max_tokens` into what the context leaves.
 fn admit(state: &ServeState, chat: &mut ChatRequest) -> std::result::Result<(), ApiError> {
-    if chat.model != state.model {
+    if chat.model != state.model && !state.aliases.contains(&chat.model) {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!("the model `{}` does not exist here; this server serves `{}`", chat.model, state.model),

@@ -440,6 +440,143 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     assert!(!err.contains("sk-candor-test-secret"));
 }
 
+#[test]
+fn candor_serve_checks_its_key_and_every_parameter_and_a_long_answer_holds_no_short_one() {
+    if local_model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS);
+    // Beyond loopback, no key no server.
+    let open = candor(&["serve", exp.to_str().unwrap(), "--listen", "0.0.0.0:0"]);
+    assert!(!open.status.success());
+    assert!(String::from_utf8_lossy(&open.stderr).contains("--api-key-env"));
+    let unset = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["serve", exp.to_str().unwrap(), "--api-key-env", "CANDOR_TEST_SERVE_KEY"])
+        .env_remove("CANDOR_TEST_SERVE_KEY")
+        .output()
+        .unwrap();
+    assert!(!unset.status.success() && String::from_utf8_lossy(&unset.stderr).contains("CANDOR_TEST_SERVE_KEY"));
+
+    let mut server = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["serve", exp.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json", "--batch-size", "4"])
+            .args(["--api-key-env", "CANDOR_TEST_SERVE_KEY", "--max-request-bytes", "64KiB"])
+            .env("CANDOR_TEST_SERVE_KEY", "sk-serve-test")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut first).unwrap();
+    let addr: std::net::SocketAddr =
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"].as_str().unwrap().parse().unwrap();
+    let url = format!("http://{addr}/v1/chat/completions");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let post = |body: serde_json::Value, key: Option<&str>| {
+            let mut r = http.post(&url).json(&body);
+            if let Some(k) = key {
+                r = r.bearer_auth(k);
+            }
+            r.send()
+        };
+        let key = Some("sk-serve-test");
+        let ask = |extra: serde_json::Value| {
+            let mut body = serde_json::json!({"model": "smollm2/original", "messages": [{"role": "user", "content": "Name a colour."}]});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            body
+        };
+        for k in [None, Some("sk-wrong")] {
+            let r = post(ask(serde_json::json!({})), k).await.unwrap();
+            assert_eq!(r.status(), 401);
+            let e: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["code"], "invalid_api_key", "{e}");
+        }
+        let models: serde_json::Value =
+            http.get(format!("http://{addr}/v1/models")).bearer_auth("sk-serve-test").send().await.unwrap().json().await.unwrap();
+        assert_eq!(models["data"][0]["id"], "smollm2/original");
+
+        let ok = post(ask(serde_json::json!({"max_tokens": 3})), key).await.unwrap();
+        assert_eq!(ok.status(), 200);
+        let body: serde_json::Value = ok.json().await.unwrap();
+        assert!(body["usage"]["completion_tokens"].as_u64().unwrap() <= 3, "{body}");
+
+        let unknown = post(ask(serde_json::json!({"model": "gpt-4o"})), key).await.unwrap();
+        assert_eq!(unknown.status(), 404);
+        let e: serde_json::Value = unknown.json().await.unwrap();
+        assert_eq!((e["error"]["code"].as_str(), e["error"]["param"].as_str()), (Some("model_not_found"), Some("model")));
+
+        for (extra, param) in [
+            (serde_json::json!({"max_tokens": -1}), "max_tokens"),
+            (serde_json::json!({"max_tokens": "12"}), "max_tokens"),
+            (serde_json::json!({"max_tokens": 4294967299u64}), "max_tokens"),
+            (serde_json::json!({"max_tokens": 9000}), "max_tokens"),
+            (serde_json::json!({"temperature": -1}), "temperature"),
+            (serde_json::json!({"temperature": "warm"}), "temperature"),
+            (serde_json::json!({"top_p": 7}), "top_p"),
+            (serde_json::json!({"stop": 3}), "stop"),
+            (serde_json::json!({"messages": [{"role": "user", "content": "word ".repeat(9000)}]}), "messages"),
+            (serde_json::json!({"messages": "hi"}), "messages"),
+        ] {
+            let r = post(ask(extra.clone()), key).await.unwrap();
+            assert_eq!(r.status(), 400, "{extra}");
+            let e: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["param"], param, "{extra}: {e}");
+            assert_eq!(e["error"]["type"], "invalid_request_error");
+            assert!(!e["error"]["message"].as_str().unwrap().is_empty());
+        }
+        let garbage = http.post(&url).bearer_auth("sk-serve-test").header("content-type", "application/json").body("{not json").send().await.unwrap();
+        assert_eq!(garbage.status(), 400);
+        let big = post(ask(serde_json::json!({"messages": [{"role": "user", "content": "x".repeat(100_000)}]})), key).await.unwrap();
+        assert_eq!(big.status(), 413);
+        let e: serde_json::Value = big.json().await.unwrap();
+        assert!(e["error"]["message"].is_string(), "{e}");
+
+        // A 4-token answer while a 1,500-token one decodes: within 3x its time alone.
+        let short = ask(serde_json::json!({"max_tokens": 4, "ignore_eos": true, "temperature": 0}));
+        let mut alone = Vec::new();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            assert_eq!(post(short.clone(), key).await.unwrap().status(), 200);
+            alone.push(t.elapsed());
+        }
+        alone.sort();
+        let alone = alone[1];
+        let long = tokio::spawn(post(
+            ask(serde_json::json!({"max_tokens": 1500, "ignore_eos": true, "messages": [{"role": "user", "content": "Tell me a very long story."}]})),
+            key,
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let t = std::time::Instant::now();
+        let r = post(short.clone(), key).await.unwrap();
+        let beside = t.elapsed();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["usage"]["completion_tokens"], 4);
+        assert!(!long.is_finished(), "the long answer was still decoding");
+        assert!(beside < alone * 3, "a 4-token answer took {beside:?} beside a long one, {alone:?} alone");
+        long.abort();
+    });
+    drop(rt);
+
+    // SIGTERM stops it cleanly.
+    assert!(Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap().success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed().as_secs() < 15, "still running after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
 fn python_or_skip(what: &str) -> Option<std::ffi::OsString> {
     let python = std::env::var_os("CANDOR_PYTHON");
     if python.is_none() {
