@@ -444,6 +444,53 @@ pub enum Bench {
         #[arg(long)]
         skip_python: bool,
     },
+    /// Latency and throughput of short requests through `candor serve` while long ones run,
+    /// with static and with continuous batching (same model, prompts, clients and threads).
+    Serve {
+        /// The GGUF file (default: SmolLM2-135M-Instruct Q4_1 in the model cache).
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// Clients sending long requests back to back.
+        #[arg(long, default_value_t = 2)]
+        long_clients: usize,
+        /// Clients sending short requests back to back (their latency is measured).
+        #[arg(long, default_value_t = 4)]
+        short_clients: usize,
+        /// New tokens of a long request.
+        #[arg(long, default_value_t = 256)]
+        long_tokens: u32,
+        /// New tokens of a short request.
+        #[arg(long, default_value_t = 8)]
+        short_tokens: u32,
+        /// Measured seconds per batching mode.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// The server's batch size.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// CPU threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Statements per second through the PostgreSQL endpoint from several tokio-postgres
+    /// clients, over an archive of synthetic observations.
+    Pg {
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Synthetic observations in the archive (default: the paper's 439,792).
+        #[arg(long, default_value_t = crate::sql::bench::PAPER_OBSERVATIONS)]
+        rows: usize,
+        /// The statement each client runs.
+        #[arg(long, default_value = "select * from family_table")]
+        sql: String,
+        /// Where to write the archive (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Greedy generation throughput of the candle backend on a GGUF model at several batch
     /// sizes: prefill, decode and overall tokens/s, wall time and peak memory per batch size.
     /// Every request decodes exactly `--max-new-tokens` tokens (end-of-turn is ignored), so
@@ -928,6 +975,25 @@ pub fn main(cli: Cli) -> Result<()> {
                 analysis.export(dir, export)?;
             }
             analysis.print(json)?;
+        }
+        Command::Bench {
+            which:
+                Bench::Serve { gguf, long_clients, short_clients, long_tokens, short_tokens, seconds, batch_size, threads },
+        } => crate::bench::serve(
+            &crate::bench::ServeBench {
+                gguf,
+                long_clients,
+                short_clients,
+                long_tokens,
+                short_tokens,
+                seconds,
+                batch_size,
+                threads,
+            },
+            json,
+        )?,
+        Command::Bench { which: Bench::Pg { clients, seconds, rows, sql, dir } } => {
+            crate::sql::bench::endpoint(dir.as_deref(), rows, clients, seconds, &sql, json)?
         }
         Command::Bench {
             which: Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts, dequantize },

@@ -643,12 +643,8 @@ async fn chat(
         .into_response();
     };
     let (tx, rx) = oneshot::channel();
-    let job = Job {
-        request: chat.request,
-        reply: Box::new(move |answer| {
-            let _ = tx.send(answer);
-        }),
-    };
+    // A client that goes away drops `rx`: the model then drops the request from its batch.
+    let job = Job { request: chat.request, reply: tx };
     if state.queue.lock().unwrap_or_else(|p| p.into_inner()).send(job).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the model thread has stopped");
     }

@@ -1890,7 +1890,7 @@ fn a_judge_that_fails_or_babbles_gives_judge_error_or_unparseable_never_incorrec
     let serve = |faults: &str| serve_with_faults(&exp, faults);
     let judge = |port: u16| {
         format!(
-            "{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", model = \"judge\", max_retries = 1, timeout_secs = 60 }}"
+            "{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", model = \"smollm2\", max_retries = 1, timeout_secs = 60 }}"
         )
     };
     let rescore = |port: u16, name: &str| {

@@ -139,10 +139,11 @@ pub struct Generation {
     pub latency_ms: f64,
 }
 
-/// A request a server hands to its model, with where the answer goes.
+/// A request a server hands to its model, with where the answer goes. A job whose reply
+/// channel has closed (its client went away) may be dropped unanswered.
 pub struct Job {
     pub request: GenRequest,
-    pub reply: Box<dyn FnOnce(Result<Generation>) + Send>,
+    pub reply: tokio::sync::oneshot::Sender<Result<Generation>>,
 }
 
 /// What a backend can tell a server about a request before it runs: how many tokens its
@@ -191,17 +192,18 @@ pub fn serve_static<G: Generator + ?Sized>(
                 Err(_) => break,
             }
         }
+        batch.retain(|job| !job.reply.is_closed());
         let requests: Vec<GenRequest> = batch.iter().map(|j| j.request.clone()).collect();
         match generator.generate(&requests) {
             Ok(answers) => {
                 for (job, answer) in batch.into_iter().zip(answers) {
-                    (job.reply)(answer);
+                    let _ = job.reply.send(answer);
                 }
             }
             Err(e) => {
                 let message = e.to_string();
                 for job in batch {
-                    (job.reply)(Err(crate::error::Error::backend("model", message.clone())));
+                    let _ = job.reply.send(Err(crate::error::Error::backend("model", message.clone())));
                 }
             }
         }

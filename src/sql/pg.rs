@@ -203,9 +203,13 @@ pub fn spawn_pg(live: Arc<LiveSql>, addr: SocketAddr, options: PgOptions) -> Res
         .name("candor-pg".into())
         .spawn(move || {
             let shutdown = async move { stopped.notified().await };
+            // The catalog owns runtimes of its own: its last reference must go outside any.
+            let keep = live.clone();
             if let Err(e) = runtime.block_on(serve_listener(live, listener, options, tls, shutdown)) {
                 eprintln!("candor sql endpoint stopped: {e}");
             }
+            drop(runtime);
+            drop(keep);
         })
         .map_err(|e| Error::Internal(format!("starting the SQL endpoint: {e}")))?;
     Ok(PgServer { addr: bound, thread, stop })

@@ -241,6 +241,7 @@ impl Engine {
             batch_size,
             |room, _idle| waiting.by_ref().take(room).map(|(i, r)| (r, i)).collect(),
             |i, answer| results[i] = Some(answer),
+            |_| true,
         )?;
         let results = results
             .into_iter()
@@ -254,18 +255,21 @@ impl Engine {
     /// is running, so it may wait for one. The run ends when it returns none while idle. Every
     /// request is answered through `answer` as soon as it stops (or at once if it cannot run).
     /// A failing forward pass answers every request in flight with the error and ends the run
-    /// with it.
+    /// with it. A running request for which `wanted` turns false (its client went away) is
+    /// dropped from the batch unanswered.
     pub fn run_continuous<T>(
         &self,
         system: Option<&str>,
         batch_size: usize,
         mut arrivals: impl FnMut(usize, bool) -> Vec<(GenRequest, T)>,
         mut answer: impl FnMut(T, Result<Generation>),
+        wanted: impl Fn(&T) -> bool,
     ) -> Result<BatchStats> {
         let batch_size = batch_size.max(1);
         let mut stats = BatchStats::default();
         let mut active: Vec<Seq<T>> = Vec::new();
         loop {
+            active.retain(|s| wanted(&s.reply));
             // Admit arrived requests into free slots and prefill them together.
             let mut fresh = Vec::new();
             let room = batch_size - active.len();

@@ -564,7 +564,10 @@ impl Generator for CandleGenerator {
                     }
                     jobs.into_iter().map(|j| (j.request, j.reply)).collect()
                 },
-                |reply, answer| reply(answer),
+                |reply, answer| {
+                    let _ = reply.send(answer);
+                },
+                |reply| !reply.is_closed(),
             );
             match run {
                 // Idle with the queue closed.

@@ -533,12 +533,37 @@ fn a_request_arriving_mid_decode_joins_the_running_batch_and_answers_first() {
                 let g = answer.unwrap();
                 answers.insert(who, (g.output, g.completion_tokens, g.finish_reason));
             },
+            |_| true,
         )
         .unwrap();
     assert_eq!(order, ["short", "long"], "the short request did not wait for the long one");
     assert_eq!(stats.max_active, 2);
     assert_eq!(answers["long"], long_alone, "joining a running batch changes no answer");
     assert_eq!(answers["short"], short_alone);
+}
+
+#[test]
+fn a_request_whose_client_went_away_leaves_the_batch_unanswered() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = tiny_gguf_engine(dir.path(), GgmlDType::Q8_0);
+    let mut long = request("the winter", 0.0, 40, 1);
+    long.decoding.ignore_eos = true;
+    let passes = std::cell::Cell::new(0);
+    let mut answered = Vec::new();
+    let stats = e
+        .run_continuous(
+            None,
+            4,
+            |_room, _idle| {
+                passes.set(passes.get() + 1);
+                if passes.get() == 1 { vec![(long.clone(), "gone"), (long.clone(), "stays")] } else { Vec::new() }
+            },
+            |who, _| answered.push(who),
+            |who| *who != "gone" || passes.get() < 5,
+        )
+        .unwrap();
+    assert_eq!(answered, ["stays"]);
+    assert!(stats.decode_tokens < 2 * 39, "the gone request stopped decoding: {stats:?}");
 }
 
 #[test]
