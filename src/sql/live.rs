@@ -295,6 +295,8 @@ struct State {
     /// Committed epochs and every visible segment at the last sync.
     fingerprint: Option<(BTreeSet<u64>, Vec<PathBuf>)>,
     syncs: u64,
+    /// When the last look at the archive began.
+    looked: Option<std::time::Instant>,
 }
 
 /// Memory limits of statements, in bytes.
@@ -507,6 +509,7 @@ impl LiveSql {
                 streams: BTreeMap::new(),
                 fingerprint: None,
                 syncs: 0,
+                looked: None,
             }),
             current: RwLock::new(Arc::new(Snapshot { ctx: SessionContext::new(), version: 0 })),
             runtime,
@@ -558,7 +561,24 @@ impl LiveSql {
     /// Brings the catalog up to date with the archive; returns whether anything changed.
     pub fn sync(&self) -> Result<bool> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.sync_locked(&mut st)
+        let began = std::time::Instant::now();
+        let changed = self.sync_locked(&mut st)?;
+        st.looked = Some(began);
+        Ok(changed)
+    }
+
+    /// [`LiveSql::sync`] for a statement that arrived at `arrived`: when another statement's
+    /// look at the archive began after that (while this one waited for it), its snapshot
+    /// already holds every epoch committed before this statement arrived, and is used as is.
+    fn sync_since(&self, arrived: std::time::Instant) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.looked.is_some_and(|t| t > arrived) {
+            return Ok(());
+        }
+        let began = std::time::Instant::now();
+        self.sync_locked(&mut st)?;
+        st.looked = Some(began);
+        Ok(())
     }
 
     fn sync_locked(&self, st: &mut State) -> Result<bool> {
@@ -644,7 +664,7 @@ impl LiveSql {
     /// Brings the catalog up to date with the archive and returns the snapshot statements
     /// started now run on. Blocks while the archive is read (call off async workers).
     pub fn snapshot(&self) -> std::result::Result<Arc<Snapshot>, QueryError> {
-        self.sync()?;
+        self.sync_since(std::time::Instant::now())?;
         Ok(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
