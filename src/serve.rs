@@ -758,6 +758,31 @@ mod tests {
     }
 
     #[test]
+    fn a_client_has_at_most_its_share_of_requests_in_flight() {
+        let (tx, _rx) = mpsc::channel();
+        let state = ServeState {
+            model: "m".into(),
+            aliases: Vec::new(),
+            queue: Mutex::new(tx),
+            budget: None,
+            api_key: None,
+            max_tokens: 16,
+            per_client: 2,
+            clients: Mutex::new(HashMap::new()),
+            pending: Arc::new(tokio::sync::Semaphore::new(4)),
+            faults: Faults::default(),
+            rng: Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(0)),
+        };
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = client_slot(&state, a).unwrap();
+        let _second = client_slot(&state, a).unwrap();
+        assert!(client_slot(&state, a).is_none(), "a third request from the same client waits its turn");
+        assert!(client_slot(&state, b).is_some(), "another client is not held up");
+        drop(first);
+        assert!(client_slot(&state, a).is_some(), "a finished request frees its place");
+    }
+
+    #[test]
     fn an_api_key_is_required_off_loopback_and_compared_whole() {
         let local = ServeOptions::new("m/c", "127.0.0.1:8080".parse().unwrap());
         assert!(local.check().is_ok());

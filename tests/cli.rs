@@ -516,6 +516,11 @@ fn candor_serve_checks_its_key_and_every_parameter_and_a_long_answer_holds_no_sh
             (serde_json::json!({"max_tokens": "12"}), "max_tokens"),
             (serde_json::json!({"max_tokens": 4294967299u64}), "max_tokens"),
             (serde_json::json!({"max_tokens": 9000}), "max_tokens"),
+            // Within the server's cap, but beyond what the prompt leaves of the context.
+            (
+                serde_json::json!({"max_tokens": 4000, "messages": [{"role": "user", "content": "word ".repeat(5000)}]}),
+                "max_tokens",
+            ),
             (serde_json::json!({"temperature": -1}), "temperature"),
             (serde_json::json!({"temperature": "warm"}), "temperature"),
             (serde_json::json!({"top_p": 7}), "top_p"),
@@ -1066,6 +1071,67 @@ fn the_sql_endpoint_survives_long_huge_and_too_many_statements() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn the_sql_endpoint_outlives_running_out_of_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    // 128 descriptors for the whole process, and a connection limit above what they allow
+    // (the endpoint lowers it, and survives the descriptors it cannot have).
+    let mut server = KillOnDrop(
+        Command::new("bash")
+            .args(["-c", "ulimit -n 128 && exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_candor"))
+            .args(["sql", live.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json", "--max-connections", "500"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut first).unwrap();
+    let addr: std::net::SocketAddr =
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"].as_str().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let config = format!("host=127.0.0.1 port={} user=u dbname=candor connect_timeout=2", addr.port());
+    rt.block_on(async {
+        let attempts: Vec<_> = (0..200)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move {
+                    let connect = tokio_postgres::connect(&config, tokio_postgres::NoTls);
+                    match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+                        Ok(Ok((c, conn))) => {
+                            tokio::spawn(conn);
+                            Some(c)
+                        }
+                        _ => None,
+                    }
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for a in attempts {
+            held.extend(a.await.unwrap());
+        }
+        assert!(held.len() < 200, "the descriptor limit was reached ({} connections)", held.len());
+        for c in &held {
+            // An answer, or a clean error: never a dropped connection.
+            if let Err(e) = c.simple_query("SELECT 1").await {
+                assert!(e.as_db_error().is_some(), "{e}");
+            }
+        }
+    });
+    drop(rt); // closes every connection
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(server.0.try_wait().unwrap().is_none(), "the server is still running");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        assert!(!first_value(c.simple_query("SELECT COUNT(*) FROM trials").await.unwrap()).is_empty());
+    });
 }
 
 #[test]

@@ -305,9 +305,9 @@ async fn serve_listener(
         cancel: Arc::new(DefaultCancelHandler::new(manager)),
     });
     let acceptor = tls.map(|(a, _)| a);
-    let connections = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
-    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
-    let limit = options.max_connections.max(1);
+    let limit = connection_limit(options.max_connections);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limit));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS.min(limit)));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -350,6 +350,32 @@ async fn serve_listener(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// File descriptors kept for the catalog (archive files, runtimes) beside connections.
+const RESERVED_FDS: usize = 64;
+
+/// `wanted` connections, lowered (with a warning) so that connections and the refusals beside
+/// them leave the process [`RESERVED_FDS`] of its open-file limit.
+fn connection_limit(wanted: usize) -> usize {
+    let wanted = wanted.max(1);
+    let Some(fds) = open_file_limit() else { return wanted };
+    let room = (fds.saturating_sub(RESERVED_FDS) / 2).max(1);
+    if wanted > room {
+        eprintln!(
+            "warning: serving at most {room} connections, not {wanted}: the process may open {fds} files \
+             (raise it with `ulimit -n`)"
+        );
+        return room;
+    }
+    wanted
+}
+
+/// The soft limit on open files of this process (Linux), if it has one.
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Tells a connection over the limit so, as PostgreSQL does (SQLSTATE 53300), and closes it.
