@@ -1180,7 +1180,7 @@ pub fn parse_bytes_arg(s: &str) -> std::result::Result<usize, String> {
         _ => return Err(format!("`{s}`: unknown unit (B, KiB, MiB, GiB, KB, MB, GB)")),
     };
     let bytes = n * scale;
-    if !(bytes >= 1.0 && bytes < 1e18) {
+    if !(1.0..1e18).contains(&bytes) {
         return Err(format!("`{s}` is not a usable size"));
     }
     Ok(bytes as usize)

@@ -305,9 +305,9 @@ async fn serve_listener(
         cancel: Arc::new(DefaultCancelHandler::new(manager)),
     });
     let acceptor = tls.map(|(a, _)| a);
-    let limit = connection_limit(options.max_connections);
+    let (limit, refusing) = connection_limits(options.max_connections);
     let connections = Arc::new(tokio::sync::Semaphore::new(limit));
-    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS.min(limit)));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(refusing));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -355,20 +355,22 @@ async fn serve_listener(
 /// File descriptors kept for the catalog (archive files, runtimes) beside connections.
 const RESERVED_FDS: usize = 64;
 
-/// `wanted` connections, lowered (with a warning) so that connections and the refusals beside
-/// them leave the process [`RESERVED_FDS`] of its open-file limit.
-fn connection_limit(wanted: usize) -> usize {
+/// Connections served and refusals sent at once: `wanted` connections, lowered (with a
+/// warning) to half of what the process's open-file limit leaves beside [`RESERVED_FDS`];
+/// refusals get the rest, up to [`MAX_REFUSALS`].
+fn connection_limits(wanted: usize) -> (usize, usize) {
     let wanted = wanted.max(1);
-    let Some(fds) = open_file_limit() else { return wanted };
-    let room = (fds.saturating_sub(RESERVED_FDS) / 2).max(1);
+    let Some(fds) = open_file_limit() else { return (wanted, MAX_REFUSALS) };
+    let budget = fds.saturating_sub(RESERVED_FDS).max(2);
+    let room = (budget / 2).max(1);
     if wanted > room {
         eprintln!(
             "warning: serving at most {room} connections, not {wanted}: the process may open {fds} files \
              (raise it with `ulimit -n`)"
         );
-        return room;
     }
-    wanted
+    let served = wanted.min(room);
+    (served, (budget - served).clamp(1, MAX_REFUSALS))
 }
 
 /// The soft limit on open files of this process (Linux), if it has one.
