@@ -2,8 +2,9 @@
 //!
 //! Continuous batching ([`Engine::run_continuous`]): up to `batch_size` requests are in
 //! flight at once. Between decode passes, requests that have arrived join the running batch
-//! while it has room (prefilled together in one forward pass of their own); then every active
-//! sequence advances one token per decode pass. A sequence that stops (end of turn, a stop
+//! while it has room: they are prefilled in the same forward pass as the running sequences'
+//! next decode step, so an arrival stalls no one; then every active sequence advances one
+//! token per pass. A sequence that stops (end of turn, a stop
 //! string, `max_new_tokens`) leaves at once and is answered, and the next waiting request
 //! takes its place, so a long answer holds neither a batch nor a request that arrives while it
 //! runs. [`Engine::run`] is the same loop over a list of requests known up front;
@@ -286,21 +287,25 @@ impl Engine {
                     }
                 }
             }
-            let prefill = !fresh.is_empty();
-            let group = if prefill { &mut fresh } else { &mut active };
-            if group.is_empty() {
+            // Arrivals are prefilled in the same forward pass as the running sequences' decode
+            // step (the model takes each sequence's own input), so an arrival stalls no one.
+            let joined = fresh.len();
+            active.append(&mut fresh);
+            if active.is_empty() {
                 break;
             }
-            let fed: usize = group.iter().map(|s| s.input.len()).sum();
+            let first_new = active.len() - joined;
+            let prompt_fed: usize = active[first_new..].iter().map(|s| s.input.len()).sum();
+            let decode_fed = first_new;
             let start = Instant::now();
             let logits = {
                 let mut batch: Vec<(&[u32], &mut Cache)> =
-                    group.iter_mut().map(|s| (s.input.as_slice(), &mut s.cache)).collect();
+                    active.iter_mut().map(|s| (s.input.as_slice(), &mut s.cache)).collect();
                 self.model.forward(&mut batch, Positions::Last).map_err(|e| model_error("forward pass", e))
             };
             let stepped = logits.and_then(|logits| {
                 let mut finished = Vec::new();
-                for (k, (seq, logits)) in group.iter_mut().zip(&logits).enumerate() {
+                for (k, (seq, logits)) in active.iter_mut().zip(&logits).enumerate() {
                     if let Some(reason) = self.advance(seq, logits)? {
                         finished.push((k, reason));
                     }
@@ -311,33 +316,35 @@ impl Engine {
                 Ok(f) => f,
                 Err(e) => {
                     let message = e.to_string();
-                    for seq in fresh.into_iter().chain(active) {
+                    for seq in active {
                         answer(seq.reply, Err(Error::Model { context: "batch".into(), message: message.clone() }));
                     }
                     return Err(e);
                 }
             };
-            // The pass's time is shared equally by the sequences it served.
+            // The pass's time is shared equally by the sequences it served, and split between
+            // prefill and decode by the tokens each took in.
             let secs = start.elapsed().as_secs_f64();
-            let n = group.len();
-            group.iter_mut().for_each(|s| s.secs += secs / n as f64);
+            let n = active.len();
+            active.iter_mut().for_each(|s| s.secs += secs / n as f64);
             stats.generated_tokens += n as u64;
-            if prefill {
+            let prefill_share = prompt_fed as f64 / (prompt_fed + decode_fed) as f64;
+            if joined > 0 {
                 stats.prefill_passes += 1;
-                stats.prefill_tokens += fed as u64;
-                stats.prefill_secs += secs;
-            } else {
+                stats.prefill_tokens += prompt_fed as u64;
+                stats.prefill_secs += secs * prefill_share;
+            }
+            if decode_fed > 0 {
                 stats.decode_passes += 1;
-                stats.decode_tokens += fed as u64;
-                stats.decode_secs += secs;
-                stats.max_active = stats.max_active.max(n);
+                stats.decode_tokens += decode_fed as u64;
+                stats.decode_secs += secs * (1.0 - prefill_share);
+                stats.max_active = stats.max_active.max(decode_fed);
             }
             for (k, reason) in finished.into_iter().rev() {
-                let seq = group.remove(k);
+                let seq = active.remove(k);
                 let (reply, generation) = self.finish(seq, reason);
                 answer(reply, generation);
             }
-            active.append(&mut fresh);
         }
         Ok(stats)
     }
