@@ -186,7 +186,8 @@ pub enum Command {
         second: PathBuf,
     },
     /// Serve a model of an experiment file over an OpenAI-compatible API
-    /// (`POST /v1/chat/completions`, `GET /v1/models`), batching concurrent requests.
+    /// (`POST /v1/chat/completions`, `GET /v1/models`), requests joining the running batch
+    /// as they arrive (continuous batching). Any address but loopback needs an API key.
     Serve {
         /// The experiment file naming the model and its backend.
         experiment: PathBuf,
@@ -196,12 +197,33 @@ pub enum Command {
         /// Checkpoint id of that model (default: its first).
         #[arg(long)]
         checkpoint: Option<String>,
-        /// Address to listen on. Bind beyond 127.0.0.1 only on a trusted network.
+        /// Address to listen on. Any address but loopback needs --api-key-env.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        /// Clients must send `Authorization: Bearer <key>`, the key read from this environment
+        /// variable (never from the command line, where other users could read it).
+        #[arg(long, value_name = "NAME")]
+        api_key_env: Option<String>,
         /// Most requests decoded together.
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
+        /// `continuous`: requests join the running batch between decode steps; `static`:
+        /// requests arriving together are decoded as one batch, later ones wait for all of it.
+        #[arg(long, value_enum, default_value_t = crate::serve::Batching::Continuous)]
+        batching: crate::serve::Batching,
+        /// Most new tokens one request may ask for (bounds the response size); requests
+        /// without `max_tokens` get 256, fitted to the context.
+        #[arg(long, default_value_t = 4096)]
+        max_tokens: u32,
+        /// Requests one client address may have waiting or running at once (429 beyond).
+        #[arg(long, default_value_t = 16)]
+        per_client: usize,
+        /// Requests waiting or running in all (503 beyond).
+        #[arg(long, default_value_t = 256)]
+        max_pending: usize,
+        /// Largest request body (413 beyond), e.g. 1MiB.
+        #[arg(long, default_value = "1MiB", value_parser = parse_bytes_arg)]
+        max_request_bytes: usize,
         /// Inject faults for testing clients, e.g. `429=0.2,500=0.1,slow=0.05,truncate=0.05,garbage=0.05`.
         #[arg(long)]
         faults: Option<String>,
@@ -258,10 +280,13 @@ pub enum Command {
         #[arg(long, value_enum)]
         output: Option<crate::sql::shell::Output>,
         /// Serve the PostgreSQL wire protocol on this address (e.g. 127.0.0.1:5433) until
-        /// stopped. Any address other than loopback needs a password in CANDOR_SQL_PASSWORD
-        /// (when set, it is required on loopback too).
+        /// SIGTERM or Ctrl-C. Any address other than loopback needs a password in
+        /// CANDOR_SQL_PASSWORD (when set, it is required on loopback too; checked with
+        /// SCRAM-SHA-256).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        endpoint: SqlEndpointArgs,
     },
     /// Write a report of an archive: report.html (self-contained: tables in the paper's
     /// layout, figures embedded) and every figure as PNG and SVG: warm vs original error per
@@ -427,6 +452,53 @@ pub enum Bench {
         #[arg(long)]
         skip_python: bool,
     },
+    /// Latency and throughput of short requests through `candor serve` while long ones run,
+    /// with static and with continuous batching (same model, prompts, clients and threads).
+    Serve {
+        /// The GGUF file (default: SmolLM2-135M-Instruct Q4_1 in the model cache).
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// Clients sending long requests back to back.
+        #[arg(long, default_value_t = 2)]
+        long_clients: usize,
+        /// Clients sending short requests back to back (their latency is measured).
+        #[arg(long, default_value_t = 4)]
+        short_clients: usize,
+        /// New tokens of a long request.
+        #[arg(long, default_value_t = 256)]
+        long_tokens: u32,
+        /// New tokens of a short request.
+        #[arg(long, default_value_t = 8)]
+        short_tokens: u32,
+        /// Measured seconds per batching mode.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// The server's batch size.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// CPU threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Statements per second through the PostgreSQL endpoint from several tokio-postgres
+    /// clients, over an archive of synthetic observations.
+    Pg {
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Synthetic observations in the archive (default: the paper's 439,792).
+        #[arg(long, default_value_t = crate::sql::bench::PAPER_OBSERVATIONS)]
+        rows: usize,
+        /// The statement each client runs.
+        #[arg(long, default_value = "select * from family_table")]
+        sql: String,
+        /// Where to write the archive (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Greedy generation throughput of the candle backend on a GGUF model at several batch
     /// sizes: prefill, decode and overall tokens/s, wall time and peak memory per batch size.
     /// Every request decodes exactly `--max-new-tokens` tokens (end-of-turn is ignored), so
@@ -519,7 +591,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let endpoint = match sql_listen {
                 Some(addr) if cluster.is_leader() => {
                     let live = std::sync::Arc::new(crate::sql::live::LiveSql::open(&out)?);
-                    let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgAuth::from_env())?;
+                    let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgOptions::from_env())?;
                     eprintln!("live SQL (PostgreSQL protocol) on {}", server.addr);
                     if json {
                         println!("{}", serde_json::json!({"sql_listen": server.addr.to_string()}));
@@ -572,8 +644,8 @@ pub fn main(cli: Cli) -> Result<()> {
             if let Some(server) = endpoint
                 && sql_stay
             {
-                eprintln!("run complete; live SQL still on {} (interrupt to stop)", server.addr);
-                let _ = server.thread.join();
+                eprintln!("run complete; live SQL still on {} (SIGTERM or Ctrl-C stops)", server.addr);
+                server.stop_on_signals()?;
             }
         }
         Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, replace, cluster } => {
@@ -741,7 +813,21 @@ pub fn main(cli: Cli) -> Result<()> {
             let report = crate::score::agreement::compare(&a, &b);
             crate::score::agreement::print(&report, json);
         }
-        Command::Serve { experiment, model, checkpoint, listen, batch_size, faults, fault_seed } => {
+        Command::Serve {
+            experiment,
+            model,
+            checkpoint,
+            listen,
+            api_key_env,
+            batch_size,
+            batching,
+            max_tokens,
+            per_client,
+            max_pending,
+            max_request_bytes,
+            faults,
+            fault_seed,
+        } => {
             let exp = Experiment::load(&experiment)?;
             let m = match &model {
                 Some(name) => exp.models.iter().find(|m| &m.name == name),
@@ -755,31 +841,56 @@ pub fn main(cli: Cli) -> Result<()> {
             .with_context(|| {
                 format!("model `{}` has no checkpoint {}", m.name, checkpoint.as_deref().unwrap_or("at all"))
             })?;
-            let generator = crate::generate::backend::open(m, c)?;
-            let faults = match faults {
-                Some(spec) => crate::serve::Faults::parse(&spec)?,
-                None => crate::serve::Faults::default(),
+            let api_key = match &api_key_env {
+                Some(var) => Some(
+                    std::env::var(var)
+                        .ok()
+                        .filter(|k| !k.is_empty())
+                        .with_context(|| format!("--api-key-env {var}: ${var} is not set"))?,
+                ),
+                None => None,
             };
-            let name = format!("{}/{}", m.name, c.id);
+            let options = crate::serve::ServeOptions {
+                batch_size,
+                batching,
+                api_key,
+                max_tokens,
+                per_client,
+                max_pending,
+                max_request_bytes,
+                faults: match faults {
+                    Some(spec) => crate::serve::Faults::parse(&spec)?,
+                    None => crate::serve::Faults::default(),
+                },
+                fault_seed,
+                aliases: vec![m.name.clone()],
+                ..crate::serve::ServeOptions::new(format!("{}/{}", m.name, c.id), listen)
+            };
+            options.check()?;
+            let generator = crate::generate::backend::open(m, c)?;
             let runtime = tokio::runtime::Runtime::new()?;
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.block_on(async move {
-                let server = tokio::spawn(crate::serve::serve(
-                    generator,
-                    name,
-                    listen,
-                    batch_size,
-                    faults,
-                    fault_seed,
-                    Some(tx),
-                    async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    },
-                ));
+                let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+                let stop = stopping.clone();
+                let server = tokio::spawn(crate::serve::serve(generator, options, Some(tx), async move {
+                    let _ = crate::serve::terminated().await;
+                    eprintln!("candor serve: stopping (requests in flight get up to 30 s)");
+                    stop.notify_one();
+                }));
                 if let Ok(addr) = rx.await {
-                    eprintln!("serving on http://{addr}/v1/chat/completions (Ctrl-C stops)");
+                    eprintln!("serving on http://{addr}/v1/chat/completions (SIGTERM or Ctrl-C stops)");
+                    if json {
+                        println!("{}", serde_json::json!({"listening": addr.to_string()}));
+                    }
                 }
-                server.await.map_err(|e| anyhow::anyhow!("server task: {e}"))?.map_err(anyhow::Error::from)
+                tokio::select! {
+                    r = server => r.map_err(|e| anyhow::anyhow!("server task: {e}"))?.map_err(anyhow::Error::from),
+                    _ = async {
+                        stopping.notified().await;
+                        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    } => Ok(()),
+                }
             })?;
         }
         Command::Stream {
@@ -900,11 +1011,11 @@ pub fn main(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Sql { archive, command, file, output, listen } => {
+        Command::Sql { archive, command, file, output, listen, endpoint } => {
             use crate::sql::shell::{self, Output};
-            let live = std::sync::Arc::new(crate::sql::live::LiveSql::open(&archive)?);
+            let live = std::sync::Arc::new(crate::sql::live::LiveSql::open_with(&archive, endpoint.memory_limits())?);
             if let Some(addr) = listen {
-                let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgAuth::from_env())?;
+                let server = crate::sql::pg::spawn_pg(live, addr, endpoint.options())?;
                 if json {
                     println!("{}", serde_json::json!({"listening": server.addr.to_string()}));
                 } else {
@@ -912,7 +1023,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 }
                 use std::io::Write;
                 std::io::stdout().flush().ok();
-                server.thread.join().map_err(|_| anyhow::anyhow!("the SQL endpoint panicked"))?;
+                server.stop_on_signals()?;
                 return Ok(());
             }
             let out = output.unwrap_or(if json { Output::Json } else { Output::Table });
@@ -943,6 +1054,25 @@ pub fn main(cli: Cli) -> Result<()> {
                 analysis.export(dir, export)?;
             }
             analysis.print(json)?;
+        }
+        Command::Bench {
+            which:
+                Bench::Serve { gguf, long_clients, short_clients, long_tokens, short_tokens, seconds, batch_size, threads },
+        } => crate::bench::serve(
+            &crate::bench::ServeBench {
+                gguf,
+                long_clients,
+                short_clients,
+                long_tokens,
+                short_tokens,
+                seconds,
+                batch_size,
+                threads,
+            },
+            json,
+        )?,
+        Command::Bench { which: Bench::Pg { clients, seconds, rows, sql, dir } } => {
+            crate::sql::bench::endpoint(dir.as_deref(), rows, clients, seconds, &sql, json)?
         }
         Command::Bench {
             which: Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts, dequantize },
@@ -1180,6 +1310,76 @@ fn print_grid(report: &GridReport, out: &Path, json: bool) {
 }
 
 /// Where a Kafka command finds its brokers and topics.
+/// How `candor sql --listen` serves: TLS, limits and timeouts.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SqlEndpointArgs {
+    /// TLS certificate chain (PEM) to serve with; needs --tls-key.
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Connections served at once; more are refused (SQLSTATE 53300).
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// A statement's timeout unless its session sets `statement_timeout` (e.g. 60s, 500ms; 0: none).
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    statement_timeout: std::time::Duration,
+    /// Memory one statement may use, its result included (e.g. 1GiB, 256MiB); over it the
+    /// statement fails with SQLSTATE 53200.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes_arg)]
+    query_memory: usize,
+    /// Memory all statements together may use.
+    #[arg(long, default_value = "4GiB", value_parser = parse_bytes_arg)]
+    memory_limit: usize,
+}
+
+impl SqlEndpointArgs {
+    fn options(&self) -> crate::sql::pg::PgOptions {
+        crate::sql::pg::PgOptions {
+            tls: self
+                .tls_cert
+                .clone()
+                .zip(self.tls_key.clone())
+                .map(|(cert, key)| crate::sql::pg::TlsFiles { cert, key }),
+            max_connections: self.max_connections,
+            statement_timeout: self.statement_timeout,
+            ..crate::sql::pg::PgOptions::from_env()
+        }
+    }
+
+    fn memory_limits(&self) -> crate::sql::live::MemoryLimits {
+        crate::sql::live::MemoryLimits { query: self.query_memory, server: self.memory_limit.max(self.query_memory) }
+    }
+}
+
+fn parse_duration_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
+    crate::sql::pg::parse_timeout(s).ok_or_else(|| format!("`{s}` is not a duration (e.g. 60s, 500ms, 2min)"))
+}
+
+/// `1GiB`, `256MiB`, `512MB`, `1e9`, plain bytes.
+pub fn parse_bytes_arg(s: &str) -> std::result::Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 1GiB, 256MiB)"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1048576.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1073741824.0,
+        _ => return Err(format!("`{s}`: unknown unit (B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    let bytes = n * scale;
+    if !(1.0..1e18).contains(&bytes) {
+        return Err(format!("`{s}` is not a usable size"));
+    }
+    Ok(bytes as usize)
+}
+
 #[derive(Debug, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, `host:port[,host:port…]`.

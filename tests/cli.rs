@@ -453,6 +453,148 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     assert!(!err.contains("sk-candor-test-secret"));
 }
 
+#[test]
+fn candor_serve_checks_its_key_and_every_parameter_and_a_long_answer_holds_no_short_one() {
+    if local_model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", TWO_CHECKPOINTS);
+    // Beyond loopback, no key no server.
+    let open = candor(&["serve", exp.to_str().unwrap(), "--listen", "0.0.0.0:0"]);
+    assert!(!open.status.success());
+    assert!(String::from_utf8_lossy(&open.stderr).contains("--api-key-env"));
+    let unset = Command::new(env!("CARGO_BIN_EXE_candor"))
+        .args(["serve", exp.to_str().unwrap(), "--api-key-env", "CANDOR_TEST_SERVE_KEY"])
+        .env_remove("CANDOR_TEST_SERVE_KEY")
+        .output()
+        .unwrap();
+    assert!(!unset.status.success() && String::from_utf8_lossy(&unset.stderr).contains("CANDOR_TEST_SERVE_KEY"));
+
+    let mut server = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_candor"))
+            .args(["serve", exp.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json", "--batch-size", "4"])
+            .args(["--api-key-env", "CANDOR_TEST_SERVE_KEY", "--max-request-bytes", "64KiB"])
+            .env("CANDOR_TEST_SERVE_KEY", "sk-serve-test")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut first).unwrap();
+    let addr: std::net::SocketAddr =
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"].as_str().unwrap().parse().unwrap();
+    let url = format!("http://{addr}/v1/chat/completions");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let post = |body: serde_json::Value, key: Option<&str>| {
+            let mut r = http.post(&url).json(&body);
+            if let Some(k) = key {
+                r = r.bearer_auth(k);
+            }
+            r.send()
+        };
+        let key = Some("sk-serve-test");
+        let ask = |extra: serde_json::Value| {
+            let mut body = serde_json::json!({"model": "smollm2/original", "messages": [{"role": "user", "content": "Name a colour."}]});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            body
+        };
+        for k in [None, Some("sk-wrong")] {
+            let r = post(ask(serde_json::json!({})), k).await.unwrap();
+            assert_eq!(r.status(), 401);
+            let e: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["code"], "invalid_api_key", "{e}");
+        }
+        let models: serde_json::Value =
+            http.get(format!("http://{addr}/v1/models")).bearer_auth("sk-serve-test").send().await.unwrap().json().await.unwrap();
+        assert_eq!(models["data"][0]["id"], "smollm2/original");
+
+        let ok = post(ask(serde_json::json!({"max_tokens": 3})), key).await.unwrap();
+        assert_eq!(ok.status(), 200);
+        let body: serde_json::Value = ok.json().await.unwrap();
+        assert!(body["usage"]["completion_tokens"].as_u64().unwrap() <= 3, "{body}");
+
+        let unknown = post(ask(serde_json::json!({"model": "gpt-4o"})), key).await.unwrap();
+        assert_eq!(unknown.status(), 404);
+        let e: serde_json::Value = unknown.json().await.unwrap();
+        assert_eq!((e["error"]["code"].as_str(), e["error"]["param"].as_str()), (Some("model_not_found"), Some("model")));
+
+        for (extra, param) in [
+            (serde_json::json!({"max_tokens": -1}), "max_tokens"),
+            (serde_json::json!({"max_tokens": "12"}), "max_tokens"),
+            (serde_json::json!({"max_tokens": 4294967299u64}), "max_tokens"),
+            (serde_json::json!({"max_tokens": 9000}), "max_tokens"),
+            // Within the server's cap, but beyond what the prompt leaves of the context.
+            (
+                serde_json::json!({"max_tokens": 4000, "messages": [{"role": "user", "content": "word ".repeat(5000)}]}),
+                "max_tokens",
+            ),
+            (serde_json::json!({"temperature": -1}), "temperature"),
+            (serde_json::json!({"temperature": "warm"}), "temperature"),
+            (serde_json::json!({"top_p": 7}), "top_p"),
+            (serde_json::json!({"stop": 3}), "stop"),
+            (serde_json::json!({"messages": [{"role": "user", "content": "word ".repeat(9000)}]}), "messages"),
+            (serde_json::json!({"messages": "hi"}), "messages"),
+        ] {
+            let r = post(ask(extra.clone()), key).await.unwrap();
+            assert_eq!(r.status(), 400, "{extra}");
+            let e: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["param"], param, "{extra}: {e}");
+            assert_eq!(e["error"]["type"], "invalid_request_error");
+            assert!(!e["error"]["message"].as_str().unwrap().is_empty());
+        }
+        let garbage = http.post(&url).bearer_auth("sk-serve-test").header("content-type", "application/json").body("{not json").send().await.unwrap();
+        assert_eq!(garbage.status(), 400);
+        let big = post(ask(serde_json::json!({"messages": [{"role": "user", "content": "x".repeat(100_000)}]})), key).await.unwrap();
+        assert_eq!(big.status(), 413);
+        let e: serde_json::Value = big.json().await.unwrap();
+        assert!(e["error"]["message"].is_string(), "{e}");
+
+        // A 4-token answer while a 1,500-token one decodes: within 3x its time alone.
+        let short = ask(serde_json::json!({"max_tokens": 4, "ignore_eos": true, "temperature": 0}));
+        let mut alone = Vec::new();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            assert_eq!(post(short.clone(), key).await.unwrap().status(), 200);
+            alone.push(t.elapsed());
+        }
+        alone.sort();
+        let alone = alone[1];
+        let long = tokio::spawn(post(
+            ask(serde_json::json!({"max_tokens": 1500, "ignore_eos": true, "messages": [{"role": "user", "content": "Tell me a very long story."}]})),
+            key,
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let t = std::time::Instant::now();
+        let r = post(short.clone(), key).await.unwrap();
+        let beside = t.elapsed();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["usage"]["completion_tokens"], 4);
+        assert!(!long.is_finished(), "the long answer was still decoding");
+        assert!(beside < alone * 3, "a 4-token answer took {beside:?} beside a long one, {alone:?} alone");
+        long.abort();
+    });
+    drop(rt);
+
+    // SIGTERM stops it cleanly.
+    assert!(Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap().success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed().as_secs() < 15, "still running after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
 fn python_or_skip(what: &str) -> Option<std::ffi::OsString> {
     let python = std::env::var_os("CANDOR_PYTHON");
     if python.is_none() {
@@ -779,6 +921,305 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
         assert!(bad.is_err(), "a wrong password is refused");
     });
     drop(server);
+}
+
+/// `candor sql <archive> --listen 127.0.0.1:0 --json` with `args` and `env`: the server and
+/// the address it listens on.
+fn sql_endpoint(archive: &Path, args: &[&str], env: &[(&str, &str)]) -> (KillOnDrop, std::net::SocketAddr) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candor"));
+    cmd.args(["sql", archive.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json"])
+        .args(args)
+        .env_remove("CANDOR_SQL_PASSWORD")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut server = KillOnDrop(cmd.spawn().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut first).unwrap();
+    let addr =
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"].as_str().unwrap().parse().unwrap();
+    (server, addr)
+}
+
+/// psql against `addr` (user `analyst`, unaligned, tuples only), with `env` (PGPASSWORD, …).
+fn psql_at(psql: &Path, addr: std::net::SocketAddr, commands: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(psql);
+    cmd.args(["-h", "127.0.0.1", "-p", &addr.port().to_string(), "-U", "analyst", "-d", "candor"])
+        .args(["-X", "-A", "-t", "-F", ",", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGPASSWORD");
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// The first column of the first row of a simple query's answer.
+fn first_value(messages: Vec<tokio_postgres::SimpleQueryMessage>) -> String {
+    messages
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[test]
+fn the_sql_endpoint_survives_long_huge_and_too_many_statements() {
+    let Some(psql) = psql_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    let (mut server, addr) =
+        sql_endpoint(&live, &["--max-connections", "12", "--query-memory", "64MiB", "--statement-timeout", "20s"], &[]);
+    let long = "SELECT count(*) FROM generate_series(1, 100000000000)";
+
+    // A long statement does not hold up another client's, and its own timeout stops it.
+    let started = std::time::Instant::now();
+    let slow = {
+        let psql = psql.clone();
+        std::thread::spawn(move || psql_at(&psql, addr, &["SET statement_timeout = '3s'", long], &[]))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let quick = std::time::Instant::now();
+    let one = psql_at(&psql, addr, &["SELECT 1"], &[]);
+    let quick = quick.elapsed();
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    assert_eq!(String::from_utf8_lossy(&one.stdout), "1\n");
+    assert!(quick < std::time::Duration::from_secs(1), "SELECT 1 took {quick:?} beside a long statement");
+    let slow = slow.join().unwrap();
+    let err = String::from_utf8_lossy(&slow.stderr);
+    assert!(!slow.status.success() && err.contains("57014") && err.contains("statement timeout"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "the timeout stopped it: {:?}", started.elapsed());
+    assert_eq!(psql_at(&psql, addr, &["SHOW statement_timeout"], &[]).stdout, b"20000ms\n", "a session's own setting");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let config = format!("host=127.0.0.1 port={} user=grafana dbname=candor", addr.port());
+    rt.block_on(async {
+        // A cancel request (psql's Ctrl-C) stops the statement at once.
+        let (client, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let token = client.cancel_token();
+        let cancel = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        });
+        let started = std::time::Instant::now();
+        let err = client.simple_query(long).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "cancelled after {:?}", started.elapsed());
+        cancel.await.unwrap();
+        assert_eq!(first_value(client.simple_query("SELECT 2").await.unwrap()), "2", "the session goes on");
+
+        // Too many connections: 300 more than the limit are refused with 53300, the
+        // connections there are keep being served.
+        let mut held = vec![client];
+        while held.len() < 12 {
+            let (c, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            held.push(c);
+        }
+        let attempts: Vec<_> = (0..300)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move { tokio_postgres::connect(&config, tokio_postgres::NoTls).await.map(|_| ()) })
+            })
+            .collect();
+        for a in attempts {
+            let err = a.await.unwrap().expect_err("over the limit");
+            assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
+        }
+        // psql (which asks for TLS first) is told so too.
+        let psql_refused = tokio::task::spawn_blocking({
+            let psql = psql.clone();
+            move || psql_at(&psql, addr, &["SELECT 1"], &[])
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&psql_refused.stderr);
+        assert!(err.contains("too many clients"), "{err}");
+        for c in &held {
+            c.simple_query("SELECT 1").await.unwrap();
+        }
+        held.truncate(11);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let (c, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c.simple_query("SELECT 1").await.unwrap();
+    });
+    drop(rt); // closes the connections
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // A result too big for the statement's memory fails cleanly, and the server goes on.
+    let huge = psql_at(&psql, addr, &["SELECT * FROM generate_series(1, 3000000000)"], &[]);
+    let err = String::from_utf8_lossy(&huge.stderr);
+    assert!(!huge.status.success() && err.contains("53200"), "{err}");
+    let one = psql_at(&psql, addr, &["SELECT 1"], &[]);
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+
+    // psql's table listing and SHOW TABLES see the catalog.
+    let dt = psql_at(&psql, addr, &["\\dt"], &[]);
+    let listing = String::from_utf8_lossy(&dt.stdout);
+    assert!(dt.status.success(), "{}", String::from_utf8_lossy(&dt.stderr));
+    for t in ["public,trials,table,candor", "public,responses,table", "public,cells,table"] {
+        assert!(listing.contains(t), "{t} in {listing}");
+    }
+    let show = psql_at(&psql, addr, &["SHOW TABLES"], &[]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("family_table"));
+
+    // SIGTERM stops the server cleanly.
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed().as_secs() < 15, "still running after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn the_sql_endpoint_outlives_running_out_of_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    // 128 descriptors for the whole process, and a connection limit above what they allow
+    // (the endpoint lowers it, and survives the descriptors it cannot have).
+    let mut server = KillOnDrop(
+        Command::new("bash")
+            .args(["-c", "ulimit -n 128 && exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_candor"))
+            .args(["sql", live.to_str().unwrap(), "--listen", "127.0.0.1:0", "--json", "--max-connections", "500"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut first).unwrap();
+    let addr: std::net::SocketAddr =
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"].as_str().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let config = format!("host=127.0.0.1 port={} user=u dbname=candor connect_timeout=2", addr.port());
+    rt.block_on(async {
+        let attempts: Vec<_> = (0..200)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move {
+                    let connect = tokio_postgres::connect(&config, tokio_postgres::NoTls);
+                    match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+                        Ok(Ok((c, conn))) => {
+                            tokio::spawn(conn);
+                            Some(c)
+                        }
+                        _ => None,
+                    }
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for a in attempts {
+            held.extend(a.await.unwrap());
+        }
+        assert!(held.len() < 200, "the descriptor limit was reached ({} connections)", held.len());
+        for c in &held {
+            // An answer, or a clean error: never a dropped connection.
+            if let Err(e) = c.simple_query("SELECT 1").await {
+                assert!(e.as_db_error().is_some(), "{e}");
+            }
+        }
+    });
+    drop(rt); // closes every connection
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(server.0.try_wait().unwrap().is_none(), "the server is still running");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        assert!(!first_value(c.simple_query("SELECT COUNT(*) FROM trials").await.unwrap()).is_empty());
+    });
+}
+
+#[test]
+fn the_sql_endpoint_logs_in_with_scram_slows_guessers_and_speaks_tls() {
+    let Some(psql) = psql_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (_server, addr) = sql_endpoint(
+        &live,
+        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+        &[("CANDOR_SQL_PASSWORD", "correct horse")],
+    );
+    // psql over TLS, the server's certificate verified, SCRAM with channel binding.
+    let root = cert.to_str().unwrap();
+    let tls = [
+        ("PGPASSWORD", "correct horse"),
+        ("PGSSLMODE", "verify-full"),
+        ("PGSSLROOTCERT", root),
+        ("PGCHANNELBINDING", "require"),
+    ];
+    let out = psql_at(&psql, addr, &["SELECT COUNT(DISTINCT checkpoint) FROM observations"], &tls);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n");
+    let plain = psql_at(&psql, addr, &["SELECT 1"], &[("PGPASSWORD", "correct horse"), ("PGSSLMODE", "disable")]);
+    assert!(plain.status.success(), "TLS is offered, not forced: {}", String::from_utf8_lossy(&plain.stderr));
+    let no_password = psql_at(&psql, addr, &["SELECT 1"], &[("PGSSLMODE", "disable")]);
+    assert!(!no_password.status.success());
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config =
+            |pw: &str| format!("host=127.0.0.1 port={} user=grafana password='{pw}' dbname=candor", addr.port());
+        let (client, conn) = tokio_postgres::connect(&config("correct horse"), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        assert_eq!(
+            first_value(client.simple_query("SELECT 1").await.unwrap()),
+            "1",
+            "tokio-postgres logs in with SCRAM"
+        );
+
+        // Fifty wrong passwords (psql: libpq's SCRAM is quick). The first five are answered
+        // as they come; the other 45, sent all at once, are let through one per 250 ms.
+        let guess = move |psql: &Path| {
+            let env = [("PGPASSWORD", "Tr0ub4dor&3"), ("PGSSLMODE", "disable"), ("PGCONNECT_TIMEOUT", "60")];
+            let wrong = psql_at(psql, addr, &["SELECT 1"], &env);
+            let err = String::from_utf8_lossy(&wrong.stderr).to_lowercase();
+            assert!(err.contains("password authentication failed"), "{err}");
+        };
+        for _ in 0..5 {
+            guess(&psql);
+        }
+        let started = std::time::Instant::now();
+        let guesses: Vec<_> = (0..45)
+            .map(|_| {
+                let psql = psql.clone();
+                std::thread::spawn(move || guess(&psql))
+            })
+            .collect();
+        for g in guesses {
+            g.join().unwrap();
+        }
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_millis(44 * 250), "45 guesses at once took only {took:?}");
+        let (client, conn) = tokio_postgres::connect(&config("correct horse"), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.simple_query("SELECT 1").await.unwrap();
+    });
 }
 
 /// Stops a server the test started, also when an assertion fails first.
@@ -1538,7 +1979,7 @@ fn a_judge_that_fails_or_babbles_gives_judge_error_or_unparseable_never_incorrec
     let serve = |faults: &str| serve_with_faults(&exp, faults);
     let judge = |port: u16| {
         format!(
-            "{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", model = \"judge\", max_retries = 1, timeout_secs = 60 }}"
+            "{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", model = \"smollm2\", max_retries = 1, timeout_secs = 60 }}"
         )
     };
     let rescore = |port: u16, name: &str| {

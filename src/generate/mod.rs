@@ -33,12 +33,18 @@ pub struct Decoding {
     pub stop: Vec<String>,
     /// Seed of this request's sampler.
     pub seed: u64,
+    /// Never stop at an end-of-turn token: the answer runs to `max_new_tokens` (or a stop
+    /// string, or the context). For benchmarks, where every side must decode the same number
+    /// of tokens whatever the model says (vLLM's `ignore_eos`). Left out of the generation
+    /// store's key when false, so stored answers keep their keys.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
 }
 
 impl Decoding {
     /// The paper's settings for open-ended answers: temperature 0.8, 300 new tokens.
     pub fn open_ended(seed: u64) -> Self {
-        Decoding { temperature: 0.8, top_p: None, max_new_tokens: 300, stop: Vec::new(), seed }
+        Decoding { temperature: 0.8, top_p: None, max_new_tokens: 300, stop: Vec::new(), seed, ignore_eos: false }
     }
     /// The paper's settings for MMLU and GSM8K: temperature 0.2.
     pub fn structured(seed: u64) -> Self {
@@ -88,6 +94,7 @@ impl GenerationConfig {
             max_new_tokens: self.max_new_tokens,
             stop: Vec::new(),
             seed,
+            ignore_eos: false,
         }
     }
 }
@@ -132,6 +139,20 @@ pub struct Generation {
     pub latency_ms: f64,
 }
 
+/// A request a server hands to its model, with where the answer goes. A job whose reply
+/// channel has closed (its client went away) may be dropped unanswered.
+pub struct Job {
+    pub request: GenRequest,
+    pub reply: tokio::sync::oneshot::Sender<Result<Generation>>,
+}
+
+/// What a backend can tell a server about a request before it runs: how many tokens its
+/// prompt takes, and the context prompt and answer must fit in.
+pub trait TokenBudget: Send + Sync {
+    fn prompt_tokens(&self, request: &GenRequest) -> Result<usize>;
+    fn context(&self) -> usize;
+}
+
 /// A model backend.
 pub trait Generator: Send {
     /// What produced the answers, stable across runs: backend, model, weights digest, system
@@ -140,4 +161,51 @@ pub trait Generator: Send {
     /// Answers every request, in order. A failure of one request is returned in its place;
     /// an `Err` means the backend itself failed.
     fn generate(&mut self, requests: &[GenRequest]) -> Result<Vec<Result<Generation>>>;
+    /// Answers jobs from `queue` until it closes, at most `batch_size` at once. By default
+    /// in static batches ([`serve_static`]); the candle backend overrides it with continuous
+    /// batching, so a job that arrives while a long answer decodes joins the running batch.
+    fn serve(&mut self, queue: &std::sync::mpsc::Receiver<Job>, batch_size: usize) {
+        serve_static(self, queue, batch_size)
+    }
+    /// The backend's [`TokenBudget`], when it can count tokens (the candle backend can).
+    fn budget(&self) -> Option<std::sync::Arc<dyn TokenBudget>> {
+        None
+    }
+}
+
+/// Static batching: the jobs that arrive within 5 ms of each other (up to `batch_size`) go
+/// to the model as one [`Generator::generate`] call; jobs arriving meanwhile wait for the whole
+/// call to end.
+pub fn serve_static<G: Generator + ?Sized>(
+    generator: &mut G,
+    queue: &std::sync::mpsc::Receiver<Job>,
+    batch_size: usize,
+) {
+    let batch_size = batch_size.max(1);
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(5);
+        while batch.len() < batch_size {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match queue.recv_timeout(left) {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        batch.retain(|job| !job.reply.is_closed());
+        let requests: Vec<GenRequest> = batch.iter().map(|j| j.request.clone()).collect();
+        match generator.generate(&requests) {
+            Ok(answers) => {
+                for (job, answer) in batch.into_iter().zip(answers) {
+                    let _ = job.reply.send(answer);
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for job in batch {
+                    let _ = job.reply.send(Err(crate::error::Error::backend("model", message.clone())));
+                }
+            }
+        }
+    }
 }

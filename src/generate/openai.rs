@@ -174,6 +174,9 @@ pub fn request_body(model: &str, r: &GenRequest) -> Value {
     if !r.decoding.stop.is_empty() {
         body["stop"] = json!(r.decoding.stop);
     }
+    if r.decoding.ignore_eos {
+        body["ignore_eos"] = json!(true);
+    }
     body
 }
 

@@ -357,7 +357,7 @@ pub fn parse_verdict(raw: &str) -> Option<VerdictLabel> {
 
 /// The judge's decoding: greedy, a fixed seed, room for a word or two.
 pub fn judge_decoding() -> Decoding {
-    Decoding { temperature: 0.0, top_p: None, max_new_tokens: 8, stop: Vec::new(), seed: 0 }
+    Decoding { temperature: 0.0, top_p: None, max_new_tokens: 8, stop: Vec::new(), seed: 0, ignore_eos: false }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 //! - [`input`]: observation files (archives, CSV, Parquet, the paper's CSVs).
 //! - [`follow`]: the dataflow hook: when an epoch completes, its observations update the engine.
 //! - [`live`]: the archive's streams and the statistics as one read-only catalog that follows
-//!   committed epochs; [`shell`] (`candor sql`) and [`pg`] (the PostgreSQL wire endpoint) serve it.
+//!   committed epochs; [`shell`] (`candor sql`) and [`pg`] (the PostgreSQL wire endpoint) serve it,
+//!   [`pg_catalog`] lets PostgreSQL clients list its tables.
 //!
 //! ```
 //! let engine = candor::sql::engine::StatsEngine::new().unwrap();
@@ -24,6 +25,7 @@ pub mod follow;
 pub mod input;
 pub mod live;
 pub mod pg;
+pub mod pg_catalog;
 pub mod queries;
 pub mod shell;
 pub mod udf;

@@ -636,4 +636,86 @@ mod live {
         assert!(live.query("SELECT * FROM y").is_err(), "nothing was created");
         assert_eq!(live.query("SELECT nope FROM nowhere").unwrap_err().sqlstate(), "42P01");
     }
+
+    #[test]
+    fn a_statement_keeps_its_snapshot_while_epochs_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open_writer(dir.path(), "test").unwrap();
+        let write = |ckpt: &str, ft: bool, epoch: u64| {
+            assert_eq!(archive.register_checkpoint("m", ckpt, ft, None).unwrap(), epoch);
+            let part = Partition::checkpoint("m", ckpt);
+            let batch = Observation::to_batch(&answers(ckpt, ft, epoch)).unwrap();
+            archive.append_epoch("observation", &part, epoch, &[batch]).unwrap();
+            archive.commit_epoch(epoch, &serde_json::json!({})).unwrap();
+        };
+        write("base", false, 1);
+        write("warm-e1", true, 2);
+        let live = LiveSql::open(dir.path()).unwrap();
+        let old = live.snapshot().unwrap();
+        write("warm-e2", true, 3);
+        let new = live.snapshot().unwrap();
+        assert!(new.version > old.version);
+        let count = |snap: std::sync::Arc<super::super::live::Snapshot>, sql: &str| {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(live.spawn_query(snap, sql.to_string())).unwrap().unwrap().num_rows()
+        };
+        let sql = "SELECT * FROM family_table";
+        assert_eq!(count(old.clone(), sql), 1, "the old snapshot does not see the new epoch");
+        assert_eq!(count(old, "SELECT * FROM observations"), 60);
+        assert_eq!(count(new, sql), 2);
+    }
+
+    #[test]
+    fn a_statement_over_its_memory_limit_fails_with_53200_and_the_next_one_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = super::super::live::MemoryLimits { query: 8 << 20, server: 10 << 20 };
+        let live = LiveSql::open_with(dir.path(), limits).unwrap();
+        let e = live.query("SELECT * FROM generate_series(1, 100000000)").unwrap_err();
+        assert!(matches!(e, QueryError::OutOfMemory(_)), "{e}");
+        assert_eq!(e.sqlstate(), "53200");
+        let e = live.query("SELECT v, count(*) FROM generate_series(1, 10000000) AS t(v) GROUP BY v").unwrap_err();
+        assert_eq!(e.sqlstate(), "53200", "an aggregate's hash table counts too: {e}");
+        // A failed statement's operators wind down on the runtime's workers, freeing what
+        // they held.
+        let freed = |live: &LiveSql| {
+            let start = std::time::Instant::now();
+            while live.memory_in_use() > 0 && start.elapsed().as_secs() < 10 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            live.memory_in_use()
+        };
+        assert_eq!(freed(&live), 0, "a failed statement frees what it held");
+        let held = live.query("SELECT * FROM generate_series(1, 600000)").unwrap();
+        assert!(held.reserved() > 4 << 20 && live.memory_in_use() == held.reserved(), "a result holds its memory");
+        let e = live.query("SELECT * FROM generate_series(1, 900000)").unwrap_err();
+        assert_eq!(e.sqlstate(), "53200", "under its own limit but over what the server has left: {e}");
+        drop(held);
+        assert_eq!(live.query("SELECT 1").unwrap().num_rows(), 1);
+        assert_eq!(freed(&live), 0);
+    }
+
+    #[test]
+    fn show_tables_and_psqls_table_listing_see_the_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = LiveSql::open(dir.path()).unwrap();
+        let rows = live.query("SHOW TABLES").unwrap();
+        assert!(rows.num_rows() > 10);
+        // psql 15's `\dt` and `\dv`, verbatim.
+        let listing = |kinds: &str| {
+            format!(
+                "SELECT n.nspname as \"Schema\",\n  c.relname as \"Name\",\n  CASE c.relkind WHEN 'r' THEN 'table' WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view' WHEN 'i' THEN 'index' WHEN 'S' THEN 'sequence' WHEN 't' THEN 'TOAST table' WHEN 'f' THEN 'foreign table' WHEN 'p' THEN 'partitioned table' WHEN 'I' THEN 'partitioned index' END as \"Type\",\n  pg_catalog.pg_get_userbyid(c.relowner) as \"Owner\"\nFROM pg_catalog.pg_class c\n     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace\n     LEFT JOIN pg_catalog.pg_am am ON am.oid = c.relam\nWHERE c.relkind IN ({kinds})\n      AND n.nspname <> 'pg_catalog'\n      AND n.nspname !~ '^pg_toast'\n      AND n.nspname <> 'information_schema'\n  AND pg_catalog.pg_table_is_visible(c.oid)\nORDER BY 1,2;"
+            )
+        };
+        let names = |rows: super::super::live::Rows| -> Vec<String> {
+            let b = arrow::compute::concat_batches(&rows.schema, &rows.batches).unwrap();
+            (0..b.num_rows()).map(|i| super::array_value_to_string(b.column(1), i).unwrap()).collect()
+        };
+        let tables = names(live.query(&listing("'r','p',''")).unwrap());
+        for t in ["cells", "observations", "responses", "trials"] {
+            assert!(tables.iter().any(|x| x == t), "{t} in {tables:?}");
+        }
+        assert!(!tables.iter().any(|x| x == "family_table"), "views are not tables");
+        let views = names(live.query(&listing("'v',''")).unwrap());
+        assert!(views.iter().any(|x| x == "family_table"), "{views:?}");
+    }
 }

@@ -1,9 +1,14 @@
 //! Batched generation over a loaded model: chat prompts in, answers out.
 //!
-//! Up to `batch_size` requests are in flight at once. Newly admitted requests are prefilled
-//! together in one forward pass; then every active sequence advances one token per decode
-//! pass. A sequence that stops (end of turn, a stop string, `max_new_tokens`) leaves at once
-//! and the next waiting request takes its place, so a long answer does not hold a batch.
+//! Continuous batching ([`Engine::run_continuous`]): up to `batch_size` requests are in
+//! flight at once. Between decode passes, requests that have arrived join the running batch
+//! while it has room: they are prefilled in the same forward pass as the running sequences'
+//! next decode step, so an arrival stalls no one; then every active sequence advances one
+//! token per pass. A sequence that stops (end of turn, a stop
+//! string, `max_new_tokens`) leaves at once and is answered, and the next waiting request
+//! takes its place, so a long answer holds neither a batch nor a request that arrives while it
+//! runs. [`Engine::run`] is the same loop over a list of requests known up front;
+//! `candor serve` feeds it from its queue.
 //! Every sequence samples with its own sampler seeded from its request, and the model computes
 //! each sequence's attention on its own cache, so an answer does not depend on which other
 //! requests shared its batch.
@@ -56,18 +61,10 @@ impl BatchStats {
     }
 }
 
-/// How [`Engine::run_with`] decodes, beyond each request's own settings.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RunOptions {
-    /// Never stop at an end-of-turn token or a stop string: every answer runs to its
-    /// `max_new_tokens` (or the context). For benchmarks, where each side must decode the same
-    /// number of tokens whatever the model says.
-    pub ignore_stop: bool,
-}
-
-struct Seq<'r> {
-    index: usize,
-    request: &'r GenRequest,
+struct Seq<T> {
+    /// Where the answer goes.
+    reply: T,
+    request: GenRequest,
     cache: Cache,
     /// Tokens to feed next: the prompt, then the last sampled token.
     input: Vec<u32>,
@@ -76,6 +73,33 @@ struct Seq<'r> {
     output: Vec<u32>,
     sampler: LogitsProcessor,
     secs: f64,
+}
+
+/// A chat turn's token ids in `chat`'s format.
+fn encode_chat(tokenizer: &Tokenizer, chat: &ChatTemplate, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+    let text = chat.render(system, user);
+    let enc = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| Error::input(Location::default().field("prompt"), format!("cannot tokenize: {e}")))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// Counts prompt tokens as the engine will ([`Engine::budget`]).
+pub struct PromptBudget {
+    tokenizer: Tokenizer,
+    chat: ChatTemplate,
+    system: Option<String>,
+    context: usize,
+}
+
+impl crate::generate::TokenBudget for PromptBudget {
+    fn prompt_tokens(&self, request: &GenRequest) -> Result<usize> {
+        let system = request.system_prompt.as_deref().or(self.system.as_deref());
+        encode_chat(&self.tokenizer, &self.chat, system, &request.prompt).map(|t| t.len())
+    }
+    fn context(&self) -> usize {
+        self.context
+    }
 }
 
 fn bad_decoding(field: &str, msg: String) -> Error {
@@ -93,15 +117,48 @@ impl Engine {
 
     /// The prompt's token ids; `system` overrides the template's default system prompt.
     pub fn encode_prompt(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
-        let text = self.chat.render(system, user);
-        let enc = self
-            .tokenizer
-            .encode(text.as_str(), false)
-            .map_err(|e| Error::input(Location::default().field("prompt"), format!("cannot tokenize: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        encode_chat(&self.tokenizer, &self.chat, system, user)
     }
 
-    fn admit<'r>(&self, index: usize, request: &'r GenRequest, system: Option<&str>) -> Result<Seq<'r>> {
+    /// What a server needs to check requests before they reach the model: the tokenizer and
+    /// chat format, `system` for requests without their own, and the context.
+    pub fn budget(&self, system: Option<String>) -> PromptBudget {
+        PromptBudget {
+            tokenizer: self.tokenizer.clone(),
+            chat: self.chat.clone(),
+            system,
+            context: self.model.config().max_seq_len,
+        }
+    }
+
+    fn admit<T>(&self, reply: T, request: GenRequest, system: Option<&str>) -> std::result::Result<Seq<T>, (T, Error)> {
+        match self.check(&request, system) {
+            Ok(prompt) => {
+                let limit = self.model.config().max_seq_len;
+                let d = &request.decoding;
+                Ok(Seq {
+                    reply,
+                    // Room for the whole answer up front: the cache then grows in place, never copied.
+                    cache: Cache::with_capacity(
+                        self.model.config(),
+                        (prompt.len() + d.max_new_tokens as usize).min(limit),
+                    ),
+                    prompt_tokens: prompt.len(),
+                    input: prompt,
+                    sampled: 0,
+                    output: Vec::new(),
+                    sampler: LogitsProcessor::new(d.seed, Some(d.temperature), d.top_p),
+                    secs: 0.0,
+                    request,
+                })
+            }
+            Err(e) => Err((reply, e)),
+        }
+    }
+
+    /// The prompt's tokens if the request can run: a valid decoding setting and a prompt that
+    /// leaves room in the context.
+    fn check(&self, request: &GenRequest, system: Option<&str>) -> Result<Vec<u32>> {
         let d = &request.decoding;
         if !(d.temperature >= 0.0 && d.temperature.is_finite()) {
             return Err(bad_decoding("temperature", format!("{} is not a temperature", d.temperature)));
@@ -119,30 +176,19 @@ impl Engine {
                 format!("prompt of {} tokens leaves no room in the context of {limit} tokens", prompt.len()),
             ));
         }
-        Ok(Seq {
-            index,
-            request,
-            // Room for the whole answer up front: the cache then grows in place, never copied.
-            cache: Cache::with_capacity(self.model.config(), (prompt.len() + d.max_new_tokens as usize).min(limit)),
-            prompt_tokens: prompt.len(),
-            input: prompt,
-            sampled: 0,
-            output: Vec::new(),
-            sampler: LogitsProcessor::new(d.seed, Some(d.temperature), d.top_p),
-            secs: 0.0,
-        })
+        Ok(prompt)
     }
 
     /// Samples the next token of `seq` from `logits`; returns why it stops, if it does.
-    fn advance(&self, seq: &mut Seq, logits: &Tensor, opts: RunOptions) -> Result<Option<FinishReason>> {
+    fn advance<T>(&self, seq: &mut Seq<T>, logits: &Tensor) -> Result<Option<FinishReason>> {
         let next = seq.sampler.sample(logits).map_err(|e| model_error("sampling", e))?;
         seq.sampled += 1;
-        if self.stop_ids.contains(&next) && !opts.ignore_stop {
+        if self.stop_ids.contains(&next) && !seq.request.decoding.ignore_eos {
             return Ok(Some(FinishReason::Stop));
         }
         seq.output.push(next);
         let stops = &seq.request.decoding.stop;
-        if !stops.is_empty() && !opts.ignore_stop {
+        if !stops.is_empty() {
             let text = self.text(&seq.output)?;
             if stops.iter().any(|s| text.contains(s.as_str())) {
                 return Ok(Some(FinishReason::Stop));
@@ -159,7 +205,12 @@ impl Engine {
         self.tokenizer.decode(ids, true).map_err(|e| Error::Internal(format!("cannot decode generated tokens: {e}")))
     }
 
-    fn finish(&self, seq: Seq, reason: FinishReason) -> Result<Generation> {
+    fn finish<T>(&self, seq: Seq<T>, reason: FinishReason) -> (T, Result<Generation>) {
+        let generation = self.generation(&seq, reason);
+        (seq.reply, generation)
+    }
+
+    fn generation<T>(&self, seq: &Seq<T>, reason: FinishReason) -> Result<Generation> {
         let mut output = self.text(&seq.output)?;
         // Cut at the earliest stop string; the stop string itself is not part of the answer.
         if let Some(cut) = seq.request.decoding.stop.iter().filter_map(|s| output.find(s.as_str())).min() {
@@ -184,80 +235,118 @@ impl Engine {
         system: Option<&str>,
         batch_size: usize,
     ) -> Result<(Vec<Result<Generation>>, BatchStats)> {
-        self.run_with(requests, system, batch_size, RunOptions::default())
-    }
-
-    /// [`Engine::run`] with options (a benchmark's fixed answer lengths).
-    pub fn run_with(
-        &self,
-        requests: &[GenRequest],
-        system: Option<&str>,
-        batch_size: usize,
-        opts: RunOptions,
-    ) -> Result<(Vec<Result<Generation>>, BatchStats)> {
-        let batch_size = batch_size.max(1);
         let mut results: Vec<Option<Result<Generation>>> = (0..requests.len()).map(|_| None).collect();
-        let mut stats = BatchStats { requests: requests.len(), ..Default::default() };
-        let mut waiting = requests.iter().enumerate();
-        let mut active: Vec<Seq> = Vec::new();
-        loop {
-            // Admit waiting requests into free slots and prefill them together.
-            let mut fresh = Vec::new();
-            while active.len() + fresh.len() < batch_size {
-                let Some((i, r)) = waiting.next() else { break };
-                match self.admit(i, r, system) {
-                    Ok(seq) if r.decoding.max_new_tokens == 0 => {
-                        results[i] = Some(self.finish(seq, FinishReason::Length));
-                    }
-                    Ok(seq) => fresh.push(seq),
-                    Err(e) => results[i] = Some(Err(e)),
-                }
-            }
-            let prefill = !fresh.is_empty();
-            let group = if prefill { &mut fresh } else { &mut active };
-            if group.is_empty() {
-                break;
-            }
-            let fed: usize = group.iter().map(|s| s.input.len()).sum();
-            let start = Instant::now();
-            let logits = {
-                let mut batch: Vec<(&[u32], &mut Cache)> =
-                    group.iter_mut().map(|s| (s.input.as_slice(), &mut s.cache)).collect();
-                self.model.forward(&mut batch, Positions::Last).map_err(|e| model_error("forward pass", e))?
-            };
-            let mut finished = Vec::new();
-            for (k, (seq, logits)) in group.iter_mut().zip(&logits).enumerate() {
-                if let Some(reason) = self.advance(seq, logits, opts)? {
-                    finished.push((k, reason));
-                }
-            }
-            // The pass's time is shared equally by the sequences it served.
-            let secs = start.elapsed().as_secs_f64();
-            let n = group.len();
-            group.iter_mut().for_each(|s| s.secs += secs / n as f64);
-            stats.generated_tokens += n as u64;
-            if prefill {
-                stats.prefill_passes += 1;
-                stats.prefill_tokens += fed as u64;
-                stats.prefill_secs += secs;
-            } else {
-                stats.decode_passes += 1;
-                stats.decode_tokens += fed as u64;
-                stats.decode_secs += secs;
-                stats.max_active = stats.max_active.max(n);
-            }
-            for (k, reason) in finished.into_iter().rev() {
-                let seq = group.remove(k);
-                let index = seq.index;
-                results[index] = Some(self.finish(seq, reason));
-            }
-            active.append(&mut fresh);
-        }
+        let mut waiting = requests.iter().cloned().enumerate();
+        let stats = self.run_continuous(
+            system,
+            batch_size,
+            |room, _idle| waiting.by_ref().take(room).map(|(i, r)| (r, i)).collect(),
+            |i, answer| results[i] = Some(answer),
+            |_| true,
+        )?;
         let results = results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Internal("a request was never answered".into()))))
             .collect();
         Ok((results, stats))
+    }
+
+    /// Continuous batching. Before every forward pass, `arrivals(room, idle)` hands over up to
+    /// `room` requests that have arrived, each with its reply token `T`; `idle` says nothing
+    /// is running, so it may wait for one. The run ends when it returns none while idle. Every
+    /// request is answered through `answer` as soon as it stops (or at once if it cannot run).
+    /// A failing forward pass answers every request in flight with the error and ends the run
+    /// with it. A running request for which `wanted` turns false (its client went away) is
+    /// dropped from the batch unanswered.
+    pub fn run_continuous<T>(
+        &self,
+        system: Option<&str>,
+        batch_size: usize,
+        mut arrivals: impl FnMut(usize, bool) -> Vec<(GenRequest, T)>,
+        mut answer: impl FnMut(T, Result<Generation>),
+        wanted: impl Fn(&T) -> bool,
+    ) -> Result<BatchStats> {
+        let batch_size = batch_size.max(1);
+        let mut stats = BatchStats::default();
+        let mut active: Vec<Seq<T>> = Vec::new();
+        loop {
+            active.retain(|s| wanted(&s.reply));
+            // Admit arrived requests into free slots and prefill them together.
+            let mut fresh = Vec::new();
+            let room = batch_size - active.len();
+            if room > 0 {
+                for (request, reply) in arrivals(room, active.is_empty()) {
+                    stats.requests += 1;
+                    match self.admit(reply, request, system) {
+                        Ok(seq) if seq.request.decoding.max_new_tokens == 0 => {
+                            let (reply, generation) = self.finish(seq, FinishReason::Length);
+                            answer(reply, generation);
+                        }
+                        Ok(seq) => fresh.push(seq),
+                        Err((reply, e)) => answer(reply, Err(e)),
+                    }
+                }
+            }
+            // Arrivals are prefilled in the same forward pass as the running sequences' decode
+            // step (the model takes each sequence's own input), so an arrival stalls no one.
+            let joined = fresh.len();
+            active.append(&mut fresh);
+            if active.is_empty() {
+                break;
+            }
+            let first_new = active.len() - joined;
+            let prompt_fed: usize = active[first_new..].iter().map(|s| s.input.len()).sum();
+            let decode_fed = first_new;
+            let start = Instant::now();
+            let logits = {
+                let mut batch: Vec<(&[u32], &mut Cache)> =
+                    active.iter_mut().map(|s| (s.input.as_slice(), &mut s.cache)).collect();
+                self.model.forward(&mut batch, Positions::Last).map_err(|e| model_error("forward pass", e))
+            };
+            let stepped = logits.and_then(|logits| {
+                let mut finished = Vec::new();
+                for (k, (seq, logits)) in active.iter_mut().zip(&logits).enumerate() {
+                    if let Some(reason) = self.advance(seq, logits)? {
+                        finished.push((k, reason));
+                    }
+                }
+                Ok(finished)
+            });
+            let finished = match stepped {
+                Ok(f) => f,
+                Err(e) => {
+                    let message = e.to_string();
+                    for seq in active {
+                        answer(seq.reply, Err(Error::Model { context: "batch".into(), message: message.clone() }));
+                    }
+                    return Err(e);
+                }
+            };
+            // The pass's time is shared equally by the sequences it served, and split between
+            // prefill and decode by the tokens each took in.
+            let secs = start.elapsed().as_secs_f64();
+            let n = active.len();
+            active.iter_mut().for_each(|s| s.secs += secs / n as f64);
+            stats.generated_tokens += n as u64;
+            let prefill_share = prompt_fed as f64 / (prompt_fed + decode_fed) as f64;
+            if joined > 0 {
+                stats.prefill_passes += 1;
+                stats.prefill_tokens += prompt_fed as u64;
+                stats.prefill_secs += secs * prefill_share;
+            }
+            if decode_fed > 0 {
+                stats.decode_passes += 1;
+                stats.decode_tokens += decode_fed as u64;
+                stats.decode_secs += secs * (1.0 - prefill_share);
+                stats.max_active = stats.max_active.max(decode_fed);
+            }
+            for (k, reason) in finished.into_iter().rev() {
+                let seq = active.remove(k);
+                let (reply, generation) = self.finish(seq, reason);
+                answer(reply, generation);
+            }
+        }
+        Ok(stats)
     }
 
     /// Logits `[tokens, vocab]` for every position of `tokens` in one pass (entry `i` predicts

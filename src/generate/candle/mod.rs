@@ -60,11 +60,11 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use engine::model_error;
-pub use engine::{BatchStats, Engine, RunOptions};
+pub use engine::{BatchStats, Engine, PromptBudget};
 
 use crate::config::{CheckpointConfig, ModelConfig};
 use crate::error::{Error, Location, Result};
-use crate::generate::{GenRequest, Generation, Generator};
+use crate::generate::{GenRequest, Generation, Generator, Job};
 
 /// File name of the default model in the model cache.
 pub const DEFAULT_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -540,6 +540,46 @@ impl Generator for CandleGenerator {
 
     fn generate(&mut self, requests: &[GenRequest]) -> Result<Vec<Result<Generation>>> {
         self.run_batch(requests).map(|(out, _)| out)
+    }
+
+    /// Continuous batching: jobs join the running batch between decode steps.
+    fn serve(&mut self, queue: &std::sync::mpsc::Receiver<Job>, batch_size: usize) {
+        loop {
+            let run = self.engine.run_continuous(
+                self.system_prompt.as_deref(),
+                batch_size,
+                |room, idle| {
+                    let mut jobs = Vec::new();
+                    if idle {
+                        match queue.recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => return Vec::new(),
+                        }
+                    }
+                    while jobs.len() < room {
+                        match queue.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    jobs.into_iter().map(|j| (j.request, j.reply)).collect()
+                },
+                |reply, answer| {
+                    let _ = reply.send(answer);
+                },
+                |reply| !reply.is_closed(),
+            );
+            match run {
+                // Idle with the queue closed.
+                Ok(_) => return,
+                // Every job in flight was answered with the error; serve the next ones.
+                Err(e) => eprintln!("candor serve: a forward pass failed: {e}"),
+            }
+        }
+    }
+
+    fn budget(&self) -> Option<std::sync::Arc<dyn crate::generate::TokenBudget>> {
+        Some(std::sync::Arc::new(self.engine.budget(self.system_prompt.clone())))
     }
 }
 

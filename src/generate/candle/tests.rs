@@ -203,7 +203,7 @@ fn request(prompt: &str, temperature: f64, max_new_tokens: u32, seed: u64) -> Ge
     GenRequest {
         system_prompt: None,
         prompt: prompt.into(),
-        decoding: Decoding { temperature, top_p: None, max_new_tokens, stop: Vec::new(), seed },
+        decoding: Decoding { temperature, top_p: None, max_new_tokens, stop: Vec::new(), seed, ignore_eos: false },
     }
 }
 
@@ -500,6 +500,70 @@ fn sampling_is_reproducible_per_seed_whatever_the_batch() {
     let mut r = request("the winter", 1.0, 16, 5);
     r.decoding.top_p = Some(0.5);
     assert_eq!(outputs(&e, std::slice::from_ref(&r), 1), outputs(&e, &[r.clone(), reqs[0].clone()], 2)[..1]);
+}
+
+#[test]
+fn a_request_arriving_mid_decode_joins_the_running_batch_and_answers_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = tiny_gguf_engine(dir.path(), GgmlDType::Q8_0);
+    let mut long = request("the winter", 0.0, 40, 1);
+    long.decoding.ignore_eos = true;
+    let short = request("hi", 0.0, 3, 2);
+    let alone = |r: &GenRequest| outputs(&e, std::slice::from_ref(r), 1).remove(0);
+    let (long_alone, short_alone) = (alone(&long), alone(&short));
+    assert_eq!(long_alone.1, 40, "ignore_eos runs to max_new_tokens");
+    // The long request starts; the short one arrives after five passes.
+    let mut passes = 0;
+    let mut order = Vec::new();
+    let mut answers = std::collections::BTreeMap::new();
+    let stats = e
+        .run_continuous(
+            None,
+            4,
+            |_room, _idle| {
+                passes += 1;
+                match passes {
+                    1 => vec![(long.clone(), "long")],
+                    6 => vec![(short.clone(), "short")],
+                    _ => Vec::new(),
+                }
+            },
+            |who, answer| {
+                order.push(who);
+                let g = answer.unwrap();
+                answers.insert(who, (g.output, g.completion_tokens, g.finish_reason));
+            },
+            |_| true,
+        )
+        .unwrap();
+    assert_eq!(order, ["short", "long"], "the short request did not wait for the long one");
+    assert_eq!(stats.max_active, 2);
+    assert_eq!(answers["long"], long_alone, "joining a running batch changes no answer");
+    assert_eq!(answers["short"], short_alone);
+}
+
+#[test]
+fn a_request_whose_client_went_away_leaves_the_batch_unanswered() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = tiny_gguf_engine(dir.path(), GgmlDType::Q8_0);
+    let mut long = request("the winter", 0.0, 40, 1);
+    long.decoding.ignore_eos = true;
+    let passes = std::cell::Cell::new(0);
+    let mut answered = Vec::new();
+    let stats = e
+        .run_continuous(
+            None,
+            4,
+            |_room, _idle| {
+                passes.set(passes.get() + 1);
+                if passes.get() == 1 { vec![(long.clone(), "gone"), (long.clone(), "stays")] } else { Vec::new() }
+            },
+            |who, _| answered.push(who),
+            |who| *who != "gone" || passes.get() < 5,
+        )
+        .unwrap();
+    assert_eq!(answered, ["stays"]);
+    assert!(stats.decode_tokens < 2 * 39, "the gone request stopped decoding: {stats:?}");
 }
 
 #[test]
