@@ -31,6 +31,7 @@
 //! ```
 //! use candor::sql::live::LiveSql;
 //! let dir = tempfile::tempdir().unwrap();
+//! candor::archive::Archive::open_writer(dir.path(), "doc").unwrap(); // an empty archive
 //! let live = LiveSql::open(dir.path()).unwrap();
 //! let rows = live.query("SELECT count(*) AS n FROM family_table").unwrap();
 //! assert_eq!(rows.batches[0].num_rows(), 1);

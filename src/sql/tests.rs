@@ -668,6 +668,7 @@ mod live {
     #[test]
     fn a_statement_over_its_memory_limit_fails_with_53200_and_the_next_one_runs() {
         let dir = tempfile::tempdir().unwrap();
+        drop(Archive::open_writer(dir.path(), "test").unwrap());
         let limits = super::super::live::MemoryLimits { query: 8 << 20, server: 10 << 20 };
         let live = LiveSql::open_with(dir.path(), limits).unwrap();
         let e = live.query("SELECT * FROM generate_series(1, 100000000)").unwrap_err();
@@ -697,6 +698,7 @@ mod live {
     #[test]
     fn show_tables_and_psqls_table_listing_see_the_catalog() {
         let dir = tempfile::tempdir().unwrap();
+        drop(Archive::open_writer(dir.path(), "test").unwrap());
         let live = LiveSql::open(dir.path()).unwrap();
         let rows = live.query("SHOW TABLES").unwrap();
         assert!(rows.num_rows() > 10);
