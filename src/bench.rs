@@ -118,6 +118,7 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
         &source,
         all.clone(),
         Vec::new(),
+        Vec::new(),
         0,
         batches,
         labels,

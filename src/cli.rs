@@ -1,6 +1,6 @@
 //! The `candor` command line.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +35,11 @@ pub struct Cli {
     /// terminal).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Replicate the paper in one flag: its refusal phrase list (defects included) and its
+    /// prompt templates byte for byte, over the paper's own statistics cells (the default).
+    /// An explicit --refusal still wins.
+    #[arg(long, global = true)]
+    pub paper: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -111,9 +116,9 @@ pub enum Command {
         /// Free-text variant recorded with the checkpoint (warm, cold, warm-system-prompt, …).
         #[arg(long)]
         variant: Option<String>,
-        /// Refusal phrase list.
-        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
-        refusal: RefusalArg,
+        /// Refusal phrase list (default: `default`; `paper` with --paper).
+        #[arg(long, value_enum)]
+        refusal: Option<RefusalArg>,
         #[arg(long, value_enum, default_value_t = Format::Parquet)]
         format: Format,
         #[command(flatten)]
@@ -142,8 +147,9 @@ pub enum Command {
         /// The archive to write (must not hold responses yet).
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
-        refusal: RefusalArg,
+        /// Refusal phrase list (default: `default`; `paper` with --paper).
+        #[arg(long, value_enum)]
+        refusal: Option<RefusalArg>,
         #[arg(long, value_enum, default_value_t = Format::Parquet)]
         format: Format,
         #[command(flatten)]
@@ -162,8 +168,9 @@ pub enum Command {
         /// `openai=<base_url>[,<model>]` (any OpenAI-compatible endpoint, free-text answer).
         #[arg(long, default_value = "auto")]
         judge: String,
-        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
-        refusal: RefusalArg,
+        /// Refusal phrase list (default: `default`; `paper` with --paper).
+        #[arg(long, value_enum)]
+        refusal: Option<RefusalArg>,
         #[arg(long, value_enum, default_value_t = Format::Parquet)]
         format: Format,
         #[command(flatten)]
@@ -228,9 +235,10 @@ pub enum Command {
         /// Checkpoint of every row, for files without a `checkpoint` column.
         #[arg(long)]
         checkpoint: Option<String>,
-        /// Refusal phrase list applied to the paper's CSVs.
-        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
-        refusal: RefusalArg,
+        /// Refusal phrase list applied to the paper's CSVs (default: `default`; `paper` with
+        /// --paper).
+        #[arg(long, value_enum)]
+        refusal: Option<RefusalArg>,
     },
     /// Query an archive's tables (trials, responses, verdicts, observations, …) and its
     /// maintained statistics (family_table, error_rates, sycophancy, …) with SQL, read-only.
@@ -464,6 +472,23 @@ impl From<RefusalArg> for RefusalMode {
     }
 }
 
+/// The refusal rules of a `--refusal` argument under the `--paper` preset (an explicit
+/// argument wins).
+fn refusal_rules(arg: Option<RefusalArg>, paper: bool) -> RefusalRules {
+    let arg = arg.unwrap_or(if paper { RefusalArg::Paper } else { RefusalArg::Default });
+    RefusalRules::new(arg.into())
+}
+
+/// Loads an experiment; `--paper` sets its template style and refusal list to the paper's.
+fn load_experiment(path: &Path, paper: bool) -> Result<Experiment> {
+    let mut exp = Experiment::load(path)?;
+    if paper {
+        exp.template_style = crate::conditions::TemplateStyle::Paper;
+        exp.refusal.mode = RefusalMode::Paper;
+    }
+    Ok(exp)
+}
+
 /// Runs the command line.
 pub fn main(cli: Cli) -> Result<()> {
     schema::validate_all().context("checking the stream schemas")?;
@@ -471,9 +496,10 @@ pub fn main(cli: Cli) -> Result<()> {
         crate::generate::candle::init_threads(n);
     }
     let json = cli.json || !std::io::stdout().is_terminal();
+    let paper = cli.paper;
     match cli.command {
         Command::Trials { experiment, out, format, replace, cluster } => {
-            let exp = Experiment::load(&experiment)?;
+            let exp = load_experiment(&experiment, paper)?;
             let out = out.unwrap_or_else(|| exp.output_dir());
             let report = build_grid(&exp, &out, format, replace, &cluster)?;
             if cluster.is_leader() {
@@ -481,7 +507,7 @@ pub fn main(cli: Cli) -> Result<()> {
             }
         }
         Command::Run { experiment, out, format, sql_listen, sql_stay, cluster } => {
-            let exp = Experiment::load(&experiment)?;
+            let exp = load_experiment(&experiment, paper)?;
             if exp.models.is_empty() {
                 bail!("{}: no [[models]] to run", experiment.display());
             }
@@ -556,35 +582,49 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, format, cluster } => {
             let archive = Archive::open(&out, format)?;
-            let known: HashMap<String, Trial> =
-                read_records::<Trial>(&archive)?.into_iter().map(|t| (t.prompt.clone(), t)).collect();
-            let all_known: Vec<Trial> = known.values().cloned().collect();
-            let defaults = ImportDefaults { dataset, model, checkpoint, is_finetuned: finetuned };
+            let known = crate::import::Known {
+                trials: read_records::<Trial>(&archive)?,
+                items: read_records::<Item>(&archive)?,
+                data_dir: crate::config::default_data_dir(),
+            };
+            let defaults = ImportDefaults { dataset, model, checkpoint, is_finetuned: finetuned.then_some(true) };
             let imported = read_answers(&file, &defaults, &known)?;
             let mut batches = Vec::new();
             for ((model, checkpoint), mut rows) in imported.responses {
-                let epoch = archive.register_checkpoint(&model, &checkpoint, finetuned, variant.as_deref())?;
+                let ft = imported.finetuned.get(&(model.clone(), checkpoint.clone())).copied().unwrap_or(finetuned);
+                let epoch = archive.register_checkpoint(&model, &checkpoint, ft, variant.as_deref())?;
                 for r in &mut rows {
                     r.checkpoint_epoch = epoch;
                 }
                 batches.push((epoch, Response::to_batch(&rows)?));
             }
-            let mut trials = all_known;
+            let mut trials = known.trials;
             trials.extend(imported.new_trials.iter().cloned());
             // New trials belong to the first checkpoint that brought them.
             let trials_epoch = batches.iter().map(|(e, _)| *e).min().unwrap_or(0);
+            let linked = imported.linked.clone();
+            let new_items = imported.new_items.len();
             let reports = pipelines::score_responses(
                 &cluster,
                 &archive,
                 trials,
                 imported.new_trials,
+                imported.new_items,
                 trials_epoch,
                 batches,
                 imported.labels,
-                RefusalRules::new(refusal.into()),
+                refusal_rules(refusal, paper),
                 None,
             )?;
             if cluster.is_leader() {
+                if json {
+                    println!("{}", serde_json::json!({"linked": linked, "new_items": new_items}));
+                } else {
+                    println!(
+                        "linked {} rows to archived trials by prompt, {} by item and condition; {} rows answer trials made from the file ({} new items)",
+                        linked.by_prompt, linked.by_condition, linked.new_trials, new_items
+                    );
+                }
                 print_epochs("import", &reports, &out, json)?;
             }
         }
@@ -600,7 +640,7 @@ pub fn main(cli: Cli) -> Result<()> {
             cluster,
         } => {
             let messages = crate::stream::capture::read(&capture)?;
-            let exp = experiment.as_deref().map(Experiment::load).transpose()?;
+            let exp = experiment.as_deref().map(|e| load_experiment(e, paper)).transpose()?;
             let target = Archive::open(&out, format)?;
             if target.has(Response::STREAM)? {
                 bail!("{}: already holds responses; replay into an empty directory", out.display());
@@ -613,7 +653,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let opts = crate::stream::StreamOptions::for_replay(
                 &topic_prefix,
                 max_message_bytes,
-                RefusalRules::new(refusal.into()),
+                refusal_rules(refusal, paper),
                 exp,
             );
             let report = crate::stream::replay_capture(&cluster, &target, &opts, messages)?;
@@ -632,7 +672,7 @@ pub fn main(cli: Cli) -> Result<()> {
             if target.has(Response::STREAM)? {
                 bail!("{}: already holds responses; replay into an empty directory", out.display());
             }
-            let reports = pipelines::replay(&cluster, &source, &target, RefusalRules::new(refusal.into()))?;
+            let reports = pipelines::replay(&cluster, &source, &target, refusal_rules(refusal, paper))?;
             if cluster.is_leader() {
                 print_epochs("replay", &reports, &out, json)?;
             }
@@ -648,7 +688,7 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
             let judge = crate::score::judge::open(&config, source.root())?;
-            let reports = pipelines::rescore(&cluster, &source, &target, RefusalRules::new(refusal.into()), judge)?;
+            let reports = pipelines::rescore(&cluster, &source, &target, refusal_rules(refusal, paper), judge)?;
             if cluster.is_leader() {
                 print_epochs("rescore", &reports, &out, json)?;
             }
@@ -664,7 +704,7 @@ pub fn main(cli: Cli) -> Result<()> {
             crate::score::agreement::print(&report, json);
         }
         Command::Serve { experiment, model, checkpoint, listen, batch_size, faults, fault_seed } => {
-            let exp = Experiment::load(&experiment)?;
+            let exp = load_experiment(&experiment, paper)?;
             let m = match &model {
                 Some(name) => exp.models.iter().find(|m| &m.name == name),
                 None => exp.models.first(),
@@ -717,7 +757,7 @@ pub fn main(cli: Cli) -> Result<()> {
             format,
             cluster,
         } => {
-            let exp = Experiment::load(&experiment)?;
+            let exp = load_experiment(&experiment, paper)?;
             let mut out = out.unwrap_or_else(|| exp.output_dir());
             if cluster.processes > 1 {
                 // Each process owns some partitions, and its own archive and offsets.
@@ -857,7 +897,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 dataset,
                 finetuned,
                 checkpoint,
-                refusal: Some(RefusalRules::new(refusal.into())),
+                refusal: Some(refusal_rules(refusal, paper)),
             };
             let analysis = crate::sql::analyze::analyze(&inputs, &opts)?;
             if let Some(dir) = &out {
