@@ -185,6 +185,12 @@ pub enum Command {
         /// The second judge's archive, or a CSV of human labels.
         second: PathBuf,
     },
+    /// Judges: `candor judge validate` measures a judge against Candor's validation set of
+    /// hand-labelled answers (`data/judge/validation/`).
+    Judge {
+        #[command(subcommand)]
+        which: JudgeCommand,
+    },
     /// Serve a model of an experiment file over an OpenAI-compatible API
     /// (`POST /v1/chat/completions`, `GET /v1/models`), batching concurrent requests.
     Serve {
@@ -355,6 +361,30 @@ pub enum Command {
     Bench {
         #[command(subcommand)]
         which: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JudgeCommand {
+    /// Agreement and Cohen's kappa (95% CI) of a judge with the careful human labels of the
+    /// validation set, per dataset and split, and its verdicts/s.
+    Validate {
+        /// reference, ensemble, `candle[=<weights>]`, candle-text, `openai=<base_url>[,<model>]`, auto,
+        /// or a TOML inline table.
+        #[arg(long, default_value = "reference")]
+        judge: String,
+        /// A validation set of your own (JSON lines in the bundled set's shape).
+        #[arg(long)]
+        set: Option<PathBuf>,
+        /// Only the `dev` or the `test` split.
+        #[arg(long, value_parser = ["dev", "test"])]
+        split: Option<String>,
+        /// Where model judges keep their answers (default: `<model cache>/../judge-store`).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Also print the figures as an `agreement.json` record under this name.
+        #[arg(long)]
+        record: Option<String>,
     },
 }
 
@@ -702,6 +732,25 @@ pub fn main(cli: Cli) -> Result<()> {
             };
             let report = crate::score::agreement::compare(&a, &b);
             crate::score::agreement::print(&report, json);
+        }
+        Command::Judge { which: JudgeCommand::Validate { judge, set, split, store, record } } => {
+            use crate::score::validation;
+            let (rows, text) = match &set {
+                Some(p) => (validation::read(p)?, std::fs::read_to_string(p)?),
+                None => (validation::bundled()?, validation::BUNDLED.to_string()),
+            };
+            let rows: Vec<_> = rows.into_iter().filter(|r| split.as_ref().is_none_or(|s| *s == r.split)).collect();
+            let items = validation::items_for(&rows, &crate::config::default_data_dir())?;
+            let store = store.unwrap_or_else(|| {
+                crate::generate::candle::models_dir().parent().map(|p| p.join("judge-store")).unwrap_or_default()
+            });
+            let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
+            let mut judge = crate::score::judge::open(&config, &store)?;
+            let v = validation::validate(judge.as_mut(), &rows, &items, &validation::digest(&text))?;
+            validation::print(&v, json);
+            if let Some(name) = record {
+                println!("{}", serde_json::to_string_pretty(&validation::record(&name, &v))?);
+            }
         }
         Command::Serve { experiment, model, checkpoint, listen, batch_size, faults, fault_seed } => {
             let exp = load_experiment(&experiment, paper)?;
