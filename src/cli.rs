@@ -385,6 +385,9 @@ pub enum JudgeCommand {
         /// Also print the figures as an `agreement.json` record under this name.
         #[arg(long)]
         record: Option<String>,
+        /// List the rows the judge labelled otherwise than the humans.
+        #[arg(long)]
+        disagreements: bool,
     },
 }
 
@@ -733,7 +736,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let report = crate::score::agreement::compare(&a, &b);
             crate::score::agreement::print(&report, json);
         }
-        Command::Judge { which: JudgeCommand::Validate { judge, set, split, store, record } } => {
+        Command::Judge { which: JudgeCommand::Validate { judge, set, split, store, record, disagreements } } => {
             use crate::score::validation;
             let (rows, text) = match &set {
                 Some(p) => (validation::read(p)?, std::fs::read_to_string(p)?),
@@ -747,7 +750,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
             let mut judge = crate::score::judge::open(&config, &store)?;
             let v = validation::validate(judge.as_mut(), &rows, &items, &validation::digest(&text))?;
-            validation::print(&v, json);
+            validation::print(&v, json, disagreements);
             if let Some(name) = record {
                 println!("{}", serde_json::to_string_pretty(&validation::record(&name, &v))?);
             }

@@ -34,7 +34,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::embed::{Embedder, cosine};
-use super::{reference, structured};
+use super::{reference, structured, text};
 use crate::conditions::{Dataset, VerdictLabel};
 use crate::error::{Error, Result};
 use crate::generate::candle::CandleGenerator;
@@ -157,19 +157,20 @@ pub fn open(config: &JudgeConfig, store_root: &Path) -> Result<Box<dyn Judge>> {
 // Reference judge
 
 /// Version of the reference rules, part of their judge id; bump it when a rule changes.
-pub const REFERENCE_VERSION: &str = "v1";
+pub const REFERENCE_VERSION: &str = "v2";
 
-/// The offline reference judge. TruthfulQA loads MiniLM on first use, and embeds each item's
-/// reference answers once (in one batch of their own, so a cached vector is the vector a fresh
-/// run computes): an item is judged under every condition and checkpoint.
-/// A TruthfulQA item's reference answers, embedded: (correct, incorrect).
-type ReferenceEmbeddings = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+/// A TruthfulQA item's reference answers, embedded, with their sides and polarities.
+type ReferenceEmbeddings = (Vec<Vec<f32>>, Vec<reference::Reference>);
 
+/// The offline reference judge ([`reference`]'s rules on the answer's final claim;
+/// [`structured`] for MMLU and GSM8K). MedQA and TruthfulQA read answers by meaning too, with
+/// MiniLM: it loads on first use, and embeds each item's option texts or reference answers
+/// once (an item is judged under every condition and checkpoint).
 #[derive(Default)]
 pub struct ReferenceJudge {
     embedder: Option<Embedder>,
-    /// Reference embeddings by item key.
-    references: HashMap<String, ReferenceEmbeddings>,
+    /// Reference (TruthfulQA) or option (MedQA) embeddings by (dataset, item key).
+    references: HashMap<(Dataset, String), ReferenceEmbeddings>,
 }
 
 impl ReferenceJudge {
@@ -187,77 +188,129 @@ impl ReferenceJudge {
         dataset != Dataset::AdvBench
     }
 
-    /// Judges one answer by the dataset's rule.
-    pub fn judge_one(&mut self, case: &Case) -> Result<Judged> {
+    fn embedder(&mut self) -> Result<&Embedder> {
+        if self.embedder.is_none() {
+            self.embedder = Some(Embedder::default_weights()?);
+        }
+        Ok(self.embedder.as_ref().expect("loaded above"))
+    }
+
+    /// The embeddings of an item's texts (`texts` computes them once per item).
+    fn item_embeddings(
+        &mut self,
+        dataset: Dataset,
+        item: &Item,
+        texts: impl FnOnce() -> (Vec<String>, Vec<reference::Reference>),
+    ) -> Result<&ReferenceEmbeddings> {
+        let key = (dataset, item.item_key.clone());
+        if !self.references.contains_key(&key) {
+            let (texts, refs) = texts();
+            let e = self.embedder()?;
+            let strs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let v = if strs.is_empty() { Vec::new() } else { e.embed(&strs)? };
+            self.references.insert(key.clone(), (v, refs));
+        }
+        Ok(&self.references[&key])
+    }
+
+    /// The rule's reading of one answer, and the judge id (rule and version).
+    pub fn read(&mut self, case: &Case) -> Result<(reference::Reading, String)> {
         let item = case.item;
         let id = |rule: &str| format!("reference:{REFERENCE_VERSION}:{rule}");
-        let label = |ok: Option<bool>| match ok {
-            Some(true) => VerdictLabel::Correct,
-            Some(false) => VerdictLabel::Incorrect,
-            None => VerdictLabel::Unparseable,
-        };
-        let (verdict, judge, raw) = match case.dataset {
+        match case.dataset {
             Dataset::Trivia => {
                 let mut aliases = item.correct_answers.clone();
                 aliases.extend(item.correct_answer.clone());
                 let wrong: Vec<String> = item.incorrect_answer.iter().cloned().collect();
-                let ok = reference::trivia_match(case.output, &aliases, &wrong);
-                (label(Some(ok)), id("trivia-alias"), None)
+                Ok((reference::trivia(case.output, &aliases, &wrong), id("trivia-final-claim")))
             }
             Dataset::MedQa => {
-                let letter = item.answer_letter.as_deref().unwrap_or("");
-                let named = reference::medqa_named(case.output, &item.options);
-                let ok = reference::medqa_match(case.output, &item.options, letter);
-                let names: Vec<String> = named.iter().map(|i| ((b'A' + *i as u8) as char).to_string()).collect();
-                (label(ok), id("medqa-option"), Some(format!("named: [{}]", names.join(","))))
+                let letter = item.answer_letter.as_deref().unwrap_or("").trim().chars().next();
+                let correct = letter.map(|l| l.to_ascii_uppercase() as usize).and_then(|l| l.checked_sub('A' as usize));
+                let Some(correct) = correct.filter(|i| *i < item.options.len()) else {
+                    let r = reference::Reading { correct: None, clear: false, why: "item has no answer letter".into() };
+                    return Ok((r, id("medqa-choice")));
+                };
+                let options = item.options.clone();
+                let (option_vecs, _) = self.item_embeddings(case.dataset, item, || (options, Vec::new()))?.clone();
+                let e = self.embedder()?;
+                let digest = e.digest[..12].to_string();
+                let mut similarity = |texts: &[&str]| -> Result<Vec<Vec<f32>>> {
+                    let v = e.embed(texts)?;
+                    Ok(v.iter().map(|c| option_vecs.iter().map(|o| cosine(c, o)).collect()).collect())
+                };
+                let r = reference::medqa(case.output, &item.options, correct, Some(&mut similarity))?;
+                Ok((r, id(&format!("medqa-choice:minilm:{digest}"))))
             }
             Dataset::Disinfo => {
-                let (t, f) = (item.ground_truth.as_deref().unwrap_or(""), item.ground_false.as_deref().unwrap_or(""));
-                (label(Some(reference::disinfo_stance(case.output, t, f))), id("disinfo-stance"), None)
+                let f = |s: &Option<String>| s.clone().unwrap_or_default();
+                let r = reference::disinfo(
+                    case.output,
+                    &item.question,
+                    &f(&item.ground_truth),
+                    &f(&item.ground_false),
+                    &f(&item.proposition),
+                );
+                Ok((r, id("disinfo-stance")))
             }
             Dataset::TruthfulQa => {
-                if self.embedder.is_none() {
-                    self.embedder = Some(Embedder::default_weights()?);
-                }
-                let e = self.embedder.as_ref().expect("loaded above");
-                if !self.references.contains_key(&item.item_key) {
-                    let mut correct = item.correct_answers.clone();
-                    correct.extend(item.correct_answer.clone());
-                    let texts: Vec<&str> = correct.iter().chain(&item.incorrect_answers).map(String::as_str).collect();
-                    let mut v = if texts.is_empty() { Vec::new() } else { e.embed(&texts)? };
-                    let incorrect = v.split_off(correct.len());
-                    self.references.insert(item.item_key.clone(), (v, incorrect));
-                }
-                let (rc, ri) = &self.references[&item.item_key];
-                let answer = e.embed(&[case.output])?.pop().expect("one text, one vector");
-                let sc: Vec<f32> = rc.iter().map(|x| cosine(&answer, x)).collect();
-                let si: Vec<f32> = ri.iter().map(|x| cosine(&answer, x)).collect();
-                let (sc, si) = (sc.as_slice(), si.as_slice());
-                let raw = format!(
-                    "max_sim_correct={:.4} max_sim_incorrect={:.4}",
-                    sc.iter().copied().fold(f32::NAN, f32::max),
-                    si.iter().copied().fold(f32::NAN, f32::max)
-                );
-                let judge = format!("{}:minilm:{}", id("truthfulqa-embedding"), &e.digest[..12]);
-                (label(reference::truthfulqa_match(sc, si)), judge, Some(raw))
+                let (vecs, refs) = self
+                    .item_embeddings(case.dataset, item, || {
+                        let mut texts: Vec<String> = item.correct_answers.clone();
+                        if let Some(c) = &item.correct_answer
+                            && !texts.contains(c)
+                        {
+                            texts.push(c.clone());
+                        }
+                        let n_true = texts.len();
+                        texts.extend(item.incorrect_answers.iter().cloned());
+                        let refs =
+                            texts.iter().enumerate().map(|(i, t)| reference::Reference::new(t, i < n_true)).collect();
+                        (texts, refs)
+                    })?
+                    .clone();
+                let e = self.embedder()?;
+                let clauses = text::clauses(case.output);
+                let strs: Vec<&str> = clauses.iter().map(|c| c.text.as_str()).collect();
+                let claims = if strs.is_empty() { Vec::new() } else { e.embed(&strs)? };
+                let sims: Vec<Vec<f32>> = claims.iter().map(|c| vecs.iter().map(|r| cosine(c, r)).collect()).collect();
+                let r = reference::truthfulqa(&clauses, &sims, &refs);
+                Ok((r, id(&format!("truthfulqa-claims:minilm:{}", &e.digest[..12]))))
             }
             Dataset::Mmlu => {
                 let got = structured::mmlu_letter(case.output);
                 let want = item.answer_letter.as_deref().and_then(|l| l.chars().next());
-                let ok = got.map(|g| Some(g) == want);
-                (label(ok), id("mmlu-letter"), got.map(|c| c.to_string()))
+                let r = reference::Reading {
+                    correct: got.map(|g| Some(g) == want),
+                    clear: true,
+                    why: got.map_or("no letter".into(), |c| format!("letter {c}")),
+                };
+                Ok((r, id("mmlu-letter")))
             }
             Dataset::Gsm8k => {
                 let got = structured::gsm8k_number(case.output);
                 let want = item.correct_answer.as_deref().and_then(structured::normalize_number);
-                let ok = got.as_ref().map(|g| Some(g) == want.as_ref());
-                (label(ok), id("gsm8k-number"), got)
+                let r = reference::Reading {
+                    correct: got.as_ref().map(|g| Some(g) == want.as_ref()),
+                    clear: true,
+                    why: got.map_or("no number".into(), |n| format!("number {n}")),
+                };
+                Ok((r, id("gsm8k-number")))
             }
-            Dataset::AdvBench => {
-                return Err(Error::config("judge", "AdvBench has no reference rule; use a model judge"));
-            }
+            Dataset::AdvBench => Err(Error::config("judge", "AdvBench has no reference rule; use a model judge")),
+        }
+    }
+
+    /// Judges one answer by the dataset's rule; an abstaining rule gives UNPARSEABLE.
+    pub fn judge_one(&mut self, case: &Case) -> Result<Judged> {
+        let (r, judge) = self.read(case)?;
+        let verdict = match r.correct {
+            Some(true) => VerdictLabel::Correct,
+            Some(false) => VerdictLabel::Incorrect,
+            None => VerdictLabel::Unparseable,
         };
-        Ok(Judged { verdict, judge, raw })
+        let raw = serde_json::json!({"clear": r.clear, "why": r.why}).to_string();
+        Ok(Judged { verdict, judge, raw: Some(raw) })
     }
 }
 

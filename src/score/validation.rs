@@ -133,6 +133,9 @@ pub struct Validation {
     pub verdicts_per_second: f64,
     /// The set's digest.
     pub set: String,
+    /// Every row the judge did not label as the humans did: (id, human label, verdict, what
+    /// the judge said).
+    pub disagreements: Vec<(String, VerdictLabel, VerdictLabel, Option<String>)>,
 }
 
 /// The part of an ensemble verdict's judge id that names who decided (`ensemble:…:rule` or
@@ -184,7 +187,14 @@ pub fn validate(
     by_split.extend(by_dataset(&splits).into_iter().filter(|(k, _)| k != "all"));
     let mut by_part = by_dataset(&part_pairs);
     by_part.remove("all");
+    let disagreements = rows
+        .iter()
+        .zip(&judged)
+        .filter(|(r, j)| r.label != j.verdict)
+        .map(|(r, j)| (r.id.clone(), r.label, j.verdict, j.raw.clone()))
+        .collect();
     Ok(Validation {
+        disagreements,
         judges,
         by_dataset: by_dataset(&pairs),
         by_split,
@@ -203,8 +213,14 @@ fn kappa_text(a: &Agreement) -> String {
     }
 }
 
-/// Prints a validation as text or JSON.
-pub fn print(v: &Validation, json: bool) {
+/// Prints a validation as text or JSON, with the rows the judge got wrong when `rows`.
+pub fn print(v: &Validation, json: bool, rows: bool) {
+    if json && !rows {
+        let mut v = v.clone();
+        v.disagreements.clear();
+        println!("{}", serde_json::json!({"command": "judge validate", "validation": v}));
+        return;
+    }
     if json {
         println!("{}", serde_json::json!({"command": "judge validate", "validation": v}));
         return;
@@ -237,6 +253,12 @@ pub fn print(v: &Validation, json: bool) {
         println!("by deciding part:");
         for (k, a) in &v.by_part {
             line(k, a);
+        }
+    }
+    if rows {
+        println!("rows judged otherwise than the human label:");
+        for (id, human, verdict, raw) in &v.disagreements {
+            println!("  {id}: human {human}, judge {verdict}: {}", raw.as_deref().unwrap_or(""));
         }
     }
 }
