@@ -4,8 +4,11 @@
 //!   ([`super::reference`], [`super::structured`]; TruthfulQA through MiniLM embeddings).
 //! - [`LlmJudge`]: a prompt per dataset (`data/judge/*.txt`) sent through any [`Generator`] at
 //!   temperature 0 with a fixed seed; the free-text answer is read for CORRECT/INCORRECT.
-//! - [`NextTokenJudge`]: the local candle model, reading the verdict from the next-token
-//!   probabilities of the two labels instead of from free text.
+//! - [`NextTokenJudge`]: the local candle model (Qwen2.5-Coder-0.5B-Instruct by default,
+//!   `scripts/fetch-models qwen`), reading the verdict from the next-token probabilities of the
+//!   two labels instead of from free text.
+//! - [`EnsembleJudge`]: the reference rules decide the answers they read clearly, the local
+//!   model the rest; each verdict's judge id says which part decided.
 //!
 //! Both model judges go through the archive's [`GenerationStore`], keyed by the judge's
 //! fingerprint and the filled prompt, so judging the same answer again costs nothing.
@@ -17,8 +20,8 @@
 //! ```toml
 //! [judge]
 //! kind = "auto"        # reference where a rule exists (all but AdvBench), else the local model
-//! # kind = "reference" | "candle" | "candle-text" | "openai"; other keys are the backend's
-//! # (base_url, model, base, threads, …)
+//! # kind = "reference" | "ensemble" | "candle" | "candle-text" | "openai"; other keys are the
+//! # backend's (base_url, model, base, threads, …)
 //! ```
 //!
 //! `candle` reads the local model's next-token probabilities; `candle-text` lets it write its
@@ -107,15 +110,17 @@ impl JudgeConfig {
                 }
                 "openai"
             }
-            Some(("candle", path)) => {
+            Some((kind @ ("candle" | "ensemble"), path)) => {
                 backend.insert("base".into(), toml::Value::String(path.into()));
-                "candle"
+                kind
             }
-            None if matches!(arg, "auto" | "reference" | "candle" | "candle-text") => arg,
+            None if matches!(arg, "auto" | "reference" | "ensemble" | "candle" | "candle-text") => arg,
             _ => {
                 return Err(Error::config(
                     "--judge",
-                    format!("`{arg}` is not a judge (auto, reference, candle[=weights], openai=<url>[,model])"),
+                    format!(
+                        "`{arg}` is not a judge (auto, reference, ensemble[=weights], candle[=weights], candle-text, openai=<url>[,model])"
+                    ),
                 ));
             }
         };
@@ -146,9 +151,10 @@ pub fn open(config: &JudgeConfig, store_root: &Path) -> Result<Box<dyn Judge>> {
             backend: config.backend.clone(),
             store_root: store_root.to_path_buf(),
         })),
+        "ensemble" => Ok(Box::new(EnsembleJudge::new(&config.backend, store_root))),
         other => Err(Error::config(
             "judge.kind",
-            format!("unknown judge `{other}` (expected one of: auto, reference, candle, candle-text, openai)"),
+            format!("unknown judge `{other}` (expected one of: auto, reference, ensemble, candle, candle-text, openai)"),
         )),
     }
 }
@@ -523,9 +529,30 @@ pub struct NextTokenJudge {
     pub calls: u64,
 }
 
+/// The local judge model's file in the model cache (`scripts/fetch-models qwen`).
+pub const JUDGE_GGUF: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+/// A judge backend table with the judge model as `base` when it names none.
+fn judge_backend(backend: &toml::Table) -> Result<toml::Table> {
+    let mut b = backend.clone();
+    if !b.contains_key("base") {
+        let path = crate::generate::candle::models_dir().join(JUDGE_GGUF);
+        if !path.is_file() {
+            return Err(Error::input(
+                crate::error::Location::file(&path),
+                "missing: the local judge model comes from `scripts/fetch-models qwen` (or name one: --judge candle=<weights>)",
+            ));
+        }
+        b.insert("base".into(), toml::Value::String(path.to_string_lossy().into_owned()));
+    }
+    Ok(b)
+}
+
 impl NextTokenJudge {
-    /// Opens the model the backend table names (the default model when it names none).
+    /// Opens the model the backend table names (the judge model, Qwen2.5-Coder-0.5B-Instruct,
+    /// when it names none).
     pub fn open(backend: &toml::Table, store_root: &Path) -> Result<Self> {
+        let backend = &judge_backend(backend)?;
         let options = crate::generate::candle::CandleOptions::from_table(backend)?;
         let weights = crate::generate::candle::Weights::resolve(None, &options.base_path())?;
         let generator = CandleGenerator::open(&options, weights, None)?;
@@ -683,5 +710,74 @@ impl Judge for AutoJudge {
             out.extend(self.model.as_mut().expect("opened above").judge(std::slice::from_ref(case))?);
         }
         Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ensemble
+
+/// Version of the ensemble's policy, part of its judge ids.
+pub const ENSEMBLE_VERSION: &str = "v1";
+
+/// The reference rules where they read an answer clearly, the local model (next-token label
+/// probabilities) where they read it weakly or abstain, and for datasets without a rule. Each
+/// verdict's judge id records which part decided: `ensemble:v1[<model file>]:rule:<rule id>` or
+/// `ensemble:v1[<model file>]:model:<model judge id>`; the raw field keeps the rule's reading
+/// (and the model's probabilities when it decided). The model loads on first need.
+pub struct EnsembleJudge {
+    reference: ReferenceJudge,
+    model: Option<NextTokenJudge>,
+    backend: toml::Table,
+    store_root: PathBuf,
+}
+
+impl EnsembleJudge {
+    pub fn new(backend: &toml::Table, store_root: &Path) -> Self {
+        EnsembleJudge { reference: ReferenceJudge::new(), model: None, backend: backend.clone(), store_root: store_root.to_path_buf() }
+    }
+
+    /// The ensemble's own id: its version and the model file it asks.
+    fn id(&self) -> String {
+        let model = match self.backend.get("base").and_then(|v| v.as_str()) {
+            Some(p) => Path::new(p).file_name().map_or(p.to_string(), |n| n.to_string_lossy().into_owned()),
+            None => JUDGE_GGUF.to_string(),
+        };
+        format!("ensemble:{ENSEMBLE_VERSION}[{model}]")
+    }
+}
+
+impl Judge for EnsembleJudge {
+    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+        let id = self.id();
+        let mut out: Vec<Option<Judged>> = vec![None; cases.len()];
+        // (case index, the rule's reading as raw text) of the cases the model decides.
+        let mut ask: Vec<(usize, Option<String>)> = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            if !ReferenceJudge::covers(case.dataset) {
+                ask.push((i, None));
+                continue;
+            }
+            let (r, rule) = self.reference.read(case)?;
+            let raw = serde_json::json!({"clear": r.clear, "why": r.why}).to_string();
+            match r.correct {
+                Some(ok) if r.clear => {
+                    let verdict = if ok { VerdictLabel::Correct } else { VerdictLabel::Incorrect };
+                    out[i] = Some(Judged { verdict, judge: format!("{id}:rule:{rule}"), raw: Some(raw) });
+                }
+                _ => ask.push((i, Some(raw))),
+            }
+        }
+        if !ask.is_empty() {
+            if self.model.is_none() {
+                self.model = Some(NextTokenJudge::open(&self.backend, &self.store_root)?);
+            }
+            let model = self.model.as_mut().expect("opened above");
+            let asked: Vec<Case> = ask.iter().map(|(i, _)| cases[*i]).collect();
+            for ((i, rule), j) in ask.into_iter().zip(model.judge(&asked)?) {
+                let raw = serde_json::json!({"model": j.raw, "rule": rule}).to_string();
+                out[i] = Some(Judged { verdict: j.verdict, judge: format!("{id}:model:{}", j.judge), raw: Some(raw) });
+            }
+        }
+        Ok(out.into_iter().map(|j| j.expect("every case judged")).collect())
     }
 }
