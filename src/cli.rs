@@ -905,6 +905,9 @@ pub fn main(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&files).expect("paths serialise"));
             } else {
+                for line in &files.judge_trust {
+                    println!("{line}");
+                }
                 println!(
                     "wrote {} and {} figure files in {}",
                     files.html.display(),
@@ -956,6 +959,17 @@ pub fn main(cli: Cli) -> Result<()> {
                 analysis.export(dir, export)?;
             }
             analysis.print(json)?;
+            // Beside the tables: how far each archive's verdicts can be trusted.
+            for input in inputs.iter().filter(|p| p.is_dir()) {
+                let verdicts: Vec<crate::records::Verdict> = read_records(&Archive::open(input, Format::Parquet)?)?;
+                for line in crate::score::validation::trust_lines(&crate::score::validation::judges_of(&verdicts)) {
+                    if json {
+                        println!("{}", serde_json::json!({"archive": input, "judge_trust": line}));
+                    } else {
+                        println!("{line}");
+                    }
+                }
+            }
         }
         Command::Bench {
             which: Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts, dequantize },

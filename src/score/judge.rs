@@ -154,7 +154,9 @@ pub fn open(config: &JudgeConfig, store_root: &Path) -> Result<Box<dyn Judge>> {
         "ensemble" => Ok(Box::new(EnsembleJudge::new(&config.backend, store_root))),
         other => Err(Error::config(
             "judge.kind",
-            format!("unknown judge `{other}` (expected one of: auto, reference, ensemble, candle, candle-text, openai)"),
+            format!(
+                "unknown judge `{other}` (expected one of: auto, reference, ensemble, candle, candle-text, openai)"
+            ),
         )),
     }
 }
@@ -733,7 +735,12 @@ pub struct EnsembleJudge {
 
 impl EnsembleJudge {
     pub fn new(backend: &toml::Table, store_root: &Path) -> Self {
-        EnsembleJudge { reference: ReferenceJudge::new(), model: None, backend: backend.clone(), store_root: store_root.to_path_buf() }
+        EnsembleJudge {
+            reference: ReferenceJudge::new(),
+            model: None,
+            backend: backend.clone(),
+            store_root: store_root.to_path_buf(),
+        }
     }
 
     /// The ensemble's own id: its version and the model file it asks.

@@ -686,3 +686,64 @@ mod llm_judge {
         assert_eq!(got[1].verdict, Correct, "answered from the store before the backend was asked");
     }
 }
+
+mod validation_set {
+    use crate::conditions::VerdictLabel;
+    use crate::score::validation::*;
+
+    #[test]
+    fn the_bundled_set_has_both_labels_in_every_dataset_and_known_items() {
+        let rows = bundled().unwrap();
+        assert!(rows.len() >= 400, "{} rows", rows.len());
+        for ds in ["trivia", "truthfulqa", "medqa", "disinfo"] {
+            let of: Vec<&Row> = rows.iter().filter(|r| r.dataset.to_string() == ds).collect();
+            let correct = of.iter().filter(|r| r.label == VerdictLabel::Correct).count();
+            assert!(correct * 4 >= of.len() && (of.len() - correct) * 4 >= of.len(), "{ds}: {correct} of {}", of.len());
+            assert!(of.iter().all(|r| !r.rationale.trim().is_empty() && !r.source.trim().is_empty()));
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+        assert_eq!(
+            items_for(&rows, &dir).unwrap().len(),
+            rows.iter().map(|r| (r.dataset, &r.item_key)).collect::<std::collections::HashSet<_>>().len()
+        );
+    }
+
+    /// A recorded figure is only true of the set it was measured on: editing the set without
+    /// validating the judges again fails here.
+    #[test]
+    fn recorded_agreement_was_measured_on_the_bundled_set() {
+        let set = digest(BUNDLED);
+        for r in recorded().unwrap() {
+            assert_eq!(r.set, set, "{}: re-run `candor judge validate --record` and update agreement.json", r.name);
+            assert!(r.datasets.contains_key("all") && !r.prefixes.is_empty());
+        }
+    }
+
+    #[test]
+    fn bad_rows_are_rejected_with_their_line() {
+        let ok = r#"{"id":"a","dataset":"trivia","item_key":"k","prompt_type":"original","amendment_type":"unmodified","source":"hand","answer":"x","label":"CORRECT","rationale":"r","split":"dev"}"#;
+        assert_eq!(parse(ok, "s").unwrap().len(), 1);
+        let err = parse(&format!("{ok}\n{}", ok.replace("CORRECT", "MAYBE")), "s").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        let err = parse(&format!("{ok}\n{}", ok.replace("CORRECT", "UNPARSEABLE").replace("\"a\"", "\"b\"")), "s")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CORRECT or INCORRECT"), "{err}");
+        let err = parse(&format!("{ok}\n{ok}"), "s").unwrap_err().to_string();
+        assert!(err.contains("twice"), "{err}");
+    }
+
+    /// `candor report` and `candor analyze` print a judge's validated kappa, and warn for a
+    /// judge without one.
+    #[test]
+    fn trust_lines_give_the_validated_kappa_or_warn() {
+        use std::collections::BTreeMap;
+        let judged = BTreeMap::from([
+            ("trivia".to_string(), vec!["reference:v2:trivia-final-claim".to_string()]),
+            ("medqa".to_string(), vec!["import:paper.csv".to_string()]),
+        ]);
+        let lines = trust_lines(&judged);
+        assert!(lines.iter().any(|l| l.starts_with("trivia:") && l.contains("Cohen's kappa")), "{lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("warning: medqa") && l.contains("import:paper.csv")), "{lines:?}");
+    }
+}
