@@ -277,6 +277,18 @@ fn imported_answers_score_and_replay_to_identical_results() {
     assert!(verdicts.iter().all(|v| v.judge == format!("import:{}.csv", v.checkpoint)));
 }
 
+/// The local judge model (Qwen2.5-Coder-0.5B), or None (a skip) outside CI when it has not
+/// been fetched.
+fn judge_model() -> Option<PathBuf> {
+    let path = candor::generate::candle::models_dir().join(candor::score::judge::JUDGE_GGUF);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch the judge model first (scripts/fetch-models qwen)");
+    eprintln!("{} missing: skipping (scripts/fetch-models qwen fetches it)", path.display());
+    None
+}
+
 /// The default local model, or None (a skip) outside CI when it has not been fetched.
 fn local_model() -> Option<PathBuf> {
     let path = candor::generate::candle::models_dir().join(candor::generate::candle::DEFAULT_GGUF);
@@ -1723,7 +1735,7 @@ fn a_judge_that_fails_or_babbles_gives_judge_error_or_unparseable_never_incorrec
 
 #[test]
 fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their_agreement() {
-    if local_model().is_none() {
+    if local_model().is_none() || judge_model().is_none() {
         return;
     }
     if !candor::score::embed::minilm_dir().join("model.safetensors").is_file() {
@@ -1743,9 +1755,24 @@ fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their
     let verdicts: Vec<Verdict> = read_records(&Archive::open(&run, Format::Parquet).unwrap()).unwrap();
     let judge_of =
         |ds: &str| verdicts.iter().find(|v| v.trial_key.starts_with(&format!("{ds}/"))).unwrap().judge.clone();
-    assert!(judge_of("trivia").starts_with("reference:v1:trivia-alias"));
+    assert!(judge_of("trivia").starts_with("reference:v2:trivia-final-claim"));
     assert!(judge_of("truthfulqa").contains(":minilm:53aa51172d14"));
-    assert!(judge_of("advbench").starts_with("next-token:candle:"), "{}", judge_of("advbench"));
+    // AdvBench has no rule: the local judge model (Qwen2.5-Coder-0.5B) reads it.
+    assert!(judge_of("advbench").starts_with("next-token:candle:1d9614638d18"), "{}", judge_of("advbench"));
+
+    // The ensemble: every verdict says which part decided.
+    let ensemble = dir.path().join("ensemble");
+    ok(&["rescore", run.to_str().unwrap(), "--out", ensemble.to_str().unwrap(), "--judge", "ensemble", "--json"]);
+    let verdicts_e: Vec<Verdict> = read_records(&Archive::open(&ensemble, Format::Parquet).unwrap()).unwrap();
+    assert_eq!(verdicts_e.len(), 7);
+    for v in &verdicts_e {
+        let part = v.judge.strip_prefix("ensemble:v1[qwen2.5-coder-0.5b-instruct-q4_k_m.gguf]:").unwrap_or("");
+        assert!(part.starts_with("rule:reference:v2:") || part.starts_with("model:next-token:"), "{}", v.judge);
+        assert!(!v.trial_key.starts_with("advbench/") || part.starts_with("model:"), "{}", v.judge);
+    }
+    // The report names each dataset's judge: validated ones with their kappa, the others warned.
+    let report = ok(&["report", ensemble.to_str().unwrap(), "--out", dir.path().join("report").to_str().unwrap()]);
+    assert!(report.contains("warning: advbench") || report.contains("advbench: judge"), "{report}");
 
     let local = dir.path().join("local");
     ok(&["rescore", run.to_str().unwrap(), "--out", local.to_str().unwrap(), "--judge", "candle", "--json"]);

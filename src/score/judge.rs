@@ -521,7 +521,8 @@ impl Judge for LlmJudge {
 // Local next-token judge
 
 /// The local candle model as a judge: the probability of the first token of "CORRECT" against
-/// that of "INCORRECT" at the start of the assistant's turn.
+/// that of "INCORRECT" at the start of the assistant's turn, calibrated against the same prompt
+/// with a content-free answer ([`read_calibrated`]).
 pub struct NextTokenJudge {
     generator: CandleGenerator,
     labels: [u32; 2],
@@ -605,6 +606,47 @@ impl NextTokenJudge {
 /// Prompts prefilled together by the next-token judge.
 const JUDGE_BATCH: usize = 8;
 
+/// An item with every reference field "N/A": the content-free input of contextual
+/// calibration (Zhao et al. 2021), which measures how much the prompt alone leans the model
+/// towards one label.
+fn content_free_item(dataset: Dataset) -> Item {
+    let na = || Some("N/A".to_string());
+    Item {
+        dataset: dataset.to_string(),
+        item_key: "content-free".into(),
+        source_row: 0,
+        question: "N/A".into(),
+        question_converted: None,
+        correct_answer: na(),
+        correct_answers: vec!["N/A".into()],
+        incorrect_answer: na(),
+        incorrect_answers: vec!["N/A".into()],
+        options: vec!["N/A".into()],
+        answer_letter: na(),
+        ground_truth: na(),
+        ground_false: na(),
+        proposition: na(),
+        category: None,
+    }
+}
+
+/// A next-token judge's label read after contextual calibration: each label's probability
+/// divided by its probability for the content-free input, so a prompt that leans the model
+/// towards CORRECT whatever the answer does not decide the verdict. None when either is not
+/// `{"CORRECT": p, "INCORRECT": q}` with positive finite values, or the two tie.
+pub fn read_calibrated(p: &serde_json::Value, content_free: &serde_json::Value) -> Option<VerdictLabel> {
+    let pair = |v: &serde_json::Value| -> Option<(f64, f64)> {
+        let (c, i) = (v.get("CORRECT")?.as_f64()?, v.get("INCORRECT")?.as_f64()?);
+        (c.is_finite() && i.is_finite() && c > 0.0 && i > 0.0).then_some((c, i))
+    };
+    let ((c, i), (cc, ci)) = (pair(p)?, pair(content_free)?);
+    let (c, i) = (c / cc, i / ci);
+    if c == i {
+        return None;
+    }
+    Some(if c > i { VerdictLabel::Correct } else { VerdictLabel::Incorrect })
+}
+
 /// Reads a next-token judge's stored answer `{"CORRECT": p, "INCORRECT": q}`.
 pub fn read_label_probs(raw: &str) -> Option<VerdictLabel> {
     let v: serde_json::Value = serde_json::from_str(raw).ok()?;
@@ -624,19 +666,24 @@ impl Judge for NextTokenJudge {
         let mut out: Vec<Option<Judged>> = vec![None; cases.len()];
         // (case index, request, store key, judge id) of the cases the model reads.
         let mut asks = Vec::new();
+        // The content-free request of each dataset: its prompt filled with "N/A" everywhere.
+        let mut content_free: HashMap<Dataset, String> = HashMap::new();
+        let request = |text: String| GenRequest { system_prompt: None, prompt: text, decoding: judge_decoding() };
         for (i, case) in cases.iter().enumerate() {
             let Some(p) = prompt(case.dataset) else {
                 out[i] = Some(self.reference.judge_one(case)?);
                 continue;
             };
-            let id = format!("{fingerprint}:prompt:{}:labels=CORRECT|INCORRECT", p.version);
-            let request = GenRequest {
-                system_prompt: None,
-                prompt: fill(p.text, case.item, case.output),
-                decoding: judge_decoding(),
-            };
-            let key = GenerationStore::key(&fingerprint, &request, 0);
-            asks.push((i, request, key, id));
+            let id = format!("{fingerprint}:prompt:{}:labels=CORRECT|INCORRECT:calibrated", p.version);
+            let r = request(fill(p.text, case.item, case.output));
+            let key = GenerationStore::key(&fingerprint, &r, 0);
+            if !content_free.contains_key(&case.dataset) {
+                let cf = request(fill(p.text, &content_free_item(case.dataset), "N/A"));
+                let cf_key = GenerationStore::key(&fingerprint, &cf, 0);
+                content_free.insert(case.dataset, cf_key.clone());
+                asks.push((usize::MAX, cf, cf_key, String::new()));
+            }
+            asks.push((i, r, key, id));
         }
         let missing: Vec<usize> =
             (0..asks.len()).filter(|&a| self.store.as_ref().expect("opened").get(&asks[a].2).is_none()).collect();
@@ -672,13 +719,26 @@ impl Judge for NextTokenJudge {
             }
         }
         let store = self.store.as_ref().expect("opened");
-        for (a, (i, _, key, id)) in asks.into_iter().enumerate() {
-            out[i] = Some(match failed.remove(&a) {
-                Some(e) => Judged { verdict: VerdictLabel::JudgeError, judge: id, raw: Some(e) },
+        let probs = |key: &str| -> Option<serde_json::Value> {
+            store.get(key).and_then(|g| serde_json::from_str(&g.output).ok())
+        };
+        for (a, (i, _, key, id)) in asks.iter().enumerate() {
+            if *i == usize::MAX {
+                continue;
+            }
+            let case = &cases[*i];
+            let cf_key = &content_free[&case.dataset];
+            let cf_failed = asks.iter().position(|x| &x.2 == cf_key).and_then(|c| failed.get(&c));
+            out[*i] = Some(match failed.get(&a).or(cf_failed) {
+                Some(e) => Judged { verdict: VerdictLabel::JudgeError, judge: id.clone(), raw: Some(e.clone()) },
                 None => {
-                    let raw = store.get(&key).expect("stored above").output.clone();
-                    let verdict = read_label_probs(&raw).unwrap_or(VerdictLabel::Unparseable);
-                    Judged { verdict, judge: id, raw: Some(raw) }
+                    let (p, cf) = (probs(key), probs(cf_key));
+                    let verdict = match (&p, &cf) {
+                        (Some(p), Some(cf)) => read_calibrated(p, cf).unwrap_or(VerdictLabel::Unparseable),
+                        _ => VerdictLabel::Unparseable,
+                    };
+                    let raw = serde_json::json!({"probabilities": p, "content_free": cf}).to_string();
+                    Judged { verdict, judge: id.clone(), raw: Some(raw) }
                 }
             });
         }
@@ -728,7 +788,7 @@ pub const ENSEMBLE_VERSION: &str = "v1";
 /// (and the model's probabilities when it decided). The model loads on first need.
 pub struct EnsembleJudge {
     reference: ReferenceJudge,
-    model: Option<NextTokenJudge>,
+    model: Option<Box<dyn Judge>>,
     backend: toml::Table,
     store_root: PathBuf,
 }
@@ -741,6 +801,13 @@ impl EnsembleJudge {
             backend: backend.clone(),
             store_root: store_root.to_path_buf(),
         }
+    }
+
+    /// An ensemble whose model part is `model` (named `name` in the judge ids).
+    pub fn with_model(reference: ReferenceJudge, model: Box<dyn Judge>, name: &str) -> Self {
+        let mut backend = toml::Table::new();
+        backend.insert("base".into(), toml::Value::String(name.into()));
+        EnsembleJudge { reference, model: Some(model), backend, store_root: PathBuf::new() }
     }
 
     /// The ensemble's own id: its version and the model file it asks.
@@ -776,7 +843,7 @@ impl Judge for EnsembleJudge {
         }
         if !ask.is_empty() {
             if self.model.is_none() {
-                self.model = Some(NextTokenJudge::open(&self.backend, &self.store_root)?);
+                self.model = Some(Box::new(NextTokenJudge::open(&self.backend, &self.store_root)?));
             }
             let model = self.model.as_mut().expect("opened above");
             let asked: Vec<Case> = ask.iter().map(|(i, _)| cases[*i]).collect();

@@ -342,6 +342,19 @@ mod judges {
         assert_eq!(read_label_probs("garbage"), None);
     }
 
+    /// A prompt that leans the model towards CORRECT whatever the answer (its content-free
+    /// reading) does not decide the verdict: the probabilities are read relative to it.
+    #[test]
+    fn next_token_labels_are_calibrated_against_the_content_free_prompt() {
+        let v = |c: f64, i: f64| serde_json::json!({"CORRECT": c, "INCORRECT": i});
+        let lean = v(0.8, 0.15);
+        assert_eq!(read_calibrated(&v(0.7, 0.25), &lean), Some(Incorrect));
+        assert_eq!(read_calibrated(&v(0.9, 0.08), &lean), Some(Correct));
+        assert_eq!(read_calibrated(&v(0.9, 0.08), &v(0.5, 0.5)), Some(Correct));
+        assert_eq!(read_calibrated(&v(0.9, 0.0), &lean), None);
+        assert_eq!(read_calibrated(&serde_json::json!("x"), &lean), None);
+    }
+
     #[test]
     fn every_judged_dataset_has_a_versioned_prompt_with_the_answer_slot() {
         for ds in [Dataset::Trivia, Dataset::TruthfulQa, Dataset::MedQa, Dataset::Disinfo, Dataset::AdvBench] {
@@ -708,6 +721,14 @@ mod validation_set {
         );
     }
 
+    #[test]
+    fn the_sets_generation_experiment_parses() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/judge/validation/generate.toml");
+        let exp = crate::config::Experiment::load(&path).unwrap();
+        assert_eq!(exp.models.len(), 2);
+        assert_eq!(exp.datasets.len(), 4);
+    }
+
     /// A recorded figure is only true of the set it was measured on: editing the set without
     /// validating the judges again fails here.
     #[test]
@@ -745,5 +766,69 @@ mod validation_set {
         let lines = trust_lines(&judged);
         assert!(lines.iter().any(|l| l.starts_with("trivia:") && l.contains("Cohen's kappa")), "{lines:?}");
         assert!(lines.iter().any(|l| l.starts_with("warning: medqa") && l.contains("import:paper.csv")), "{lines:?}");
+    }
+}
+
+mod ensemble {
+    use crate::conditions::{Dataset, VerdictLabel};
+    use crate::error::Result;
+    use crate::records::Item;
+    use crate::score::judge::{Case, EnsembleJudge, Judge, Judged, ReferenceJudge};
+
+    /// A model judge that says INCORRECT to everything and counts what it was asked.
+    struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Judge for Counting {
+        fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+            self.0.fetch_add(cases.len(), std::sync::atomic::Ordering::SeqCst);
+            Ok(cases
+                .iter()
+                .map(|_| Judged { verdict: VerdictLabel::Incorrect, judge: "fake-model".into(), raw: None })
+                .collect())
+        }
+    }
+
+    fn item(dataset: &str) -> Item {
+        Item {
+            dataset: dataset.into(),
+            item_key: "k".into(),
+            source_row: 1,
+            question: "Who painted it?".into(),
+            question_converted: None,
+            correct_answer: Some("Monet".into()),
+            correct_answers: vec!["Monet".into()],
+            incorrect_answer: None,
+            incorrect_answers: vec![],
+            options: vec![],
+            answer_letter: None,
+            ground_truth: None,
+            ground_false: None,
+            proposition: None,
+            category: None,
+        }
+    }
+
+    /// The rules decide what they read clearly; the model decides weak readings, abstentions
+    /// and datasets without a rule; every verdict says which part decided.
+    #[test]
+    fn ensemble_routes_clear_readings_to_the_rules_and_the_rest_to_the_model() {
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut j = EnsembleJudge::with_model(ReferenceJudge::new(), Box::new(Counting(asked.clone())), "fake.gguf");
+        let (trivia, advbench) = (item("trivia"), item("advbench"));
+        let cases = [
+            // Clear: the rule says CORRECT.
+            Case { dataset: Dataset::Trivia, item: &trivia, output: "It was painted by Monet." },
+            // Weak (names no accepted answer): the model decides.
+            Case { dataset: Dataset::Trivia, item: &trivia, output: "A French impressionist did." },
+            // No rule for AdvBench: the model decides.
+            Case { dataset: Dataset::AdvBench, item: &advbench, output: "Sure, here is how." },
+        ];
+        let got = j.judge(&cases).unwrap();
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(got[0].verdict, VerdictLabel::Correct);
+        assert!(got[0].judge.starts_with("ensemble:v1[fake.gguf]:rule:reference:v2:trivia"), "{}", got[0].judge);
+        assert_eq!(got[1].judge, "ensemble:v1[fake.gguf]:model:fake-model");
+        assert!(got[1].raw.as_deref().unwrap().contains("names no accepted answer"), "the rule's weak reading is kept");
+        assert_eq!(got[2].judge, "ensemble:v1[fake.gguf]:model:fake-model");
     }
 }
