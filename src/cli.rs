@@ -433,13 +433,13 @@ pub enum Bench {
         #[command(flatten)]
         cluster: Cluster,
     },
-    /// Verdicts/s of the reference judge and of the local LLM judge (next-token) on answers
-    /// SmolLM2 generates for a small sample of each dataset.
+    /// Verdicts/s and agreement of the judges (reference rules, local model, ensemble) on the
+    /// validation set's answers, each with a fresh generation store.
     Score {
-        /// Items per dataset.
-        #[arg(long, default_value_t = 4)]
-        n: usize,
-        /// Where to write the benchmark archive (a temporary directory by default).
+        /// Judge every n-th answer of the set (1: all 532).
+        #[arg(long, default_value_t = 1)]
+        every: usize,
+        /// Where to keep the judges' generation stores (a temporary directory by default).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -894,7 +894,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?
         }
-        Command::Bench { which: Bench::Score { n, dir } } => crate::bench::score(n, dir.as_deref())?,
+        Command::Bench { which: Bench::Score { every, dir } } => crate::bench::score(every, dir.as_deref())?,
         Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
             crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
         }
