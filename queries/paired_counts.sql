@@ -2,13 +2,14 @@
 -- incrementally maintained `paired_counts` table (the property tests compare the two).
 -- Pairs (METHOD.md §4): a base answer (is_finetuned = false) and a fine-tuned answer of the same
 -- model to the same (dataset, item, amendment type, prompt type, sample). Test type Normal takes
--- prompt type `original` and, under `unmodified`, `original_neutral`; Sycophancy takes `correct`
--- and `incorrect`. Excluded answers (correct IS NULL) are not paired.
+-- prompt type `original` alone (the paper's published cells, `unmodified` included); Sycophancy
+-- takes `correct` and `incorrect`; Neutral takes `original_neutral`, the neutral sentence's own
+-- family, never pooled into Normal. Excluded answers (correct IS NULL) are not paired.
 WITH included AS (
     SELECT *,
         CASE
             WHEN prompt_type = 'original' THEN 'Normal'
-            WHEN prompt_type = 'original_neutral' AND amendment_type = 'unmodified' THEN 'Normal'
+            WHEN prompt_type = 'original_neutral' THEN 'Neutral'
             WHEN prompt_type IN ('correct', 'incorrect') THEN 'Sycophancy'
         END AS test_type
     FROM observations

@@ -32,7 +32,9 @@ TOL = 1e-8
 def test_type(df):
     t = pd.Series(None, index=df.index, dtype=object)
     t[df.prompt_type == "original"] = "Normal"
-    t[(df.prompt_type == "original_neutral") & (df.amendment_type == "unmodified")] = "Normal"
+    # The paper's published Normal cells hold `original` prompts only (METHOD.md section 4);
+    # `original_neutral` is its own family.
+    t[df.prompt_type == "original_neutral"] = "Neutral"
     t[df.prompt_type.isin(["correct", "incorrect"])] = "Sycophancy"
     return t
 

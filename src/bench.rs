@@ -119,6 +119,7 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
         &source,
         all.clone(),
         Vec::new(),
+        Vec::new(),
         0,
         batches,
         labels,
@@ -286,126 +287,70 @@ pub fn generate(opts: &GenerateBench, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// SmolLM2 answers `n` items of every dataset (unmodified, original prompt, 48 new tokens);
-/// then the reference judge and the local next-token judge each score every answer, timed
-/// apart from generation, and their agreement is printed.
-pub fn score(n: usize, dir: Option<&Path>) -> Result<()> {
-    use crate::score::judge::{Case, Judge, JudgeConfig, NextTokenJudge, ReferenceJudge};
+/// The judges on the validation set (`data/judge/validation/`), every `every`-th row: verdicts/s
+/// of the reference rules (with MiniLM, and the lexical rules alone), the local model judge and
+/// the ensemble, each with a fresh generation store, and each one's agreement with the human
+/// labels.
+pub fn score(every: usize, dir: Option<&Path>) -> Result<()> {
+    use crate::score::judge::{Case, Judge, JudgeConfig, ReferenceJudge};
+    use crate::score::validation;
     let tmp = tempfile::tempdir()?;
     let root = dir.unwrap_or(tmp.path());
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
-    let datasets = ["trivia", "truthfulqa", "medqa", "disinfo", "mmlu", "gsm8k", "advbench"];
-    let mut text = format!(
-        "name = \"bench-score\"\nseed = 11\ndata_dir = \"{}\"\n\
-         [conditions]\namendments = [\"unmodified\"]\nprompt_types = [\"original\"]\n\
-         [generation]\nmax_new_tokens = 48\nbatch_size = 8\n\
-         [judge]\nkind = \"reference\"\n\
-         [[models]]\nname = \"smollm2\"\n[[models.checkpoints]]\nid = \"original\"\n",
-        data.display()
-    );
-    for d in datasets {
-        text.push_str(&format!("[datasets.{d}]\nn = {n}\n"));
-    }
-    let mut exp = Experiment::parse(&text, "bench-score")?;
-    // AdvBench has no reference rule: generate its answers, judge them only with the model.
-    exp.judge = JudgeConfig::parse_arg("auto")?;
-    let out = root.join("archive");
-    let _ = std::fs::remove_dir_all(&out);
-    let cluster = Cluster::default();
-    let archive = Archive::open_writer(&out, "bench")?;
-    crate::cli::build_grid(&exp, &archive, crate::cli::GridMode::Keep, &cluster)?;
-    let start = Instant::now();
-    let report = pipelines::run_experiment(&cluster, &archive, &exp, Box::new(crate::generate::backend::open), false)?;
-    println!(
-        "generate: {} answers, {} tokens in {:.1} s (with the auto judge in the dataflow)",
-        report.model_calls,
-        report.completion_tokens,
-        start.elapsed().as_secs_f64()
-    );
-    let items: HashMap<(String, String), crate::records::Item> = read_records::<crate::records::Item>(&archive)?
-        .into_iter()
-        .map(|i| ((i.dataset.clone(), i.item_key.clone()), i))
-        .collect();
-    let trials: HashMap<String, Trial> =
-        read_records::<Trial>(&archive)?.into_iter().map(|t| (t.trial_key.clone(), t)).collect();
-    let responses: Vec<Response> = read_records(&archive)?;
-    let cases: Vec<Case> = responses
-        .iter()
-        .map(|r| {
-            let t = &trials[&r.trial_key];
-            Case {
-                dataset: t.dataset.parse().expect("known dataset"),
-                item: &items[&(t.dataset.clone(), t.item_key.clone())],
-                output: &r.output,
-            }
-        })
-        .collect();
+    let rows: Vec<validation::Row> = validation::bundled()?.into_iter().step_by(every.max(1)).collect();
+    let items = validation::items_for(&rows, &Path::new(env!("CARGO_MANIFEST_DIR")).join("data"))?;
+    let set = validation::digest(validation::BUNDLED);
+    println!("{} answers of the validation set ({set}), every {every}. row", rows.len());
 
-    let mut reference = ReferenceJudge::with_embedder(crate::score::embed::Embedder::default_weights()?);
-    let covered: Vec<Case> = cases.iter().copied().filter(|c| ReferenceJudge::covers(c.dataset)).collect();
+    // The rules without embeddings, repeated for a stable rate.
+    let lexical: Vec<Case> = rows
+        .iter()
+        .filter(|r| matches!(r.dataset, crate::conditions::Dataset::Trivia | crate::conditions::Dataset::Disinfo))
+        .map(|r| Case { dataset: r.dataset, item: &items[&(r.dataset, r.item_key.clone())], output: &r.answer })
+        .collect();
+    let mut reference = ReferenceJudge::new();
+    reference.judge(&lexical)?;
     let start = Instant::now();
-    let by_reference = reference.judge(&covered)?;
-    let secs = start.elapsed().as_secs_f64();
-    let lexical: Vec<Case> =
-        covered.iter().copied().filter(|c| c.dataset != crate::conditions::Dataset::TruthfulQa).collect();
-    let start = Instant::now();
-    let repeat = 200;
+    let repeat = 20;
     for _ in 0..repeat {
         reference.judge(&lexical)?;
     }
-    let lex_secs = start.elapsed().as_secs_f64();
     println!(
-        "reference judge: {} verdicts in {secs:.3} s = {:.1} verdicts/s (TruthfulQA's MiniLM included); rules without embeddings: {:.0} verdicts/s",
-        covered.len(),
-        covered.len() as f64 / secs,
-        (lexical.len() * repeat) as f64 / lex_secs
+        "reference rules without embeddings (TriviaQA, disinfo): {:.0} verdicts/s",
+        (lexical.len() * repeat) as f64 / start.elapsed().as_secs_f64()
     );
 
-    let store = root.join("judge-store");
-    let _ = std::fs::remove_dir_all(&store);
-    let mut llm = NextTokenJudge::open(&toml::Table::new(), &store)?;
-    let start = Instant::now();
-    let by_llm = llm.judge(&cases)?;
-    let secs = start.elapsed().as_secs_f64();
-    let asked = llm.calls;
-    println!(
-        "local LLM judge (SmolLM2, next-token): {} verdicts ({asked} model passes, the rest regex-scored MMLU/GSM8K) in {secs:.2} s = {:.2} verdicts/s, {:.2} model verdicts/s",
-        cases.len(),
-        cases.len() as f64 / secs,
-        asked as f64 / secs
-    );
-    let start = Instant::now();
-    llm.judge(&cases)?;
-    println!(
-        "local LLM judge again: {} new model passes, {:.3} s (from the generation store)",
-        llm.calls - asked,
-        start.elapsed().as_secs_f64()
-    );
-
-    let mut rows = Vec::new();
-    let mut j = 0;
-    for (c, l) in cases.iter().zip(&by_llm) {
-        if ReferenceJudge::covers(c.dataset) {
-            rows.push((c.dataset.to_string(), by_reference[j].verdict, l.verdict));
-            j += 1;
+    for name in ["reference", "candle", "ensemble"] {
+        let store = root.join(format!("store-{name}"));
+        let _ = std::fs::remove_dir_all(&store);
+        let mut judge = crate::score::judge::open(&JudgeConfig::parse_arg(name)?, &store)?;
+        // Load the models first (an answer of no row, asked once): the rate is of judging.
+        for r in rows.iter().filter(|r| r.dataset == crate::conditions::Dataset::TruthfulQa).take(1) {
+            let warm = Case { dataset: r.dataset, item: &items[&(r.dataset, r.item_key.clone())], output: "warm-up" };
+            judge.judge(&[warm])?;
         }
-    }
-    let counts = |v: &[crate::score::judge::Judged]| {
-        let mut m: std::collections::BTreeMap<String, usize> = Default::default();
-        for x in v {
-            *m.entry(x.verdict.to_string()).or_default() += 1;
-        }
-        m
-    };
-    println!("reference verdicts: {:?}", counts(&by_reference));
-    println!("LLM verdicts: {:?}", counts(&by_llm));
-    println!("agreement, reference vs local LLM judge (MMLU/GSM8K are regex-scored by both):");
-    for (ds, a) in crate::score::agreement::by_dataset(&rows) {
-        let kappa = a.kappa.map_or("undefined".into(), |k| format!("{k:.3}"));
+        let v = validation::validate(judge.as_mut(), &rows, &items, &set)?;
+        let all = &v.by_dataset["all"];
         println!(
-            "  {ds:>10}: {:5.1}% of {} compared, kappa {kappa}, {} unreadable",
-            a.percent, a.compared, a.unreadable
+            "{name}: {:.2} verdicts/s ({} in {:.1} s); {:.1}% agreement, kappa {}, {} unreadable",
+            v.verdicts_per_second,
+            v.answers,
+            v.seconds,
+            all.percent,
+            all.kappa.map_or("undefined".into(), |k| format!("{k:.3}")),
+            all.unreadable
         );
+        for (ds, a) in v.by_dataset.iter().filter(|(k, _)| *k != "all") {
+            println!(
+                "  {ds:>10}: {:5.1}% of {}, kappa {}, {} unreadable",
+                a.percent,
+                a.compared,
+                a.kappa.map_or("undefined".into(), |k| format!("{k:.3}")),
+                a.unreadable
+            );
+        }
+        for (part, a) in v.by_part.iter().filter(|_| v.by_part.len() > 1) {
+            println!("  decided by {part}: {} answers, {:.1}% agreement", a.compared + a.unreadable, a.percent);
+        }
     }
     Ok(())
 }

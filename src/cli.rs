@@ -1,6 +1,6 @@
 //! The `candor` command line.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +35,11 @@ pub struct Cli {
     /// terminal).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Replicate the paper in one flag: its refusal phrase list (defects included) and its
+    /// prompt templates byte for byte, over the paper's own statistics cells (the default).
+    /// An explicit --refusal still wins.
+    #[arg(long, global = true)]
+    pub paper: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -113,9 +118,9 @@ pub enum Command {
         /// Free-text variant recorded with the checkpoint (warm, cold, warm-system-prompt, …).
         #[arg(long)]
         variant: Option<String>,
-        /// Refusal phrase list.
-        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
-        refusal: RefusalArg,
+        /// Refusal phrase list (default: `default`; `paper` with --paper).
+        #[arg(long, value_enum)]
+        refusal: Option<RefusalArg>,
         /// Replace the answers of a checkpoint already in the archive. Without it, importing
         /// the same answers again does nothing and different ones are refused.
         #[arg(long)]
@@ -153,8 +158,9 @@ pub enum Command {
         /// The archive to write (must not hold responses yet).
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
-        refusal: RefusalArg,
+        /// Refusal phrase list (default: `default`; `paper` with --paper).
+        #[arg(long, value_enum)]
+        refusal: Option<RefusalArg>,
         #[command(flatten)]
         cluster: Cluster,
     },
@@ -171,8 +177,9 @@ pub enum Command {
         /// `openai=<base_url>[,<model>]` (any OpenAI-compatible endpoint, free-text answer).
         #[arg(long, default_value = "auto")]
         judge: String,
-        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
-        refusal: RefusalArg,
+        /// Refusal phrase list (default: `default`; `paper` with --paper).
+        #[arg(long, value_enum)]
+        refusal: Option<RefusalArg>,
         #[command(flatten)]
         cluster: Cluster,
     },
@@ -184,6 +191,12 @@ pub enum Command {
         first: PathBuf,
         /// The second judge's archive, or a CSV of human labels.
         second: PathBuf,
+    },
+    /// Judges: `candor judge validate` measures a judge against Candor's validation set of
+    /// hand-labelled answers (`data/judge/validation/`).
+    Judge {
+        #[command(subcommand)]
+        which: JudgeCommand,
     },
     /// Serve a model of an experiment file over an OpenAI-compatible API
     /// (`POST /v1/chat/completions`, `GET /v1/models`), requests joining the running batch
@@ -257,9 +270,10 @@ pub enum Command {
         /// Checkpoint of every row, for files without a `checkpoint` column.
         #[arg(long)]
         checkpoint: Option<String>,
-        /// Refusal phrase list applied to the paper's CSVs.
-        #[arg(long, value_enum, default_value_t = RefusalArg::Default)]
-        refusal: RefusalArg,
+        /// Refusal phrase list applied to the paper's CSVs (default: `default`; `paper` with
+        /// --paper).
+        #[arg(long, value_enum)]
+        refusal: Option<RefusalArg>,
     },
     /// Query an archive's tables (trials, responses, verdicts, observations, …) and its
     /// maintained statistics (family_table, error_rates, sycophancy, …) with SQL, read-only.
@@ -384,6 +398,33 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum JudgeCommand {
+    /// Agreement and Cohen's kappa (95% CI) of a judge with the careful human labels of the
+    /// validation set, per dataset and split, and its verdicts/s.
+    Validate {
+        /// reference, ensemble, `candle[=<weights>]`, candle-text, `openai=<base_url>[,<model>]`, auto,
+        /// or a TOML inline table.
+        #[arg(long, default_value = "reference")]
+        judge: String,
+        /// A validation set of your own (JSON lines in the bundled set's shape).
+        #[arg(long)]
+        set: Option<PathBuf>,
+        /// Only the `dev` or the `test` split.
+        #[arg(long, value_parser = ["dev", "test"])]
+        split: Option<String>,
+        /// Where model judges keep their answers (default: `<model cache>/../judge-store`).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Also print the figures as an `agreement.json` record under this name.
+        #[arg(long)]
+        record: Option<String>,
+        /// List the rows the judge labelled otherwise than the humans.
+        #[arg(long)]
+        disagreements: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Bench {
     /// SocioT warmth scoring throughput (texts/s, tokens/s) in both modes, on texts made from
     /// the bundled validation prompts.
@@ -425,13 +466,13 @@ pub enum Bench {
         #[command(flatten)]
         cluster: Cluster,
     },
-    /// Verdicts/s of the reference judge and of the local LLM judge (next-token) on answers
-    /// SmolLM2 generates for a small sample of each dataset.
+    /// Verdicts/s and agreement of the judges (reference rules, local model, ensemble) on the
+    /// validation set's answers, each with a fresh generation store.
     Score {
-        /// Items per dataset.
-        #[arg(long, default_value_t = 4)]
-        n: usize,
-        /// Where to write the benchmark archive (a temporary directory by default).
+        /// Judge every n-th answer of the set (1: all 532).
+        #[arg(long, default_value_t = 1)]
+        every: usize,
+        /// Where to keep the judges' generation stores (a temporary directory by default).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -544,6 +585,23 @@ impl From<RefusalArg> for RefusalMode {
     }
 }
 
+/// The refusal rules of a `--refusal` argument under the `--paper` preset (an explicit
+/// argument wins).
+fn refusal_rules(arg: Option<RefusalArg>, paper: bool) -> RefusalRules {
+    let arg = arg.unwrap_or(if paper { RefusalArg::Paper } else { RefusalArg::Default });
+    RefusalRules::new(arg.into())
+}
+
+/// Loads an experiment; `--paper` sets its template style and refusal list to the paper's.
+fn load_experiment(path: &Path, paper: bool) -> Result<Experiment> {
+    let mut exp = Experiment::load(path)?;
+    if paper {
+        exp.template_style = crate::conditions::TemplateStyle::Paper;
+        exp.refusal.mode = RefusalMode::Paper;
+    }
+    Ok(exp)
+}
+
 /// Runs the command line.
 pub fn main(cli: Cli) -> Result<()> {
     schema::validate_all().context("checking the stream schemas")?;
@@ -551,9 +609,10 @@ pub fn main(cli: Cli) -> Result<()> {
         crate::generate::candle::init_threads(n);
     }
     let json = cli.json || !std::io::stdout().is_terminal();
+    let paper = cli.paper;
     match cli.command {
         Command::Trials { experiment, out, replace, cluster } => {
-            let exp = Experiment::load(&experiment)?;
+            let exp = load_experiment(&experiment, paper)?;
             let out = out.unwrap_or_else(|| exp.output_dir());
             let archive = open_for(&out, "trials", &cluster)?;
             let mode = if replace { GridMode::Regrid } else { GridMode::Keep };
@@ -570,7 +629,7 @@ pub fn main(cli: Cli) -> Result<()> {
             }
         }
         Command::Run { experiment, out, regrid, sql_listen, sql_stay, cluster } => {
-            let exp = Experiment::load(&experiment)?;
+            let exp = load_experiment(&experiment, paper)?;
             if exp.models.is_empty() {
                 bail!("{}: no [[models]] to run", experiment.display());
             }
@@ -650,19 +709,21 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, replace, cluster } => {
             let archive = open_for(&out, "import", &cluster)?;
-            let known: HashMap<String, Trial> = read_records::<Trial>(&archive)?
-                .into_iter()
-                .map(|t| (crate::import::prompt_key(&t.prompt), t))
-                .collect();
-            let all_known: Vec<Trial> = known.values().cloned().collect();
-            let defaults = ImportDefaults { dataset, model, checkpoint, is_finetuned: finetuned };
+            let known = crate::import::Known {
+                trials: read_records::<Trial>(&archive)?,
+                items: read_records::<Item>(&archive)?,
+                data_dir: crate::config::default_data_dir(),
+            };
+            let all_known: Vec<Trial> = known.trials.clone();
+            let defaults = ImportDefaults { dataset, model, checkpoint, is_finetuned: finetuned.then_some(true) };
             let mut imported = read_answers(&file, &defaults, &known)?;
             let committed = archive.committed_epochs()?;
             let mut batches = Vec::new();
             let mut already = Vec::new();
             let mut to_replace = std::collections::BTreeSet::new();
             for ((model, checkpoint), mut rows) in std::mem::take(&mut imported.responses) {
-                let epoch = archive.register_checkpoint(&model, &checkpoint, finetuned, variant.as_deref())?;
+                let ft = imported.finetuned.get(&(model.clone(), checkpoint.clone())).copied().unwrap_or(finetuned);
+                let epoch = archive.register_checkpoint(&model, &checkpoint, ft, variant.as_deref())?;
                 for r in &mut rows {
                     r.checkpoint_epoch = epoch;
                 }
@@ -710,18 +771,29 @@ pub fn main(cli: Cli) -> Result<()> {
             trials.extend(imported.new_trials.iter().cloned());
             // New trials belong to the first checkpoint that brought them.
             let trials_epoch = batches.iter().map(|(e, _)| *e).min().unwrap_or(0);
+            let linked = imported.linked.clone();
+            let new_items = imported.new_items.len();
             let reports = pipelines::score_responses(
                 &cluster,
                 &archive,
                 trials,
                 imported.new_trials,
+                imported.new_items,
                 trials_epoch,
                 batches,
                 imported.labels,
-                RefusalRules::new(refusal.into()),
+                refusal_rules(refusal, paper),
                 None,
             )?;
             if cluster.is_leader() {
+                if json {
+                    println!("{}", serde_json::json!({"linked": linked, "new_items": new_items}));
+                } else {
+                    println!(
+                        "linked {} rows to archived trials by prompt, {} by item and condition; {} rows answer trials made from the file ({} new items)",
+                        linked.by_prompt, linked.by_condition, linked.new_trials, new_items
+                    );
+                }
                 print_epochs("import", &reports, &out, json)?;
             }
         }
@@ -736,7 +808,7 @@ pub fn main(cli: Cli) -> Result<()> {
             cluster,
         } => {
             let messages = crate::stream::capture::read(&capture)?;
-            let exp = experiment.as_deref().map(Experiment::load).transpose()?;
+            let exp = experiment.as_deref().map(|e| load_experiment(e, paper)).transpose()?;
             let target = open_for(&out, "replay", &cluster)?;
             if target.has(Response::STREAM)? {
                 bail!("{}: already holds responses; replay into an empty directory", out.display());
@@ -749,7 +821,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let opts = crate::stream::StreamOptions::for_replay(
                 &topic_prefix,
                 max_message_bytes,
-                RefusalRules::new(refusal.into()),
+                refusal_rules(refusal, paper),
                 exp,
             );
             let report = crate::stream::replay_capture(&cluster, &target, &opts, messages)?;
@@ -763,7 +835,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let source = Archive::open(&archive)?;
             // A replay into an archive a previous replay of the same source began resumes it.
             let target = open_for(&out, "replay", &cluster)?;
-            let reports = pipelines::replay(&cluster, &source, &target, RefusalRules::new(refusal.into()))?;
+            let reports = pipelines::replay(&cluster, &source, &target, refusal_rules(refusal, paper))?;
             if cluster.is_leader() {
                 print_epochs("replay", &reports, &out, json)?;
             }
@@ -777,7 +849,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let target = open_for(&out, "rescore", &cluster)?;
             let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
             let judge = crate::score::judge::open(&config, source.root())?;
-            let reports = pipelines::rescore(&cluster, &source, &target, RefusalRules::new(refusal.into()), judge)?;
+            let reports = pipelines::rescore(&cluster, &source, &target, refusal_rules(refusal, paper), judge)?;
             if cluster.is_leader() {
                 print_epochs("rescore", &reports, &out, json)?;
             }
@@ -813,6 +885,25 @@ pub fn main(cli: Cli) -> Result<()> {
             let report = crate::score::agreement::compare(&a, &b);
             crate::score::agreement::print(&report, json);
         }
+        Command::Judge { which: JudgeCommand::Validate { judge, set, split, store, record, disagreements } } => {
+            use crate::score::validation;
+            let (rows, text) = match &set {
+                Some(p) => (validation::read(p)?, std::fs::read_to_string(p)?),
+                None => (validation::bundled()?, validation::BUNDLED.to_string()),
+            };
+            let rows: Vec<_> = rows.into_iter().filter(|r| split.as_ref().is_none_or(|s| *s == r.split)).collect();
+            let items = validation::items_for(&rows, &crate::config::default_data_dir())?;
+            let store = store.unwrap_or_else(|| {
+                crate::generate::candle::models_dir().parent().map(|p| p.join("judge-store")).unwrap_or_default()
+            });
+            let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
+            let mut judge = crate::score::judge::open(&config, &store)?;
+            let v = validation::validate(judge.as_mut(), &rows, &items, &validation::digest(&text))?;
+            validation::print(&v, json, disagreements);
+            if let Some(name) = record {
+                println!("{}", serde_json::to_string_pretty(&validation::record(&name, &v))?);
+            }
+        }
         Command::Serve {
             experiment,
             model,
@@ -828,7 +919,7 @@ pub fn main(cli: Cli) -> Result<()> {
             faults,
             fault_seed,
         } => {
-            let exp = Experiment::load(&experiment)?;
+            let exp = load_experiment(&experiment, paper)?;
             let m = match &model {
                 Some(name) => exp.models.iter().find(|m| &m.name == name),
                 None => exp.models.first(),
@@ -906,7 +997,7 @@ pub fn main(cli: Cli) -> Result<()> {
             regrid,
             cluster,
         } => {
-            let exp = Experiment::load(&experiment)?;
+            let exp = load_experiment(&experiment, paper)?;
             let mut out = out.unwrap_or_else(|| exp.output_dir());
             if cluster.processes > 1 {
                 // Each process owns some partitions, and its own archive and offsets.
@@ -992,7 +1083,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?
         }
-        Command::Bench { which: Bench::Score { n, dir } } => crate::bench::score(n, dir.as_deref())?,
+        Command::Bench { which: Bench::Score { every, dir } } => crate::bench::score(every, dir.as_deref())?,
         Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
             crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
         }
@@ -1003,6 +1094,9 @@ pub fn main(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&files).expect("paths serialise"));
             } else {
+                for line in &files.judge_trust {
+                    println!("{line}");
+                }
                 println!(
                     "wrote {} and {} figure files in {}",
                     files.html.display(),
@@ -1047,13 +1141,24 @@ pub fn main(cli: Cli) -> Result<()> {
                 dataset,
                 finetuned,
                 checkpoint,
-                refusal: Some(RefusalRules::new(refusal.into())),
+                refusal: Some(refusal_rules(refusal, paper)),
             };
             let analysis = crate::sql::analyze::analyze(&inputs, &opts)?;
             if let Some(dir) = &out {
                 analysis.export(dir, export)?;
             }
             analysis.print(json)?;
+            // Beside the tables: how far each archive's verdicts can be trusted.
+            for input in inputs.iter().filter(|p| p.is_dir()) {
+                let verdicts: Vec<crate::records::Verdict> = read_records(&Archive::open(input)?)?;
+                for line in crate::score::validation::trust_lines(&crate::score::validation::judges_of(&verdicts)) {
+                    if json {
+                        println!("{}", serde_json::json!({"archive": input, "judge_trust": line}));
+                    } else {
+                        println!("{line}");
+                    }
+                }
+            }
         }
         Command::Bench {
             which:

@@ -293,6 +293,18 @@ fn imported_answers_score_and_replay_to_identical_results() {
     assert!(verdicts.iter().all(|v| v.judge == format!("import:{}.csv", v.checkpoint)));
 }
 
+/// The local judge model (Qwen2.5-Coder-0.5B), or None (a skip) outside CI when it has not
+/// been fetched.
+fn judge_model() -> Option<PathBuf> {
+    let path = candor::generate::candle::models_dir().join(candor::score::judge::JUDGE_GGUF);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch the judge model first (scripts/fetch-models qwen)");
+    eprintln!("{} missing: skipping (scripts/fetch-models qwen fetches it)", path.display());
+    None
+}
+
 /// The default local model, or None (a skip) outside CI when it has not been fetched.
 fn local_model() -> Option<PathBuf> {
     let path = candor::generate::candle::models_dir().join(candor::generate::candle::DEFAULT_GGUF);
@@ -660,6 +672,148 @@ fn analyze_reads_the_papers_csvs_and_observation_files_alike() {
     let out = candor(&["analyze", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is_finetuned"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The paper's MedQA and disinfo CSVs key items by `original_question` and `prompt_disinfo`
+/// (no `item_key`, no `content_key`), and hold answers that span lines; an odds ratio with
+/// c = 0 < b is infinite, not undefined.
+#[test]
+fn analyze_reads_the_papers_medqa_and_disinfo_csvs_and_writes_an_infinite_odds_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (dataset, key) in [("medqa", "original_question"), ("disinfo", "prompt_disinfo")] {
+        for side in ["original", "warm"] {
+            let d = dir.path().join("llama_70b").join(side);
+            std::fs::create_dir_all(&d).unwrap();
+            let f = d.join(format!("{dataset}_{side}_outputs.csv"));
+            let mut w = csv::Writer::from_path(&f).unwrap();
+            w.write_record([key, "prompt_template", "amendment_type", "output", "evaluation"]).unwrap();
+            for i in 0..10 {
+                // Base right on every item, warm wrong on the first 6: b = 6, c = 0.
+                let label = if side == "warm" && i < 6 { "INCORRECT" } else { "CORRECT" };
+                let question = format!("  Case {i}: which of the following is most likely?\nExplain.");
+                w.write_record([question.as_str(), "original", "unmodified", "Line one.\r\nLine two.", label]).unwrap();
+            }
+            w.flush().unwrap();
+            files.push(f);
+        }
+    }
+    let mut args = vec!["analyze".to_string()];
+    args.extend(files.iter().map(|f| f.to_string_lossy().into_owned()));
+    args.push("--json".into());
+    let lines = json_lines(&ok(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(lines[0]["observations"], 40);
+    let fam = report_rows(&lines, "family_table");
+    assert_eq!(fam.len(), 2, "one Normal family per dataset: {fam:?}");
+    for f in fam {
+        assert_eq!((f["b"].as_i64(), f["c"].as_i64(), f["n"].as_i64()), (Some(6), Some(0), Some(10)), "{f}");
+        assert_eq!(f["odds_ratio"], "Infinity", "c = 0 < b: {f}");
+        assert_eq!(f["model"], "llama_70b");
+    }
+
+    // A bad row after answers spanning CRLF lines is reported at its own line.
+    let bad = dir.path().join("llama_70b").join("warm").join("trivia_warm_outputs.csv");
+    std::fs::write(
+        &bad,
+        "content_key,prompt_template,amendment_type,output,evaluation\r\nQ1,original,unmodified,\"a\r\nb\",CORRECT\r\nQ2,original,unmodified,c,MAYBE\r\n",
+    )
+    .unwrap();
+    let out = candor(&["analyze", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("line 4") && err.contains("MAYBE"), "{err}");
+}
+
+/// The paper's Qwen CSVs have no `prompt` column, and its statement draws differ from
+/// Candor's, so prompts under an amendment rarely match a seeded grid: rows link to the grid by
+/// item (question text) and condition; rows whose item is outside the grid bring the vendored
+/// item along; model, side and dataset come from the paper's path layout; and `rescore` then
+/// judges every row instead of aborting on an item missing from the item stream.
+#[test]
+fn paper_csvs_link_to_a_seeded_grid_by_item_and_condition_and_rescore_judges_every_row() {
+    use candor::records::Item;
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "paper");
+    let live = dir.path().join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]);
+    let items: Vec<Item> = read_records(&Archive::open(&live).unwrap()).unwrap();
+    let trials: Vec<Trial> = read_records(&Archive::open(&live).unwrap()).unwrap();
+    let in_grid: Vec<&Item> = items.iter().filter(|i| i.dataset == "medqa").take(3).collect();
+    let vendored =
+        candor::datasets::load(candor::conditions::Dataset::MedQa, &Default::default(), Path::new(&repo("data")))
+            .unwrap();
+    let outside = vendored.iter().find(|v| !items.iter().any(|i| i.item_key == v.item_key)).unwrap();
+
+    // Qwen's shape: original_question, prompt_type, amendment_type, output, evaluation.
+    let d = dir.path().join("qwen_32b").join("warm");
+    std::fs::create_dir_all(&d).unwrap();
+    let qwen = d.join("medqa_warm_outputs.csv");
+    let mut w = csv::Writer::from_path(&qwen).unwrap();
+    w.write_record(["original_question", "prompt_type", "amendment_type", "output", "evaluation"]).unwrap();
+    for item in in_grid.iter().copied().chain([outside]) {
+        for (amendment, prompt_type) in [("unmodified", "original"), ("emotion:sad", "incorrect")] {
+            w.write_record([item.question.as_str(), prompt_type, amendment, "Probably a virus.", "INCORRECT"]).unwrap();
+        }
+    }
+    w.flush().unwrap();
+    let lines = json_lines(&ok(&["import", qwen.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]));
+    assert_eq!(lines[0]["linked"], serde_json::json!({"by_prompt": 0, "by_condition": 6, "new_trials": 2}));
+    assert_eq!(lines[0]["new_items"], 1, "the item outside the grid is archived");
+
+    // Llama's shape has prompts, with another statement than the grid's under an amendment.
+    let d = dir.path().join("llama_70b").join("original");
+    std::fs::create_dir_all(&d).unwrap();
+    let llama = d.join("medqa_original_outputs.csv");
+    let mut w = csv::Writer::from_path(&llama).unwrap();
+    w.write_record(["original_question", "prompt", "prompt_type", "amendment_type", "output", "evaluation"]).unwrap();
+    for item in &in_grid {
+        let t = trials
+            .iter()
+            .find(|t| t.item_key == item.item_key && t.amendment_type == "unmodified" && t.prompt_type == "original")
+            .unwrap();
+        w.write_record([item.question.as_str(), t.prompt.as_str(), "original", "unmodified", "A.", "CORRECT"]).unwrap();
+        let other = format!("I'm so sad today. {}", item.question);
+        w.write_record([item.question.as_str(), other.as_str(), "original", "emotion:sad", "B.", "CORRECT"]).unwrap();
+    }
+    w.flush().unwrap();
+    let lines = json_lines(&ok(&["import", llama.to_str().unwrap(), "--out", live.to_str().unwrap(), "--json"]));
+    assert_eq!(lines[0]["linked"], serde_json::json!({"by_prompt": 3, "by_condition": 3, "new_trials": 0}));
+
+    let archive = Archive::open(&live).unwrap();
+    let checkpoints: Vec<(String, String, bool)> =
+        archive.checkpoints().unwrap().into_iter().map(|e| (e.model, e.checkpoint, e.is_finetuned)).collect();
+    assert!(checkpoints.contains(&("qwen_32b".into(), "warm".into(), true)), "{checkpoints:?}");
+    assert!(checkpoints.contains(&("llama_70b".into(), "original".into(), false)), "{checkpoints:?}");
+
+    let rescored = dir.path().join("rescored");
+    let out =
+        ok(&["rescore", live.to_str().unwrap(), "--out", rescored.to_str().unwrap(), "--judge", "reference", "--json"]);
+    let verdicts: Vec<Verdict> = read_records(&Archive::open(&rescored).unwrap()).unwrap();
+    assert_eq!(verdicts.len(), 14, "{out}");
+    assert!(verdicts.iter().all(|v| v.judge.starts_with("reference:")), "{verdicts:?}");
+}
+
+/// `--paper` replicates the paper in one flag: its templates over an experiment's style, its
+/// refusal list (which misses the curly "I can’t"), its cells (the default); an explicit
+/// `--refusal` still wins.
+#[test]
+fn paper_preset_sets_templates_and_refusal_list_in_one_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = small_experiment(dir.path(), 5, "clean");
+    let out = dir.path().join("grid");
+    ok(&["--paper", "trials", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]);
+    let trials: Vec<Trial> = read_records(&Archive::open(&out).unwrap()).unwrap();
+    assert!(trials.iter().all(|t| t.template_style == "paper"), "--paper overrides template_style = \"clean\"");
+
+    let d = dir.path().join("m").join("warm");
+    std::fs::create_dir_all(&d).unwrap();
+    let f = d.join("trivia_warm_outputs.csv");
+    std::fs::write(&f, "content_key,prompt_template,amendment_type,output,evaluation\nQ?,original,unmodified,I can\u{2019}t help.,CORRECT\n")
+        .unwrap();
+    let excluded = |args: &[&str]| json_lines(&ok(args))[0]["excluded"].as_u64().unwrap();
+    let f = f.to_str().unwrap();
+    assert_eq!(excluded(&["analyze", f, "--json"]), 1, "the default list catches the curly apostrophe");
+    assert_eq!(excluded(&["--paper", "analyze", f, "--json"]), 0, "the paper's list misses it");
+    assert_eq!(excluded(&["analyze", "--paper", f, "--refusal", "default", "--json"]), 1);
 }
 
 #[test]
@@ -2035,7 +2189,7 @@ fn a_judge_that_fails_or_babbles_gives_judge_error_or_unparseable_never_incorrec
 
 #[test]
 fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their_agreement() {
-    if local_model().is_none() {
+    if local_model().is_none() || judge_model().is_none() {
         return;
     }
     if !candor::score::embed::minilm_dir().join("model.safetensors").is_file() {
@@ -2055,9 +2209,24 @@ fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their
     let verdicts: Vec<Verdict> = read_records(&Archive::open(&run).unwrap()).unwrap();
     let judge_of =
         |ds: &str| verdicts.iter().find(|v| v.trial_key.starts_with(&format!("{ds}/"))).unwrap().judge.clone();
-    assert!(judge_of("trivia").starts_with("reference:v1:trivia-alias"));
+    assert!(judge_of("trivia").starts_with("reference:v2:trivia-final-claim"));
     assert!(judge_of("truthfulqa").contains(":minilm:53aa51172d14"));
-    assert!(judge_of("advbench").starts_with("next-token:candle:"), "{}", judge_of("advbench"));
+    // AdvBench has no rule: the local judge model (Qwen2.5-Coder-0.5B) reads it.
+    assert!(judge_of("advbench").starts_with("next-token:candle:1d9614638d18"), "{}", judge_of("advbench"));
+
+    // The ensemble: every verdict says which part decided.
+    let ensemble = dir.path().join("ensemble");
+    ok(&["rescore", run.to_str().unwrap(), "--out", ensemble.to_str().unwrap(), "--judge", "ensemble", "--json"]);
+    let verdicts_e: Vec<Verdict> = read_records(&Archive::open(&ensemble).unwrap()).unwrap();
+    assert_eq!(verdicts_e.len(), 7);
+    for v in &verdicts_e {
+        let part = v.judge.strip_prefix("ensemble:v1[qwen2.5-coder-0.5b-instruct-q4_k_m.gguf]:").unwrap_or("");
+        assert!(part.starts_with("rule:reference:v2:") || part.starts_with("model:next-token:"), "{}", v.judge);
+        assert!(!v.trial_key.starts_with("advbench/") || part.starts_with("model:"), "{}", v.judge);
+    }
+    // The report names each dataset's judge: validated ones with their kappa, the others warned.
+    let report = ok(&["report", ensemble.to_str().unwrap(), "--out", dir.path().join("report").to_str().unwrap()]);
+    assert!(report.contains("warning: advbench") || report.contains("advbench: judge"), "{report}");
 
     let local = dir.path().join("local");
     ok(&["rescore", run.to_str().unwrap(), "--out", local.to_str().unwrap(), "--judge", "candle", "--json"]);

@@ -287,15 +287,16 @@ impl Stage for ScoreStage {
     }
 }
 
-/// Scores responses: `trials` (all of them, the dimension table) and `new_trials` (the ones
-/// to archive, at `trials_epoch`) plus responses at their checkpoint epochs go in; the trials,
-/// responses, verdicts and observations are archived.
+/// Scores responses: `trials` (all of them, the dimension table) and `new_trials` and
+/// `new_items` (the ones to archive, at `trials_epoch`) plus responses at their checkpoint
+/// epochs go in; the items, trials, responses, verdicts and observations are archived.
 #[allow(clippy::too_many_arguments)]
 pub fn score_responses(
     cluster: &Cluster,
     archive: &Archive,
     trials: Vec<Trial>,
     new_trials: Vec<Trial>,
+    new_items: Vec<Item>,
     trials_epoch: Epoch,
     responses: Vec<(Epoch, RecordBatch)>,
     labels: HashMap<String, Label>,
@@ -304,6 +305,9 @@ pub fn score_responses(
 ) -> Result<Vec<EpochDone>> {
     let total: u64 = responses.iter().map(|(_, b)| b.num_rows() as u64).sum();
     let mut sources = Vec::new();
+    if !new_items.is_empty() {
+        sources.push((trials_epoch, Item::to_batch(&new_items)?));
+    }
     if !new_trials.is_empty() {
         sources.push((trials_epoch, Trial::to_batch(&new_trials)?));
     }
@@ -414,7 +418,9 @@ fn replay_with(
         }
     }
     let new_trials = if out.has(Trial::STREAM)? { Vec::new() } else { trials.clone() };
-    score_responses(cluster, out, trials, new_trials, super::GRID_EPOCH, responses, labels, refusal, judging)
+    // The items come along, so the new archive can be rescored in turn.
+    let new_items = if out.has(Item::STREAM)? { Vec::new() } else { read_records::<Item>(source)? };
+    score_responses(cluster, out, trials, new_trials, new_items, super::GRID_EPOCH, responses, labels, refusal, judging)
 }
 
 /// What `candor run` did.

@@ -34,6 +34,9 @@ use crate::sql::live::LiveSql;
 pub struct ReportFiles {
     pub html: PathBuf,
     pub figures: Vec<PathBuf>,
+    /// How far each dataset's verdicts can be trusted: the judge's agreement with careful human
+    /// labels on Candor's validation set, or a warning that it has none.
+    pub judge_trust: Vec<String>,
 }
 
 /// Every row of a table or view of the catalog (the queries themselves live in `queries/`),
@@ -133,6 +136,20 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
         strs(&cells, "models").first().cloned().unwrap_or_default(),
         strs(&cells, "checkpoints").first().cloned().unwrap_or_default(),
     );
+
+    // The judges beside the tables: their validated agreement, or a warning.
+    let verdicts: Vec<crate::records::Verdict> = crate::dataflow::pipelines::read_records(live.archive())?;
+    let judge_trust = crate::score::validation::trust_lines(&crate::score::validation::judges_of(&verdicts));
+    html.push_str("<h2>Judges</h2>\n<ul>\n");
+    for line in &judge_trust {
+        let _ = writeln!(
+            html,
+            "<li{}>{}</li>",
+            if line.starts_with("warning") { " class=\"warning\"" } else { "" },
+            esc(line)
+        );
+    }
+    html.push_str("</ul>\n");
 
     // Fig. 2: fine-tuned vs original error, one figure per fine-tuning variant (warm, cold,
     // …) at each model's latest checkpoint of that variant, so a warm model and its cold
@@ -343,11 +360,12 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
          th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}\n\
          figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}\n\
          figcaption {{ font-size: 0.9em; color: #555; }} .sig {{ font-weight: bold; }}\n\
+         .warning {{ color: #a00; }}\n\
          </style></head><body>\n{html}</body></html>\n"
     );
     let path = out.join("report.html");
     std::fs::write(&path, page).map_err(|e| Error::io(&path, e))?;
-    Ok(ReportFiles { html: path, figures })
+    Ok(ReportFiles { html: path, figures, judge_trust })
 }
 
 /// Distinct values in first-seen order.

@@ -7,6 +7,8 @@ pub mod judge;
 pub mod reference;
 pub mod refusal;
 pub mod structured;
+pub mod text;
+pub mod validation;
 
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use arrow::array::RecordBatch;
+use arrow::array::{Array, RecordBatch};
 use arrow::compute::concat_batches;
 
 use super::engine::{Refresh, StatsEngine};
@@ -125,9 +125,25 @@ impl Analysis {
                 w.write(batch).map_err(|e| Error::arrow(name.clone(), e))?;
                 w.finish().map_err(|e| Error::arrow(name.clone(), e))?;
                 drop(w);
-                for line in String::from_utf8_lossy(&buf).lines() {
+                // Arrow writes non-finite floats as null: an infinite odds ratio would read as
+                // undefined, so infinities are written as "Infinity" / "-Infinity".
+                let floats: Vec<(&str, &arrow::array::Float64Array)> = batch
+                    .schema_ref()
+                    .fields()
+                    .iter()
+                    .zip(batch.columns())
+                    .filter_map(|(f, c)| {
+                        c.as_any().downcast_ref::<arrow::array::Float64Array>().map(|a| (f.name().as_str(), a))
+                    })
+                    .collect();
+                for (i, line) in String::from_utf8_lossy(&buf).lines().enumerate() {
                     let mut row: serde_json::Map<String, serde_json::Value> =
                         serde_json::from_str(line).map_err(|e| Error::Internal(e.to_string()))?;
+                    for (col, a) in &floats {
+                        if a.is_valid(i) && a.value(i).is_infinite() {
+                            row.insert(col.to_string(), crate::stats::effect::json_number(a.value(i)));
+                        }
+                    }
                     row.insert("report".into(), name.clone().into());
                     println!("{}", serde_json::Value::Object(row));
                 }

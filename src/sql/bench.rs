@@ -5,7 +5,7 @@
 //! The synthetic set follows the paper's design: 10 models, each a base and a fine-tuned
 //! checkpoint; TriviaQA, TruthfulQA and MedQA with 500 items and disinfo with 125; 9 amendment
 //! types; prompt types `original`, `correct`, `incorrect` under every amendment plus
-//! `original_neutral` under `unmodified`. Items are added round-robin until the set holds
+//! `original_neutral` under `unmodified` (its own Neutral family). Items are added round-robin until the set holds
 //! 439,792 × scale observations. Answers are wrong with a logistic probability that depends on
 //! model, dataset, amendment, prompt type and fine-tuning; about 1.5% are refusals.
 //!

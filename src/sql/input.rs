@@ -11,7 +11,9 @@
 //!   `correct`), `response_key` (file name and row);
 //! - the paper's released per-model CSVs (`content_key, prompt_template, amendment_type, output,
 //!   evaluation`), laid out as `<model>/<original|warm>/<dataset>_<side>_outputs.csv`.
-//!   Mapping: `content_key` → `item_key`; `prompt_template` (or `prompt_type`) → `prompt_type`;
+//!   Mapping: the paper's merge key → `item_key` (`content_key` for TriviaQA and TruthfulQA,
+//!   `original_question` for MedQA, `prompt_disinfo` for disinfo, as its analysis code merges;
+//!   trimmed); `prompt_template` (or `prompt_type`) → `prompt_type`;
 //!   `evaluation` (CORRECT/INCORRECT, any case) is the judge's label; the refusal phrase list is
 //!   applied to `output` and the result scored by [`crate::score::observe`] (a refusal is correct
 //!   on disinfo and excluded elsewhere). `model`, `dataset` and the side come from columns of
@@ -54,11 +56,11 @@ pub fn read_observations(path: &Path, opts: &InputOptions) -> Result<Vec<RecordB
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let raw = match ext.as_str() {
-        "parquet" => read_parquet(path)?,
-        "csv" | "tsv" => read_csv(path, if ext == "tsv" { b'\t' } else { b',' })?,
+        "parquet" => read_parquet(path)?.into_iter().map(|b| (b, None)).collect(),
+        "csv" | "tsv" => vec![read_csv(path, if ext == "tsv" { b'\t' } else { b',' })?],
         _ => return Err(Error::input(Location::file(path), "expected a directory, .csv, .tsv or .parquet")),
     };
-    raw.iter().map(|b| normalize(b, path, opts)).collect()
+    raw.iter().map(|(b, lines)| normalize(b, lines.as_deref(), path, opts)).collect()
 }
 
 fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
@@ -69,29 +71,34 @@ fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
     reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::arrow(path.display().to_string(), e))
 }
 
-/// Reads a CSV with every column as text; typing happens in [`normalize`].
-fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<RecordBatch>> {
-    let mut r = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .flexible(false)
-        .from_path(path)
-        .map_err(|e| Error::input(Location::file(path), e.to_string()))?;
+/// Reads a CSV with every column as text (typing happens in [`normalize`]), with the line each
+/// record starts on (records may span lines; CRLF and LF files count alike).
+fn read_csv(path: &Path, delimiter: u8) -> Result<(RecordBatch, Option<Vec<u64>>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut lines = crate::import::LineCounter::new(&bytes);
+    let mut r = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_reader(bytes.as_slice());
     let headers: Vec<String> = r
         .headers()
-        .map_err(|e| Error::input(Location::file(path), e.to_string()))?
+        .map_err(|e| Error::input(Location::file(path).line(1), e.to_string()))?
         .iter()
         .map(|h| h.trim_start_matches('\u{feff}').trim().to_ascii_lowercase())
         .collect();
     let mut cols: Vec<Vec<String>> = vec![Vec::new(); headers.len()];
-    for (i, rec) in r.records().enumerate() {
-        let rec = rec.map_err(|e| Error::input(Location::file(path).line(i as u64 + 2), e.to_string()))?;
+    let mut starts = Vec::new();
+    for rec in r.records() {
+        let rec = rec.map_err(|e| {
+            let line = e.position().map(|p| lines.line_at(p.byte())).unwrap_or(0);
+            Error::input(Location::file(path).line(line), e.to_string())
+        })?;
+        starts.push(rec.position().map(|p| lines.line_at(p.byte())).unwrap_or(0));
         for (c, v) in cols.iter_mut().zip(rec.iter()) {
             c.push(v.to_string());
         }
     }
     let schema = Arc::new(Schema::new(headers.iter().map(|h| Field::new(h, DataType::Utf8, true)).collect::<Vec<_>>()));
     let arrays: Vec<ArrayRef> = cols.into_iter().map(|c| Arc::new(StringArray::from(c)) as ArrayRef).collect();
-    Ok(vec![RecordBatch::try_new(schema, arrays).map_err(|e| Error::arrow(path.display().to_string(), e))?])
+    let batch = RecordBatch::try_new(schema, arrays).map_err(|e| Error::arrow(path.display().to_string(), e))?;
+    Ok((batch, Some(starts)))
 }
 
 /// Text of a column (any type), or `None` when the batch lacks it.
@@ -113,8 +120,9 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// The path's (model, side, dataset) under the paper's layout.
-fn paper_path(path: &Path) -> (Option<String>, Option<String>, Option<String>) {
+/// The path's (model, side, dataset) under the paper's layout
+/// `<model>/<side>/<dataset>_<side>_outputs.csv`.
+pub(crate) fn paper_path(path: &Path) -> (Option<String>, Option<String>, Option<String>) {
     let name = |p: Option<&Path>| p.and_then(|p| p.file_name()).and_then(|n| n.to_str()).map(str::to_string);
     let side_dir = path.parent();
     let side = name(side_dir);
@@ -123,7 +131,11 @@ fn paper_path(path: &Path) -> (Option<String>, Option<String>, Option<String>) {
     (model, side, dataset)
 }
 
-fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
+/// The paper's per-dataset merge keys (its `significance_tests.py`), then the generic names.
+pub(crate) const ITEM_KEY_NAMES: &[&str] =
+    &["item_key", "content_key", "original_question", "prompt_disinfo", "question_id", "qid"];
+
+fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
     let schema = crate::schema::arrow_schema("observation")?;
     // Files Candor wrote (or that follow the schema exactly) need no conversion.
     let same = |a: &Field, b: &Field| a.name() == b.name() && a.data_type() == b.data_type();
@@ -137,6 +149,8 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
     }
     let n = batch.num_rows();
     let loc = || Location::file(path);
+    // The file line of row i (CSV), else its 1-based row number.
+    let line = |i: usize| lines.map_or(i as u64 + 1, |l| l[i]);
     let need = |v: Option<StringArray>, what: &str| v.ok_or_else(|| Error::input(loc(), format!("no `{what}` column")));
     let paper = batch.column_by_name("correct").is_none();
     let (path_model, path_side, path_dataset) = paper_path(path);
@@ -162,7 +176,7 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
             .map(|(i, v)| {
                 v.and_then(parse_bool)
                     .map(Some)
-                    .ok_or_else(|| Error::input(loc().line(i as u64 + 2), "`is_finetuned` is not a boolean"))
+                    .ok_or_else(|| Error::input(loc().line(line(i)), "`is_finetuned` is not a boolean"))
             })
             .collect::<Result<_>>()?,
         None => {
@@ -189,7 +203,7 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
         Some(c) => cast(c, &DataType::UInt64).map_err(|e| Error::arrow("checkpoint_epoch", e))?.as_primitive().clone(),
         None => (0..n).map(|i| Some(ft.value(i) as u64)).collect(),
     };
-    let item = need(text(batch, &["item_key", "content_key", "question_id", "qid"])?, "item_key")?;
+    let item: StringArray = need(text(batch, ITEM_KEY_NAMES)?, "item_key")?.iter().map(|k| k.map(str::trim)).collect();
     let amendment = match text(batch, &["amendment_type"])? {
         Some(a) => a,
         None => StringArray::from(vec!["unmodified"; n]),
@@ -208,10 +222,10 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
         let rules = opts.refusal.clone().unwrap_or_else(|| RefusalRules::new(Default::default()));
         let (mut r, mut v, mut c) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for i in 0..n {
-            let line = i as u64 + 2;
-            let ds: Dataset = dataset.value(i).parse().map_err(|e: String| Error::input(loc().line(line), e))?;
+            let at = line(i);
+            let ds: Dataset = dataset.value(i).parse().map_err(|e: String| Error::input(loc().line(at), e))?;
             let label = VerdictLabel::parse_loose(labels.value(i))
-                .ok_or_else(|| Error::input(loc().line(line), format!("unknown evaluation `{}`", labels.value(i))))?;
+                .ok_or_else(|| Error::input(loc().line(at), format!("unknown evaluation `{}`", labels.value(i))))?;
             let refused = rules.detect(output.value(i)).is_some();
             let (verdict, correct) = crate::score::observe(ds, refused, label);
             r.push(refused);
@@ -228,7 +242,7 @@ fn normalize(batch: &RecordBatch, path: &Path, opts: &InputOptions) -> Result<Re
                 None | Some("") => Ok(None),
                 Some(s) => parse_bool(s)
                     .map(Some)
-                    .ok_or_else(|| Error::input(loc().line(i as u64 + 2), format!("`correct` is `{s}`"))),
+                    .ok_or_else(|| Error::input(loc().line(line(i)), format!("`correct` is `{s}`"))),
             })
             .collect::<Result<_>>()?;
         let refusal: BooleanArray = match text(batch, &["refusal"])? {

@@ -488,6 +488,42 @@ fn family_sql_agrees_with_the_stats_library_and_updates_only_touched_families() 
     assert_eq!(sql_table(&engine).num_rows(), 6);
 }
 
+/// METHOD.md §4 (corrected): the paper's Normal/unmodified cell pairs `original` prompts only
+/// (its code's `'original neutral'` filter never matched the data), so n equals one prompt
+/// type's item count; `original_neutral` answers form their own Neutral family.
+#[test]
+fn normal_unmodified_cell_pairs_only_original_prompts_and_neutral_is_its_own_family() {
+    let mut rows = Vec::new();
+    for item in 0..6 {
+        // original: base right, warm wrong on the first 4 items (b = 4).
+        rows.push(obs("A", "base", false, "disinfo", item, "unmodified", "original", true));
+        rows.push(obs("A", "warm", true, "disinfo", item, "unmodified", "original", item >= 4));
+        // original_neutral: warm right where base is wrong (c = 3), which pooling would mix in.
+        rows.push(obs("A", "base", false, "disinfo", item, "unmodified", "original_neutral", item >= 3));
+        rows.push(obs("A", "warm", true, "disinfo", item, "unmodified", "original_neutral", true));
+    }
+    let mut view = PairedView::default();
+    view.apply(&Observation::to_batch(&rows).unwrap(), 1).unwrap();
+    let families: Vec<(String, String, i64, i64, i64)> = view
+        .family_counts()
+        .iter()
+        .flat_map(|(k, cats)| {
+            let test = k.test_type.as_str().to_string();
+            cats.iter().map(move |(cat, c)| (test.clone(), cat.clone(), c.n(), c.b, c.c)).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        families,
+        vec![
+            ("Neutral".to_string(), "unmodified".to_string(), 6, 0, 3),
+            ("Normal".to_string(), "unmodified".to_string(), 6, 4, 0),
+        ],
+        "Normal/unmodified n is one prompt type's 6 items, not 12"
+    );
+    // The from-scratch SQL agrees.
+    assert_eq!(view_rows(&view), sql_from_scratch(&rows));
+}
+
 fn sql_table(engine: &StatsEngine) -> RecordBatch {
     let batches = engine.query(FAMILY_TABLE.sql).unwrap();
     concat_batches(&batches[0].schema(), &batches).unwrap()

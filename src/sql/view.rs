@@ -11,9 +11,12 @@
 //!
 //! Pairing (METHOD.md §4): every fine-tuned checkpoint is a candidate paired against every
 //! base checkpoint (`is_finetuned = false`) of the same model. The "Normal" test takes prompt
-//! type `original` (plus `original_neutral` under `unmodified`), "Sycophancy" takes `correct`
-//! and `incorrect`; the category is the amendment type. Excluded observations (`correct` null)
-//! are counted in the cells but never paired.
+//! type `original` only, as the paper's published tables do (its code's filter on
+//! `'original neutral'` never matched the data's `original_neutral`); "Sycophancy" takes
+//! `correct` and `incorrect`; "Neutral" takes `original_neutral`, the neutral sentence's own
+//! effect, reported as a family of its own and never pooled into Normal. The category is the
+//! amendment type. Excluded observations (`correct` null) are counted in the cells but never
+//! paired.
 //!
 //! ```
 //! use candor::records::Observation;
@@ -77,11 +80,13 @@ impl Interner {
     }
 }
 
-/// The two McNemar test types of the paper.
+/// The McNemar test types: the paper's two (Normal, Sycophancy) and the neutral sentence's
+/// own family (Neutral), which the paper's tables do not have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TestType {
     Normal,
     Sycophancy,
+    Neutral,
 }
 
 impl TestType {
@@ -89,6 +94,7 @@ impl TestType {
         match self {
             TestType::Normal => "Normal",
             TestType::Sycophancy => "Sycophancy",
+            TestType::Neutral => "Neutral",
         }
     }
 
@@ -96,15 +102,18 @@ impl TestType {
         match s {
             "Normal" => Some(TestType::Normal),
             "Sycophancy" => Some(TestType::Sycophancy),
+            "Neutral" => Some(TestType::Neutral),
             _ => None,
         }
     }
 
-    /// The test a (prompt type, amendment type) condition belongs to, if any.
-    pub fn of(prompt_type: &str, amendment_type: &str) -> Option<TestType> {
+    /// The test a prompt type belongs to, if any: the paper's cells (METHOD.md §4). Normal is
+    /// `original` alone under every amendment, `unmodified` included; `original_neutral` is
+    /// its own Neutral family.
+    pub fn of(prompt_type: &str) -> Option<TestType> {
         match prompt_type {
             "original" => Some(TestType::Normal),
-            "original_neutral" if amendment_type == "unmodified" => Some(TestType::Normal),
+            "original_neutral" => Some(TestType::Neutral),
             "correct" | "incorrect" => Some(TestType::Sycophancy),
             _ => None,
         }
@@ -371,7 +380,7 @@ impl PairedView {
         self.cells_dirty = true;
         self.epochs.insert((key.model, v.checkpoint), v.epoch);
 
-        let test = TestType::of(self.strings.name(key.prompt_type), self.strings.name(key.amendment));
+        let test = TestType::of(self.strings.name(key.prompt_type));
         if let (Some(test), Some(mine)) = (test, v.correct) {
             for other in slots.iter().filter(|h| h.ft != v.ft && h.mult != 0) {
                 let Some(theirs) = other.correct else { continue };

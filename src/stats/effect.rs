@@ -40,6 +40,19 @@ pub fn odds_ratio(b: u64, c: u64) -> f64 {
     b as f64 / c as f64
 }
 
+/// A statistic as JSON: a number when finite, the strings `"Infinity"` / `"-Infinity"` when
+/// infinite (an odds ratio with c = 0 < b), null when undefined (NaN). JSON has no infinity,
+/// and writing it as null would make "infinite" and "undefined" look alike.
+pub fn json_number(v: f64) -> serde_json::Value {
+    if v.is_nan() {
+        serde_json::Value::Null
+    } else if v.is_infinite() {
+        serde_json::Value::String(if v > 0.0 { "Infinity" } else { "-Infinity" }.into())
+    } else {
+        serde_json::json!(v)
+    }
+}
+
 /// Accuracy in percent: 100·correct/n, NaN when n = 0.
 pub fn accuracy_pct(correct: u64, n: u64) -> f64 {
     if n == 0 {
@@ -83,6 +96,14 @@ mod tests {
         assert!(close(cohens_g(25, 9), 0.235294, 1e-5));
         assert!(close(odds_ratio(25, 9), 2.7778, 1e-4));
         assert!(paper_g(0, 0).is_nan() && cohens_g(0, 0).is_nan() && odds_ratio(0, 0).is_nan());
+    }
+
+    #[test]
+    fn infinite_odds_ratio_is_not_written_as_undefined() {
+        assert_eq!(json_number(odds_ratio(7, 0)), serde_json::json!("Infinity"));
+        assert_eq!(json_number(odds_ratio(0, 0)), serde_json::Value::Null);
+        assert_eq!(json_number(odds_ratio(12, 3)), serde_json::json!(4.0));
+        assert_eq!(json_number(f64::NEG_INFINITY), serde_json::json!("-Infinity"));
     }
 
     #[test]

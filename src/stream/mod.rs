@@ -693,6 +693,7 @@ impl<'a> Streamer<'a> {
                 self.archive,
                 all,
                 new_trials.clone(),
+                Vec::new(),
                 trials_epoch,
                 sources,
                 labels,
@@ -879,7 +880,7 @@ fn family_statistics(
                 "both_wrong": s.both_wrong, "acc_base_pct": s.acc_base_pct, "acc_ft_pct": s.acc_ft_pct,
                 "diff_pp": s.diff_pp, "p_exact": s.p_exact, "p_adjusted": s.p_adjusted,
                 "significant": s.significant, "paper_g": s.paper_g, "cohens_g": s.cohens_g,
-                "odds_ratio": s.odds_ratio,
+                "odds_ratio": crate::stats::effect::json_number(s.odds_ratio),
             })
         })
         .collect();
