@@ -12,7 +12,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use proptest::prelude::*;
 
 use super::engine::StatsEngine;
-use super::queries::{FAMILY_TABLE, PAIRED_COUNTS};
+use super::queries::{FAMILY_TABLE, PAIRED_COUNTS, REGRESSION_CELLS};
 use super::view::PairedView;
 use crate::records::Observation;
 use crate::schema::Record;
@@ -311,6 +311,43 @@ proptest! {
             view.apply(&b, 1).unwrap();
         }
         prop_assert_eq!(view_rows(&view), want);
+    }
+
+    /// The regressions' item rows (what the clustered SEs need) sum, cell by cell, to the
+    /// `regression_cells.sql` view over the maintained cells: one selection of checkpoints.
+    #[test]
+    fn regression_items_sum_to_the_regression_cells_view(obs in prop::collection::vec(observation(), 0..250)) {
+        let mut view = PairedView::default();
+        if !obs.is_empty() {
+            view.apply(&Observation::to_batch(&obs).unwrap(), 1).unwrap();
+        }
+        let ctx = ctx(8192);
+        let cells = view.cells_batch().unwrap();
+        ctx.register_table("cells", Arc::new(MemTable::try_new(cells.schema(), vec![vec![cells]]).unwrap())).unwrap();
+        let want: Vec<Vec<String>> = rows(
+            &sql(&ctx, REGRESSION_CELLS.sql),
+            &["model", "dataset", "amendment_type", "prompt_type", "is_finetuned", "incorrect", "n"],
+        )
+        .into_iter()
+        .filter(|r| r[6] != "0")
+        .collect();
+        let mut summed: std::collections::BTreeMap<Vec<String>, (u64, u64)> = Default::default();
+        let items = view.regression_items();
+        for c in &items {
+            let key = vec![c.model.clone(), c.dataset.clone(), c.amendment_type.clone(), c.prompt_type.clone(), c.ft.to_string()];
+            let e = summed.entry(key).or_default();
+            e.0 += c.incorrect;
+            e.1 += c.n;
+        }
+        let got: Vec<Vec<String>> = summed
+            .into_iter()
+            .map(|(mut k, (incorrect, n))| { k.push(incorrect.to_string()); k.push(n.to_string()); k })
+            .collect();
+        prop_assert_eq!(got, want);
+        // One cluster per (dataset, item).
+        let distinct: std::collections::BTreeSet<_> = obs.iter().filter(|o| o.correct.is_some()).map(|o| (o.dataset.clone(), o.item_key.clone())).collect();
+        let clusters: std::collections::BTreeSet<_> = items.iter().map(|c| c.cluster.unwrap()).collect();
+        prop_assert!(clusters.len() <= distinct.len());
     }
 
     /// Retracting any subset, in any batching and interleaving, equals never adding it; a
