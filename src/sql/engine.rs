@@ -247,6 +247,18 @@ impl StatsEngine {
         })
     }
 
+    /// Registers (or replaces) an extra table beside the maintained ones, e.g. an archive's
+    /// `responses` for `discordant_pairs.sql`; the batches take `schema` (segments written by
+    /// older versions may differ in field metadata or nullability only).
+    pub fn register(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+        let batches = batches
+            .into_iter()
+            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::arrow(format!("table {name}"), e))?;
+        register(&self.ctx, name, schema, batches)
+    }
+
     /// The DataFusion session with every table registered, for ad-hoc SQL.
     pub fn context(&self) -> &SessionContext {
         &self.ctx

@@ -94,19 +94,19 @@ pub fn minimum_detectable_difference(n: u64, discordance: f64, alpha: f64, power
     Some(hi)
 }
 
-/// The minimum detectable difference printed beside a family's table: n is the family's median
-/// category size (the lower middle one for an even count) and ψ its pooled discordance,
-/// Σ(b + c)/Σn, at the paper's α and 80% power. `None` when the family cannot detect any
-/// difference (or is empty).
-pub fn family_minimum_detectable_difference(categories: &[super::paired::PairedCounts]) -> Option<f64> {
-    let mut sizes: Vec<i64> = categories.iter().map(|c| c.n()).filter(|&n| n > 0).collect();
-    if sizes.is_empty() || categories.iter().any(|c| c.b < 0 || c.c < 0 || c.n() < 0) {
+/// The minimum detectable difference printed beside a family's table, from each category's
+/// (pairs, discordant pairs): n is the family's median category size (the lower middle one for
+/// an even count) and ψ its pooled discordance, Σ(b + c)/Σn, at the paper's α and 80% power.
+/// `None` when the family cannot detect any difference (or is empty).
+pub fn family_minimum_detectable_difference(categories: &[(u64, u64)]) -> Option<f64> {
+    let mut sizes: Vec<u64> = categories.iter().map(|c| c.0).filter(|&n| n > 0).collect();
+    if sizes.is_empty() {
         return None;
     }
     sizes.sort_unstable();
-    let n = sizes[(sizes.len() - 1) / 2] as u64;
-    let discordant: i64 = categories.iter().map(|c| c.b + c.c).sum();
-    let total: i64 = categories.iter().map(|c| c.n()).sum();
+    let n = sizes[(sizes.len() - 1) / 2];
+    let discordant: u64 = categories.iter().map(|c| c.1.min(c.0)).sum();
+    let total: u64 = categories.iter().map(|c| c.0).sum();
     minimum_detectable_difference(n, discordant as f64 / total as f64, super::paired::ALPHA, POWER)
 }
 
@@ -165,8 +165,7 @@ mod tests {
 
     #[test]
     fn a_family_uses_its_median_category_and_pooled_discordance() {
-        use crate::stats::paired::PairedCounts;
-        let k = |n: i64, b: i64, c: i64| PairedCounts { both_correct: n - b - c, b, c, both_wrong: 0 };
+        let k = |n: u64, b: u64, c: u64| (n, b + c);
         // Sizes 6, 6, 100 → median 6; discordance (6 + 6 + 0)/112 is far below 1, so 6 pairs
         // cannot reach 80% power.
         assert_eq!(family_minimum_detectable_difference(&[k(6, 3, 3), k(6, 6, 0), k(100, 0, 0)]), None);
