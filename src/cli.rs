@@ -266,6 +266,11 @@ pub enum Command {
         /// Directory to write into (default: `<archive>/report`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// An archive of the same answers judged by another judge (e.g. `candor rescore`'s
+        /// output): each family-table cell then shows the two judges' kappa on its answers and
+        /// is flagged when its significance depends on the judge.
+        #[arg(long)]
+        second_judge: Option<PathBuf>,
     },
     /// SocioT warmth (METHOD.md §5) of texts or of an archive's responses: each row names the
     /// language model that scored it (GPT-2 with --gpt2, else the default local model). An
@@ -806,10 +811,11 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
             crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
         }
-        Command::Report { archive, out } => {
+        Command::Report { archive, out, second_judge } => {
             let live = crate::sql::live::LiveSql::open(&archive)?;
+            let second = second_judge.map(crate::sql::live::LiveSql::open).transpose()?;
             let out = out.unwrap_or_else(|| archive.join("report"));
-            let files = crate::report::write_report(&live, &out)?;
+            let files = crate::report::write_report(&live, &out, second.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string(&files).expect("paths serialise"));
             } else {

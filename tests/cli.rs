@@ -789,7 +789,7 @@ fn report_writes_html_and_figures_naming_every_condition() {
     assert_eq!(files["html"], out.join("report.html").to_str().unwrap());
     // The warm model and its cold control each get their own Fig. 2 scatter.
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    assert!(html.contains("warm fine-tuning (smol/warm)") && html.contains("cold fine-tuning (smol/cold)"), "{html}");
+    assert!(html.contains("warm (smol/warm)") && html.contains("cold (smol/cold)"), "{html}");
     for fig in ["fig_error_scatter", "fig_error_scatter_cold", "fig_forest", "fig_sycophancy", "fig_refusals"] {
         let png = std::fs::read(out.join(format!("{fig}.png"))).unwrap();
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{fig}.png");
@@ -821,6 +821,118 @@ fn report_writes_html_and_figures_naming_every_condition() {
     assert!(html.find("<h4>original</h4>").unwrap() < html.find("<h4>warm</h4>").unwrap());
     for t in ["Normal", "Sycophancy"] {
         assert!(html.contains(&format!("{t} prompts")), "{t} families");
+    }
+}
+
+/// Debian's Chromium and chromedriver, or None (a skip) outside CI when they are missing.
+fn chromium_or_skip() -> Option<()> {
+    let found = candor::report::browser::find();
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install chromium and chromium-driver (scripts/test does)");
+        eprintln!("chromium or chromedriver not installed: skipping the browser test (scripts/test installs them)");
+    }
+    found.map(|_| ())
+}
+
+/// Fraction of a PNG's pixels that differ from its most common colour, and its distinct colours.
+fn ink(png_bytes: &[u8]) -> (f64, usize) {
+    let mut reader = png::Decoder::new(png_bytes).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let mut counts: HashMap<&[u8], usize> = HashMap::new();
+    for px in buf[..info.buffer_size()].chunks(channels) {
+        *counts.entry(px).or_default() += 1;
+    }
+    let total: usize = counts.values().sum();
+    let background = counts.values().max().copied().unwrap_or(0);
+    (1.0 - background as f64 / total as f64, counts.len())
+}
+
+#[test]
+fn report_drill_down_shows_the_pairs_behind_a_cell_in_chromium() {
+    let Some(()) = chromium_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 2)]);
+    let archive = live.to_str().unwrap();
+    let out = dir.path().join("report");
+    ok(&["report", archive, "--out", out.to_str().unwrap(), "--json"]);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(!html.contains("http://") && !html.contains("https://"), "self-contained: no network references");
+
+    // The cell with the most discordant pairs, and its pairs as `candor sql` lists them.
+    let cell = &json_lines(&ok(&[
+        "sql",
+        archive,
+        "-c",
+        "SELECT dataset, test_type, category, b, c FROM family_table ORDER BY b + c DESC, dataset, test_type, category LIMIT 1",
+        "--output",
+        "json",
+    ]))[0];
+    let (dataset, test, category) =
+        (cell["dataset"].as_str().unwrap(), cell["test_type"].as_str().unwrap(), cell["category"].as_str().unwrap());
+    let (b, c) = (cell["b"].as_u64().unwrap() as usize, cell["c"].as_u64().unwrap() as usize);
+    assert!(b + c > 0, "{cell}");
+    let query = format!(
+        "SELECT counts_toward, base_response_key, ft_response_key FROM discordant_pairs \
+         WHERE dataset = '{dataset}' AND test_type = '{test}' AND category = '{category}'"
+    );
+    let mut want: Vec<(String, String, String)> = json_lines(&ok(&["sql", archive, "-c", &query, "--output", "json"]))
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_string();
+            (s("counts_toward"), s("base_response_key"), s("ft_response_key"))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(want.len(), b + c);
+
+    let browser = candor::report::browser::Browser::launch().unwrap();
+    let selector =
+        format!("button.drill[data-dataset='{dataset}'][data-test='{test}'][data-category='{category}'][data-side='']");
+    let report = out.join("report.html");
+    let (mut shown, ms) = candor::report::browser::open_cell(&browser, &report, &selector).unwrap();
+    shown.sort();
+    assert_eq!(shown, want, "the drill-down shows exactly the cell's discordant pairs");
+    assert!(ms.is_finite() && ms >= 0.0, "{ms}");
+    // Each pair shows its prompt and both answers; the b/c filter narrows to one side.
+    let texts = browser
+        .eval(
+            "return [...document.querySelectorAll('#drill .pair')].map(p => [p.querySelector('.prompt').textContent, \
+             p.querySelectorAll('.answer .output').length])",
+            serde_json::json!([]),
+        )
+        .unwrap();
+    assert!(texts.as_array().unwrap().iter().all(|t| !t[0].as_str().unwrap().is_empty() && t[1] == 2), "{texts}");
+    let only_b = browser
+        .eval(
+            "const s = document.querySelector('#drill select[data-filter=side]'); s.value = '0'; \
+             s.dispatchEvent(new Event('change')); \
+             return [...document.querySelectorAll('#drill .pair')].map(p => p.dataset.side)",
+            serde_json::json!([]),
+        )
+        .unwrap();
+    let only_b: Vec<&str> = only_b.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(only_b.iter().all(|s| *s == "b") && only_b.len() == b.min(50), "{only_b:?}");
+
+    // A screenshot of the opened cell, checked not to be blank.
+    browser.click(&selector).unwrap();
+    browser
+        .wait_for(
+            "return document.getElementById('drill').dataset.state === 'ready'",
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+    let png = browser.screenshot().unwrap();
+    let shot = dir.path().join("drill-down.png");
+    std::fs::write(&shot, &png).unwrap();
+    let (covered, colours) = ink(&png);
+    assert!(covered > 0.05 && colours > 20, "a blank screenshot: {covered} of the pixels inked, {colours} colours");
+    if let Some(keep) = std::env::var_os("CANDOR_KEEP_REPORT") {
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::copy(&shot, keep.join("drill-down.png")).unwrap();
+        std::fs::copy(&report, keep.join("report.html")).unwrap();
     }
 }
 

@@ -7,6 +7,7 @@
 //! | `wilson_low(k, n)`, `wilson_high(k, n)` | scalar | Wilson 95% interval of k/n; NULL when n = 0 |
 //! | `newcombe_low(both_correct, b, c, both_wrong)`, `newcombe_high(…)` | scalar | Newcombe's paired 95% interval of (c − b)/n |
 //! | `mcnemar_mdd(n, b + c) OVER (PARTITION BY family)` | window | the family's minimum detectable difference at 80% power (a proportion); NULL when none is detectable |
+//! | `cohens_kappa(both, first_only, second_only, neither)` | scalar | Cohen's kappa of two judges' correct/incorrect labels from their 2×2 table; NULL when undefined |
 //! | `test_type(prompt_type, amendment_type)` | scalar | the McNemar test a condition's pairs count toward (`Normal`, `Sycophancy`), NULL for none: the one rule of [`TestType::of`] |
 //! | `paper_g(b, c)` | scalar | \|b − c\|/√(b + c), the paper's "Cohen's g" |
 //! | `cohens_g(b, c)` | scalar | textbook Cohen's g, \|b/(b + c) − ½\| |
@@ -42,6 +43,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use super::view::TestType;
+use crate::score::agreement::kappa_2x2;
 use crate::stats::bh::benjamini_hochberg;
 use crate::stats::effect::{cohens_g, odds_ratio, paper_g};
 use crate::stats::interval::{Z_95, newcombe_paired, wilson};
@@ -63,8 +65,12 @@ pub fn register(ctx: &SessionContext) {
         ctx.register_udf(ScalarUDF::from(CountsFn::new(name, f)));
     }
     for (name, f) in [
-        ("newcombe_low", (|k| newcombe_paired(k, Z_95).map(|ci| ci.0)) as fn(&PairedCounts) -> Option<f64>),
-        ("newcombe_high", |k| newcombe_paired(k, Z_95).map(|ci| ci.1)),
+        (
+            "newcombe_low",
+            (|k: [u64; 4]| newcombe_paired(&counts_of(k), Z_95).map(|ci| ci.0)) as fn([u64; 4]) -> Option<f64>,
+        ),
+        ("newcombe_high", |k| newcombe_paired(&counts_of(k), Z_95).map(|ci| ci.1)),
+        ("cohens_kappa", |k| kappa_2x2(k[0], k[1], k[2], k[3])),
     ] {
         ctx.register_udf(ScalarUDF::from(TableFn::new(name, f)));
     }
@@ -141,16 +147,21 @@ impl ScalarUDFImpl for CountsFn {
     }
 }
 
-/// A scalar function of a whole paired table (both_correct, b, c, both_wrong).
+/// A paired table (both_correct, b, c, both_wrong) from a 2×2 table's four counts.
+fn counts_of(k: [u64; 4]) -> PairedCounts {
+    PairedCounts { both_correct: k[0] as i64, b: k[1] as i64, c: k[2] as i64, both_wrong: k[3] as i64 }
+}
+
+/// A scalar function of a whole 2×2 table, its four counts in row order.
 #[derive(Debug)]
 struct TableFn {
     name: &'static str,
-    f: fn(&PairedCounts) -> Option<f64>,
+    f: fn([u64; 4]) -> Option<f64>,
     signature: Signature,
 }
 
 impl TableFn {
-    fn new(name: &'static str, f: fn(&PairedCounts) -> Option<f64>) -> Self {
+    fn new(name: &'static str, f: fn([u64; 4]) -> Option<f64>) -> Self {
         TableFn { name, f, signature: Signature::exact(vec![DataType::Int64; 4], Volatility::Immutable) }
     }
 }
@@ -191,16 +202,11 @@ impl ScalarUDFImpl for TableFn {
                 out.push(None);
                 continue;
             }
-            let counts = PairedCounts {
-                both_correct: cols[0].value(i),
-                b: cols[1].value(i),
-                c: cols[2].value(i),
-                both_wrong: cols[3].value(i),
-            };
-            if [counts.both_correct, counts.b, counts.c, counts.both_wrong].iter().any(|&x| x < 0) {
-                return exec_err!("{}: negative count {counts:?}", self.name);
+            let counts = [cols[0].value(i), cols[1].value(i), cols[2].value(i), cols[3].value(i)];
+            if counts.iter().any(|&x| x < 0) {
+                return exec_err!("{}: negative count in {counts:?}", self.name);
             }
-            out.push((self.f)(&counts));
+            out.push((self.f)(counts.map(|x| x as u64)));
         }
         let array: ArrayRef = Arc::new(Float64Array::from(out));
         if args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) {
