@@ -189,7 +189,7 @@ def regressions(inc):
     def ame(res, clu, data, mask=None):
         """Counterfactual AME and its delta-method SE under the model-based and clustered covariances."""
         sub = data if mask is None else data[mask]
-        design = res.model.data.design_info
+        design = res.model.data.model_spec  # a patsy DesignInfo
         X1 = np.asarray(build_design_matrices([design], sub.assign(ft=1.0))[0])
         X0 = np.asarray(build_design_matrices([design], sub.assign(ft=0.0))[0])
         b = res.params.values
