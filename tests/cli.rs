@@ -826,6 +826,112 @@ fn report_writes_html_and_figures_naming_every_condition() {
     }
 }
 
+#[test]
+fn report_with_a_second_judge_shows_kappa_per_cell_and_flags_judge_dependent_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    // The same answers judged twice: the second judge agrees on every base answer and calls
+    // more fine-tuned answers wrong.
+    let (a_dir, b_dir) = (dir.path().join("first"), dir.path().join("second"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let first = imported_archive(&a_dir, &[("original", false, 0), ("warm", true, 1)]);
+    let second = imported_archive(&b_dir, &[("original", false, 0), ("warm", true, 3)]);
+    let out = dir.path().join("report");
+    let files: serde_json::Value = serde_json::from_str(&ok(&[
+        "report",
+        first.to_str().unwrap(),
+        "--second-judge",
+        second.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(files["tables"][0], out.join("judge_cells.csv").to_str().unwrap());
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("κ judges"), "judge robustness columns");
+
+    // Flags: exactly the cells whose BH significance differs between the two family tables.
+    let significance = |archive: &Path| -> BTreeMap<(String, String, String), bool> {
+        json_lines(&ok(&[
+            "sql",
+            archive.to_str().unwrap(),
+            "-c",
+            "SELECT dataset, test_type, category, significant FROM family_table",
+            "--output",
+            "json",
+        ]))
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_string();
+            ((s("dataset"), s("test_type"), s("category")), r["significant"] == true)
+        })
+        .collect()
+    };
+    let (a, b) = (significance(&first), significance(&second));
+    let differ = a.iter().filter(|(k, s)| b.get(*k).copied().unwrap_or(false) != **s).count();
+    assert!(differ > 0, "the test data must make some cell judge-dependent");
+    assert_eq!(html.matches("<span class=\"flag\" title=").count(), differ);
+
+    // Kappa of one Sycophancy cell, from the answers themselves: both answers of every pair of
+    // the cell, labelled by each judge.
+    let labels = |archive: &Path| -> HashMap<String, Option<bool>> {
+        json_lines(&ok(&[
+            "sql",
+            archive.to_str().unwrap(),
+            "-c",
+            "SELECT response_key, correct FROM observations",
+            "--output",
+            "json",
+        ]))
+        .iter()
+        .map(|r| (r["response_key"].as_str().unwrap().to_string(), r["correct"].as_bool()))
+        .collect()
+    };
+    let theirs = labels(&second);
+    let pairs = json_lines(&ok(&[
+        "sql",
+        first.to_str().unwrap(),
+        "-c",
+        "SELECT b.response_key AS bk, b.correct AS bc, f.response_key AS fk, f.correct AS fc \
+         FROM observations b JOIN observations f ON b.item_key = f.item_key AND b.dataset = f.dataset \
+           AND b.amendment_type = f.amendment_type AND b.prompt_type = f.prompt_type \
+         WHERE NOT b.is_finetuned AND f.is_finetuned AND b.dataset = 'trivia' \
+           AND b.amendment_type = 'emotion:sad' AND b.prompt_type IN ('correct', 'incorrect') \
+           AND b.correct IS NOT NULL AND f.correct IS NOT NULL",
+        "--output",
+        "json",
+    ]));
+    let mut table = [0u64; 4];
+    for p in &pairs {
+        for (key, mine) in [("bk", "bc"), ("fk", "fc")] {
+            let (mine, other) = (p[mine].as_bool().unwrap(), theirs[p[key].as_str().unwrap()].unwrap());
+            table[match (mine, other) {
+                (true, true) => 0,
+                (true, false) => 1,
+                (false, true) => 2,
+                (false, false) => 3,
+            }] += 1;
+        }
+    }
+    let want = candor::score::agreement::kappa_2x2(table[0], table[1], table[2], table[3]).unwrap();
+    let mut csv = csv::Reader::from_path(out.join("judge_cells.csv")).unwrap();
+    let headers = csv.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let row = csv
+        .records()
+        .map(|r| r.unwrap())
+        .find(|r| {
+            r[col("dataset")] == *"trivia"
+                && r[col("test_type")] == *"Sycophancy"
+                && r[col("category")] == *"emotion:sad"
+        })
+        .unwrap();
+    let got: f64 = row[col("kappa")].parse().unwrap();
+    assert!((got - want).abs() < 1e-12, "kappa {got} vs {want} from {table:?}");
+    assert_eq!(row[col("both_correct")].parse::<u64>().unwrap(), table[0]);
+}
+
 /// Debian's Chromium and chromedriver, or None (a skip) outside CI when they are missing.
 fn chromium_or_skip() -> Option<()> {
     let found = candor::report::browser::find();
@@ -1731,6 +1837,14 @@ fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their
         overall["agreement"]["compared"].as_u64().unwrap() + overall["agreement"]["unreadable"].as_u64().unwrap(),
         7
     );
+    // The per-condition breakdown covers the same responses, each under its own condition.
+    let conditions: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("amendment_type").is_some()).collect();
+    let per_condition: u64 = conditions
+        .iter()
+        .map(|l| l["agreement"]["compared"].as_u64().unwrap() + l["agreement"]["unreadable"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_condition, 7, "{conditions:?}");
+    assert!(conditions.iter().all(|l| l["prompt_type"].is_string() && l["dataset"] != "all"));
     // MMLU and GSM8K are read by the same regular expressions whichever judge runs.
     for d in ["mmlu", "gsm8k"] {
         let a = &lines.iter().find(|l| l["dataset"] == d).unwrap()["agreement"];

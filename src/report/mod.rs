@@ -48,6 +48,8 @@ use crate::sql::live::LiveSql;
 pub struct ReportFiles {
     pub html: PathBuf,
     pub figures: Vec<PathBuf>,
+    /// Tables written beside the report (`judge_cells.csv` with a second judge).
+    pub tables: Vec<PathBuf>,
 }
 
 /// Every row of a table or view of the catalog (the queries themselves live in `queries/`),
@@ -278,8 +280,19 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
         plots::forest(out, "fig_forest", &forest)?,
         "Paired difference (b − c)/n with a 95% Wald interval for paired proportions, pooled over models and datasets at each model's latest checkpoint; positive = the variant errs more. Rows pooled from fewer than 30 pairs show their n.",
     )?;
-    let (tables, block) = family_tables(live, second_judge, &variant_names)?;
+    let (tables, block, judge_cells) = family_tables(live, second_judge, &variant_names)?;
     html.push_str(&tables);
+    let mut written = Vec::new();
+    if let Some(cells) = judge_cells {
+        let path = out.join("judge_cells.csv");
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        arrow::csv::WriterBuilder::new()
+            .with_header(true)
+            .build(file)
+            .write(&cells)
+            .map_err(|e| Error::arrow("judge_cells.csv", e))?;
+        written.push(path);
+    }
     html.push_str(&effects_table(live)?);
 
     // Sycophancy.
@@ -400,7 +413,7 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
     );
     let path = out.join("report.html");
     std::fs::write(&path, page).map_err(|e| Error::io(&path, e))?;
-    Ok(ReportFiles { html: path, figures })
+    Ok(ReportFiles { html: path, figures, tables: written })
 }
 
 /// Distinct values in first-seen order.
@@ -491,6 +504,8 @@ fn cell_keys(b: &RecordBatch) -> Vec<CellKey> {
 struct SecondJudge {
     kappa: BTreeMap<CellKey, (Option<f64>, u64)>,
     significant: BTreeMap<CellKey, bool>,
+    /// The rows of `judge_cells.sql`.
+    cells: RecordBatch,
 }
 
 fn second_judge_cells(live: &LiveSql, second: &LiveSql) -> Result<SecondJudge> {
@@ -518,6 +533,10 @@ fn second_judge_cells(live: &LiveSql, second: &LiveSql) -> Result<SecondJudge> {
         .map_err(|e| Error::Internal(e.to_string()))?
         .block_on(async { ctx.sql(q.sql).await?.collect().await })
         .map_err(|e| Error::Internal(format!("report: {}: {e}", q.name)))?;
+    let cells = match batches.first() {
+        Some(first) => concat_batches(&first.schema(), &batches).map_err(|e| Error::arrow("judge_cells", e))?,
+        None => RecordBatch::new_empty(std::sync::Arc::new(arrow::datatypes::Schema::empty())),
+    };
     let mut kappa = BTreeMap::new();
     for b in &batches {
         let (k, unreadable) = (f64s(b, "kappa"), f64s(b, "unreadable"));
@@ -528,7 +547,7 @@ fn second_judge_cells(live: &LiveSql, second: &LiveSql) -> Result<SecondJudge> {
     let theirs = view(second, "family_table", "")?;
     let sig = f64s(&theirs, "significant");
     let significant = cell_keys(&theirs).into_iter().enumerate().map(|(i, k)| (k, sig[i] == 1.0)).collect();
-    Ok(SecondJudge { kappa, significant })
+    Ok(SecondJudge { kappa, significant, cells })
 }
 
 /// A percentage with its interval, e.g. `92.0 [85.1, 96.0]`.
@@ -547,7 +566,7 @@ fn family_tables(
     live: &LiveSql,
     second: Option<&LiveSql>,
     labels: &BTreeMap<(String, String), String>,
-) -> Result<(String, drill::Block)> {
+) -> Result<(String, drill::Block, Option<RecordBatch>)> {
     let b = view(
         live,
         "family_table",
@@ -712,7 +731,7 @@ fn family_tables(
             }
         );
     }
-    Ok((out, block))
+    Ok((out, block, judge2.map(|j| j.cells)))
 }
 
 fn effects_table(live: &LiveSql) -> Result<String> {
