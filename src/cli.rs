@@ -424,6 +424,29 @@ pub enum Bench {
         #[arg(long)]
         skip_python: bool,
     },
+    /// `candor report` at the paper's scale (45,900 trials × 2 checkpoints) and the
+    /// quickstart's, on synthetic answers: build time, report.html size, and the time the
+    /// drill-down takes to open the largest cell in headless Chromium.
+    Report {
+        /// Where to write the benchmark archives (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Fine-tuned checkpoints beside the original (2 with --discordance 0.55 gives ~50,000
+        /// discordant pairs at the paper's scale).
+        #[arg(long, default_value_t = 1)]
+        variants: usize,
+        /// Fraction of pairs that are discordant.
+        #[arg(long, default_value_t = 0.25)]
+        discordance: f64,
+        /// Repetitions of the report build.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Skip the browser timing.
+        #[arg(long)]
+        no_browser: bool,
+        #[command(flatten)]
+        cluster: Cluster,
+    },
     /// Greedy generation throughput of the candle backend on a GGUF model at several batch
     /// sizes: prefill, decode and overall tokens/s, wall time and peak memory per batch size.
     /// Every request decodes exactly `--max-new-tokens` tokens (end-of-turn is ignored), so
@@ -808,6 +831,10 @@ pub fn main(cli: Cli) -> Result<()> {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?
         }
         Command::Bench { which: Bench::Score { n, dir } } => crate::bench::score(n, dir.as_deref())?,
+        Command::Bench { which: Bench::Report { dir, variants, discordance, repeat, no_browser, cluster } } => {
+            let opts = crate::report::bench::ReportBench { variants, discordance, repeat, browser: !no_browser };
+            crate::report::bench::run(dir.as_deref(), &opts, &cluster)?
+        }
         Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
             crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
         }
