@@ -1023,7 +1023,31 @@ fn report_drill_down_shows_the_pairs_behind_a_cell_in_chromium() {
     let only_b: Vec<&str> = only_b.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(only_b.iter().all(|s| *s == "b") && only_b.len() == b.min(50), "{only_b:?}");
 
+    // Every pair of the comparison at once (all filters cleared): only the first 50 per side are
+    // in the page, the rest behind "show more".
+    let (rendered, total) = browser
+        .eval(
+            "return candorDrill.open(0, '', '', '', '').then(() => [document.querySelectorAll('#drill .pair').length, \
+             document.querySelector('#drill .summary').textContent])",
+            serde_json::json!([]),
+        )
+        .map(|v| (v[0].as_u64().unwrap(), v[1].as_str().unwrap().to_string()))
+        .unwrap();
+    let all_pairs: usize = json_lines(&ok(&[
+        "sql",
+        archive,
+        "-c",
+        "SELECT COUNT(*) AS n FROM discordant_pairs",
+        "--output",
+        "json",
+    ]))[0]["n"]
+        .as_u64()
+        .unwrap() as usize;
+    assert!(all_pairs > 100, "the test archive should need paging: {all_pairs}");
+    assert!(rendered <= 100, "{rendered} pairs rendered at once ({total})");
+
     // A screenshot of the opened cell, checked not to be blank.
+    browser.click("#drill .drill-close").unwrap();
     browser.click(&selector).unwrap();
     browser
         .wait_for(
