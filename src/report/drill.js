@@ -81,7 +81,7 @@
     const raw = text(c[who + "_judge_raw"][i]);
     const right = (who === "base") === (c.side[i] === 0);
     return el("div", { class: "answer " + (right ? "right" : "wrong") }, [
-      el("h5", { text: who === "base" ? "original (" + cmp.base + ")" : cmp.label + " (" + cmp.checkpoint + ")" }),
+      el("h5", { text: who === "base" ? "original (" + cmp.base + ")" : cmp.label === cmp.checkpoint ? cmp.label : cmp.label + " (" + cmp.checkpoint + ")" }),
       el("pre", { class: "output", text: output === null ? "(answer text not in this archive)" : output }),
       el("div", { class: "verdict", text: "verdict: " + verdict + refusal }),
       el("div", { class: "judge", text: "judge: " + (judge || "–") }),
@@ -109,8 +109,8 @@
     const cmp = data.comparisons[state.cmp];
     const body = panel.querySelector(".drill-body");
     body.replaceChildren();
-    panel.querySelector(".drill-title").textContent =
-      cmp.model + " — " + cmp.label + " (" + cmp.checkpoint + ") vs " + cmp.base;
+    const named = cmp.label === cmp.checkpoint ? cmp.label : cmp.label + " (" + cmp.checkpoint + ")";
+    panel.querySelector(".drill-title").textContent = cmp.model + " — " + named + " vs " + cmp.base;
     const filters = el("div", { class: "filters" }, [
       select("dataset", "dataset", "dataset", state.dataset),
       select("test", "test", "test_type", state.test),

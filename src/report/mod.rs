@@ -634,14 +634,15 @@ fn family_tables(
     for f in order {
         let (model, base, checkpoint, dataset, test) = &f;
         let cmp = block.comparison(model, base, checkpoint, &label(model, checkpoint));
+        let variant = label(model, checkpoint);
+        let named = if variant == *checkpoint { variant.clone() } else { format!("{variant} ({checkpoint})") };
         let _ = write!(
             out,
-            "<h4>{} — {} ({}) vs {} — {} — {} prompts</h4>\n<table><tr><th>category</th><th>n</th><th>acc. original (%)</th>\
+            "<h4>{} — {} vs {} — {} — {} prompts</h4>\n<table><tr><th>category</th><th>n</th><th>acc. original (%)</th>\
              <th>acc. {} (%)</th><th>diff. (pp)</th><th>b</th><th>c</th><th>p</th><th>mid-p</th><th>p (BH)</th>\
              <th>paper's g</th><th>Cohen's g</th><th>OR</th>{}</tr>\n",
             esc(model),
-            esc(&label(model, checkpoint)),
-            esc(checkpoint),
+            esc(&named),
             esc(base),
             esc(dataset),
             esc(test),
@@ -655,7 +656,7 @@ fn family_tables(
         let button = |i: usize, side: &str, count: f64| {
             format!(
                 "<button class=\"drill\" data-cmp=\"{cmp}\" data-dataset=\"{}\" data-test=\"{}\" data-category=\"{}\" \
-                 data-side=\"{side}\" title=\"show the {count:.0} pairs\">{count:.0}</button>",
+                 data-side=\"{side}\" title=\"show these pairs\">{count:.0}</button>",
                 esc(dataset),
                 esc(test),
                 esc(&keys[i].5),
