@@ -490,6 +490,11 @@ fn analyze_reads_the_papers_csvs_and_observation_files_alike() {
     let p = fam[0]["p_exact"].as_f64().unwrap();
     assert!((p - 0.076812744140625).abs() < 1e-15, "exact McNemar for b = 12, c = 4: {p}");
     assert!(paper_out.join("family_table.parquet").exists() && paper_out.join("effects.csv").exists());
+    // The items behind b and c are exported too, one row per discordant pair.
+    assert_eq!(lines[0]["discordant_pairs"], 16);
+    let pairs = std::fs::read_to_string(paper_out.join("discordant_pairs.csv")).unwrap();
+    assert_eq!(pairs.lines().count(), 1 + 16);
+    assert_eq!(pairs.lines().skip(1).filter(|l| l.contains(",b,")).count(), 12, "{pairs}");
 
     let obs_file = dir.path().join("observations.csv");
     std::fs::write(&obs_file, obs_csv).unwrap();
