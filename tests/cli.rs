@@ -767,6 +767,14 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
         let acc: f64 = rows[0].get("acc");
         assert!(acc > 0.0 && acc <= 100.0);
         let _: Option<bool> = rows[0].get("sig");
+        // The items behind b and c, as a driver sees them: as many as the family table counts.
+        let pairs = client
+            .query("SELECT COUNT(*) AS n, MIN(LENGTH(prompt)) AS shortest FROM discordant_pairs", &[])
+            .await
+            .unwrap();
+        let counted = client.query("SELECT SUM(b + c) AS n FROM family_table", &[]).await.unwrap();
+        assert_eq!(pairs[0].get::<_, i64>("n"), counted[0].get::<_, i64>("n"));
+        assert!(pairs[0].get::<_, Option<i32>>("shortest").is_some_and(|l| l > 0), "prompts come with the pairs");
         let err = client.query("DELETE FROM cells", &[]).await.unwrap_err();
         assert_eq!(err.code().map(|c| c.code()), Some("25006"), "{err}");
         let bad = tokio_postgres::connect(&config.replace("s3cret-pw", "guess"), tokio_postgres::NoTls).await;
