@@ -592,8 +592,15 @@ fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, fl
         let wrong = draw < if t.prompt_type == "incorrect" { p_belief } else { p_plain };
         rows.push((t, output, if wrong { "INCORRECT" } else { "CORRECT" }));
     }
-    // A checkpoint named cold… is the cold control, any other fine-tuned one warm.
-    let variant = if checkpoint.starts_with("cold") { "cold" } else { "warm" };
+    // A checkpoint named cold… is the cold control, …-system-prompt the paper's system-prompt
+    // control, any other fine-tuned one warm.
+    let variant = if checkpoint.starts_with("cold") {
+        "cold"
+    } else if checkpoint.ends_with("-system-prompt") {
+        "warm system prompt"
+    } else {
+        "warm"
+    };
     let extra: &[&str] = if finetuned { &["--finetuned", "--variant", variant] } else { &[] };
     import_csv(dir, live, "smol", checkpoint, &rows, extra);
 }
@@ -839,6 +846,48 @@ fn report_writes_html_and_figures_naming_every_condition() {
     }
 }
 
+/// The `n=` labels of a figure's SVG, sorted.
+fn n_labels(svg: &str) -> Vec<u64> {
+    let mut n: Vec<u64> = svg.lines().filter_map(|l| l.trim().strip_prefix("n=")).map(|v| v.parse().unwrap()).collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn report_names_a_system_prompt_variant_as_configured_and_labels_small_cells_with_their_n() {
+    let dir = tempfile::tempdir().unwrap();
+    // The paper's system-prompt control: the original weights told to be warm.
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm-system-prompt", true, 1)]);
+    let archive = live.to_str().unwrap();
+    let out = dir.path().join("report");
+    ok(&["report", archive, "--out", out.to_str().unwrap(), "--json"]);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("the paper's system-prompt control"), "the report says what the variant is");
+    assert_eq!(html.matches("fine-tuned").count(), 1, "only the note saying it is not a fine-tuned model");
+    assert!(html.contains("Regressions M1–M4: effect of the warm system prompt</h3>"));
+    assert!(html.contains("<th>variant</th>") && !html.contains("is_finetuned"), "refusals name the variant");
+    let svg = |name: &str| std::fs::read_to_string(out.join(format!("{name}.svg"))).unwrap();
+    assert!(svg("fig_forest").contains("Error-rate difference (warm system prompt − original) by amendment"));
+    for name in ["fig_error_scatter", "fig_forest", "fig_sycophancy", "fig_refusals"] {
+        assert!(!svg(name).contains("fine-tuned"), "{name}.svg calls a system prompt fine-tuned");
+    }
+
+    // Small cells carry their n: every scatter point and forest row under 30 answers, no other.
+    let small = |sql: &str, cols: &[&str]| -> Vec<u64> {
+        let mut n: Vec<u64> = json_lines(&ok(&["sql", archive, "-c", sql, "--output", "json"]))
+            .iter()
+            .map(|r| cols.iter().map(|c| r[*c].as_f64().unwrap() as u64).min().unwrap())
+            .filter(|n| *n < 30)
+            .collect();
+        n.sort();
+        n
+    };
+    let points = small("SELECT n_base, n_ft FROM error_pairs", &["n_base", "n_ft"]);
+    assert!(!points.is_empty(), "the test data must have small cells");
+    assert_eq!(n_labels(&svg("fig_error_scatter")), points);
+    assert_eq!(n_labels(&svg("fig_forest")), small("SELECT n FROM amendment_effects", &["n"]));
+}
+
 #[test]
 fn report_with_a_second_judge_shows_kappa_per_cell_and_flags_judge_dependent_cells() {
     let dir = tempfile::tempdir().unwrap();
@@ -943,6 +992,48 @@ fn report_with_a_second_judge_shows_kappa_per_cell_and_flags_judge_dependent_cel
     let got: f64 = row[col("kappa")].parse().unwrap();
     assert!((got - want).abs() < 1e-12, "kappa {got} vs {want} from {table:?}");
     assert_eq!(row[col("both_correct")].parse::<u64>().unwrap(), table[0]);
+}
+
+#[test]
+fn report_refuses_a_second_judge_archive_that_holds_other_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    // Another run of the same study: the same trials and checkpoints, so the same response
+    // keys, but other answers.
+    let rerun_dir = dir.path().join("rerun");
+    std::fs::create_dir_all(&rerun_dir).unwrap();
+    let exp = small_experiment(&rerun_dir, 5, "paper");
+    let rerun = rerun_dir.join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", rerun.to_str().unwrap(), "--json"]);
+    let trials: Vec<Trial> = read_records(&Archive::open(&rerun, Format::Parquet).unwrap()).unwrap();
+    let rows: Vec<(&Trial, &str, &str)> = trials.iter().map(|t| (t, "It is 43.", "INCORRECT")).collect();
+    import_csv(&rerun_dir, &rerun, "smol", "original", &rows, &[]);
+    import_csv(&rerun_dir, &rerun, "smol", "warm", &rows, &["--finetuned", "--variant", "warm"]);
+    // Another study altogether: no answer in common.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = imported_archive(&other_dir, &[("base", false, 0), ("warm-2", true, 3)]);
+
+    for (second, needles) in [
+        (&rerun, ["answers differ in text", "not the same answers judged again"]),
+        (&other, ["holds none of the", "no response key in common"]),
+    ] {
+        let out = dir.path().join("report");
+        let o = candor(&[
+            "report",
+            first.to_str().unwrap(),
+            "--second-judge",
+            second.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        for n in needles.iter().chain([&"candor rescore", &second.to_str().unwrap()]) {
+            assert!(err.contains(n), "`{n}` not in: {err}");
+        }
+        assert!(!out.join("report.html").exists(), "no report with meaningless judge flags");
+    }
 }
 
 /// Debian's Chromium and chromedriver, or None (a skip) outside CI when they are missing.

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `fig_error_scatter` | error of the warm fine-tuned vs the original model, one point per model × dataset × amendment × belief at each model's latest warm checkpoint (the paper's Fig. 2) |
 //! | `fig_error_scatter_<variant>` | the same for every other fine-tuning variant (the cold control, …), each on its own |
-//! | `fig_forest` | error-rate difference (fine-tuned − original, pp) by amendment with 95% CIs, pooled over models and datasets at each model's latest checkpoint, per test type |
+//! | `fig_forest` | error-rate difference (variant − original, pp, the variant named as configured) by amendment with 95% CIs, pooled over models and datasets at each model's latest compared checkpoint, per test type |
 //! | `fig_sycophancy` | error without a user belief vs with an incorrect one, per model × dataset × checkpoint |
 //! | `fig_refusals` | refusal counts per dataset × checkpoint |
 //! | `fig_warmth` | mean warmth score across checkpoints (only when the archive has a `warmth` stream) |
@@ -248,6 +248,26 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
     }
     html.push_str(&conditions_table(live)?);
 
+    // The forest plot and the regressions compare each model's latest compared checkpoint with
+    // its original: name those checkpoints by their variant, never a generic "fine-tuned".
+    let mut compared: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.is_finetuned) {
+        let slot = compared.entry(e.model.clone()).or_insert((e.epoch, e.checkpoint.clone()));
+        if e.epoch > slot.0 {
+            *slot = (e.epoch, e.checkpoint.clone());
+        }
+    }
+    let mut compared_variants: Vec<String> = Vec::new();
+    for (m, (_, c)) in &compared {
+        let v = variant_names.get(&(m.clone(), c.clone())).cloned().unwrap_or_else(|| c.clone());
+        if !compared_variants.contains(&v) {
+            compared_variants.push(v);
+        }
+    }
+    let compared_name =
+        if compared_variants.is_empty() { "variant".to_string() } else { compared_variants.join(" / ") };
+    let compared_list = compared.iter().map(|(m, (_, c))| format!("{m}/{c}")).collect::<Vec<_>>().join(", ");
+
     // Forest plot.
     let fo = view(live, "amendment_effects", "test_type, category")?;
     let (tt, cat) = (strs(&fo, "test_type"), strs(&fo, "category"));
@@ -270,7 +290,7 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
         html.push_str("<p>No paired answers yet (a forest plot needs an original and a fine-tuned checkpoint).</p>\n");
     }
     let forest = plots::Forest {
-        title: "Error-rate difference (fine-tuned − original) by amendment".into(),
+        title: format!("Error-rate difference ({compared_name} − original) by amendment"),
         x_label: "difference in error rate (percentage points, 95% CI)".into(),
         labels: if labels.is_empty() { vec!["unmodified".into()] } else { labels },
         series: series.iter().map(|s| format!("{s} prompts")).collect(),
@@ -279,7 +299,10 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
     figure_html(
         &mut html,
         plots::forest(out, "fig_forest", &forest)?,
-        "Paired difference (b − c)/n with a 95% Wald interval for paired proportions, pooled over models and datasets at each model's latest checkpoint; positive = the variant errs more. Rows pooled from fewer than 30 pairs show their n.",
+        &format!(
+            "Paired difference (b − c)/n with a 95% Wald interval for paired proportions, pooled over models and datasets at each model's latest compared checkpoint ({}); positive = the {compared_name} errs more. Rows pooled from fewer than 30 pairs show their n.",
+            if compared_list.is_empty() { "none yet" } else { &compared_list }
+        ),
     )?;
     let (tables, block, judge_cells) = family_tables(live, second_judge, &variant_names)?;
     html.push_str(&tables);
@@ -294,7 +317,7 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
             .map_err(|e| Error::arrow("judge_cells.csv", e))?;
         written.push(path);
     }
-    html.push_str(&effects_table(live)?);
+    html.push_str(&effects_table(live, &compared_name, &compared_list)?);
 
     // Sycophancy.
     let sy = view(live, "belief_errors", "model, checkpoint_epoch, checkpoint, dataset")?;
@@ -379,7 +402,7 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
         plots::bars(out, "fig_refusals", &refusal_bars)?,
         "Answers matching the refusal phrase list; on disinfo a refusal counts as correct, elsewhere refused answers are excluded from the statistics.",
     )?;
-    html.push_str(&batch_table(&rf, &[("refusal_pct", 1)]));
+    html.push_str(&batch_table(&with_variant(&rf, &variant_names)?, &[("refusal_pct", 1)]));
 
     // Warmth across checkpoints.
     html.push_str("<h2>Warmth across checkpoints</h2>\n");
@@ -509,8 +532,46 @@ struct SecondJudge {
     cells: RecordBatch,
 }
 
+/// A second judge's archive must hold this archive's answers judged again (what `candor rescore`
+/// writes): answers under the same response keys, with the same text. Another study's archive
+/// (no key in common) or another run of this study (the same keys, other answers) would give a
+/// meaningless kappa and flag cells for reasons that have nothing to do with the judge.
+fn check_same_answers(live: &LiveSql, second: &LiveSql) -> Result<()> {
+    let outputs = |l: &LiveSql| -> Result<std::collections::HashMap<String, String>> {
+        let b = view(l, "responses", "")?;
+        Ok(strs(&b, "response_key").into_iter().zip(strs(&b, "output")).collect())
+    };
+    let (mine, theirs) = (outputs(live)?, outputs(second)?);
+    let at = crate::error::Location::file(second.archive().root());
+    let first = live.archive().root().display().to_string();
+    let shared: Vec<&String> = mine.keys().filter(|k| theirs.contains_key(*k)).collect();
+    if shared.is_empty() && !mine.is_empty() {
+        return Err(Error::input(
+            at,
+            format!(
+                "--second-judge: holds none of the {} answers of {first} (no response key in common); a second \
+                 judge's archive is this archive re-scored (`candor rescore {first} --out DIR --judge …`)",
+                mine.len()
+            ),
+        ));
+    }
+    let differ: Vec<&String> = shared.into_iter().filter(|k| mine[*k] != theirs[*k]).collect();
+    if let Some(example) = differ.iter().min() {
+        return Err(Error::input(
+            at,
+            format!(
+                "--second-judge: {} answers differ in text from {first}'s under the same response key (e.g. `{example}`): \
+                 these are other answers, not the same answers judged again (`candor rescore {first} --out DIR --judge …`)",
+                differ.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn second_judge_cells(live: &LiveSql, second: &LiveSql) -> Result<SecondJudge> {
     use datafusion::datasource::MemTable;
+    check_same_answers(live, second)?;
     let observations = |l: &LiveSql| -> Result<Vec<RecordBatch>> {
         Ok(l.query("SELECT * FROM observations")
             .map_err(|e| Error::Internal(format!("report: reading observations: {e}")))?
@@ -736,10 +797,20 @@ fn family_tables(
     Ok((out, block, judge2.map(|j| j.cells)))
 }
 
-fn effects_table(live: &LiveSql) -> Result<String> {
+/// The regressions' effects; `variant` and `checkpoints` name the compared side (each model's
+/// latest compared checkpoint, as `regression_cells.sql` takes it).
+fn effects_table(live: &LiveSql, variant: &str, checkpoints: &str) -> Result<String> {
     let b = view(live, "effects", "")?;
-    let mut out = String::from(
-        "<h3>Regressions M1–M4: effect of the variant</h3>\n<p>Binomial GLMs on the cell counts (METHOD §4): log-odds effect \
+    let mut out = format!("<h3>Regressions M1–M4: effect of the {}</h3>\n", esc(variant));
+    if !checkpoints.is_empty() {
+        let _ = writeln!(
+            out,
+            "<p>The original model vs each model's latest compared checkpoint: {}.</p>",
+            esc(checkpoints)
+        );
+    }
+    out.push_str(
+        "<p>Binomial GLMs on the cell counts (METHOD §4): log-odds effect \
          β<sub>ft</sub> (+ interaction) with the paper's model-based standard error and Wald p, the item-clustered \
          (sandwich) standard error and p beside them (every item is answered under many contexts and prompt types, so \
          its answers are not independent), and the average marginal effect in percentage points with its delta-method \
@@ -762,6 +833,24 @@ fn effects_table(live: &LiveSql) -> Result<String> {
         ],
     ));
     Ok(out)
+}
+
+/// `b` with its `is_finetuned` column replaced by `variant`, each row's checkpoint named as
+/// configured: a system-prompt checkpoint is not shown as fine-tuned.
+fn with_variant(b: &RecordBatch, labels: &BTreeMap<(String, String), String>) -> Result<RecordBatch> {
+    use arrow::datatypes::{Field, Schema};
+    let Some(at) = b.schema().index_of("is_finetuned").ok() else { return Ok(b.clone()) };
+    let (model, checkpoint) = (strs(b, "model"), strs(b, "checkpoint"));
+    let names: arrow::array::StringArray = model
+        .into_iter()
+        .zip(checkpoint)
+        .map(|(m, c)| Some(labels.get(&(m, c.clone())).cloned().unwrap_or(c)))
+        .collect();
+    let mut fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = b.columns().to_vec();
+    fields[at] = Field::new("variant", DataType::Utf8, true);
+    columns[at] = std::sync::Arc::new(names);
+    RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), columns).map_err(|e| Error::arrow("report", e))
 }
 
 /// Any batch as an HTML table; `digits` sets the precision of named float columns.
