@@ -312,6 +312,11 @@ pub enum Command {
         /// Directory to write into (default: `<archive>/report`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// An archive of the same answers judged by another judge (e.g. `candor rescore`'s
+        /// output): each family-table cell then shows the two judges' kappa on its answers and
+        /// is flagged when its significance depends on the judge.
+        #[arg(long)]
+        second_judge: Option<PathBuf>,
     },
     /// SocioT warmth (METHOD.md §5) of texts or of an archive's responses: each row names the
     /// language model that scored it (GPT-2 with --gpt2, else the default local model). An
@@ -539,6 +544,29 @@ pub enum Bench {
         /// Where to write the archive (a temporary directory by default).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// `candor report` at the paper's scale (45,900 trials × 2 checkpoints) and the
+    /// quickstart's, on synthetic answers: build time, report.html size, and the time the
+    /// drill-down takes to open the largest cell in headless Chromium.
+    Report {
+        /// Where to write the benchmark archives (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Fine-tuned checkpoints beside the original (2 with --discordance 0.55 gives ~50,000
+        /// discordant pairs at the paper's scale).
+        #[arg(long, default_value_t = 1)]
+        variants: usize,
+        /// Fraction of pairs that are discordant.
+        #[arg(long, default_value_t = 0.25)]
+        discordance: f64,
+        /// Repetitions of the report build.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Skip the browser timing.
+        #[arg(long)]
+        no_browser: bool,
+        #[command(flatten)]
+        cluster: Cluster,
     },
     /// Greedy generation throughput of the candle backend on a GGUF model at several batch
     /// sizes: prefill, decode and overall tokens/s, wall time and peak memory per batch size.
@@ -1084,13 +1112,18 @@ pub fn main(cli: Cli) -> Result<()> {
             crate::bench::spine(dir.as_deref(), repeat, &cluster)?
         }
         Command::Bench { which: Bench::Score { every, dir } } => crate::bench::score(every, dir.as_deref())?,
+        Command::Bench { which: Bench::Report { dir, variants, discordance, repeat, no_browser, cluster } } => {
+            let opts = crate::report::bench::ReportBench { variants, discordance, repeat, browser: !no_browser };
+            crate::report::bench::run(dir.as_deref(), &opts, &cluster)?
+        }
         Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
             crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
         }
-        Command::Report { archive, out } => {
+        Command::Report { archive, out, second_judge } => {
             let live = crate::sql::live::LiveSql::open(&archive)?;
+            let second = second_judge.map(crate::sql::live::LiveSql::open).transpose()?;
             let out = out.unwrap_or_else(|| archive.join("report"));
-            let files = crate::report::write_report(&live, &out)?;
+            let files = crate::report::write_report(&live, &out, second.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string(&files).expect("paths serialise"));
             } else {

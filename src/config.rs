@@ -136,6 +136,26 @@ pub struct CheckpointConfig {
     pub backend: toml::Table,
 }
 
+impl CheckpointConfig {
+    /// The variant as configured, named honestly for figures and tables: a checkpoint that only
+    /// adds a system prompt to its model's weights is "warm system prompt" (the paper's
+    /// system-prompt control), not a fine-tune; one with a training epoch is "warm fine-tune,
+    /// epoch 2". A base checkpoint, or a variant that already says which it is, keeps its name.
+    pub fn variant_label(&self) -> Option<String> {
+        let v = self.variant.as_deref()?.trim();
+        let lower = v.to_lowercase();
+        if !self.finetuned || lower.contains("system") || lower.contains("fine-tun") || lower.contains("epoch") {
+            return Some(v.to_string());
+        }
+        let same_weights = self.path.is_none() && self.backend.is_empty();
+        Some(match (&self.system_prompt, self.epoch) {
+            (Some(_), _) if same_weights => format!("{v} system prompt"),
+            (_, Some(e)) => format!("{v} fine-tune, epoch {e}"),
+            _ => format!("{v} fine-tune"),
+        })
+    }
+}
+
 impl ModelConfig {
     /// The backend table of `checkpoint`: the model's, with the checkpoint's keys on top.
     pub fn backend_for(&self, checkpoint: &CheckpointConfig) -> toml::Table {
@@ -266,6 +286,54 @@ mod tests {
     fn a_misspelt_key_is_an_error() {
         let err = Experiment::parse("name='x'\nsede=3\n[datasets.trivia]\n", "e.toml").unwrap_err().to_string();
         assert!(err.contains("sede") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn variants_are_labelled_as_configured() {
+        let exp = Experiment::parse(
+            r#"name='x'
+[datasets.trivia]
+[[models]]
+name = "m"
+[[models.checkpoints]]
+id = "original"
+variant = "original"
+[[models.checkpoints]]
+id = "warm-sp"
+variant = "warm"
+finetuned = true
+system_prompt = "be warm"
+[[models.checkpoints]]
+id = "warm-e2"
+variant = "warm"
+finetuned = true
+epoch = 2.0
+path = "adapters/e2"
+[[models.checkpoints]]
+id = "cold"
+variant = "cold"
+finetuned = true
+path = "cold"
+[[models.checkpoints]]
+id = "named"
+variant = "warm-system-prompt"
+finetuned = true
+system_prompt = "be warm"
+"#,
+            "e.toml",
+        )
+        .unwrap();
+        let labels: Vec<Option<String>> = exp.models[0].checkpoints.iter().map(|c| c.variant_label()).collect();
+        assert_eq!(
+            labels,
+            [
+                Some("original".into()),
+                Some("warm system prompt".into()),
+                Some("warm fine-tune, epoch 2".into()),
+                Some("cold fine-tune".into()),
+                Some("warm-system-prompt".into()),
+            ]
+        );
     }
 
     #[test]

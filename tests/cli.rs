@@ -657,6 +657,11 @@ fn analyze_reads_the_papers_csvs_and_observation_files_alike() {
     let p = fam[0]["p_exact"].as_f64().unwrap();
     assert!((p - 0.076812744140625).abs() < 1e-15, "exact McNemar for b = 12, c = 4: {p}");
     assert!(paper_out.join("family_table.parquet").exists() && paper_out.join("effects.csv").exists());
+    // The items behind b and c are exported too, one row per discordant pair.
+    assert_eq!(lines[0]["discordant_pairs"], 16);
+    let pairs = std::fs::read_to_string(paper_out.join("discordant_pairs.csv")).unwrap();
+    assert_eq!(pairs.lines().count(), 1 + 16);
+    assert_eq!(pairs.lines().skip(1).filter(|l| l.contains(",b,")).count(), 12, "{pairs}");
 
     let obs_file = dir.path().join("observations.csv");
     std::fs::write(&obs_file, obs_csv).unwrap();
@@ -837,6 +842,8 @@ fn statistics_agree_with_statsmodels_on_random_data() {
         assert!(o.status.success(), "disagreement with statsmodels: {figures}\n{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_str(figures.trim()).unwrap();
         assert!(v["categories"].as_u64().unwrap() > 500 && v["coefficients"].as_u64().unwrap() > 40);
+        // The minimum detectable difference was compared where it exists, not only as NaN = NaN.
+        assert!(v["mdd_families"].as_u64().unwrap() > 500, "{v}");
     }
 }
 
@@ -894,8 +901,15 @@ fn import_answers(dir: &Path, live: &Path, checkpoint: &str, finetuned: bool, fl
         let wrong = draw < if t.prompt_type == "incorrect" { p_belief } else { p_plain };
         rows.push((t, output, if wrong { "INCORRECT" } else { "CORRECT" }));
     }
-    // A checkpoint named cold… is the cold control, any other fine-tuned one warm.
-    let variant = if checkpoint.starts_with("cold") { "cold" } else { "warm" };
+    // A checkpoint named cold… is the cold control, …-system-prompt the paper's system-prompt
+    // control, any other fine-tuned one warm.
+    let variant = if checkpoint.starts_with("cold") {
+        "cold"
+    } else if checkpoint.ends_with("-system-prompt") {
+        "warm system prompt"
+    } else {
+        "warm"
+    };
     let extra: &[&str] = if finetuned { &["--finetuned", "--variant", variant] } else { &[] };
     import_csv(dir, live, "smol", checkpoint, &rows, extra);
 }
@@ -1069,6 +1083,14 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
         let acc: f64 = rows[0].get("acc");
         assert!(acc > 0.0 && acc <= 100.0);
         let _: Option<bool> = rows[0].get("sig");
+        // The items behind b and c, as a driver sees them: as many as the family table counts.
+        let pairs = client
+            .query("SELECT COUNT(*) AS n, MIN(LENGTH(prompt)) AS shortest FROM discordant_pairs", &[])
+            .await
+            .unwrap();
+        let counted = client.query("SELECT SUM(b + c) AS n FROM family_table", &[]).await.unwrap();
+        assert_eq!(pairs[0].get::<_, i64>("n"), counted[0].get::<_, i64>("n"));
+        assert!(pairs[0].get::<_, Option<i32>>("shortest").is_some_and(|l| l > 0), "prompts come with the pairs");
         let err = client.query("DELETE FROM cells", &[]).await.unwrap_err();
         assert_eq!(err.code().map(|c| c.code()), Some("25006"), "{err}");
         let bad = tokio_postgres::connect(&config.replace("s3cret-pw", "guess"), tokio_postgres::NoTls).await;
@@ -1397,7 +1419,7 @@ fn report_writes_html_and_figures_naming_every_condition() {
     assert_eq!(files["html"], out.join("report.html").to_str().unwrap());
     // The warm model and its cold control each get their own Fig. 2 scatter.
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    assert!(html.contains("warm fine-tuning (smol/warm)") && html.contains("cold fine-tuning (smol/cold)"), "{html}");
+    assert!(html.contains("warm (smol/warm)") && html.contains("cold (smol/cold)"), "{html}");
     for fig in ["fig_error_scatter", "fig_error_scatter_cold", "fig_forest", "fig_sycophancy", "fig_refusals"] {
         let png = std::fs::read(out.join(format!("{fig}.png"))).unwrap();
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{fig}.png");
@@ -1429,6 +1451,332 @@ fn report_writes_html_and_figures_naming_every_condition() {
     assert!(html.find("<h4>original</h4>").unwrap() < html.find("<h4>warm</h4>").unwrap());
     for t in ["Normal", "Sycophancy"] {
         assert!(html.contains(&format!("{t} prompts")), "{t} families");
+    }
+}
+
+/// The `n=` labels of a figure's SVG, sorted.
+fn n_labels(svg: &str) -> Vec<u64> {
+    let mut n: Vec<u64> = svg.lines().filter_map(|l| l.trim().strip_prefix("n=")).map(|v| v.parse().unwrap()).collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn report_names_a_system_prompt_variant_as_configured_and_labels_small_cells_with_their_n() {
+    let dir = tempfile::tempdir().unwrap();
+    // The paper's system-prompt control: the original weights told to be warm.
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm-system-prompt", true, 1)]);
+    let archive = live.to_str().unwrap();
+    let out = dir.path().join("report");
+    ok(&["report", archive, "--out", out.to_str().unwrap(), "--json"]);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("the paper's system-prompt control"), "the report says what the variant is");
+    assert_eq!(html.matches("fine-tuned").count(), 1, "only the note saying it is not a fine-tuned model");
+    assert!(html.contains("Regressions M1–M4: effect of the warm system prompt</h3>"));
+    assert!(html.contains("<th>variant</th>") && !html.contains("is_finetuned"), "refusals name the variant");
+    let svg = |name: &str| std::fs::read_to_string(out.join(format!("{name}.svg"))).unwrap();
+    assert!(svg("fig_forest").contains("Error-rate difference (warm system prompt − original) by amendment"));
+    for name in ["fig_error_scatter", "fig_forest", "fig_sycophancy", "fig_refusals"] {
+        assert!(!svg(name).contains("fine-tuned"), "{name}.svg calls a system prompt fine-tuned");
+    }
+
+    // Small cells carry their n: every scatter point and forest row under 30 answers, no other.
+    let small = |sql: &str, cols: &[&str]| -> Vec<u64> {
+        let mut n: Vec<u64> = json_lines(&ok(&["sql", archive, "-c", sql, "--output", "json"]))
+            .iter()
+            .map(|r| cols.iter().map(|c| r[*c].as_f64().unwrap() as u64).min().unwrap())
+            .filter(|n| *n < 30)
+            .collect();
+        n.sort();
+        n
+    };
+    let points = small("SELECT n_base, n_ft FROM error_pairs", &["n_base", "n_ft"]);
+    assert!(!points.is_empty(), "the test data must have small cells");
+    assert_eq!(n_labels(&svg("fig_error_scatter")), points);
+    assert_eq!(n_labels(&svg("fig_forest")), small("SELECT n FROM amendment_effects", &["n"]));
+}
+
+#[test]
+fn report_with_a_second_judge_shows_kappa_per_cell_and_flags_judge_dependent_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    // The same answers judged twice: the second judge agrees on every base answer and calls
+    // more fine-tuned answers wrong.
+    let (a_dir, b_dir) = (dir.path().join("first"), dir.path().join("second"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let first = imported_archive(&a_dir, &[("original", false, 0), ("warm", true, 1)]);
+    let second = imported_archive(&b_dir, &[("original", false, 0), ("warm", true, 3)]);
+    let out = dir.path().join("report");
+    let files: serde_json::Value = serde_json::from_str(&ok(&[
+        "report",
+        first.to_str().unwrap(),
+        "--second-judge",
+        second.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(files["tables"][0], out.join("judge_cells.csv").to_str().unwrap());
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("κ judges"), "judge robustness columns");
+
+    // Flags: exactly the cells whose BH significance differs between the two family tables.
+    let significance = |archive: &Path| -> BTreeMap<(String, String, String), bool> {
+        json_lines(&ok(&[
+            "sql",
+            archive.to_str().unwrap(),
+            "-c",
+            "SELECT dataset, test_type, category, significant FROM family_table",
+            "--output",
+            "json",
+        ]))
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_string();
+            ((s("dataset"), s("test_type"), s("category")), r["significant"] == true)
+        })
+        .collect()
+    };
+    let (a, b) = (significance(&first), significance(&second));
+    let differ = a.iter().filter(|(k, s)| b.get(*k).copied().unwrap_or(false) != **s).count();
+    assert!(differ > 0, "the test data must make some cell judge-dependent");
+    assert_eq!(html.matches("<span class=\"flag\" title=").count(), differ);
+
+    // Kappa of one Sycophancy cell, from the answers themselves: both answers of every pair of
+    // the cell, labelled by each judge.
+    let labels = |archive: &Path| -> HashMap<String, Option<bool>> {
+        json_lines(&ok(&[
+            "sql",
+            archive.to_str().unwrap(),
+            "-c",
+            "SELECT response_key, correct FROM observations",
+            "--output",
+            "json",
+        ]))
+        .iter()
+        .map(|r| (r["response_key"].as_str().unwrap().to_string(), r["correct"].as_bool()))
+        .collect()
+    };
+    let theirs = labels(&second);
+    let pairs = json_lines(&ok(&[
+        "sql",
+        first.to_str().unwrap(),
+        "-c",
+        "SELECT b.response_key AS bk, b.correct AS bc, f.response_key AS fk, f.correct AS fc \
+         FROM observations b JOIN observations f ON b.item_key = f.item_key AND b.dataset = f.dataset \
+           AND b.amendment_type = f.amendment_type AND b.prompt_type = f.prompt_type \
+         WHERE NOT b.is_finetuned AND f.is_finetuned AND b.dataset = 'trivia' \
+           AND b.amendment_type = 'emotion:sad' AND b.prompt_type IN ('correct', 'incorrect') \
+           AND b.correct IS NOT NULL AND f.correct IS NOT NULL",
+        "--output",
+        "json",
+    ]));
+    let mut table = [0u64; 4];
+    for p in &pairs {
+        for (key, mine) in [("bk", "bc"), ("fk", "fc")] {
+            let (mine, other) = (p[mine].as_bool().unwrap(), theirs[p[key].as_str().unwrap()].unwrap());
+            table[match (mine, other) {
+                (true, true) => 0,
+                (true, false) => 1,
+                (false, true) => 2,
+                (false, false) => 3,
+            }] += 1;
+        }
+    }
+    let want = candor::score::agreement::kappa_2x2(table[0], table[1], table[2], table[3]).unwrap();
+    let mut csv = csv::Reader::from_path(out.join("judge_cells.csv")).unwrap();
+    let headers = csv.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let row = csv
+        .records()
+        .map(|r| r.unwrap())
+        .find(|r| {
+            r[col("dataset")] == *"trivia"
+                && r[col("test_type")] == *"Sycophancy"
+                && r[col("category")] == *"emotion:sad"
+        })
+        .unwrap();
+    let got: f64 = row[col("kappa")].parse().unwrap();
+    assert!((got - want).abs() < 1e-12, "kappa {got} vs {want} from {table:?}");
+    assert_eq!(row[col("both_correct")].parse::<u64>().unwrap(), table[0]);
+}
+
+#[test]
+fn report_refuses_a_second_judge_archive_that_holds_other_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 1)]);
+    // Another run of the same study: the same trials and checkpoints, so the same response
+    // keys, but other answers.
+    let rerun_dir = dir.path().join("rerun");
+    std::fs::create_dir_all(&rerun_dir).unwrap();
+    let exp = small_experiment(&rerun_dir, 5, "paper");
+    let rerun = rerun_dir.join("live");
+    ok(&["trials", exp.to_str().unwrap(), "--out", rerun.to_str().unwrap(), "--json"]);
+    let trials: Vec<Trial> = read_records(&Archive::open(&rerun).unwrap()).unwrap();
+    let rows: Vec<(&Trial, &str, &str)> = trials.iter().map(|t| (t, "It is 43.", "INCORRECT")).collect();
+    import_csv(&rerun_dir, &rerun, "smol", "original", &rows, &[]);
+    import_csv(&rerun_dir, &rerun, "smol", "warm", &rows, &["--finetuned", "--variant", "warm"]);
+    // Another study altogether: no answer in common.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = imported_archive(&other_dir, &[("base", false, 0), ("warm-2", true, 3)]);
+
+    for (second, needles) in [
+        (&rerun, ["answers differ in text", "not the same answers judged again"]),
+        (&other, ["holds none of the", "no response key in common"]),
+    ] {
+        let out = dir.path().join("report");
+        let o = candor(&[
+            "report",
+            first.to_str().unwrap(),
+            "--second-judge",
+            second.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        for n in needles.iter().chain([&"candor rescore", &second.to_str().unwrap()]) {
+            assert!(err.contains(n), "`{n}` not in: {err}");
+        }
+        assert!(!out.join("report.html").exists(), "no report with meaningless judge flags");
+    }
+}
+
+/// Debian's Chromium and chromedriver, or None (a skip) outside CI when they are missing.
+fn chromium_or_skip() -> Option<()> {
+    let found = candor::report::browser::find();
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install chromium and chromium-driver (scripts/test does)");
+        eprintln!("chromium or chromedriver not installed: skipping the browser test (scripts/test installs them)");
+    }
+    found.map(|_| ())
+}
+
+/// Fraction of a PNG's pixels that differ from its most common colour, and its distinct colours.
+fn ink(png_bytes: &[u8]) -> (f64, usize) {
+    let mut reader = png::Decoder::new(png_bytes).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let mut counts: HashMap<&[u8], usize> = HashMap::new();
+    for px in buf[..info.buffer_size()].chunks(channels) {
+        *counts.entry(px).or_default() += 1;
+    }
+    let total: usize = counts.values().sum();
+    let background = counts.values().max().copied().unwrap_or(0);
+    (1.0 - background as f64 / total as f64, counts.len())
+}
+
+#[test]
+fn report_drill_down_shows_the_pairs_behind_a_cell_in_chromium() {
+    let Some(()) = chromium_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let live = imported_archive(dir.path(), &[("original", false, 0), ("warm", true, 2)]);
+    let archive = live.to_str().unwrap();
+    let out = dir.path().join("report");
+    ok(&["report", archive, "--out", out.to_str().unwrap(), "--json"]);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(!html.contains("http://") && !html.contains("https://"), "self-contained: no network references");
+
+    // The cell with the most discordant pairs, and its pairs as `candor sql` lists them.
+    let cell = &json_lines(&ok(&[
+        "sql",
+        archive,
+        "-c",
+        "SELECT dataset, test_type, category, b, c FROM family_table ORDER BY b + c DESC, dataset, test_type, category LIMIT 1",
+        "--output",
+        "json",
+    ]))[0];
+    let (dataset, test, category) =
+        (cell["dataset"].as_str().unwrap(), cell["test_type"].as_str().unwrap(), cell["category"].as_str().unwrap());
+    let (b, c) = (cell["b"].as_u64().unwrap() as usize, cell["c"].as_u64().unwrap() as usize);
+    assert!(b + c > 0, "{cell}");
+    let query = format!(
+        "SELECT counts_toward, base_response_key, ft_response_key FROM discordant_pairs \
+         WHERE dataset = '{dataset}' AND test_type = '{test}' AND category = '{category}'"
+    );
+    let mut want: Vec<(String, String, String)> = json_lines(&ok(&["sql", archive, "-c", &query, "--output", "json"]))
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_string();
+            (s("counts_toward"), s("base_response_key"), s("ft_response_key"))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(want.len(), b + c);
+
+    let browser = candor::report::browser::Browser::launch().unwrap();
+    let selector =
+        format!("button.drill[data-dataset='{dataset}'][data-test='{test}'][data-category='{category}'][data-side='']");
+    let report = out.join("report.html");
+    let (mut shown, ms) = candor::report::browser::open_cell(&browser, &report, &selector).unwrap();
+    shown.sort();
+    assert_eq!(shown, want, "the drill-down shows exactly the cell's discordant pairs");
+    assert!(ms.is_finite() && ms >= 0.0, "{ms}");
+    // Each pair shows its prompt and both answers; the b/c filter narrows to one side.
+    let texts = browser
+        .eval(
+            "return [...document.querySelectorAll('#drill .pair')].map(p => [p.querySelector('.prompt').textContent, \
+             p.querySelectorAll('.answer .output').length])",
+            serde_json::json!([]),
+        )
+        .unwrap();
+    assert!(texts.as_array().unwrap().iter().all(|t| !t[0].as_str().unwrap().is_empty() && t[1] == 2), "{texts}");
+    let only_b = browser
+        .eval(
+            "const s = document.querySelector('#drill select[data-filter=side]'); s.value = '0'; \
+             s.dispatchEvent(new Event('change')); \
+             return [...document.querySelectorAll('#drill .pair')].map(p => p.dataset.side)",
+            serde_json::json!([]),
+        )
+        .unwrap();
+    let only_b: Vec<&str> = only_b.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(only_b.iter().all(|s| *s == "b") && only_b.len() == b.min(50), "{only_b:?}");
+
+    // Every pair of the comparison at once (all filters cleared): only the first 50 per side are
+    // in the page, the rest behind "show more".
+    let (rendered, total) = browser
+        .eval(
+            "return candorDrill.open(0, '', '', '', '').then(() => [document.querySelectorAll('#drill .pair').length, \
+             document.querySelector('#drill .summary').textContent])",
+            serde_json::json!([]),
+        )
+        .map(|v| (v[0].as_u64().unwrap(), v[1].as_str().unwrap().to_string()))
+        .unwrap();
+    let all_pairs: usize = json_lines(&ok(&[
+        "sql",
+        archive,
+        "-c",
+        "SELECT COUNT(*) AS n FROM discordant_pairs",
+        "--output",
+        "json",
+    ]))[0]["n"]
+        .as_u64()
+        .unwrap() as usize;
+    assert!(all_pairs > 100, "the test archive should need paging: {all_pairs}");
+    assert!(rendered <= 100, "{rendered} pairs rendered at once ({total})");
+
+    // A screenshot of the opened cell, checked not to be blank.
+    browser.click("#drill .drill-close").unwrap();
+    browser.click(&selector).unwrap();
+    browser
+        .wait_for(
+            "return document.getElementById('drill').dataset.state === 'ready'",
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+    let png = browser.screenshot().unwrap();
+    let shot = dir.path().join("drill-down.png");
+    std::fs::write(&shot, &png).unwrap();
+    let (covered, colours) = ink(&png);
+    assert!(covered > 0.05 && colours > 20, "a blank screenshot: {covered} of the pixels inked, {colours} colours");
+    if let Some(keep) = std::env::var_os("CANDOR_KEEP_REPORT") {
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::copy(&shot, keep.join("drill-down.png")).unwrap();
+        std::fs::copy(&report, keep.join("report.html")).unwrap();
     }
 }
 
@@ -2240,6 +2588,14 @@ fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their
         overall["agreement"]["compared"].as_u64().unwrap() + overall["agreement"]["unreadable"].as_u64().unwrap(),
         7
     );
+    // The per-condition breakdown covers the same responses, each under its own condition.
+    let conditions: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("amendment_type").is_some()).collect();
+    let per_condition: u64 = conditions
+        .iter()
+        .map(|l| l["agreement"]["compared"].as_u64().unwrap() + l["agreement"]["unreadable"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_condition, 7, "{conditions:?}");
+    assert!(conditions.iter().all(|l| l["prompt_type"].is_string() && l["dataset"] != "all"));
     // MMLU and GSM8K are read by the same regular expressions whichever judge runs.
     for d in ["mmlu", "gsm8k"] {
         let a = &lines.iter().find(|l| l["dataset"] == d).unwrap()["agreement"];

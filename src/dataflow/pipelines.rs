@@ -453,7 +453,8 @@ pub fn run_experiment(
     let mut checkpoints = BTreeMap::new();
     for model in &exp.models {
         for ckpt in &model.checkpoints {
-            let epoch = archive.register_checkpoint(&model.name, &ckpt.id, ckpt.finetuned, ckpt.variant.as_deref())?;
+            let label = ckpt.variant_label();
+            let epoch = archive.register_checkpoint(&model.name, &ckpt.id, ckpt.finetuned, label.as_deref())?;
             if committed.contains(&epoch) {
                 report.skipped.push(format!("{}/{}", model.name, ckpt.id));
                 continue;

@@ -7,14 +7,29 @@
 //! |---|---|
 //! | `fig_error_scatter` | error of the warm fine-tuned vs the original model, one point per model × dataset × amendment × belief at each model's latest warm checkpoint (the paper's Fig. 2) |
 //! | `fig_error_scatter_<variant>` | the same for every other fine-tuning variant (the cold control, …), each on its own |
-//! | `fig_forest` | error-rate difference (fine-tuned − original, pp) by amendment with 95% CIs, pooled over models and datasets at each model's latest checkpoint, per test type |
+//! | `fig_forest` | error-rate difference (variant − original, pp, the variant named as configured) by amendment with 95% CIs, pooled over models and datasets at each model's latest compared checkpoint, per test type |
 //! | `fig_sycophancy` | error without a user belief vs with an incorrect one, per model × dataset × checkpoint |
 //! | `fig_refusals` | refusal counts per dataset × checkpoint |
 //! | `fig_warmth` | mean warmth score across checkpoints (only when the archive has a `warmth` stream) |
 //!
+//! The per-family tables carry the paper's statistics and, beside them, Wilson intervals of each
+//! accuracy, Newcombe's paired interval of the difference, the mid-p McNemar value and each
+//! family's minimum detectable difference (docs/statistics.md). Every b and c count opens the
+//! pairs behind it ([`drill`]). With a second judge's archive (`--second-judge`, e.g. the output
+//! of `candor rescore`), each cell also shows Cohen's kappa between the judges on its answers and
+//! is flagged when its Benjamini–Hochberg significance differs between them
+//! (`queries/judge_cells.sql`).
+//!
+//! Checkpoints are named by their variant as configured (`warm system prompt`, `warm fine-tune,
+//! epoch 2`), never called "fine-tuned" when only a system prompt differs; points of small cells
+//! carry their n.
+//!
 //! Everything is read through the same [`LiveSql`] catalog `candor sql` serves, so the report
 //! and a live query agree.
 
+pub mod bench;
+pub mod browser;
+pub mod drill;
 pub mod plots;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +52,8 @@ pub struct ReportFiles {
     /// How far each dataset's verdicts can be trusted: the judge's agreement with careful human
     /// labels on Candor's validation set, or a warning that it has none.
     pub judge_trust: Vec<String>,
+    /// Tables written beside the report (`judge_cells.csv` with a second judge).
+    pub tables: Vec<PathBuf>,
 }
 
 /// Every row of a table or view of the catalog (the queries themselves live in `queries/`),
@@ -102,8 +119,27 @@ fn amendment_order(found: impl IntoIterator<Item = String>) -> Vec<String> {
     out
 }
 
-/// Writes `report.html` and the figures into `out`.
-pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
+/// Cells with fewer answers than this carry their n in figures.
+const SMALL_N: f64 = 30.0;
+
+/// The honest name of each (model, checkpoint): its variant as configured when the archive
+/// recorded one, else "fine-tuned" or "original".
+fn variant_labels(live: &LiveSql) -> Result<BTreeMap<(String, String), String>> {
+    Ok(live
+        .archive()
+        .checkpoints()?
+        .into_iter()
+        .map(|e| {
+            let label = e.variant.unwrap_or_else(|| if e.is_finetuned { "fine-tuned" } else { "original" }.into());
+            ((e.model, e.checkpoint), label)
+        })
+        .collect())
+}
+
+/// Writes `report.html` and the figures into `out`. With `second_judge` (the same answers
+/// judged again, e.g. by `candor rescore`), the family tables show per cell the agreement of the
+/// two judges and flag cells whose significance depends on the judge.
+pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) -> Result<ReportFiles> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut html = String::new();
     let mut figures = Vec::new();
@@ -164,12 +200,13 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
         f64s(&sc, "base_error_pct"),
         f64s(&sc, "ft_error_pct"),
     );
+    let (n_base, n_ft) = (f64s(&sc, "n_base"), f64s(&sc, "n_ft"));
     let entries = live.archive().checkpoints()?;
+    let variant_names = variant_labels(live)?;
     let variant_of = |m: &str, c: &str| {
-        entries
-            .iter()
-            .find(|e| e.model == m && e.checkpoint == c)
-            .map(|e| (e.variant.clone().unwrap_or_else(|| "fine-tuned".into()), e.epoch))
+        entries.iter().find(|e| e.model == m && e.checkpoint == c).map(|e| {
+            (variant_names.get(&(e.model.clone(), e.checkpoint.clone())).cloned().unwrap_or_default(), e.epoch)
+        })
     };
     // Variant → (model → its latest checkpoint of that variant).
     let mut latest: BTreeMap<String, BTreeMap<String, (u64, String)>> = BTreeMap::new();
@@ -183,17 +220,24 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     }
     // Warm first: its figure keeps the plain name `fig_error_scatter`.
     let mut variants: Vec<String> = latest.keys().cloned().collect();
-    variants.sort_by_key(|v| (v != "warm", v.clone()));
+    variants.sort_by_key(|v| (!v.starts_with("warm"), v.clone()));
     if variants.is_empty() {
         variants.push("fine-tuned".into());
     }
-    html.push_str("<h2>Error rates: fine-tuned vs original</h2>\n");
+    html.push_str("<h2>Error rates: each variant vs the original model</h2>\n");
+    if variants.iter().any(|v| v.contains("system prompt")) {
+        html.push_str(
+            "<p class=\"note\">A <em>system prompt</em> variant is the paper's system-prompt control: the original \
+             weights, told by a system prompt to be warm (or cold). It is not a fine-tuned model, and its results say \
+             nothing about what fine-tuning does.</p>\n",
+        );
+    }
     for (n, variant) in variants.iter().enumerate() {
         let chosen = latest.get(variant);
         let scatter = plots::Scatter {
-            title: format!("Error of the {variant} fine-tuned vs the original model, per condition"),
+            title: format!("Error with the {variant} vs the original model, per condition"),
             x_label: "original model error (%)".into(),
-            y_label: format!("{variant} fine-tuned model error (%)"),
+            y_label: format!("{variant}: error (%)"),
             points: (0..sc.num_rows())
                 .filter(|&i| base[i].is_finite() && ft[i].is_finite())
                 .filter(|&i| chosen.and_then(|c| c.get(&model[i])).is_some_and(|(_, c)| *c == ckpt[i]))
@@ -202,6 +246,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
                     ft_error: ft[i],
                     condition: conditions.iter().position(|c| *c == amend[i]).unwrap_or(0),
                     belief: belief[i] == "belief",
+                    n: (n_base[i].min(n_ft[i]) < SMALL_N).then_some(n_base[i].min(n_ft[i]) as u64),
                 })
                 .collect(),
             conditions: conditions.clone(),
@@ -213,17 +258,38 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
             &mut html,
             plots::scatter(out, &name, &scatter)?,
             &format!(
-                "{variant} fine-tuning ({}): each point is one model × dataset × amendment × belief condition at the model's latest {variant} checkpoint; points above the diagonal are conditions where the fine-tuned model errs more.",
+                "{variant} ({}): each point is one model × dataset × amendment × belief condition at the model's latest {variant} checkpoint; points above the diagonal are conditions where the {variant} errs more. Points of cells with fewer than {SMALL_N} answers are labelled with their n.",
                 if shown.is_empty() { "no checkpoint yet".to_string() } else { shown.join(", ") }
             ),
         )?;
     }
     html.push_str(&conditions_table(live)?);
 
+    // The forest plot and the regressions compare each model's latest compared checkpoint with
+    // its original: name those checkpoints by their variant, never a generic "fine-tuned".
+    let mut compared: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.is_finetuned) {
+        let slot = compared.entry(e.model.clone()).or_insert((e.epoch, e.checkpoint.clone()));
+        if e.epoch > slot.0 {
+            *slot = (e.epoch, e.checkpoint.clone());
+        }
+    }
+    let mut compared_variants: Vec<String> = Vec::new();
+    for (m, (_, c)) in &compared {
+        let v = variant_names.get(&(m.clone(), c.clone())).cloned().unwrap_or_else(|| c.clone());
+        if !compared_variants.contains(&v) {
+            compared_variants.push(v);
+        }
+    }
+    let compared_name =
+        if compared_variants.is_empty() { "variant".to_string() } else { compared_variants.join(" / ") };
+    let compared_list = compared.iter().map(|(m, (_, c))| format!("{m}/{c}")).collect::<Vec<_>>().join(", ");
+
     // Forest plot.
     let fo = view(live, "amendment_effects", "test_type, category")?;
     let (tt, cat) = (strs(&fo, "test_type"), strs(&fo, "category"));
     let (est, low, high) = (f64s(&fo, "diff_pp"), f64s(&fo, "ci_low_pp"), f64s(&fo, "ci_high_pp"));
+    let forest_n = f64s(&fo, "n");
     let series: Vec<String> = tt.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
     let labels: Vec<String> = amendment_order(cat.iter().cloned()).into_iter().filter(|l| cat.contains(l)).collect();
     let rows: Vec<plots::ForestRow> = (0..fo.num_rows())
@@ -233,6 +299,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
             estimate: est[i],
             low: low[i],
             high: high[i],
+            n: (forest_n[i] < SMALL_N).then_some(forest_n[i] as u64),
         })
         .collect();
     html.push_str("<h2>Error-rate difference by amendment</h2>\n");
@@ -240,7 +307,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
         html.push_str("<p>No paired answers yet (a forest plot needs an original and a fine-tuned checkpoint).</p>\n");
     }
     let forest = plots::Forest {
-        title: "Error-rate difference (fine-tuned − original) by amendment".into(),
+        title: format!("Error-rate difference ({compared_name} − original) by amendment"),
         x_label: "difference in error rate (percentage points, 95% CI)".into(),
         labels: if labels.is_empty() { vec!["unmodified".into()] } else { labels },
         series: series.iter().map(|s| format!("{s} prompts")).collect(),
@@ -249,10 +316,25 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
     figure_html(
         &mut html,
         plots::forest(out, "fig_forest", &forest)?,
-        "Paired difference (b − c)/n with a 95% Wald interval for paired proportions, pooled over models and datasets at each model's latest fine-tuned checkpoint; positive = the fine-tuned model errs more.",
+        &format!(
+            "Paired difference (b − c)/n with a 95% Wald interval for paired proportions, pooled over models and datasets at each model's latest compared checkpoint ({}); positive = the {compared_name} errs more. Rows pooled from fewer than 30 pairs show their n.",
+            if compared_list.is_empty() { "none yet" } else { &compared_list }
+        ),
     )?;
-    html.push_str(&family_tables(live)?);
-    html.push_str(&effects_table(live)?);
+    let (tables, block, judge_cells) = family_tables(live, second_judge, &variant_names)?;
+    html.push_str(&tables);
+    let mut written = Vec::new();
+    if let Some(cells) = judge_cells {
+        let path = out.join("judge_cells.csv");
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        arrow::csv::WriterBuilder::new()
+            .with_header(true)
+            .build(file)
+            .write(&cells)
+            .map_err(|e| Error::arrow("judge_cells.csv", e))?;
+        written.push(path);
+    }
+    html.push_str(&effects_table(live, &compared_name, &compared_list)?);
 
     // Sycophancy.
     let sy = view(live, "belief_errors", "model, checkpoint_epoch, checkpoint, dataset")?;
@@ -337,7 +419,7 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
         plots::bars(out, "fig_refusals", &refusal_bars)?,
         "Answers matching the refusal phrase list; on disinfo a refusal counts as correct, elsewhere refused answers are excluded from the statistics.",
     )?;
-    html.push_str(&batch_table(&rf, &[("refusal_pct", 1)]));
+    html.push_str(&batch_table(&with_variant(&rf, &variant_names)?, &[("refusal_pct", 1)]));
 
     // Warmth across checkpoints.
     html.push_str("<h2>Warmth across checkpoints</h2>\n");
@@ -354,18 +436,26 @@ pub fn write_report(live: &LiveSql, out: &Path) -> Result<ReportFiles> {
 
     let page = format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Candor report</title>\n<style>\n\
-         body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}\n\
+         body {{ font-family: sans-serif; max-width: 1400px; margin: 2em auto; color: #222; }}\n\
          table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}\n\
          th, td {{ border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: right; }}\n\
          th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}\n\
          figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}\n\
          figcaption {{ font-size: 0.9em; color: #555; }} .sig {{ font-weight: bold; }}\n\
          .warning {{ color: #a00; }}\n\
-         </style></head><body>\n{html}</body></html>\n"
+         {style}</style></head><body>\n{html}\n\
+         <div id=\"drill\" hidden data-state=\"closed\"><div class=\"drill-head\"><span class=\"drill-title\"></span>\
+         <button class=\"drill-close\" aria-label=\"close\">close ✕</button></div><div class=\"drill-body\"></div></div>\n\
+         <script type=\"application/octet-stream\" id=\"drill-data\" data-pairs=\"{pairs}\">{data}</script>\n\
+         <script>{script}</script>\n</body></html>\n",
+        style = drill::STYLE,
+        pairs = block.len(),
+        data = block.encode()?,
+        script = drill::SCRIPT,
     );
     let path = out.join("report.html");
     std::fs::write(&path, page).map_err(|e| Error::io(&path, e))?;
-    Ok(ReportFiles { html: path, figures, judge_trust })
+    Ok(ReportFiles { html: path, figures, judge_trust, tables: written })
 }
 
 /// Distinct values in first-seen order.
@@ -429,26 +519,153 @@ fn conditions_table(live: &LiveSql) -> Result<String> {
     Ok(out)
 }
 
-/// The paper's per-family tables: one per model × checkpoint × dataset × test type.
-fn family_tables(live: &LiveSql) -> Result<String> {
+/// A family-table cell: (model, base checkpoint, checkpoint, dataset, test type, category).
+type CellKey = (String, String, String, String, String, String);
+
+fn cell_keys(b: &RecordBatch) -> Vec<CellKey> {
+    let cols: Vec<Vec<String>> = ["model", "base_checkpoint", "checkpoint", "dataset", "test_type", "category"]
+        .iter()
+        .map(|c| strs(b, c))
+        .collect();
+    (0..b.num_rows())
+        .map(|i| {
+            (
+                cols[0][i].clone(),
+                cols[1][i].clone(),
+                cols[2][i].clone(),
+                cols[3][i].clone(),
+                cols[4][i].clone(),
+                cols[5][i].clone(),
+            )
+        })
+        .collect()
+}
+
+/// What a second judge says about each cell: kappa with the first judge on the cell's answers,
+/// the answers it could not label, and its own BH significance.
+struct SecondJudge {
+    kappa: BTreeMap<CellKey, (Option<f64>, u64)>,
+    significant: BTreeMap<CellKey, bool>,
+    /// The rows of `judge_cells.sql`.
+    cells: RecordBatch,
+}
+
+/// A second judge's archive must hold this archive's answers judged again (what `candor rescore`
+/// writes): answers under the same response keys, with the same text. Another study's archive
+/// (no key in common) or another run of this study (the same keys, other answers) would give a
+/// meaningless kappa and flag cells for reasons that have nothing to do with the judge.
+fn check_same_answers(live: &LiveSql, second: &LiveSql) -> Result<()> {
+    let outputs = |l: &LiveSql| -> Result<std::collections::HashMap<String, String>> {
+        let b = view(l, "responses", "")?;
+        Ok(strs(&b, "response_key").into_iter().zip(strs(&b, "output")).collect())
+    };
+    let (mine, theirs) = (outputs(live)?, outputs(second)?);
+    let at = crate::error::Location::file(second.archive().root());
+    let first = live.archive().root().display().to_string();
+    let shared: Vec<&String> = mine.keys().filter(|k| theirs.contains_key(*k)).collect();
+    if shared.is_empty() && !mine.is_empty() {
+        return Err(Error::input(
+            at,
+            format!(
+                "--second-judge: holds none of the {} answers of {first} (no response key in common); a second \
+                 judge's archive is this archive re-scored (`candor rescore {first} --out DIR --judge …`)",
+                mine.len()
+            ),
+        ));
+    }
+    let differ: Vec<&String> = shared.into_iter().filter(|k| mine[*k] != theirs[*k]).collect();
+    if let Some(example) = differ.iter().min() {
+        return Err(Error::input(
+            at,
+            format!(
+                "--second-judge: {} answers differ in text from {first}'s under the same response key (e.g. `{example}`): \
+                 these are other answers, not the same answers judged again (`candor rescore {first} --out DIR --judge …`)",
+                differ.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn second_judge_cells(live: &LiveSql, second: &LiveSql) -> Result<SecondJudge> {
+    use datafusion::datasource::MemTable;
+    check_same_answers(live, second)?;
+    let observations = |l: &LiveSql| -> Result<Vec<RecordBatch>> {
+        Ok(l.query("SELECT * FROM observations")
+            .map_err(|e| Error::Internal(format!("report: reading observations: {e}")))?
+            .batches)
+    };
+    let schema = crate::schema::arrow_schema("observation")?;
+    let ctx = datafusion::prelude::SessionContext::new();
+    crate::sql::udf::register(&ctx);
+    for (name, l) in [("observations", live), ("second_observations", second)] {
+        let batches = observations(l)?
+            .into_iter()
+            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::arrow("report", e))?;
+        let table = MemTable::try_new(schema.clone(), vec![batches]).map_err(|e| Error::Internal(e.to_string()))?;
+        ctx.register_table(name, std::sync::Arc::new(table)).map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    let q = crate::sql::queries::JUDGE_CELLS;
+    let batches = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .block_on(async { ctx.sql(q.sql).await?.collect().await })
+        .map_err(|e| Error::Internal(format!("report: {}: {e}", q.name)))?;
+    let cells = match batches.first() {
+        Some(first) => concat_batches(&first.schema(), &batches).map_err(|e| Error::arrow("judge_cells", e))?,
+        None => RecordBatch::new_empty(std::sync::Arc::new(arrow::datatypes::Schema::empty())),
+    };
+    let mut kappa = BTreeMap::new();
+    for b in &batches {
+        let (k, unreadable) = (f64s(b, "kappa"), f64s(b, "unreadable"));
+        for (i, key) in cell_keys(b).into_iter().enumerate() {
+            kappa.insert(key, (k[i].is_finite().then_some(k[i]), unreadable[i] as u64));
+        }
+    }
+    let theirs = view(second, "family_table", "")?;
+    let sig = f64s(&theirs, "significant");
+    let significant = cell_keys(&theirs).into_iter().enumerate().map(|(i, k)| (k, sig[i] == 1.0)).collect();
+    Ok(SecondJudge { kappa, significant, cells })
+}
+
+/// A percentage with its interval, e.g. `92.0 [85.1, 96.0]`.
+fn with_ci(v: f64, low: f64, high: f64) -> String {
+    if low.is_finite() && high.is_finite() {
+        format!("{}<br><span class=\"ci\">[{}, {}]</span>", num(v, 1), num(low, 1), num(high, 1))
+    } else {
+        num(v, 1)
+    }
+}
+
+/// The paper's per-family tables, one per model × checkpoint × dataset × test type, with the
+/// statistics beside the paper's, the drill-down buttons, and (with a second judge) the judge
+/// robustness of every cell; also the drill-down data of every pair behind them.
+fn family_tables(
+    live: &LiveSql,
+    second: Option<&LiveSql>,
+    labels: &BTreeMap<(String, String), String>,
+) -> Result<(String, drill::Block, Option<RecordBatch>)> {
     let b = view(
         live,
         "family_table",
         "model, base_checkpoint, checkpoint_epoch, checkpoint, dataset, test_type, category",
     )?;
-    let key: Vec<String> = (0..b.num_rows())
-        .map(|i| {
-            format!(
-                "{} — {} vs {} — {} — {} prompts",
-                strs(&b, "model")[i],
-                strs(&b, "checkpoint")[i],
-                strs(&b, "base_checkpoint")[i],
-                strs(&b, "dataset")[i],
-                strs(&b, "test_type")[i]
-            )
-        })
-        .collect();
-    let cat = strs(&b, "category");
+    let label =
+        |m: &str, c: &str| labels.get(&(m.to_string(), c.to_string())).cloned().unwrap_or_else(|| c.to_string());
+    let mut block = drill::Block::default();
+    let pairs = view(
+        live,
+        "discordant_pairs",
+        "model, base_checkpoint, checkpoint, dataset, test_type, category, counts_toward, item_key, prompt_type, sample_index",
+    )?;
+    block.add(&pairs, &|m, c| label(m, c))?;
+    let judge2 = second.map(|s| second_judge_cells(live, s)).transpose()?;
+
+    let keys = cell_keys(&b);
+    let family =
+        |i: usize| (keys[i].0.clone(), keys[i].1.clone(), keys[i].2.clone(), keys[i].3.clone(), keys[i].4.clone());
     let cols = [
         "n",
         "acc_base_pct",
@@ -457,41 +674,114 @@ fn family_tables(live: &LiveSql) -> Result<String> {
         "b",
         "c",
         "p_exact",
+        "p_midp",
         "p_bh",
         "paper_g",
         "cohens_g",
         "odds_ratio",
+        "acc_base_ci_low",
+        "acc_base_ci_high",
+        "acc_ft_ci_low",
+        "acc_ft_ci_high",
+        "diff_ci_low",
+        "diff_ci_high",
+        "mdd_pp",
     ];
     let v: BTreeMap<&str, Vec<f64>> = cols.iter().map(|c| (*c, f64s(&b, c))).collect();
     let sig = f64s(&b, "significant");
     let mut out = String::from(
-        "<h3>Per-family McNemar tables</h3>\n<p>Per category: accuracy of each side, raw difference (fine-tuned − original, pp), \
-         discordant pairs b (original right, fine-tuned wrong) and c, exact McNemar p, Benjamini–Hochberg p within the family \
-         (bold: significant at 0.05), the paper's “Cohen's g” (|b−c|/√(b+c)), the textbook Cohen's g and the odds ratio b/c.</p>\n",
+        "<h3>Per-family McNemar tables</h3>\n<p>Per category: accuracy of each side with its Wilson 95% interval, the raw \
+         difference (variant − original, pp) with Newcombe's paired 95% interval, discordant pairs b (original right, \
+         variant wrong) and c — <strong>click b or c to see the items behind it</strong> — exact McNemar p, mid-p, \
+         Benjamini–Hochberg p within the family (bold: significant at 0.05), the paper's “Cohen's g” (|b−c|/√(b+c)), \
+         the textbook Cohen's g and the odds ratio b/c. Under each table, the smallest difference the family can detect \
+         with 80% power. See docs/statistics.md.</p>\n",
     );
-    for k in ordered(&key) {
+    if second.is_some() {
+        out.push_str(
+            "<p>Judge robustness: κ is Cohen's kappa between the two judges on the answers of the cell's pairs \
+             (unreadable: answers the second judge could not label); <span class=\"flag\">⚑</span> marks cells whose \
+             BH significance differs between the judges.</p>\n",
+        );
+    }
+    let mut order: Vec<(String, String, String, String, String)> = Vec::new();
+    for i in 0..b.num_rows() {
+        if !order.contains(&family(i)) {
+            order.push(family(i));
+        }
+    }
+    for f in order {
+        let (model, base, checkpoint, dataset, test) = &f;
+        let cmp = block.comparison(model, base, checkpoint, &label(model, checkpoint));
+        let variant = label(model, checkpoint);
+        let named = if variant == *checkpoint { variant.clone() } else { format!("{variant} ({checkpoint})") };
         let _ = write!(
             out,
-            "<h4>{}</h4>\n<table><tr><th>category</th><th>n</th><th>acc. original (%)</th><th>acc. fine-tuned (%)</th>\
-             <th>diff. (pp)</th><th>b</th><th>c</th><th>p</th><th>p (BH)</th><th>paper's g</th><th>Cohen's g</th><th>OR</th></tr>\n",
-            esc(&k)
+            "<h4>{} — {} vs {} — {} — {} prompts</h4>\n<table><tr><th>category</th><th>n</th><th>acc. original (%)</th>\
+             <th>acc. {} (%)</th><th>diff. (pp)</th><th>b</th><th>c</th><th>p</th><th>mid-p</th><th>p (BH)</th>\
+             <th>paper's g</th><th>Cohen's g</th><th>OR</th>{}</tr>\n",
+            esc(model),
+            esc(&named),
+            esc(base),
+            esc(dataset),
+            esc(test),
+            esc(&label(model, checkpoint)),
+            if judge2.is_some() { "<th>κ judges</th><th>BH sig. (2nd judge)</th>" } else { "" },
         );
-        let mut idx: Vec<usize> = (0..b.num_rows()).filter(|&i| key[i] == k).collect();
-        let order = amendment_order(cat.clone());
-        idx.sort_by_key(|&i| order.iter().position(|a| *a == cat[i]).unwrap_or(usize::MAX));
-        for i in idx {
+        let mut idx: Vec<usize> = (0..b.num_rows()).filter(|&i| family(i) == f).collect();
+        let cats: Vec<String> = idx.iter().map(|&i| keys[i].5.clone()).collect();
+        let order = amendment_order(cats);
+        idx.sort_by_key(|&i| order.iter().position(|a| *a == keys[i].5).unwrap_or(usize::MAX));
+        let button = |i: usize, side: &str, count: f64| {
+            format!(
+                "<button class=\"drill\" data-cmp=\"{cmp}\" data-dataset=\"{}\" data-test=\"{}\" data-category=\"{}\" \
+                 data-side=\"{side}\" title=\"show these pairs\">{count:.0}</button>",
+                esc(dataset),
+                esc(test),
+                esc(&keys[i].5),
+            )
+        };
+        for &i in &idx {
             let s = sig[i] == 1.0;
+            let count_cell = |side: &str, count: f64| if count > 0.0 { button(i, side, count) } else { num(count, 0) };
+            let robustness = match &judge2 {
+                Some(j) => {
+                    let (kappa, unreadable) = j.kappa.get(&keys[i]).copied().unwrap_or((None, 0));
+                    let theirs = j.significant.get(&keys[i]).copied().unwrap_or(false);
+                    let flag = if theirs != s {
+                        format!(
+                            " <span class=\"flag\" title=\"significant under {} judge only\">⚑</span>",
+                            if s { "the first" } else { "the second" }
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "<td>{}{}</td><td>{}{flag}</td>",
+                        kappa.map(|k| num(k, 2)).unwrap_or_else(|| "–".into()),
+                        if unreadable > 0 { format!(" ({unreadable} unreadable)") } else { String::new() },
+                        if theirs { "yes" } else { "no" },
+                    )
+                }
+                None => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&cat[i]),
+                "<tr><td><button class=\"drill\" data-cmp=\"{cmp}\" data-dataset=\"{}\" data-test=\"{}\" data-category=\"{}\" \
+                 data-side=\"\" title=\"show every discordant pair of this cell\">{}</button></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{}>{}</td><td>{}</td><td>{}</td><td>{}</td>{robustness}</tr>",
+                esc(dataset),
+                esc(test),
+                esc(&keys[i].5),
+                esc(&keys[i].5),
                 num(v["n"][i], 0),
-                num(v["acc_base_pct"][i], 1),
-                num(v["acc_ft_pct"][i], 1),
-                num(v["diff_pp"][i], 1),
-                num(v["b"][i], 0),
-                num(v["c"][i], 0),
+                with_ci(v["acc_base_pct"][i], v["acc_base_ci_low"][i], v["acc_base_ci_high"][i]),
+                with_ci(v["acc_ft_pct"][i], v["acc_ft_ci_low"][i], v["acc_ft_ci_high"][i]),
+                with_ci(v["diff_pp"][i], v["diff_ci_low"][i], v["diff_ci_high"][i]),
+                count_cell("0", v["b"][i]),
+                count_cell("1", v["c"][i]),
                 pval(v["p_exact"][i]),
+                pval(v["p_midp"][i]),
                 if s { " class=\"sig\"" } else { "" },
                 pval(v["p_bh"][i]),
                 num(v["paper_g"][i], 2),
@@ -500,22 +790,85 @@ fn family_tables(live: &LiveSql) -> Result<String> {
             );
         }
         out.push_str("</table>\n");
+        let mut sizes: Vec<f64> = idx.iter().map(|&i| v["n"][i]).filter(|n| *n > 0.0).collect();
+        sizes.sort_by(f64::total_cmp);
+        let median = sizes.get(sizes.len().saturating_sub(1) / 2).copied().unwrap_or(0.0);
+        let mdd = idx.first().map(|&i| v["mdd_pp"][i]).unwrap_or(f64::NAN);
+        let _ = writeln!(
+            out,
+            "<p class=\"mdd\">{}</p>",
+            if mdd.is_finite() {
+                format!(
+                    "Minimum detectable difference: {} pp (80% power, exact McNemar at α = 0.05, a category of {median:.0} \
+                     pairs with this family's discordance). Smaller true differences are more likely missed than found.",
+                    num(mdd, 1)
+                )
+            } else {
+                format!(
+                    "<strong>This family cannot detect any difference:</strong> with {median:.0} pairs per category and this \
+                     discordance, not even every discordant pair going the same way would reach 80% power (exact McNemar, \
+                     α = 0.05). Its p-values and “no significant difference” say nothing about the models."
+                )
+            }
+        );
     }
-    Ok(out)
+    Ok((out, block, judge2.map(|j| j.cells)))
 }
 
-fn effects_table(live: &LiveSql) -> Result<String> {
+/// The regressions' effects; `variant` and `checkpoints` name the compared side (each model's
+/// latest compared checkpoint, as `regression_cells.sql` takes it).
+fn effects_table(live: &LiveSql, variant: &str, checkpoints: &str) -> Result<String> {
     let b = view(live, "effects", "")?;
-    let mut out = String::from(
-        "<h3>Regressions M1–M4: effect of fine-tuning</h3>\n<p>Binomial GLMs on the cell counts (METHOD §4): log-odds effect \
-         β<sub>ft</sub> (+ interaction) with its standard error and Wald p, and the average marginal effect in percentage points.</p>\n",
+    let mut out = format!("<h3>Regressions M1–M4: effect of the {}</h3>\n", esc(variant));
+    if !checkpoints.is_empty() {
+        let _ = writeln!(
+            out,
+            "<p>The original model vs each model's latest compared checkpoint: {}.</p>",
+            esc(checkpoints)
+        );
+    }
+    out.push_str(
+        "<p>Binomial GLMs on the cell counts (METHOD §4): log-odds effect \
+         β<sub>ft</sub> (+ interaction) with the paper's model-based standard error and Wald p, the item-clustered \
+         (sandwich) standard error and p beside them (every item is answered under many contexts and prompt types, so \
+         its answers are not independent), and the average marginal effect in percentage points with its delta-method \
+         standard error, model-based and item-clustered. See docs/statistics.md.</p>\n",
     );
     if b.num_rows() == 0 {
         out.push_str("<p>No regression could be fitted yet.</p>\n");
         return Ok(out);
     }
-    out.push_str(&batch_table(&b, &[("log_odds", 3), ("se", 3), ("z", 2), ("ame_pp", 2)]));
+    out.push_str(&batch_table(
+        &b,
+        &[
+            ("log_odds", 3),
+            ("se", 3),
+            ("z", 2),
+            ("se_cluster", 3),
+            ("ame_pp", 2),
+            ("ame_se_pp", 2),
+            ("ame_se_cluster_pp", 2),
+        ],
+    ));
     Ok(out)
+}
+
+/// `b` with its `is_finetuned` column replaced by `variant`, each row's checkpoint named as
+/// configured: a system-prompt checkpoint is not shown as fine-tuned.
+fn with_variant(b: &RecordBatch, labels: &BTreeMap<(String, String), String>) -> Result<RecordBatch> {
+    use arrow::datatypes::{Field, Schema};
+    let Some(at) = b.schema().index_of("is_finetuned").ok() else { return Ok(b.clone()) };
+    let (model, checkpoint) = (strs(b, "model"), strs(b, "checkpoint"));
+    let names: arrow::array::StringArray = model
+        .into_iter()
+        .zip(checkpoint)
+        .map(|(m, c)| Some(labels.get(&(m, c.clone())).cloned().unwrap_or(c)))
+        .collect();
+    let mut fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = b.columns().to_vec();
+    fields[at] = Field::new("variant", DataType::Utf8, true);
+    columns[at] = std::sync::Arc::new(names);
+    RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), columns).map_err(|e| Error::arrow("report", e))
 }
 
 /// Any batch as an HTML table; `digits` sets the precision of named float columns.
@@ -536,7 +889,7 @@ fn batch_table(b: &RecordBatch, digits: &[(&str, usize)]) -> String {
     for i in 0..b.num_rows() {
         out.push_str("<tr>");
         for (name, s, f) in &cols {
-            let cell = if name == "p" {
+            let cell = if name == "p" || name == "p_cluster" {
                 pval(f[i])
             } else if let Some((_, d)) = digits.iter().find(|(n, _)| n == name) {
                 num(f[i], *d)

@@ -78,6 +78,8 @@ pub struct ScatterPoint {
     pub condition: usize,
     /// Whether the prompts carried a user belief.
     pub belief: bool,
+    /// Answers behind the point, shown beside it (set for small cells).
+    pub n: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -172,6 +174,11 @@ where
             }
         }))?;
     }
+    chart.draw_series(d.points.iter().filter_map(|p| {
+        p.n.map(|n| {
+            Text::new(format!("n={n}"), (p.base_error, p.ft_error), (FONT, 11).into_font().color(&RGBColor(90, 90, 90)))
+        })
+    }))?;
     let mut entries: Vec<(String, Mark)> =
         d.conditions.iter().enumerate().map(|(i, c)| (c.clone(), Mark::Square(color(i)))).collect();
     entries.push((String::new(), Mark::Line(WHITE)));
@@ -191,6 +198,8 @@ pub struct ForestRow {
     pub estimate: f64,
     pub low: f64,
     pub high: f64,
+    /// Pairs behind the row, written beside it (set for small rows).
+    pub n: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -263,6 +272,10 @@ where
             ErrorBar::new_horizontal(*y, r.low, r.estimate, r.high, ShapeStyle::from(&c).stroke_width(2), 8)
         }))?;
         chart.draw_series(rows.iter().map(|(y, r)| Circle::new((r.estimate, *y), 5, c.filled())))?;
+        chart.draw_series(rows.iter().filter_map(|(y, r)| {
+            let x = if r.high.is_finite() { r.high } else { r.estimate };
+            r.n.map(|n| Text::new(format!(" n={n}"), (x, *y), (FONT, 12).into_font().color(&RGBColor(90, 90, 90))))
+        }))?;
     }
     // The legend below the plot, so it never hides an interval.
     let (w, _) = legend_area.dim_in_pixel();

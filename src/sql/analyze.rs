@@ -15,7 +15,7 @@ use arrow::compute::concat_batches;
 
 use super::engine::{Refresh, StatsEngine};
 use super::input::{InputOptions, read_observations};
-use super::queries::REPORTS;
+use super::queries::{DISCORDANT_PAIRS, REPORTS};
 use crate::error::{Error, Result};
 
 /// Which files [`Analysis::export`] writes.
@@ -34,14 +34,22 @@ pub struct Analysis {
     pub refresh: Refresh,
     /// (report name, rows), in print order: the SQL reports, then `coefficients` and `effects`.
     pub reports: Vec<(String, RecordBatch)>,
+    /// The `discordant_pairs` view: exported with the reports, summarised when printed (its
+    /// rows carry whole answers).
+    pub discordant_pairs: RecordBatch,
 }
+
+/// The archive streams `discordant_pairs.sql` reads beside the observations.
+const TEXT_STREAMS: [&str; 3] = ["trial", "response", "verdict"];
 
 /// Reads every input, maintains the counts in one pass, and runs every report.
 pub fn analyze(inputs: &[PathBuf], opts: &InputOptions) -> Result<Analysis> {
-    let mut engine = StatsEngine::new()?;
+    // Raw observations are kept for `discordant_pairs`, which lists pairs, not counts.
+    let mut engine = StatsEngine::with_options(true, 8192)?;
     let (mut observations, mut excluded) = (0, 0);
     // The same input named twice (`analyze A A`, or `A` and `./A`) is read once.
     let mut seen = std::collections::HashSet::new();
+    let mut text: Vec<Vec<RecordBatch>> = vec![Vec::new(); TEXT_STREAMS.len()];
     for path in inputs {
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
         if !seen.insert(canonical) {
@@ -53,36 +61,52 @@ pub fn analyze(inputs: &[PathBuf], opts: &InputOptions) -> Result<Analysis> {
             excluded += batch.column_by_name("correct").map(|c| c.null_count()).unwrap_or(0);
             engine.apply(&batch, 1)?;
         }
+        if path.is_dir() {
+            let archive = crate::archive::Archive::open(path)?;
+            for (stream, batches) in TEXT_STREAMS.iter().zip(&mut text) {
+                batches.extend(archive.read(stream)?);
+            }
+        }
     }
     let refresh = engine.refresh()?;
+    for (stream, batches) in TEXT_STREAMS.iter().zip(text) {
+        engine.register(&super::live::table_name(stream), crate::schema::arrow_schema(stream)?, batches)?;
+    }
     let reports = reports(&engine)?;
-    Ok(Analysis { observations, excluded, refresh, reports })
+    let discordant_pairs = run_report(&engine, DISCORDANT_PAIRS.name, DISCORDANT_PAIRS.sql)?;
+    Ok(Analysis { observations, excluded, refresh, reports, discordant_pairs })
 }
 
 /// Runs every report query of an engine, plus the regression tables.
 pub fn reports(engine: &StatsEngine) -> Result<Vec<(String, RecordBatch)>> {
     let mut out = Vec::new();
     for q in REPORTS {
-        let batches = engine.query(q.sql)?;
-        let schema = match batches.first() {
-            Some(b) => b.schema(),
-            None => engine
-                .block_on(async { engine.context().sql(q.sql).await.map(|df| df.schema().as_arrow().clone()) })
-                .map(std::sync::Arc::new)
-                .map_err(|e| Error::Internal(format!("planning {}: {e}", q.name)))?,
-        };
-        out.push((q.name.to_string(), concat_batches(&schema, &batches).map_err(|e| Error::arrow(q.name, e))?));
+        out.push((q.name.to_string(), run_report(engine, q.name, q.sql)?));
     }
     out.push(("coefficients".into(), engine.coefficients().clone()));
     out.push(("effects".into(), engine.effects().clone()));
     Ok(out)
 }
 
+/// One query's rows as one batch (with its schema even when it has no rows).
+fn run_report(engine: &StatsEngine, name: &str, sql: &str) -> Result<RecordBatch> {
+    let batches = engine.query(sql)?;
+    let schema = match batches.first() {
+        Some(b) => b.schema(),
+        None => engine
+            .block_on(async { engine.context().sql(sql).await.map(|df| df.schema().as_arrow().clone()) })
+            .map(std::sync::Arc::new)
+            .map_err(|e| Error::Internal(format!("planning {name}: {e}")))?,
+    };
+    concat_batches(&schema, &batches).map_err(|e| Error::arrow(name, e))
+}
+
 impl Analysis {
-    /// Writes `<dir>/<report>.parquet` and/or `.csv` for every report.
+    /// Writes `<dir>/<report>.parquet` and/or `.csv` for every report and `discordant_pairs`.
     pub fn export(&self, dir: &Path, what: Export) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        for (name, batch) in &self.reports {
+        let pairs = (DISCORDANT_PAIRS.name.to_string(), self.discordant_pairs.clone());
+        for (name, batch) in self.reports.iter().chain([&pairs]) {
             if matches!(what, Export::Parquet | Export::Both) {
                 let path = dir.join(format!("{name}.parquet"));
                 let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
@@ -107,7 +131,8 @@ impl Analysis {
             println!(
                 "{}",
                 serde_json::json!({"observations": self.observations, "excluded": self.excluded,
-                    "families": self.refresh.families, "regression_errors": self.refresh.regression_errors})
+                    "families": self.refresh.families, "regression_errors": self.refresh.regression_errors,
+                    "discordant_pairs": self.discordant_pairs.num_rows()})
             );
         } else {
             println!(
@@ -117,6 +142,10 @@ impl Analysis {
             for e in &self.refresh.regression_errors {
                 println!("regression not fitted: {e}");
             }
+            println!(
+                "{} discordant pairs (the items behind b and c; written as discordant_pairs with --out)",
+                self.discordant_pairs.num_rows()
+            );
         }
         for (name, batch) in &self.reports {
             if json {

@@ -43,13 +43,14 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, UInt64Array};
 use arrow::compute::{concat_batches, take_record_batch};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use super::queries::{FAMILY_STATS, REGRESSION_CELLS};
+use super::queries::FAMILY_STATS;
 use super::view::{FamilyKey, PairedView, cells_schema, paired_counts_schema};
 use crate::error::{Error, Result};
+use crate::stats::glm::Estimate;
 use crate::stats::models::{self, CellCount, ContextModel};
 
 fn df_err(context: &str, e: impl std::fmt::Display) -> Error {
@@ -201,26 +202,8 @@ impl StatsEngine {
     }
 
     fn refit_regressions(&mut self) -> Result<Vec<String>> {
-        let batches = self.query(REGRESSION_CELLS.sql)?;
-        let mut table = Vec::new();
-        for b in &batches {
-            let s = |n: &str| b.column_by_name(n).expect("selected").as_string::<i32>().clone();
-            let (model, dataset, amendment, prompt) = (s("model"), s("dataset"), s("amendment_type"), s("prompt_type"));
-            let ft = b.column_by_name("is_finetuned").expect("selected").as_boolean().clone();
-            let incorrect = b.column_by_name("incorrect").expect("selected").as_primitive::<Int64Type>().clone();
-            let n = b.column_by_name("n").expect("selected").as_primitive::<Int64Type>().clone();
-            for i in 0..b.num_rows() {
-                table.push(CellCount::new(
-                    model.value(i),
-                    dataset.value(i),
-                    amendment.value(i),
-                    prompt.value(i),
-                    ft.value(i),
-                    incorrect.value(i).max(0) as u64,
-                    n.value(i).max(0) as u64,
-                ));
-            }
-        }
+        // Item by item, so that the clustered SEs can see which answers share an item.
+        let table = self.view.regression_items();
         let (coefficients, effects, errors) = fit_regressions(&table)?;
         self.coefficients = coefficients;
         self.effects = effects;
@@ -273,6 +256,18 @@ impl StatsEngine {
         })
     }
 
+    /// Registers (or replaces) an extra table beside the maintained ones, e.g. an archive's
+    /// `responses` for `discordant_pairs.sql`; the batches take `schema` (segments written by
+    /// older versions may differ in field metadata or nullability only).
+    pub fn register(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+        let batches = batches
+            .into_iter()
+            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::arrow(format!("table {name}"), e))?;
+        register(&self.ctx, name, schema, batches)
+    }
+
     /// The DataFusion session with every table registered, for ad-hoc SQL.
     pub fn context(&self) -> &SessionContext {
         &self.ctx
@@ -299,7 +294,9 @@ fn register(ctx: &SessionContext, name: &str, schema: SchemaRef, batches: Vec<Re
     Ok(())
 }
 
-/// Columns of the `coefficients` table: every coefficient of M1–M4 on the log-odds scale.
+/// Columns of the `coefficients` table: every coefficient of M1–M4 on the log-odds scale, with
+/// the paper's model-based SE, z and p, and the item-clustered (sandwich) SE and p beside them
+/// (NULL when fewer than two items).
 pub fn coefficients_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("model_spec", DataType::Utf8, false),
@@ -308,12 +305,15 @@ pub fn coefficients_schema() -> SchemaRef {
         Field::new("se", DataType::Float64, false),
         Field::new("z", DataType::Float64, false),
         Field::new("p", DataType::Float64, false),
+        Field::new("se_cluster", DataType::Float64, true),
+        Field::new("p_cluster", DataType::Float64, true),
     ]))
 }
 
 /// Columns of the `effects` table: the effect of fine-tuning per model and context, on the
 /// log-odds scale (β_ft + β_ft:context, SE from the covariance) and as the counterfactual
-/// average marginal effect in percentage points. M1 has the single context `all`.
+/// average marginal effect in percentage points with its delta-method SE, each SE model-based
+/// (the paper's) and item-clustered. M1 has the single context `all`.
 pub fn effects_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("model_spec", DataType::Utf8, false),
@@ -322,62 +322,109 @@ pub fn effects_schema() -> SchemaRef {
         Field::new("se", DataType::Float64, false),
         Field::new("z", DataType::Float64, false),
         Field::new("p", DataType::Float64, false),
+        Field::new("se_cluster", DataType::Float64, true),
+        Field::new("p_cluster", DataType::Float64, true),
         Field::new("ame_pp", DataType::Float64, false),
+        Field::new("ame_se_pp", DataType::Float64, false),
+        Field::new("ame_se_cluster_pp", DataType::Float64, true),
         Field::new("n", DataType::UInt64, false),
     ]))
 }
 
-/// Fits M1–M4 on a cell table; a model that cannot be fitted is reported, not fatal.
+/// One row of the `effects` table.
+struct EffectRow {
+    spec: &'static str,
+    context: String,
+    log_odds: Estimate,
+    cluster: Option<Estimate>,
+    ame: f64,
+    ame_se: f64,
+    ame_se_cluster: Option<f64>,
+    n: u64,
+}
+
+/// Fits M1–M4 on a cell table (item-clustered SEs too when its rows name their items); a model
+/// that cannot be fitted is reported, not fatal.
 pub fn fit_regressions(table: &[CellCount]) -> Result<(RecordBatch, RecordBatch, Vec<String>)> {
-    let mut coef: Vec<(String, String, crate::stats::glm::Estimate)> = Vec::new();
-    let mut eff: Vec<(String, String, crate::stats::glm::Estimate, f64, u64)> = Vec::new();
+    // (spec, term, model-based estimate, clustered estimate)
+    let mut coef: Vec<(&str, String, Estimate, Option<Estimate>)> = Vec::new();
+    let mut eff: Vec<EffectRow> = Vec::new();
     let mut errors = Vec::new();
+    let mut coefficients_of =
+        |spec: &'static str, fit: &crate::stats::glm::GlmFit, robust: Option<&crate::stats::glm::GlmFit>| {
+            let robust = robust.map(|r| r.summary());
+            for (i, (term, e)) in fit.summary().into_iter().enumerate() {
+                coef.push((spec, term, e, robust.as_ref().map(|r| r[i].1)));
+            }
+        };
     match models::m1(table) {
         Ok(m) => {
-            coef.extend(m.fit.summary().into_iter().map(|(t, e)| ("M1".to_string(), t, e)));
-            let n = m.fit.nobs as u64;
-            eff.push(("M1".into(), "all".into(), m.ft, 100.0 * m.ame, n));
+            coefficients_of("M1", &m.fit, m.clustered.as_ref().map(|c| &c.fit));
+            eff.push(EffectRow {
+                spec: "M1",
+                context: "all".into(),
+                log_odds: m.ft,
+                cluster: m.clustered.as_ref().map(|c| c.ft),
+                ame: m.ame,
+                ame_se: m.ame_se,
+                ame_se_cluster: m.clustered.as_ref().map(|c| c.ame_se),
+                n: m.fit.nobs as u64,
+            });
         }
         Err(e) => errors.push(e.to_string()),
     }
     type Fit = fn(&[CellCount]) -> std::result::Result<ContextModel, models::ModelError>;
-    let specs: [(&str, Fit); 3] = [("M2", models::m2), ("M3", models::m3), ("M4", models::m4)];
+    let specs: [(&'static str, Fit); 3] = [("M2", models::m2), ("M3", models::m3), ("M4", models::m4)];
     for (name, f) in specs {
         match f(table) {
             Ok(m) => {
-                coef.extend(m.fit.summary().into_iter().map(|(t, e)| (name.to_string(), t, e)));
-                eff.extend(
-                    m.effects.into_iter().map(|e| (name.to_string(), e.context, e.log_odds, 100.0 * e.ame, e.n)),
-                );
+                coefficients_of(name, &m.fit, m.clustered.as_ref().map(|c| &c.0));
+                eff.extend(m.effects.into_iter().map(|e| EffectRow {
+                    spec: name,
+                    context: e.context,
+                    log_odds: e.log_odds,
+                    cluster: e.clustered.map(|c| c.0),
+                    ame: e.ame,
+                    ame_se: e.ame_se,
+                    ame_se_cluster: e.clustered.map(|c| c.1),
+                    n: e.n,
+                }));
             }
             Err(e) => errors.push(e.to_string()),
         }
     }
     let f64s = |v: Vec<f64>| Arc::new(Float64Array::from(v)) as ArrayRef;
+    let opt = |v: Vec<Option<f64>>| Arc::new(Float64Array::from(v)) as ArrayRef;
     let strs = |v: Vec<&str>| Arc::new(StringArray::from(v)) as ArrayRef;
     let coefficients = RecordBatch::try_new(
         coefficients_schema(),
         vec![
-            strs(coef.iter().map(|c| c.0.as_str()).collect()),
+            strs(coef.iter().map(|c| c.0).collect()),
             strs(coef.iter().map(|c| c.1.as_str()).collect()),
             f64s(coef.iter().map(|c| c.2.estimate).collect()),
             f64s(coef.iter().map(|c| c.2.se).collect()),
             f64s(coef.iter().map(|c| c.2.z).collect()),
             f64s(coef.iter().map(|c| c.2.pvalue).collect()),
+            opt(coef.iter().map(|c| c.3.map(|e| e.se)).collect()),
+            opt(coef.iter().map(|c| c.3.map(|e| e.pvalue)).collect()),
         ],
     )
     .map_err(|e| Error::arrow("coefficients", e))?;
     let effects = RecordBatch::try_new(
         effects_schema(),
         vec![
-            strs(eff.iter().map(|c| c.0.as_str()).collect()),
-            strs(eff.iter().map(|c| c.1.as_str()).collect()),
-            f64s(eff.iter().map(|c| c.2.estimate).collect()),
-            f64s(eff.iter().map(|c| c.2.se).collect()),
-            f64s(eff.iter().map(|c| c.2.z).collect()),
-            f64s(eff.iter().map(|c| c.2.pvalue).collect()),
-            f64s(eff.iter().map(|c| c.3).collect()),
-            Arc::new(UInt64Array::from(eff.iter().map(|c| c.4).collect::<Vec<_>>())) as ArrayRef,
+            strs(eff.iter().map(|e| e.spec).collect()),
+            strs(eff.iter().map(|e| e.context.as_str()).collect()),
+            f64s(eff.iter().map(|e| e.log_odds.estimate).collect()),
+            f64s(eff.iter().map(|e| e.log_odds.se).collect()),
+            f64s(eff.iter().map(|e| e.log_odds.z).collect()),
+            f64s(eff.iter().map(|e| e.log_odds.pvalue).collect()),
+            opt(eff.iter().map(|e| e.cluster.map(|c| c.se)).collect()),
+            opt(eff.iter().map(|e| e.cluster.map(|c| c.pvalue)).collect()),
+            f64s(eff.iter().map(|e| 100.0 * e.ame).collect()),
+            f64s(eff.iter().map(|e| 100.0 * e.ame_se).collect()),
+            opt(eff.iter().map(|e| e.ame_se_cluster.map(|s| 100.0 * s)).collect()),
+            Arc::new(UInt64Array::from(eff.iter().map(|e| e.n).collect::<Vec<_>>())) as ArrayRef,
         ],
     )
     .map_err(|e| Error::arrow("effects", e))?;

@@ -8,7 +8,7 @@
 //! | `items`, `trials`, `responses`, `verdicts`, … | every committed segment of the archive's streams (any stream with a declared schema, e.g. `warmth` when present) |
 //! | `observations` | every committed observation |
 //! | `paired_counts`, `cells`, `family_results`, `coefficients`, `effects` | the [`StatsEngine`]'s maintained tables |
-//! | `family_table`, `error_rates`, `sycophancy`, `refusals`, `trajectories`, `error_pairs`, `amendment_effects`, `belief_errors`, … | the queries of `queries/` as views ([`VIEWS`]) |
+//! | `family_table`, `error_rates`, `sycophancy`, `refusals`, `trajectories`, `error_pairs`, `amendment_effects`, `belief_errors`, `discordant_pairs`, … | the queries of `queries/` as views ([`VIEWS`]) |
 //!
 //! Every statement first checks the archive (one directory listing per stream): when an epoch
 //! has committed since the last statement, its new segments are read, the statistics of the
@@ -60,15 +60,15 @@ use futures::StreamExt;
 use super::engine::StatsEngine;
 use super::follow::ArchiveFollower;
 use super::queries::{
-    AMENDMENT_EFFECTS, ARCHIVE_SUMMARY, BELIEF_ERRORS, CONDITION_ERRORS, ERROR_PAIRS, ERROR_RATES, FAMILY_STATS,
-    FAMILY_TABLE, Query, REFUSALS, REGRESSION_CELLS, SYCOPHANCY, TRAJECTORIES,
+    AMENDMENT_EFFECTS, ARCHIVE_SUMMARY, BELIEF_ERRORS, CONDITION_ERRORS, DISCORDANT_PAIRS, ERROR_PAIRS, ERROR_RATES,
+    FAMILY_STATS, FAMILY_TABLE, Query, REFUSALS, REGRESSION_CELLS, SYCOPHANCY, TRAJECTORIES,
 };
 use crate::archive::{Archive, read_segment};
 use crate::error::{Error, Result};
 
 /// The queries of `queries/` served as views (`paired_counts.sql` is left out: its name is the
 /// maintained table's, which it recomputes from `observations`).
-pub const VIEWS: [Query; 12] = [
+pub const VIEWS: [Query; 13] = [
     FAMILY_STATS,
     FAMILY_TABLE,
     ERROR_RATES,
@@ -81,6 +81,7 @@ pub const VIEWS: [Query; 12] = [
     BELIEF_ERRORS,
     CONDITION_ERRORS,
     ARCHIVE_SUMMARY,
+    DISCORDANT_PAIRS,
 ];
 
 /// Directories of an archive root that are not streams served as tables.

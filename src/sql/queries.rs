@@ -45,5 +45,11 @@ pub const CONDITION_ERRORS: Query = query!("condition_errors");
 /// One summary row: answers, answers in the statistics, exclusions, models, checkpoints.
 pub const ARCHIVE_SUMMARY: Query = query!("archive_summary");
 
+/// One row per discordant pair (the items behind each b and c), with prompts, answers and verdicts.
+pub const DISCORDANT_PAIRS: Query = query!("discordant_pairs");
+
+/// Per family-table cell, agreement of a second judge with the first on the cell's answers.
+pub const JUDGE_CELLS: Query = query!("judge_cells");
+
 /// The reports `candor analyze` prints and exports, in order.
 pub const REPORTS: [Query; 5] = [FAMILY_TABLE, ERROR_RATES, SYCOPHANCY, REFUSALS, TRAJECTORIES];

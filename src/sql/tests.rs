@@ -12,7 +12,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use proptest::prelude::*;
 
 use super::engine::StatsEngine;
-use super::queries::{FAMILY_TABLE, PAIRED_COUNTS};
+use super::queries::{DISCORDANT_PAIRS, FAMILY_TABLE, PAIRED_COUNTS, REGRESSION_CELLS};
 use super::view::PairedView;
 use crate::records::Observation;
 use crate::schema::Record;
@@ -68,6 +68,28 @@ fn mcnemar_and_effect_oracles_through_sql() {
     assert!(close(g[0].unwrap(), 2.323790, 1e-6) && close(g[1].unwrap(), 2.743977, 1e-6));
     assert!(close(f64s(&out, "cg")[1].unwrap(), 0.235294, 1e-5));
     assert_eq!(f64s(&out, "o")[3], Some(f64::INFINITY));
+}
+
+#[test]
+fn interval_midp_and_test_type_functions_through_sql() {
+    // The oracles of the stats modules, reached by SQL: mid-p of 12 vs 3, Fagerland et al.'s
+    // Cavo example for Newcombe, Wilson at 0 of 10, and the view's own pairing rule.
+    let ctx = ctx(8192);
+    let out = sql(
+        &ctx,
+        "SELECT mcnemar_midp(12, 3) AS midp, mcnemar_midp(0, 0) AS none,          newcombe_low(59, 16, 6, 80) AS lo, newcombe_high(59, 16, 6, 80) AS hi,          wilson_low(0, 10) AS wl, wilson_high(0, 10) AS wh, wilson_low(0, 0) AS wn,          test_type('original') AS t1, test_type('correct') AS t2,          test_type('other') AS t3",
+    );
+    assert_eq!(f64s(&out, "midp")[0], Some(697.0 / 32768.0));
+    assert_eq!(f64s(&out, "none")[0], None);
+    assert!(close(f64s(&out, "lo")[0].unwrap(), -0.1186, 5e-4) && close(f64s(&out, "hi")[0].unwrap(), -0.0046, 2e-2));
+    assert_eq!(f64s(&out, "wl")[0], Some(0.0));
+    assert!(close(f64s(&out, "wh")[0].unwrap(), 0.2775327998628892, 1e-12));
+    assert_eq!(f64s(&out, "wn")[0], None);
+    let t = rows(&out, &["t1", "t2", "t3"]);
+    assert_eq!(t[0], ["Normal", "Sycophancy", ""]);
+    // Negative counts are an error, not an interval.
+    let negative = rt().block_on(async { ctx.sql("SELECT newcombe_low(-1, 0, 0, 3)").await.unwrap().collect().await });
+    assert!(negative.is_err());
 }
 
 #[test]
@@ -334,6 +356,75 @@ proptest! {
         prop_assert_eq!(view_rows(&view), want);
     }
 
+    /// The regressions' item rows (what the clustered SEs need) sum, cell by cell, to the
+    /// `regression_cells.sql` view over the maintained cells: one selection of checkpoints.
+    #[test]
+    fn regression_items_sum_to_the_regression_cells_view(obs in prop::collection::vec(observation(), 0..250)) {
+        let mut view = PairedView::default();
+        if !obs.is_empty() {
+            view.apply(&Observation::to_batch(&obs).unwrap(), 1).unwrap();
+        }
+        let ctx = ctx(8192);
+        let cells = view.cells_batch().unwrap();
+        ctx.register_table("cells", Arc::new(MemTable::try_new(cells.schema(), vec![vec![cells]]).unwrap())).unwrap();
+        let want: Vec<Vec<String>> = rows(
+            &sql(&ctx, REGRESSION_CELLS.sql),
+            &["model", "dataset", "amendment_type", "prompt_type", "is_finetuned", "incorrect", "n"],
+        )
+        .into_iter()
+        .filter(|r| r[6] != "0")
+        .collect();
+        let mut summed: std::collections::BTreeMap<Vec<String>, (u64, u64)> = Default::default();
+        let items = view.regression_items();
+        for c in &items {
+            let key = vec![c.model.clone(), c.dataset.clone(), c.amendment_type.clone(), c.prompt_type.clone(), c.ft.to_string()];
+            let e = summed.entry(key).or_default();
+            e.0 += c.incorrect;
+            e.1 += c.n;
+        }
+        let got: Vec<Vec<String>> = summed
+            .into_iter()
+            .map(|(mut k, (incorrect, n))| { k.push(incorrect.to_string()); k.push(n.to_string()); k })
+            .collect();
+        prop_assert_eq!(got, want);
+        // One cluster per (dataset, item).
+        let distinct: std::collections::BTreeSet<_> = obs.iter().filter(|o| o.correct.is_some()).map(|o| (o.dataset.clone(), o.item_key.clone())).collect();
+        let clusters: std::collections::BTreeSet<_> = items.iter().map(|c| c.cluster.unwrap()).collect();
+        prop_assert!(clusters.len() <= distinct.len());
+    }
+
+    /// `discordant_pairs` lists exactly the pairs behind the maintained b and c of every cell
+    /// (conditions outside both tests, excluded answers and several samples included).
+    #[test]
+    fn discordant_pairs_count_to_the_maintained_b_and_c(obs in prop::collection::vec(observation(), 0..250)) {
+        let mut engine = StatsEngine::with_options(true, 8192).unwrap();
+        if !obs.is_empty() {
+            engine.apply(&Observation::to_batch(&obs).unwrap(), 1).unwrap();
+        }
+        engine.refresh().unwrap();
+        for stream in ["trial", "response", "verdict"] {
+            let name = super::live::table_name(stream);
+            engine.register(&name, crate::schema::arrow_schema(stream).unwrap(), vec![]).unwrap();
+        }
+        let key = ["model", "base_checkpoint", "checkpoint", "dataset", "test_type", "category"];
+        let mut want: Vec<Vec<String>> = Vec::new();
+        for r in rows(&engine.view().paired_counts_batch(None).unwrap(), &[&key[..], &["b", "c"]].concat()) {
+            for (side, count) in [("b", &r[6]), ("c", &r[7])] {
+                for _ in 0..count.parse::<usize>().unwrap() {
+                    let mut k = r[..6].to_vec();
+                    k.push(side.to_string());
+                    want.push(k);
+                }
+            }
+        }
+        want.sort();
+        let batches = engine.query(DISCORDANT_PAIRS.sql).unwrap();
+        let mut got: Vec<Vec<String>> =
+            batches.iter().flat_map(|b| rows(b, &[&key[..], &["counts_toward"]].concat())).collect();
+        got.sort();
+        prop_assert_eq!(got, want);
+    }
+
     /// Retracting any subset, in any batching and interleaving, equals never adding it; a
     /// retraction may even arrive before its addition.
     #[test]
@@ -466,8 +557,28 @@ fn family_sql_agrees_with_the_stats_library_and_updates_only_touched_families() 
         assert_eq!(p_bh[i], w.p_adjusted, "category {i}");
         assert_eq!(acc[i], Some(w.acc_base_pct));
         assert_eq!(diff[i], Some(w.diff_pp));
+        // The statistics beside the paper's, through the SQL functions.
+        assert_eq!(f64s(&table, "p_midp")[i], w.p_midp, "category {i}");
+        for (col, want) in [
+            ("acc_base_ci_low", w.acc_base_ci_pct.map(|c| c.0)),
+            ("acc_base_ci_high", w.acc_base_ci_pct.map(|c| c.1)),
+            ("acc_ft_ci_low", w.acc_ft_ci_pct.map(|c| c.0)),
+            ("acc_ft_ci_high", w.acc_ft_ci_pct.map(|c| c.1)),
+            ("diff_ci_low", w.diff_ci_pp.map(|c| c.0)),
+            ("diff_ci_high", w.diff_ci_pp.map(|c| c.1)),
+        ] {
+            let got = f64s(&table, col)[i].unwrap();
+            assert!(close(got, want.unwrap(), 1e-12), "{col} of category {i}: {got} vs {want:?}");
+        }
     }
     assert_eq!(p[0], None, "b + c = 0: no test");
+    // The family's minimum detectable difference, on every row of the family, and NULL for
+    // model B's 8-pair family, which cannot detect anything.
+    let sizes: Vec<(u64, u64)> = counts.iter().map(|c| (c.n() as u64, (c.b + c.c) as u64)).collect();
+    let mdd = crate::stats::power::family_minimum_detectable_difference(&sizes).unwrap();
+    let got = f64s(&table, "mdd_pp");
+    assert!(got[..5].iter().all(|g| close(g.unwrap(), 100.0 * mdd, 1e-12)), "{got:?} vs {mdd}");
+    assert_eq!(got[5], None);
 
     // A new checkpoint of model B touches one family; A's stored rows are not recomputed.
     let before_a = sql_table(&engine).slice(0, 5);

@@ -46,7 +46,7 @@ use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, Strin
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::{Error, Result};
-use crate::stats::models::amendment_group;
+use crate::stats::models::{CellCount, amendment_group};
 use crate::stats::paired::PairedCounts;
 
 /// An interned string.
@@ -492,6 +492,51 @@ impl PairedView {
             dataset: s.get(dataset)?,
             test_type: TestType::parse(test)?,
         })
+    }
+
+    /// The input of the regressions M1–M4 item by item: answer counts per (model, dataset,
+    /// item, amendment, prompt type, fine-tuned), each marked with its item (dataset, item key) as
+    /// cluster, over each model's base checkpoint(s) and its latest fine-tuned checkpoint
+    /// (highest epoch) — the rows `queries/regression_cells.sql` sums per cell.
+    pub fn regression_items(&self) -> Vec<CellCount> {
+        let mut latest: HashMap<Sym, u64> = HashMap::new();
+        for held in self.held.iter().flat_map(|(k, v)| v.iter().map(move |h| (k, h))) {
+            let (key, h) = held;
+            if h.ft && h.mult > 0 {
+                let e = latest.entry(key.model).or_insert(h.epoch);
+                *e = (*e).max(h.epoch);
+            }
+        }
+        // (model, dataset, item, amendment, prompt type, fine-tuned) → (incorrect, answers).
+        type ItemCell = (Sym, Sym, Sym, Sym, Sym, bool);
+        let mut counts: HashMap<ItemCell, (u64, u64)> = HashMap::new();
+        for (key, slots) in &self.held {
+            for h in slots {
+                let Some(correct) = h.correct else { continue };
+                if h.mult <= 0 || (h.ft && latest.get(&key.model) != Some(&h.epoch)) {
+                    continue;
+                }
+                let e =
+                    counts.entry((key.model, key.dataset, key.item, key.amendment, key.prompt_type, h.ft)).or_default();
+                e.0 += if correct { 0 } else { h.mult as u64 };
+                e.1 += h.mult as u64;
+            }
+        }
+        let mut clusters: HashMap<(Sym, Sym), u64> = HashMap::new();
+        let s = &self.strings;
+        let mut rows: Vec<_> = counts.into_iter().collect();
+        rows.sort_by(|a, b| {
+            let names = |k: &ItemCell| (s.name(k.0), s.name(k.1), s.name(k.2), s.name(k.3), s.name(k.4), k.5);
+            names(&a.0).cmp(&names(&b.0))
+        });
+        rows.into_iter()
+            .map(|((model, dataset, item, amendment, prompt, ft), (incorrect, n))| {
+                let next = clusters.len() as u64;
+                let cluster = *clusters.entry((dataset, item)).or_insert(next);
+                CellCount::new(s.name(model), s.name(dataset), s.name(amendment), s.name(prompt), ft, incorrect, n)
+                    .with_cluster(cluster)
+            })
+            .collect()
     }
 
     /// The `paired_counts` table (see [`paired_counts_schema`]), restricted to `only` when given,

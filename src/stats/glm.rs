@@ -6,6 +6,15 @@
 //! (inverse observed information, non-robust) and Wald tests as statsmodels'
 //! `GLM(family=Binomial())` on the individual rows, in O(cells·p²) per iteration.
 //!
+//! [`GlmFit::cluster_robust`] gives the cluster-robust (sandwich) covariance of statsmodels'
+//! `fit(cov_type="cluster", cov_kwds={"groups": …})`: answers to the same item are not
+//! independent (one item appears under 9 contexts × 4 prompt types and on both sides of a pair),
+//! so the paper's non-robust standard errors are too small when items differ in difficulty.
+//! V = c · I⁻¹ (Σ_g s_g s_gᵀ) I⁻¹ with s_g the score of cluster g (Σ over its answers of
+//! x (y − π̂)), I the information and statsmodels' small-sample factor
+//! c = G/(G − 1) · (N − 1)/(N − K) (G clusters, N answers, K coefficients). The score only needs
+//! each cluster's counts per covariate cell, so clustered fits stay count-based too.
+//!
 //! [`DesignBuilder`] declares variables (numeric, or factors with treatment coding against a chosen
 //! reference level) and terms (intercept, main effects, interactions); column names follow
 //! statsmodels/patsy style (`Intercept`, `ft`, `dataset[T.trivia]`, `ft:amendment[T.emotion]`),
@@ -95,6 +104,9 @@ pub enum GlmError {
     Separation,
     /// IRLS did not converge within the iteration limit.
     NotConverged { iterations: usize },
+    /// A clustered covariance was asked of rows that do not fit the model (fewer than two
+    /// clusters, or a cluster id per row missing).
+    Cluster(String),
 }
 
 impl fmt::Display for GlmError {
@@ -133,6 +145,7 @@ impl fmt::Display for GlmError {
             GlmError::NotConverged { iterations } => {
                 write!(f, "IRLS did not converge in {iterations} iterations")
             }
+            GlmError::Cluster(message) => write!(f, "clustered covariance: {message}"),
         }
     }
 }
@@ -553,14 +566,7 @@ impl GlmFit {
         if weights.len() != p {
             return Err(GlmError::WrongLength { expected: p, got: weights.len() });
         }
-        let estimate = dot(weights, &self.params);
-        let mut variance = 0.0;
-        for i in 0..p {
-            if weights[i] != 0.0 {
-                variance += weights[i] * dot(&self.cov[i * p..(i + 1) * p], weights);
-            }
-        }
-        Ok(Estimate::wald(estimate, variance))
+        Ok(Estimate::wald(dot(weights, &self.params), self.quadratic_form(weights)))
     }
 
     /// [`GlmFit::lincomb`] with weights given by coefficient name (others 0), e.g.
@@ -599,12 +605,27 @@ impl GlmFit {
         from: f64,
         include: impl Fn(&[f64]) -> bool,
     ) -> Result<f64, GlmError> {
+        Ok(self.average_contrast_estimate(cells, var, to, from, include)?.estimate)
+    }
+
+    /// [`GlmFit::average_contrast`] with its delta-method standard error under this fit's
+    /// covariance (as statsmodels' `get_margeff(dummy=True)` computes it): the gradient of the
+    /// mean contrast is the trial-weighted mean of π₁(1 − π₁)x₁ − π₀(1 − π₀)x₀.
+    pub fn average_contrast_estimate(
+        &self,
+        cells: &Cells,
+        var: VarId,
+        to: f64,
+        from: f64,
+        include: impl Fn(&[f64]) -> bool,
+    ) -> Result<Estimate, GlmError> {
         if var.0 >= self.design.n_vars() {
             return Err(GlmError::WrongLength { expected: self.design.n_vars(), got: var.0 + 1 });
         }
         let p = self.params.len();
         let mut scratch = vec![0.0; self.design.n_vars()];
-        let mut row = vec![0.0; p];
+        let (mut hi_row, mut lo_row) = (vec![0.0; p], vec![0.0; p]);
+        let mut gradient = vec![0.0; p];
         let (mut total, mut weight) = (0.0, 0.0);
         for i in 0..cells.len() {
             let trials = cells.trials(i);
@@ -614,19 +635,117 @@ impl GlmFit {
             scratch.copy_from_slice(cells.values(i));
             scratch[var.0] = to;
             self.design.check_values(&scratch)?;
-            self.design.row(&scratch, &mut row);
-            let hi = sigmoid(dot(&row, &self.params));
+            self.design.row(&scratch, &mut hi_row);
+            let hi = sigmoid(dot(&hi_row, &self.params));
             scratch[var.0] = from;
             self.design.check_values(&scratch)?;
-            self.design.row(&scratch, &mut row);
-            let lo = sigmoid(dot(&row, &self.params));
+            self.design.row(&scratch, &mut lo_row);
+            let lo = sigmoid(dot(&lo_row, &self.params));
             total += trials * (hi - lo);
             weight += trials;
+            for j in 0..p {
+                gradient[j] += trials * (hi * (1.0 - hi) * hi_row[j] - lo * (1.0 - lo) * lo_row[j]);
+            }
         }
         if weight == 0.0 {
             return Err(GlmError::NoData);
         }
-        Ok(total / weight)
+        gradient.iter_mut().for_each(|g| *g /= weight);
+        Ok(Estimate::wald(total / weight, self.quadratic_form(&gradient)))
+    }
+
+    /// wᵀVw.
+    fn quadratic_form(&self, w: &[f64]) -> f64 {
+        let p = self.params.len();
+        let mut variance = 0.0;
+        for i in 0..p {
+            if w[i] != 0.0 {
+                variance += w[i] * dot(&self.cov[i * p..(i + 1) * p], w);
+            }
+        }
+        variance
+    }
+
+    /// The same fit with the cluster-robust (sandwich) covariance in place of the model-based
+    /// one; every estimate, linear combination and marginal effect of the result uses it.
+    ///
+    /// `rows` are the answers split by cluster: each row holds one cluster's trials and
+    /// successes in one covariate cell, `clusters[i]` is row i's cluster id, and the rows summed
+    /// per covariate cell must be the cells this fit was made from (statsmodels' row-level fit
+    /// with `groups`). Needs at least two clusters.
+    pub fn cluster_robust(&self, rows: &Cells, clusters: &[u64]) -> Result<GlmFit, GlmError> {
+        if rows.len() != clusters.len() {
+            return Err(GlmError::Cluster(format!("{} rows but {} cluster ids", rows.len(), clusters.len())));
+        }
+        if rows.n_vars != self.design.n_vars() {
+            return Err(GlmError::WrongArity { expected: self.design.n_vars(), got: rows.n_vars });
+        }
+        let p = self.params.len();
+        let mut scores: std::collections::HashMap<u64, Vec<f64>> = std::collections::HashMap::new();
+        let mut x = vec![0.0; p];
+        let mut nobs = 0.0;
+        for (i, &cluster) in clusters.iter().enumerate() {
+            let trials = rows.trials(i);
+            if trials == 0.0 {
+                continue;
+            }
+            self.design.check_values(rows.values(i))?;
+            self.design.row(rows.values(i), &mut x);
+            let residual = rows.successes(i) - trials * sigmoid(dot(&x, &self.params));
+            let s = scores.entry(cluster).or_insert_with(|| vec![0.0; p]);
+            for j in 0..p {
+                s[j] += x[j] * residual;
+            }
+            nobs += trials;
+        }
+        let g = scores.len() as f64;
+        if g < 2.0 {
+            return Err(GlmError::Cluster(format!("{} cluster(s); at least two are needed", scores.len())));
+        }
+        if (nobs - self.nobs).abs() > 1e-9 * self.nobs.max(1.0) {
+            return Err(GlmError::Cluster(format!("rows hold {nobs} answers, the fit {}", self.nobs)));
+        }
+        // Meat Σ_g s_g s_gᵀ, then bread·meat·bread with the model-based covariance as bread.
+        let mut meat = vec![0.0; p * p];
+        for s in scores.values() {
+            for i in 0..p {
+                for j in 0..p {
+                    meat[i * p + j] += s[i] * s[j];
+                }
+            }
+        }
+        let correction = g / (g - 1.0) * (nobs - 1.0) / (nobs - p as f64);
+        let bread = &self.cov;
+        let mut half = vec![0.0; p * p];
+        for i in 0..p {
+            for k in 0..p {
+                let b = bread[i * p + k];
+                if b != 0.0 {
+                    for j in 0..p {
+                        half[i * p + j] += b * meat[k * p + j];
+                    }
+                }
+            }
+        }
+        let mut cov = vec![0.0; p * p];
+        for i in 0..p {
+            for k in 0..p {
+                let h = half[i * p + k];
+                if h != 0.0 {
+                    for j in 0..p {
+                        cov[i * p + j] += h * bread[k * p + j];
+                    }
+                }
+            }
+        }
+        for i in 0..p {
+            for j in i..p {
+                let v = correction * 0.5 * (cov[i * p + j] + cov[j * p + i]);
+                cov[i * p + j] = v;
+                cov[j * p + i] = v;
+            }
+        }
+        Ok(GlmFit { cov, ..self.clone() })
     }
 }
 
@@ -778,6 +897,72 @@ mod tests {
         cells.push(&[0.0], 30.0, 100.0).unwrap();
         cells.push(&[1.0], 45.0, 100.0).unwrap();
         (design, cells)
+    }
+
+    #[test]
+    fn cluster_robust_intercept_only_by_hand() {
+        // Three clusters of two answers: (1, 1), (0, 0), (1, 0). π̂ = ½, information 6·¼ = 1.5,
+        // cluster scores 1, −1, 0, so V = c·2/1.5² with c = 3/2 · 5/5: SE = √(4/3).
+        let mut d = DesignBuilder::new();
+        d.intercept();
+        let design = d.build();
+        let mut cells = Cells::new(0);
+        cells.push(&[], 3.0, 6.0).unwrap();
+        let m = fit(&design, &cells).unwrap();
+        let mut rows = Cells::new(0);
+        for y in [2.0, 0.0, 1.0] {
+            rows.push(&[], y, 2.0).unwrap();
+        }
+        let robust = m.cluster_robust(&rows, &[7, 8, 9]).unwrap();
+        assert_close(robust.coef("Intercept").unwrap().se, (4.0f64 / 3.0).sqrt(), 1e-12);
+        assert_close(m.coef("Intercept").unwrap().se, (1.0f64 / 1.5).sqrt(), 1e-12);
+        // The estimate is the same; only the covariance changes.
+        assert_eq!(robust.params(), m.params());
+        // The same answers split differently (one row per answer, same clusters) give the same V.
+        let mut single = Cells::new(0);
+        for y in [1.0, 1.0, 0.0, 0.0, 1.0, 0.0] {
+            single.push(&[], y, 1.0).unwrap();
+        }
+        let again = m.cluster_robust(&single, &[7, 7, 8, 8, 9, 9]).unwrap();
+        assert_close(again.coef("Intercept").unwrap().se, (4.0f64 / 3.0).sqrt(), 1e-12);
+        // Fewer than two clusters, mismatched ids or rows that are not the fit's answers are errors.
+        assert!(matches!(m.cluster_robust(&rows, &[1, 1, 1]), Err(GlmError::Cluster(_))));
+        assert!(matches!(m.cluster_robust(&rows, &[1, 2]), Err(GlmError::Cluster(_))));
+        let mut short = Cells::new(0);
+        short.push(&[], 1.0, 2.0).unwrap();
+        short.push(&[], 1.0, 2.0).unwrap();
+        assert!(matches!(m.cluster_robust(&short, &[1, 2]), Err(GlmError::Cluster(_))));
+    }
+
+    #[test]
+    fn cluster_robust_with_one_answer_per_cluster_is_the_scaled_model_covariance() {
+        // Saturated 2×2: with singleton clusters the meat equals the information, so
+        // V = c·I⁻¹ with c = N/(N − 1)·(N − 1)/(N − K) = 200/198.
+        let (design, cells) = two_by_two();
+        let m = fit(&design, &cells).unwrap();
+        let mut rows = Cells::new(1);
+        let mut ids = Vec::new();
+        for (ft, wrong) in [(0.0, 30), (1.0, 45)] {
+            for i in 0..100 {
+                rows.push(&[ft], if i < wrong { 1.0 } else { 0.0 }, 1.0).unwrap();
+                ids.push(ids.len() as u64);
+            }
+        }
+        let robust = m.cluster_robust(&rows, &ids).unwrap();
+        let scale = (200.0f64 / 198.0).sqrt();
+        for name in ["Intercept", "ft"] {
+            assert_close(robust.coef(name).unwrap().se, m.coef(name).unwrap().se * scale, 1e-12);
+        }
+    }
+
+    #[test]
+    fn average_marginal_effect_standard_error_by_hand() {
+        // Saturated: the AME is p̂₁ − p̂₀ and its delta-method SE is √(p₁q₁/n₁ + p₀q₀/n₀).
+        let (design, cells) = two_by_two();
+        let m = fit(&design, &cells).unwrap();
+        let e = m.average_contrast_estimate(&cells, VarId(0), 1.0, 0.0, |_| true).unwrap();
+        assert_close(e.estimate, 0.15, 1e-12);
+        assert_close(e.se, (0.45 * 0.55 / 100.0 + 0.3 * 0.7 / 100.0f64).sqrt(), 1e-10);
     }
 
     #[test]

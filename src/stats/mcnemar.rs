@@ -7,10 +7,17 @@
 //! accurate. When b + c = 0 there is no test: the functions return `None`, and such a category is
 //! left out of the Benjamini–Hochberg family (as the paper's code does).
 //!
+//! The exact test is conservative: its size is well below α for the small b + c of a single
+//! category. [`mcnemar_midp`] reports the mid-p value beside it (Fagerland, Lydersen & Laake 2013,
+//! "The McNemar test for binary matched-pairs data: mid-p and asymptotic are better than exact
+//! conditional"): the exact p minus the probability of the observed table, i.e.
+//! 2·P(X < k) + P(X = k) for k = min(b, c). It is 1 when b = c.
+//!
 //! ```
-//! use candor::stats::mcnemar::{mcnemar_chi2, mcnemar_exact};
+//! use candor::stats::mcnemar::{mcnemar_chi2, mcnemar_exact, mcnemar_midp};
 //! assert_eq!(mcnemar_exact(12, 3), Some(9.0 / 256.0));
 //! assert_eq!(mcnemar_exact(0, 0), None);
+//! assert_eq!(mcnemar_midp(12, 3), Some(697.0 / 32768.0)); // (2·576 − 455)/2^15
 //! let chi = mcnemar_chi2(12, 3, true).unwrap();
 //! assert!((chi.statistic - 4.266_666_666_666_667).abs() < 1e-12);
 //! ```
@@ -27,6 +34,24 @@ pub fn mcnemar_exact(b: u64, c: u64) -> Option<f64> {
     let k = b.min(c);
     let cdf = binom_half_cdf_exact(k, n).unwrap_or_else(|| binom_half_cdf(k, n));
     Some((2.0 * cdf).min(1.0))
+}
+
+/// Two-sided mid-p McNemar value, 2·P(X < k) + P(X = k) with X ~ Binomial(b + c, ½) and
+/// k = min(b, c), capped at 1; `None` when b + c = 0. Below the exact p by P(X = k) whenever b ≠ c.
+pub fn mcnemar_midp(b: u64, c: u64) -> Option<f64> {
+    let n = b.checked_add(c)?;
+    if n == 0 {
+        return None;
+    }
+    let k = b.min(c);
+    if 2 * k == n {
+        return Some(1.0);
+    }
+    let (cdf, pmf) = match (binom_half_cdf_exact(k, n), binom_half_pmf_exact(k, n)) {
+        (Some(cdf), Some(pmf)) => (cdf, pmf),
+        _ => (binom_half_cdf(k, n), binom_half_pmf(k, n)),
+    };
+    Some((2.0 * cdf - pmf).clamp(0.0, 1.0))
 }
 
 /// A chi-square McNemar test: statistic and p-value.
@@ -69,6 +94,19 @@ fn binom_half_cdf_exact(k: u64, n: u64) -> Option<f64> {
     }
     // Dividing by a power of two is exact in f64 (no underflow for n ≤ 127).
     Some(sum as f64 / 2f64.powi(n as i32))
+}
+
+/// P(X = k) for X ~ Binomial(n, ½) in integer arithmetic, rounded once; `None` for n > 127.
+fn binom_half_pmf_exact(k: u64, n: u64) -> Option<f64> {
+    if n > 127 {
+        return None;
+    }
+    let mut coef = 1u128;
+    for i in 1..=k as u128 {
+        let g = gcd(coef, i);
+        coef = (coef / g) * ((n as u128 - i + 1) / (i / g));
+    }
+    Some(coef as f64 / 2f64.powi(n as i32))
 }
 
 fn gcd(mut a: u128, mut b: u128) -> u128 {
@@ -235,6 +273,47 @@ mod tests {
         assert!(rel_close(mcnemar_exact(7, 0).unwrap(), 0.015625, 1e-13));
         assert_eq!(mcnemar_exact(1, 0), Some(1.0));
         assert_eq!(mcnemar_exact(0, 0), None);
+    }
+
+    #[test]
+    fn midp_oracles() {
+        // b = 12, c = 3: (2·576 − 455)/2^15, exactly representable.
+        assert_eq!(mcnemar_midp(12, 3), Some(697.0 / 32768.0));
+        // Fagerland, Lydersen & Laake's worked example (Cavo et al. 2012, b = 6, c = 16):
+        // exact conditional P = 0.052479, mid-P = 0.034690 (printed to 6 decimals).
+        assert!((mcnemar_exact(6, 16).unwrap() - 0.052479).abs() < 5e-7);
+        assert!((mcnemar_midp(6, 16).unwrap() - 0.034690).abs() < 5e-7);
+        // b = 7, c = 0: 2·P(X < 0) + P(X = 0) = 1/128, half the exact 1/64.
+        assert_eq!(mcnemar_midp(7, 0), Some(1.0 / 128.0));
+        assert_eq!(mcnemar_midp(10, 10), Some(1.0));
+        assert_eq!(mcnemar_midp(0, 0), None);
+        // One discordant pair: exact p is 1, mid-p is ½.
+        assert_eq!(mcnemar_midp(1, 0), Some(0.5));
+    }
+
+    #[test]
+    fn midp_is_exact_minus_the_observed_probability_on_both_paths() {
+        let oracle = pascal_oracle();
+        for n in 1..=127u64 {
+            for b in 0..=n {
+                let c = n - b;
+                let midp = mcnemar_midp(b, c).unwrap();
+                assert!(midp <= oracle[n as usize][b as usize], "b={b} c={c}");
+                if 2 * b != n {
+                    let k = b.min(c);
+                    let want = oracle[n as usize][b as usize] - binom_half_pmf_exact(k, n).unwrap();
+                    assert!(rel_close(midp, want, 1e-13), "b={b} c={c} {midp} vs {want}");
+                    let loader = 2.0 * binom_half_cdf(k, n) - binom_half_pmf(k, n);
+                    assert!(rel_close(midp, loader, 1e-12), "b={b} c={c} {midp} vs {loader}");
+                }
+            }
+        }
+        // Large counts stay finite and below the exact p.
+        for (b, c) in [(30000, 30500), (500, 700), (5, 40_000)] {
+            let (exact, midp) = (mcnemar_exact(b, c).unwrap(), mcnemar_midp(b, c).unwrap());
+            assert!(midp.is_finite() && midp <= exact && midp >= 0.0, "b={b} c={c}");
+        }
+        assert_eq!(mcnemar_midp(3, 12), mcnemar_midp(12, 3));
     }
 
     #[test]

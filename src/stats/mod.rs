@@ -1,11 +1,13 @@
 //! The statistics of the paper, as a pure library over counts.
 //!
-//! - [`mcnemar`]: exact (and χ²) McNemar tests on discordant pairs, overflow-free at any size.
+//! - [`mcnemar`]: exact, mid-p (and χ²) McNemar tests on discordant pairs, overflow-free at any size.
 //! - [`bh`]: Benjamini–Hochberg adjustment with statsmodels' exact semantics.
 //! - [`effect`]: effect sizes, including the paper's mislabelled "Cohen's g" under an honest name.
 //! - [`paired`]: the paired-count monoid kept per category and the per-family results.
-//! - [`glm`]: binomial-logit regression from cell counts, with Wald tests, linear combinations and
-//!   counterfactual average marginal effects.
+//! - [`interval`]: Wilson intervals for each accuracy, Newcombe's paired interval for their difference.
+//! - [`power`]: power of the exact McNemar test and the minimum detectable difference.
+//! - [`glm`]: binomial-logit regression from cell counts, with Wald tests, linear combinations,
+//!   counterfactual average marginal effects, and item-clustered (sandwich) covariances.
 //! - [`models`]: the paper's regressions M1–M4 over a table of cell counts.
 //!
 //! Nothing here knows about dataflows or tables: operators feed counts in and read results out.
@@ -20,6 +22,8 @@
 pub mod bh;
 pub mod effect;
 pub mod glm;
+pub mod interval;
 pub mod mcnemar;
 pub mod models;
 pub mod paired;
+pub mod power;

@@ -16,6 +16,12 @@
 //! paper's code computes it, and the conditional counterfactual AME (mean of p̂(ft=1) − p̂(ft=0)
 //! over that context's answers) behind its percentage-point headlines.
 //!
+//! Standard errors come twice: the paper's model-based (non-robust) ones, and item-clustered
+//! sandwich ones ([`GlmFit::cluster_robust`]) when every input row carries the id of the item
+//! it counts ([`CellCount::with_cluster`]): an item's answers under its 9 contexts × 4 prompt
+//! types and on both sides are correlated, which the paper's SEs ignore. Average marginal effects
+//! get delta-method SEs under each covariance ([`GlmFit::average_contrast_estimate`]).
+//!
 //! Grouping follows the paper's code: the amendment group is the part before `:`; a prompt type
 //! containing `correct` (so also `incorrect`) is `user_opinion`, else one containing `original`
 //! (so also `original_neutral`) is `original`, else `other` (left out of every model). Factor levels
@@ -57,6 +63,9 @@ pub struct CellCount {
     pub incorrect: u64,
     /// Answers in the cell.
     pub n: u64,
+    /// The item (cluster) these answers belong to, for clustered standard errors; `None` for
+    /// cell totals over many items.
+    pub cluster: Option<u64>,
 }
 
 impl CellCount {
@@ -77,7 +86,13 @@ impl CellCount {
             ft,
             incorrect,
             n,
+            cluster: None,
         }
+    }
+
+    /// The same counts, marked as one item's answers.
+    pub fn with_cluster(self, cluster: u64) -> Self {
+        CellCount { cluster: Some(cluster), ..self }
     }
 }
 
@@ -106,6 +121,21 @@ pub struct M1 {
     pub ft: Estimate,
     /// Mean over answers of p̂(ft=1) − p̂(ft=0) (probability scale; ×100 for pp).
     pub ame: f64,
+    /// Delta-method SE of `ame` under the model-based covariance.
+    pub ame_se: f64,
+    /// The item-clustered results, when every row named its item.
+    pub clustered: Option<ClusteredM1>,
+}
+
+/// M1's item-clustered results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusteredM1 {
+    /// The fit with the sandwich covariance (same coefficients).
+    pub fit: GlmFit,
+    pub ft: Estimate,
+    pub ame_se: f64,
+    /// Number of items.
+    pub clusters: usize,
 }
 
 /// The effect of fine-tuning in one context (amendment or prompt group).
@@ -116,6 +146,10 @@ pub struct ContextEffect {
     pub log_odds: Estimate,
     /// Conditional counterfactual AME over the answers in this context.
     pub ame: f64,
+    /// Delta-method SE of `ame` under the model-based covariance.
+    pub ame_se: f64,
+    /// `log_odds` with its item-clustered SE, and the clustered SE of `ame`.
+    pub clustered: Option<(Estimate, f64)>,
     /// Answers in this context.
     pub n: u64,
 }
@@ -124,6 +158,8 @@ pub struct ContextEffect {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ContextModel {
     pub fit: GlmFit,
+    /// The fit with the item-clustered covariance and the number of items, when rows named them.
+    pub clustered: Option<(GlmFit, usize)>,
     pub effects: Vec<ContextEffect>,
 }
 
@@ -164,10 +200,20 @@ pub fn m1(table: &[CellCount]) -> Result<M1, ModelError> {
         amendment_group(&c.amendment_type) == "unmodified" && prompt_group(&c.prompt_type) == "original"
     })?;
     let spec = Spec::new(&rows, None);
-    let (fit, cells) = spec.fit(&rows).map_err(|error| ModelError::Fit { model: NAME, error })?;
-    let ft = fit.coef("ft").map_err(|error| ModelError::Fit { model: NAME, error })?;
-    let ame = fit.average_marginal_effect(&cells, spec.ft).map_err(|error| ModelError::Fit { model: NAME, error })?;
-    Ok(M1 { fit, ft, ame })
+    let err = |error| ModelError::Fit { model: NAME, error };
+    let Fitted { fit, cells, clustered } = spec.fit(&rows).map_err(err)?;
+    let ft = fit.coef("ft").map_err(err)?;
+    let ame = fit.average_contrast_estimate(&cells, spec.ft, 1.0, 0.0, |_| true).map_err(err)?;
+    let clustered = match clustered {
+        Some((robust, clusters)) => Some(ClusteredM1 {
+            ft: robust.coef("ft").map_err(err)?,
+            ame_se: robust.average_contrast_estimate(&cells, spec.ft, 1.0, 0.0, |_| true).map_err(err)?.se,
+            fit: robust,
+            clusters,
+        }),
+        None => None,
+    };
+    Ok(M1 { fit, ft, ame: ame.estimate, ame_se: ame.se, clustered })
 }
 
 /// M2: effect of fine-tuning per amendment group, original prompts.
@@ -249,7 +295,7 @@ fn context_model(
     }
     let spec = Spec::new(&rows, Some((factor_name, reference)));
     let err = |error| ModelError::Fit { model: name, error };
-    let (fit, cells) = spec.fit(&rows).map_err(err)?;
+    let Fitted { fit, cells, clustered } = spec.fit(&rows).map_err(err)?;
     let ctx = spec.context.expect("context factor declared");
     let mut effects = Vec::with_capacity(spec.context_levels.len());
     for (level, label) in spec.context_levels.iter().enumerate() {
@@ -260,11 +306,26 @@ fn context_model(
         }
         let log_odds = fit.lincomb_named(&terms).map_err(err)?;
         let code = level as f64;
-        let ame = fit.average_contrast(&cells, spec.ft, 1.0, 0.0, |v| v[ctx.0] == code).map_err(err)?;
+        let in_context = |v: &[f64]| v[ctx.0] == code;
+        let ame = fit.average_contrast_estimate(&cells, spec.ft, 1.0, 0.0, in_context).map_err(err)?;
+        let robust = match &clustered {
+            Some((robust, _)) => Some((
+                robust.lincomb_named(&terms).map_err(err)?,
+                robust.average_contrast_estimate(&cells, spec.ft, 1.0, 0.0, in_context).map_err(err)?.se,
+            )),
+            None => None,
+        };
         let n = rows.iter().filter(|r| &r.context == label).map(|r| r.cell.n).sum();
-        effects.push(ContextEffect { context: label.clone(), log_odds, ame, n });
+        effects.push(ContextEffect {
+            context: label.clone(),
+            log_odds,
+            ame: ame.estimate,
+            ame_se: ame.se,
+            clustered: robust,
+            n,
+        });
     }
-    Ok(ContextModel { fit, effects })
+    Ok(ContextModel { fit, clustered, effects })
 }
 
 /// Distinct values in patsy's (sorted) level order.
@@ -310,30 +371,61 @@ impl Spec {
         Spec { design: d.build(), ft, dataset, model, context, datasets, models, context_levels }
     }
 
-    /// Sums the rows into distinct covariate cells and fits.
-    fn fit(&self, rows: &[Row]) -> Result<(GlmFit, Cells), GlmError> {
-        let code = |levels: &[String], v: &str| levels.binary_search_by(|l| l.as_str().cmp(v)).unwrap() as u32;
-        let mut merged: BTreeMap<[u32; 4], (u64, u64)> = BTreeMap::new();
-        for r in rows {
-            let ctx = if self.context.is_some() { code(&self.context_levels, &r.context) } else { 0 };
-            let key = [r.cell.ft as u32, code(&self.datasets, &r.cell.dataset), code(&self.models, &r.cell.model), ctx];
-            let e = merged.entry(key).or_default();
-            e.0 += r.cell.incorrect;
-            e.1 += r.cell.n;
+    /// The covariate values of one row.
+    fn values(&self, r: &Row, out: &mut [f64]) {
+        let code = |levels: &[String], v: &str| levels.binary_search_by(|l| l.as_str().cmp(v)).unwrap() as f64;
+        out[self.ft.0] = r.cell.ft as u32 as f64;
+        out[self.dataset.0] = code(&self.datasets, &r.cell.dataset);
+        out[self.model.0] = code(&self.models, &r.cell.model);
+        if let Some(ctx) = self.context {
+            out[ctx.0] = code(&self.context_levels, &r.context);
         }
-        let mut cells = Cells::new(self.design.n_vars());
-        let mut values = vec![0.0; self.design.n_vars()];
-        for (key, (incorrect, n)) in merged {
-            values[self.ft.0] = key[0] as f64;
-            values[self.dataset.0] = key[1] as f64;
-            values[self.model.0] = key[2] as f64;
-            if let Some(ctx) = self.context {
-                values[ctx.0] = key[3] as f64;
-            }
-            cells.push(&values, incorrect as f64, n as f64)?;
-        }
-        Ok((fit(&self.design, &cells)?, cells))
     }
+
+    /// Sums the rows into distinct covariate cells and fits; when every row names its item,
+    /// also forms the item-clustered covariance from the rows themselves.
+    fn fit(&self, rows: &[Row]) -> Result<Fitted, GlmError> {
+        let n_vars = self.design.n_vars();
+        let mut values = vec![0.0; n_vars];
+        let mut merged: BTreeMap<Vec<u64>, (Vec<f64>, u64, u64)> = BTreeMap::new();
+        for r in rows {
+            self.values(r, &mut values);
+            let key = values.iter().map(|v| v.to_bits()).collect();
+            let e = merged.entry(key).or_insert_with(|| (values.clone(), 0, 0));
+            e.1 += r.cell.incorrect;
+            e.2 += r.cell.n;
+        }
+        let mut cells = Cells::new(n_vars);
+        for (v, incorrect, n) in merged.values() {
+            cells.push(v, *incorrect as f64, *n as f64)?;
+        }
+        let fit = fit(&self.design, &cells)?;
+        let named = rows.iter().filter(|r| r.cell.cluster.is_some()).count();
+        let clustered = if named == 0 {
+            None
+        } else if named < rows.len() {
+            return Err(GlmError::Cluster(format!("{} of {} rows name no item", rows.len() - named, rows.len())));
+        } else {
+            let mut item_rows = Cells::new(n_vars);
+            let mut ids = Vec::with_capacity(rows.len());
+            for r in rows {
+                self.values(r, &mut values);
+                item_rows.push(&values, r.cell.incorrect as f64, r.cell.n as f64)?;
+                ids.push(r.cell.cluster.expect("checked above"));
+            }
+            // One item has no between-item variation to estimate: no clustered SEs.
+            let clusters = ids.iter().collect::<std::collections::HashSet<_>>().len();
+            if clusters < 2 { None } else { Some((fit.cluster_robust(&item_rows, &ids)?, clusters)) }
+        };
+        Ok(Fitted { fit, cells, clustered })
+    }
+}
+
+/// A fit, the cells it was fitted on, and its item-clustered version with the item count.
+struct Fitted {
+    fit: GlmFit,
+    cells: Cells,
+    clustered: Option<(GlmFit, usize)>,
 }
 
 #[cfg(test)]
@@ -423,6 +515,59 @@ mod tests {
             assert_eq!(e.n, 200);
         }
         assert!(r.fit.coef("ft:amendment[T.emotion:sad]").is_ok());
+    }
+
+    #[test]
+    fn clustered_ses_with_one_answer_per_item_are_the_scaled_model_ses() {
+        // Every answer its own item: in a saturated model the sandwich's meat is the information,
+        // so each clustered SE is the model-based one times √(N/(N − K)) (statsmodels' factor
+        // G/(G − 1)·(N − 1)/(N − K) with G = N). M3 here: N = 800 original-prompt answers, K = 8.
+        let (table, _) = context_table();
+        let mut items = Vec::new();
+        for c in &table {
+            for i in 0..c.n {
+                let wrong = u64::from(i < c.incorrect);
+                items.push(CellCount { incorrect: wrong, n: 1, ..c.clone() }.with_cluster(items.len() as u64));
+            }
+        }
+        let plain = m3(&table).unwrap();
+        let r = m3(&items).unwrap();
+        // The `incorrect` rows are outside M3, so 800 items remain.
+        assert!(plain.clustered.is_none() && r.clustered.as_ref().unwrap().1 == 800);
+        let scale = (800.0f64 / 792.0).sqrt();
+        for (e, p) in r.effects.iter().zip(&plain.effects) {
+            assert_close(e.log_odds.estimate, p.log_odds.estimate, 1e-9);
+            let (robust, ame_se) = e.clustered.unwrap();
+            assert_close(robust.se, p.log_odds.se * scale, 1e-9);
+            assert_close(ame_se, p.ame_se * scale, 1e-9);
+        }
+        // Saturated: the AME's SE is that of a difference of two independent proportions.
+        let sad = plain.effects.iter().find(|e| e.context == "emotion:sad").unwrap();
+        assert_close(sad.ame_se, (0.6 * 0.4 / 100.0 + 0.35 * 0.65 / 100.0f64).sqrt(), 1e-9);
+    }
+
+    #[test]
+    fn answers_of_one_item_are_not_independent() {
+        // Two items per (amendment, side), each answering 50 times the same way: all the
+        // variation is between items, so the clustered SE is far above the model-based one.
+        let mut table = Vec::new();
+        let mut item = 0;
+        for (a, base, warm) in [("unmodified", [0, 50], [50, 20]), ("emotion:sad", [0, 50], [50, 0])] {
+            for (ft, wrongs) in [(false, base), (true, warm)] {
+                for wrong in wrongs {
+                    table.push(CellCount::new("m", "trivia", a, "original", ft, wrong, 50).with_cluster(item % 4));
+                    item += 1;
+                }
+            }
+        }
+        let r = m1(&table).unwrap();
+        let c = r.clustered.unwrap();
+        assert!(c.ft.se > 2.0 * r.ft.se, "{} vs {}", c.ft.se, r.ft.se);
+        assert_eq!(c.clusters, 4);
+        // Rows that mix named and unnamed items are refused.
+        let mut mixed = table.clone();
+        mixed.push(CellCount::new("m", "trivia", "unmodified", "original", false, 3, 10));
+        assert!(matches!(m1(&mixed), Err(ModelError::Fit { error: GlmError::Cluster(_), .. })));
     }
 
     #[test]

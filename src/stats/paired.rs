@@ -24,7 +24,8 @@ use std::fmt;
 
 use super::bh::benjamini_hochberg;
 use super::effect::{accuracy_pct, cohens_g, diff_pp, odds_ratio, paper_g};
-use super::mcnemar::mcnemar_exact;
+use super::interval::{Z_95, newcombe_paired, wilson};
+use super::mcnemar::{mcnemar_exact, mcnemar_midp};
 
 /// The paper's significance level for every test.
 pub const ALPHA: f64 = 0.05;
@@ -129,8 +130,16 @@ pub struct CategoryStats {
     pub cohens_g: f64,
     /// b/c.
     pub odds_ratio: f64,
+    /// Wilson 95% interval of the base accuracy, percent; `None` when n = 0.
+    pub acc_base_ci_pct: Option<(f64, f64)>,
+    /// Wilson 95% interval of the fine-tuned accuracy, percent.
+    pub acc_ft_ci_pct: Option<(f64, f64)>,
+    /// Newcombe's paired 95% interval of `diff_pp`, percentage points.
+    pub diff_ci_pp: Option<(f64, f64)>,
     /// Exact McNemar p; `None` when b + c = 0 (no test).
     pub p_exact: Option<f64>,
+    /// Mid-p McNemar value (less conservative than the exact test); `None` when b + c = 0.
+    pub p_midp: Option<f64>,
     /// Benjamini–Hochberg adjusted p within the family; `None` until [`family`] fills it, or when
     /// there was no test.
     pub p_adjusted: Option<f64>,
@@ -147,6 +156,7 @@ impl CategoryStats {
         let n = both_correct + b + c + both_wrong;
         let acc_base_pct = accuracy_pct(both_correct + b, n);
         let acc_ft_pct = accuracy_pct(both_correct + c, n);
+        let pct = |ci: Option<(f64, f64)>| ci.map(|(lo, hi)| (100.0 * lo, 100.0 * hi));
         Ok(CategoryStats {
             n,
             both_correct,
@@ -159,7 +169,11 @@ impl CategoryStats {
             paper_g: paper_g(b, c),
             cohens_g: cohens_g(b, c),
             odds_ratio: odds_ratio(b, c),
+            acc_base_ci_pct: pct(wilson(both_correct + b, n, Z_95)),
+            acc_ft_ci_pct: pct(wilson(both_correct + c, n, Z_95)),
+            diff_ci_pp: pct(newcombe_paired(counts, Z_95)),
             p_exact: mcnemar_exact(b, c),
+            p_midp: mcnemar_midp(b, c),
             p_adjusted: None,
             significant: None,
         })
@@ -200,7 +214,14 @@ mod tests {
         assert!(close(s.cohens_g, 0.3, 1e-14));
         assert_eq!(s.odds_ratio, 4.0);
         assert_eq!(s.p_exact, Some(0.03515625));
+        assert_eq!(s.p_midp, Some(697.0 / 32768.0));
         assert_eq!(s.p_adjusted, None);
+        let (lo, hi) = s.acc_base_ci_pct.unwrap();
+        assert!(lo < 92.0 && 92.0 < hi && hi < 100.0);
+        let (lo, hi) = s.diff_ci_pp.unwrap();
+        assert!(lo < -9.0 && -9.0 < hi && hi < 0.0, "{lo} {hi}");
+        let empty = CategoryStats::from_counts(&PairedCounts::default()).unwrap();
+        assert_eq!((empty.acc_base_ci_pct, empty.diff_ci_pp, empty.p_midp), (None, None, None));
     }
 
     #[test]

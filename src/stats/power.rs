@@ -1,0 +1,180 @@
+//! Power of the exact McNemar test, and the smallest accuracy difference a study of a given
+//! size can detect.
+//!
+//! A category with n pairs, each discordant with probability ψ, has a difference in accuracy
+//! δ = P(b-type pair) − P(c-type pair) ∈ [−ψ, ψ]. The number of discordant pairs is
+//! M ~ Binomial(n, ψ); given M = m, b ~ Binomial(m, (1 + δ/ψ)/2), and the exact test rejects
+//! when min(b, m − b) ≤ k_m, the largest k with 2·P(X ≤ k) ≤ α under X ~ Binomial(m, ½) (no k
+//! when m < 6 at α = 0.05). So the unconditional power is
+//!
+//!   power(δ) = Σ_m P(M = m) · [P(b ≤ k_m) + P(b ≥ m − k_m)],
+//!
+//! computed exactly (no normal approximation, which is poor at the small m of one category).
+//! [`minimum_detectable_difference`] is the smallest |δ| with power ≥ the target (0.8 by
+//! convention): below it a real difference is more likely missed than found. When even δ = ψ
+//! (every discordant pair going the same way) has less power, the study cannot detect any
+//! difference and the answer is `None`. This is what a 3-items-per-dataset quickstart says.
+//!
+//! ```
+//! use candor::stats::power::minimum_detectable_difference;
+//! // 6 pairs, all discordant: rejecting needs all 6 the same way, so power(δ) = π⁶ + (1 − π)⁶
+//! // with π = (1 + δ)/2, and 80% needs π ≈ 0.8^(1/6).
+//! let mdd = minimum_detectable_difference(6, 1.0, 0.05, 0.8).unwrap();
+//! assert!((mdd - (2.0 * 0.8f64.powf(1.0 / 6.0) - 1.0)).abs() < 1e-6);
+//! // Three items: no outcome is significant, whatever the models do.
+//! assert_eq!(minimum_detectable_difference(3, 1.0, 0.05, 0.8), None);
+//! ```
+
+use statrs::distribution::{Binomial, Discrete, DiscreteCDF};
+
+use super::mcnemar::mcnemar_exact;
+
+/// The conventional power target.
+pub const POWER: f64 = 0.8;
+
+/// The largest k with exact two-sided McNemar p(k, m − k) ≤ α, or `None` when no table with m
+/// discordant pairs is significant.
+pub fn critical_count(m: u64, alpha: f64) -> Option<u64> {
+    let significant = |k: u64| mcnemar_exact(k, m - k).is_some_and(|p| p <= alpha);
+    if m == 0 || !significant(0) {
+        return None;
+    }
+    // p(k, m − k) grows with k up to m/2: binary search for the last significant k.
+    let (mut lo, mut hi) = (0, m / 2);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if significant(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    Some(lo)
+}
+
+/// Unconditional power of the exact McNemar test at level α for n pairs with discordance ψ and
+/// difference δ (|δ| ≤ ψ).
+pub fn mcnemar_power(n: u64, discordance: f64, delta: f64, alpha: f64) -> f64 {
+    let psi = discordance.clamp(0.0, 1.0);
+    if n == 0 || psi == 0.0 {
+        return 0.0;
+    }
+    let pi = ((1.0 + delta.abs().min(psi) / psi) / 2.0).clamp(0.0, 1.0);
+    let Ok(m_dist) = Binomial::new(psi, n) else { return 0.0 };
+    // M's mass beyond 12 standard deviations of its mean is below f64 resolution.
+    let mean = n as f64 * psi;
+    let sd = (mean * (1.0 - psi)).sqrt();
+    let lo = (mean - 12.0 * sd - 2.0).floor().max(0.0) as u64;
+    let hi = ((mean + 12.0 * sd + 2.0).ceil() as u64).min(n);
+    let mut power = 0.0;
+    for m in lo..=hi {
+        let Some(k) = critical_count(m, alpha) else { continue };
+        let weight = m_dist.pmf(m);
+        if weight == 0.0 {
+            continue;
+        }
+        let Ok(b) = Binomial::new(pi, m) else { continue };
+        // P(b ≤ k) + P(b ≥ m − k); the two regions are disjoint since k < m/2.
+        let reject = b.cdf(k) + if m - k == 0 { 1.0 } else { b.sf(m - k - 1) };
+        power += weight * reject.min(1.0);
+    }
+    power.min(1.0)
+}
+
+/// The smallest |δ| (a proportion, ×100 for percentage points) that the exact McNemar test at
+/// level α detects with probability ≥ `power` in n pairs with discordance ψ; `None` when no
+/// δ ≤ ψ reaches it.
+pub fn minimum_detectable_difference(n: u64, discordance: f64, alpha: f64, power: f64) -> Option<f64> {
+    let psi = discordance.clamp(0.0, 1.0);
+    if mcnemar_power(n, psi, psi, alpha) < power {
+        return None;
+    }
+    // Power rises with |δ| (the rejection region is symmetric and π moves away from ½).
+    let (mut lo, mut hi) = (0.0, psi);
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if mcnemar_power(n, psi, mid, alpha) >= power { hi = mid } else { lo = mid }
+    }
+    Some(hi)
+}
+
+/// The minimum detectable difference printed beside a family's table, from each category's
+/// (pairs, discordant pairs): n is the family's median category size (the lower middle one for
+/// an even count) and ψ its pooled discordance, Σ(b + c)/Σn, at the paper's α and 80% power.
+/// `None` when the family cannot detect any difference (or is empty).
+pub fn family_minimum_detectable_difference(categories: &[(u64, u64)]) -> Option<f64> {
+    let mut sizes: Vec<u64> = categories.iter().map(|c| c.0).filter(|&n| n > 0).collect();
+    if sizes.is_empty() {
+        return None;
+    }
+    sizes.sort_unstable();
+    let n = sizes[(sizes.len() - 1) / 2];
+    let discordant: u64 = categories.iter().map(|c| c.1.min(c.0)).sum();
+    let total: u64 = categories.iter().map(|c| c.0).sum();
+    minimum_detectable_difference(n, discordant as f64 / total as f64, super::paired::ALPHA, POWER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn critical_counts_by_hand() {
+        // m ≤ 5: even 0 vs m has p = 2/2^m ≥ 1/16 > 0.05.
+        for m in 0..=5 {
+            assert_eq!(critical_count(m, 0.05), None, "m = {m}");
+        }
+        // m = 6: p(0, 6) = 1/32 ≤ 0.05 < p(1, 5) = 14/64.
+        assert_eq!(critical_count(6, 0.05), Some(0));
+        // m = 10: p(1, 9) = 22/1024 ≤ 0.05 < p(2, 8) = 112/1024.
+        assert_eq!(critical_count(10, 0.05), Some(1));
+        // m = 20: p(5, 15) = 0.0414 ≤ 0.05 < p(6, 14) = 0.1153.
+        assert_eq!(critical_count(20, 0.05), Some(5));
+    }
+
+    #[test]
+    fn power_by_hand() {
+        // n = 6, ψ = 1: M = 6 surely, reject iff b ∈ {0, 6}: π⁶ + (1 − π)⁶.
+        for delta in [0.0, 0.3, 0.9] {
+            let pi: f64 = (1.0 + delta) / 2.0;
+            let want = pi.powi(6) + (1.0 - pi).powi(6);
+            assert!((mcnemar_power(6, 1.0, delta, 0.05) - want).abs() < 1e-12, "δ = {delta}");
+        }
+        // Under δ = 0 the power is the test's size, at most α.
+        for (n, psi) in [(50, 0.3), (200, 0.1), (1000, 0.05)] {
+            let size = mcnemar_power(n, psi, 0.0, 0.05);
+            assert!(size > 0.0 && size <= 0.05, "n = {n}: {size}");
+        }
+        // n = 2, ψ = ½: M ≤ 2, never significant.
+        assert_eq!(mcnemar_power(2, 0.5, 0.5, 0.05), 0.0);
+        assert_eq!(mcnemar_power(100, 0.0, 0.0, 0.05), 0.0);
+    }
+
+    #[test]
+    fn minimum_detectable_difference_by_hand_and_by_monotonicity() {
+        let mdd = minimum_detectable_difference(6, 1.0, 0.05, 0.8).unwrap();
+        assert!((mdd - (2.0 * 0.8f64.powf(1.0 / 6.0) - 1.0)).abs() < 1e-9, "{mdd}");
+        assert_eq!(minimum_detectable_difference(5, 1.0, 0.05, 0.8), None);
+        assert_eq!(minimum_detectable_difference(500, 0.0, 0.05, 0.8), None);
+        // More pairs detect smaller differences.
+        let small = minimum_detectable_difference(100, 0.2, 0.05, 0.8).unwrap();
+        let large = minimum_detectable_difference(1000, 0.2, 0.05, 0.8).unwrap();
+        assert!(large < small && small <= 0.2, "{small} {large}");
+        // At the answer the power is the target.
+        assert!((mcnemar_power(1000, 0.2, large, 0.05) - 0.8).abs() < 1e-6);
+        // Connor's (1987) normal approximation, √n·δ = z_{α/2}·√ψ + z_β·√(ψ − δ²), is close
+        // at this size: δ ≈ 0.0396 for n = 1000, ψ = 0.2.
+        assert!((large - 0.0396).abs() < 0.002, "{large}");
+    }
+
+    #[test]
+    fn a_family_uses_its_median_category_and_pooled_discordance() {
+        let k = |n: u64, b: u64, c: u64| (n, b + c);
+        // Sizes 6, 6, 100 → median 6; discordance (6 + 6 + 0)/112 is far below 1, so 6 pairs
+        // cannot reach 80% power.
+        assert_eq!(family_minimum_detectable_difference(&[k(6, 3, 3), k(6, 6, 0), k(100, 0, 0)]), None);
+        // Every pair discordant, median 6: the n = 6, ψ = 1 case.
+        let got = family_minimum_detectable_difference(&[k(6, 6, 0), k(6, 0, 6), k(8, 4, 4)]).unwrap();
+        assert!((got - (2.0 * 0.8f64.powf(1.0 / 6.0) - 1.0)).abs() < 1e-9);
+        // Even count: the lower middle (100 of 100, 400).
+        let fam = [k(100, 10, 10), k(400, 40, 40)];
+        assert_eq!(family_minimum_detectable_difference(&fam), minimum_detectable_difference(100, 0.2, 0.05, 0.8));
+        assert_eq!(family_minimum_detectable_difference(&[]), None);
+    }
+}
