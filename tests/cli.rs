@@ -2290,8 +2290,15 @@ fn stream_rides_out_a_broker_restart_mid_stream() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let archive = Archive::open(&out).unwrap();
+    // The stream creates its archive once it starts: wait for it, then for two epochs.
     let start = std::time::Instant::now();
+    let archive = loop {
+        match Archive::open(&out) {
+            Ok(a) => break a,
+            Err(_) if start.elapsed().as_secs() < 60 => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) => panic!("the stream made no archive in 60 s: {e}"),
+        }
+    };
     while archive.committed_epochs().unwrap().len() < 2 && start.elapsed().as_secs() < 60 {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
