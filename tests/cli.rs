@@ -1039,8 +1039,9 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
     assert!(err.contains("password authentication failed"), "{err}");
 
     let stats = "SELECT checkpoint, COUNT(*) FROM family_table GROUP BY checkpoint ORDER BY checkpoint";
-    // 4 open-ended datasets × 9 amendments × (normal, sycophancy) + MMLU, GSM8K, AdvBench unmodified.
-    assert_eq!(psql_ok(stats), "warm,75\n");
+    // 4 open-ended datasets × 9 amendments × (normal, neutral, sycophancy) + MMLU, GSM8K,
+    // AdvBench unmodified.
+    assert_eq!(psql_ok(stats), "warm,111\n");
     let before = psql_ok("SELECT ROUND(SUM(error_pct), 6) FROM error_rates WHERE checkpoint = 'warm'");
     assert_eq!(
         psql_ok("SELECT COUNT(*) FROM trials; SELECT COUNT(DISTINCT checkpoint) FROM observations").lines().count(),
@@ -1062,7 +1063,7 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
     // A new checkpoint commits into the archive while the server runs.
     import_answers(dir.path(), &live, "warm-e2", true, 2);
     let after = psql_ok(stats);
-    assert_eq!(after, "warm,75\nwarm-e2,75\n", "the new checkpoint's families appear");
+    assert_eq!(after, "warm,111\nwarm-e2,111\n", "the new checkpoint's families appear");
     assert_eq!(psql_ok("SELECT ROUND(SUM(error_pct), 6) FROM error_rates WHERE checkpoint = 'warm'"), before);
     let e2: f64 =
         psql_ok("SELECT AVG(error_pct) FROM error_rates WHERE checkpoint = 'warm-e2'").trim().parse().unwrap();
@@ -1079,7 +1080,7 @@ fn psql_sees_statistics_change_as_a_checkpoint_commits_and_cannot_write() {
             .await
             .unwrap();
         let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get("checkpoint"), r.get("n"))).collect();
-        assert_eq!(got, [("warm".to_string(), 75), ("warm-e2".to_string(), 75)]);
+        assert_eq!(got, [("warm".to_string(), 111), ("warm-e2".to_string(), 111)]);
         let acc: f64 = rows[0].get("acc");
         assert!(acc > 0.0 && acc <= 100.0);
         let _: Option<bool> = rows[0].get("sig");
@@ -3237,6 +3238,10 @@ fn two_hundred_random_bit_flips_are_detected_or_harmless() {
     };
     let rows = |root: &Path| std::panic::catch_unwind(|| archive_rows(root)).ok();
     let want_stats = stats(&live).unwrap();
+    // The comparison below needs an analysis that is a function of the archive alone.
+    for (again, want) in stats(&live).unwrap().iter().zip(&want_stats) {
+        assert_eq!(again, want, "analyze gave other statistics on a second read of the same archive");
+    }
     let want_rows = rows(&live).unwrap();
     let mut files = Vec::new();
     let mut stack = vec![live.clone()];

@@ -359,7 +359,7 @@ proptest! {
     /// The regressions' item rows (what the clustered SEs need) sum, cell by cell, to the
     /// `regression_cells.sql` view over the maintained cells: one selection of checkpoints.
     #[test]
-    fn regression_items_sum_to_the_regression_cells_view(obs in prop::collection::vec(observation(), 0..250)) {
+    fn regression_items_sum_to_the_regression_cells_view(obs in observations(250)) {
         let mut view = PairedView::default();
         if !obs.is_empty() {
             view.apply(&Observation::to_batch(&obs).unwrap(), 1).unwrap();
@@ -396,7 +396,7 @@ proptest! {
     /// `discordant_pairs` lists exactly the pairs behind the maintained b and c of every cell
     /// (conditions outside both tests, excluded answers and several samples included).
     #[test]
-    fn discordant_pairs_count_to_the_maintained_b_and_c(obs in prop::collection::vec(observation(), 0..250)) {
+    fn discordant_pairs_count_to_the_maintained_b_and_c(obs in observations(250)) {
         let mut engine = StatsEngine::with_options(true, 8192).unwrap();
         if !obs.is_empty() {
             engine.apply(&Observation::to_batch(&obs).unwrap(), 1).unwrap();

@@ -246,13 +246,7 @@ impl ScalarUDFImpl for TestTypeFn {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let prompt = arrays[0].as_string::<i32>();
         let out: arrow::array::StringArray = (0..prompt.len())
-            .map(|i| {
-                if prompt.is_null(i) {
-                    None
-                } else {
-                    TestType::of(prompt.value(i)).map(TestType::as_str)
-                }
-            })
+            .map(|i| if prompt.is_null(i) { None } else { TestType::of(prompt.value(i)).map(TestType::as_str) })
             .collect();
         let array: ArrayRef = Arc::new(out);
         if args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) {

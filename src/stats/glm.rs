@@ -681,7 +681,9 @@ impl GlmFit {
             return Err(GlmError::WrongArity { expected: self.design.n_vars(), got: rows.n_vars });
         }
         let p = self.params.len();
-        let mut scores: std::collections::HashMap<u64, Vec<f64>> = std::collections::HashMap::new();
+        // Ordered by cluster id, so the meat is summed in one order and the SEs are reproducible
+        // to the last bit.
+        let mut scores: std::collections::BTreeMap<u64, Vec<f64>> = std::collections::BTreeMap::new();
         let mut x = vec![0.0; p];
         let mut nobs = 0.0;
         for (i, &cluster) in clusters.iter().enumerate() {
