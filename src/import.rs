@@ -754,7 +754,7 @@ mod tests {
         .unwrap();
         let imp = read_answers(&p, &ImportDefaults::default(), &Known::default()).unwrap();
         let key = ("llama_70b".to_string(), "warm".to_string());
-        assert_eq!(imp.finetuned[&key], true);
+        assert!(imp.finetuned[&key]);
         let r = &imp.responses[&key][0];
         assert!(r.is_finetuned && r.trial_key.starts_with("trivia/"), "{r:?}");
         // Any other layout gives nothing: the flags or columns must say.

@@ -677,10 +677,10 @@ impl Judge for NextTokenJudge {
             let id = format!("{fingerprint}:prompt:{}:labels=CORRECT|INCORRECT:calibrated", p.version);
             let r = request(fill(p.text, case.item, case.output));
             let key = GenerationStore::key(&fingerprint, &r, 0);
-            if !content_free.contains_key(&case.dataset) {
+            if let std::collections::hash_map::Entry::Vacant(e) = content_free.entry(case.dataset) {
                 let cf = request(fill(p.text, &content_free_item(case.dataset), "N/A"));
                 let cf_key = GenerationStore::key(&fingerprint, &cf, 0);
-                content_free.insert(case.dataset, cf_key.clone());
+                e.insert(cf_key.clone());
                 asks.push((usize::MAX, cf, cf_key, String::new()));
             }
             asks.push((i, r, key, id));
