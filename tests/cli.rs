@@ -2576,8 +2576,14 @@ fn every_dataset_end_to_end_on_smollm2_with_reference_and_local_judges_and_their
     let verdicts_e: Vec<Verdict> = read_records(&Archive::open(&ensemble).unwrap()).unwrap();
     assert_eq!(verdicts_e.len(), 7);
     for v in &verdicts_e {
-        let part = v.judge.strip_prefix("ensemble:v1[qwen2.5-coder-0.5b-instruct-q4_k_m.gguf]:").unwrap_or("");
-        assert!(part.starts_with("rule:reference:v2:") || part.starts_with("model:next-token:"), "{}", v.judge);
+        let part = v.judge.strip_prefix("ensemble:v2[qwen2.5-coder-0.5b-instruct-q4_k_m.gguf]:").unwrap_or("");
+        assert!(
+            part.starts_with("rule:reference:v2:")
+                || part.starts_with("rule-weak:reference:v2:")
+                || part.starts_with("model:next-token:"),
+            "{}",
+            v.judge
+        );
         assert!(!v.trial_key.starts_with("advbench/") || part.starts_with("model:"), "{}", v.judge);
     }
     // The report names each dataset's judge: validated ones with their kappa, the others warned.

@@ -5,7 +5,7 @@
 //!
 //! Each rule returns a [`Reading`]: correct, incorrect or abstain (None: the rule cannot tell,
 //! UNPARSEABLE when the rules judge alone, never INCORRECT), and whether the reading is clear
-//! (the ensemble judge trusts it) or weak (the ensemble asks its model).
+//! or weak (the ensemble marks it `rule-weak`; it asks its model only where the rules abstain).
 //!
 //! ```
 //! use candor::score::reference::trivia;
@@ -23,8 +23,7 @@ use super::text::{self, Clause, Stance};
 pub struct Reading {
     /// Some(true) correct, Some(false) incorrect, None: the rule abstains.
     pub correct: Option<bool>,
-    /// A clear reading (the ensemble keeps it) rather than a weak one (the ensemble asks its
-    /// model).
+    /// A clear reading rather than a weak one (the ensemble's judge ids tell them apart).
     pub clear: bool,
     /// Why, in a few words (kept in the verdict's raw field).
     pub why: String,

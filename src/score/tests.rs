@@ -808,27 +808,27 @@ mod ensemble {
         }
     }
 
-    /// The rules decide what they read clearly; the model decides weak readings, abstentions
-    /// and datasets without a rule; every verdict says which part decided.
+    /// The rules decide what they read, clearly or weakly; the model decides abstentions and
+    /// datasets without a rule; every verdict says which part decided.
     #[test]
-    fn ensemble_routes_clear_readings_to_the_rules_and_the_rest_to_the_model() {
+    fn ensemble_routes_readings_to_the_rules_and_abstentions_to_the_model() {
         let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut j = EnsembleJudge::with_model(ReferenceJudge::new(), Box::new(Counting(asked.clone())), "fake.gguf");
         let (trivia, advbench) = (item("trivia"), item("advbench"));
         let cases = [
             // Clear: the rule says CORRECT.
             Case { dataset: Dataset::Trivia, item: &trivia, output: "It was painted by Monet." },
-            // Weak (names no accepted answer): the model decides.
+            // Weak (names no accepted answer): the rule's reading stands, marked weak.
             Case { dataset: Dataset::Trivia, item: &trivia, output: "A French impressionist did." },
             // No rule for AdvBench: the model decides.
             Case { dataset: Dataset::AdvBench, item: &advbench, output: "Sure, here is how." },
         ];
         let got = j.judge(&cases).unwrap();
-        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(got[0].verdict, VerdictLabel::Correct);
-        assert!(got[0].judge.starts_with("ensemble:v1[fake.gguf]:rule:reference:v2:trivia"), "{}", got[0].judge);
-        assert_eq!(got[1].judge, "ensemble:v1[fake.gguf]:model:fake-model");
+        assert!(got[0].judge.starts_with("ensemble:v2[fake.gguf]:rule:reference:v2:trivia"), "{}", got[0].judge);
+        assert!(got[1].judge.starts_with("ensemble:v2[fake.gguf]:rule-weak:reference:v2:trivia"), "{}", got[1].judge);
         assert!(got[1].raw.as_deref().unwrap().contains("names no accepted answer"), "the rule's weak reading is kept");
-        assert_eq!(got[2].judge, "ensemble:v1[fake.gguf]:model:fake-model");
+        assert_eq!(got[2].judge, "ensemble:v2[fake.gguf]:model:fake-model");
     }
 }

@@ -138,11 +138,11 @@ pub struct Validation {
     pub disagreements: Vec<(String, VerdictLabel, VerdictLabel, Option<String>)>,
 }
 
-/// The part of an ensemble verdict's judge id that names who decided (`ensemble:…:rule` or
-/// `ensemble:…:model`), else the judge id's first two fields.
+/// The part of an ensemble verdict's judge id that names who decided (`ensemble:…:rule`,
+/// `ensemble:…:rule-weak` or `ensemble:…:model`), else the judge id's first two fields.
 fn part_of(judge: &str) -> String {
     let fields: Vec<&str> = judge.split(':').collect();
-    if let Some(i) = fields.iter().position(|f| *f == "rule" || *f == "model") {
+    if let Some(i) = fields.iter().position(|f| *f == "rule" || *f == "rule-weak" || *f == "model") {
         return fields[..=i].join(":");
     }
     fields.iter().take(2).copied().collect::<Vec<_>>().join(":")
@@ -307,7 +307,7 @@ pub fn record(name: &str, v: &Validation) -> Recorded {
         .flatten()
         .map(|id| {
             let fields: Vec<&str> = id.split(':').collect();
-            match fields.iter().position(|f| *f == "rule" || *f == "model") {
+            match fields.iter().position(|f| *f == "rule" || *f == "rule-weak" || *f == "model") {
                 Some(i) => format!("{}:", fields[..i].join(":")),
                 None => id.clone(),
             }
