@@ -14,3 +14,6 @@
 pub mod attn;
 pub mod pool;
 pub mod quant;
+
+#[cfg(test)]
+mod tests;
