@@ -61,6 +61,10 @@ enum Blocks {
 }
 
 /// A `[out, in]` Q4_1 or Q8_0 matrix, kept quantized.
+///
+/// A `QMatrix` exists only on a CPU that runs the kernels ([`supported`]): its constructor
+/// [`QMatrix::from_qtensor`] refuses any other, and [`QMatrix::concat`] and `clone` start from
+/// an existing one. [`QMatrix::forward`] runs the AVX2/FMA/F16C kernels on the strength of that.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     rows: usize,
@@ -87,7 +91,20 @@ pub fn supported() -> bool {
 
 impl QMatrix {
     /// Takes a 2-d Q4_1 or Q8_0 tensor's blocks; its inner dimension must be a multiple of 32.
+    /// An error on a CPU without AVX2, FMA and F16C (see [`supported`]).
     pub fn from_qtensor(q: &QTensor) -> Result<Self> {
+        Self::from_qtensor_on(q, supported())
+    }
+
+    /// [`QMatrix::from_qtensor`] on a CPU that runs the kernels or not (`cpu_supported`, which
+    /// must be `false` unless [`supported`] is true: the tests pass `false` to check the refusal).
+    pub(crate) fn from_qtensor_on(q: &QTensor, cpu_supported: bool) -> Result<Self> {
+        if !cpu_supported {
+            candle_core::bail!(
+                "Candor's quantized matmul kernels need a CPU with AVX2, FMA and F16C, which this one lacks \
+                 (dequantize the weights or use candle's kernels instead)"
+            );
+        }
         let (rows, cols) = q.shape().dims2()?;
         if !cols.is_multiple_of(QK) {
             candle_core::bail!("rows of {cols} values are not whole blocks");
@@ -208,7 +225,10 @@ impl QMatrix {
         Tensor::from_vec(y, out_dims, &Device::Cpu)
     }
 
+    /// `y = acts · blocksᵀ`: `acts` holds `m` rows of `cols / 32` blocks, `y` is `[m, rows]`.
     fn matmul<B: WeightBlock>(&self, blocks: &[B], acts: &[BlockQ81], m: usize, y: &mut [f32]) {
+        debug_assert!(supported(), "a QMatrix exists only where the kernels run");
+        assert!(acts.len() == m * (self.cols / QK) && y.len() == m * self.rows);
         const TILE_N: usize = 32;
         const TILE_M: usize = 64;
         let n = self.rows;
@@ -228,7 +248,8 @@ impl QMatrix {
                         let take = (r1 - r).min(4);
                         let mut out = [0f32; 4];
                         let row = |i: usize| &acts[(r + i) * kb..(r + i + 1) * kb];
-                        // SAFETY: `supported()` was checked before a QMatrix was put to use.
+                        // SAFETY: the CPU has AVX2, FMA and F16C, since this `QMatrix` exists (see
+                        // the type's docs); `w` and every row passed are `kb` blocks long.
                         unsafe {
                             match take {
                                 4 => B::dot_n::<4>(w, [row(0), row(1), row(2), row(3)], &mut out),

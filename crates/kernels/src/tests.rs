@@ -48,6 +48,18 @@ fn q4_1_and_q8_0_matmuls_match_dequantized_f32_within_activation_rounding() {
 }
 
 #[test]
+fn a_cpu_without_the_kernels_features_is_refused_at_construction() {
+    let w = candle_core::Tensor::zeros((2, 64), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let err = QMatrix::from_qtensor_on(&q, false).expect_err("no QMatrix without AVX2, FMA and F16C");
+        assert!(err.to_string().contains("AVX2, FMA and F16C"), "{err}");
+        // The public constructor asks the CPU.
+        assert_eq!(QMatrix::from_qtensor(&q).is_ok(), supported());
+    }
+}
+
+#[test]
 fn every_item_runs_once_whoever_calls() {
     let callers: Vec<_> = (0..4)
         .map(|t| {
