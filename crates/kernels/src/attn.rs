@@ -96,8 +96,11 @@ pub fn attend(q: &[f32], rows: &[(usize, usize)], caches: &[(&[f32], &[f32])], h
                 *sc = (*sc - max).exp();
                 sum += *sc;
             }
-            // SAFETY: item (row, h) alone writes y[item * hd..][..hd], and `y` outlives the
-            // pool call.
+            // SAFETY: `item < rows.len() * nh`, so `y[item * hd..][..hd]` is inside `y`
+            // (`rows.len() * nh * hd` values). `y` is not otherwise used until the work is done
+            // (`pool::run` returns or unwinds only once no thread is in `work`), and each item
+            // runs once, item (row, h) alone writing those `hd` values: this slice aliases
+            // nothing.
             let out = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(item * hd), hd) };
             for (j, &w) in scores.iter().enumerate() {
                 axpy(w / sum, &vc[(j * nkv + g) * hd..][..hd], out);

@@ -10,7 +10,15 @@
 //! - [`quant`]: Q4_1 and Q8_0 weights times f32 activations with AVX2, as llama.cpp computes them.
 //! - [`attn`]: rotary embeddings and causal attention read in place from per-sequence caches.
 //! - [`pool`]: the work-sharing thread pool both run on.
+//!
+//! Every `unsafe` block states the invariant it relies on in a `// SAFETY:` comment.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod attn;
 pub mod pool;
 pub mod quant;
+
+#[cfg(test)]
+mod tests;

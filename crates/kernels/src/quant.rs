@@ -61,6 +61,10 @@ enum Blocks {
 }
 
 /// A `[out, in]` Q4_1 or Q8_0 matrix, kept quantized.
+///
+/// A `QMatrix` exists only on a CPU that runs the kernels ([`supported`]): its constructor
+/// [`QMatrix::from_qtensor`] refuses any other, and [`QMatrix::concat`] and `clone` start from
+/// an existing one. [`QMatrix::forward`] runs the AVX2/FMA/F16C kernels on the strength of that.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     rows: usize,
@@ -87,7 +91,20 @@ pub fn supported() -> bool {
 
 impl QMatrix {
     /// Takes a 2-d Q4_1 or Q8_0 tensor's blocks; its inner dimension must be a multiple of 32.
+    /// An error on a CPU without AVX2, FMA and F16C (see [`supported`]).
     pub fn from_qtensor(q: &QTensor) -> Result<Self> {
+        Self::from_qtensor_on(q, supported())
+    }
+
+    /// [`QMatrix::from_qtensor`] on a CPU that runs the kernels or not (`cpu_supported`, which
+    /// must be `false` unless [`supported`] is true: the tests pass `false` to check the refusal).
+    pub(crate) fn from_qtensor_on(q: &QTensor, cpu_supported: bool) -> Result<Self> {
+        if !cpu_supported {
+            candle_core::bail!(
+                "Candor's quantized matmul kernels need a CPU with AVX2, FMA and F16C, which this one lacks \
+                 (dequantize the weights or use candle's kernels instead)"
+            );
+        }
         let (rows, cols) = q.shape().dims2()?;
         if !cols.is_multiple_of(QK) {
             candle_core::bail!("rows of {cols} values are not whole blocks");
@@ -180,8 +197,8 @@ impl QMatrix {
             Blocks::Q80(blocks) => {
                 for (b, o) in blocks[r * kb..(r + 1) * kb].iter().zip(out.chunks_exact_mut(QK)) {
                     let d = b.d.to_f32();
-                    for j in 0..QK {
-                        o[j] = d * b.qs[j] as f32;
+                    for (o, &q) in o.iter_mut().zip(&b.qs) {
+                        *o = d * q as f32;
                     }
                 }
             }
@@ -208,7 +225,10 @@ impl QMatrix {
         Tensor::from_vec(y, out_dims, &Device::Cpu)
     }
 
+    /// `y = acts · blocksᵀ`: `acts` holds `m` rows of `cols / 32` blocks, `y` is `[m, rows]`.
     fn matmul<B: WeightBlock>(&self, blocks: &[B], acts: &[BlockQ81], m: usize, y: &mut [f32]) {
+        debug_assert!(supported(), "a QMatrix exists only where the kernels run");
+        assert!(acts.len() == m * (self.cols / QK) && y.len() == m * self.rows);
         const TILE_N: usize = 32;
         const TILE_M: usize = 64;
         let n = self.rows;
@@ -228,7 +248,8 @@ impl QMatrix {
                         let take = (r1 - r).min(4);
                         let mut out = [0f32; 4];
                         let row = |i: usize| &acts[(r + i) * kb..(r + i + 1) * kb];
-                        // SAFETY: `supported()` was checked before a QMatrix was put to use.
+                        // SAFETY: the CPU has AVX2, FMA and F16C, since this `QMatrix` exists (see
+                        // the type's docs); `w` and every row passed are `kb` blocks long.
                         unsafe {
                             match take {
                                 4 => B::dot_n::<4>(w, [row(0), row(1), row(2), row(3)], &mut out),
@@ -237,9 +258,14 @@ impl QMatrix {
                                 _ => B::dot_n::<1>(w, [row(0)], &mut out),
                             }
                         }
-                        for i in 0..take {
-                            // SAFETY: element (r + i, c) belongs to this item alone; `y` outlives the pool call.
-                            unsafe { *(y_addr as *mut f32).add((r + i) * n + c) = out[i] };
+                        for (i, &v) in out[..take].iter().enumerate() {
+                            // SAFETY: `r + i < m` and `c < n`, so the element is inside `y` (`m * n`
+                            // values, asserted above). `y` is not otherwise used until `pool::run`
+                            // has returned or unwound, which it does only once no thread is in
+                            // `work`; and `pool::run` runs each item once, item (rt, ct) alone
+                            // writing rows `r0..r1` of columns `c0..c1`: no other access to this
+                            // element overlaps this write.
+                            unsafe { *(y_addr as *mut f32).add((r + i) * n + c) = v };
                         }
                         r += take;
                     }
@@ -280,18 +306,21 @@ trait WeightBlock: Copy + Sync {
     /// Dot products of one weight row with `R` (at most 4) activation rows, into `out[..R]`.
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C ([`supported`]).
+    /// The CPU must have AVX2, FMA and F16C ([`supported`]), and every row of `xs` must hold at
+    /// least `w.len()` blocks.
     unsafe fn dot_n<const R: usize>(w: &[Self], xs: [&[BlockQ81]; R], out: &mut [f32; 4]);
 }
 
 impl WeightBlock for BlockQ41 {
     unsafe fn dot_n<const R: usize>(w: &[Self], xs: [&[BlockQ81]; R], out: &mut [f32; 4]) {
+        // SAFETY: `q41_dot_n` has `dot_n`'s contract, which the caller keeps.
         unsafe { q41_dot_n::<R>(w, xs, out) }
     }
 }
 
 impl WeightBlock for BlockQ80 {
     unsafe fn dot_n<const R: usize>(w: &[Self], xs: [&[BlockQ81]; R], out: &mut [f32; 4]) {
+        // SAFETY: `q80_dot_n` has `dot_n`'s contract, which the caller keeps.
         unsafe { q80_dot_n::<R>(w, xs, out) }
     }
 }
@@ -307,6 +336,9 @@ fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 }
 
 /// `d_w·d_x·Σ q_w q_x + m_w·s_x` per block, Q4_1 weights.
+///
+/// # Safety
+/// As [`WeightBlock::dot_n`]: AVX2, FMA and F16C, and rows of `xs` at least `w.len()` blocks long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q41_dot_n<const R: usize>(w: &[BlockQ41], xs: [&[BlockQ81]; R], out: &mut [f32; 4]) {
@@ -317,6 +349,7 @@ unsafe fn q41_dot_n<const R: usize>(w: &[BlockQ41], xs: [&[BlockQ81]; R], out: &
     let mut mins = [0f32; R];
     for (b, wb) in w.iter().enumerate() {
         // 32 nibbles to 32 bytes 0..=15: values 0..15 in the low lane, 16..31 in the high one.
+        // SAFETY: reads the 16 bytes of `wb.qs` (`[u8; 16]`); `loadu` needs no alignment.
         let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i) };
         let lo = _mm_and_si128(packed, low);
         let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
@@ -324,7 +357,9 @@ unsafe fn q41_dot_n<const R: usize>(w: &[BlockQ41], xs: [&[BlockQ81]; R], out: &
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(((wb.m.to_bits() as i32) << 16) | wb.d.to_bits() as i32));
         let (dw, mw) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
         for i in 0..R {
+            // SAFETY: `b < w.len()`, and the caller guarantees `xs[i]` has at least `w.len()` blocks.
             let xb = unsafe { xs[i].get_unchecked(b) };
+            // SAFETY: reads the 32 bytes of `xb.qs` (`[i8; 32]`); `loadu` needs no alignment.
             let a = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones);
             acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb.d), _mm256_cvtepi32_ps(p), acc[i]);
@@ -338,6 +373,9 @@ unsafe fn q41_dot_n<const R: usize>(w: &[BlockQ41], xs: [&[BlockQ81]; R], out: &
 
 /// `d_w·d_x·Σ q_w q_x` per block, Q8_0 weights (signs moved onto the activations so that
 /// `maddubs` multiplies unsigned by signed bytes).
+///
+/// # Safety
+/// As [`WeightBlock::dot_n`]: AVX2, FMA and F16C, and rows of `xs` at least `w.len()` blocks long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q80_dot_n<const R: usize>(w: &[BlockQ80], xs: [&[BlockQ81]; R], out: &mut [f32; 4]) {
@@ -345,11 +383,14 @@ unsafe fn q80_dot_n<const R: usize>(w: &[BlockQ80], xs: [&[BlockQ81]; R], out: &
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
     for (b, wb) in w.iter().enumerate() {
+        // SAFETY: reads the 32 bytes of `wb.qs` (`[i8; 32]`); `loadu` needs no alignment.
         let q = unsafe { _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i) };
         let qa = _mm256_sign_epi8(q, q);
         let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(wb.d.to_bits() as i32)));
         for i in 0..R {
+            // SAFETY: `b < w.len()`, and the caller guarantees `xs[i]` has at least `w.len()` blocks.
             let xb = unsafe { xs[i].get_unchecked(b) };
+            // SAFETY: reads the 32 bytes of `xb.qs` (`[i8; 32]`); `loadu` needs no alignment.
             let a = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, _mm256_sign_epi8(a, q)), ones);
             acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb.d), _mm256_cvtepi32_ps(p), acc[i]);
