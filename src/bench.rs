@@ -58,7 +58,7 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
         let _ = std::fs::remove_dir_all(&out);
         let start = Instant::now();
         let archive = Archive::open_writer(&out, "bench")?;
-        let report = crate::cli::build_grid(&exp, &archive, crate::cli::GridMode::Keep, cluster)?;
+        let report = crate::grid::build_grid(&exp, &archive, crate::grid::GridMode::Keep, cluster)?;
         grid_secs.push(start.elapsed().as_secs_f64());
         trials = report.counts.values().sum();
     }

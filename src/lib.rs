@@ -13,6 +13,7 @@ pub mod dataflow;
 pub mod datasets;
 pub mod error;
 pub mod generate;
+pub mod grid;
 pub mod identity;
 pub mod import;
 pub mod records;

@@ -71,7 +71,7 @@ fn synthetic_archive(grid: &str, dir: &Path, opts: &ReportBench, cluster: &Clust
     let exp = Experiment::parse(grid, "bench").map_err(|e| Error::Internal(e.to_string()))?;
     let _ = std::fs::remove_dir_all(dir);
     let archive = Archive::open_writer(dir, "bench report")?;
-    crate::cli::build_grid(&exp, &archive, crate::cli::GridMode::Keep, cluster)
+    crate::grid::build_grid(&exp, &archive, crate::grid::GridMode::Keep, cluster)
         .map_err(|e| Error::Internal(e.to_string()))?;
     let trials: Vec<Trial> = read_records(&archive)?;
     let mut rng = ChaCha8Rng::seed_from_u64(2026);
