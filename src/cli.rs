@@ -536,7 +536,7 @@ pub enum Bench {
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
         /// Synthetic observations in the archive (default: the paper's 439,792).
-        #[arg(long, default_value_t = crate::sql::bench::PAPER_OBSERVATIONS)]
+        #[arg(long, default_value_t = crate::sql::synthetic::PAPER_OBSERVATIONS)]
         rows: usize,
         /// The statement each client runs.
         #[arg(long, default_value = "select * from family_table")]
