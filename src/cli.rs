@@ -7,16 +7,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::archive::Archive;
-use crate::conditions::Dataset;
-use crate::config::Experiment;
-use crate::dataflow::pipelines::{self, read_records};
-use crate::dataflow::{Cluster, EpochDone};
-use crate::grid::{GridMode, GridReport, build_grid};
-use crate::import::{ImportDefaults, read_answers};
-use crate::records::{Item, Observation, Response, Trial};
-use crate::schema::{self, Record};
-use crate::score::refusal::{RefusalMode, RefusalRules};
+use candor::archive::Archive;
+use candor::conditions::Dataset;
+use candor::config::Experiment;
+use candor::dataflow::pipelines::{self, read_records};
+use candor::dataflow::{Cluster, EpochDone};
+use candor::grid::{GridMode, GridReport, build_grid};
+use candor::import::{ImportDefaults, read_answers};
+use candor::records::{Item, Observation, Response, Trial};
+use candor::schema::{self, Record};
+use candor::score::refusal::{RefusalMode, RefusalRules};
 
 /// Candor evaluates whether language models stay accurate when users are warm, sad,
 /// deferential or wrong, checkpoint by checkpoint (Ibrahim, Hafner & Rocher, Nature 2026).
@@ -222,8 +222,8 @@ pub enum Command {
         batch_size: usize,
         /// `continuous`: requests join the running batch between decode steps; `static`:
         /// requests arriving together are decoded as one batch, later ones wait for all of it.
-        #[arg(long, value_enum, default_value_t = crate::serve::Batching::Continuous)]
-        batching: crate::serve::Batching,
+        #[arg(long, value_enum, default_value_t = candor::serve::Batching::Continuous)]
+        batching: candor::serve::Batching,
         /// Most new tokens one request may ask for (bounds the response size); requests
         /// without `max_tokens` get 256, fitted to the context.
         #[arg(long, default_value_t = 4096)]
@@ -256,8 +256,8 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Which files to write with --out.
-        #[arg(long, value_enum, default_value_t = crate::sql::analyze::Export::Both)]
-        export: crate::sql::analyze::Export,
+        #[arg(long, value_enum, default_value_t = candor::sql::analyze::Export::Both)]
+        export: candor::sql::analyze::Export,
         /// Model of every row, for files without a `model` column.
         #[arg(long)]
         model: Option<String>,
@@ -292,7 +292,7 @@ pub enum Command {
         file: Option<PathBuf>,
         /// How to print results (default: table on a terminal, JSON lines otherwise).
         #[arg(long, value_enum)]
-        output: Option<crate::sql::shell::Output>,
+        output: Option<candor::sql::shell::Output>,
         /// Serve the PostgreSQL wire protocol on this address (e.g. 127.0.0.1:5433) until
         /// SIGTERM or Ctrl-C. Any address other than loopback needs a password in
         /// CANDOR_SQL_PASSWORD (when set, it is required on loopback too; checked with
@@ -328,7 +328,7 @@ pub enum Command {
         /// `prompt`, `response_key`, `model`, `checkpoint`, `checkpoint_epoch`), or an archive.
         input: PathBuf,
         #[command(flatten)]
-        score: crate::warmth::command::ScoreArgs,
+        score: candor::warmth::command::ScoreArgs,
         /// Archive to write the warmth stream to (an archive input is written to itself).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -435,7 +435,7 @@ pub enum Bench {
     /// the bundled validation prompts.
     Warmth {
         #[command(flatten)]
-        score: crate::warmth::command::ScoreArgs,
+        score: candor::warmth::command::ScoreArgs,
         /// Texts to score.
         #[arg(long, default_value_t = 24)]
         texts: usize,
@@ -536,7 +536,7 @@ pub enum Bench {
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
         /// Synthetic observations in the archive (default: the paper's 439,792).
-        #[arg(long, default_value_t = crate::sql::synthetic::PAPER_OBSERVATIONS)]
+        #[arg(long, default_value_t = candor::sql::synthetic::PAPER_OBSERVATIONS)]
         rows: usize,
         /// The statement each client runs.
         #[arg(long, default_value = "select * from family_table")]
@@ -624,7 +624,7 @@ fn refusal_rules(arg: Option<RefusalArg>, paper: bool) -> RefusalRules {
 fn load_experiment(path: &Path, paper: bool) -> Result<Experiment> {
     let mut exp = Experiment::load(path)?;
     if paper {
-        exp.template_style = crate::conditions::TemplateStyle::Paper;
+        exp.template_style = candor::conditions::TemplateStyle::Paper;
         exp.refusal.mode = RefusalMode::Paper;
     }
     Ok(exp)
@@ -634,7 +634,7 @@ fn load_experiment(path: &Path, paper: bool) -> Result<Experiment> {
 pub fn main(cli: Cli) -> Result<()> {
     schema::validate_all().context("checking the stream schemas")?;
     if let Some(n) = cli.threads {
-        crate::generate::candle::init_threads(n);
+        candor::generate::candle::init_threads(n);
     }
     let json = cli.json || !std::io::stdout().is_terminal();
     let paper = cli.paper;
@@ -677,8 +677,8 @@ pub fn main(cli: Cli) -> Result<()> {
             // The live SQL endpoint reads only committed epochs, so it can start before the run.
             let endpoint = match sql_listen {
                 Some(addr) if cluster.is_leader() => {
-                    let live = std::sync::Arc::new(crate::sql::live::LiveSql::open(&out)?);
-                    let server = crate::sql::pg::spawn_pg(live, addr, crate::sql::pg::PgOptions::from_env())?;
+                    let live = std::sync::Arc::new(candor::sql::live::LiveSql::open(&out)?);
+                    let server = candor::sql::pg::spawn_pg(live, addr, candor::sql::pg::PgOptions::from_env())?;
                     eprintln!("live SQL (PostgreSQL protocol) on {}", server.addr);
                     if json {
                         println!("{}", serde_json::json!({"sql_listen": server.addr.to_string()}));
@@ -692,7 +692,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 &cluster,
                 &archive,
                 &exp,
-                Box::new(crate::generate::backend::open),
+                Box::new(candor::generate::backend::open),
                 progress,
             )?;
             if cluster.is_leader() {
@@ -737,10 +737,10 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Import { file, out, dataset, model, checkpoint, finetuned, variant, refusal, replace, cluster } => {
             let archive = open_for(&out, "import", &cluster)?;
-            let known = crate::import::Known {
+            let known = candor::import::Known {
                 trials: read_records::<Trial>(&archive)?,
                 items: read_records::<Item>(&archive)?,
-                data_dir: crate::config::default_data_dir(),
+                data_dir: candor::config::default_data_dir(),
             };
             let all_known: Vec<Trial> = known.trials.clone();
             let defaults = ImportDefaults { dataset, model, checkpoint, is_finetuned: finetuned.then_some(true) };
@@ -756,8 +756,8 @@ pub fn main(cli: Cli) -> Result<()> {
                     r.checkpoint_epoch = epoch;
                 }
                 if committed.contains(&epoch) {
-                    let id = crate::identity::CheckpointRef::new(&model, &checkpoint);
-                    match crate::import::compare_with_archive(&archive, epoch, &id, &rows, &imported.labels)? {
+                    let id = candor::identity::CheckpointRef::new(&model, &checkpoint);
+                    match candor::import::compare_with_archive(&archive, epoch, &id, &rows, &imported.labels)? {
                         None => {
                             already.push(id);
                             continue;
@@ -765,8 +765,8 @@ pub fn main(cli: Cli) -> Result<()> {
                         Some(_) if replace => {
                             to_replace.insert(epoch);
                         }
-                        Some(difference) => bail!(crate::error::Error::input(
-                            crate::error::Location::file(&file),
+                        Some(difference) => bail!(candor::error::Error::input(
+                            candor::error::Location::file(&file),
                             format!(
                                 "{id} is already in {} with other answers ({difference}); pass --replace to replace that checkpoint's answers",
                                 out.display()
@@ -835,7 +835,7 @@ pub fn main(cli: Cli) -> Result<()> {
             refusal,
             cluster,
         } => {
-            let messages = crate::stream::capture::read(&capture)?;
+            let messages = candor::stream::capture::read(&capture)?;
             let exp = experiment.as_deref().map(|e| load_experiment(e, paper)).transpose()?;
             let target = open_for(&out, "replay", &cluster)?;
             if target.has(Response::STREAM)? {
@@ -846,13 +846,13 @@ pub fn main(cli: Cli) -> Result<()> {
             {
                 build_grid(exp, &target, GridMode::Keep, &Cluster::default())?;
             }
-            let opts = crate::stream::StreamOptions::for_replay(
+            let opts = candor::stream::StreamOptions::for_replay(
                 &topic_prefix,
                 max_message_bytes,
                 refusal_rules(refusal, paper),
                 exp,
             );
-            let report = crate::stream::replay_capture(&cluster, &target, &opts, messages)?;
+            let report = candor::stream::replay_capture(&cluster, &target, &opts, messages)?;
             println!(
                 "{}",
                 serde_json::json!({"command": "replay", "capture": capture, "archive": out, "report": report})
@@ -875,8 +875,8 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             // A rescore into an archive a previous rescore of the same source began resumes it.
             let target = open_for(&out, "rescore", &cluster)?;
-            let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
-            let judge = crate::score::judge::open(&config, source.root())?;
+            let config = candor::score::judge::JudgeConfig::parse_arg(&judge)?;
+            let judge = candor::score::judge::open(&config, source.root())?;
             let reports = pipelines::rescore(&cluster, &source, &target, refusal_rules(refusal, paper), judge)?;
             if cluster.is_leader() {
                 print_epochs("rescore", &reports, &out, json)?;
@@ -897,35 +897,35 @@ pub fn main(cli: Cli) -> Result<()> {
                     println!("{}: sound (every log, file, checksum and row count as committed)", archive.display());
                 }
             } else {
-                bail!(crate::error::Error::integrity(
+                bail!(candor::error::Error::integrity(
                     &archive,
                     format!("{} problem(s) found (listed above)", problems.len())
                 ));
             }
         }
         Command::Agreement { first, second } => {
-            let a = read_records::<crate::records::Verdict>(&Archive::open(&first)?)?;
+            let a = read_records::<candor::records::Verdict>(&Archive::open(&first)?)?;
             let b = if second.is_file() {
-                crate::score::agreement::read_human_csv(&second)?
+                candor::score::agreement::read_human_csv(&second)?
             } else {
-                read_records::<crate::records::Verdict>(&Archive::open(&second)?)?
+                read_records::<candor::records::Verdict>(&Archive::open(&second)?)?
             };
-            let report = crate::score::agreement::compare(&a, &b);
-            crate::score::agreement::print(&report, json);
+            let report = candor::score::agreement::compare(&a, &b);
+            candor::score::agreement::print(&report, json);
         }
         Command::Judge { which: JudgeCommand::Validate { judge, set, split, store, record, disagreements } } => {
-            use crate::score::validation;
+            use candor::score::validation;
             let (rows, text) = match &set {
                 Some(p) => (validation::read(p)?, std::fs::read_to_string(p)?),
                 None => (validation::bundled()?, validation::BUNDLED.to_string()),
             };
             let rows: Vec<_> = rows.into_iter().filter(|r| split.as_ref().is_none_or(|s| *s == r.split)).collect();
-            let items = validation::items_for(&rows, &crate::config::default_data_dir())?;
+            let items = validation::items_for(&rows, &candor::config::default_data_dir())?;
             let store = store.unwrap_or_else(|| {
-                crate::generate::candle::models_dir().parent().map(|p| p.join("judge-store")).unwrap_or_default()
+                candor::generate::candle::models_dir().parent().map(|p| p.join("judge-store")).unwrap_or_default()
             });
-            let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
-            let mut judge = crate::score::judge::open(&config, &store)?;
+            let config = candor::score::judge::JudgeConfig::parse_arg(&judge)?;
+            let mut judge = candor::score::judge::open(&config, &store)?;
             let v = validation::validate(judge.as_mut(), &rows, &items, &validation::digest(&text))?;
             validation::print(&v, json, disagreements);
             if let Some(name) = record {
@@ -969,7 +969,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 ),
                 None => None,
             };
-            let options = crate::serve::ServeOptions {
+            let options = candor::serve::ServeOptions {
                 batch_size,
                 batching,
                 api_key,
@@ -978,22 +978,22 @@ pub fn main(cli: Cli) -> Result<()> {
                 max_pending,
                 max_request_bytes,
                 faults: match faults {
-                    Some(spec) => crate::serve::Faults::parse(&spec)?,
-                    None => crate::serve::Faults::default(),
+                    Some(spec) => candor::serve::Faults::parse(&spec)?,
+                    None => candor::serve::Faults::default(),
                 },
                 fault_seed,
                 aliases: vec![m.name.clone()],
-                ..crate::serve::ServeOptions::new(format!("{}/{}", m.name, c.id), listen)
+                ..candor::serve::ServeOptions::new(format!("{}/{}", m.name, c.id), listen)
             };
             options.check()?;
-            let generator = crate::generate::backend::open(m, c)?;
+            let generator = candor::generate::backend::open(m, c)?;
             let runtime = tokio::runtime::Runtime::new()?;
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.block_on(async move {
                 let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
                 let stop = stopping.clone();
-                let server = tokio::spawn(crate::serve::serve(generator, options, Some(tx), async move {
-                    let _ = crate::serve::terminated().await;
+                let server = tokio::spawn(candor::serve::serve(generator, options, Some(tx), async move {
+                    let _ = candor::serve::terminated().await;
                     eprintln!("candor serve: stopping (requests in flight get up to 30 s)");
                     stop.notify_one();
                 }));
@@ -1033,9 +1033,9 @@ pub fn main(cli: Cli) -> Result<()> {
             }
             let archive = open_for(&out, "stream", &Cluster::default())?;
             let connection = kafka.connection()?;
-            let opts = crate::stream::StreamOptions {
+            let opts = candor::stream::StreamOptions {
                 connection,
-                topics: crate::stream::Topics::with_prefix(&kafka.topic_prefix),
+                topics: candor::stream::Topics::with_prefix(&kafka.topic_prefix),
                 group,
                 max_message_bytes,
                 idle_exit: idle_exit.map(std::time::Duration::from_secs_f64),
@@ -1050,14 +1050,14 @@ pub fn main(cli: Cli) -> Result<()> {
                 let mode = if regrid { GridMode::Regrid } else { GridMode::Keep };
                 build_grid(&exp, &archive, mode, &Cluster::default())?;
             }
-            let report = crate::stream::run(&cluster, &archive, &opts)?;
+            let report = candor::stream::run(&cluster, &archive, &opts)?;
             println!("{}", serde_json::json!({"command": "stream", "archive": out, "report": report}));
         }
         Command::Capture { out, kafka, idle } => {
             let connection = kafka.connection()?;
-            let topics = crate::stream::Topics::with_prefix(&kafka.topic_prefix);
+            let topics = candor::stream::Topics::with_prefix(&kafka.topic_prefix);
             let n =
-                crate::stream::capture::capture(&connection, &topics, &out, std::time::Duration::from_secs_f64(idle))?;
+                candor::stream::capture::capture(&connection, &topics, &out, std::time::Duration::from_secs_f64(idle))?;
             println!("{}", serde_json::json!({"command": "capture", "file": out, "messages": n}));
         }
         Command::Schema { stream } => {
@@ -1089,19 +1089,19 @@ pub fn main(cli: Cli) -> Result<()> {
             }
         }
         Command::Warmth { input, score, out, model, checkpoint, checkpoint_epoch } => {
-            let run = crate::warmth::command::WarmthRun { input, score, out, model, checkpoint, checkpoint_epoch };
-            let (rows, reports) = crate::warmth::command::run(&run)?;
+            let run = candor::warmth::command::WarmthRun { input, score, out, model, checkpoint, checkpoint_epoch };
+            let (rows, reports) = candor::warmth::command::run(&run)?;
             print_warmth(&rows, &reports, json)?;
         }
         Command::Bench { which: Bench::Warmth { score, texts, random_gpt2 } } => {
             let passes = score.passes;
-            crate::warmth::command::bench(&score, texts, passes, random_gpt2)?
+            candor::warmth::command::bench(&score, texts, passes, random_gpt2)?
         }
         Command::Bench { which: Bench::Stream { brokers, checkpoints, per_checkpoint, dir, cluster } } => {
             let tmp = tempfile::tempdir()?;
             let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
-            crate::stream::bench::run(
-                &crate::stream::kafka::Connection::new(brokers),
+            crate::bench::stream::run(
+                &candor::stream::kafka::Connection::new(brokers),
                 &dir,
                 checkpoints,
                 per_checkpoint,
@@ -1109,21 +1109,21 @@ pub fn main(cli: Cli) -> Result<()> {
             )?
         }
         Command::Bench { which: Bench::Spine { dir, repeat, cluster } } => {
-            crate::bench::spine(dir.as_deref(), repeat, &cluster)?
+            crate::bench::spine::run(dir.as_deref(), repeat, &cluster)?
         }
-        Command::Bench { which: Bench::Score { every, dir } } => crate::bench::score(every, dir.as_deref())?,
+        Command::Bench { which: Bench::Score { every, dir } } => crate::bench::score::run(every, dir.as_deref())?,
         Command::Bench { which: Bench::Report { dir, variants, discordance, repeat, no_browser, cluster } } => {
-            let opts = crate::report::bench::ReportBench { variants, discordance, repeat, browser: !no_browser };
-            crate::report::bench::run(dir.as_deref(), &opts, &cluster)?
+            let opts = crate::bench::report::ReportBench { variants, discordance, repeat, browser: !no_browser };
+            crate::bench::report::run(dir.as_deref(), &opts, &cluster)?
         }
         Command::Bench { which: Bench::Stats { dir, scales, python, skip_python } } => {
-            crate::sql::bench::stats(dir.as_deref(), &scales, python.as_deref(), skip_python)?
+            crate::bench::stats::run(dir.as_deref(), &scales, python.as_deref(), skip_python)?
         }
         Command::Report { archive, out, second_judge } => {
-            let live = crate::sql::live::LiveSql::open(&archive)?;
-            let second = second_judge.map(crate::sql::live::LiveSql::open).transpose()?;
+            let live = candor::sql::live::LiveSql::open(&archive)?;
+            let second = second_judge.map(candor::sql::live::LiveSql::open).transpose()?;
             let out = out.unwrap_or_else(|| archive.join("report"));
-            let files = crate::report::write_report(&live, &out, second.as_ref())?;
+            let files = candor::report::write_report(&live, &out, second.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string(&files).expect("paths serialise"));
             } else {
@@ -1139,10 +1139,10 @@ pub fn main(cli: Cli) -> Result<()> {
             }
         }
         Command::Sql { archive, command, file, output, listen, endpoint } => {
-            use crate::sql::shell::{self, Output};
-            let live = std::sync::Arc::new(crate::sql::live::LiveSql::open_with(&archive, endpoint.memory_limits())?);
+            use candor::sql::shell::{self, Output};
+            let live = std::sync::Arc::new(candor::sql::live::LiveSql::open_with(&archive, endpoint.memory_limits())?);
             if let Some(addr) = listen {
-                let server = crate::sql::pg::spawn_pg(live, addr, endpoint.options())?;
+                let server = candor::sql::pg::spawn_pg(live, addr, endpoint.options())?;
                 if json {
                     println!("{}", serde_json::json!({"listening": server.addr.to_string()}));
                 } else {
@@ -1169,22 +1169,22 @@ pub fn main(cli: Cli) -> Result<()> {
             }
         }
         Command::Analyze { inputs, out, export, model, dataset, finetuned, checkpoint, refusal } => {
-            let opts = crate::sql::input::InputOptions {
+            let opts = candor::sql::input::InputOptions {
                 model,
                 dataset,
                 finetuned,
                 checkpoint,
                 refusal: Some(refusal_rules(refusal, paper)),
             };
-            let analysis = crate::sql::analyze::analyze(&inputs, &opts)?;
+            let analysis = candor::sql::analyze::analyze(&inputs, &opts)?;
             if let Some(dir) = &out {
                 analysis.export(dir, export)?;
             }
             analysis.print(json)?;
             // Beside the tables: how far each archive's verdicts can be trusted.
             for input in inputs.iter().filter(|p| p.is_dir()) {
-                let verdicts: Vec<crate::records::Verdict> = read_records(&Archive::open(input)?)?;
-                for line in crate::score::validation::trust_lines(&crate::score::validation::judges_of(&verdicts)) {
+                let verdicts: Vec<candor::records::Verdict> = read_records(&Archive::open(input)?)?;
+                for line in candor::score::validation::trust_lines(&candor::score::validation::judges_of(&verdicts)) {
                     if json {
                         println!("{}", serde_json::json!({"archive": input, "judge_trust": line}));
                     } else {
@@ -1196,8 +1196,8 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Bench {
             which:
                 Bench::Serve { gguf, long_clients, short_clients, long_tokens, short_tokens, seconds, batch_size, threads },
-        } => crate::bench::serve(
-            &crate::bench::ServeBench {
+        } => crate::bench::serve::run(
+            &crate::bench::serve::ServeBench {
                 gguf,
                 long_clients,
                 short_clients,
@@ -1210,18 +1210,18 @@ pub fn main(cli: Cli) -> Result<()> {
             json,
         )?,
         Command::Bench { which: Bench::Pg { clients, seconds, rows, sql, dir } } => {
-            crate::sql::bench::endpoint(dir.as_deref(), rows, clients, seconds, &sql, json)?
+            crate::bench::pg::run(dir.as_deref(), rows, clients, seconds, &sql, json)?
         }
         Command::Bench {
             which: Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts, dequantize },
         } => {
-            use crate::generate::candle::llama::Dequantize;
+            use candor::generate::candle::llama::Dequantize;
             let dequantize = match dequantize.as_str() {
                 "all" => Dequantize::All,
                 "none" => Dequantize::None,
                 _ => Dequantize::Auto,
             };
-            let b = crate::bench::GenerateBench {
+            let b = crate::bench::generate::GenerateBench {
                 gguf,
                 batch_sizes,
                 prompts,
@@ -1230,7 +1230,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 print_prompts,
                 dequantize,
             };
-            crate::bench::generate(&b, json)?
+            crate::bench::generate::run(&b, json)?
         }
     }
     Ok(())
@@ -1260,7 +1260,7 @@ fn print_grid(report: &GridReport, out: &Path, json: bool) {
     }
     let prompt_types: Vec<String> = {
         let mut p: Vec<String> = report.counts.keys().map(|k| k.2.clone()).collect();
-        p.sort_by_key(|s| s.parse::<crate::conditions::PromptType>().map(|x| x as usize).unwrap_or(usize::MAX));
+        p.sort_by_key(|s| s.parse::<candor::conditions::PromptType>().map(|x| x as usize).unwrap_or(usize::MAX));
         p.dedup();
         p
     };
@@ -1273,7 +1273,7 @@ fn print_grid(report: &GridReport, out: &Path, json: bool) {
         println!();
         let mut amendments: Vec<&String> = report.counts.keys().filter(|k| &k.0 == dataset).map(|k| &k.1).collect();
         amendments
-            .sort_by_key(|s| s.parse::<crate::conditions::AmendmentType>().map(|x| x as usize).unwrap_or(usize::MAX));
+            .sort_by_key(|s| s.parse::<candor::conditions::AmendmentType>().map(|x| x as usize).unwrap_or(usize::MAX));
         amendments.dedup();
         for a in amendments {
             print!("  {a:<28}");
@@ -1313,26 +1313,26 @@ pub struct SqlEndpointArgs {
 }
 
 impl SqlEndpointArgs {
-    fn options(&self) -> crate::sql::pg::PgOptions {
-        crate::sql::pg::PgOptions {
+    fn options(&self) -> candor::sql::pg::PgOptions {
+        candor::sql::pg::PgOptions {
             tls: self
                 .tls_cert
                 .clone()
                 .zip(self.tls_key.clone())
-                .map(|(cert, key)| crate::sql::pg::TlsFiles { cert, key }),
+                .map(|(cert, key)| candor::sql::pg::TlsFiles { cert, key }),
             max_connections: self.max_connections,
             statement_timeout: self.statement_timeout,
-            ..crate::sql::pg::PgOptions::from_env()
+            ..candor::sql::pg::PgOptions::from_env()
         }
     }
 
-    fn memory_limits(&self) -> crate::sql::live::MemoryLimits {
-        crate::sql::live::MemoryLimits { query: self.query_memory, server: self.memory_limit.max(self.query_memory) }
+    fn memory_limits(&self) -> candor::sql::live::MemoryLimits {
+        candor::sql::live::MemoryLimits { query: self.query_memory, server: self.memory_limit.max(self.query_memory) }
     }
 }
 
 fn parse_duration_arg(s: &str) -> std::result::Result<std::time::Duration, String> {
-    crate::sql::pg::parse_timeout(s).ok_or_else(|| format!("`{s}` is not a duration (e.g. 60s, 500ms, 2min)"))
+    candor::sql::pg::parse_timeout(s).ok_or_else(|| format!("`{s}` is not a duration (e.g. 60s, 500ms, 2min)"))
 }
 
 /// `1GiB`, `256MiB`, `512MB`, `1e9`, plain bytes.
@@ -1374,8 +1374,8 @@ pub struct KafkaArgs {
 
 impl KafkaArgs {
     /// The brokers and the `--kafka-property KEY=VALUE` settings.
-    fn connection(&self) -> Result<crate::stream::kafka::Connection> {
-        let mut connection = crate::stream::kafka::Connection::new(self.brokers.clone());
+    fn connection(&self) -> Result<candor::stream::kafka::Connection> {
+        let mut connection = candor::stream::kafka::Connection::new(self.brokers.clone());
         for p in &self.kafka_properties {
             let (k, v) = p.split_once('=').with_context(|| format!("--kafka-property `{p}`: expected KEY=VALUE"))?;
             connection.properties.push((k.trim().to_string(), v.trim().to_string()));
@@ -1415,7 +1415,7 @@ fn print_epochs(what: &str, reports: &[EpochDone], out: &Path, json: bool) -> Re
 
 /// Prints warmth rows and reports: JSON lines (`report` names a report row) or tables.
 fn print_warmth(
-    rows: &[crate::records::WarmthScore],
+    rows: &[candor::records::WarmthScore],
     reports: &[(String, arrow::record_batch::RecordBatch)],
     json: bool,
 ) -> Result<()> {
@@ -1456,7 +1456,7 @@ fn print_warmth(
 /// never folded into INCORRECT).
 pub fn verdict_counts(archive: &Archive) -> Result<BTreeMap<String, BTreeMap<String, usize>>> {
     let mut out: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-    for v in read_records::<crate::records::Verdict>(archive)? {
+    for v in read_records::<candor::records::Verdict>(archive)? {
         let ds = v.trial_key.split('/').next().unwrap_or("").to_string();
         *out.entry(ds).or_default().entry(v.verdict).or_default() += 1;
     }

@@ -5,8 +5,6 @@
 
 pub mod amend;
 pub mod archive;
-pub mod bench;
-pub mod cli;
 pub mod conditions;
 pub mod config;
 pub mod dataflow;

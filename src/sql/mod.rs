@@ -20,7 +20,6 @@
 //! ```
 
 pub mod analyze;
-pub mod bench;
 pub mod engine;
 pub mod follow;
 pub mod input;

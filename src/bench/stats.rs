@@ -2,18 +2,19 @@
 //! pandas + statsmodels (`scripts/stats_reference.py`) on the same synthetic observations, and
 //! the latency from "a checkpoint's observations arrive" to updated SQL results.
 //!
-//! The observations are [`super::synthetic`]'s, 439,792 × scale of them.
+//! The observations are `candor::sql::synthetic`'s, 439,792 × scale of them.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::analyze::reports;
-use super::engine::StatsEngine;
-use super::input::{InputOptions, read_observations};
-use super::queries::{FAMILY_TABLE, TRAJECTORIES};
-use super::synthetic::{PAPER_OBSERVATIONS, synthetic, synthetic_for, write_parquet};
-use crate::bench::peak_rss_mib;
-use crate::error::{Error, Result};
+use candor::error::{Error, Result};
+use candor::sql::analyze::reports;
+use candor::sql::engine::StatsEngine;
+use candor::sql::input::{InputOptions, read_observations};
+use candor::sql::queries::{FAMILY_TABLE, TRAJECTORIES};
+use candor::sql::synthetic::{PAPER_OBSERVATIONS, synthetic, synthetic_for, write_parquet};
+
+use super::peak_rss_mib;
 
 /// Candor's full analysis of a Parquet observation file: read, count, every family, every
 /// report and M1–M4 with AMEs. Returns seconds.
@@ -95,7 +96,7 @@ fn incremental(history: usize, reps: usize) -> Result<(f64, f64, usize)> {
 }
 
 /// The benchmark behind `candor bench stats`.
-pub fn stats(dir: Option<&Path>, scales: &[usize], python: Option<&Path>, skip_python: bool) -> Result<()> {
+pub fn run(dir: Option<&Path>, scales: &[usize], python: Option<&Path>, skip_python: bool) -> Result<()> {
     let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let dir = dir.unwrap_or(tmp.path());
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -119,94 +120,5 @@ pub fn stats(dir: Option<&Path>, scales: &[usize], python: Option<&Path>, skip_p
         println!("  history {history:>9}: median {median:.1} ms, max {max:.1} ms ({families} families recomputed)");
     }
     println!("peak RSS {:.0} MiB (this process)", peak_rss_mib().unwrap_or(f64::NAN));
-    Ok(())
-}
-
-/// `candor bench pg`: statements per second through the PostgreSQL endpoint, `clients`
-/// tokio-postgres connections each running `sql` back to back for `seconds`, over an archive
-/// of `rows` synthetic observations (the paper's scale by default).
-pub fn endpoint(dir: Option<&Path>, rows: usize, clients: usize, seconds: f64, sql: &str, json: bool) -> Result<()> {
-    use std::sync::Arc;
-    let tmp = tempfile::tempdir().map_err(|e| Error::Internal(e.to_string()))?;
-    let root = dir.map(Path::to_path_buf).unwrap_or_else(|| tmp.path().join("archive"));
-    {
-        // Synthetic observations of many models and checkpoints, as one epoch outside any
-        // checkpoint's partition.
-        let archive = crate::archive::Archive::open_writer(&root, "bench")?;
-        let parts: Vec<(String, crate::archive::Partition, arrow::array::RecordBatch)> = synthetic(rows, 7, 1)?
-            .into_iter()
-            .map(|b| ("observation".to_string(), crate::archive::Partition::All, b))
-            .collect();
-        for (stream, partition, batch) in &parts {
-            archive.append_epoch(stream, partition, 1, std::slice::from_ref(batch))?;
-        }
-        archive.commit_epoch(1, &serde_json::json!({}))?;
-    }
-    let start = Instant::now();
-    let live = Arc::new(super::live::LiveSql::open(&root)?);
-    let load = start.elapsed().as_secs_f64();
-    let server =
-        super::pg::spawn_pg(live, "127.0.0.1:0".parse().expect("an address"), super::pg::PgOptions::default())?;
-    let config = format!("host=127.0.0.1 port={} user=bench dbname=candor", server.addr.port());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let (count, rows_per, mut latencies, elapsed) = runtime.block_on(async {
-        let mut connections = Vec::new();
-        for _ in 0..clients.max(1) {
-            let (client, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls)
-                .await
-                .map_err(|e| Error::Internal(format!("connecting to the endpoint: {e}")))?;
-            tokio::spawn(conn);
-            connections.push(client);
-        }
-        // Warm-up: the first statement plans the views.
-        let first = connections[0].simple_query(sql).await.map_err(|e| Error::Internal(e.to_string()))?;
-        let rows_per = first.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
-        let until = Instant::now() + std::time::Duration::from_secs_f64(seconds);
-        let started = Instant::now();
-        let tasks: Vec<_> = connections
-            .into_iter()
-            .map(|client| {
-                let sql = sql.to_string();
-                tokio::spawn(async move {
-                    let mut latencies = Vec::new();
-                    while Instant::now() < until {
-                        let t = Instant::now();
-                        client.simple_query(&sql).await.map_err(|e| Error::Internal(e.to_string()))?;
-                        latencies.push(t.elapsed().as_secs_f64() * 1e3);
-                    }
-                    Ok::<_, Error>(latencies)
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.map_err(|e| Error::Internal(e.to_string()))??);
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        Ok::<_, Error>((all.len(), rows_per, all, elapsed))
-    })?;
-    server.stop();
-    latencies.sort_by(f64::total_cmp);
-    let q =
-        |p: f64| latencies.get(((latencies.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
-    let figures = serde_json::json!({
-        "bench": "pg", "sql": sql, "clients": clients, "observations": rows, "load_secs": load,
-        "rows_per_statement": rows_per, "statements": count, "seconds": elapsed,
-        "statements_per_sec": count as f64 / elapsed, "p50_ms": q(0.5), "p99_ms": q(0.99),
-    });
-    if json {
-        println!("{figures}");
-    } else {
-        println!(
-            "`{sql}` ({rows_per} rows) over {rows} observations (loaded in {load:.1} s), {clients} clients: {:.0} statements/s, p50 {:.1} ms, p99 {:.1} ms",
-            count as f64 / elapsed,
-            q(0.5),
-            q(0.99)
-        );
-    }
     Ok(())
 }
