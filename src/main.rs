@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod commands;
 
 use clap::Parser;
 
