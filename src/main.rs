@@ -1,3 +1,10 @@
+//! The `candor` binary: the command line (`cli`), one module per command (`commands`) and the
+//! benchmarks (`bench`), over the `candor` library.
+
+mod bench;
+mod cli;
+mod commands;
+
 use clap::Parser;
 
 // The stream and the dataflow allocate many small strings per record; mimalloc roughly halves
@@ -6,8 +13,8 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let cli = candor::cli::Cli::parse();
-    if let Err(e) = candor::cli::main(cli) {
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli::main(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(match e.downcast_ref::<candor::error::Error>().map(|e| e.kind()) {
             Some(candor::error::Domain::Internal) => 70,

@@ -827,7 +827,8 @@ fn statistics_agree_with_statsmodels_on_random_data() {
     let dir = tempfile::tempdir().unwrap();
     for seed in [3u64, 17] {
         let obs = dir.path().join(format!("obs-{seed}.parquet"));
-        candor::sql::bench::write_parquet(&obs, &candor::sql::bench::synthetic(60_000, seed, 1).unwrap()).unwrap();
+        candor::sql::synthetic::write_parquet(&obs, &candor::sql::synthetic::synthetic(60_000, seed, 1).unwrap())
+            .unwrap();
         let out = dir.path().join(format!("candor-{seed}"));
         ok(&["analyze", obs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--export", "parquet", "--json"]);
         let o = Command::new(&python)

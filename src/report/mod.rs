@@ -27,7 +27,6 @@
 //! Everything is read through the same [`LiveSql`] catalog `candor sql` serves, so the report
 //! and a live query agree.
 
-pub mod bench;
 pub mod browser;
 pub mod drill;
 pub mod plots;

@@ -11,6 +11,7 @@
 //! - [`live`]: the archive's streams and the statistics as one read-only catalog that follows
 //!   committed epochs; [`shell`] (`candor sql`) and [`pg`] (the PostgreSQL wire endpoint) serve it,
 //!   [`pg_catalog`] lets PostgreSQL clients list its tables.
+//! - [`synthetic`]: observations in the paper's design, for trying and checking the analysis.
 //!
 //! ```
 //! let engine = candor::sql::engine::StatsEngine::new().unwrap();
@@ -19,7 +20,6 @@
 //! ```
 
 pub mod analyze;
-pub mod bench;
 pub mod engine;
 pub mod follow;
 pub mod input;
@@ -28,6 +28,7 @@ pub mod pg;
 pub mod pg_catalog;
 pub mod queries;
 pub mod shell;
+pub mod synthetic;
 pub mod udf;
 pub mod view;
 

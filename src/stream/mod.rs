@@ -26,7 +26,6 @@
 //! archive a message is read from (or the batch its dataflow wrote, which is what the archive
 //! holds) is a deterministic function of the input.
 
-pub mod bench;
 pub mod capture;
 pub mod kafka;
 pub mod messages;

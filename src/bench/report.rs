@@ -17,15 +17,17 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::archive::Archive;
-use crate::conditions::VerdictLabel;
-use crate::config::Experiment;
-use crate::dataflow::Cluster;
-use crate::dataflow::pipelines::{self, Label, read_records};
-use crate::error::{Error, Result};
-use crate::records::{Response, Trial};
-use crate::schema::Record;
-use crate::score::refusal::{RefusalMode, RefusalRules};
+use candor::archive::Archive;
+use candor::conditions::VerdictLabel;
+use candor::config::Experiment;
+use candor::dataflow::Cluster;
+use candor::dataflow::pipelines::{self, Label, read_records};
+use candor::error::{Error, Result};
+use candor::records::{Response, Trial};
+use candor::schema::Record;
+use candor::score::refusal::{RefusalMode, RefusalRules};
+
+use super::{PAPER_GRID, median, peak_rss_mib};
 
 /// Settings of `candor bench report`.
 #[derive(Clone, Debug)]
@@ -71,7 +73,7 @@ fn synthetic_archive(grid: &str, dir: &Path, opts: &ReportBench, cluster: &Clust
     let exp = Experiment::parse(grid, "bench").map_err(|e| Error::Internal(e.to_string()))?;
     let _ = std::fs::remove_dir_all(dir);
     let archive = Archive::open_writer(dir, "bench report")?;
-    crate::cli::build_grid(&exp, &archive, crate::cli::GridMode::Keep, cluster)
+    candor::grid::build_grid(&exp, &archive, candor::grid::GridMode::Keep, cluster)
         .map_err(|e| Error::Internal(e.to_string()))?;
     let trials: Vec<Trial> = read_records(&archive)?;
     let mut rng = ChaCha8Rng::seed_from_u64(2026);
@@ -132,7 +134,7 @@ fn synthetic_archive(grid: &str, dir: &Path, opts: &ReportBench, cluster: &Clust
         trials.clone(),
         Vec::new(),
         Vec::new(),
-        crate::dataflow::GRID_EPOCH,
+        candor::dataflow::GRID_EPOCH,
         batches,
         labels,
         RefusalRules::new(RefusalMode::Default),
@@ -142,11 +144,6 @@ fn synthetic_archive(grid: &str, dir: &Path, opts: &ReportBench, cluster: &Clust
     Ok((archive, trials.len()))
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
 /// Runs the benchmark at the paper's and the quickstart's sizes and prints one line per figure.
 pub fn run(dir: Option<&Path>, opts: &ReportBench, cluster: &Cluster) -> Result<()> {
     let tmp = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
@@ -154,7 +151,7 @@ pub fn run(dir: Option<&Path>, opts: &ReportBench, cluster: &Cluster) -> Result<
     let quickstart = include_str!("../../experiments/quickstart.toml");
     // The quickstart's grid alone: its models are not needed for synthetic answers.
     let quickstart_grid = quickstart.split("\n[[models]]").next().unwrap_or(quickstart);
-    for (name, grid) in [("paper", crate::bench::PAPER_GRID), ("quickstart", quickstart_grid)] {
+    for (name, grid) in [("paper", PAPER_GRID), ("quickstart", quickstart_grid)] {
         let started = Instant::now();
         let (archive, trials) = synthetic_archive(grid, &root.join(name), opts, cluster)?;
         let built = started.elapsed().as_secs_f64();
@@ -162,8 +159,8 @@ pub fn run(dir: Option<&Path>, opts: &ReportBench, cluster: &Cluster) -> Result<
         let mut files = None;
         for _ in 0..opts.repeat.max(1) {
             let start = Instant::now();
-            let live = crate::sql::live::LiveSql::open(archive.root())?;
-            files = Some(super::write_report(&live, &archive.root().join("report"), None)?);
+            let live = candor::sql::live::LiveSql::open(archive.root())?;
+            files = Some(candor::report::write_report(&live, &archive.root().join("report"), None)?);
             secs.push(start.elapsed().as_secs_f64());
         }
         let html = files.expect("at least one run").html;
@@ -185,7 +182,7 @@ pub fn run(dir: Option<&Path>, opts: &ReportBench, cluster: &Cluster) -> Result<
             opts.repeat.max(1),
             bytes as f64 / 1e6,
             block.unwrap_or(0) as f64 / 1e6,
-            crate::bench::peak_rss_mib().unwrap_or(f64::NAN),
+            peak_rss_mib().unwrap_or(f64::NAN),
         );
         if opts.browser {
             browser_figures(name, &html)?;
@@ -196,7 +193,7 @@ pub fn run(dir: Option<&Path>, opts: &ReportBench, cluster: &Cluster) -> Result<
 
 /// Times opening the largest cell in Chromium: cold (first click decompresses the block) and warm.
 fn browser_figures(name: &str, html: &Path) -> Result<()> {
-    let browser = super::browser::Browser::launch()?;
+    let browser = candor::report::browser::Browser::launch()?;
     let url = format!("file://{}", html.canonicalize().map_err(|e| Error::io(html, e))?.display());
     let start = Instant::now();
     browser.goto(&url)?;

@@ -10,12 +10,14 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::kafka::{self, Connection};
-use super::{StreamOptions, Topics};
-use crate::archive::Archive;
-use crate::dataflow::Cluster;
-use crate::error::{Error, Result};
-use crate::score::refusal::{RefusalMode, RefusalRules};
+use candor::archive::Archive;
+use candor::dataflow::Cluster;
+use candor::error::{Error, Result};
+use candor::score::refusal::{RefusalMode, RefusalRules};
+use candor::stream::kafka::{self, Connection};
+use candor::stream::{StreamOptions, StreamReport, Topics};
+
+use super::percentile;
 
 /// Answer `j` of checkpoint `i` (checkpoint 0 is the base), keyed by checkpoint.
 pub fn answer(i: usize, j: usize) -> (String, Vec<u8>) {
@@ -59,13 +61,6 @@ fn produce(conn: &Connection, topics: &Topics, checkpoints: std::ops::Range<usiz
     Ok(())
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
 /// Runs the benchmark against the brokers of `conn`, with archives under `dir`.
 pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluster: &Cluster) -> Result<()> {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
@@ -92,7 +87,7 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     raw_times.sort_by(f64::total_cmp);
     let raw_s = raw_times[1];
     let archive = Archive::open_writer(dir.join("throughput"), "bench")?;
-    let report = super::run(cluster, &archive, &options(conn, &prefix, 2.0, true))?;
+    let report = candor::stream::run(cluster, &archive, &options(conn, &prefix, 2.0, true))?;
     let candor_s = report.seconds_to_last_evaluation.unwrap_or(f64::NAN);
     let published_s = report.seconds_to_last_publication.unwrap_or(f64::NAN);
     if report.evaluated.len() != checkpoints {
@@ -102,7 +97,7 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     // statistics`): the path Kafka → parse → refusal/score → archive without the per-record
     // output messages.
     let archive = Archive::open_writer(dir.join("throughput-statistics"), "bench")?;
-    let quiet = super::run(cluster, &archive, &options(conn, &prefix, 2.0, false))?;
+    let quiet = candor::stream::run(cluster, &archive, &options(conn, &prefix, 2.0, false))?;
     if quiet.evaluated.len() != checkpoints {
         return Err(Error::Internal(format!("evaluated {} of {checkpoints} checkpoints", quiet.evaluated.len())));
     }
@@ -142,9 +137,9 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     let streamer = {
         let (cluster, conn, root) = (cluster.clone(), conn.clone(), dir.join("latency"));
         let opts = options(&conn, &prefix, 3.0, true);
-        std::thread::spawn(move || -> Result<super::StreamReport> {
+        std::thread::spawn(move || -> Result<StreamReport> {
             let archive = Archive::open_writer(root, "bench")?;
-            super::run(&cluster, &archive, &opts)
+            candor::stream::run(&cluster, &archive, &opts)
         })
     };
     let mut announced = std::collections::HashMap::new();
