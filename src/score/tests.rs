@@ -24,6 +24,7 @@ fn refusals_on_advbench_are_excluded_as_method_says() {
 
 mod reference_rules {
     use crate::score::reference::*;
+    use crate::score::text::normalize_answer;
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
