@@ -202,7 +202,7 @@ pub fn generate(opts: &GenerateBench, json: bool) -> Result<()> {
     use crate::generate::{Decoding, GenRequest};
 
     let threads = cb::init_threads(opts.threads);
-    let path = opts.gguf.clone().unwrap_or_else(|| cb::models_dir().join(cb::DEFAULT_GGUF));
+    let path = opts.gguf.clone().unwrap_or_else(|| crate::model::models_dir().join(crate::model::DEFAULT_GGUF));
     let options = CandleOptions {
         device: DeviceChoice::Cpu,
         threads: Some(opts.threads),
@@ -405,7 +405,7 @@ pub fn serve(opts: &ServeBench, json: bool) -> Result<()> {
     use crate::serve::{Batching, ServeOptions};
 
     let threads = cb::init_threads(opts.threads);
-    let path = opts.gguf.clone().unwrap_or_else(|| cb::models_dir().join(cb::DEFAULT_GGUF));
+    let path = opts.gguf.clone().unwrap_or_else(|| crate::model::models_dir().join(crate::model::DEFAULT_GGUF));
     let options = CandleOptions { device: DeviceChoice::Cpu, threads: Some(opts.threads), ..Default::default() };
     if !json {
         println!(

@@ -922,7 +922,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let rows: Vec<_> = rows.into_iter().filter(|r| split.as_ref().is_none_or(|s| *s == r.split)).collect();
             let items = validation::items_for(&rows, &crate::config::default_data_dir())?;
             let store = store.unwrap_or_else(|| {
-                crate::generate::candle::models_dir().parent().map(|p| p.join("judge-store")).unwrap_or_default()
+                crate::model::models_dir().parent().map(|p| p.join("judge-store")).unwrap_or_default()
             });
             let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
             let mut judge = crate::score::judge::open(&config, &store)?;

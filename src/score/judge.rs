@@ -539,7 +539,7 @@ pub const JUDGE_GGUF: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 fn judge_backend(backend: &toml::Table) -> Result<toml::Table> {
     let mut b = backend.clone();
     if !b.contains_key("base") {
-        let path = crate::generate::candle::models_dir().join(JUDGE_GGUF);
+        let path = crate::model::models_dir().join(JUDGE_GGUF);
         if !path.is_file() {
             return Err(Error::input(
                 crate::error::Location::file(&path),

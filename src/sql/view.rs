@@ -10,7 +10,8 @@
 //! families only.
 //!
 //! Pairing (METHOD.md §4): every fine-tuned checkpoint is a candidate paired against every
-//! base checkpoint (`is_finetuned = false`) of the same model. The "Normal" test takes prompt
+//! base checkpoint (`is_finetuned = false`) of the same model, the base-checkpoint rule of
+//! [`crate::identity::base_checkpoints`]. The "Normal" test takes prompt
 //! type `original` only, as the paper's published tables do (its code's filter on
 //! `'original neutral'` never matched the data's `original_neutral`); "Sycophancy" takes
 //! `correct` and `incorrect`; "Neutral" takes `original_neutral`, the neutral sentence's own

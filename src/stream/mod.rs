@@ -737,7 +737,7 @@ impl<'a> Streamer<'a> {
         let mut model = exp.models.iter().find(|m| m.name == a.model)?.clone();
         let checkpoint = match model.checkpoints.iter().find(|c| c.id == a.checkpoint) {
             Some(c) => c.clone(),
-            None => crate::config::CheckpointConfig {
+            None => crate::model::CheckpointConfig {
                 id: a.checkpoint.clone(),
                 finetuned: a.finetuned,
                 variant: a.variant.clone(),
@@ -825,7 +825,8 @@ impl<'a> Streamer<'a> {
         let included = obs.values().filter(|c| c.is_some()).count();
         let (epoch, finetuned) = self.done[checkpoint];
         let model = model_of(checkpoint);
-        let base = self.done.iter().filter(|(k, (_, ft))| !*ft && model_of(k) == model).map(|(k, _)| k.clone()).min();
+        let same_model = self.done.iter().filter(|(k, _)| model_of(k) == model).map(|(k, (_, ft))| (k.as_str(), *ft));
+        let base = crate::identity::base_checkpoints(same_model).first().map(|b| b.to_string());
         let paired = base.filter(|_| finetuned).map(|b| {
             let base_obs = self.observations.get(&b).unwrap_or(&empty);
             let mut cells = [0u64; 4];

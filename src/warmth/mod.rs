@@ -38,7 +38,8 @@ use crate::error::{Error, Location, Result};
 use crate::generate::candle::engine::Engine;
 use crate::generate::candle::gpt2::{self, Dropout};
 use crate::generate::candle::llama::{Cache, Positions};
-use crate::generate::candle::{self as backend, DEFAULT_GGUF, llama, models_dir};
+use crate::generate::candle::{self as backend, llama};
+use crate::model::{DEFAULT_GGUF, models_dir};
 
 /// Warm frames, each ending with the opening quote of the text.
 pub const WARM_FRAMES: [&str; 4] =

@@ -727,13 +727,13 @@ fn generator_fingerprint_covers_weights_and_system_prompt() {
     let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
     write_gguf(&a, "llama", GgmlDType::Q8_0, 1);
     write_gguf(&b, "llama", GgmlDType::Q8_0, 2);
-    let model = crate::config::ModelConfig {
+    let model = crate::model::ModelConfig {
         name: "tiny".into(),
         backend: toml::from_str(&format!("kind = 'candle'\ndevice = 'cpu'\nbatch_size = 2\nbase = '{}'", a.display()))
             .unwrap(),
         checkpoints: Vec::new(),
     };
-    let ck = |path: Option<&Path>, sys: Option<&str>| crate::config::CheckpointConfig {
+    let ck = |path: Option<&Path>, sys: Option<&str>| crate::model::CheckpointConfig {
         id: "c".into(),
         finetuned: false,
         variant: None,
