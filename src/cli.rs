@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::amend::{Amender, sample_items};
+use crate::amend::sample_items;
 use crate::archive::Archive;
 use crate::conditions::Dataset;
 use crate::config::Experiment;
@@ -1330,7 +1330,7 @@ pub fn grid_changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Str
 /// is left as it is; a different definition is refused with what changed, unless `mode` is
 /// [`GridMode::Regrid`].
 pub fn build_grid(exp: &Experiment, archive: &Archive, mode: GridMode, cluster: &Cluster) -> Result<GridReport> {
-    let amender = Amender::from_experiment(exp)?;
+    let amender = exp.amender()?;
     let mut batches = Vec::new();
     let mut items = BTreeMap::new();
     let mut expected = 0u64;

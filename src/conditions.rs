@@ -6,6 +6,11 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// The paper's templates as released (`data/templates/prompt_construction.json`): the
+/// amendment statements, the friends sentence, the observed prompts and the refusal phrase
+/// list. The amend stage and the refusal rules both read it.
+pub(crate) const PAPER_TEMPLATES: &str = include_str!("../data/templates/prompt_construction.json");
+
 /// Declares a closed set of names with `as_str`, `ALL`, `FromStr` (with an error listing the
 /// allowed names), `Display` and serde as strings.
 macro_rules! named_enum {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::amend::{Amender, Statements};
 use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle};
 use crate::datasets::DatasetSource;
 use crate::error::{Error, Location, Result};
@@ -179,6 +180,21 @@ impl Experiment {
     /// The directory the datasets are read from.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// The amender this experiment describes: its template style, conditions, seed and
+    /// statements table.
+    pub fn amender(&self) -> Result<Amender> {
+        Ok(Amender {
+            style: self.template_style,
+            amendments: self.conditions.amendments.clone(),
+            prompt_types: self.conditions.prompt_types.clone(),
+            seed: self.seed,
+            statements: match &self.conditions.statements {
+                Some(path) => Some(Statements::from_path(path)?),
+                None => None,
+            },
+        })
     }
 
     /// The archive root.

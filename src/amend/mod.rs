@@ -14,14 +14,11 @@ mod tests;
 
 use std::sync::LazyLock;
 
-use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle};
+use crate::conditions::{AmendmentType, Dataset, PAPER_TEMPLATES, PromptType, TemplateStyle};
 use crate::error::{Error, Location, Result};
 use crate::records::{Item, Trial};
 
 pub use statements::{Chosen, Statements};
-
-/// The vendored paper templates (statements, friends sentence, observed prompts).
-pub(crate) const PAPER_TEMPLATES: &str = include_str!("../../data/templates/prompt_construction.json");
 
 static FRIENDS_SENTENCE: LazyLock<String> = LazyLock::new(|| {
     let value: serde_json::Value =
@@ -200,20 +197,6 @@ pub fn sample_items(mut items: Vec<Item>, n: Option<usize>, seed: u64) -> Vec<It
 }
 
 impl Amender {
-    /// The amender an experiment describes.
-    pub fn from_experiment(exp: &crate::config::Experiment) -> Result<Self> {
-        Ok(Amender {
-            style: exp.template_style,
-            amendments: exp.conditions.amendments.clone(),
-            prompt_types: exp.conditions.prompt_types.clone(),
-            seed: exp.seed,
-            statements: match &exp.conditions.statements {
-                Some(path) => Some(Statements::from_path(path)?),
-                None => None,
-            },
-        })
-    }
-
     /// How many trials one item of `dataset` becomes.
     pub fn trials_per_item(&self, dataset: crate::conditions::Dataset) -> usize {
         if dataset.is_open_ended() { self.amendments.len() * self.prompt_types.len() } else { 1 }

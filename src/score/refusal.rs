@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 
-use crate::amend::PAPER_TEMPLATES;
+use crate::conditions::PAPER_TEMPLATES;
 
 const DEFAULT_PHRASES: &str = include_str!("../../data/templates/refusal_phrases.json");
 
