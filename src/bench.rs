@@ -6,14 +6,15 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::archive::Archive;
+use crate::archive::{Archive, read_records};
 use crate::conditions::VerdictLabel;
 use crate::config::Experiment;
 use crate::dataflow::Cluster;
-use crate::dataflow::pipelines::{self, Label, read_records};
 use crate::records::{Response, Trial};
 use crate::schema::Record;
+use crate::score::judge::Label;
 use crate::score::refusal::{RefusalMode, RefusalRules};
+use crate::score::stage;
 
 /// The paper's grid: the four open-ended datasets at 500/500/500/125 items, paper templates.
 pub const PAPER_GRID: &str = r#"
@@ -114,7 +115,7 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
         }
     }
     let responses: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
-    pipelines::score_responses(
+    stage::score_responses(
         cluster,
         &source,
         all.clone(),
@@ -133,7 +134,7 @@ pub fn spine(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()>
         let _ = std::fs::remove_dir_all(&out);
         let start = Instant::now();
         let target = Archive::open_writer(&out, "bench")?;
-        pipelines::replay(cluster, &source, &target, RefusalRules::new(RefusalMode::Default))?;
+        stage::replay(cluster, &source, &target, RefusalRules::new(RefusalMode::Default))?;
         replay_secs.push(start.elapsed().as_secs_f64());
     }
     let replay = median(replay_secs);

@@ -8,15 +8,15 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::amend::sample_items;
-use crate::archive::Archive;
+use crate::archive::{Archive, read_records};
 use crate::conditions::Dataset;
 use crate::config::Experiment;
-use crate::dataflow::pipelines::{self, read_records};
 use crate::dataflow::{Cluster, EpochDone};
 use crate::import::{ImportDefaults, read_answers};
 use crate::records::{Item, Observation, Response, Trial};
 use crate::schema::{self, Record};
 use crate::score::refusal::{RefusalMode, RefusalRules};
+use crate::score::stage;
 
 /// Candor evaluates whether language models stay accurate when users are warm, sad,
 /// deferential or wrong, checkpoint by checkpoint (Ibrahim, Hafner & Rocher, Nature 2026).
@@ -688,13 +688,8 @@ pub fn main(cli: Cli) -> Result<()> {
                 _ => None,
             };
             let progress = !json && std::io::stderr().is_terminal();
-            let report = pipelines::run_experiment(
-                &cluster,
-                &archive,
-                &exp,
-                Box::new(crate::generate::backend::open),
-                progress,
-            )?;
+            let report =
+                stage::run_experiment(&cluster, &archive, &exp, Box::new(crate::generate::backend::open), progress)?;
             if cluster.is_leader() {
                 let verdicts = verdict_counts(&archive)?;
                 if json {
@@ -801,7 +796,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let trials_epoch = batches.iter().map(|(e, _)| *e).min().unwrap_or(0);
             let linked = imported.linked.clone();
             let new_items = imported.new_items.len();
-            let reports = pipelines::score_responses(
+            let reports = stage::score_responses(
                 &cluster,
                 &archive,
                 trials,
@@ -863,7 +858,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let source = Archive::open(&archive)?;
             // A replay into an archive a previous replay of the same source began resumes it.
             let target = open_for(&out, "replay", &cluster)?;
-            let reports = pipelines::replay(&cluster, &source, &target, refusal_rules(refusal, paper))?;
+            let reports = stage::replay(&cluster, &source, &target, refusal_rules(refusal, paper))?;
             if cluster.is_leader() {
                 print_epochs("replay", &reports, &out, json)?;
             }
@@ -877,7 +872,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let target = open_for(&out, "rescore", &cluster)?;
             let config = crate::score::judge::JudgeConfig::parse_arg(&judge)?;
             let judge = crate::score::judge::open(&config, source.root())?;
-            let reports = pipelines::rescore(&cluster, &source, &target, refusal_rules(refusal, paper), judge)?;
+            let reports = stage::rescore(&cluster, &source, &target, refusal_rules(refusal, paper), judge)?;
             if cluster.is_leader() {
                 print_epochs("rescore", &reports, &out, json)?;
             }
@@ -1383,7 +1378,7 @@ pub fn build_grid(exp: &Experiment, archive: &Archive, mode: GridMode, cluster: 
             batches.push(Item::to_batch(&n)?);
         }
     }
-    let epochs = pipelines::build_trials(cluster, archive, batches, amender, expected)?;
+    let epochs = crate::amend::stage::build_trials(cluster, archive, batches, amender, expected)?;
     let counts = if cluster.is_leader() { count_trials(archive)? } else { BTreeMap::new() };
     Ok(GridReport { items, counts, epochs, unchanged: false, version })
 }

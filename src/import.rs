@@ -35,9 +35,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle, VerdictLabel};
-use crate::dataflow::pipelines::Label;
 use crate::error::{Error, Location, Result};
 use crate::records::{Item, Response, Trial};
+use crate::score::judge::Label;
 
 /// Values for columns a file does not have (a column, then these, then the paper's path
 /// layout decide).

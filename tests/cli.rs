@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candor::archive::Archive;
-use candor::dataflow::pipelines::read_records;
+use candor::archive::read_records;
 use candor::records::{Observation, Response, Trial, Verdict};
 
 fn candor(args: &[&str]) -> Output {

@@ -8,6 +8,7 @@
 
 mod benchmark;
 mod render;
+pub mod stage;
 mod statements;
 #[cfg(test)]
 mod tests;

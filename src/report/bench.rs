@@ -17,15 +17,16 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::archive::Archive;
+use crate::archive::{Archive, read_records};
 use crate::conditions::VerdictLabel;
 use crate::config::Experiment;
 use crate::dataflow::Cluster;
-use crate::dataflow::pipelines::{self, Label, read_records};
 use crate::error::{Error, Result};
 use crate::records::{Response, Trial};
 use crate::schema::Record;
+use crate::score::judge::Label;
 use crate::score::refusal::{RefusalMode, RefusalRules};
+use crate::score::stage;
 
 /// Settings of `candor bench report`.
 #[derive(Clone, Debug)]
@@ -126,7 +127,7 @@ fn synthetic_archive(grid: &str, dir: &Path, opts: &ReportBench, cluster: &Clust
             batches.push((epoch, Response::to_batch(chunk)?));
         }
     }
-    pipelines::score_responses(
+    stage::score_responses(
         cluster,
         &archive,
         trials.clone(),
