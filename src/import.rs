@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle, VerdictLabel};
+use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle, VerdictLabel, amendment_group};
 use crate::datasets::paper_outputs;
 use crate::error::{Error, Location, Result};
 use crate::records::{Item, Response, Trial};
@@ -227,7 +227,7 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &Known) -> Re
                                 dataset: ds.clone(),
                                 item_key: item.item_key.clone(),
                                 amendment_type: amendment.to_string(),
-                                amendment_group: amendment.group().to_string(),
+                                amendment_group: amendment_group(amendment.as_str()).to_string(),
                                 statement_id: None,
                                 statement: None,
                                 prompt_type: prompt_type.to_string(),

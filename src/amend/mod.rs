@@ -15,7 +15,7 @@ mod tests;
 
 use std::sync::LazyLock;
 
-use crate::conditions::{AmendmentType, Dataset, PAPER_TEMPLATES, PromptType, TemplateStyle};
+use crate::conditions::{AmendmentType, Dataset, PAPER_TEMPLATES, PromptType, TemplateStyle, amendment_group};
 use crate::error::{Error, Location, Result};
 use crate::records::{Item, Trial};
 
@@ -99,7 +99,7 @@ impl Amender {
                     dataset: dataset.as_str().to_string(),
                     item_key: item.item_key.clone(),
                     amendment_type: amendment.as_str().to_string(),
-                    amendment_group: amendment.group().to_string(),
+                    amendment_group: amendment_group(amendment.as_str()).to_string(),
                     statement_id: chosen.as_ref().map(|c| c.id.clone()),
                     statement: chosen.as_ref().map(|c| c.text.to_string()),
                     prompt_type: prompt_type.as_str().to_string(),
@@ -122,7 +122,7 @@ impl Amender {
             dataset: dataset.as_str().to_string(),
             item_key: item.item_key.clone(),
             amendment_type: amendment.as_str().to_string(),
-            amendment_group: amendment.group().to_string(),
+            amendment_group: amendment_group(amendment.as_str()).to_string(),
             statement_id: None,
             statement: None,
             prompt_type: prompt_type.as_str().to_string(),

@@ -33,11 +33,10 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 
 use crate::archive::Archive;
-use crate::conditions::{Dataset, VerdictLabel};
+use crate::conditions::{Dataset, VerdictLabel, amendment_group};
 use crate::datasets::paper_outputs;
 use crate::error::{Error, Location, Result};
 use crate::score::refusal::RefusalRules;
-use crate::stats::models::amendment_group;
 
 /// Values for what a file does not say.
 #[derive(Clone, Debug, Default)]

@@ -46,8 +46,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+use crate::conditions::amendment_group;
 use crate::error::{Error, Result};
-use crate::stats::models::{CellCount, amendment_group};
+use crate::stats::models::CellCount;
 use crate::stats::paired::PairedCounts;
 
 /// An interned string.
