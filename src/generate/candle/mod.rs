@@ -171,14 +171,7 @@ impl CandleOptions {
                 "batch_size" => o.batch_size = positive(k, v)?,
                 "threads" => o.threads = Some(positive(k, v)?),
                 "context" => o.context = Some(positive(k, v)?),
-                "dequantize" => {
-                    o.dequantize = match string(k, v)?.as_str() {
-                        "auto" => llama::Dequantize::Auto,
-                        "all" => llama::Dequantize::All,
-                        "none" => llama::Dequantize::None,
-                        other => return Err(Error::config(key(k), format!("`{other}` is not auto, all or none"))),
-                    }
-                }
+                "dequantize" => o.dequantize = string(k, v)?.parse().map_err(|e| Error::config(key(k), e))?,
                 other => {
                     return Err(Error::config(
                         key(other),
