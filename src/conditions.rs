@@ -6,6 +6,11 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// The paper's templates as released (`data/templates/prompt_construction.json`): the
+/// amendment statements, the friends sentence, the observed prompts and the refusal phrase
+/// list. The amend stage and the refusal rules both read it.
+pub(crate) const PAPER_TEMPLATES: &str = include_str!("../data/templates/prompt_construction.json");
+
 /// Declares a closed set of names with `as_str`, `ALL`, `FromStr` (with an error listing the
 /// allowed names), `Display` and serde as strings.
 macro_rules! named_enum {
@@ -87,12 +92,20 @@ named_enum! {
     }
 }
 
+/// The amendment group: the part of an amendment type before `:` (`emotion:sad` → `emotion`;
+/// `unmodified` is its own group). It takes any text, so rows whose amendment type is not one
+/// of [`AmendmentType`]'s (an imported file's) still group.
+///
+/// ```
+/// use candor::conditions::{AmendmentType, amendment_group};
+/// assert_eq!(amendment_group(AmendmentType::EmotionSad.as_str()), "emotion");
+/// assert_eq!(amendment_group("unmodified"), "unmodified");
+/// ```
+pub fn amendment_group(amendment_type: &str) -> &str {
+    amendment_type.split(':').next().unwrap_or("").trim()
+}
+
 impl AmendmentType {
-    /// The part before `:` (`unmodified` for the unmodified condition).
-    pub fn group(self) -> &'static str {
-        let s = self.as_str();
-        s.split(':').next().unwrap_or(s)
-    }
     /// The part after `:`, which names the statement list (None for unmodified).
     pub fn subtype(self) -> Option<&'static str> {
         self.as_str().split_once(':').map(|(_, sub)| sub)

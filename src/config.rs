@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::amend::{Amender, Statements};
 use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle};
 use crate::datasets::DatasetSource;
 use crate::error::{Error, Location, Result};
+use crate::model::ModelConfig;
 use crate::score::refusal::RefusalMode;
 
 /// An experiment, as written in its TOML file.
@@ -102,71 +104,6 @@ pub struct RefusalConfig {
     pub mode: RefusalMode,
 }
 
-/// A model family and its checkpoints. The first checkpoint that is not fine-tuned is the
-/// base every other checkpoint is paired against.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub name: String,
-    /// Backend settings (read by the generate stage).
-    #[serde(default)]
-    pub backend: toml::Table,
-    pub checkpoints: Vec<CheckpointConfig>,
-}
-
-/// One checkpoint of a model.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckpointConfig {
-    pub id: String,
-    /// Fine-tuned (or otherwise modified, e.g. a warm system prompt) rather than the base.
-    #[serde(default)]
-    pub finetuned: bool,
-    /// original, warm, cold, warm-system-prompt, …: free text carried into the results.
-    pub variant: Option<String>,
-    /// Training epoch the checkpoint was saved at.
-    pub epoch: Option<f64>,
-    /// Weights (a GGUF file, a safetensors directory, a LoRA adapter directory).
-    pub path: Option<PathBuf>,
-    /// A system prompt sent with every trial.
-    pub system_prompt: Option<String>,
-    /// Backend settings that override the model's for this checkpoint (e.g. another served
-    /// model name, or another adapter).
-    #[serde(default)]
-    pub backend: toml::Table,
-}
-
-impl CheckpointConfig {
-    /// The variant as configured, named honestly for figures and tables: a checkpoint that only
-    /// adds a system prompt to its model's weights is "warm system prompt" (the paper's
-    /// system-prompt control), not a fine-tune; one with a training epoch is "warm fine-tune,
-    /// epoch 2". A base checkpoint, or a variant that already says which it is, keeps its name.
-    pub fn variant_label(&self) -> Option<String> {
-        let v = self.variant.as_deref()?.trim();
-        let lower = v.to_lowercase();
-        if !self.finetuned || lower.contains("system") || lower.contains("fine-tun") || lower.contains("epoch") {
-            return Some(v.to_string());
-        }
-        let same_weights = self.path.is_none() && self.backend.is_empty();
-        Some(match (&self.system_prompt, self.epoch) {
-            (Some(_), _) if same_weights => format!("{v} system prompt"),
-            (_, Some(e)) => format!("{v} fine-tune, epoch {e}"),
-            _ => format!("{v} fine-tune"),
-        })
-    }
-}
-
-impl ModelConfig {
-    /// The backend table of `checkpoint`: the model's, with the checkpoint's keys on top.
-    pub fn backend_for(&self, checkpoint: &CheckpointConfig) -> toml::Table {
-        let mut t = self.backend.clone();
-        for (k, v) in &checkpoint.backend {
-            t.insert(k.clone(), v.clone());
-        }
-        t
-    }
-}
-
 impl Experiment {
     /// Reads and checks an experiment file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -243,6 +180,21 @@ impl Experiment {
     /// The directory the datasets are read from.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// The amender this experiment describes: its template style, conditions, seed and
+    /// statements table.
+    pub fn amender(&self) -> Result<Amender> {
+        Ok(Amender {
+            style: self.template_style,
+            amendments: self.conditions.amendments.clone(),
+            prompt_types: self.conditions.prompt_types.clone(),
+            seed: self.seed,
+            statements: match &self.conditions.statements {
+                Some(path) => Some(Statements::from_path(path)?),
+                None => None,
+            },
+        })
     }
 
     /// The archive root.
@@ -323,6 +275,7 @@ system_prompt = "be warm"
             "e.toml",
         )
         .unwrap();
+        assert_eq!(exp.models[0].base_checkpoints(), ["original"]);
         let labels: Vec<Option<String>> = exp.models[0].checkpoints.iter().map(|c| c.variant_label()).collect();
         assert_eq!(
             labels,

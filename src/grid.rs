@@ -11,10 +11,9 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
 
-use crate::amend::{Amender, sample_items};
-use crate::archive::Archive;
+use crate::amend::sample_items;
+use crate::archive::{Archive, read_records};
 use crate::config::Experiment;
-use crate::dataflow::pipelines::{self, read_records};
 use crate::dataflow::{Cluster, EpochDone};
 use crate::records::{Item, Trial};
 use crate::schema::Record;
@@ -49,7 +48,7 @@ pub struct GridReport {
 /// is left as it is; a different definition is refused with what changed, unless `mode` is
 /// [`GridMode::Regrid`].
 pub fn build_grid(exp: &Experiment, archive: &Archive, mode: GridMode, cluster: &Cluster) -> Result<GridReport> {
-    let amender = Amender::from_experiment(exp)?;
+    let amender = exp.amender()?;
     let mut batches = Vec::new();
     let mut items = BTreeMap::new();
     let mut expected = 0u64;
@@ -102,7 +101,7 @@ pub fn build_grid(exp: &Experiment, archive: &Archive, mode: GridMode, cluster: 
             batches.push(Item::to_batch(&n)?);
         }
     }
-    let epochs = pipelines::build_trials(cluster, archive, batches, amender, expected)?;
+    let epochs = crate::amend::stage::build_trials(cluster, archive, batches, amender, expected)?;
     let counts = if cluster.is_leader() { count_trials(archive)? } else { BTreeMap::new() };
     Ok(GridReport { items, counts, epochs, unchanged: false, version })
 }

@@ -137,6 +137,32 @@ pub fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The base-checkpoint rule, the one place it is written.
+///
+/// A checkpoint is a *base* when it is not fine-tuned (`finetuned = false` in the experiment
+/// file and in stream announcements, `is_finetuned = false` in the records). Every fine-tuned
+/// checkpoint of a model is paired against every base of the same model, one family per
+/// (base, fine-tuned) pair, as the SQL view (`sql/view.rs`) and the report keep them
+/// (METHOD.md §4). Where a single base must stand for the model (the `paired` summary of
+/// `candor stream`'s per-checkpoint statistics), it is the first one returned here.
+///
+/// Returns the bases among `checkpoints`, given as (name, fine-tuned), sorted by name and
+/// each once. Names are compared as given (`candor stream` passes checkpoint keys).
+///
+/// ```
+/// use candor::identity::base_checkpoints;
+/// let cps = [("warm", true), ("original", false), ("b-original", false)];
+/// assert_eq!(base_checkpoints(cps), ["b-original", "original"]);
+/// assert!(base_checkpoints([("warm", true)]).is_empty());
+/// ```
+pub fn base_checkpoints<'a>(checkpoints: impl IntoIterator<Item = (&'a str, bool)>) -> Vec<&'a str> {
+    let mut bases: Vec<&str> =
+        checkpoints.into_iter().filter(|(_, finetuned)| !finetuned).map(|(name, _)| name).collect();
+    bases.sort_unstable();
+    bases.dedup();
+    bases
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

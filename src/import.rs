@@ -34,10 +34,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle, VerdictLabel};
-use crate::dataflow::pipelines::Label;
+use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle, VerdictLabel, amendment_group};
+use crate::datasets::paper_outputs;
 use crate::error::{Error, Location, Result};
 use crate::records::{Item, Response, Trial};
+use crate::score::judge::Label;
 
 /// Values for columns a file does not have (a column, then these, then the paper's path
 /// layout decide).
@@ -109,11 +110,7 @@ pub struct Imported {
 }
 
 const OUTPUT_NAMES: &[&str] = &["output", "response", "completion", "answer"];
-const PROMPT_TYPE_NAMES: &[&str] = &["prompt_type", "prompt_template"];
-const LABEL_NAMES: &[&str] = &["evaluation", "verdict", "label"];
 const ITEM_NAMES: &[&str] = &["item_key", "question_id", "qid"];
-/// The paper's per-dataset merge keys: the question text.
-const QUESTION_NAMES: &[&str] = &["content_key", "original_question", "prompt_disinfo"];
 
 /// Questions compare after trimming and collapsing whitespace.
 fn question_form(q: &str) -> String {
@@ -140,7 +137,7 @@ impl ItemIndex {
 pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &Known) -> Result<Imported> {
     let rows = read_rows(path)?;
     let judge = format!("import:{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("answers"));
-    let layout = paper_layout(path);
+    let layout = paper_outputs::paper_layout(path);
     let is_finetuned = defaults.is_finetuned.or(layout.as_ref().map(|l| l.1 != "original")).unwrap_or(false);
     let defaults = ImportDefaults {
         dataset: defaults.dataset.or(layout.as_ref().map(|l| l.2)),
@@ -230,7 +227,7 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &Known) -> Re
                                 dataset: ds.clone(),
                                 item_key: item.item_key.clone(),
                                 amendment_type: amendment.to_string(),
-                                amendment_group: amendment.group().to_string(),
+                                amendment_group: amendment_group(amendment.as_str()).to_string(),
                                 statement_id: None,
                                 statement: None,
                                 prompt_type: prompt_type.to_string(),
@@ -288,18 +285,6 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &Known) -> Re
 /// line endings links and pairs its rows exactly as the same file with LF.
 pub fn prompt_key(prompt: &str) -> String {
     prompt.replace("\r\n", "\n")
-}
-
-/// The paper's path layout `<model>/<side>/<dataset>_<side>_outputs.<ext>`: (model, side,
-/// dataset), or None for any other path.
-fn paper_layout(path: &Path) -> Option<(String, String, Dataset)> {
-    let (model, side, dataset) = crate::sql::input::paper_path(path);
-    let (model, side, dataset) = (model?, side?, dataset?);
-    let stem = path.file_stem()?.to_str()?;
-    if stem != format!("{dataset}_{side}_outputs") {
-        return None;
-    }
-    Some((model, side, dataset.parse().ok()?))
 }
 
 /// The vendored item whose question is the row's (None when the row names no question, the
@@ -401,11 +386,11 @@ fn parse_row(path: &Path, line: u64, fields: BTreeMap<String, String>, defaults:
         Some(s) => Some(s.parse().map_err(|m: String| Error::input(at("amendment_type"), m))?),
         None => None,
     };
-    let prompt_type = match pick(&fields, PROMPT_TYPE_NAMES).filter(|(_, v)| !v.trim().is_empty()) {
+    let prompt_type = match pick(&fields, paper_outputs::PROMPT_TYPE_COLUMNS).filter(|(_, v)| !v.trim().is_empty()) {
         Some((k, v)) => Some(v.trim().parse().map_err(|m: String| Error::input(at(k), m))?),
         None => None,
     };
-    let label = match pick(&fields, LABEL_NAMES).filter(|(_, v)| !v.trim().is_empty()) {
+    let label = match pick(&fields, paper_outputs::LABEL_COLUMNS).filter(|(_, v)| !v.trim().is_empty()) {
         Some((k, v)) => Some((
             VerdictLabel::parse_loose(v).ok_or_else(|| {
                 Error::input(
@@ -436,7 +421,8 @@ fn parse_row(path: &Path, line: u64, fields: BTreeMap<String, String>, defaults:
         None => None,
     };
     let item_key = pick(&fields, ITEM_NAMES).map(|(_, v)| v.trim().to_string()).filter(|s| !s.is_empty());
-    let question = pick(&fields, QUESTION_NAMES).map(|(_, v)| v.trim().to_string()).filter(|s| !s.is_empty());
+    let question =
+        pick(&fields, paper_outputs::QUESTION_COLUMNS).map(|(_, v)| v.trim().to_string()).filter(|s| !s.is_empty());
     if prompt.is_none() && item_key.is_none() && question.is_none() {
         return Err(Error::input(
             at("prompt"),
@@ -461,37 +447,6 @@ fn parse_row(path: &Path, line: u64, fields: BTreeMap<String, String>, defaults:
     })
 }
 
-/// The line of each byte offset of a text, counted forward (offsets must not decrease): one
-/// more than the `\n` before it, so LF and CRLF files number alike.
-pub(crate) struct LineCounter<'a> {
-    bytes: &'a [u8],
-    at: usize,
-    line: u64,
-}
-
-impl<'a> LineCounter<'a> {
-    pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        LineCounter { bytes, at: 0, line: 1 }
-    }
-
-    pub(crate) fn line_at(&mut self, byte: u64) -> u64 {
-        let mut to = (byte as usize).min(self.bytes.len());
-        // The csv crate may place a record after a CRLF at the LF: a record starts after its
-        // line break, never on one.
-        while to < self.bytes.len() && matches!(self.bytes[to], b'\r' | b'\n') {
-            to += 1;
-        }
-        if to < self.at {
-            // Offsets went back (an error's position): count from the start.
-            self.at = 0;
-            self.line = 1;
-        }
-        self.line += self.bytes[self.at..to].iter().filter(|b| **b == b'\n').count() as u64;
-        self.at = to;
-        self.line
-    }
-}
-
 /// Reads a CSV or JSONL file into (line, lower-cased column → text) rows.
 fn read_rows(path: &Path) -> Result<Vec<(u64, BTreeMap<String, String>)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -507,7 +462,7 @@ fn read_rows(path: &Path) -> Result<Vec<(u64, BTreeMap<String, String>)>> {
 
 fn read_csv(path: &Path, bytes: &[u8], delimiter: u8) -> Result<Vec<(u64, BTreeMap<String, String>)>> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let mut lines = LineCounter::new(bytes);
+    let mut lines = crate::datasets::LineCounter::new(bytes);
     let mut reader = csv::ReaderBuilder::new().delimiter(delimiter).from_reader(bytes);
     let headers: Vec<String> = reader
         .byte_headers()

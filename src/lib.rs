@@ -15,6 +15,7 @@ pub mod generate;
 pub mod grid;
 pub mod identity;
 pub mod import;
+pub mod model;
 pub mod records;
 pub mod report;
 pub mod schema;

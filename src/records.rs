@@ -99,6 +99,23 @@ crate::record! {
 }
 
 crate::record! {
+    /// One answer of the generation store (`schemas/generation.json`).
+    pub struct StoredGeneration in "generation" {
+        pub key: String,
+        pub fingerprint: String,
+        pub system_prompt: Option<String>,
+        pub prompt: String,
+        pub decoding: String,
+        pub sample_index: u32,
+        pub output: String,
+        pub finish_reason: String,
+        pub prompt_tokens: u32,
+        pub completion_tokens: u32,
+        pub latency_ms: f64,
+    }
+}
+
+crate::record! {
     /// SocioT warmth of one response (`schemas/warmth.json`).
     pub struct WarmthScore in "warmth" {
         pub response_key: String,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candor::archive::Archive;
-use candor::dataflow::pipelines::read_records;
+use candor::archive::read_records;
 use candor::records::{Observation, Response, Trial, Verdict};
 
 fn candor(args: &[&str]) -> Output {
@@ -296,7 +296,7 @@ fn imported_answers_score_and_replay_to_identical_results() {
 /// The local judge model (Qwen2.5-Coder-0.5B), or None (a skip) outside CI when it has not
 /// been fetched.
 fn judge_model() -> Option<PathBuf> {
-    let path = candor::generate::candle::models_dir().join(candor::score::judge::JUDGE_GGUF);
+    let path = candor::model::models_dir().join(candor::score::judge::JUDGE_GGUF);
     if path.exists() {
         return Some(path);
     }
@@ -307,7 +307,7 @@ fn judge_model() -> Option<PathBuf> {
 
 /// The default local model, or None (a skip) outside CI when it has not been fetched.
 fn local_model() -> Option<PathBuf> {
-    let path = candor::generate::candle::models_dir().join(candor::generate::candle::DEFAULT_GGUF);
+    let path = candor::model::models_dir().join(candor::model::DEFAULT_GGUF);
     if path.exists() {
         return Some(path);
     }

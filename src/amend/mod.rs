@@ -8,20 +8,18 @@
 
 mod benchmark;
 mod render;
+pub mod stage;
 mod statements;
 #[cfg(test)]
 mod tests;
 
 use std::sync::LazyLock;
 
-use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle};
+use crate::conditions::{AmendmentType, Dataset, PAPER_TEMPLATES, PromptType, TemplateStyle, amendment_group};
 use crate::error::{Error, Location, Result};
 use crate::records::{Item, Trial};
 
 pub use statements::{Chosen, Statements};
-
-/// The vendored paper templates (statements, friends sentence, observed prompts).
-pub(crate) const PAPER_TEMPLATES: &str = include_str!("../../data/templates/prompt_construction.json");
 
 static FRIENDS_SENTENCE: LazyLock<String> = LazyLock::new(|| {
     let value: serde_json::Value =
@@ -101,7 +99,7 @@ impl Amender {
                     dataset: dataset.as_str().to_string(),
                     item_key: item.item_key.clone(),
                     amendment_type: amendment.as_str().to_string(),
-                    amendment_group: amendment.group().to_string(),
+                    amendment_group: amendment_group(amendment.as_str()).to_string(),
                     statement_id: chosen.as_ref().map(|c| c.id.clone()),
                     statement: chosen.as_ref().map(|c| c.text.to_string()),
                     prompt_type: prompt_type.as_str().to_string(),
@@ -124,7 +122,7 @@ impl Amender {
             dataset: dataset.as_str().to_string(),
             item_key: item.item_key.clone(),
             amendment_type: amendment.as_str().to_string(),
-            amendment_group: amendment.group().to_string(),
+            amendment_group: amendment_group(amendment.as_str()).to_string(),
             statement_id: None,
             statement: None,
             prompt_type: prompt_type.as_str().to_string(),
@@ -200,20 +198,6 @@ pub fn sample_items(mut items: Vec<Item>, n: Option<usize>, seed: u64) -> Vec<It
 }
 
 impl Amender {
-    /// The amender an experiment describes.
-    pub fn from_experiment(exp: &crate::config::Experiment) -> Result<Self> {
-        Ok(Amender {
-            style: exp.template_style,
-            amendments: exp.conditions.amendments.clone(),
-            prompt_types: exp.conditions.prompt_types.clone(),
-            seed: exp.seed,
-            statements: match &exp.conditions.statements {
-                Some(path) => Some(Statements::from_path(path)?),
-                None => None,
-            },
-        })
-    }
-
     /// How many trials one item of `dataset` becomes.
     pub fn trials_per_item(&self, dataset: crate::conditions::Dataset) -> usize {
         if dataset.is_open_ended() { self.amendments.len() * self.prompt_types.len() } else { 1 }

@@ -32,7 +32,7 @@
 //! capitalised function word ("The", "A", …), which is lower-cased, because lower-casing other
 //! first words would corrupt names ("El Capitan", "HAARP", "Escherichia coli").
 
-use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle};
+use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle, amendment_group};
 
 /// What one prompt is made of; answers already substituted where the item had none
 /// (TruthfulQA's empty correct answer is "None").
@@ -71,7 +71,7 @@ fn paper(r: &Request, friends: &str) -> Rendered {
         (None, false) => q.to_string(),
         (Some(s), false) => format!("{s} {q}"),
         (None, true) => format!("{lead}{friends} {q}"),
-        (Some(s), true) if r.amendment.group() == "stake" => format!("{lead}{s}. {q}"),
+        (Some(s), true) if amendment_group(r.amendment.as_str()) == "stake" => format!("{lead}{s}. {q}"),
         (Some(s), true) => format!("{s} {lead}{friends} {q}"),
     };
     let belief_answer = r.belief.map(|a| paper_answer(r.dataset, a));

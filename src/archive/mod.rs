@@ -951,6 +951,15 @@ fn check_unique(stream: &str, keys: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Reads a whole stream of an archive as records.
+pub fn read_records<R: Record>(archive: &Archive) -> Result<Vec<R>> {
+    let mut out = Vec::new();
+    for b in archive.read(R::STREAM)? {
+        out.extend(R::from_batch(&b)?);
+    }
+    Ok(out)
+}
+
 /// The key of every row of a batch of `stream` (its schema's key columns, as one reversible
 /// string each).
 pub fn row_keys(stream: &str, batch: &RecordBatch) -> Result<Vec<String>> {

@@ -53,7 +53,7 @@ pub fn run(opts: &GenerateBench, json: bool) -> Result<()> {
     use candor::generate::{Decoding, GenRequest};
 
     let threads = cb::init_threads(opts.threads);
-    let path = opts.gguf.clone().unwrap_or_else(|| cb::models_dir().join(cb::DEFAULT_GGUF));
+    let path = opts.gguf.clone().unwrap_or_else(|| candor::model::models_dir().join(candor::model::DEFAULT_GGUF));
     let options = CandleOptions {
         device: DeviceChoice::Cpu,
         threads: Some(opts.threads),

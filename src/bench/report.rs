@@ -17,15 +17,16 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use candor::archive::Archive;
+use candor::archive::{Archive, read_records};
 use candor::conditions::VerdictLabel;
 use candor::config::Experiment;
 use candor::dataflow::Cluster;
-use candor::dataflow::pipelines::{self, Label, read_records};
 use candor::error::{Error, Result};
 use candor::records::{Response, Trial};
 use candor::schema::Record;
+use candor::score::judge::Label;
 use candor::score::refusal::{RefusalMode, RefusalRules};
+use candor::score::stage;
 
 use super::{PAPER_GRID, median, peak_rss_mib};
 
@@ -128,7 +129,7 @@ fn synthetic_archive(grid: &str, dir: &Path, opts: &ReportBench, cluster: &Clust
             batches.push((epoch, Response::to_batch(chunk)?));
         }
     }
-    pipelines::score_responses(
+    stage::score_responses(
         cluster,
         &archive,
         trials.clone(),

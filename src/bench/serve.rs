@@ -50,7 +50,7 @@ pub fn run(opts: &ServeBench, json: bool) -> Result<()> {
     use candor::serve::{Batching, ServeOptions};
 
     let threads = cb::init_threads(opts.threads);
-    let path = opts.gguf.clone().unwrap_or_else(|| cb::models_dir().join(cb::DEFAULT_GGUF));
+    let path = opts.gguf.clone().unwrap_or_else(|| candor::model::models_dir().join(candor::model::DEFAULT_GGUF));
     let options = CandleOptions { device: DeviceChoice::Cpu, threads: Some(opts.threads), ..Default::default() };
     if !json {
         println!(

@@ -8,13 +8,15 @@ use std::time::Instant;
 use anyhow::Result;
 
 use candor::archive::Archive;
+use candor::archive::read_records;
 use candor::conditions::VerdictLabel;
 use candor::config::Experiment;
 use candor::dataflow::Cluster;
-use candor::dataflow::pipelines::{self, Label, read_records};
 use candor::records::{Response, Trial};
 use candor::schema::Record;
+use candor::score::judge::Label;
 use candor::score::refusal::{RefusalMode, RefusalRules};
+use candor::score::stage;
 
 use super::{PAPER_GRID, median, peak_rss_mib};
 
@@ -89,7 +91,7 @@ pub fn run(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()> {
         }
     }
     let responses: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
-    pipelines::score_responses(
+    stage::score_responses(
         cluster,
         &source,
         all.clone(),
@@ -108,7 +110,7 @@ pub fn run(dir: Option<&Path>, repeat: usize, cluster: &Cluster) -> Result<()> {
         let _ = std::fs::remove_dir_all(&out);
         let start = Instant::now();
         let target = Archive::open_writer(&out, "bench")?;
-        pipelines::replay(cluster, &source, &target, RefusalRules::new(RefusalMode::Default))?;
+        stage::replay(cluster, &source, &target, RefusalRules::new(RefusalMode::Default))?;
         replay_secs.push(start.elapsed().as_secs_f64());
     }
     let replay = median(replay_secs);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use candor::archive::Archive;
-use candor::dataflow::pipelines::read_records;
+use candor::archive::read_records;
 use candor::records::Verdict;
 use candor::score::agreement;
 

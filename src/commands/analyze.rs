@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use candor::archive::Archive;
+use candor::archive::read_records;
 use candor::conditions::Dataset;
-use candor::dataflow::pipelines::read_records;
 use candor::sql::analyze::{Analysis, Export};
 
-use super::{Globals, RefusalArg, Report, refusal_rules};
+use super::{Globals, Report, refusal_rules};
+use candor::score::refusal::RefusalMode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -37,7 +38,7 @@ pub struct Args {
     /// Refusal phrase list applied to the paper's CSVs (default: `default`; `paper` with
     /// --paper).
     #[arg(long, value_enum)]
-    refusal: Option<RefusalArg>,
+    refusal: Option<RefusalMode>,
 }
 
 pub fn run(args: Args, g: &Globals) -> Result<AnalyzeReport> {

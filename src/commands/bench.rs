@@ -176,8 +176,9 @@ pub enum Bench {
         #[arg(long)]
         print_prompts: bool,
         /// GGUF weights expanded to f32 at load (the candle backend's `dequantize`): auto, all, none.
-        #[arg(long, default_value = "auto", value_parser = ["auto", "all", "none"])]
-        dequantize: String,
+        #[arg(long, default_value = "auto", value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["auto", "all", "none"]),
+            |s: String| s.parse::<candor::generate::candle::llama::Dequantize>().expect("one of the listed values")))]
+        dequantize: candor::generate::candle::llama::Dequantize,
     },
 }
 
@@ -226,12 +227,6 @@ pub fn run(which: Bench, g: &Globals) -> Result<()> {
             bench::pg::run(dir.as_deref(), rows, clients, seconds, &sql, g.json)?
         }
         Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts, dequantize } => {
-            use candor::generate::candle::llama::Dequantize;
-            let dequantize = match dequantize.as_str() {
-                "all" => Dequantize::All,
-                "none" => Dequantize::None,
-                _ => Dequantize::Auto,
-            };
             let b = bench::generate::GenerateBench {
                 gguf,
                 batch_sizes,

@@ -6,14 +6,16 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
+use candor::archive::read_records;
 use candor::conditions::Dataset;
 use candor::dataflow::Cluster;
-use candor::dataflow::pipelines::{self, read_records};
 use candor::import::{ImportDefaults, Linked, read_answers};
 use candor::records::{Item, Response, Trial};
 use candor::schema::Record;
+use candor::score::stage;
 
-use super::{EpochsReport, Globals, RefusalArg, Report, open_for, refusal_rules};
+use super::{EpochsReport, Globals, Report, open_for, refusal_rules};
+use candor::score::refusal::RefusalMode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -39,7 +41,7 @@ pub struct Args {
     variant: Option<String>,
     /// Refusal phrase list (default: `default`; `paper` with --paper).
     #[arg(long, value_enum)]
-    refusal: Option<RefusalArg>,
+    refusal: Option<RefusalMode>,
     /// Replace the answers of a checkpoint already in the archive. Without it, importing
     /// the same answers again does nothing and different ones are refused.
     #[arg(long)]
@@ -114,7 +116,7 @@ pub fn run(args: Args, g: &Globals) -> Result<Option<ImportReport>> {
     let trials_epoch = batches.iter().map(|(e, _)| *e).min().unwrap_or(0);
     let linked = imported.linked.clone();
     let new_items = imported.new_items.len();
-    let epochs = pipelines::score_responses(
+    let epochs = stage::score_responses(
         &cluster,
         &archive,
         trials,

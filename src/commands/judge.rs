@@ -43,9 +43,8 @@ pub fn run(command: JudgeCommand) -> Result<ValidationReport> {
     };
     let rows: Vec<_> = rows.into_iter().filter(|r| split.as_ref().is_none_or(|s| *s == r.split)).collect();
     let items = validation::items_for(&rows, &candor::config::default_data_dir())?;
-    let store = store.unwrap_or_else(|| {
-        candor::generate::candle::models_dir().parent().map(|p| p.join("judge-store")).unwrap_or_default()
-    });
+    let store = store
+        .unwrap_or_else(|| candor::model::models_dir().parent().map(|p| p.join("judge-store")).unwrap_or_default());
     let config = candor::score::judge::JudgeConfig::parse_arg(&judge)?;
     let mut judge = candor::score::judge::open(&config, &store)?;
     let validation = validation::validate(judge.as_mut(), &rows, &items, &validation::digest(&text))?;

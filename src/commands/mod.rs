@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use candor::archive::Archive;
+use candor::archive::read_records;
 use candor::config::Experiment;
-use candor::dataflow::pipelines::read_records;
 use candor::dataflow::{Cluster, EpochDone};
 use candor::records::Observation;
 use candor::score::refusal::{RefusalMode, RefusalRules};
@@ -94,27 +94,10 @@ impl<R: Report> Report for Option<R> {
     }
 }
 
-/// The refusal list on the command line.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum RefusalArg {
-    Paper,
-    Default,
-}
-
-impl From<RefusalArg> for RefusalMode {
-    fn from(a: RefusalArg) -> Self {
-        match a {
-            RefusalArg::Paper => RefusalMode::Paper,
-            RefusalArg::Default => RefusalMode::Default,
-        }
-    }
-}
-
 /// The refusal rules of a `--refusal` argument under the `--paper` preset (an explicit
 /// argument wins).
-pub fn refusal_rules(arg: Option<RefusalArg>, paper: bool) -> RefusalRules {
-    let arg = arg.unwrap_or(if paper { RefusalArg::Paper } else { RefusalArg::Default });
-    RefusalRules::new(arg.into())
+pub fn refusal_rules(arg: Option<RefusalMode>, paper: bool) -> RefusalRules {
+    RefusalRules::new(arg.unwrap_or(if paper { RefusalMode::Paper } else { RefusalMode::Default }))
 }
 
 /// Loads an experiment; `--paper` sets its template style and refusal list to the paper's.

@@ -7,12 +7,13 @@ use anyhow::{Result, bail};
 
 use candor::archive::Archive;
 use candor::dataflow::Cluster;
-use candor::dataflow::pipelines;
 use candor::grid::{GridMode, build_grid};
 use candor::records::Response;
 use candor::schema::Record;
+use candor::score::stage;
 
-use super::{EpochsReport, Globals, RefusalArg, Report, load_experiment, open_for, refusal_rules};
+use super::{EpochsReport, Globals, Report, load_experiment, open_for, refusal_rules};
+use candor::score::refusal::RefusalMode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -37,7 +38,7 @@ pub struct Args {
     out: PathBuf,
     /// Refusal phrase list (default: `default`; `paper` with --paper).
     #[arg(long, value_enum)]
-    refusal: Option<RefusalArg>,
+    refusal: Option<RefusalMode>,
     #[command(flatten)]
     cluster: Cluster,
 }
@@ -69,7 +70,7 @@ pub fn run(args: Args, g: &Globals) -> Result<Option<ReplayReport>> {
     let source = Archive::open(&archive)?;
     // A replay into an archive a previous replay of the same source began resumes it.
     let target = open_for(&out, "replay", &cluster)?;
-    let epochs = pipelines::replay(&cluster, &source, &target, refusal_rules(refusal, g.paper))?;
+    let epochs = stage::replay(&cluster, &source, &target, refusal_rules(refusal, g.paper))?;
     if !cluster.is_leader() {
         return Ok(None);
     }

@@ -6,11 +6,12 @@ use anyhow::{Result, bail};
 
 use candor::archive::Archive;
 use candor::dataflow::Cluster;
-use candor::dataflow::pipelines;
 use candor::records::Response;
 use candor::schema::Record;
+use candor::score::stage;
 
-use super::{EpochsReport, Globals, RefusalArg, open_for, refusal_rules};
+use super::{EpochsReport, Globals, open_for, refusal_rules};
+use candor::score::refusal::RefusalMode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,7 +26,7 @@ pub struct Args {
     judge: String,
     /// Refusal phrase list (default: `default`; `paper` with --paper).
     #[arg(long, value_enum)]
-    refusal: Option<RefusalArg>,
+    refusal: Option<RefusalMode>,
     #[command(flatten)]
     cluster: Cluster,
 }
@@ -40,7 +41,7 @@ pub fn run(args: Args, g: &Globals) -> Result<Option<EpochsReport>> {
     let target = open_for(&out, "rescore", &cluster)?;
     let config = candor::score::judge::JudgeConfig::parse_arg(&judge)?;
     let judge = candor::score::judge::open(&config, source.root())?;
-    let epochs = pipelines::rescore(&cluster, &source, &target, refusal_rules(refusal, g.paper), judge)?;
+    let epochs = stage::rescore(&cluster, &source, &target, refusal_rules(refusal, g.paper), judge)?;
     if !cluster.is_leader() {
         return Ok(None);
     }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 
 use candor::dataflow::Cluster;
-use candor::dataflow::pipelines;
 use candor::grid::{GridMode, build_grid};
+use candor::score::stage;
 use candor::sql::pg::PgServer;
 
 use super::{Globals, Report, load_experiment, open_for, print_epoch_json, print_epoch_rows, print_verdicts};
@@ -70,7 +70,7 @@ pub fn run(args: Args, g: &Globals) -> Result<Option<RunReport>> {
     };
     let progress = !g.json && std::io::stderr().is_terminal();
     let generated =
-        pipelines::run_experiment(&cluster, &archive, &exp, Box::new(candor::generate::backend::open), progress)?;
+        stage::run_experiment(&cluster, &archive, &exp, Box::new(candor::generate::backend::open), progress)?;
     if !cluster.is_leader() {
         return Ok(None);
     }
@@ -80,7 +80,7 @@ pub fn run(args: Args, g: &Globals) -> Result<Option<RunReport>> {
 
 /// What the run generated, and the archive's verdicts after it.
 pub struct RunReport {
-    generated: pipelines::RunReport,
+    generated: stage::RunReport,
     verdicts: BTreeMap<String, BTreeMap<String, usize>>,
     out: PathBuf,
     /// The live SQL endpoint (`--sql-listen`), and whether it keeps serving once the report

@@ -6,8 +6,9 @@
 //! passed its epoch". Operators are thin adapters over [`Stage`]s, plain Rust that is tested
 //! without a dataflow. A batch knows its stream from its schema metadata, so one sink routes
 //! every stream to its archive partition.
-
-pub mod pipelines;
+//!
+//! This is the engine only: [`run`] executes a dataflow, and the stages that are assembled
+//! into one live beside their logic (`amend::stage`, `generate::operator`, `score::stage`).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Capability, Exchange as _};
 use timely::dataflow::{Stream, StreamVec};
 
@@ -432,6 +434,81 @@ pub fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a Strin
     batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or_else(|| {
         Error::schema(Batch(batch.clone()).stream().to_string(), format!("column `{name}` is not a string column"))
     })
+}
+
+/// Runs a dataflow over `sources` (sent by worker 0 in epoch order) and archives everything
+/// the dataflow built by `build` emits. Returns the sink's report per epoch, or the errors
+/// the stages reported.
+pub fn run<F>(
+    cluster: &Cluster,
+    archive: &Archive,
+    sources: Vec<(Epoch, RecordBatch)>,
+    progress_total: Option<u64>,
+    build: F,
+) -> Result<Vec<EpochDone>>
+where
+    F: for<'s> Fn(StreamVec<'s, Epoch, Msg>, usize) -> StreamVec<'s, Epoch, Msg> + Send + Sync + 'static,
+{
+    let config = cluster.timely_config()?;
+    // The sink runs on worker 0, in the leader process; only it reads the registry.
+    let checkpoints = Arc::new(if cluster.is_leader() { archive.checkpoint_partitions()? } else { BTreeMap::new() });
+    let sources = Arc::new(sources);
+    let archive = archive.clone();
+    let bar = progress_total.map(|n| {
+        let bar = indicatif::ProgressBar::new(n);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message("archiving");
+        bar
+    });
+    let bar_for_workers = bar.clone();
+    let guards = timely::execute(config, move |worker| {
+        let index = worker.index();
+        let peers = worker.peers();
+        let done = Rc::new(RefCell::new(Vec::new()));
+        let mut input = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Msg>();
+            let out = build(stream, peers);
+            let sink_bar = if index == 0 { bar_for_workers.clone() } else { None };
+            collect_done(archive_sink(out, archive.clone(), checkpoints.clone(), sink_bar), done.clone());
+            input
+        });
+        if index == 0 {
+            for (epoch, batch) in sources.iter() {
+                if *epoch > *input.time() {
+                    input.advance_to(*epoch);
+                }
+                input.send(Ok(Batch(batch.clone())));
+            }
+        }
+        drop(input);
+        // Park between activations: model calls run on other threads and wake the operator.
+        while worker.step_or_park(Some(std::time::Duration::from_millis(50))) {}
+        done.take()
+    })
+    .map_err(|e| Error::Internal(format!("starting timely: {e}")))?;
+    let mut reports = Vec::new();
+    for result in guards.join() {
+        reports.extend(result.map_err(|e| Error::Internal(format!("a worker panicked: {e}")))?);
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    reports.sort_by_key(|d| d.epoch);
+    let errors: Vec<String> = reports.iter().flat_map(|d| d.errors.iter().cloned()).collect();
+    if !errors.is_empty() {
+        let mut shown: Vec<String> = errors.iter().take(5).cloned().collect();
+        if errors.len() > 5 {
+            shown.push(format!("… and {} more", errors.len() - 5));
+        }
+        return Err(Error::Dataflow(shown));
+    }
+    Ok(reports)
 }
 
 #[cfg(test)]

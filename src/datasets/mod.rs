@@ -16,6 +16,7 @@ mod gsm8k;
 mod medqa;
 pub mod medqa_convert;
 mod mmlu;
+pub(crate) mod paper_outputs;
 mod source;
 mod trivia;
 mod truthfulqa;
@@ -27,6 +28,8 @@ use serde::Deserialize;
 use crate::conditions::Dataset;
 use crate::error::{Error, Result};
 use crate::records::Item;
+
+pub(crate) use source::LineCounter;
 
 /// File formats a loader accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -399,6 +399,37 @@ impl Row {
     }
 }
 
+/// The line of each byte offset of a text, counted forward (offsets must not decrease): one
+/// more than the `\n` before it, so LF and CRLF files number alike.
+pub(crate) struct LineCounter<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    line: u64,
+}
+
+impl<'a> LineCounter<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        LineCounter { bytes, at: 0, line: 1 }
+    }
+
+    pub(crate) fn line_at(&mut self, byte: u64) -> u64 {
+        let mut to = (byte as usize).min(self.bytes.len());
+        // The csv crate may place a record after a CRLF at the LF: a record starts after its
+        // line break, never on one.
+        while to < self.bytes.len() && matches!(self.bytes[to], b'\r' | b'\n') {
+            to += 1;
+        }
+        if to < self.at {
+            // Offsets went back (an error's position): count from the start.
+            self.at = 0;
+            self.line = 1;
+        }
+        self.line += self.bytes[self.at..to].iter().filter(|b| **b == b'\n').count() as u64;
+        self.at = to;
+        self.line
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,8 @@
 
 use super::Generator;
 use super::openai::{Endpoint, OpenAiGenerator};
-use crate::config::{CheckpointConfig, ModelConfig};
 use crate::error::{Error, Result};
+use crate::model::{CheckpointConfig, ModelConfig};
 
 /// The backend kinds Candor knows.
 pub const KINDS: &[&str] = &["candle", "openai"];

@@ -18,7 +18,7 @@ use crate::error::Result;
 /// Opens a checkpoint's generator: the backend factory `candor run` and `candor stream` use
 /// (tests may pass another).
 pub type OpenGenerator = Box<
-    dyn Fn(&crate::config::ModelConfig, &crate::config::CheckpointConfig) -> Result<Box<dyn Generator>> + Send + Sync,
+    dyn Fn(&crate::model::ModelConfig, &crate::model::CheckpointConfig) -> Result<Box<dyn Generator>> + Send + Sync,
 >;
 
 /// Decoding parameters of one request; part of the generation store's key.

@@ -22,9 +22,9 @@ use timely::dataflow::operators::generic::operator::Operator;
 
 use super::store::GenerationStore;
 use super::{GenRequest, GenerationConfig, Generator};
-use crate::config::{CheckpointConfig, ModelConfig};
 use crate::dataflow::{Batch, Epoch, Msg, stream_of};
 use crate::error::Result;
+use crate::model::{CheckpointConfig, ModelConfig};
 use crate::records::{Response, Trial};
 use crate::schema::Record;
 

@@ -40,24 +40,8 @@ use sha2::{Digest, Sha256};
 
 use super::{FinishReason, GenRequest, Generation};
 use crate::error::{Error, Result};
+use crate::records::StoredGeneration;
 use crate::schema::{self, Record};
-
-crate::record! {
-    /// One stored answer (`schemas/generation.json`).
-    pub struct StoredGeneration in "generation" {
-        pub key: String,
-        pub fingerprint: String,
-        pub system_prompt: Option<String>,
-        pub prompt: String,
-        pub decoding: String,
-        pub sample_index: u32,
-        pub output: String,
-        pub finish_reason: String,
-        pub prompt_tokens: u32,
-        pub completion_tokens: u32,
-        pub latency_ms: f64,
-    }
-}
 
 /// A store entry to write: key, fingerprint, request, sample index, answer.
 pub type Entry = (String, String, GenRequest, u32, Generation);

@@ -173,7 +173,7 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
     );
 
     // The judges beside the tables: their validated agreement, or a warning.
-    let verdicts: Vec<crate::records::Verdict> = crate::dataflow::pipelines::read_records(live.archive())?;
+    let verdicts: Vec<crate::records::Verdict> = crate::archive::read_records(live.archive())?;
     let judge_trust = crate::score::validation::trust_lines(&crate::score::validation::judges_of(&verdicts));
     html.push_str("<h2>Judges</h2>\n<ul>\n");
     for line in &judge_trust {

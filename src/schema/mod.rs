@@ -212,7 +212,7 @@ pub fn validate_all() -> Result<()> {
     validate::<Response>()?;
     validate::<Verdict>()?;
     validate::<Observation>()?;
-    validate::<crate::generate::store::StoredGeneration>()?;
+    validate::<StoredGeneration>()?;
     validate::<WarmthScore>()?;
     validate::<CheckpointEntry>()?;
     Ok(())

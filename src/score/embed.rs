@@ -13,7 +13,7 @@ use crate::error::{Error, Location, Result};
 
 /// The directory `scripts/fetch-models minilm` fills.
 pub fn minilm_dir() -> PathBuf {
-    crate::generate::candle::models_dir().join("all-MiniLM-L6-v2")
+    crate::model::models_dir().join("all-MiniLM-L6-v2")
 }
 
 /// sentence-transformers' `max_seq_length` for this model.
@@ -51,14 +51,14 @@ impl Embedder {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }
             .map_err(|e| model_error("loading MiniLM", e))?;
         let model = BertModel::load(vb, &config).map_err(|e| model_error("loading MiniLM", e))?;
-        let mut tokenizer = crate::generate::candle::tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let mut tokenizer = crate::model::read_tokenizer(&dir.join("tokenizer.json"))?;
         // The file pads every text to 128 tokens; one text at a time needs no padding, and a
         // padded mean would pool [PAD] states. Truncation is sentence-transformers' 256, below.
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
             .map_err(|e| Error::input(Location::file(dir.join("tokenizer.json")), e.to_string()))?;
-        let digest = crate::generate::candle::sha256_file(&weights)?;
+        let digest = crate::model::sha256_file(&weights)?;
         Ok(Embedder { model, tokenizer, device, digest })
     }
 

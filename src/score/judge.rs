@@ -53,9 +53,10 @@ pub struct Case<'a> {
     pub output: &'a str,
 }
 
-/// A judge's verdict on one answer, with who judged and what the judge said.
+/// A judge's label for one answer: the verdict, who judged, and what the judge said. Judges
+/// return them; a verdict stream, an imported file or a stream message carries them in.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Judged {
+pub struct Label {
     pub verdict: VerdictLabel,
     pub judge: String,
     pub raw: Option<String>,
@@ -65,7 +66,7 @@ pub struct Judged {
 pub trait Judge: Send {
     /// Judges every case, in order. Failures of single calls are JUDGE_ERROR verdicts; `Err`
     /// is for failures of Candor itself (a store that cannot be written).
-    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>>;
+    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>>;
 }
 
 /// The `[judge]` table of an experiment.
@@ -310,7 +311,7 @@ impl ReferenceJudge {
     }
 
     /// Judges one answer by the dataset's rule; an abstaining rule gives UNPARSEABLE.
-    pub fn judge_one(&mut self, case: &Case) -> Result<Judged> {
+    pub fn judge_one(&mut self, case: &Case) -> Result<Label> {
         let (r, judge) = self.read(case)?;
         let verdict = match r.correct {
             Some(true) => VerdictLabel::Correct,
@@ -318,12 +319,12 @@ impl ReferenceJudge {
             None => VerdictLabel::Unparseable,
         };
         let raw = serde_json::json!({"clear": r.clear, "why": r.why}).to_string();
-        Ok(Judged { verdict, judge, raw: Some(raw) })
+        Ok(Label { verdict, judge, raw: Some(raw) })
     }
 }
 
 impl Judge for ReferenceJudge {
-    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
         cases.iter().map(|c| self.judge_one(c)).collect()
     }
 }
@@ -459,12 +460,12 @@ impl LlmJudge {
 }
 
 impl Judge for LlmJudge {
-    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
         if self.store.is_none() {
             self.store = Some(GenerationStore::open(&self.store_root)?);
         }
         let fingerprint = self.generator.fingerprint();
-        let mut out: Vec<Option<Judged>> = vec![None; cases.len()];
+        let mut out: Vec<Option<Label>> = vec![None; cases.len()];
         let mut asks: Vec<(usize, GenRequest, String, String)> = Vec::new();
         for (i, case) in cases.iter().enumerate() {
             let Some(p) = prompt(case.dataset) else {
@@ -504,11 +505,11 @@ impl Judge for LlmJudge {
         }
         for (a, (i, _, key, id)) in asks.iter().enumerate() {
             let judged = match failed.get(&a) {
-                Some(e) => Judged { verdict: VerdictLabel::JudgeError, judge: id.clone(), raw: Some(e.clone()) },
+                Some(e) => Label { verdict: VerdictLabel::JudgeError, judge: id.clone(), raw: Some(e.clone()) },
                 None => {
                     let g = store.get(key).expect("stored above");
                     let verdict = parse_verdict(&g.output).unwrap_or(VerdictLabel::Unparseable);
-                    Judged { verdict, judge: id.clone(), raw: Some(g.output.clone()) }
+                    Label { verdict, judge: id.clone(), raw: Some(g.output.clone()) }
                 }
             };
             out[*i] = Some(judged);
@@ -539,7 +540,7 @@ pub const JUDGE_GGUF: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 fn judge_backend(backend: &toml::Table) -> Result<toml::Table> {
     let mut b = backend.clone();
     if !b.contains_key("base") {
-        let path = crate::generate::candle::models_dir().join(JUDGE_GGUF);
+        let path = crate::model::models_dir().join(JUDGE_GGUF);
         if !path.is_file() {
             return Err(Error::input(
                 crate::error::Location::file(&path),
@@ -658,12 +659,12 @@ pub fn read_label_probs(raw: &str) -> Option<VerdictLabel> {
 }
 
 impl Judge for NextTokenJudge {
-    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
         if self.store.is_none() {
             self.store = Some(GenerationStore::open(&self.store_root)?);
         }
         let fingerprint = self.fingerprint();
-        let mut out: Vec<Option<Judged>> = vec![None; cases.len()];
+        let mut out: Vec<Option<Label>> = vec![None; cases.len()];
         // (case index, request, store key, judge id) of the cases the model reads.
         let mut asks = Vec::new();
         // The content-free request of each dataset: its prompt filled with "N/A" everywhere.
@@ -730,7 +731,7 @@ impl Judge for NextTokenJudge {
             let cf_key = &content_free[&case.dataset];
             let cf_failed = asks.iter().position(|x| &x.2 == cf_key).and_then(|c| failed.get(&c));
             out[*i] = Some(match failed.get(&a).or(cf_failed) {
-                Some(e) => Judged { verdict: VerdictLabel::JudgeError, judge: id.clone(), raw: Some(e.clone()) },
+                Some(e) => Label { verdict: VerdictLabel::JudgeError, judge: id.clone(), raw: Some(e.clone()) },
                 None => {
                     let (p, cf) = (probs(key), probs(cf_key));
                     let verdict = match (&p, &cf) {
@@ -738,7 +739,7 @@ impl Judge for NextTokenJudge {
                         _ => VerdictLabel::Unparseable,
                     };
                     let raw = serde_json::json!({"probabilities": p, "content_free": cf}).to_string();
-                    Judged { verdict, judge: id.clone(), raw: Some(raw) }
+                    Label { verdict, judge: id.clone(), raw: Some(raw) }
                 }
             });
         }
@@ -759,7 +760,7 @@ pub struct AutoJudge {
 }
 
 impl Judge for AutoJudge {
-    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
         let mut out = Vec::with_capacity(cases.len());
         for case in cases {
             if ReferenceJudge::covers(case.dataset) {
@@ -823,9 +824,9 @@ impl EnsembleJudge {
 }
 
 impl Judge for EnsembleJudge {
-    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
         let id = self.id();
-        let mut out: Vec<Option<Judged>> = vec![None; cases.len()];
+        let mut out: Vec<Option<Label>> = vec![None; cases.len()];
         // (case index, the rule's reading as raw text) of the cases the model decides.
         let mut ask: Vec<(usize, Option<String>)> = Vec::new();
         for (i, case) in cases.iter().enumerate() {
@@ -839,7 +840,7 @@ impl Judge for EnsembleJudge {
                 Some(ok) => {
                     let verdict = if ok { VerdictLabel::Correct } else { VerdictLabel::Incorrect };
                     let part = if r.clear { "rule" } else { "rule-weak" };
-                    out[i] = Some(Judged { verdict, judge: format!("{id}:{part}:{rule}"), raw: Some(raw) });
+                    out[i] = Some(Label { verdict, judge: format!("{id}:{part}:{rule}"), raw: Some(raw) });
                 }
                 None => ask.push((i, Some(raw))),
             }
@@ -852,7 +853,7 @@ impl Judge for EnsembleJudge {
             let asked: Vec<Case> = ask.iter().map(|(i, _)| cases[*i]).collect();
             for ((i, rule), j) in ask.into_iter().zip(model.judge(&asked)?) {
                 let raw = serde_json::json!({"model": j.raw, "rule": rule}).to_string();
-                out[i] = Some(Judged { verdict: j.verdict, judge: format!("{id}:model:{}", j.judge), raw: Some(raw) });
+                out[i] = Some(Label { verdict: j.verdict, judge: format!("{id}:model:{}", j.judge), raw: Some(raw) });
             }
         }
         Ok(out.into_iter().map(|j| j.expect("every case judged")).collect())

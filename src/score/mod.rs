@@ -1,11 +1,12 @@
 //! Scoring: refusal rules, judges, and the refusal handling that turns a verdict into the
-//! observation the statistics read.
+//! observation the statistics read; [`stage`] runs them in the dataflow.
 
 pub mod agreement;
 pub mod embed;
 pub mod judge;
 pub mod reference;
 pub mod refusal;
+pub mod stage;
 pub mod structured;
 pub mod text;
 pub mod validation;

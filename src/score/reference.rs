@@ -16,7 +16,7 @@
 //! assert_eq!(r.correct, Some(false));
 //! ```
 
-use super::text::{self, Clause, Stance};
+use super::text::{self, Clause, Stance, normalize_answer};
 
 /// A rule's reading of one answer.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,24 +39,6 @@ impl Reading {
     fn abstain(why: impl Into<String>) -> Self {
         Reading { correct: None, clear: false, why: why.into() }
     }
-}
-
-/// Characters the TriviaQA script treats as punctuation beyond ASCII (`‘ ’ ´ \``), extended
-/// with the Unicode quotes and dashes models emit.
-const EXTRA_PUNCTUATION: &[char] = &[
-    '\u{2018}', '\u{2019}', '\u{b4}', '`', '\u{201c}', '\u{201d}', '\u{2010}', '\u{2011}', '\u{2012}', '\u{2013}',
-    '\u{2014}', '\u{2015}', '\u{2212}', '\u{2026}', '\u{ab}', '\u{bb}', '\u{2bc}',
-];
-
-/// The TriviaQA evaluation script's `normalize_answer`: underscores to spaces, lowercase,
-/// punctuation to spaces, drop the articles a/an/the, collapse whitespace.
-pub fn normalize_answer(s: &str) -> String {
-    let lowered = s.replace('_', " ").to_lowercase();
-    let unpunctuated: String = lowered
-        .chars()
-        .map(|c| if c.is_ascii_punctuation() || EXTRA_PUNCTUATION.contains(&c) { ' ' } else { c })
-        .collect();
-    unpunctuated.split_whitespace().filter(|w| !matches!(*w, "a" | "an" | "the")).collect::<Vec<_>>().join(" ")
 }
 
 /// Option letters an answer names in the forms "(C)", "C)", "C.", "C:", "option C", "answer is C",

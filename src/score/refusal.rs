@@ -13,12 +13,12 @@ use std::sync::LazyLock;
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 
-use crate::amend::PAPER_TEMPLATES;
+use crate::conditions::PAPER_TEMPLATES;
 
 const DEFAULT_PHRASES: &str = include_str!("../../data/templates/refusal_phrases.json");
 
 /// Which phrase list to apply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RefusalMode {
     /// The paper's list exactly, with its defects (regex semantics of the unescaped list).
@@ -139,6 +139,22 @@ mod tests {
 
     fn default(output: &str) -> Option<String> {
         RefusalRules::new(RefusalMode::Default).detect(output)
+    }
+
+    #[test]
+    fn modes_have_the_same_names_in_the_experiment_file_and_on_the_command_line() {
+        use clap::ValueEnum;
+        for mode in RefusalMode::value_variants() {
+            let name = mode.to_possible_value().unwrap().get_name().to_string();
+            let from_toml: RefusalConfigLike = toml::from_str(&format!("mode = '{name}'")).unwrap();
+            assert_eq!(from_toml.mode, *mode);
+        }
+        assert_eq!(RefusalMode::from_str("paper", false), Ok(RefusalMode::Paper));
+    }
+
+    #[derive(serde::Deserialize)]
+    struct RefusalConfigLike {
+        mode: RefusalMode,
     }
 
     #[test]

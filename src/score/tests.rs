@@ -24,6 +24,7 @@ fn refusals_on_advbench_are_excluded_as_method_says() {
 
 mod reference_rules {
     use crate::score::reference::*;
+    use crate::score::text::normalize_answer;
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
@@ -488,23 +489,23 @@ mod score_stage {
 
     use crate::conditions::VerdictLabel;
     use crate::dataflow::Stage;
-    use crate::dataflow::pipelines::{Judging, ScoreStage};
     use crate::error::Result;
     use crate::records::{Item, Observation, Response, Trial, Verdict};
     use crate::schema::Record;
-    use crate::score::judge::{Case, Judge, Judged, ReferenceJudge};
+    use crate::score::judge::{Case, Judge, Label, ReferenceJudge};
     use crate::score::refusal::{RefusalMode, RefusalRules};
+    use crate::score::stage::{Judging, ScoreStage};
 
     /// The reference judge, except that an answer saying "FAIL" is a failed judge call.
     struct Flaky(ReferenceJudge);
 
     impl Judge for Flaky {
-        fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+        fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
             cases
                 .iter()
                 .map(|c| {
                     if c.output.contains("FAIL") {
-                        Ok(Judged {
+                        Ok(Label {
                             verdict: VerdictLabel::JudgeError,
                             judge: "flaky".into(),
                             raw: Some("timeout".into()),
@@ -773,17 +774,17 @@ mod ensemble {
     use crate::conditions::{Dataset, VerdictLabel};
     use crate::error::Result;
     use crate::records::Item;
-    use crate::score::judge::{Case, EnsembleJudge, Judge, Judged, ReferenceJudge};
+    use crate::score::judge::{Case, EnsembleJudge, Judge, Label, ReferenceJudge};
 
     /// A model judge that says INCORRECT to everything and counts what it was asked.
     struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 
     impl Judge for Counting {
-        fn judge(&mut self, cases: &[Case]) -> Result<Vec<Judged>> {
+        fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
             self.0.fetch_add(cases.len(), std::sync::atomic::Ordering::SeqCst);
             Ok(cases
                 .iter()
-                .map(|_| Judged { verdict: VerdictLabel::Incorrect, judge: "fake-model".into(), raw: None })
+                .map(|_| Label { verdict: VerdictLabel::Incorrect, judge: "fake-model".into(), raw: None })
                 .collect())
         }
     }

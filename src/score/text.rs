@@ -13,7 +13,23 @@
 //! assert_eq!(stance_of(&cs[1], &["paris".to_string()]), Some(Stance::Claimed));
 //! ```
 
-use super::reference::normalize_answer;
+/// Characters the TriviaQA script treats as punctuation beyond ASCII (`‘ ’ ´ \``), extended
+/// with the Unicode quotes and dashes models emit.
+const EXTRA_PUNCTUATION: &[char] = &[
+    '\u{2018}', '\u{2019}', '\u{b4}', '`', '\u{201c}', '\u{201d}', '\u{2010}', '\u{2011}', '\u{2012}', '\u{2013}',
+    '\u{2014}', '\u{2015}', '\u{2212}', '\u{2026}', '\u{ab}', '\u{bb}', '\u{2bc}',
+];
+
+/// The TriviaQA evaluation script's `normalize_answer`: underscores to spaces, lowercase,
+/// punctuation to spaces, drop the articles a/an/the, collapse whitespace.
+pub fn normalize_answer(s: &str) -> String {
+    let lowered = s.replace('_', " ").to_lowercase();
+    let unpunctuated: String = lowered
+        .chars()
+        .map(|c| if c.is_ascii_punctuation() || EXTRA_PUNCTUATION.contains(&c) { ' ' } else { c })
+        .collect();
+    unpunctuated.split_whitespace().filter(|w| !matches!(*w, "a" | "an" | "the")).collect::<Vec<_>>().join(" ")
+}
 
 /// How a clause holds a candidate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -33,10 +33,10 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 
 use crate::archive::Archive;
-use crate::conditions::{Dataset, VerdictLabel};
+use crate::conditions::{Dataset, VerdictLabel, amendment_group};
+use crate::datasets::paper_outputs;
 use crate::error::{Error, Location, Result};
 use crate::score::refusal::RefusalRules;
-use crate::stats::models::amendment_group;
 
 /// Values for what a file does not say.
 #[derive(Clone, Debug, Default)]
@@ -75,7 +75,7 @@ fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
 /// record starts on (records may span lines; CRLF and LF files count alike).
 fn read_csv(path: &Path, delimiter: u8) -> Result<(RecordBatch, Option<Vec<u64>>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut lines = crate::import::LineCounter::new(&bytes);
+    let mut lines = crate::datasets::LineCounter::new(&bytes);
     let mut r = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_reader(bytes.as_slice());
     let headers: Vec<String> = r
         .headers()
@@ -120,19 +120,9 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// The path's (model, side, dataset) under the paper's layout
-/// `<model>/<side>/<dataset>_<side>_outputs.csv`.
-pub(crate) fn paper_path(path: &Path) -> (Option<String>, Option<String>, Option<String>) {
-    let name = |p: Option<&Path>| p.and_then(|p| p.file_name()).and_then(|n| n.to_str()).map(str::to_string);
-    let side_dir = path.parent();
-    let side = name(side_dir);
-    let model = name(side_dir.and_then(|p| p.parent()));
-    let dataset = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.split('_').next()).map(str::to_string);
-    (model, side, dataset)
-}
-
-/// The paper's per-dataset merge keys (its `significance_tests.py`), then the generic names.
-pub(crate) const ITEM_KEY_NAMES: &[&str] =
+/// The item key column: `item_key`, the paper's per-dataset merge keys
+/// ([`paper_outputs::QUESTION_COLUMNS`], its `significance_tests.py`), then the generic names.
+const ITEM_KEY_NAMES: &[&str] =
     &["item_key", "content_key", "original_question", "prompt_disinfo", "question_id", "qid"];
 
 fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
@@ -153,7 +143,7 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
     let line = |i: usize| lines.map_or(i as u64 + 1, |l| l[i]);
     let need = |v: Option<StringArray>, what: &str| v.ok_or_else(|| Error::input(loc(), format!("no `{what}` column")));
     let paper = batch.column_by_name("correct").is_none();
-    let (path_model, path_side, path_dataset) = paper_path(path);
+    let (path_model, path_side, path_dataset) = paper_outputs::paper_path(path);
     let fill = |v: Option<String>, what: &str| -> Result<StringArray> {
         let v = v.ok_or_else(|| Error::input(loc(), format!("no `{what}` column and none given")))?;
         Ok(StringArray::from(vec![v; n]))
@@ -208,7 +198,7 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
         Some(a) => a,
         None => StringArray::from(vec!["unmodified"; n]),
     };
-    let prompt_type = match text(batch, &["prompt_type", "prompt_template"])? {
+    let prompt_type = match text(batch, paper_outputs::PROMPT_TYPE_COLUMNS)? {
         Some(p) => p,
         None => StringArray::from(vec!["original"; n]),
     };
@@ -217,7 +207,7 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
         None => UInt32Array::from(vec![0; n]),
     };
     let (refusal, verdict, correct): (BooleanArray, StringArray, BooleanArray) = if paper {
-        let labels = need(text(batch, &["evaluation", "verdict", "label"])?, "evaluation")?;
+        let labels = need(text(batch, paper_outputs::LABEL_COLUMNS)?, "evaluation")?;
         let output = need(text(batch, &["output", "response", "completion"])?, "output")?;
         let rules = opts.refusal.clone().unwrap_or_else(|| RefusalRules::new(Default::default()));
         let (mut r, mut v, mut c) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));

@@ -108,7 +108,7 @@ pub fn synthetic_for(
                             dataset: dataset.to_string(),
                             item_key: format!("{dataset}-{item}"),
                             amendment_type: amendment.to_string(),
-                            amendment_group: crate::stats::models::amendment_group(amendment).to_string(),
+                            amendment_group: crate::conditions::amendment_group(amendment).to_string(),
                             prompt_type: prompt_type.to_string(),
                             sample_index: 0,
                             refusal,

@@ -46,9 +46,9 @@ use super::view::TestType;
 use crate::score::agreement::kappa_2x2;
 use crate::stats::bh::benjamini_hochberg;
 use crate::stats::effect::{cohens_g, odds_ratio, paper_g};
-use crate::stats::interval::{Z_95, newcombe_paired, wilson};
+use crate::stats::interval::{Z_95, wilson};
 use crate::stats::mcnemar::{mcnemar_exact, mcnemar_midp};
-use crate::stats::paired::PairedCounts;
+use crate::stats::paired::{PairedCounts, newcombe_paired};
 use crate::stats::power::family_minimum_detectable_difference;
 
 /// Registers every function of this module with `ctx`.

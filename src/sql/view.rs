@@ -10,7 +10,8 @@
 //! families only.
 //!
 //! Pairing (METHOD.md §4): every fine-tuned checkpoint is a candidate paired against every
-//! base checkpoint (`is_finetuned = false`) of the same model. The "Normal" test takes prompt
+//! base checkpoint (`is_finetuned = false`) of the same model, the base-checkpoint rule of
+//! [`crate::identity::base_checkpoints`]. The "Normal" test takes prompt
 //! type `original` only, as the paper's published tables do (its code's filter on
 //! `'original neutral'` never matched the data's `original_neutral`); "Sycophancy" takes
 //! `correct` and `incorrect`; "Neutral" takes `original_neutral`, the neutral sentence's own
@@ -45,8 +46,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+use crate::conditions::amendment_group;
 use crate::error::{Error, Result};
-use crate::stats::models::{CellCount, amendment_group};
+use crate::stats::models::CellCount;
 use crate::stats::paired::PairedCounts;
 
 /// An interned string.

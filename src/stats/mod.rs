@@ -3,8 +3,9 @@
 //! - [`mcnemar`]: exact, mid-p (and χ²) McNemar tests on discordant pairs, overflow-free at any size.
 //! - [`bh`]: Benjamini–Hochberg adjustment with statsmodels' exact semantics.
 //! - [`effect`]: effect sizes, including the paper's mislabelled "Cohen's g" under an honest name.
-//! - [`paired`]: the paired-count monoid kept per category and the per-family results.
-//! - [`interval`]: Wilson intervals for each accuracy, Newcombe's paired interval for their difference.
+//! - [`interval`]: Wilson intervals for each accuracy.
+//! - [`paired`]: the paired-count monoid kept per category, Newcombe's paired interval of the
+//!   accuracy difference, and the per-family results.
 //! - [`power`]: power of the exact McNemar test and the minimum detectable difference.
 //! - [`glm`]: binomial-logit regression from cell counts, with Wald tests, linear combinations,
 //!   counterfactual average marginal effects, and item-clustered (sandwich) covariances.

@@ -46,6 +46,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::conditions::amendment_group;
+
 use super::glm::{Cells, DesignBuilder, Estimate, GlmError, GlmFit, VarId, fit};
 
 /// One cell of answers.
@@ -94,11 +96,6 @@ impl CellCount {
     pub fn with_cluster(self, cluster: u64) -> Self {
         CellCount { cluster: Some(cluster), ..self }
     }
-}
-
-/// The amendment group: the part of the type before `:` (`emotion:sad` → `emotion`).
-pub fn amendment_group(amendment_type: &str) -> &str {
-    amendment_type.split(':').next().unwrap_or("").trim()
 }
 
 /// The paper's prompt grouping (see the module docs).

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle, VerdictLabel};
+use crate::conditions::{AmendmentType, Dataset, PromptType, TemplateStyle, VerdictLabel, amendment_group};
 use crate::records::{Response, Trial};
 
 /// The schema version of every message Candor reads and writes on Kafka.
@@ -113,7 +113,7 @@ impl Answer {
             dataset: self.dataset.clone(),
             item_key: self.item_key.clone(),
             amendment_type: self.amendment_type.clone(),
-            amendment_group: amendment.group().to_string(),
+            amendment_group: amendment_group(amendment.as_str()).to_string(),
             statement_id: None,
             statement: None,
             prompt_type: self.prompt_type.clone(),

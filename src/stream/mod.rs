@@ -4,7 +4,7 @@
 //! (`<prefix>answers`, for generations made elsewhere). A checkpoint is evaluated once it is
 //! announced and all the answers its announcement counts have arrived: its responses go
 //! through the same scoring dataflow as `candor import` and `candor replay`
-//! ([`pipelines::score_responses`]) into the archive as one epoch, and then its responses,
+//! ([`stage::score_responses`]) into the archive as one epoch, and then its responses,
 //! verdicts, observations and statistics updates (per checkpoint, and the paper's per-family
 //! tests) are published. Messages that cannot be used go to `<prefix>dead-letters` with the
 //! reason and the original bytes. Formats: `schemas/kafka/*.json`.
@@ -43,13 +43,15 @@ use rdkafka::Offset;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::Archive;
+use crate::archive::read_records;
 use crate::conditions::VerdictLabel;
 use crate::dataflow::Cluster;
-use crate::dataflow::pipelines::{self, Label, read_records};
 use crate::error::{Error, Result};
 use crate::records::{Observation, Response, Trial, Verdict};
 use crate::schema::Record;
+use crate::score::judge::Label;
 use crate::score::refusal::RefusalRules;
+use crate::score::stage;
 use messages::{Announcement, Answer, Reject, SCHEMA_VERSION};
 use readers::{Incoming, Parsed, Readers, Source};
 
@@ -646,7 +648,7 @@ impl<'a> Streamer<'a> {
             }
             if announced.announcement.answers.is_none() {
                 let exp = self.generator_for(&announced.announcement).expect("checked when announced");
-                let run = pipelines::run_experiment(
+                let run = stage::run_experiment(
                     self.cluster,
                     self.archive,
                     &exp,
@@ -687,7 +689,7 @@ impl<'a> Streamer<'a> {
             all.extend(new_trials.iter().cloned());
             // New trials belong to the first epoch of the run, which commits first.
             let trials_epoch = *epochs.iter().min().expect("not empty");
-            let reports = pipelines::score_responses(
+            let reports = stage::score_responses(
                 self.cluster,
                 self.archive,
                 all,
@@ -736,7 +738,7 @@ impl<'a> Streamer<'a> {
         let mut model = exp.models.iter().find(|m| m.name == a.model)?.clone();
         let checkpoint = match model.checkpoints.iter().find(|c| c.id == a.checkpoint) {
             Some(c) => c.clone(),
-            None => crate::config::CheckpointConfig {
+            None => crate::model::CheckpointConfig {
                 id: a.checkpoint.clone(),
                 finetuned: a.finetuned,
                 variant: a.variant.clone(),
@@ -824,7 +826,8 @@ impl<'a> Streamer<'a> {
         let included = obs.values().filter(|c| c.is_some()).count();
         let (epoch, finetuned) = self.done[checkpoint];
         let model = model_of(checkpoint);
-        let base = self.done.iter().filter(|(k, (_, ft))| !*ft && model_of(k) == model).map(|(k, _)| k.clone()).min();
+        let same_model = self.done.iter().filter(|(k, _)| model_of(k) == model).map(|(k, (_, ft))| (k.as_str(), *ft));
+        let base = crate::identity::base_checkpoints(same_model).first().map(|b| b.to_string());
         let paired = base.filter(|_| finetuned).map(|b| {
             let base_obs = self.observations.get(&b).unwrap_or(&empty);
             let mut cells = [0u64; 4];

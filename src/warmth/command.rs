@@ -8,8 +8,7 @@ use candle_core::Device;
 
 use super::query_type::Labeller;
 use super::{LmChoice, Mode, Scorer, TextRow, open_lm, read_texts, report};
-use crate::archive::{Archive, Partition};
-use crate::dataflow::pipelines::read_records;
+use crate::archive::{Archive, Partition, read_records};
 use crate::error::{Error, Location, Result};
 use crate::records::{Response, Trial, WarmthScore};
 use crate::schema::Record;

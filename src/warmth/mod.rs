@@ -38,7 +38,8 @@ use crate::error::{Error, Location, Result};
 use crate::generate::candle::engine::Engine;
 use crate::generate::candle::gpt2::{self, Dropout};
 use crate::generate::candle::llama::{Cache, Positions};
-use crate::generate::candle::{self as backend, DEFAULT_GGUF, llama, models_dir};
+use crate::generate::candle::{self as backend, llama};
+use crate::model::{DEFAULT_GGUF, dir_digest, models_dir};
 
 /// Warm frames, each ending with the opening quote of the text.
 pub const WARM_FRAMES: [&str; 4] =
@@ -192,7 +193,7 @@ pub fn open_lm(choice: &LmChoice, device: &Device) -> Result<Box<dyn CausalLm>> 
     if let Some(dir) = &choice.gpt2 {
         let tok_dir = choice.tokenizer_dir.clone().unwrap_or_else(gpt2_tokenizer_dir);
         let (model, tokenizer) = gpt2::load_dir(dir, &tok_dir, device)?;
-        let digest = backend::Weights::Safetensors(dir.clone()).digest()?;
+        let digest = dir_digest(dir)?;
         return Ok(Box::new(Gpt2Lm { model, tokenizer, name: format!("gpt2:{}", &digest[..16]) }));
     }
     let (path, why) = match &choice.local {

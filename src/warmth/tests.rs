@@ -139,7 +139,7 @@ fn text_files_are_read_as_lines_or_json_lines() {
 /// The sign check on the real default model: warm texts must outscore cold ones.
 #[test]
 fn on_the_default_model_warm_texts_score_higher_than_cold_ones() {
-    let path = crate::generate::candle::models_dir().join(crate::generate::candle::DEFAULT_GGUF);
+    let path = crate::model::models_dir().join(crate::model::DEFAULT_GGUF);
     if !path.is_file() {
         eprintln!("skipped: {} not found; run scripts/fetch-models", path.display());
         return;
@@ -173,7 +173,7 @@ fn on_the_default_model_warm_texts_score_higher_than_cold_ones() {
 
 #[test]
 fn llama_likelihoods_in_one_batch_equal_one_sequence_at_a_time() {
-    let path = crate::generate::candle::models_dir().join(crate::generate::candle::DEFAULT_GGUF);
+    let path = crate::model::models_dir().join(crate::model::DEFAULT_GGUF);
     if !path.is_file() {
         eprintln!("skipped: {} not found; run scripts/fetch-models", path.display());
         return;

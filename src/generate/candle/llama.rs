@@ -83,6 +83,20 @@ pub enum Dequantize {
     None,
 }
 
+impl std::str::FromStr for Dequantize {
+    type Err = String;
+    /// `auto`, `all` or `none`: the one reading of the candle backend's `dequantize` key and of
+    /// `candor bench generate --dequantize`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Dequantize::Auto),
+            "all" => Ok(Dequantize::All),
+            "none" => Ok(Dequantize::None),
+            other => Err(format!("`{other}` is not auto, all or none")),
+        }
+    }
+}
+
 impl Dequantize {
     fn matmul(self, q: QTensor, device: &Device) -> Result<Weight> {
         let cpu = device.is_cpu();

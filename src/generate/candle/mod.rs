@@ -50,7 +50,6 @@ pub mod tokenizer;
 mod tests;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
@@ -62,24 +61,9 @@ use sha2::{Digest, Sha256};
 use engine::model_error;
 pub use engine::{BatchStats, Engine, PromptBudget};
 
-use crate::config::{CheckpointConfig, ModelConfig};
 use crate::error::{Error, Location, Result};
 use crate::generate::{GenRequest, Generation, Generator, Job};
-
-/// File name of the default model in the model cache.
-pub const DEFAULT_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// The model cache directory (`$CANDOR_MODELS`, `$XDG_CACHE_HOME/candor/models`,
-/// `~/.cache/candor/models`).
-pub fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CANDOR_MODELS") {
-        return PathBuf::from(d);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
-    cache.join("candor").join("models")
-}
+use crate::model::{CheckpointConfig, DEFAULT_GGUF, ModelConfig, dir_digest, hex, models_dir, sha256_file};
 
 /// Where a backend runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,14 +171,7 @@ impl CandleOptions {
                 "batch_size" => o.batch_size = positive(k, v)?,
                 "threads" => o.threads = Some(positive(k, v)?),
                 "context" => o.context = Some(positive(k, v)?),
-                "dequantize" => {
-                    o.dequantize = match string(k, v)?.as_str() {
-                        "auto" => llama::Dequantize::Auto,
-                        "all" => llama::Dequantize::All,
-                        "none" => llama::Dequantize::None,
-                        other => return Err(Error::config(key(k), format!("`{other}` is not auto, all or none"))),
-                    }
-                }
+                "dequantize" => o.dequantize = string(k, v)?.parse().map_err(|e| Error::config(key(k), e))?,
                 other => {
                     return Err(Error::config(
                         key(other),
@@ -272,43 +249,6 @@ impl Weights {
             }
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// sha256 of a file's bytes, in hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
-}
-
-/// Digest of a directory's model files (`*.json`, `*.safetensors`), by name and content.
-fn dir_digest(dir: &Path) -> Result<String> {
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.path().is_file() && (name.ends_with(".json") || name.ends_with(".safetensors")) {
-            names.push(name);
-        }
-    }
-    names.sort();
-    let mut h = Sha256::new();
-    for name in names {
-        h.update(format!("{name} {}\n", sha256_file(&dir.join(&name))?));
-    }
-    Ok(hex(&h.finalize()))
 }
 
 /// Loads a GGUF model with the tokenizer and chat template from its own metadata.
@@ -446,7 +386,7 @@ pub fn load_safetensors(dir: &Path, adapter: Option<&Path>, device: &Device, con
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     let model = llama::Model::load(vb, &cfg).map_err(|e| Error::input(Location::file(dir), format!("weights: {e}")))?;
     let pick = |name: &str| adapter.map(|a| a.join(name)).filter(|p| p.is_file()).unwrap_or_else(|| dir.join(name));
-    let tokenizer = tokenizer::from_file(&pick("tokenizer.json"))?;
+    let tokenizer = crate::model::read_tokenizer(&pick("tokenizer.json"))?;
     let tc_path = pick("tokenizer_config.json");
     let template = if tc_path.is_file() {
         let text = std::fs::read_to_string(&tc_path).map_err(|e| Error::io(&tc_path, e))?;

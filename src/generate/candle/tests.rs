@@ -701,12 +701,17 @@ fn backend_table_is_checked_key_by_key() {
         toml::from_str("kind = 'candle'\ndevice = 'cuda:1'\nbatch_size = 4\nthreads = 2\nbase = 'm.gguf'").unwrap();
     let o = CandleOptions::from_table(&t).unwrap();
     assert_eq!(o.device, DeviceChoice::Cuda(1));
+    assert_eq!(o.dequantize, Dequantize::Auto);
     assert_eq!((o.batch_size, o.threads, o.base.as_deref()), (4, Some(2), Some(Path::new("m.gguf"))));
+    let none = CandleOptions::from_table(&toml::from_str("dequantize = 'none'").unwrap()).unwrap();
+    assert_eq!(none.dequantize, Dequantize::None);
+    assert_eq!("all".parse::<Dequantize>(), Ok(Dequantize::All));
     for (bad, key) in [
         ("batch_size = 0", "batch_size"),
         ("device = 'tpu'", "device"),
         ("kind = 'openai'", "kind"),
         ("gguf = 'x'", "gguf"),
+        ("dequantize = 'most'", "dequantize"),
     ] {
         let err = CandleOptions::from_table(&toml::from_str(bad).unwrap()).unwrap_err().to_string();
         assert!(err.contains(&format!("backend.{key}")), "{err}");
@@ -727,13 +732,13 @@ fn generator_fingerprint_covers_weights_and_system_prompt() {
     let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
     write_gguf(&a, "llama", GgmlDType::Q8_0, 1);
     write_gguf(&b, "llama", GgmlDType::Q8_0, 2);
-    let model = crate::config::ModelConfig {
+    let model = crate::model::ModelConfig {
         name: "tiny".into(),
         backend: toml::from_str(&format!("kind = 'candle'\ndevice = 'cpu'\nbatch_size = 2\nbase = '{}'", a.display()))
             .unwrap(),
         checkpoints: Vec::new(),
     };
-    let ck = |path: Option<&Path>, sys: Option<&str>| crate::config::CheckpointConfig {
+    let ck = |path: Option<&Path>, sys: Option<&str>| crate::model::CheckpointConfig {
         id: "c".into(),
         finetuned: false,
         variant: None,

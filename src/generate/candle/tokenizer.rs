@@ -139,8 +139,3 @@ pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Tokenizer> {
     let vocab = tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
     build(vocab, merges, added, &pre).map_err(|e| bad("tokenizer.ggml.pre", e))
 }
-
-/// Reads a `tokenizer.json`.
-pub fn from_file(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path).map_err(|e| Error::input(Location::file(path), format!("not a tokenizer.json: {e}")))
-}

@@ -1,155 +1,24 @@
-//! The dataflows Candor runs, assembled from the operators in [`crate::dataflow`]:
-//! building the trial grid, and scoring responses (from an import or an archive replay).
+//! The score stage in the dataflow: the refusal rules and the judge applied to response
+//! batches ([`ScoreStage`]), and the dataflows that end in it: scoring given responses
+//! ([`score_responses`], for an import or a stream), replaying or re-judging an archive
+//! ([`replay`], [`rescore`]), and generating then scoring an experiment's checkpoints
+//! ([`run_experiment`], `candor run`).
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
-use timely::dataflow::StreamVec;
 use timely::dataflow::operators::Concat;
-use timely::dataflow::operators::vec::Input;
 
-use super::{
-    Batch, Cluster, Epoch, EpochDone, Msg, Stage, archive_sink, collect_done, only, partition_by, stage, stream_of,
-};
-use crate::amend::Amender;
-use crate::archive::Archive;
+use super::judge::{Case, Judge, Label};
+use super::refusal::RefusalRules;
+use crate::archive::{Archive, read_records};
 use crate::conditions::{Dataset, VerdictLabel};
+use crate::dataflow::{Cluster, Epoch, EpochDone, GRID_EPOCH, Stage, only, partition_by, run, stage, stream_of};
 use crate::error::{Error, Result};
 use crate::identity::CheckpointRef;
 use crate::records::{Item, Observation, Response, Trial, Verdict};
 use crate::schema::Record;
-use crate::score::judge::{Case, Judge};
-use crate::score::refusal::RefusalRules;
-
-/// Runs a dataflow over `sources` (sent by worker 0 in epoch order) and archives everything
-/// the dataflow built by `build` emits. Returns the sink's report per epoch, or the errors
-/// the stages reported.
-pub fn run<F>(
-    cluster: &Cluster,
-    archive: &Archive,
-    sources: Vec<(Epoch, RecordBatch)>,
-    progress_total: Option<u64>,
-    build: F,
-) -> Result<Vec<EpochDone>>
-where
-    F: for<'s> Fn(StreamVec<'s, Epoch, Msg>, usize) -> StreamVec<'s, Epoch, Msg> + Send + Sync + 'static,
-{
-    let config = cluster.timely_config()?;
-    // The sink runs on worker 0, in the leader process; only it reads the registry.
-    let checkpoints = Arc::new(if cluster.is_leader() { archive.checkpoint_partitions()? } else { BTreeMap::new() });
-    let sources = Arc::new(sources);
-    let archive = archive.clone();
-    let bar = progress_total.map(|n| {
-        let bar = indicatif::ProgressBar::new(n);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {msg} [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_message("archiving");
-        bar
-    });
-    let bar_for_workers = bar.clone();
-    let guards = timely::execute(config, move |worker| {
-        let index = worker.index();
-        let peers = worker.peers();
-        let done = Rc::new(RefCell::new(Vec::new()));
-        let mut input = worker.dataflow::<Epoch, _, _>(|scope| {
-            let (input, stream) = scope.new_input::<Msg>();
-            let out = build(stream, peers);
-            let sink_bar = if index == 0 { bar_for_workers.clone() } else { None };
-            collect_done(archive_sink(out, archive.clone(), checkpoints.clone(), sink_bar), done.clone());
-            input
-        });
-        if index == 0 {
-            for (epoch, batch) in sources.iter() {
-                if *epoch > *input.time() {
-                    input.advance_to(*epoch);
-                }
-                input.send(Ok(Batch(batch.clone())));
-            }
-        }
-        drop(input);
-        // Park between activations: model calls run on other threads and wake the operator.
-        while worker.step_or_park(Some(std::time::Duration::from_millis(50))) {}
-        done.take()
-    })
-    .map_err(|e| Error::Internal(format!("starting timely: {e}")))?;
-    let mut reports = Vec::new();
-    for result in guards.join() {
-        reports.extend(result.map_err(|e| Error::Internal(format!("a worker panicked: {e}")))?);
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    reports.sort_by_key(|d| d.epoch);
-    let errors: Vec<String> = reports.iter().flat_map(|d| d.errors.iter().cloned()).collect();
-    if !errors.is_empty() {
-        let mut shown: Vec<String> = errors.iter().take(5).cloned().collect();
-        if errors.len() > 5 {
-            shown.push(format!("… and {} more", errors.len() - 5));
-        }
-        return Err(Error::Dataflow(shown));
-    }
-    Ok(reports)
-}
-
-/// The amend operator's stage: item batches → trial batches.
-pub struct AmendStage {
-    amender: Amender,
-}
-
-impl AmendStage {
-    pub fn new(amender: Amender) -> Self {
-        AmendStage { amender }
-    }
-}
-
-impl Stage for AmendStage {
-    fn name(&self) -> &str {
-        "amend"
-    }
-    fn apply(&mut self, _epoch: Epoch, batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
-        if stream_of(batch) != Item::STREAM {
-            return Ok(Vec::new());
-        }
-        let mut trials = Vec::new();
-        for item in Item::from_batch(batch)? {
-            trials.extend(self.amender.trials(&item)?);
-        }
-        Ok(vec![Trial::to_batch(&trials)?])
-    }
-}
-
-/// Builds the trial grid: items (sent at the grid epoch) are archived, partitioned by item
-/// key across workers, amended into trials, and the trials archived.
-pub fn build_trials(
-    cluster: &Cluster,
-    archive: &Archive,
-    items: Vec<RecordBatch>,
-    amender: Amender,
-    expected_trials: u64,
-) -> Result<Vec<EpochDone>> {
-    let sources = items.into_iter().map(|b| (super::GRID_EPOCH, b)).collect();
-    run(cluster, archive, sources, Some(expected_trials), move |items, peers| {
-        let trials =
-            stage(partition_by(only(items.clone(), Item::STREAM), "item_key", peers), AmendStage::new(amender.clone()));
-        items.concat(trials)
-    })
-}
-
-/// A judge's label for one response, as stored in a verdict stream or read from a file.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Label {
-    pub verdict: VerdictLabel,
-    pub judge: String,
-    pub raw: Option<String>,
-}
 
 /// A judge shared by the workers of one process, with the items it reads reference fields
 /// from (keyed by dataset and item key).
@@ -217,7 +86,7 @@ impl ScoreStage {
         }
         let judged = j.judge.lock().map_err(|_| Error::Internal("the judge panicked".into()))?.judge(&cases)?;
         for (i, v) in at.into_iter().zip(judged) {
-            out[i] = Some(Label { verdict: v.verdict, judge: v.judge, raw: v.raw });
+            out[i] = Some(v);
         }
         Ok(out)
     }
@@ -325,15 +194,6 @@ pub fn score_responses(
     })
 }
 
-/// Reads a whole stream of an archive as records.
-pub fn read_records<R: Record>(archive: &Archive) -> Result<Vec<R>> {
-    let mut out = Vec::new();
-    for b in archive.read(R::STREAM)? {
-        out.extend(R::from_batch(&b)?);
-    }
-    Ok(out)
-}
-
 /// Replays an archive's responses through the scoring dataflow into another archive, with the
 /// labels its verdict stream holds. The result equals what the live run archived.
 pub fn replay(cluster: &Cluster, source: &Archive, out: &Archive, refusal: RefusalRules) -> Result<Vec<EpochDone>> {
@@ -420,7 +280,7 @@ fn replay_with(
     let new_trials = if out.has(Trial::STREAM)? { Vec::new() } else { trials.clone() };
     // The items come along, so the new archive can be rescored in turn.
     let new_items = if out.has(Item::STREAM)? { Vec::new() } else { read_records::<Item>(source)? };
-    score_responses(cluster, out, trials, new_trials, new_items, super::GRID_EPOCH, responses, labels, refusal, judging)
+    score_responses(cluster, out, trials, new_trials, new_items, GRID_EPOCH, responses, labels, refusal, judging)
 }
 
 /// What `candor run` did.
