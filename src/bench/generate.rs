@@ -52,7 +52,7 @@ pub fn run(opts: &GenerateBench, json: bool) -> Result<()> {
     use candor::generate::candle::{self as cb, CandleGenerator, CandleOptions, DeviceChoice, Weights};
     use candor::generate::{Decoding, GenRequest};
 
-    let threads = cb::init_threads(opts.threads);
+    let threads = cb::init_threads(opts.threads); // at start-up: no other thread exists yet
     let path = opts.gguf.clone().unwrap_or_else(|| candor::model::models_dir().join(candor::model::DEFAULT_GGUF));
     let options = CandleOptions {
         device: DeviceChoice::Cpu,

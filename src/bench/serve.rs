@@ -49,7 +49,7 @@ pub fn run(opts: &ServeBench, json: bool) -> Result<()> {
     use candor::generate::candle::{self as cb, CandleGenerator, CandleOptions, DeviceChoice, Weights};
     use candor::serve::{Batching, ServeOptions};
 
-    let threads = cb::init_threads(opts.threads);
+    let threads = cb::init_threads(opts.threads); // at start-up: no other thread exists yet
     let path = opts.gguf.clone().unwrap_or_else(|| candor::model::models_dir().join(candor::model::DEFAULT_GGUF));
     let options = CandleOptions { device: DeviceChoice::Cpu, threads: Some(opts.threads), ..Default::default() };
     if !json {

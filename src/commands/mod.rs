@@ -107,6 +107,8 @@ pub fn load_experiment(path: &Path, paper: bool) -> Result<Experiment> {
         exp.template_style = candor::conditions::TemplateStyle::Paper;
         exp.refusal.mode = RefusalMode::Paper;
     }
+    // Commands load their experiment before any thread exists: candle's thread count is fixed here.
+    candor::generate::backend::init_threads(&exp.models);
     Ok(exp)
 }
 

@@ -33,3 +33,21 @@ pub fn open(model: &ModelConfig, checkpoint: &CheckpointConfig) -> Result<Box<dy
         )),
     }
 }
+
+/// Fixes candle's CPU thread count from the first candle backend of `models` that sets
+/// `threads` (see [`super::candle::init_threads`]: only the process's first call counts, so
+/// `--threads` wins). Call it at start-up, before any thread exists.
+pub fn init_threads(models: &[ModelConfig]) {
+    for model in models {
+        for checkpoint in &model.checkpoints {
+            let table = model.backend_for(checkpoint);
+            // A table that does not parse is reported when its generator opens.
+            if table.get("kind").is_none_or(|k| k.as_str() == Some("candle"))
+                && let Some(t) = super::candle::CandleOptions::from_table(&table).ok().and_then(|o| o.threads)
+            {
+                super::candle::init_threads(t);
+                return;
+            }
+        }
+    }
+}

@@ -110,13 +110,22 @@ impl DeviceChoice {
 }
 
 /// Sets candle's CPU thread count (`RAYON_NUM_THREADS`) unless the environment already does;
-/// returns the count candle will use. candle sizes its pools at its first computation, so call
-/// this at start-up, before any model runs and before other threads read the environment.
+/// returns the count candle will use. Only the first call in a process sets anything (the count
+/// cannot change once candle's pools exist), and it must be made while the process has one
+/// thread: the command line calls it at start-up (`--threads`, then the experiment's candle
+/// backends' `threads`, see [`crate::generate::backend::init_threads`]), before any runtime,
+/// pool or model exists. Later calls, and generators opened afterwards, never touch the
+/// environment.
 pub fn init_threads(threads: usize) -> usize {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() && threads > 0 {
-        // SAFETY: called at start-up, before threads that read the environment exist (see above).
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    }
+    static SET: std::sync::Once = std::sync::Once::new();
+    SET.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() && threads > 0 {
+            // SAFETY: the first call is made at start-up while the process has a single
+            // thread (see above), so no other thread reads or writes the environment during
+            // `set_var`; the `Once` makes every later call skip it.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+        }
+    });
     candle_core::utils::get_num_threads()
 }
 
@@ -424,7 +433,12 @@ impl CandleGenerator {
     /// A generator on `weights`; `system_prompt` goes with every request that has none.
     pub fn open(options: &CandleOptions, weights: Weights, system_prompt: Option<String>) -> Result<Self> {
         if let Some(t) = options.threads {
-            init_threads(t);
+            let running = candle_core::utils::get_num_threads();
+            if t != running {
+                eprintln!(
+                    "warning: the candle backend asks for {t} threads but candle runs {running} (the count is fixed at start-up: --threads, RAYON_NUM_THREADS or the experiment's first candle backend)"
+                );
+            }
         }
         let device = options.device.open()?;
         let engine = match &weights {
