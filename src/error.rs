@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Who is expected to act on an error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Domain {
     /// The input or configuration is wrong; the user must change it.
     User,
@@ -86,12 +86,15 @@ pub enum Error {
         #[source]
         source: arrow::error::ArrowError,
     },
-    /// A model backend failed (after its retries, where they apply).
+    /// A model backend, broker or other service failed (after its retries, where they
+    /// apply). `transient`: it could not be reached or kept failing in ways that pass (a
+    /// refused connection, a timeout, 429 or 5xx answers), so the same command may succeed
+    /// later.
     #[error("backend {backend}: {message}")]
-    Backend { backend: String, message: String },
+    Backend { backend: String, message: String, transient: bool },
     /// Stages of the dataflow reported errors; nothing was archived for the epochs they hit.
-    #[error("the dataflow reported errors (nothing was archived for those epochs):\n  {}", .0.join("\n  "))]
-    Dataflow(Vec<String>),
+    #[error("{}", dataflow_message(.0))]
+    Dataflow(Vec<StageError>),
     /// A model backend failed while running (a forward pass, the device).
     #[error("model {context}: {message}")]
     Model { context: String, message: String },
@@ -125,7 +128,12 @@ impl Error {
         Error::Schema { stream: stream.into(), message: message.into() }
     }
     pub fn backend(backend: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Backend { backend: backend.into(), message: message.into() }
+        Error::Backend { backend: backend.into(), message: message.into(), transient: false }
+    }
+    /// A backend that could not be reached, or kept failing in ways that pass: running the
+    /// same command again later may succeed ([`Error::transient`]).
+    pub fn unavailable(backend: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Backend { backend: backend.into(), message: message.into(), transient: true }
     }
     pub fn arrow(context: impl Into<String>, source: arrow::error::ArrowError) -> Self {
         Error::Arrow { context: context.into(), source }
@@ -137,7 +145,8 @@ impl Error {
     /// Who should act on this error.
     pub fn kind(&self) -> Domain {
         match self {
-            Error::Input { .. } | Error::Config { .. } | Error::Schema { .. } | Error::Dataflow(_) => Domain::User,
+            Error::Dataflow(errors) => StageError::domain_of(errors),
+            Error::Input { .. } | Error::Config { .. } | Error::Schema { .. } => Domain::User,
             Error::Io { .. }
             | Error::Arrow { .. }
             | Error::Backend { .. }
@@ -148,6 +157,132 @@ impl Error {
             Error::Internal(_) => Domain::Internal,
         }
     }
+
+    /// Whether the failure is transient, so that running the same command again later may
+    /// succeed (see [`RETRY_HINT`]): a backend that could not be reached, or stages that all
+    /// failed that way.
+    pub fn transient(&self) -> bool {
+        match self {
+            Error::Backend { transient, .. } => *transient,
+            Error::Dataflow(errors) => !errors.is_empty() && errors.iter().all(|e| e.transient),
+            _ => false,
+        }
+    }
+
+    /// The retry hint for a [`transient`](Error::transient) error, else `None`.
+    pub fn retry_hint(&self) -> Option<&'static str> {
+        self.transient().then_some(RETRY_HINT)
+    }
+}
+
+/// What to do about a transient error. Commands resume: `candor run` skips the checkpoints
+/// the archive holds complete and takes every answer already in the generation store from
+/// there; `candor stream` continues from the offsets its state committed.
+pub const RETRY_HINT: &str =
+    "retry: this failure looks transient; run the same command again later, and it resumes where it stopped";
+
+/// An error a dataflow stage hit, as it travels on an edge (and between processes, so it is
+/// plain data): the text, who should act on it and whether it is transient. The archive sink
+/// gathers them, and [`Error::Dataflow`] reports them with their domain.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StageError {
+    pub domain: Domain,
+    pub message: String,
+    pub transient: bool,
+}
+
+impl StageError {
+    /// `error`, hit by the stage or step `context`.
+    pub fn new(context: &str, error: &Error) -> Self {
+        StageError { domain: error.kind(), message: format!("{context}: {error}"), transient: error.transient() }
+    }
+
+    /// The domain of several errors: who must act for the command to succeed. A bug first,
+    /// then damaged data, then the input (retrying cannot fix those); external only when every
+    /// error is external, since only then may running again be all it takes.
+    pub fn domain_of(errors: &[StageError]) -> Domain {
+        [Domain::Internal, Domain::Data, Domain::User, Domain::External]
+            .into_iter()
+            .find(|d| errors.iter().any(|e| e.domain == *d))
+            .unwrap_or(Domain::Internal)
+    }
+}
+
+impl From<&Error> for StageError {
+    fn from(error: &Error) -> Self {
+        StageError { domain: error.kind(), message: error.to_string(), transient: error.transient() }
+    }
+}
+
+impl fmt::Display for StageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The first five errors, one a line, and how many more there were.
+fn dataflow_message(errors: &[StageError]) -> String {
+    let mut out = String::from("the dataflow reported errors (nothing was archived for those epochs):");
+    for e in errors.iter().take(5) {
+        out.push_str("\n  ");
+        out.push_str(&e.message);
+    }
+    if errors.len() > 5 {
+        out.push_str(&format!("\n  … and {} more", errors.len() - 5));
+    }
+    out
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(e: Error) -> StageError {
+        StageError::new("generate", &e)
+    }
+
+    #[test]
+    fn stage_errors_keep_the_domain_and_transience_of_the_error() {
+        let down = stage(Error::unavailable("http://127.0.0.1:9", "gave up after 2 attempts"));
+        assert_eq!((down.domain, down.transient), (Domain::External, true));
+        assert_eq!(down.to_string(), "generate: backend http://127.0.0.1:9: gave up after 2 attempts");
+        let refused = stage(Error::backend("http://127.0.0.1:9", "401 Unauthorized"));
+        assert_eq!((refused.domain, refused.transient), (Domain::External, false));
+        let bad = stage(Error::schema("trial", "column `prompt` is missing"));
+        assert_eq!((bad.domain, bad.transient), (Domain::User, false));
+        let bug = stage(Error::Internal("epoch 3 has no checkpoint plan".into()));
+        assert_eq!(bug.domain, Domain::Internal);
+        let json = serde_json::to_string(&down).unwrap();
+        assert_eq!(serde_json::from_str::<StageError>(&json).unwrap(), down, "errors cross processes as data");
+    }
+
+    #[test]
+    fn a_dataflow_error_is_external_and_transient_only_when_every_stage_error_is() {
+        let down = || stage(Error::unavailable("kafka", "all brokers down"));
+        let outage = Error::Dataflow(vec![down(), down()]);
+        assert_eq!(outage.kind(), Domain::External);
+        assert!(outage.transient());
+        assert_eq!(outage.retry_hint(), Some(RETRY_HINT));
+
+        let refused = Error::Dataflow(vec![down(), stage(Error::backend("m", "401 Unauthorized"))]);
+        assert_eq!((refused.kind(), refused.transient()), (Domain::External, false));
+        assert_eq!(refused.retry_hint(), None);
+
+        let input = Error::Dataflow(vec![down(), stage(Error::schema("trial", "bad"))]);
+        assert_eq!((input.kind(), input.transient()), (Domain::User, false), "retrying cannot fix an input");
+        let damaged = Error::Dataflow(vec![stage(Error::schema("trial", "bad")), stage(Error::integrity("f", "x"))]);
+        assert_eq!(damaged.kind(), Domain::Data);
+        let bug = Error::Dataflow(vec![stage(Error::integrity("f", "x")), stage(Error::Internal("x".into()))]);
+        assert_eq!(bug.kind(), Domain::Internal);
+    }
+
+    #[test]
+    fn a_dataflow_error_shows_five_errors_and_counts_the_rest() {
+        let errors = (0..7).map(|i| stage(Error::schema("trial", format!("row {i}")))).collect();
+        let text = Error::Dataflow(errors).to_string();
+        assert!(text.starts_with("the dataflow reported errors (nothing was archived for those epochs):\n  generate:"));
+        assert!(text.contains("row 4") && !text.contains("row 5") && text.ends_with("\n  … and 2 more"), "{text}");
+    }
+}

@@ -16,7 +16,11 @@ fn main() {
     let cli = cli::Cli::parse();
     if let Err(e) = cli::main(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(match e.downcast_ref::<candor::error::Error>().map(|e| e.kind()) {
+        let error = e.downcast_ref::<candor::error::Error>();
+        if let Some(hint) = error.and_then(|e| e.retry_hint()) {
+            eprintln!("{hint}");
+        }
+        std::process::exit(match error.map(|e| e.kind()) {
             Some(candor::error::Domain::Internal) => 70,
             Some(candor::error::Domain::External) => 74,
             Some(candor::error::Domain::Data) => 65,

@@ -27,7 +27,7 @@ use timely::dataflow::operators::{Capability, Exchange as _};
 use timely::dataflow::{Stream, StreamVec};
 
 use crate::archive::{Archive, Partition};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StageError};
 use crate::schema::{self, META_STREAM};
 
 /// The logical time: 0 for the grid, then one epoch per checkpoint.
@@ -109,8 +109,9 @@ mod serde_bytes_compat {
 }
 
 /// What flows on a dataflow edge: a batch, or the error a stage hit on one. Errors travel as
-/// data so the sink, wherever it runs, knows not to mark an epoch complete.
-pub type Msg = std::result::Result<Batch, String>;
+/// data, with their domain, so the sink, wherever it runs, knows not to mark an epoch
+/// complete, and the command fails as the stage's error would have outside the dataflow.
+pub type Msg = std::result::Result<Batch, StageError>;
 
 /// One step of the pipeline over batches: the logic an operator wraps.
 pub trait Stage: 'static {
@@ -206,7 +207,7 @@ pub fn stage<'s, S: Stage>(stream: StreamVec<'s, Epoch, Msg>, mut stage: S) -> S
                     match msg {
                         Ok(batch) => match stage.apply(epoch, &batch.0) {
                             Ok(outs) => session.give_iterator(outs.into_iter().map(|b| Ok(Batch(b)))),
-                            Err(e) => session.give(Err(format!("{}: {e}", stage.name()))),
+                            Err(e) => session.give(Err(StageError::new(stage.name(), &e))),
                         },
                         Err(e) => session.give(Err(e)),
                     }
@@ -254,7 +255,7 @@ pub fn partition_by<'s>(
                         match msg {
                             Ok(batch) => match split_by_key(&batch.0, key, peers) {
                                 Ok(parts) => session.give_iterator(parts.into_iter().map(|(w, b)| (w, Ok(Batch(b))))),
-                                Err(e) => session.give((0, Err(e.to_string()))),
+                                Err(e) => session.give((0, Err(StageError::from(&e)))),
                             },
                             Err(e) => session.give((0u64, Err(e))),
                         }
@@ -313,7 +314,7 @@ pub struct EpochDone {
     /// Rows written per stream.
     pub rows: BTreeMap<String, usize>,
     /// Errors the stages reported for this epoch; nothing is written for an epoch with errors.
-    pub errors: Vec<String>,
+    pub errors: Vec<StageError>,
     /// The batch written per stream, exactly as archived (sorted by the stream's key), for
     /// callers that pass the rows on (`candor stream` publishes them) without reading the
     /// archive back. Not serialised: it stays in the process that wrote it.
@@ -380,14 +381,14 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
                 done.written.insert(stream.clone(), batch.clone());
                 parts.push((stream, partition, batch));
             }
-            Err(e) => done.errors.push(format!("archiving stream `{stream}`: {e}")),
+            Err(e) => done.errors.push(StageError::new(&format!("archiving stream `{stream}`"), &e)),
         }
     }
     // One write per epoch: every stream's rows or none of them.
     if done.errors.is_empty()
         && let Err(e) = archive.write_epoch(epoch, &parts, &serde_json::json!({"epoch": epoch, "rows": done.rows}))
     {
-        done.errors.push(format!("archiving epoch {epoch}: {e}"));
+        done.errors.push(StageError::new(&format!("archiving epoch {epoch}"), &e));
     }
     if !done.errors.is_empty() {
         done.rows.clear();
@@ -500,13 +501,16 @@ where
         bar.finish_and_clear();
     }
     reports.sort_by_key(|d| d.epoch);
-    let errors: Vec<String> = reports.iter().flat_map(|d| d.errors.iter().cloned()).collect();
-    if !errors.is_empty() {
-        let mut shown: Vec<String> = errors.iter().take(5).cloned().collect();
-        if errors.len() > 5 {
-            shown.push(format!("… and {} more", errors.len() - 5));
+    // An error reaches the sink once per path it travels (a generate error both as itself and
+    // through the score stage): each is reported once.
+    let mut errors: Vec<StageError> = Vec::new();
+    for e in reports.iter().flat_map(|d| d.errors.iter()) {
+        if !errors.contains(e) {
+            errors.push(e.clone());
         }
-        return Err(Error::Dataflow(shown));
+    }
+    if !errors.is_empty() {
+        return Err(Error::Dataflow(errors));
     }
     Ok(reports)
 }
@@ -557,6 +561,39 @@ mod tests {
         let again = split_by_key(&batch, "item_key", 3).unwrap();
         assert_eq!(parts, again);
         assert!(parts.len() == 3, "100 keys over 3 workers should hit all of them");
+    }
+
+    /// Fails on every trial batch with `error`.
+    struct Failing(fn() -> Error);
+
+    impl Stage for Failing {
+        fn name(&self) -> &str {
+            "failing"
+        }
+        fn apply(&mut self, _epoch: Epoch, _batch: &RecordBatch) -> Result<Vec<RecordBatch>> {
+            Err((self.0)())
+        }
+    }
+
+    #[test]
+    fn a_stage_error_fails_the_run_with_its_domain_and_archives_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open_writer(dir.path().join("a"), "test").unwrap();
+        let sources = vec![(1, Trial::to_batch(&trials(4)).unwrap()), (2, Trial::to_batch(&trials(4)).unwrap())];
+        let run_with = |error: fn() -> Error| {
+            let cluster = Cluster { workers: 2, ..Cluster::default() };
+            run(&cluster, &archive, sources.clone(), None, move |input, peers| {
+                stage(partition_by(input, "item_key", peers), Failing(error))
+            })
+            .unwrap_err()
+        };
+        let outage = run_with(|| Error::unavailable("http://127.0.0.1:9", "gave up after 2 attempts"));
+        assert!(matches!(&outage, Error::Dataflow(errors) if errors.len() == 1), "reported once: {outage}");
+        assert_eq!((outage.kind(), outage.transient()), (crate::error::Domain::External, true));
+        assert!(outage.to_string().contains("failing: backend http://127.0.0.1:9: gave up"), "{outage}");
+        let input = run_with(|| Error::schema("trial", "column `prompt` is missing"));
+        assert_eq!((input.kind(), input.transient()), (crate::error::Domain::User, false));
+        assert!(archive.committed_epochs().unwrap().is_empty(), "nothing archived");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use timely::dataflow::operators::generic::operator::Operator;
 use super::store::GenerationStore;
 use super::{GenRequest, GenerationConfig, Generator};
 use crate::dataflow::{Batch, Epoch, Msg, stream_of};
-use crate::error::Result;
+use crate::error::{Result, StageError};
 use crate::model::{CheckpointConfig, ModelConfig};
 use crate::records::{Response, Trial};
 use crate::schema::Record;
@@ -64,7 +64,7 @@ struct Job {
 
 struct Done {
     epoch: Epoch,
-    result: std::result::Result<Vec<Response>, String>,
+    result: std::result::Result<Vec<Response>, StageError>,
 }
 
 /// The generate operator.
@@ -99,7 +99,7 @@ pub fn generate<'s>(
                                 let _ = job_tx.lock().expect("job channel").send(Job { epoch, trials });
                             }
                             Ok(_) => {}
-                            Err(e) => output.session(&cap).give(Err(format!("generate: {e}"))),
+                            Err(e) => output.session(&cap).give(Err(StageError::new("generate", &e))),
                         },
                         Ok(_) => {}
                         Err(e) => output.session(&cap).give(Err(e)),
@@ -109,7 +109,9 @@ pub fn generate<'s>(
             while let Ok(done) = done_rx.try_recv() {
                 let Some((cap, outstanding)) = pending.get_mut(&done.epoch) else { continue };
                 let msg = match done.result {
-                    Ok(responses) => Response::to_batch(&responses).map(Batch).map_err(|e| format!("generate: {e}")),
+                    Ok(responses) => {
+                        Response::to_batch(&responses).map(Batch).map_err(|e| StageError::new("generate", &e))
+                    }
                     Err(e) => Err(e),
                 };
                 output.session(&*cap).give(msg);
@@ -132,7 +134,7 @@ fn backend_loop(
     let mut current: Option<(Epoch, Box<dyn Generator>)> = None;
     for job in jobs {
         let result = answer(&plan, &counters, progress.as_ref(), &mut store, &mut current, &job);
-        if done.send(Done { epoch: job.epoch, result: result.map_err(|e| e.to_string()) }).is_err() {
+        if done.send(Done { epoch: job.epoch, result: result.map_err(|e| StageError::from(&e)) }).is_err() {
             return;
         }
         let _ = activator.activate();
