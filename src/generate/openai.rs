@@ -214,7 +214,9 @@ async fn ask(
             }
         }
     }
-    Err(Error::backend(
+    // Every retried failure passes in time (refused connections, timeouts, 429, 5xx, torn
+    // bodies): running again later may succeed.
+    Err(Error::unavailable(
         &endpoint.base_url,
         format!("gave up after {} attempts; last error: {last}", endpoint.retry.max_retries + 1),
     ))
@@ -232,7 +234,9 @@ async fn once(endpoint: &Endpoint, client: &reqwest::Client, body: &Value) -> At
         Err(e) if e.is_timeout() => {
             return Attempt::Retry { why: format!("timed out after {:?}", endpoint.timeout), retry_after: None };
         }
-        Err(e) => return Attempt::Retry { why: format!("request failed: {e}"), retry_after: None },
+        // A request that cannot be built (a malformed `base_url`) never succeeds.
+        Err(e) if e.is_builder() => return Attempt::Fail(format!("request failed: {}", with_causes(&e))),
+        Err(e) => return Attempt::Retry { why: format!("request failed: {}", with_causes(&e)), retry_after: None },
     };
     let status = resp.status();
     let retry_after = resp
@@ -265,6 +269,22 @@ async fn once(endpoint: &Endpoint, client: &reqwest::Client, body: &Value) -> At
             Attempt::Retry { why: format!("unreadable response: {why}: {}", snippet(&text)), retry_after: None }
         }
     }
+}
+
+/// An error and its causes ("error sending request …: tcp connect error: Connection refused"):
+/// reqwest's own text stops at the first.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 fn snippet(text: &str) -> String {

@@ -16,7 +16,31 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use crate::error::{Error, Result};
 
 fn kafka(context: impl Into<String>, e: KafkaError) -> Error {
-    Error::backend("kafka", format!("{}: {e}", context.into()))
+    let code = match &e {
+        KafkaError::AdminOp(code) => Some(*code),
+        e => e.rdkafka_error_code(),
+    };
+    let message = format!("{}: {e}", context.into());
+    if code.is_some_and(broker_away) { Error::unavailable("kafka", message) } else { Error::backend("kafka", message) }
+}
+
+/// Whether `code` says the brokers could not be reached or did not answer in time, which
+/// passes: a broker restarting, a network away.
+fn broker_away(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        BrokerTransportFailure
+            | AllBrokersDown
+            | OperationTimedOut
+            | MessageTimedOut
+            | TimedOutQueue
+            | RequestTimedOut
+            | BrokerNotAvailable
+            | NetworkException
+            | LeaderNotAvailable
+            | NotLeaderForPartition
+    )
 }
 
 /// Where the brokers are and any further client properties (security settings for a
@@ -58,7 +82,14 @@ pub fn create_topics(conn: &Connection, topics: &[&str], partitions: i32) -> Res
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(Error::backend("kafka", format!("creating topic `{topic}`: {code}"))),
+            Err((topic, code)) => {
+                let message = format!("creating topic `{topic}`: {code}");
+                return Err(if broker_away(code) {
+                    Error::unavailable("kafka", message)
+                } else {
+                    Error::backend("kafka", message)
+                });
+            }
         }
     }
     Ok(())
@@ -92,7 +123,11 @@ pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
             return Ok(t.partitions().len() as i32);
         }
         if Instant::now() > deadline {
-            return Err(Error::backend("kafka", format!("topic `{topic}` has no partitions (does it exist?)")));
+            return Err(match md {
+                // No broker answered: that passes.
+                Err(e) => kafka(format!("topic `{topic}`: reading its metadata"), e),
+                Ok(_) => Error::backend("kafka", format!("topic `{topic}` has no partitions (does it exist?)")),
+            });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -194,7 +229,10 @@ impl Publisher {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(Error::backend("kafka", format!("{left} messages still undelivered after {timeout:?}")));
+                return Err(Error::unavailable(
+                    "kafka",
+                    format!("{left} messages still undelivered after {timeout:?}"),
+                ));
             }
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -214,7 +252,7 @@ impl Publisher {
                 return Ok(());
             }
             if round == REDELIVERY.max_retries {
-                return Err(Error::backend(
+                return Err(Error::unavailable(
                     "kafka",
                     format!(
                         "{} messages were not delivered after {} redeliveries; last error: {}",
