@@ -465,6 +465,107 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     assert!(!err.contains("sk-candor-test-secret"));
 }
 
+/// A stand-in OpenAI-compatible endpoint on 127.0.0.1:`port`: answers "Paris." to as many
+/// chat completions as `budget` allows, then 503 to every request. One request a connection;
+/// the thread outlives the test.
+fn budgeted_endpoint(port: u16, budget: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let budget = budget.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let answer = budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+                let (status, text) = if answer {
+                    (
+                        "200 OK",
+                        r#"{"choices":[{"message":{"role":"assistant","content":"Paris."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#,
+                    )
+                } else {
+                    ("503 Service Unavailable", r#"{"error":"overloaded"}"#)
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            });
+        }
+    });
+}
+
+#[test]
+fn a_dead_model_endpoint_during_run_exits_74_with_a_retry_hint_and_the_run_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port that was bound, then closed: nothing listens there.
+    let port = free_port();
+    let exp = generation_experiment(
+        dir.path(),
+        &format!("{{ kind = \"openai\", base_url = \"http://127.0.0.1:{port}\", max_retries = 1, timeout_secs = 10 }}"),
+        &format!("{TWO_CHECKPOINTS}[judge]\nkind = \"reference\"\n"),
+    );
+    let out = dir.path().join("run");
+    let run = || candor(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]);
+    let per_checkpoint = 4 * 2 * 2; // items × amendments × prompt types
+    let stored = || candor::generate::store::GenerationStore::read_only(&out).unwrap().len();
+    let nothing_half_written = || {
+        ok(&["verify", out.to_str().unwrap()]);
+        let archive = Archive::open(&out).unwrap();
+        assert!(!archive.has("response").unwrap(), "no checkpoint looks answered");
+        assert_eq!(archive.committed_epochs().unwrap().into_iter().collect::<Vec<_>>(), [0], "the grid only");
+    };
+
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(74), "an outage is external, not the user's input: {err}");
+    assert!(err.contains(&format!("http://127.0.0.1:{port}")) && err.contains("gave up after 2 attempts"), "{err}");
+    assert!(err.contains("generate smollm2/warm-prompt: backend") && err.contains(candor::error::RETRY_HINT), "{err}");
+    nothing_half_written();
+    assert_eq!(stored(), 0);
+
+    // The endpoint comes back but fails after 10 answers: they are stored, nothing archived.
+    let budget = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(10));
+    budgeted_endpoint(port, budget.clone());
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(74), "{err}");
+    assert!(err.contains("503") && err.contains(candor::error::RETRY_HINT), "{err}");
+    nothing_half_written();
+    assert_eq!(stored(), 10);
+
+    // Retried once the endpoint is healthy: the stored answers are not asked again.
+    budget.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+    let first = summary(&ok(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]));
+    assert_eq!(first["model_calls"].as_u64().unwrap() as usize, 2 * per_checkpoint - 10, "{first}");
+    ok(&["verify", out.to_str().unwrap()]);
+    let responses: Vec<Response> = read_records(&Archive::open(&out).unwrap()).unwrap();
+    assert_eq!(responses.len(), 2 * per_checkpoint);
+
+    // A checkpoint complete in the archive is skipped.
+    let again = summary(&ok(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]));
+    assert_eq!((again["model_calls"].as_u64(), again["skipped"].as_array().unwrap().len()), (Some(0), 2), "{again}");
+}
+
 #[test]
 fn candor_serve_checks_its_key_and_every_parameter_and_a_long_answer_holds_no_short_one() {
     if local_model().is_none() {

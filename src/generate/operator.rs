@@ -133,8 +133,14 @@ fn backend_loop(
     let mut store: Option<GenerationStore> = None;
     let mut current: Option<(Epoch, Box<dyn Generator>)> = None;
     for job in jobs {
-        let result = answer(&plan, &counters, progress.as_ref(), &mut store, &mut current, &job);
-        if done.send(Done { epoch: job.epoch, result: result.map_err(|e| StageError::from(&e)) }).is_err() {
+        let result = answer(&plan, &counters, progress.as_ref(), &mut store, &mut current, &job).map_err(|e| {
+            let context = match plan.checkpoints.get(&job.epoch) {
+                Some(cp) => format!("generate {}/{}", cp.model.name, cp.checkpoint.id),
+                None => format!("generate epoch {}", job.epoch),
+            };
+            StageError::new(&context, &e)
+        });
+        if done.send(Done { epoch: job.epoch, result }).is_err() {
             return;
         }
         let _ = activator.activate();
