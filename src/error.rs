@@ -109,6 +109,10 @@ pub enum Error {
     /// The archive's table format failed outside Candor's checks.
     #[error("archive: {0}")]
     Archive(String),
+    /// The system Candor runs on refused or failed something that is not a file: a thread, an
+    /// async runtime, a signal handler, a socket, standard input or output, a helper program.
+    #[error("{context}: {message}")]
+    System { context: String, message: String },
     /// An invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
@@ -141,6 +145,9 @@ impl Error {
     pub fn integrity(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
         Error::Integrity { path: path.as_ref().to_path_buf(), message: message.into() }
     }
+    pub fn system(context: impl Into<String>, message: impl fmt::Display) -> Self {
+        Error::System { context: context.into(), message: message.to_string() }
+    }
 
     /// Who should act on this error.
     pub fn kind(&self) -> Domain {
@@ -152,7 +159,8 @@ impl Error {
             | Error::Backend { .. }
             | Error::Model { .. }
             | Error::Conflict(_)
-            | Error::Archive(_) => Domain::External,
+            | Error::Archive(_)
+            | Error::System { .. } => Domain::External,
             Error::Integrity { .. } => Domain::Data,
             Error::Internal(_) => Domain::Internal,
         }
@@ -276,6 +284,13 @@ mod tests {
         assert_eq!(damaged.kind(), Domain::Data);
         let bug = Error::Dataflow(vec![stage(Error::integrity("f", "x")), stage(Error::Internal("x".into()))]);
         assert_eq!(bug.kind(), Domain::Internal);
+    }
+
+    #[test]
+    fn the_system_refusing_something_is_external() {
+        let e = Error::system("starting the SQL endpoint", std::io::Error::from(std::io::ErrorKind::WouldBlock));
+        assert_eq!((e.kind(), e.transient()), (Domain::External, false));
+        assert!(e.to_string().starts_with("starting the SQL endpoint: "), "{e}");
     }
 
     #[test]

@@ -248,7 +248,7 @@ pub async fn serve(
             Batching::Continuous => generator.serve(&rx, batch_size),
             Batching::Static => crate::generate::serve_static(generator.as_mut(), &rx, batch_size),
         })
-        .map_err(|e| Error::Internal(format!("spawning the model thread: {e}")))?;
+        .map_err(|e| Error::system("spawning the model thread", e))?;
     let state = Arc::new(ServeState {
         model: options.model,
         aliases: options.aliases,
@@ -295,10 +295,10 @@ pub async fn serve(
 /// Resolves at SIGTERM or SIGINT (Ctrl-C): how Candor's servers learn to stop.
 pub async fn terminated() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Internal(format!("SIGTERM handler: {e}")))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::system("SIGTERM handler", e))?;
     tokio::select! {
         _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r.map_err(|e| Error::Internal(format!("SIGINT handler: {e}")))?,
+        r = tokio::signal::ctrl_c() => r.map_err(|e| Error::system("SIGINT handler", e))?,
     }
     Ok(())
 }

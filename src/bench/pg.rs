@@ -12,7 +12,7 @@ use candor::sql::synthetic::synthetic;
 /// of `rows` synthetic observations (the paper's scale by default).
 pub fn run(dir: Option<&Path>, rows: usize, clients: usize, seconds: f64, sql: &str, json: bool) -> Result<()> {
     use std::sync::Arc;
-    let tmp = tempfile::tempdir().map_err(|e| Error::Internal(e.to_string()))?;
+    let tmp = tempfile::tempdir().map_err(|e| Error::system("a temporary directory", e))?;
     let root = dir.map(Path::to_path_buf).unwrap_or_else(|| tmp.path().join("archive"));
     {
         // Synthetic observations of many models and checkpoints, as one epoch outside any
@@ -40,13 +40,13 @@ pub fn run(dir: Option<&Path>, rows: usize, clients: usize, seconds: f64, sql: &
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        .map_err(|e| Error::system("starting a runtime", e))?;
     let (count, rows_per, mut latencies, elapsed) = runtime.block_on(async {
         let mut connections = Vec::new();
         for _ in 0..clients.max(1) {
             let (client, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls)
                 .await
-                .map_err(|e| Error::Internal(format!("connecting to the endpoint: {e}")))?;
+                .map_err(|e| Error::system("connecting to the endpoint", e))?;
             tokio::spawn(conn);
             connections.push(client);
         }

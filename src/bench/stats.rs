@@ -43,7 +43,7 @@ fn python_path(python: Option<&Path>) -> Result<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/python-env");
     let out = std::process::Command::new(&script).output().map_err(|e| Error::io(&script, e))?;
     if !out.status.success() {
-        return Err(Error::Internal(format!("scripts/python-env failed: {}", String::from_utf8_lossy(&out.stderr))));
+        return Err(Error::system("scripts/python-env failed", String::from_utf8_lossy(&out.stderr)));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().into())
 }
@@ -59,7 +59,7 @@ fn python_full(python: &Path, path: &Path, out: &Path) -> Result<f64> {
         .output()
         .map_err(|e| Error::io(python, e))?;
     if !o.status.success() {
-        return Err(Error::Internal(format!("stats_reference.py failed: {}", String::from_utf8_lossy(&o.stderr))));
+        return Err(Error::system("stats_reference.py failed", String::from_utf8_lossy(&o.stderr)));
     }
     let v: serde_json::Value =
         serde_json::from_slice(&o.stdout).map_err(|e| Error::Internal(format!("stats_reference.py output: {e}")))?;

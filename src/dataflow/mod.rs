@@ -492,7 +492,8 @@ where
         while worker.step_or_park(Some(std::time::Duration::from_millis(50))) {}
         done.take()
     })
-    .map_err(|e| Error::Internal(format!("starting timely: {e}")))?;
+    // Fails on the network in a cluster (a port taken, a peer unreachable).
+    .map_err(|e| Error::system("starting timely", e))?;
     let mut reports = Vec::new();
     for result in guards.join() {
         reports.extend(result.map_err(|e| Error::Internal(format!("a worker panicked: {e}")))?);

@@ -57,8 +57,9 @@ pub struct Browser {
     profile: tempfile::TempDir,
 }
 
+/// Chromium and chromedriver are outside Candor: their failures are external.
 fn err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Internal(format!("browser: {what}: {e}"))
+    Error::system(format!("browser: {what}"), e)
 }
 
 impl Browser {

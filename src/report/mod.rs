@@ -609,7 +609,7 @@ fn second_judge_cells(live: &LiveSql, second: &LiveSql) -> Result<SecondJudge> {
     let q = crate::sql::queries::JUDGE_CELLS;
     let batches = tokio::runtime::Builder::new_current_thread()
         .build()
-        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| Error::system("report: starting a runtime", e))?
         .block_on(async { ctx.sql(q.sql).await?.collect().await })
         .map_err(|e| Error::Internal(format!("report: {}: {e}", q.name)))?;
     let cells = match batches.first() {

@@ -54,12 +54,14 @@ macro_rules! render {
         {
             let root = BitMapBackend::new(&png, $size).into_drawing_area();
             $fig(&root, $data).map_err(|e| plot_error(&png, e.to_string()))?;
-            root.present().map_err(|e| plot_error(&png, e.to_string()))?;
+            // Writing the file.
+            root.present().map_err(|e| Error::io(&png, std::io::Error::other(e.to_string())))?;
         }
         {
             let root = SVGBackend::new(&svg, $size).into_drawing_area();
             $fig(&root, $data).map_err(|e| plot_error(&svg, e.to_string()))?;
-            root.present().map_err(|e| plot_error(&svg, e.to_string()))?;
+            // Writing the file.
+            root.present().map_err(|e| Error::io(&svg, std::io::Error::other(e.to_string())))?;
         }
         Ok::<_, Error>((png, svg))
     }};

@@ -110,10 +110,10 @@ impl Analysis {
             if matches!(what, Export::Parquet | Export::Both) {
                 let path = dir.join(format!("{name}.parquet"));
                 let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-                let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
-                    .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
-                w.write(batch).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
-                w.close().map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+                let parquet = |e: parquet::errors::ParquetError| Error::io(&path, std::io::Error::other(e));
+                let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).map_err(parquet)?;
+                w.write(batch).map_err(parquet)?;
+                w.close().map_err(parquet)?;
             }
             if matches!(what, Export::Csv | Export::Both) {
                 let path = dir.join(format!("{name}.csv"));

@@ -94,7 +94,7 @@ impl StatsEngine {
             .worker_threads(2)
             .enable_all()
             .build()
-            .map_err(|e| df_err("starting the query runtime", e))?;
+            .map_err(|e| Error::system("starting the query runtime", e))?;
         let config = SessionConfig::new().with_batch_size(batch_size).with_target_partitions(2);
         let ctx = SessionContext::new_with_config(config);
         super::udf::register(&ctx);

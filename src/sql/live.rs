@@ -502,7 +502,7 @@ impl LiveSql {
             .thread_name("candor-sql")
             .enable_all()
             .build()
-            .map_err(|e| Error::Internal(format!("starting the SQL runtime: {e}")))?;
+            .map_err(|e| Error::system("starting the SQL runtime", e))?;
         let live = LiveSql {
             archive,
             state: Mutex::new(State {

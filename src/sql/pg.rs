@@ -168,7 +168,7 @@ impl PgServer {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| Error::Internal(format!("waiting for signals: {e}")))?;
+            .map_err(|e| Error::system("waiting for signals", e))?;
         rt.block_on(crate::serve::terminated())?;
         eprintln!("candor sql: stopping");
         self.stop();
@@ -186,11 +186,11 @@ pub fn spawn_pg(live: Arc<LiveSql>, addr: SocketAddr, options: PgOptions) -> Res
         .thread_name("candor-pg")
         .enable_all()
         .build()
-        .map_err(|e| Error::Internal(format!("starting the SQL endpoint's runtime: {e}")))?;
+        .map_err(|e| Error::system("starting the SQL endpoint's runtime", e))?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(addr))
         .map_err(|e| Error::config("listen", format!("cannot listen on {addr}: {e}")))?;
-    let bound = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    let bound = listener.local_addr().map_err(|e| Error::system(format!("listening on {addr}"), e))?;
     if !addr.ip().is_loopback() && tls.is_none() {
         eprintln!(
             "warning: {bound} serves SQL without TLS: passwords stay safe (SCRAM) but statements and results \
@@ -211,7 +211,7 @@ pub fn spawn_pg(live: Arc<LiveSql>, addr: SocketAddr, options: PgOptions) -> Res
             drop(runtime);
             drop(keep);
         })
-        .map_err(|e| Error::Internal(format!("starting the SQL endpoint: {e}")))?;
+        .map_err(|e| Error::system("starting the SQL endpoint", e))?;
     Ok(PgServer { addr: bound, thread, stop })
 }
 

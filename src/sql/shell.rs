@@ -9,7 +9,7 @@ use std::io::{BufRead, Write};
 use arrow::array::RecordBatch;
 
 use super::live::{LiveSql, QueryError, Rows, Statement, split_statements};
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -21,7 +21,7 @@ pub enum Output {
 
 /// Prints one result.
 pub fn print_rows(rows: &Rows, out: Output, w: &mut impl Write) -> Result<()> {
-    let io = |e: std::io::Error| Error::Internal(format!("writing results: {e}"));
+    let io = |e: std::io::Error| Error::system("writing results", e);
     let batches: Vec<RecordBatch> = rows.batches.iter().filter(|b| b.num_rows() > 0).cloned().collect();
     match out {
         Output::Table => {
@@ -97,7 +97,10 @@ pub fn interactive(live: &LiveSql, out: Output, prompt: bool) -> Result<()> {
     }
     show_prompt(&buf);
     for line in stdin.lock().lines() {
-        let line = line.map_err(|e| Error::Internal(format!("reading standard input: {e}")))?;
+        let line = line.map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::input(Location::file("standard input"), e.to_string()),
+            _ => Error::system("reading standard input", e),
+        })?;
         let trimmed = line.trim();
         if buf.trim().is_empty() && trimmed.starts_with('\\') {
             match trimmed {
@@ -130,4 +133,29 @@ pub fn interactive(live: &LiveSql, out: Output, prompt: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Standard output closed under us (a pipe into `head`, say).
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_output_is_external_not_a_bug() {
+        let schema = std::sync::Arc::new(arrow::datatypes::Schema::empty());
+        let err = print_rows(&Rows::new(schema, Vec::new()), Output::Table, &mut Closed).unwrap_err();
+        assert_eq!(err.kind(), crate::error::Domain::External);
+        assert!(err.to_string().starts_with("writing results: "), "{err}");
+    }
 }

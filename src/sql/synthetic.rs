@@ -137,12 +137,12 @@ pub fn synthetic_for(
 pub fn write_parquet(path: &Path, batches: &[RecordBatch]) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let schema = crate::schema::arrow_schema("observation")?;
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None)
-        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    let parquet = |e: parquet::errors::ParquetError| Error::io(path, std::io::Error::other(e));
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(parquet)?;
     for batch in batches {
-        w.write(batch).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+        w.write(batch).map_err(parquet)?;
     }
-    w.close().map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    w.close().map_err(parquet)?;
     Ok(())
 }
 

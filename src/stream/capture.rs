@@ -79,7 +79,7 @@ pub fn capture(conn: &Connection, topics: &Topics, out: &Path, idle: Duration) -
     let tmp = out.with_extension("partial");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
     for c in &all {
-        serde_json::to_writer(&mut f, c).map_err(|e| Error::Internal(format!("writing a capture line: {e}")))?;
+        serde_json::to_writer(&mut f, c).map_err(|e| Error::io(&tmp, e.into()))?;
         f.write_all(b"\n").map_err(|e| Error::io(&tmp, e))?;
     }
     f.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?.sync_all().map_err(|e| Error::io(&tmp, e))?;

@@ -46,7 +46,7 @@ use crate::archive::Archive;
 use crate::archive::read_records;
 use crate::conditions::VerdictLabel;
 use crate::dataflow::Cluster;
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 use crate::records::{Observation, Response, Trial, Verdict};
 use crate::schema::Record;
 use crate::score::judge::Label;
@@ -353,8 +353,13 @@ pub fn replay_capture(
         } else {
             continue;
         };
-        let payload =
-            c.bytes().map_err(|e| Error::Internal(format!("{}/{}@{}: {e}", c.topic, c.partition, c.offset)))?;
+        // A capture read by `capture::read` was checked already; one built otherwise may not be.
+        let payload = c.bytes().map_err(|e| {
+            Error::input(
+                Location::default().field("payload_base64"),
+                format!("{}/{}@{}: {e}", c.topic, c.partition, c.offset),
+            )
+        })?;
         let parsed = readers::parse(source, payload.as_deref(), opts.max_message_bytes);
         s.handle(Incoming { source, partition: c.partition, offset: c.offset, payload, parsed })?;
         s.evaluate_ready()?;

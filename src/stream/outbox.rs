@@ -59,7 +59,7 @@ impl Outbox {
                     }
                 }
             })
-            .map_err(|e| Error::Internal(format!("starting the outbox thread: {e}")))?;
+            .map_err(|e| Error::system("starting the outbox thread", e))?;
         Ok(Outbox { jobs: Some(jobs), done, thread: Some(thread), published: 0 })
     }
 

@@ -109,7 +109,7 @@ impl Readers {
             let thread = std::thread::Builder::new()
                 .name(format!("candor-reader-{w}"))
                 .spawn(move || read(consumer, &sources, &tx, &stop, max_bytes))
-                .map_err(|e| Error::Internal(format!("starting a reader thread: {e}")))?;
+                .map_err(|e| Error::system("starting a reader thread", e))?;
             threads.push(thread);
         }
         Ok(Readers { rx: Some(rx), _tx: tx, stop, threads })
