@@ -451,7 +451,7 @@ fn the_http_backend_rides_out_a_faulty_server_and_fails_clearly_on_a_dead_one() 
     dead.kill().unwrap();
     dead.wait().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(74), "{err}");
     assert!(
         err.contains(&format!("127.0.0.1:{port}")) && err.contains("gave up after 3 attempts") && err.contains("500"),
         "{err}"

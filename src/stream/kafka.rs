@@ -327,3 +327,20 @@ pub fn read_all(conn: &Connection, topic: &str, idle: Duration, expect: Option<u
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brokers_away_are_transient_and_other_kafka_errors_are_not() {
+        let away = kafka("creating topics", KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut));
+        assert_eq!((away.kind(), away.transient()), (crate::error::Domain::External, true));
+        assert!(away.retry_hint().is_some());
+        let down = kafka("reading metadata", KafkaError::MetadataFetch(RDKafkaErrorCode::AllBrokersDown));
+        assert!(down.transient(), "{down}");
+        let refused =
+            kafka("producing to `t`", KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed));
+        assert_eq!((refused.kind(), refused.transient()), (crate::error::Domain::External, false));
+    }
+}
