@@ -203,11 +203,22 @@ impl Experiment {
     }
 }
 
-/// The vendored data directory: `$CANDOR_DATA_DIR`, else the repository's `data/`.
+/// The vendored data directory: `$CANDOR_DATA_DIR`, else the copy of the data embedded in the
+/// binary, written once to Candor's cache (`~/.cache/candor/data-<digest>/`, see
+/// [`crate::datasets::embedded`]), so the binary needs no source checkout. If the cache cannot
+/// be written, the error is printed and the build's checkout is tried.
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("CANDOR_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data"))
+    if let Some(d) = std::env::var_os("CANDOR_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        crate::datasets::embedded::materialize(&crate::model::cache_dir()).unwrap_or_else(|e| {
+            eprintln!("warning: {e}; reading the data of the source checkout instead");
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
+        })
+    })
+    .clone()
 }
 
 #[cfg(test)]

@@ -97,10 +97,16 @@ pub fn models_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("CANDOR_MODELS") {
         return PathBuf::from(d);
     }
+    cache_dir().join("models")
+}
+
+/// Candor's cache directory (`$XDG_CACHE_HOME/candor`, `~/.cache/candor`): models, the
+/// embedded data's copy.
+pub fn cache_dir() -> PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
-    cache.join("candor").join("models")
+    cache.join("candor")
 }
 
 /// Bytes in lower-case hex.

@@ -16,7 +16,7 @@ pub fn run(every: usize, dir: Option<&Path>) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = dir.unwrap_or(tmp.path());
     let rows: Vec<validation::Row> = validation::bundled()?.into_iter().step_by(every.max(1)).collect();
-    let items = validation::items_for(&rows, &Path::new(env!("CARGO_MANIFEST_DIR")).join("data"))?;
+    let items = validation::items_for(&rows, &candor::config::default_data_dir())?;
     let set = validation::digest(validation::BUNDLED);
     println!("{} answers of the validation set ({set}), every {every}. row", rows.len());
 

@@ -12,6 +12,7 @@
 
 mod advbench;
 mod disinfo;
+pub mod embedded;
 mod gsm8k;
 mod medqa;
 pub mod medqa_convert;
