@@ -6,7 +6,8 @@
 //! judge, the report's browser), rdkafka's admin client, deltalake (archive commits) and axum
 //! (`candor serve`). All of them run on this one multi-threaded runtime, built on first use
 //! with [`WORKERS`] worker threads named `candor-rt` (plus tokio's blocking pool, which grows
-//! on demand), and never shut down before the process exits.
+//! on demand), and never shut down before the process exits. Nothing else in the crate builds
+//! a runtime (a test checks the sources).
 //!
 //! Synchronous code waits for a future with [`block_on`], which works from any thread: a plain
 //! thread; a thread of tokio's blocking pool; a worker of a multi-threaded runtime, this one or
@@ -123,5 +124,36 @@ mod tests {
         assert!(caught.is_err());
         assert!(std::panic::catch_unwind(|| block_on(async { panic!("inside") })).is_err());
         assert_eq!(block_on(id()), handle().id(), "the runtime outlives a panicking future");
+    }
+
+    /// No module but this one builds a tokio runtime: every async library shares this one.
+    #[test]
+    fn no_other_runtime_is_built_in_the_crate() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        // Split so that this file does not match itself.
+        let builders = [
+            ["runtime::", "Builder"].concat(),
+            ["Runtime::", "new("].concat(),
+            ["tokio::", "main"].concat(),
+            ["tokio::", "test"].concat(),
+        ];
+        let mut found = Vec::new();
+        let mut dirs = vec![src.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") && path != src.join("runtime.rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for (n, line) in text.lines().enumerate() {
+                        if builders.iter().any(|b| line.contains(b.as_str())) {
+                            found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(found.is_empty(), "use candor::runtime instead of building a runtime:\n{}", found.join("\n"));
     }
 }
