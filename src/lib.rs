@@ -18,6 +18,7 @@ pub mod import;
 pub mod model;
 pub mod records;
 pub mod report;
+pub mod runtime;
 pub mod schema;
 pub mod score;
 pub mod serve;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake_core::kernel::{Action, EagerSnapshot, Metadata, Protocol, StructType};
@@ -16,29 +16,6 @@ use serde_json::Value;
 
 use super::log::{ACTIONS_SHA256, actions_digest};
 use crate::error::{Error, Result};
-
-/// Runs a future of the Delta library to completion from synchronous code, also when the
-/// caller is itself on a tokio runtime (the SQL endpoint): then on a thread of its own.
-pub(super) fn block_on<F>(future: F) -> F::Output
-where
-    F: std::future::Future + Send,
-    F::Output: Send,
-{
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    let runtime = RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("candor-archive")
-            .enable_all()
-            .build()
-            .expect("a tokio runtime for the archive")
-    });
-    if tokio::runtime::Handle::try_current().is_ok() {
-        std::thread::scope(|s| s.spawn(|| runtime.block_on(future)).join().expect("archive thread"))
-    } else {
-        runtime.block_on(future)
-    }
-}
 
 fn delta_error(table: &Path, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Archive(format!("{}: {what}: {e}", table.display()))
@@ -95,7 +72,9 @@ pub(super) fn commit(
     }
     let table_path = table.to_path_buf();
     let schema = delta_schema(schema)?;
-    block_on(async move {
+    // On the process's runtime, also when the caller is itself on a tokio runtime (the SQL
+    // endpoint): see `crate::runtime::block_on`.
+    crate::runtime::block_on(async move {
         let snapshot = if exists {
             Some(
                 EagerSnapshot::try_new(store.as_ref(), read_version)

@@ -36,12 +36,7 @@ pub fn run(dir: Option<&Path>, rows: usize, clients: usize, seconds: f64, sql: &
         candor::sql::pg::PgOptions::default(),
     )?;
     let config = format!("host=127.0.0.1 port={} user=bench dbname=candor", server.addr.port());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::system("starting a runtime", e))?;
-    let (count, rows_per, mut latencies, elapsed) = runtime.block_on(async {
+    let (count, rows_per, mut latencies, elapsed) = candor::runtime::block_on(async {
         let mut connections = Vec::new();
         for _ in 0..clients.max(1) {
             let (client, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls)

@@ -68,7 +68,6 @@ pub fn run(opts: &ServeBench, json: bool) -> Result<()> {
             "batching", "short", "short/s", "p50 ms", "p99 ms", "max ms", "long", "tokens/s"
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     for batching in [Batching::Static, Batching::Continuous] {
         let generator = Box::new(CandleGenerator::open(&options, Weights::Gguf(path.clone()), None)?);
         let serve_opts = ServeOptions {
@@ -77,7 +76,7 @@ pub fn run(opts: &ServeBench, json: bool) -> Result<()> {
             per_client: 64,
             ..ServeOptions::new("bench", "127.0.0.1:0".parse().expect("an address"))
         };
-        let figures = runtime.block_on(serve_run(generator, serve_opts, opts))?;
+        let figures = candor::runtime::block_on(serve_run(generator, serve_opts, opts))?;
         if json {
             println!("{}", serde_json::to_string(&figures)?);
         } else {

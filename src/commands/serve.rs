@@ -107,10 +107,9 @@ pub fn run(args: Args, g: &Globals) -> Result<()> {
     };
     options.check()?;
     let generator = candor::generate::backend::open(m, c)?;
-    let runtime = tokio::runtime::Runtime::new()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let json = g.json;
-    runtime.block_on(async move {
+    candor::runtime::block_on(async move {
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
         let stop = stopping.clone();
         let server = tokio::spawn(candor::serve::serve(generator, options, Some(tx), async move {

@@ -23,7 +23,8 @@ pub fn materialize(cache: &Path) -> Result<PathBuf> {
     }
     let io = |path: &Path, e: std::io::Error| Error::io(path, e);
     std::fs::create_dir_all(cache).map_err(|e| io(cache, e))?;
-    let tmp = tempfile::Builder::new().prefix(&format!(".data-{DIGEST}-")).tempdir_in(cache).map_err(|e| io(cache, e))?;
+    let tmp =
+        tempfile::Builder::new().prefix(&format!(".data-{DIGEST}-")).tempdir_in(cache).map_err(|e| io(cache, e))?;
     for (rel, bytes) in FILES {
         let path = tmp.path().join(rel);
         if let Some(parent) = path.parent() {

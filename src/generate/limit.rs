@@ -133,8 +133,8 @@ mod tests {
         assert_eq!(p.delay(3, 0.0), Duration::ZERO);
     }
 
-    #[tokio::test]
-    async fn rate_limits_halve_and_successes_regrow() {
+    #[test]
+    fn rate_limits_halve_and_successes_regrow() {
         let l = AdaptiveLimiter::new(8);
         assert_eq!(l.limit(), 8);
         l.on_rate_limited(None);
@@ -149,30 +149,32 @@ mod tests {
         assert_eq!(l.limit(), 8, "back to the ceiling, not beyond");
     }
 
-    #[tokio::test]
-    async fn concurrency_never_exceeds_the_limit_and_pauses_are_honoured() {
-        let l = std::sync::Arc::new(AdaptiveLimiter::new(3));
-        let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let now = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..12 {
-            let (l, peak, now) = (l.clone(), peak.clone(), now.clone());
-            tasks.push(tokio::spawn(async move {
-                let _p = l.acquire().await;
-                let n = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                peak.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 3);
+    #[test]
+    fn concurrency_never_exceeds_the_limit_and_pauses_are_honoured() {
+        crate::runtime::block_on(async {
+            let l = std::sync::Arc::new(AdaptiveLimiter::new(3));
+            let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let now = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..12 {
+                let (l, peak, now) = (l.clone(), peak.clone(), now.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _p = l.acquire().await;
+                    let n = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    peak.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 3);
 
-        l.on_rate_limited(Some(Duration::from_millis(150)));
-        let start = Instant::now();
-        drop(l.acquire().await);
-        assert!(start.elapsed() >= Duration::from_millis(140), "waited out Retry-After");
+            l.on_rate_limited(Some(Duration::from_millis(150)));
+            let start = Instant::now();
+            drop(l.acquire().await);
+            assert!(start.elapsed() >= Duration::from_millis(140), "waited out Retry-After");
+        });
     }
 }

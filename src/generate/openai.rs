@@ -13,7 +13,8 @@
 //! | `timeout_secs` | 120 | per request |
 //! | `max_retries` | 6 | retries on 429, 5xx, timeouts and unreadable bodies |
 //!
-//! Requests run concurrently on the backend's own tokio runtime, never on a dataflow thread.
+//! Requests run concurrently on the process's tokio runtime ([`crate::runtime`]), never on a
+//! dataflow thread.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,7 +83,6 @@ pub struct OpenAiGenerator {
     endpoint: Arc<Endpoint>,
     client: reqwest::Client,
     limiter: Arc<AdaptiveLimiter>,
-    runtime: tokio::runtime::Runtime,
     fingerprint: String,
     /// Calls sent, retries included (for accounting and tests).
     pub attempts: Arc<std::sync::atomic::AtomicU64>,
@@ -101,12 +101,6 @@ impl OpenAiGenerator {
             .timeout(endpoint.timeout)
             .build()
             .map_err(|e| Error::backend(&endpoint.base_url, format!("building the HTTP client: {e}")))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("candor-http")
-            .build()
-            .map_err(|e| Error::backend(&endpoint.base_url, format!("starting the runtime: {e}")))?;
         let sys = system_prompt.map(|s| {
             let d = Sha256::digest(s.as_bytes());
             d.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()
@@ -117,7 +111,6 @@ impl OpenAiGenerator {
             limiter: Arc::new(AdaptiveLimiter::new(endpoint.max_concurrency)),
             endpoint: Arc::new(endpoint),
             client,
-            runtime,
             fingerprint,
             attempts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
@@ -141,10 +134,10 @@ impl Generator for OpenAiGenerator {
                 let (endpoint, client, limiter, attempts) =
                     (self.endpoint.clone(), self.client.clone(), self.limiter.clone(), self.attempts.clone());
                 let body = request_body(&endpoint.model, r);
-                self.runtime.spawn(async move { ask(&endpoint, &client, &limiter, &attempts, body).await })
+                crate::runtime::spawn(async move { ask(&endpoint, &client, &limiter, &attempts, body).await })
             })
             .collect();
-        self.runtime.block_on(async {
+        crate::runtime::block_on(async {
             let mut out = Vec::with_capacity(tasks.len());
             for t in tasks {
                 out.push(t.await.map_err(|e| Error::Internal(format!("request task: {e}")))?);

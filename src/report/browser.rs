@@ -53,7 +53,6 @@ pub struct Browser {
     base: String,
     session: String,
     http: reqwest::Client,
-    runtime: tokio::runtime::Runtime,
     profile: tempfile::TempDir,
 }
 
@@ -79,15 +78,12 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| err("starting chromedriver", e))?;
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| err("runtime", e))?;
         let profile = tempfile::tempdir().map_err(|e| err("profile", e))?;
         let mut browser = Browser {
             driver: child,
             base: format!("http://127.0.0.1:{port}"),
             session: String::new(),
             http: reqwest::Client::new(),
-            runtime,
             profile,
         };
         let started = Instant::now();
@@ -116,7 +112,7 @@ impl Browser {
 
     fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        self.runtime.block_on(async {
+        crate::runtime::block_on(async {
             let mut req = self.http.request(method, &url);
             if let Some(b) = body {
                 req = req.json(&b);

@@ -607,10 +607,7 @@ fn second_judge_cells(live: &LiveSql, second: &LiveSql) -> Result<SecondJudge> {
         ctx.register_table(name, std::sync::Arc::new(table)).map_err(|e| Error::Internal(e.to_string()))?;
     }
     let q = crate::sql::queries::JUDGE_CELLS;
-    let batches = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| Error::system("report: starting a runtime", e))?
-        .block_on(async { ctx.sql(q.sql).await?.collect().await })
+    let batches = crate::runtime::block_on(async { ctx.sql(q.sql).await?.collect().await })
         .map_err(|e| Error::Internal(format!("report: {}: {e}", q.name)))?;
     let cells = match batches.first() {
         Some(first) => concat_batches(&first.schema(), &batches).map_err(|e| Error::arrow("judge_cells", e))?,

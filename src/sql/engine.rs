@@ -71,7 +71,6 @@ pub struct Refresh {
 /// The engine: maintained counts, DataFusion session and stored results.
 pub struct StatsEngine {
     view: PairedView,
-    runtime: tokio::runtime::Runtime,
     ctx: SessionContext,
     keep_observations: bool,
     observations: Vec<RecordBatch>,
@@ -90,17 +89,11 @@ impl StatsEngine {
     /// `keep_observations` registers the raw rows as the `observations` table (for ad-hoc
     /// queries and `paired_counts.sql`); `batch_size` is DataFusion's execution batch size.
     pub fn with_options(keep_observations: bool, batch_size: usize) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| Error::system("starting the query runtime", e))?;
         let config = SessionConfig::new().with_batch_size(batch_size).with_target_partitions(2);
         let ctx = SessionContext::new_with_config(config);
         super::udf::register(&ctx);
         let mut engine = StatsEngine {
             view: PairedView::default(),
-            runtime,
             ctx,
             keep_observations,
             observations: Vec::new(),
@@ -237,8 +230,8 @@ impl StatsEngine {
         let scratch = SessionContext::new();
         super::udf::register(&scratch);
         register(&scratch, "paired_counts", paired_counts_schema(), vec![])?;
-        let df =
-            self.runtime.block_on(scratch.sql(FAMILY_STATS.sql)).map_err(|e| df_err("planning family_stats.sql", e))?;
+        let df = crate::runtime::block_on(scratch.sql(FAMILY_STATS.sql))
+            .map_err(|e| df_err("planning family_stats.sql", e))?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         self.family_schema = Some(schema.clone());
         Ok(schema)
@@ -250,7 +243,7 @@ impl StatsEngine {
     }
 
     fn run(&self, ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
-        self.runtime.block_on(async {
+        crate::runtime::block_on(async {
             let df = ctx.sql(sql).await.map_err(|e| df_err("planning a query", e))?;
             df.collect().await.map_err(|e| df_err("running a query", e))
         })
@@ -273,9 +266,14 @@ impl StatsEngine {
         &self.ctx
     }
 
-    /// Blocks on a future on the engine's runtime (DataFusion is async).
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.runtime.block_on(f)
+    /// Blocks on a future on the process's runtime (DataFusion is async; see
+    /// [`crate::runtime::block_on`]).
+    pub fn block_on<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        crate::runtime::block_on(f)
     }
 
     pub fn coefficients(&self) -> &RecordBatch {

@@ -468,9 +468,6 @@ pub struct LiveSql {
     archive: Archive,
     state: Mutex<State>,
     current: RwLock<Arc<Snapshot>>,
-    /// Where statements run (DataFusion is async; its operators yield between batches, so a
-    /// statement stopped by its timeout or a cancel request stops at once).
-    runtime: tokio::runtime::Runtime,
     server_pool: Arc<dyn MemoryPool>,
     limits: MemoryLimits,
 }
@@ -497,12 +494,6 @@ impl LiveSql {
             ));
         }
         let archive = Archive::open(root)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("candor-sql")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::system("starting the SQL runtime", e))?;
         let live = LiveSql {
             archive,
             state: Mutex::new(State {
@@ -514,7 +505,6 @@ impl LiveSql {
                 looked: None,
             }),
             current: RwLock::new(Arc::new(Snapshot { ctx: SessionContext::new(), version: 0 })),
-            runtime,
             server_pool: Arc::new(GreedyMemoryPool::new(limits.server)),
             limits,
         };
@@ -687,7 +677,9 @@ impl LiveSql {
         })
     }
 
-    /// Runs `sql` on `snapshot` on the catalog's runtime: the future to await, from any runtime.
+    /// Runs `sql` on `snapshot` on the process's runtime ([`crate::runtime`]; DataFusion's
+    /// operators yield between batches, so a statement stopped by its timeout or a cancel
+    /// request stops at once): the future to await, from any runtime.
     /// Dropping the handle does not stop the statement: abort it ([`tokio::task::JoinHandle::abort`]).
     pub fn spawn_query(
         &self,
@@ -695,30 +687,30 @@ impl LiveSql {
         sql: String,
     ) -> tokio::task::JoinHandle<std::result::Result<Rows, QueryError>> {
         let pool = self.statement_pool();
-        self.runtime.spawn(async move { snapshot.query(&sql, pool).await })
+        crate::runtime::spawn(async move { snapshot.query(&sql, pool).await })
     }
 
-    /// The columns `sql` would return on `snapshot`, planned on the catalog's runtime.
+    /// The columns `sql` would return on `snapshot`, planned on the process's runtime.
     pub fn spawn_describe(
         &self,
         snapshot: Arc<Snapshot>,
         sql: String,
     ) -> tokio::task::JoinHandle<std::result::Result<SchemaRef, QueryError>> {
         let pool = self.statement_pool();
-        self.runtime.spawn(async move { snapshot.describe(&sql, pool).await })
+        crate::runtime::spawn(async move { snapshot.describe(&sql, pool).await })
     }
 
-    /// Runs one read-only query after bringing the catalog up to date (blocking; not from
-    /// inside an async runtime).
+    /// Runs one read-only query after bringing the catalog up to date (blocking, from any
+    /// thread: [`crate::runtime::block_on`]).
     pub fn query(&self, sql: &str) -> std::result::Result<Rows, QueryError> {
         let snapshot = self.snapshot()?;
-        self.runtime.block_on(snapshot.query(sql, self.statement_pool()))
+        crate::runtime::block_on(snapshot.query(sql, self.statement_pool()))
     }
 
     /// The columns a query would return, without running it.
     pub fn describe(&self, sql: &str) -> std::result::Result<SchemaRef, QueryError> {
         let snapshot = self.snapshot()?;
-        self.runtime.block_on(snapshot.describe(sql, self.statement_pool()))
+        crate::runtime::block_on(snapshot.describe(sql, self.statement_pool()))
     }
 
     /// Every table and view of the catalog, sorted.

@@ -165,30 +165,20 @@ impl PgServer {
 
     /// Serves until SIGTERM or SIGINT, then stops cleanly ([`PgServer::stop`]).
     pub fn stop_on_signals(self) -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::system("waiting for signals", e))?;
-        rt.block_on(crate::serve::terminated())?;
+        crate::runtime::block_on(crate::serve::terminated())?;
         eprintln!("candor sql: stopping");
         self.stop();
         Ok(())
     }
 }
 
-/// Starts the endpoint on a thread of its own (with its own async runtime) and returns once
-/// it is listening; for use beside `candor run` or a stream.
+/// Starts the endpoint on a thread of its own (its connections run on the process's runtime,
+/// [`crate::runtime`]) and returns once it is listening; for use beside `candor run` or a
+/// stream.
 pub fn spawn_pg(live: Arc<LiveSql>, addr: SocketAddr, options: PgOptions) -> Result<PgServer> {
     options.auth.check(&addr)?;
     let tls = options.tls.as_ref().map(load_tls).transpose()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("candor-pg")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::system("starting the SQL endpoint's runtime", e))?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(addr))
+    let listener = crate::runtime::block_on(tokio::net::TcpListener::bind(addr))
         .map_err(|e| Error::config("listen", format!("cannot listen on {addr}: {e}")))?;
     let bound = listener.local_addr().map_err(|e| Error::system(format!("listening on {addr}"), e))?;
     if !addr.ip().is_loopback() && tls.is_none() {
@@ -203,13 +193,9 @@ pub fn spawn_pg(live: Arc<LiveSql>, addr: SocketAddr, options: PgOptions) -> Res
         .name("candor-pg".into())
         .spawn(move || {
             let shutdown = async move { stopped.notified().await };
-            // The catalog owns runtimes of its own: its last reference must go outside any.
-            let keep = live.clone();
-            if let Err(e) = runtime.block_on(serve_listener(live, listener, options, tls, shutdown)) {
+            if let Err(e) = crate::runtime::block_on(serve_listener(live, listener, options, tls, shutdown)) {
                 eprintln!("candor sql endpoint stopped: {e}");
             }
-            drop(runtime);
-            drop(keep);
         })
         .map_err(|e| Error::system("starting the SQL endpoint", e))?;
     Ok(PgServer { addr: bound, thread, stop })
@@ -238,7 +224,8 @@ fn load_tls(files: &TlsFiles) -> Result<(pgwire::tokio::TlsAcceptor, Vec<u8>)> {
     Ok((pgwire::tokio::TlsAcceptor::from(Arc::new(config)), pem))
 }
 
-/// Serves the catalog on `addr` until `shutdown` resolves (call inside a tokio runtime).
+/// Serves the catalog on `addr` until `shutdown` resolves (await it on a tokio runtime, e.g.
+/// [`crate::runtime::block_on`]).
 pub async fn serve_pg(
     live: Arc<LiveSql>,
     addr: SocketAddr,
@@ -308,10 +295,14 @@ async fn serve_listener(
     let (limit, refusing) = connection_limits(options.max_connections);
     let connections = Arc::new(tokio::sync::Semaphore::new(limit));
     let refusals = Arc::new(tokio::sync::Semaphore::new(refusing));
+    // The connections' tasks, ended when the endpoint stops (the runtime they run on is the
+    // process's and goes on).
+    let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
         let (socket, peer) = match accepted {
@@ -328,14 +319,14 @@ async fn serve_listener(
             Ok(permit) => {
                 let handlers = handlers.clone();
                 let acceptor = acceptor.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let _ = pgwire::tokio::process_socket(socket, acceptor, handlers).await;
                     drop(permit);
                 });
             }
             Err(_) => {
                 if let Ok(permit) = refusals.clone().try_acquire_owned() {
-                    tokio::spawn(async move {
+                    tasks.spawn(async move {
                         refuse(socket, limit).await;
                         drop(permit);
                     });
@@ -349,10 +340,12 @@ async fn serve_listener(
     while handler.running.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Closes the connections; a statement still running is stopped with its connection.
+    tasks.shutdown().await;
     Ok(())
 }
 
-/// File descriptors kept for the catalog (archive files, runtimes) beside connections.
+/// File descriptors kept for the catalog (archive files, the runtime) beside connections.
 const RESERVED_FDS: usize = 64;
 
 /// Connections served and refusals sent at once: `wanted` connections, lowered (with a

@@ -18,10 +18,6 @@ use crate::records::Observation;
 use crate::schema::Record;
 use crate::stats::paired::{ALPHA, PairedCounts, family};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
 fn ctx(batch_size: usize) -> SessionContext {
     let ctx =
         SessionContext::new_with_config(SessionConfig::new().with_batch_size(batch_size).with_target_partitions(3));
@@ -30,7 +26,7 @@ fn ctx(batch_size: usize) -> SessionContext {
 }
 
 fn sql(ctx: &SessionContext, q: &str) -> RecordBatch {
-    let batches = rt().block_on(async { ctx.sql(q).await.unwrap().collect().await.unwrap() });
+    let batches = crate::runtime::block_on(async { ctx.sql(q).await.unwrap().collect().await.unwrap() });
     let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(Schema::empty()));
     concat_batches(&schema, &batches).unwrap()
 }
@@ -88,7 +84,8 @@ fn interval_midp_and_test_type_functions_through_sql() {
     let t = rows(&out, &["t1", "t2", "t3"]);
     assert_eq!(t[0], ["Normal", "Sycophancy", ""]);
     // Negative counts are an error, not an interval.
-    let negative = rt().block_on(async { ctx.sql("SELECT newcombe_low(-1, 0, 0, 3)").await.unwrap().collect().await });
+    let negative =
+        crate::runtime::block_on(async { ctx.sql("SELECT newcombe_low(-1, 0, 0, 3)").await.unwrap().collect().await });
     assert!(negative.is_err());
 }
 
@@ -803,8 +800,7 @@ mod live {
         let new = live.snapshot().unwrap();
         assert!(new.version > old.version);
         let count = |snap: std::sync::Arc<super::super::live::Snapshot>, sql: &str| {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(live.spawn_query(snap, sql.to_string())).unwrap().unwrap().num_rows()
+            crate::runtime::block_on(live.spawn_query(snap, sql.to_string())).unwrap().unwrap().num_rows()
         };
         let sql = "SELECT * FROM family_table";
         assert_eq!(count(old.clone(), sql), 1, "the old snapshot does not see the new epoch");

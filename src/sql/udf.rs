@@ -19,7 +19,7 @@
 //! NULL inputs to `paired_counts` (an excluded answer) are skipped.
 //!
 //! ```
-//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! # candor::runtime::block_on(async {
 //! let ctx = datafusion::prelude::SessionContext::new();
 //! candor::sql::udf::register(&ctx);
 //! let out = ctx.sql("SELECT mcnemar_exact(12, 3) AS p").await.unwrap().collect().await.unwrap();

@@ -72,11 +72,9 @@ pub fn create_topics(conn: &Connection, topics: &[&str], partitions: i32) -> Res
     let admin: AdminClient<DefaultClientContext> =
         client_config(conn).create().map_err(|e| kafka("creating an admin client", e))?;
     let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::system("tokio", e))?;
-    let results = runtime
-        .block_on(admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))))
-        .map_err(|e| kafka("creating topics", e))?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results =
+        crate::runtime::block_on(admin.create_topics(&new, &options)).map_err(|e| kafka("creating topics", e))?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -1,5 +1,7 @@
 use super::messages::*;
 use super::*;
+use crate::archive::read_records;
+use crate::records::Response;
 
 const MAX: usize = 4096;
 

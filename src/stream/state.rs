@@ -1,0 +1,315 @@
+//! The stream's state: where to resume reading (offsets), the announcements registry, the
+//! answers not archived yet, the epochs published, and what the archive already holds
+//! (committed epochs, evaluated checkpoints, archived response keys).
+//!
+//! The admission rules live here: which announcements and answers are new, repeats,
+//! conflicting or late, and when a checkpoint is complete. [`Ledger::save`] writes the part
+//! that survives a restart ([`StreamState`], `stream-state.json`); the rest is read back from
+//! the archive when the stream opens.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::messages::{Announcement, Answer, Reject};
+use crate::archive::{Archive, read_records};
+use crate::error::{Error, Result};
+use crate::records::Response;
+
+/// The state saved with the archive: where to resume and what is not archived yet.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StreamState {
+    /// Next offset to read, by `topic/partition`.
+    pub offsets: BTreeMap<String, i64>,
+    /// Announced checkpoints not evaluated yet, by `model/checkpoint`.
+    pub announced: BTreeMap<String, Announced>,
+    /// Answers not archived yet, by `model/checkpoint` and response key.
+    pub pending: BTreeMap<String, BTreeMap<String, Answer>>,
+    /// Epochs whose outputs are published.
+    pub published: BTreeSet<u64>,
+    /// Dead letters sent, over all runs.
+    pub dead_letters: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Announced {
+    pub announcement: Announcement,
+    pub epoch: u64,
+}
+
+/// The state file, in the archive root.
+pub const STATE_FILE: &str = "stream-state.json";
+
+impl StreamState {
+    pub fn load(root: &Path) -> Result<Self> {
+        let path = root.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::input(crate::error::Location::file(&path), e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StreamState::default()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Replaces the state file atomically (written, synced, renamed).
+    pub fn save(&self, root: &Path) -> Result<()> {
+        let path = root.join(STATE_FILE);
+        let tmp = root.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
+        let bytes = serde_json::to_vec(self).expect("plain data serializes");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        std::fs::File::open(root).and_then(|d| d.sync_all()).map_err(|e| Error::io(root, e))
+    }
+}
+
+pub(super) fn checkpoint_key(model: &str, checkpoint: &str) -> String {
+    crate::identity::CheckpointRef::new(model, checkpoint).key()
+}
+
+/// Checkpoints whose epoch is committed: `model/checkpoint` → (epoch, is_finetuned).
+pub(super) type Done = HashMap<String, (u64, bool)>;
+
+/// A checkpoint taken off the ready queue for evaluation: its announcement and the answers
+/// that were pending for it.
+pub(super) struct Ready {
+    pub checkpoint: String,
+    pub announced: Announced,
+    pub answers: BTreeMap<String, Answer>,
+    /// Its epoch is committed already (evaluated before a crash, not saved since).
+    pub committed: bool,
+}
+
+/// What an evaluation added to the archive, for [`Ledger::record`].
+#[derive(Default)]
+pub(super) struct Recorded {
+    /// Every checkpoint taken for evaluation, committed before or now: (key, epoch, finetuned).
+    pub finished: Vec<(String, u64, bool)>,
+    /// Epochs committed by this evaluation.
+    pub committed: Vec<u64>,
+    /// Response keys archived by this evaluation.
+    pub keys: Vec<String>,
+}
+
+/// The stream's state, saved ([`StreamState`]) and derived from the archive.
+pub(super) struct Ledger<'a> {
+    archive: &'a Archive,
+    state: StreamState,
+    committed: BTreeSet<u64>,
+    done: Done,
+    archived_keys: HashSet<String>,
+    /// Checkpoints complete and waiting for the end of the current poll batch.
+    ready: BTreeSet<String>,
+    /// Changed since the last save.
+    dirty: bool,
+}
+
+impl<'a> Ledger<'a> {
+    pub fn open(archive: &'a Archive) -> Result<Self> {
+        let committed = archive.committed_epochs()?;
+        let done = archive
+            .checkpoints()?
+            .into_iter()
+            .filter(|e| committed.contains(&e.epoch))
+            .map(|e| (checkpoint_key(&e.model, &e.checkpoint), (e.epoch, e.is_finetuned)))
+            .collect();
+        let archived_keys = read_records::<Response>(archive)?.into_iter().map(|r| r.response_key).collect();
+        Ok(Ledger {
+            archive,
+            state: StreamState::load(archive.root())?,
+            committed,
+            done,
+            archived_keys,
+            ready: BTreeSet::new(),
+            dirty: false,
+        })
+    }
+
+    /// Checkpoints whose epoch is committed.
+    pub fn done(&self) -> &Done {
+        &self.done
+    }
+
+    /// Where to resume reading `topic/partition`, if it was read before.
+    pub fn offset(&self, position: &str) -> Option<i64> {
+        self.state.offsets.get(position).copied()
+    }
+
+    pub fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Drops from the state the checkpoints committed since the last save (after a crash).
+    pub fn drop_committed(&mut self) {
+        let finished: Vec<String> = self
+            .state
+            .announced
+            .iter()
+            .filter(|(_, a)| self.committed.contains(&a.epoch))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in finished {
+            self.state.announced.remove(&k);
+            self.state.pending.remove(&k);
+        }
+    }
+
+    /// Committed epochs whose outputs are not marked published, in epoch order, with their
+    /// checkpoint.
+    pub fn unpublished(&self) -> Vec<(u64, String)> {
+        let mut unpublished: Vec<(u64, String)> = self
+            .done
+            .iter()
+            .filter(|(_, (e, _))| !self.state.published.contains(e))
+            .map(|(k, (e, _))| (*e, k.clone()))
+            .collect();
+        unpublished.sort();
+        unpublished
+    }
+
+    /// Queues every announced checkpoint whose answers are all in.
+    pub fn queue_complete(&mut self) {
+        let announced: Vec<String> = self.state.announced.keys().cloned().collect();
+        for k in announced {
+            self.mark_if_complete(&k);
+        }
+    }
+
+    /// Moves `topic/partition` past `offset`.
+    pub fn advance(&mut self, topic: &str, partition: i32, offset: i64) {
+        let position = format!("{topic}/{partition}");
+        match self.state.offsets.get_mut(&position) {
+            Some(o) => *o = offset + 1,
+            None => {
+                self.state.offsets.insert(position, offset + 1);
+            }
+        }
+        self.dirty = true;
+    }
+
+    /// Records an announcement; returns the checkpoint to look at, or None for a repeat.
+    /// `can_generate` tells whether an announcement without an answer count can be generated
+    /// for.
+    pub fn announce(
+        &mut self,
+        a: Announcement,
+        can_generate: impl FnOnce(&Announcement) -> bool,
+    ) -> std::result::Result<Option<String>, Reject> {
+        let key = checkpoint_key(&a.model, &a.checkpoint);
+        if let Some(prev) = self.state.announced.get(&key) {
+            if prev.announcement == a {
+                return Ok(None);
+            }
+            return Err(Reject::new(
+                "conflicting_announcement",
+                format!("`{key}` was announced before with different fields"),
+            ));
+        }
+        if self.done.contains_key(&key) {
+            return Ok(None);
+        }
+        if a.answers.is_none() && !can_generate(&a) {
+            return Err(Reject::new(
+                "unknown_model",
+                format!(
+                    "no `answers` count, and the experiment has no [[models]] entry `{}` to generate with",
+                    a.model
+                ),
+            ));
+        }
+        let epoch = self
+            .archive
+            .register_checkpoint(&a.model, &a.checkpoint, a.finetuned, a.variant.as_deref())
+            .map_err(|e| Reject::new("conflicting_announcement", e.to_string()))?;
+        self.state.announced.insert(key.clone(), Announced { announcement: a, epoch });
+        self.mark_if_complete(&key);
+        Ok(Some(key))
+    }
+
+    /// Records an answer; returns its checkpoint, or None for a repeat or an answer already
+    /// archived.
+    pub fn answer(&mut self, a: Answer) -> std::result::Result<Option<String>, Reject> {
+        let key = a.response_key();
+        if self.archived_keys.contains(&key) {
+            return Ok(None);
+        }
+        let checkpoint = checkpoint_key(&a.model, &a.checkpoint);
+        if self.done.contains_key(&checkpoint) {
+            return Err(Reject::new("late_answer", format!("checkpoint `{checkpoint}` is already evaluated")));
+        }
+        let pending = self.state.pending.entry(checkpoint.clone()).or_default();
+        match pending.get(&key) {
+            Some(prev) if *prev == a => Ok(None),
+            Some(_) => {
+                Err(Reject::new("conflicting_answer", format!("a different answer with key `{key}` came first")))
+            }
+            // Complete (all its announced answers are in) but not evaluated yet: an answer
+            // beyond the count is late however the messages were batched, so a replay of the
+            // same input decides the same.
+            None if self.ready.contains(&checkpoint) => Err(Reject::new(
+                "late_answer",
+                format!("checkpoint `{checkpoint}` already has all the answers its announcement counts"),
+            )),
+            None => {
+                pending.insert(key, a);
+                self.mark_if_complete(&checkpoint);
+                Ok(Some(checkpoint))
+            }
+        }
+    }
+
+    /// Queues a checkpoint for evaluation once it is announced and all its answers are in.
+    fn mark_if_complete(&mut self, checkpoint: &str) {
+        let Some(announced) = self.state.announced.get(checkpoint) else { return };
+        let have = self.state.pending.get(checkpoint).map_or(0, BTreeMap::len) as u64;
+        if announced.announcement.answers.is_none_or(|n| have >= n) {
+            self.ready.insert(checkpoint.to_string());
+        }
+    }
+
+    /// Takes the queued checkpoints, with their pending answers, for evaluation (in key order).
+    pub fn take_ready(&mut self) -> Vec<Ready> {
+        std::mem::take(&mut self.ready)
+            .into_iter()
+            .map(|checkpoint| {
+                let announced = self.state.announced.get(&checkpoint).cloned().expect("queued when announced");
+                let answers = self.state.pending.remove(&checkpoint).unwrap_or_default();
+                let committed = self.committed.contains(&announced.epoch);
+                Ready { checkpoint, announced, answers, committed }
+            })
+            .collect()
+    }
+
+    /// Records what an evaluation committed: its checkpoints are done and no longer announced.
+    pub fn record(&mut self, r: &Recorded) {
+        self.committed.extend(r.committed.iter().copied());
+        self.archived_keys.extend(r.keys.iter().cloned());
+        for (checkpoint, epoch, finetuned) in &r.finished {
+            self.done.insert(checkpoint.clone(), (*epoch, *finetuned));
+            self.state.announced.remove(checkpoint);
+        }
+    }
+
+    /// Marks an epoch's outputs delivered.
+    pub fn mark_published(&mut self, epoch: u64) {
+        self.state.published.insert(epoch);
+        self.dirty = true;
+    }
+
+    /// Counts a dead letter sent.
+    pub fn count_dead_letter(&mut self) {
+        self.state.dead_letters += 1;
+    }
+
+    /// Saves the state file (the caller flushes the dead letters first: an offset is saved
+    /// only once what its message produced is delivered).
+    pub fn save(&mut self) -> Result<()> {
+        self.state.save(self.archive.root())?;
+        self.dirty = false;
+        Ok(())
+    }
+}
