@@ -11,17 +11,7 @@ pub const KINDS: &[&str] = &["candle", "openai"];
 /// Opens the generator that answers for `checkpoint` of `model`.
 pub fn open(model: &ModelConfig, checkpoint: &CheckpointConfig) -> Result<Box<dyn Generator>> {
     let table = model.backend_for(checkpoint);
-    let kind = match table.get("kind") {
-        Some(toml::Value::String(k)) => k.as_str(),
-        None => "candle",
-        Some(other) => {
-            return Err(Error::config(
-                format!("models.{}.backend.kind", model.name),
-                format!("expected a string, found {other}"),
-            ));
-        }
-    };
-    match kind {
+    match kind(model, &table)? {
         "openai" => {
             let endpoint = Endpoint::from_table(&table, &model.name)?;
             Ok(Box::new(OpenAiGenerator::new(endpoint, checkpoint.system_prompt.as_deref())?))
@@ -42,12 +32,24 @@ pub fn init_threads(models: &[ModelConfig]) {
         for checkpoint in &model.checkpoints {
             let table = model.backend_for(checkpoint);
             // A table that does not parse is reported when its generator opens.
-            if table.get("kind").is_none_or(|k| k.as_str() == Some("candle"))
+            if kind(model, &table).is_ok_and(|k| k == "candle")
                 && let Some(t) = super::candle::CandleOptions::from_table(&table).ok().and_then(|o| o.threads)
             {
                 super::candle::init_threads(t);
                 return;
             }
         }
+    }
+}
+
+/// The backend kind a table names (`candle` when it names none): the one reading of `kind`.
+fn kind<'t>(model: &ModelConfig, table: &'t toml::Table) -> Result<&'t str> {
+    match table.get("kind") {
+        Some(toml::Value::String(k)) => Ok(k.as_str()),
+        None => Ok("candle"),
+        Some(other) => Err(Error::config(
+            format!("models.{}.backend.kind", model.name),
+            format!("expected a string, found {other}"),
+        )),
     }
 }
