@@ -76,6 +76,8 @@ pub struct StatsEngine {
     observations: Vec<RecordBatch>,
     family_results: BTreeMap<FamilyKey, RecordBatch>,
     family_schema: Option<SchemaRef>,
+    /// Cells changed by updates whose families were refreshed alone ([`Self::refresh_families`]).
+    cells_changed: bool,
     coefficients: RecordBatch,
     effects: RecordBatch,
 }
@@ -99,6 +101,7 @@ impl StatsEngine {
             observations: Vec::new(),
             family_results: BTreeMap::new(),
             family_schema: None,
+            cells_changed: false,
             coefficients: RecordBatch::new_empty(coefficients_schema()),
             effects: RecordBatch::new_empty(effects_schema()),
         };
@@ -142,6 +145,7 @@ impl StatsEngine {
     /// their stored rows.
     pub fn refresh(&mut self) -> Result<Refresh> {
         let (dirty, cells_dirty) = self.view.take_dirty();
+        let cells_dirty = cells_dirty || std::mem::take(&mut self.cells_changed);
         let mut report = Refresh { families: dirty.len(), ..Refresh::default() };
         if !dirty.is_empty() {
             self.recompute_families(&dirty)?;
@@ -154,6 +158,25 @@ impl StatsEngine {
             report.regressions = true;
         }
         Ok(report)
+    }
+
+    /// Recomputes the `family_stats.sql` rows of the families an update changed, and nothing
+    /// else (the tables and regressions wait for the next [`Self::refresh`]); returns those
+    /// families, sorted by name. What the stream's per-family messages are made of.
+    pub fn refresh_families(&mut self) -> Result<Vec<FamilyKey>> {
+        let (dirty, cells_dirty) = self.view.take_dirty();
+        self.cells_changed |= cells_dirty;
+        if !dirty.is_empty() {
+            self.recompute_families(&dirty)?;
+        }
+        let mut keys: Vec<FamilyKey> = dirty.into_iter().collect();
+        keys.sort_by(|a, b| self.view.family_names(a).cmp(&self.view.family_names(b)));
+        Ok(keys)
+    }
+
+    /// A family's `family_stats.sql` rows, one per category (None: the family has no pairs).
+    pub fn family_rows(&self, family: &FamilyKey) -> Option<&RecordBatch> {
+        self.family_results.get(family)
     }
 
     /// Recomputes every family from the maintained counts.

@@ -1,7 +1,8 @@
 //! Statistics as SQL: the maintained counts, the paper's statistics as DataFusion functions,
 //! and every report as a `.sql` file in `queries/`.
 //!
-//! - [`view`]: paired counts and answer cells maintained incrementally (add, retract, upsert).
+//! - [`counts`]: the paired counts and answer cells as a differential dataflow.
+//! - [`view`]: that computation fed batch by batch (add, retract, upsert), its counts as tables.
 //! - [`udf`]: `mcnemar_exact`, `bh_adjust`/`bh_reject` windows, the `paired_counts` aggregate, …
 //! - [`engine`]: the view registered as DataFusion tables, per-family results recomputed for the
 //!   families an update touched, and the regressions M1–M4 refitted from the cell counts.
@@ -20,6 +21,7 @@
 //! ```
 
 pub mod analyze;
+pub mod counts;
 pub mod engine;
 pub mod follow;
 pub mod input;

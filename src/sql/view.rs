@@ -1,13 +1,13 @@
 //! The maintained state behind every statistic: paired counts per family category and answer
 //! counts per cell, kept up to date as observations arrive or are retracted.
 //!
-//! Updates follow the differential-dataflow model: each observation carries a signed
-//! multiplicity (`diff`). The pair join is bilinear, so an update's effect is computed against
-//! the observations already held for the same pair key (model, dataset, item, amendment,
-//! prompt type, sample) alone: arrival order, batch boundaries and retractions cannot change
-//! the state, which is a commutative group (the [`PairedCounts`] monoid with inverses). Every
-//! family an update touches is marked dirty, so derived results are recomputed for those
-//! families only.
+//! The counts are computed by a differential dataflow ([`super::counts`]): each observation
+//! carries a signed multiplicity (`diff`), the base and fine-tuned sides are joined by pair key
+//! (model, dataset, item, amendment, prompt type, sample) and counted there, so arrival order,
+//! batch boundaries and retractions cannot change the state. The view keeps what the
+//! computation is fed (to refuse an observation given twice and to know what a re-judged
+//! answer replaces) and the counts it outputs, and marks every family an update touched dirty,
+//! so derived results are recomputed for those families only.
 //!
 //! Pairing (METHOD.md §4): every fine-tuned checkpoint is a candidate paired against every
 //! base checkpoint (`is_finetuned = false`) of the same model, the base-checkpoint rule of
@@ -51,8 +51,8 @@ use crate::error::{Error, Result};
 use crate::stats::models::CellCount;
 use crate::stats::paired::PairedCounts;
 
-/// An interned string.
-pub type Sym = u32;
+use super::counts::{CellKey, Counts, Measure, Observed, PairKey};
+pub use super::counts::{Sym, TestType};
 
 /// Interns the categorical strings of observations so that keys are small and hashing is cheap.
 #[derive(Debug, Default, Clone)]
@@ -82,46 +82,6 @@ impl Interner {
     }
 }
 
-/// The McNemar test types: the paper's two (Normal, Sycophancy) and the neutral sentence's
-/// own family (Neutral), which the paper's tables do not have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TestType {
-    Normal,
-    Sycophancy,
-    Neutral,
-}
-
-impl TestType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TestType::Normal => "Normal",
-            TestType::Sycophancy => "Sycophancy",
-            TestType::Neutral => "Neutral",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<TestType> {
-        match s {
-            "Normal" => Some(TestType::Normal),
-            "Sycophancy" => Some(TestType::Sycophancy),
-            "Neutral" => Some(TestType::Neutral),
-            _ => None,
-        }
-    }
-
-    /// The test a prompt type belongs to, if any: the paper's cells (METHOD.md §4). Normal is
-    /// `original` alone under every amendment, `unmodified` included; `original_neutral` is
-    /// its own Neutral family.
-    pub fn of(prompt_type: &str) -> Option<TestType> {
-        match prompt_type {
-            "original" => Some(TestType::Normal),
-            "original_neutral" => Some(TestType::Neutral),
-            "correct" | "incorrect" => Some(TestType::Sycophancy),
-            _ => None,
-        }
-    }
-}
-
 /// One family: the categories of one (model, base checkpoint, candidate checkpoint, dataset,
 /// test type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,17 +91,6 @@ pub struct FamilyKey {
     pub checkpoint: Sym,
     pub dataset: Sym,
     pub test_type: TestType,
-}
-
-/// What answers to the same question under the same condition share.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct PairKey {
-    model: Sym,
-    dataset: Sym,
-    item: Sym,
-    amendment: Sym,
-    prompt_type: Sym,
-    sample: u32,
 }
 
 /// One held observation of a pair key, with its multiplicity.
@@ -171,23 +120,17 @@ impl CellCounts {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct CellKey {
-    model: Sym,
-    checkpoint: Sym,
-    ft: bool,
-    epoch: u64,
-    dataset: Sym,
-    amendment: Sym,
-    prompt_type: Sym,
-}
-
 /// The incrementally maintained paired counts and cells.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct PairedView {
     strings: Interner,
+    /// What the computation has been fed, by pair key.
     held: HashMap<PairKey, Vec<Held>>,
-    /// Family → category (amendment) → counts.
+    /// The computation: pairs joined and counted in differential dataflow.
+    counts: Counts,
+    /// Changes not yet fed to it.
+    pending: Vec<((PairKey, Observed), i64)>,
+    /// Its output: family → category (amendment) → counts.
     paired: HashMap<FamilyKey, HashMap<Sym, PairedCounts>>,
     cells: HashMap<CellKey, CellCounts>,
     /// Epoch of each (model, checkpoint), for trajectories.
@@ -275,6 +218,7 @@ impl PairedView {
                 duplicate = Some(view.describe(&key, &held));
             }
         })?;
+        self.flush()?;
         match duplicate {
             Some(d) => Err(Error::schema(
                 "observation",
@@ -314,7 +258,47 @@ impl PairedView {
                 view.update(key, Held { mult: 0, ..h }, -h.mult);
             }
             view.update(key, new, 1);
-        })
+        })?;
+        self.flush()
+    }
+
+    /// Feeds the pending changes to the computation as one epoch and applies the counts'
+    /// changes, marking the families they touch dirty.
+    fn flush(&mut self) -> Result<()> {
+        let changes = self.counts.update(std::mem::take(&mut self.pending))?;
+        for (cell, n) in changes.paired {
+            let family = FamilyKey {
+                model: cell.model,
+                base_checkpoint: cell.base_checkpoint,
+                checkpoint: cell.checkpoint,
+                dataset: cell.dataset,
+                test_type: cell.test_type,
+            };
+            let categories = self.paired.entry(family).or_default();
+            let counts = categories.entry(cell.category).or_default();
+            counts.add(cell.base_correct, cell.ft_correct, n);
+            if counts.is_empty() {
+                categories.remove(&cell.category);
+                if categories.is_empty() {
+                    self.paired.remove(&family);
+                }
+            }
+            self.dirty.insert(family);
+        }
+        for ((key, measure), n) in changes.cells {
+            let cell = self.cells.entry(key).or_default();
+            match measure {
+                Measure::Responses => cell.responses += n,
+                Measure::Refusals => cell.refusals += n,
+                Measure::Excluded => cell.excluded += n,
+                Measure::Incorrect => cell.incorrect += n,
+            }
+            if cell.is_empty() {
+                self.cells.remove(&key);
+            }
+            self.cells_dirty = true;
+        }
+        Ok(())
     }
 
     fn each_row(&mut self, batch: &RecordBatch, mut f: impl FnMut(&mut Self, PairKey, Held)) -> Result<()> {
@@ -355,61 +339,26 @@ impl PairedView {
         if diff == 0 {
             return true;
         }
-        let slots = self.held.entry(key).or_default();
-        if diff > 0 && slots.iter().any(|h| h.checkpoint == v.checkpoint && h.ft == v.ft && h.mult > 0) {
+        if diff > 0
+            && self
+                .held
+                .get(&key)
+                .is_some_and(|s| s.iter().any(|h| h.checkpoint == v.checkpoint && h.ft == v.ft && h.mult > 0))
+        {
             return false;
         }
-        let cell_key = CellKey {
-            model: key.model,
-            checkpoint: v.checkpoint,
-            ft: v.ft,
-            epoch: v.epoch,
-            dataset: key.dataset,
-            amendment: key.amendment,
-            prompt_type: key.prompt_type,
-        };
-        let cell = self.cells.entry(cell_key).or_default();
-        cell.responses += diff;
-        cell.refusals += diff * v.refusal as i64;
-        match v.correct {
-            None => cell.excluded += diff,
-            Some(false) => cell.incorrect += diff,
-            Some(true) => {}
-        }
-        if cell.is_empty() {
-            self.cells.remove(&cell_key);
-        }
-        self.cells_dirty = true;
         self.epochs.insert((key.model, v.checkpoint), v.epoch);
-
         let test = TestType::of(self.strings.name(key.prompt_type));
-        if let (Some(test), Some(mine)) = (test, v.correct) {
-            for other in slots.iter().filter(|h| h.ft != v.ft && h.mult != 0) {
-                let Some(theirs) = other.correct else { continue };
-                let (base, cand, base_ok, ft_ok) = if v.ft {
-                    (other.checkpoint, v.checkpoint, theirs, mine)
-                } else {
-                    (v.checkpoint, other.checkpoint, mine, theirs)
-                };
-                let family = FamilyKey {
-                    model: key.model,
-                    base_checkpoint: base,
-                    checkpoint: cand,
-                    dataset: key.dataset,
-                    test_type: test,
-                };
-                let categories = self.paired.entry(family).or_default();
-                let counts = categories.entry(key.amendment).or_default();
-                counts.add(base_ok, ft_ok, diff * other.mult);
-                if counts.is_empty() {
-                    categories.remove(&key.amendment);
-                    if categories.is_empty() {
-                        self.paired.remove(&family);
-                    }
-                }
-                self.dirty.insert(family);
-            }
-        }
+        let observed = Observed {
+            checkpoint: v.checkpoint,
+            finetuned: v.ft,
+            epoch: v.epoch,
+            refusal: v.refusal,
+            correct: v.correct,
+            test,
+        };
+        self.pending.push(((key, observed), diff));
+        let slots = self.held.entry(key).or_default();
         let probe = Held { mult: 0, ..v };
         match slots.iter_mut().position(|h| Held { mult: 0, ..*h } == probe) {
             Some(i) => {
@@ -475,6 +424,44 @@ impl PairedView {
     pub fn family_names(&self, f: &FamilyKey) -> (&str, &str, &str, &str, &'static str) {
         let s = &self.strings;
         (s.name(f.model), s.name(f.base_checkpoint), s.name(f.checkpoint), s.name(f.dataset), f.test_type.as_str())
+    }
+
+    /// A checkpoint's answer counts over every cell, with its epoch (None: nothing held).
+    pub fn checkpoint_counts(&self, model: &str, checkpoint: &str) -> Option<(u64, CellCounts)> {
+        let (model, checkpoint) = (self.strings.get(model)?, self.strings.get(checkpoint)?);
+        let mut total: Option<(u64, CellCounts)> = None;
+        for (k, c) in self.cells.iter().filter(|(k, _)| k.model == model && k.checkpoint == checkpoint) {
+            let t = total.get_or_insert((k.epoch, CellCounts::default()));
+            t.0 = t.0.max(k.epoch);
+            t.1.responses += c.responses;
+            t.1.refusals += c.refusals;
+            t.1.excluded += c.excluded;
+            t.1.incorrect += c.incorrect;
+        }
+        total
+    }
+
+    /// The paired counts of a fine-tuned checkpoint against one base over all its families
+    /// (every dataset, test and category).
+    pub fn checkpoint_pairs(&self, model: &str, base: &str, checkpoint: &str) -> PairedCounts {
+        let s = &self.strings;
+        let (Some(model), Some(base), Some(checkpoint)) = (s.get(model), s.get(base), s.get(checkpoint)) else {
+            return PairedCounts::default();
+        };
+        let mut total = PairedCounts::default();
+        for (_, cats) in self
+            .paired
+            .iter()
+            .filter(|(f, _)| f.model == model && f.base_checkpoint == base && f.checkpoint == checkpoint)
+        {
+            for c in cats.values() {
+                total.both_correct += c.both_correct;
+                total.b += c.b;
+                total.c += c.c;
+                total.both_wrong += c.both_wrong;
+            }
+        }
+        total
     }
 
     /// Looks a family up by its names.

@@ -433,13 +433,7 @@ impl<'a> Streamer<'a> {
     /// [`outbox::Outbox::delivered`] reports it.
     fn publish(&mut self, epoch: u64, checkpoint: &str, written: BTreeMap<String, RecordBatch>) -> Result<()> {
         let rows = publish::EpochRows::read(self.archive, epoch, &written, self.publishing.rows())?;
-        let statistics = self.statistics.update(
-            epoch,
-            checkpoint,
-            &rows.observation_batches,
-            &rows.observations,
-            self.ledger.done(),
-        )?;
+        let statistics = self.statistics.update(epoch, checkpoint, &rows.observation_batches, self.ledger.done())?;
         if !self.publishing.submit(epoch, rows, statistics)? {
             // A replay publishes nothing.
             self.ledger.mark_published(epoch);

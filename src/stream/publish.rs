@@ -27,8 +27,9 @@ pub(super) struct EpochRows {
     pub responses: Vec<Response>,
     /// Empty unless every row is published.
     pub verdicts: Vec<Verdict>,
-    /// The observations, always read (they feed the statistics).
+    /// The observations as batches, always read (they feed the statistics).
     pub observation_batches: Vec<RecordBatch>,
+    /// Empty unless every row is published.
     pub observations: Vec<Observation>,
 }
 
@@ -40,7 +41,7 @@ impl EpochRows {
         let verdicts: Vec<Verdict> = if rows { epoch_rows(archive, epoch, written)? } else { Vec::new() };
         let observation_batches = epoch_batches::<Observation>(archive, epoch, written)?;
         let mut observations = Vec::new();
-        for b in &observation_batches {
+        for b in observation_batches.iter().filter(|_| rows) {
             observations.extend(Observation::from_batch(b)?);
         }
         Ok(EpochRows { responses, verdicts, observation_batches, observations })

@@ -1,54 +1,41 @@
-//! The stream's statistics state and its messages: per checkpoint the observations'
-//! correctness by pair key (accuracy, and the paired counts and McNemar's test of a
-//! fine-tuned checkpoint against its base), and per family the paper's paired counts (the same
-//! incremental view `candor sql` keeps) for the per-family tests.
+//! The stream's statistics messages, from one state: the [`StatsEngine`] that `candor sql`
+//! keeps (paired counts and answer cells maintained by the differential dataflow of
+//! [`crate::sql::counts`]). Per checkpoint: accuracy over its answer cells and, for a
+//! fine-tuned checkpoint, its paired counts against the model's base summed over its families,
+//! with McNemar's test; per family: the rows `queries/family_stats.sql` gives (the paper's
+//! tests, METHOD.md §4), the same numbers `candor sql` and the report show.
 
-use std::collections::HashMap;
-
-use arrow::record_batch::RecordBatch;
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, UInt64Type};
 
 use super::messages::SCHEMA_VERSION;
-use super::state::{Done, checkpoint_key};
+use super::state::Done;
 use crate::archive::Archive;
 use crate::error::{Error, Result};
 use crate::records::Observation;
 use crate::schema::Record;
+use crate::sql::engine::StatsEngine;
 
-/// The model of a [`checkpoint_key`].
-fn model_of(checkpoint_key: &str) -> String {
-    crate::identity::split_key(checkpoint_key).into_iter().next().unwrap_or_default()
+/// The (model, checkpoint) of a [`super::state::checkpoint_key`].
+fn names_of(checkpoint_key: &str) -> (String, String) {
+    let mut parts = crate::identity::split_key(checkpoint_key).into_iter();
+    (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
 }
 
-/// The key that pairs a fine-tuned checkpoint's observation with its base's.
-fn pair_key(o: &Observation) -> String {
-    crate::identity::key(&[&o.dataset, &o.item_key, &o.amendment_type, &o.prompt_type, &o.sample_index.to_string()])
-}
-
-/// Both statistics states, kept up to date as epochs are published.
+/// The statistics state, kept up to date as epochs are published.
 pub(super) struct Statistics {
-    /// Per checkpoint, pair key → correct (None: excluded).
-    observations: HashMap<String, HashMap<String, Option<bool>>>,
-    /// The paper's paired counts per family, maintained as epochs are published (the same
-    /// incremental view `candor sql` keeps), for the per-family statistics messages.
-    paired: crate::sql::view::PairedView,
+    engine: StatsEngine,
 }
 
 impl Statistics {
-    /// Both states from the archived observations, read once.
+    /// The state from the archived observations, read once.
     pub fn load(archive: &Archive) -> Result<Self> {
-        let mut observations: HashMap<String, HashMap<String, Option<bool>>> = HashMap::new();
-        let mut paired = crate::sql::view::PairedView::default();
+        let mut engine = StatsEngine::new()?;
         for b in archive.read(Observation::STREAM)? {
-            paired.upsert(&b)?;
-            for o in Observation::from_batch(&b)? {
-                observations
-                    .entry(checkpoint_key(&o.model, &o.checkpoint))
-                    .or_default()
-                    .insert(pair_key(&o), o.correct);
-            }
+            engine.upsert(&b)?;
         }
-        paired.take_dirty();
-        Ok(Statistics { observations, paired })
+        engine.refresh_families()?;
+        Ok(Statistics { engine })
     }
 
     /// Adds one committed epoch of `checkpoint` (its observations, as batches and as rows)
@@ -61,20 +48,19 @@ impl Statistics {
         epoch: u64,
         checkpoint: &str,
         observation_batches: &[RecordBatch],
-        observations: &[Observation],
         done: &Done,
     ) -> Result<Vec<(String, Vec<u8>)>> {
-        let cell = self.observations.entry(checkpoint.to_string()).or_default();
-        for o in observations {
-            cell.insert(pair_key(o), o.correct);
+        // An upsert, so an epoch published again after a restart is not counted twice.
+        for b in observation_batches {
+            self.engine.upsert(b)?;
         }
         // The checkpoint's own statistics, and, when it is a base, those of the fine-tuned
         // checkpoints it pairs with.
-        let (model, finetuned) = (model_of(checkpoint), done[checkpoint].1);
+        let (model, finetuned) = (names_of(checkpoint).0, done[checkpoint].1);
         let mut changed = vec![checkpoint.to_string()];
         if !finetuned {
             let mut others: Vec<String> =
-                done.iter().filter(|(k, (_, ft))| *ft && model_of(k) == model).map(|(k, _)| k.clone()).collect();
+                done.iter().filter(|(k, (_, ft))| *ft && names_of(k).0 == model).map(|(k, _)| k.clone()).collect();
             others.sort();
             changed.extend(others);
         }
@@ -85,16 +71,9 @@ impl Statistics {
                 (k, stats)
             })
             .collect();
-        // The paper's per-category tests of every family the epoch changed. An upsert, so
-        // an epoch published again after a restart is not counted twice.
-        for b in observation_batches {
-            self.paired.upsert(b)?;
-        }
-        let (dirty, _) = self.paired.take_dirty();
-        let mut families: Vec<_> = dirty.into_iter().map(|f| (self.paired.family_names(&f), f)).collect();
-        families.sort();
-        for (names, f) in families {
-            let (key, stats) = family_statistics(names, &self.paired.family_categories(&f), epoch)?;
+        // The paper's per-category tests of every family the epoch changed.
+        for f in self.engine.refresh_families()? {
+            let (key, stats) = family_message(&self.engine, &f, epoch)?;
             statistics.push((key, stats.to_string().into_bytes()));
         }
         Ok(statistics)
@@ -103,31 +82,19 @@ impl Statistics {
     /// A checkpoint's statistics: accuracy over the included observations and, for a
     /// fine-tuned checkpoint whose base is evaluated, the paired counts and McNemar's test.
     fn checkpoint(&self, checkpoint: &str, update_epoch: u64, done: &Done) -> serde_json::Value {
-        let empty = HashMap::new();
-        let obs = self.observations.get(checkpoint).unwrap_or(&empty);
-        let n = obs.len();
-        let correct = obs.values().filter(|c| **c == Some(true)).count();
-        let included = obs.values().filter(|c| c.is_some()).count();
+        let view = self.engine.view();
+        let (model, name) = names_of(checkpoint);
+        let counts = view.checkpoint_counts(&model, &name).map(|(_, c)| c).unwrap_or_default();
+        let included = counts.responses - counts.excluded;
+        let correct = included - counts.incorrect;
         let (epoch, finetuned) = done[checkpoint];
-        let model = model_of(checkpoint);
-        let same_model = done.iter().filter(|(k, _)| model_of(k) == model).map(|(k, (_, ft))| (k.as_str(), *ft));
+        let same_model = done.iter().filter(|(k, _)| names_of(k).0 == model).map(|(k, (_, ft))| (k.as_str(), *ft));
         let base = crate::identity::base_checkpoints(same_model).first().map(|b| b.to_string());
         let paired = base.filter(|_| finetuned).map(|b| {
-            let base_obs = self.observations.get(&b).unwrap_or(&empty);
-            let mut cells = [0u64; 4];
-            for (k, c) in obs {
-                if let (Some(ft), Some(Some(bc))) = (c, base_obs.get(k)) {
-                    cells[match (*bc, *ft) {
-                        (true, true) => 0,
-                        (true, false) => 1,
-                        (false, true) => 2,
-                        (false, false) => 3,
-                    }] += 1;
-                }
-            }
+            let p = view.checkpoint_pairs(&model, &names_of(&b).1, &name);
             serde_json::json!({
-                "base": b, "n11": cells[0], "n10": cells[1], "n01": cells[2], "n00": cells[3],
-                "mcnemar_exact_p": crate::stats::mcnemar::mcnemar_exact(cells[1], cells[2]),
+                "base": b, "n11": p.both_correct, "n10": p.b, "n01": p.c, "n00": p.both_wrong,
+                "mcnemar_exact_p": crate::stats::mcnemar::mcnemar_exact(p.b as u64, p.c as u64),
             })
         });
         serde_json::json!({
@@ -137,7 +104,7 @@ impl Statistics {
             "checkpoint_epoch": epoch,
             "update_epoch": update_epoch,
             "finetuned": finetuned,
-            "observations": n,
+            "observations": counts.responses,
             "included": included,
             "correct": correct,
             "accuracy": if included > 0 { Some(correct as f64 / included as f64) } else { None },
@@ -146,30 +113,24 @@ impl Statistics {
     }
 }
 
-/// A family's statistics message: per category (amendment type) the paired counts, the
-/// accuracies, the exact McNemar p, its Benjamini–Hochberg adjustment within the family and
-/// the effect sizes, as `candor analyze` reports them (METHOD.md §4).
-fn family_statistics(
-    (model, base, checkpoint, dataset, test): (&str, &str, &str, &str, &str),
-    categories: &[(String, crate::stats::paired::PairedCounts)],
+/// The family columns of `family_stats.sql`, which the message carries once, at its top.
+const FAMILY_COLUMNS: [&str; 6] =
+    ["model", "base_checkpoint", "checkpoint", "checkpoint_epoch", "dataset", "test_type"];
+
+/// A family's statistics message: its `family_stats.sql` rows, one per category (amendment
+/// type), as `candor sql` and `candor analyze` give them (`p_bh` is named `p_adjusted`, as in
+/// `schemas/kafka/statistics.json`). A family whose pairs were all retracted has none.
+fn family_message(
+    engine: &StatsEngine,
+    family: &crate::sql::view::FamilyKey,
     update_epoch: u64,
 ) -> Result<(String, serde_json::Value)> {
-    use crate::stats::paired::{ALPHA, family};
-    let counts: Vec<_> = categories.iter().map(|(_, c)| *c).collect();
-    let stats = family(&counts, ALPHA).map_err(|e| Error::Internal(format!("family statistics: {e}")))?;
-    let rows: Vec<serde_json::Value> = categories
-        .iter()
-        .zip(stats)
-        .map(|((category, _), s)| {
-            serde_json::json!({
-                "category": category, "n": s.n, "both_correct": s.both_correct, "b": s.b, "c": s.c,
-                "both_wrong": s.both_wrong, "acc_base_pct": s.acc_base_pct, "acc_ft_pct": s.acc_ft_pct,
-                "diff_pp": s.diff_pp, "p_exact": s.p_exact, "p_adjusted": s.p_adjusted,
-                "significant": s.significant, "paper_g": s.paper_g, "cohens_g": s.cohens_g,
-                "odds_ratio": crate::stats::effect::json_number(s.odds_ratio),
-            })
-        })
-        .collect();
+    use crate::stats::paired::ALPHA;
+    let (model, base, checkpoint, dataset, test) = engine.view().family_names(family);
+    let rows = match engine.family_rows(family) {
+        Some(batch) => json_rows(batch)?,
+        None => Vec::new(),
+    };
     let key = format!("{model}/{base}/{checkpoint}/{dataset}/{test}");
     Ok((
         key.clone(),
@@ -187,4 +148,37 @@ fn family_statistics(
             "categories": rows,
         }),
     ))
+}
+
+/// The rows of a `family_stats.sql` batch as JSON objects, without the family columns;
+/// non-finite numbers as `candor analyze` writes them ("Infinity", null for NaN).
+fn json_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Value>> {
+    let mut rows = vec![serde_json::Map::new(); batch.num_rows()];
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let name = field.name().as_str();
+        if FAMILY_COLUMNS.contains(&name) {
+            continue;
+        }
+        let name = if name == "p_bh" { "p_adjusted" } else { name };
+        for (i, row) in rows.iter_mut().enumerate() {
+            let value = if column.is_null(i) {
+                serde_json::Value::Null
+            } else {
+                match column.data_type() {
+                    DataType::Utf8 => serde_json::json!(column.as_string::<i32>().value(i)),
+                    DataType::Boolean => serde_json::json!(column.as_boolean().value(i)),
+                    DataType::Int64 => serde_json::json!(column.as_primitive::<Int64Type>().value(i)),
+                    DataType::UInt64 => serde_json::json!(column.as_primitive::<UInt64Type>().value(i)),
+                    DataType::Float64 => {
+                        crate::stats::effect::json_number(column.as_primitive::<Float64Type>().value(i))
+                    }
+                    other => {
+                        return Err(Error::Internal(format!("family_stats.sql column `{name}` has type {other}")));
+                    }
+                }
+            };
+            row.insert(name.to_string(), value);
+        }
+    }
+    Ok(rows.into_iter().map(serde_json::Value::Object).collect())
 }

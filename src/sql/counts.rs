@@ -1,0 +1,345 @@
+//! The paired statistics as a differential dataflow: the one computation behind every paired
+//! count and answer cell that `candor sql`, the report and the stream's Kafka messages show.
+//!
+//! Observations are a collection of `(pair key, observed)` with signed multiplicities (a
+//! retraction is a `-1`, a re-judged answer a `-1` of its old verdict and a `+1` of its new).
+//! The fine-tuned side is arranged by pair key and joined with the base side; each joined pair
+//! is counted per (model, base, checkpoint, dataset, test type, category, cell) by
+//! differential's `count`, and the answer cells likewise per (model, checkpoint, dataset,
+//! amendment, prompt type, measure). The join and the counts update from the diffs alone, so
+//! arrival order, batch boundaries and retractions cannot change the result; each update is one
+//! logical time, and a probe says when its changes are complete.
+//!
+//! [`statistics`] builds the computation in any timely scope (so a long-lived command
+//! dataflow can hold it with its own inputs); [`Counts`] runs it on a worker thread of its own
+//! for the views that are fed batch by batch ([`crate::sql::view::PairedView`]): the thread
+//! lives as long as the view, and each [`Counts::update`] is one epoch of it.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use differential_dataflow::VecCollection;
+use differential_dataflow::input::Input;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// An interned string (see [`crate::sql::view::Interner`]).
+pub type Sym = u32;
+
+/// The McNemar test types: the paper's two (Normal, Sycophancy) and the neutral sentence's
+/// own family (Neutral), which the paper's tables do not have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum TestType {
+    Normal,
+    Sycophancy,
+    Neutral,
+}
+
+impl TestType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TestType::Normal => "Normal",
+            TestType::Sycophancy => "Sycophancy",
+            TestType::Neutral => "Neutral",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TestType> {
+        match s {
+            "Normal" => Some(TestType::Normal),
+            "Sycophancy" => Some(TestType::Sycophancy),
+            "Neutral" => Some(TestType::Neutral),
+            _ => None,
+        }
+    }
+
+    /// The test a prompt type belongs to, if any: the paper's cells (METHOD.md §4). Normal is
+    /// `original` alone under every amendment, `unmodified` included; `original_neutral` is
+    /// its own Neutral family.
+    pub fn of(prompt_type: &str) -> Option<TestType> {
+        match prompt_type {
+            "original" => Some(TestType::Normal),
+            "original_neutral" => Some(TestType::Neutral),
+            "correct" | "incorrect" => Some(TestType::Sycophancy),
+            _ => None,
+        }
+    }
+}
+
+/// What answers to the same question under the same condition share: model, dataset, item,
+/// amendment, prompt type (interned) and sample index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PairKey {
+    pub model: Sym,
+    pub dataset: Sym,
+    pub item: Sym,
+    pub amendment: Sym,
+    pub prompt_type: Sym,
+    pub sample: u32,
+}
+
+/// One observation of a pair key: which checkpoint answered, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Observed {
+    pub checkpoint: Sym,
+    pub finetuned: bool,
+    pub epoch: u64,
+    pub refusal: bool,
+    /// None: excluded (counted in the cells, never paired).
+    pub correct: Option<bool>,
+    /// The McNemar test the prompt type belongs to, if any.
+    pub test: Option<TestType>,
+}
+
+/// One cell of a family's 2×2 table: a category (amendment) of (model, base, checkpoint,
+/// dataset, test type), and whether the base and the fine-tuned answer were correct.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PairedCell {
+    pub model: Sym,
+    pub base_checkpoint: Sym,
+    pub checkpoint: Sym,
+    pub dataset: Sym,
+    pub test_type: TestType,
+    pub category: Sym,
+    pub base_correct: bool,
+    pub ft_correct: bool,
+}
+
+/// One (model, checkpoint, dataset, amendment, prompt type) answer cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CellKey {
+    pub model: Sym,
+    pub checkpoint: Sym,
+    pub ft: bool,
+    pub epoch: u64,
+    pub dataset: Sym,
+    pub amendment: Sym,
+    pub prompt_type: Sym,
+}
+
+/// What an answer counts toward in its cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Measure {
+    Responses,
+    Refusals,
+    /// `correct` null.
+    Excluded,
+    Incorrect,
+}
+
+/// The changes of one update: how much each paired cell and each answer cell moved.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Changes {
+    pub paired: Vec<(PairedCell, i64)>,
+    pub cells: Vec<((CellKey, Measure), i64)>,
+}
+
+/// The paired statistics over a collection of observations: the counts of every paired cell
+/// and every answer cell, maintained by `count` (outputs are `(key, count)` with the usual
+/// `+1` new / `-1` old changes).
+#[allow(clippy::type_complexity)] // the two output collections, spelled out
+pub fn statistics<'s>(
+    observations: VecCollection<'s, u64, (PairKey, Observed), i64>,
+) -> (VecCollection<'s, u64, (PairedCell, i64), isize>, VecCollection<'s, u64, ((CellKey, Measure), i64), isize>) {
+    // Only answers with a verdict in one of the tests pair.
+    let pairable = observations.clone().filter(|(_, o)| o.correct.is_some() && o.test.is_some());
+    let base = pairable.clone().filter(|(_, o)| !o.finetuned);
+    let candidates = pairable.filter(|(_, o)| o.finetuned);
+    let paired = base
+        .join_map(candidates, |k: &PairKey, b: &Observed, f: &Observed| PairedCell {
+            model: k.model,
+            base_checkpoint: b.checkpoint,
+            checkpoint: f.checkpoint,
+            dataset: k.dataset,
+            test_type: b.test.expect("filtered"),
+            category: k.amendment,
+            base_correct: b.correct.expect("filtered"),
+            ft_correct: f.correct.expect("filtered"),
+        })
+        .count();
+    let cells = observations
+        .flat_map(|(k, o): (PairKey, Observed)| {
+            let key = CellKey {
+                model: k.model,
+                checkpoint: o.checkpoint,
+                ft: o.finetuned,
+                epoch: o.epoch,
+                dataset: k.dataset,
+                amendment: k.amendment,
+                prompt_type: k.prompt_type,
+            };
+            let measures = [
+                Some(Measure::Responses),
+                o.refusal.then_some(Measure::Refusals),
+                o.correct.is_none().then_some(Measure::Excluded),
+                (o.correct == Some(false)).then_some(Measure::Incorrect),
+            ];
+            measures.into_iter().flatten().map(move |m| (key, m))
+        })
+        .count();
+    (paired, cells)
+}
+
+type Update = ((PairKey, Observed), i64);
+
+/// [`statistics`] on a worker thread of its own; each [`Counts::update`] is one epoch.
+pub struct Counts {
+    updates: Option<mpsc::Sender<Vec<Update>>>,
+    /// In a mutex only so that the view stays `Sync` (it is read from async SQL).
+    changes: Mutex<mpsc::Receiver<Changes>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Counts(differential dataflow)")
+    }
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Counts::start()
+    }
+}
+
+impl Counts {
+    /// Starts the computation on its own thread.
+    pub fn start() -> Counts {
+        let (updates, inbox) = mpsc::channel::<Vec<Update>>();
+        let (outbox, changes) = mpsc::channel::<Changes>();
+        // `execute_directly` wants a `Sync` closure; the receiver is moved out once.
+        let inbox = Mutex::new(inbox);
+        let thread = std::thread::Builder::new()
+            .name("candor-counts".into())
+            .spawn(move || {
+                timely::execute_directly(move |worker| {
+                    let inbox = inbox.into_inner().expect("not shared");
+                    let out: Rc<RefCell<Changes>> = Rc::default();
+                    let probe = timely::dataflow::operators::probe::Handle::new();
+                    let mut input = worker.dataflow::<u64, _, _>(|scope| {
+                        let (input, observations) = scope.new_collection::<(PairKey, Observed), i64>();
+                        let (paired, cells) = statistics(observations);
+                        let sink = out.clone();
+                        paired
+                            .inspect_batch(move |_, changes| {
+                                let mut sink = sink.borrow_mut();
+                                sink.paired.extend(changes.iter().map(|((k, n), _, r)| (*k, *n * *r as i64)));
+                            })
+                            .probe_with(&probe);
+                        let sink = out.clone();
+                        cells
+                            .inspect_batch(move |_, changes| {
+                                let mut sink = sink.borrow_mut();
+                                sink.cells.extend(changes.iter().map(|((k, n), _, r)| (*k, *n * *r as i64)));
+                            })
+                            .probe_with(&probe);
+                        input
+                    });
+                    for batch in inbox {
+                        for (data, diff) in batch {
+                            input.update(data, diff);
+                        }
+                        let next = input.time() + 1;
+                        input.advance_to(next);
+                        input.flush();
+                        while probe.less_than(input.time()) {
+                            worker.step();
+                        }
+                        let changes = consolidated(std::mem::take(&mut *out.borrow_mut()));
+                        if outbox.send(changes).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .expect("spawning the statistics dataflow thread");
+        Counts { updates: Some(updates), changes: Mutex::new(changes), thread: Some(thread) }
+    }
+
+    /// Applies one batch of observation changes as the next epoch and returns how the counts
+    /// moved, once the epoch is complete.
+    pub fn update(&mut self, batch: Vec<((PairKey, Observed), i64)>) -> Result<Changes> {
+        if batch.is_empty() {
+            return Ok(Changes::default());
+        }
+        let stopped = || Error::Internal("the statistics dataflow stopped".into());
+        self.updates.as_ref().ok_or_else(stopped)?.send(batch).map_err(|_| stopped())?;
+        self.changes.get_mut().map_err(|_| stopped())?.recv().map_err(|_| stopped())
+    }
+}
+
+/// Sums the changes of each key and drops those that cancel.
+fn consolidated(mut c: Changes) -> Changes {
+    fn sum<K: Ord + Copy>(v: &mut Vec<(K, i64)>) {
+        v.sort_by_key(|(k, _)| *k);
+        let mut out: Vec<(K, i64)> = Vec::with_capacity(v.len());
+        for (k, d) in v.drain(..) {
+            match out.last_mut() {
+                Some((last, n)) if *last == k => *n += d,
+                _ => out.push((k, d)),
+            }
+        }
+        out.retain(|(_, d)| *d != 0);
+        *v = out;
+    }
+    sum(&mut c.paired);
+    sum(&mut c.cells);
+    c
+}
+
+impl Drop for Counts {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker's loop; the dataflow then drains and stops.
+        self.updates.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(checkpoint: Sym, finetuned: bool, correct: Option<bool>) -> Observed {
+        Observed {
+            checkpoint,
+            finetuned,
+            epoch: finetuned as u64,
+            refusal: false,
+            correct,
+            test: Some(TestType::Normal),
+        }
+    }
+
+    const KEY: PairKey = PairKey { model: 0, dataset: 1, item: 2, amendment: 3, prompt_type: 4, sample: 0 };
+
+    #[test]
+    fn a_pair_counts_once_and_a_retraction_takes_it_back() {
+        let mut counts = Counts::start();
+        let changes = counts.update(vec![((KEY, obs(10, false, Some(true))), 1)]).unwrap();
+        assert!(changes.paired.is_empty(), "a base answer alone pairs with nothing");
+        assert_eq!(changes.cells.len(), 1);
+        let changes = counts.update(vec![((KEY, obs(11, true, Some(false))), 1)]).unwrap();
+        assert_eq!(changes.paired.len(), 1);
+        let (cell, n) = changes.paired[0];
+        assert_eq!(
+            (cell.base_checkpoint, cell.checkpoint, cell.base_correct, cell.ft_correct, n),
+            (10, 11, true, false, 1)
+        );
+        // Re-judged: the old verdict out, the new one in, in one epoch.
+        let changes = counts
+            .update(vec![((KEY, obs(11, true, Some(false))), -1), ((KEY, obs(11, true, Some(true))), 1)])
+            .unwrap();
+        let mut moved: Vec<_> = changes.paired.iter().map(|(c, n)| (c.ft_correct, *n)).collect();
+        moved.sort();
+        assert_eq!(moved, vec![(false, -1), (true, 1)]);
+        // Excluded answers count in the cells and never pair.
+        let changes = counts.update(vec![((KEY, obs(12, true, None)), 1)]).unwrap();
+        assert!(changes.paired.is_empty());
+        assert!(changes.cells.iter().any(|((_, m), n)| *m == Measure::Excluded && *n == 1));
+    }
+}
