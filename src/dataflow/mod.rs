@@ -30,6 +30,9 @@ use crate::archive::{Archive, Partition};
 use crate::error::{Error, Result, StageError};
 use crate::schema::{self, META_STREAM};
 
+mod session;
+pub use session::Session;
+
 /// The logical time: 0 for the grid, then one epoch per checkpoint.
 pub type Epoch = u64;
 
@@ -299,6 +302,19 @@ pub fn split_by_key(batch: &RecordBatch, key: &str, peers: usize) -> Result<Vec<
     Ok(out)
 }
 
+/// Where the sink commits what a dataflow time carries: the archive epoch of each time
+/// (absent: the time is the epoch, as in a one-shot [`run`]) and the partition of each
+/// checkpoint's epoch. A long-lived [`Session`] fills it as checkpoints arrive, before their
+/// rows do.
+#[derive(Clone, Debug, Default)]
+pub struct Routing {
+    pub epochs: std::collections::HashMap<u64, Epoch>,
+    pub partitions: BTreeMap<Epoch, Partition>,
+}
+
+/// [`Routing`] shared by the driver and the sink of one process.
+pub type SharedRouting = Arc<std::sync::Mutex<Routing>>;
+
 /// Where a stream's epoch goes in the archive.
 pub fn partition_for(stream: &str, epoch: Epoch, checkpoints: &BTreeMap<Epoch, Partition>) -> Partition {
     match (stream, checkpoints.get(&epoch)) {
@@ -329,7 +345,7 @@ pub struct EpochDone {
 pub fn archive_sink<'s>(
     stream: StreamVec<'s, Epoch, Msg>,
     archive: Archive,
-    checkpoints: Arc<BTreeMap<Epoch, Partition>>,
+    routing: SharedRouting,
     progress: Option<indicatif::ProgressBar>,
 ) -> StreamVec<'s, Epoch, EpochDone> {
     stream.unary_frontier(Exchange::new(|_: &Msg| 0), "ArchiveSink", move |_cap, _info| {
@@ -348,9 +364,23 @@ pub fn archive_sink<'s>(
                 }
             });
             let complete: Vec<Epoch> = pending.keys().copied().filter(|e| !frontier.frontier().less_equal(e)).collect();
-            for epoch in complete {
-                let (cap, msgs) = pending.remove(&epoch).expect("listed above");
-                let done = write_epoch(&archive, epoch, msgs, &checkpoints);
+            for time in complete {
+                let (cap, msgs) = pending.remove(&time).expect("listed above");
+                let (epoch, partitions) = match routing.lock() {
+                    Ok(r) => (r.epochs.get(&time).copied().unwrap_or(time), r.partitions.clone()),
+                    Err(_) => {
+                        let error = Error::Internal("the archive routing was poisoned by a panic".into());
+                        let done = EpochDone {
+                            epoch: time,
+                            rows: BTreeMap::new(),
+                            errors: vec![StageError::new("archiving", &error)],
+                            written: BTreeMap::new(),
+                        };
+                        output.session(&cap).give(done);
+                        continue;
+                    }
+                };
+                let done = write_epoch(&archive, epoch, msgs, &partitions);
                 output.session(&cap).give(done);
             }
         }
@@ -452,7 +482,8 @@ where
 {
     let config = cluster.timely_config()?;
     // The sink runs on worker 0, in the leader process; only it reads the registry.
-    let checkpoints = Arc::new(if cluster.is_leader() { archive.checkpoint_partitions()? } else { BTreeMap::new() });
+    let partitions = if cluster.is_leader() { archive.checkpoint_partitions()? } else { BTreeMap::new() };
+    let routing: SharedRouting = Arc::new(std::sync::Mutex::new(Routing { epochs: Default::default(), partitions }));
     let sources = Arc::new(sources);
     let archive = archive.clone();
     let bar = progress_total.map(|n| {
@@ -476,7 +507,7 @@ where
             let (input, stream) = scope.new_input::<Msg>();
             let out = build(stream, peers);
             let sink_bar = if index == 0 { bar_for_workers.clone() } else { None };
-            collect_done(archive_sink(out, archive.clone(), checkpoints.clone(), sink_bar), done.clone());
+            collect_done(archive_sink(out, archive.clone(), routing.clone(), sink_bar), done.clone());
             input
         });
         if index == 0 {
@@ -595,6 +626,51 @@ mod tests {
         let input = run_with(|| Error::schema("trial", "column `prompt` is missing"));
         assert_eq!((input.kind(), input.transient()), (crate::error::Domain::User, false));
         assert!(archive.committed_epochs().unwrap().is_empty(), "nothing archived");
+    }
+
+    fn trials_from(start: usize, n: usize) -> Vec<Trial> {
+        let mut t = trials(start + n);
+        t.drain(..start);
+        t
+    }
+
+    #[test]
+    fn a_session_commits_rounds_fed_out_of_epoch_order_as_their_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open_writer(dir.path().join("a"), "test").unwrap();
+        let first = archive.register_checkpoint("m", "a", false, None).unwrap();
+        let second = archive.register_checkpoint("m", "b", true, None).unwrap();
+        let cluster = Cluster { workers: 2, ..Cluster::default() };
+        let mut session =
+            Session::start(&cluster, &archive, |input, peers| partition_by(input, "item_key", peers)).unwrap();
+        // The later checkpoint completes first; then the earlier one, in a second feed of the
+        // same computation.
+        session.feed(second, None, vec![Trial::to_batch(&trials_from(0, 5)).unwrap()]).unwrap();
+        let done = session.wait().unwrap();
+        assert_eq!(done.iter().map(|d| (d.epoch, d.rows["trial"])).collect::<Vec<_>>(), vec![(second, 5)]);
+        session.feed(first, None, vec![Trial::to_batch(&trials_from(5, 3)).unwrap()]).unwrap();
+        session.feed(first, None, vec![]).unwrap(); // nothing to feed: no round
+        let done = session.wait().unwrap();
+        assert_eq!(done.iter().map(|d| (d.epoch, d.rows["trial"])).collect::<Vec<_>>(), vec![(first, 3)]);
+        session.stop().unwrap();
+        let committed = archive.committed_epochs().unwrap();
+        assert!(committed.contains(&first) && committed.contains(&second), "{committed:?}");
+        assert_eq!(crate::archive::read_records::<Trial>(&archive).unwrap().len(), 8);
+    }
+
+    #[test]
+    fn a_session_reports_a_stage_error_with_its_domain_and_archives_nothing_of_that_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open_writer(dir.path().join("a"), "test").unwrap();
+        let epoch = archive.register_checkpoint("m", "a", false, None).unwrap();
+        let mut session = Session::start(&Cluster::default(), &archive, |input, peers| {
+            stage(partition_by(input, "item_key", peers), Failing(|| Error::unavailable("http://127.0.0.1:9", "down")))
+        })
+        .unwrap();
+        session.feed(epoch, None, vec![Trial::to_batch(&trials(2)).unwrap()]).unwrap();
+        let err = session.wait().unwrap_err();
+        assert_eq!(err.kind(), crate::error::Domain::External, "{err}");
+        assert!(!archive.committed_epochs().unwrap().contains(&epoch));
     }
 
     #[test]

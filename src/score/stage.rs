@@ -5,16 +5,19 @@
 //! ([`run_experiment`], `candor run`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use arrow::record_batch::RecordBatch;
 use timely::dataflow::operators::Concat;
 
 use super::judge::{Case, Judge, Label};
 use super::refusal::RefusalRules;
+use crate::archive::Partition;
 use crate::archive::{Archive, read_records};
 use crate::conditions::{Dataset, VerdictLabel};
-use crate::dataflow::{Cluster, Epoch, EpochDone, GRID_EPOCH, Stage, only, partition_by, run, stage, stream_of};
+use crate::dataflow::{
+    Cluster, Epoch, EpochDone, GRID_EPOCH, Session, Stage, only, partition_by, run, stage, stream_of,
+};
 use crate::error::{Error, Result};
 use crate::identity::CheckpointRef;
 use crate::records::{Item, Observation, Response, Trial, Verdict};
@@ -40,16 +43,24 @@ impl Judging {
 /// label when one was given (an import, a replay), else by the judge when there is one; with
 /// neither it stays archived unscored.
 pub struct ScoreStage {
-    trials: Arc<HashMap<String, Trial>>,
-    labels: Arc<HashMap<String, Label>>,
+    trials: Shared<HashMap<String, Trial>>,
+    labels: Shared<HashMap<String, Label>>,
     refusal: RefusalRules,
     judging: Option<Judging>,
 }
 
+/// A table the driver of a long-lived dataflow extends while its workers read it (the
+/// trials and labels of the responses it feeds are added before the responses are).
+pub type Shared<T> = Arc<RwLock<T>>;
+
+fn shared<T>(t: T) -> Shared<T> {
+    Arc::new(RwLock::new(t))
+}
+
 impl ScoreStage {
     pub fn new(
-        trials: Arc<HashMap<String, Trial>>,
-        labels: Arc<HashMap<String, Label>>,
+        trials: Shared<HashMap<String, Trial>>,
+        labels: Shared<HashMap<String, Label>>,
         refusal: RefusalRules,
     ) -> Self {
         ScoreStage { trials, labels, refusal, judging: None }
@@ -63,8 +74,10 @@ impl ScoreStage {
 
     /// Labels for `responses` (None: left unscored): given labels first, then the judge's.
     fn labels_for(&self, responses: &[(Response, &Trial, Dataset)]) -> Result<Vec<Option<Label>>> {
+        let given = self.labels.read().map_err(|_| Error::Internal("the labels were poisoned by a panic".into()))?;
         let mut out: Vec<Option<Label>> =
-            responses.iter().map(|(r, _, _)| self.labels.get(&r.response_key).cloned()).collect();
+            responses.iter().map(|(r, _, _)| given.get(&r.response_key).cloned()).collect();
+        drop(given);
         let Some(j) = &self.judging else { return Ok(out) };
         let mut cases = Vec::new();
         let mut at = Vec::new();
@@ -100,9 +113,10 @@ impl Stage for ScoreStage {
         if stream_of(batch) != Response::STREAM {
             return Ok(Vec::new());
         }
+        let trials = self.trials.read().map_err(|_| Error::Internal("the trials were poisoned by a panic".into()))?;
         let mut rows = Vec::new();
         for r in Response::from_batch(batch)? {
-            let trial = self.trials.get(&r.trial_key).ok_or_else(|| {
+            let trial = trials.get(&r.trial_key).ok_or_else(|| {
                 Error::schema(
                     "response",
                     format!(
@@ -183,8 +197,8 @@ pub fn score_responses(
     let mut responses = responses;
     responses.sort_by_key(|(e, _)| *e);
     sources.extend(responses);
-    let trials: Arc<HashMap<String, Trial>> = Arc::new(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
-    let labels = Arc::new(labels);
+    let trials = shared(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
+    let labels = shared(labels);
     run(cluster, archive, sources, Some(total * 3), move |input, peers| {
         let scored = stage(
             partition_by(only(input.clone(), Response::STREAM), "response_key", peers),
@@ -192,6 +206,81 @@ pub fn score_responses(
         );
         input.concat(scored)
     })
+}
+
+/// The scoring dataflow of [`score_responses`], started once and fed as checkpoints complete
+/// (`candor stream`): one timely computation for the life of the command, each checkpoint's
+/// responses one round of it, committed as the checkpoint's epoch
+/// ([`crate::dataflow::Session`]).
+pub struct Scorer {
+    session: Session,
+    archive: Archive,
+    trials: Shared<HashMap<String, Trial>>,
+    labels: Shared<HashMap<String, Label>>,
+    partitions: BTreeMap<Epoch, Partition>,
+}
+
+impl Scorer {
+    /// Starts the dataflow; `trials` are those the archive holds.
+    pub fn start(cluster: &Cluster, archive: &Archive, trials: Vec<Trial>, refusal: RefusalRules) -> Result<Scorer> {
+        let trials = shared(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
+        let labels = shared(HashMap::new());
+        let (t, l) = (trials.clone(), labels.clone());
+        let session = Session::start(cluster, archive, move |input, peers| {
+            let scored = stage(
+                partition_by(only(input.clone(), Response::STREAM), "response_key", peers),
+                ScoreStage::new(t.clone(), l.clone(), refusal.clone()),
+            );
+            input.concat(scored)
+        })?;
+        Ok(Scorer { session, archive: archive.clone(), trials, labels, partitions: archive.checkpoint_partitions()? })
+    }
+
+    /// Whether the dataflow holds a trial (archived, or archived by an earlier round).
+    pub fn has_trial(&self, trial_key: &str) -> bool {
+        self.trials.read().is_ok_and(|t| t.contains_key(trial_key))
+    }
+
+    /// Scores `responses` as [`score_responses`] does: `new_trials` are archived with epoch
+    /// `trials_epoch`, each epoch's responses are one round; returns once every round is
+    /// committed, with the sink's reports.
+    pub fn score(
+        &mut self,
+        new_trials: Vec<Trial>,
+        trials_epoch: Epoch,
+        responses: Vec<(Epoch, RecordBatch)>,
+        labels: HashMap<String, Label>,
+    ) -> Result<Vec<EpochDone>> {
+        let poisoned = || Error::Internal("the scoring tables were poisoned by a panic".into());
+        // The tables first: the workers read them when the responses arrive.
+        let label_keys: Vec<String> = labels.keys().cloned().collect();
+        {
+            let mut trials = self.trials.write().map_err(|_| poisoned())?;
+            trials.extend(new_trials.iter().map(|t| (t.trial_key.clone(), t.clone())));
+            self.labels.write().map_err(|_| poisoned())?.extend(labels);
+        }
+        let mut rounds: BTreeMap<Epoch, Vec<RecordBatch>> = BTreeMap::new();
+        if !new_trials.is_empty() {
+            rounds.entry(trials_epoch).or_default().push(Trial::to_batch(&new_trials)?);
+        }
+        for (epoch, batch) in responses {
+            rounds.entry(epoch).or_default().push(batch);
+        }
+        if rounds.keys().any(|e| *e != GRID_EPOCH && !self.partitions.contains_key(e)) {
+            self.partitions = self.archive.checkpoint_partitions()?;
+        }
+        for (epoch, batches) in rounds {
+            let partition = self.partitions.get(&epoch).cloned();
+            self.session.feed(epoch, partition, batches)?;
+        }
+        let reports = self.session.wait();
+        // A label is needed only while its response is scored.
+        let mut held = self.labels.write().map_err(|_| poisoned())?;
+        for k in &label_keys {
+            held.remove(k);
+        }
+        reports
+    }
 }
 
 /// Replays an archive's responses through the scoring dataflow into another archive, with the
@@ -348,8 +437,7 @@ pub fn run_experiment(
         );
         bar
     });
-    let all_trials: Arc<HashMap<String, Trial>> =
-        Arc::new(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
+    let all_trials = shared(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
     let refusal = RefusalRules::new(exp.refusal.mode);
     let judging = Judging::new(read_records(archive)?, crate::score::judge::open(&exp.judge, archive.root())?);
     let (c, b) = (counters.clone(), bar.clone());
@@ -358,7 +446,7 @@ pub fn run_experiment(
             generate(partition_by(only(input, Trial::STREAM), "trial_key", peers), plan.clone(), c.clone(), b.clone());
         let scored = stage(
             responses.clone(),
-            ScoreStage::new(all_trials.clone(), Arc::new(HashMap::new()), refusal.clone())
+            ScoreStage::new(all_trials.clone(), shared(HashMap::new()), refusal.clone())
                 .with_judge(Some(judging.clone())),
         );
         responses.concat(scored)

@@ -595,9 +595,14 @@ mod score_stage {
         let items: Vec<Item> = cases.iter().map(|c| item(c.0, c.1)).collect();
         let trials: Vec<Trial> = cases.iter().map(|c| trial(c.0, c.1)).collect();
         let responses: Vec<Response> = trials.iter().zip(&cases).map(|(t, c)| response(t, c.2)).collect();
-        let trial_map = Arc::new(trials.iter().map(|t| (t.trial_key.clone(), t.clone())).collect());
-        let mut stage = ScoreStage::new(trial_map, Arc::new(HashMap::new()), RefusalRules::new(RefusalMode::Default))
-            .with_judge(Some(Judging::new(items, Box::new(Flaky(ReferenceJudge::new())))));
+        let trial_map =
+            Arc::new(std::sync::RwLock::new(trials.iter().map(|t| (t.trial_key.clone(), t.clone())).collect()));
+        let mut stage = ScoreStage::new(
+            trial_map,
+            Arc::new(std::sync::RwLock::new(HashMap::new())),
+            RefusalRules::new(RefusalMode::Default),
+        )
+        .with_judge(Some(Judging::new(items, Box::new(Flaky(ReferenceJudge::new())))));
         let out = stage.apply(1, &Response::to_batch(&responses).unwrap()).unwrap();
         let verdicts = Verdict::from_batch(&out[0]).unwrap();
         let observations = Observation::from_batch(&out[1]).unwrap();

@@ -465,6 +465,38 @@ proptest! {
         for b in split(&rejudged, &sizes) { view.upsert(&b).unwrap(); }
         prop_assert_eq!(view_rows(&view), sql_from_scratch(&rejudged));
     }
+
+    /// Re-judging mid-stream: after each batch arrives, some answers of the batches before it
+    /// are re-judged (flipped again after every later batch); at the end the counts (and the
+    /// cells) equal a from-scratch run over the final verdicts, whatever the batch sizes.
+    #[test]
+    fn rejudging_mid_stream_equals_from_scratch_on_the_final_verdicts(
+        obs in observations(200),
+        flips in prop::collection::vec(0..3u8, 200),
+        sizes in batch_sizes(),
+    ) {
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<Observation> = obs.into_iter().filter(|o| seen.insert(o.response_key.clone())).collect();
+        let mut current = unique.clone();
+        let mut view = PairedView::default();
+        let mut arrived = 0;
+        for b in split(&unique, &sizes) {
+            view.upsert(&b).unwrap();
+            // Re-judge a few of those that arrived in earlier batches.
+            let earlier: Vec<usize> = (0..arrived).filter(|i| flips[*i] > 0).collect();
+            let mut rejudged = Vec::new();
+            for i in earlier {
+                current[i].correct = current[i].correct.map(|c| !c);
+                rejudged.push(current[i].clone());
+            }
+            for r in split(&rejudged, &sizes) { view.upsert(&r).unwrap(); }
+            arrived += b.num_rows();
+        }
+        prop_assert_eq!(view_rows(&view), sql_from_scratch(&current));
+        let mut scratch = PairedView::default();
+        if !current.is_empty() { scratch.apply(&Observation::to_batch(&current).unwrap(), 1).unwrap(); }
+        prop_assert_eq!(view.cells_batch().unwrap(), scratch.cells_batch().unwrap());
+    }
 }
 
 #[allow(clippy::too_many_arguments)] // one argument per observation field the tests vary
