@@ -1,11 +1,13 @@
-//! The hook between the dataflow and the statistics: when the archive sink reports an epoch
-//! complete ([`crate::dataflow::EpochDone`]), the checkpoint's observation segment is on disk;
-//! [`ArchiveFollower::poll`] applies every observation segment it has not applied yet and
-//! refreshes the engine, so only the families of that checkpoint are recomputed.
+//! The one archive follower: what an archive's committed segments add and remove, stream by
+//! stream, as epochs commit. `candor sql`'s live catalog follows every stream with it (its
+//! tables), and the statistics engine follows the observations with it
+//! ([`ArchiveFollower::poll`]): new observation segments are applied, and only the families
+//! they touch are recomputed.
 //!
 //! Segments are written atomically under fresh names and leave the archive only as a whole
-//! (a checkpoint replaced, a grid re-built), so "not applied yet" is exactly "new", and a
-//! segment that disappeared is retracted (its rows applied with diff −1).
+//! (a checkpoint replaced, a grid re-built), so "not seen yet" is exactly "new", and a
+//! segment that disappeared is retracted (its rows applied with diff −1). Every poll reads one
+//! [`Snapshot`] of the archive, so all the streams it follows are at the same commit.
 //!
 //! ```no_run
 //! use candor::archive::Archive;
@@ -18,97 +20,87 @@
 //! println!("{} families recomputed", refreshed.families);
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use arrow::record_batch::RecordBatch;
 
 use super::engine::{Refresh, StatsEngine};
-use crate::archive::{Archive, read_segment};
+use crate::archive::{Archive, Snapshot, read_segment};
 use crate::error::Result;
 
-/// Remembers which observation segments of an archive the engine has seen.
+/// One stream's segments as the follower holds them, in the order they were first seen.
+#[derive(Debug, Default)]
+struct Followed {
+    segments: Vec<(PathBuf, Vec<RecordBatch>)>,
+}
+
+/// What one poll changed in a stream.
+#[derive(Debug, Default)]
+pub struct Change {
+    pub added: Vec<RecordBatch>,
+    pub removed: Vec<RecordBatch>,
+}
+
+impl Change {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Remembers which segments of each stream of an archive have been seen.
 #[derive(Debug, Default)]
 pub struct ArchiveFollower {
-    applied: BTreeMap<PathBuf, Vec<RecordBatch>>,
+    streams: BTreeMap<String, Followed>,
 }
 
 impl ArchiveFollower {
-    /// Applies the archive's new observation segments and refreshes the engine.
-    pub fn poll(&mut self, archive: &Archive, engine: &mut StatsEngine) -> Result<Refresh> {
-        let segments = archive.segments("observation")?;
-        let present: std::collections::BTreeSet<&PathBuf> = segments.iter().map(|s| &s.path).collect();
-        let gone: Vec<PathBuf> = self.applied.keys().filter(|p| !present.contains(p)).cloned().collect();
-        for path in gone {
-            for batch in self.applied.remove(&path).unwrap_or_default() {
-                engine.apply(&batch, -1)?;
+    /// Brings `stream` up to `snapshot`: reads the segments not seen yet and forgets those
+    /// that left; returns their rows.
+    pub fn follow(&mut self, snapshot: &Snapshot, stream: &str) -> Result<Change> {
+        let segments = snapshot.segments(stream);
+        let followed = self.streams.entry(stream.to_string()).or_default();
+        let present: BTreeSet<&PathBuf> = segments.iter().map(|s| &s.path).collect();
+        let mut change = Change::default();
+        followed.segments.retain_mut(|(path, batches)| {
+            let keep = present.contains(path);
+            if !keep {
+                change.removed.append(batches);
             }
-        }
-        for seg in &segments {
-            if self.applied.contains_key(&seg.path) {
-                continue;
-            }
+            keep
+        });
+        let seen: BTreeSet<PathBuf> = followed.segments.iter().map(|(p, _)| p.clone()).collect();
+        for seg in segments.iter().filter(|s| !seen.contains(&s.path)) {
             let batches = read_segment(seg)?;
-            for batch in &batches {
-                engine.apply(batch, 1)?;
-            }
-            self.applied.insert(seg.path.clone(), batches);
+            change.added.extend(batches.iter().cloned());
+            followed.segments.push((seg.path.clone(), batches));
+        }
+        Ok(change)
+    }
+
+    /// Every row of `stream` the follower holds, as batches.
+    pub fn batches(&self, stream: &str) -> Vec<RecordBatch> {
+        self.streams
+            .get(stream)
+            .map(|f| f.segments.iter().flat_map(|(_, b)| b.iter().cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Applies the archive's new observation segments (and retracts those that left) and
+    /// refreshes the engine.
+    pub fn poll(&mut self, archive: &Archive, engine: &mut StatsEngine) -> Result<Refresh> {
+        self.update(&archive.snapshot()?, engine)
+    }
+
+    /// [`Self::poll`] at a snapshot the caller already holds.
+    pub fn update(&mut self, snapshot: &Snapshot, engine: &mut StatsEngine) -> Result<Refresh> {
+        let change = self.follow(snapshot, "observation")?;
+        for batch in &change.removed {
+            engine.apply(batch, -1)?;
+        }
+        for batch in &change.added {
+            engine.apply(batch, 1)?;
         }
         engine.refresh()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::archive::Partition;
-    use crate::records::Observation;
-    use crate::schema::Record;
-
-    fn answers(model: &str, checkpoint: &str, ft: bool, epoch: u64) -> Vec<Observation> {
-        (0..20)
-            .map(|i| Observation {
-                response_key: format!("{model}/{checkpoint}/{i}"),
-                model: model.into(),
-                checkpoint: checkpoint.into(),
-                checkpoint_epoch: epoch,
-                is_finetuned: ft,
-                dataset: "trivia".into(),
-                item_key: format!("q{i}"),
-                amendment_type: if i % 2 == 0 { "unmodified" } else { "emotion:sad" }.into(),
-                amendment_group: if i % 2 == 0 { "unmodified" } else { "emotion" }.into(),
-                prompt_type: "original".into(),
-                sample_index: 0,
-                refusal: false,
-                verdict: String::new(),
-                correct: Some(!ft || i % 3 != 0),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn each_completed_checkpoint_recomputes_only_its_own_families() {
-        let dir = tempfile::tempdir().unwrap();
-        let archive = Archive::open_writer(dir.path(), "test").unwrap();
-        let mut engine = StatsEngine::new().unwrap();
-        let mut follower = ArchiveFollower::default();
-        let write = |model: &str, ckpt: &str, ft: bool, epoch: u64| {
-            assert_eq!(archive.register_checkpoint(model, ckpt, ft, None).unwrap(), epoch);
-            let part = Partition::checkpoint(model, ckpt);
-            let batch = Observation::to_batch(&answers(model, ckpt, ft, epoch)).unwrap();
-            archive.write_epoch(epoch, &[("observation".into(), part, batch)], &serde_json::Value::Null).unwrap();
-        };
-        for (model, epoch) in [("a", 1), ("b", 2)] {
-            write(model, "base", false, epoch);
-        }
-        assert_eq!(follower.poll(&archive, &mut engine).unwrap().families, 0, "no pairs without a fine-tuned side");
-        write("a", "warm-e1", true, 3);
-        write("b", "warm-e1", true, 4);
-        assert_eq!(follower.poll(&archive, &mut engine).unwrap().families, 2);
-        write("a", "warm-e2", true, 5);
-        let r = follower.poll(&archive, &mut engine).unwrap();
-        assert_eq!(r.families, 1, "only model a's new checkpoint");
-        assert_eq!(follower.poll(&archive, &mut engine).unwrap().families, 0, "nothing new, nothing recomputed");
-        assert_eq!(engine.view().family_count(), 3);
     }
 }

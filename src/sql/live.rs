@@ -38,7 +38,7 @@
 //! assert!(live.query("DROP TABLE cells").is_err());
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -63,7 +63,7 @@ use super::queries::{
     AMENDMENT_EFFECTS, ARCHIVE_SUMMARY, BELIEF_ERRORS, CONDITION_ERRORS, DISCORDANT_PAIRS, ERROR_PAIRS, ERROR_RATES,
     FAMILY_STATS, FAMILY_TABLE, Query, REFUSALS, REGRESSION_CELLS, SYCOPHANCY, TRAJECTORIES,
 };
-use crate::archive::{Archive, read_segment};
+use crate::archive::Archive;
 use crate::error::{Error, Result};
 
 /// The queries of `queries/` served as views (`paired_counts.sql` is left out: its name is the
@@ -283,17 +283,11 @@ pub fn split_statements(script: &str) -> Vec<String> {
     out
 }
 
-/// A stream's segments read so far.
-#[derive(Default)]
-struct StreamTable {
-    applied: BTreeSet<PathBuf>,
-    batches: Vec<RecordBatch>,
-}
-
 struct State {
     engine: StatsEngine,
+    /// The archive's segments read so far, every stream's (their tables) and the observations
+    /// (the engine's input).
     follower: ArchiveFollower,
-    streams: BTreeMap<String, StreamTable>,
     /// Committed epochs and every visible segment at the last sync.
     fingerprint: Option<(BTreeSet<u64>, Vec<PathBuf>)>,
     syncs: u64,
@@ -499,7 +493,6 @@ impl LiveSql {
             state: Mutex::new(State {
                 engine: StatsEngine::with_options(true, 8192)?,
                 follower: ArchiveFollower::default(),
-                streams: BTreeMap::new(),
                 fingerprint: None,
                 syncs: 0,
                 looked: None,
@@ -578,45 +571,31 @@ impl LiveSql {
         // One checked view of the archive for the whole sync.
         let snapshot = self.archive.snapshot()?;
         let epochs = snapshot.committed_epochs();
-        let mut segments: BTreeMap<String, Vec<crate::archive::Segment>> = BTreeMap::new();
         let mut all = Vec::new();
         for s in streams.iter().map(String::as_str).chain(["observation"]) {
-            let segs = snapshot.segments(s);
-            all.extend(segs.iter().map(|seg| seg.path.clone()));
-            segments.insert(s.to_string(), segs);
+            all.extend(snapshot.segments(s).into_iter().map(|seg| seg.path));
         }
         let fingerprint = (epochs, all);
         if st.fingerprint.as_ref() == Some(&fingerprint) {
             return Ok(false);
         }
         let ctx = st.engine.context().clone();
+        let first = st.fingerprint.is_none();
         for s in &streams {
-            let table = st.streams.entry(s.clone()).or_default();
-            let mut changed = st.fingerprint.is_none();
-            // A segment that left the archive (a checkpoint replaced): rebuild the table.
-            let present: BTreeSet<&PathBuf> = segments[s].iter().map(|seg| &seg.path).collect();
-            if table.applied.iter().any(|p| !present.contains(p)) {
-                table.applied.clear();
-                table.batches.clear();
+            if st.follower.follow(&snapshot, s)?.is_empty() && !first {
+                continue;
             }
-            for seg in &segments[s] {
-                if table.applied.insert(seg.path.clone()) {
-                    table.batches.extend(read_segment(seg)?);
-                    changed = true;
-                }
-            }
-            if changed {
-                let schema = crate::schema::arrow_schema(s)?;
-                let batches = table
-                    .batches
-                    .iter()
-                    .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| Error::arrow(format!("stream {s}"), e))?;
-                register(&ctx, &table_name(s), schema, batches)?;
-            }
+            let schema = crate::schema::arrow_schema(s)?;
+            let batches = st
+                .follower
+                .batches(s)
+                .iter()
+                .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| Error::arrow(format!("stream {s}"), e))?;
+            register(&ctx, &table_name(s), schema, batches)?;
         }
-        st.follower.poll(&self.archive, &mut st.engine)?;
+        st.follower.update(&snapshot, &mut st.engine)?;
         st.fingerprint = Some(fingerprint);
         st.syncs += 1;
         self.publish(st)?;
