@@ -104,6 +104,12 @@ impl Session {
         Ok(Session { feed: Some(feed), done, routing, guards: Some(guards), next: 1, outstanding: 0 })
     }
 
+    /// The time the next round will have (what the stages that look a round up by its time,
+    /// such as the generate operator's plans, are given before it is fed).
+    pub fn next_time(&self) -> u64 {
+        self.next
+    }
+
     /// Feeds `batches` as the next round, committed as archive epoch `epoch` in
     /// `partition` (a checkpoint's; None: the epoch's registered partition or the shared one).
     pub fn feed(&mut self, epoch: Epoch, partition: Option<Partition>, batches: Vec<RecordBatch>) -> Result<()> {

@@ -14,6 +14,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+/// Schema metadata marking a trial batch as a request to generate (fed to a long-lived
+/// dataflow that also archives trials), not as trials to archive.
+const META_REQUEST: &str = "candor.generate";
+
+/// Marks a trial batch as a generation request ([`is_request`]).
+pub fn as_request(batch: RecordBatch) -> RecordBatch {
+    let mut metadata = batch.schema_ref().metadata().clone();
+    metadata.insert(META_REQUEST.into(), "1".into());
+    let schema = Arc::new(batch.schema_ref().as_ref().clone().with_metadata(metadata));
+    batch.with_schema(schema).expect("only the metadata changed")
+}
+
+/// Whether a batch is a generation request.
+pub fn is_request(batch: &RecordBatch) -> bool {
+    batch.schema_ref().metadata().contains_key(META_REQUEST)
+}
+
 use arrow::record_batch::RecordBatch;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Pipeline;
@@ -38,7 +55,10 @@ pub struct CheckpointPlan {
 
 /// Everything the operator needs, shared by every worker.
 pub struct GeneratePlan {
-    pub checkpoints: BTreeMap<Epoch, CheckpointPlan>,
+    /// Who answers the trials of each dataflow time. In a one-shot run the time is the
+    /// checkpoint's epoch; a long-lived dataflow ([`crate::dataflow::Session`]) adds a
+    /// checkpoint under the round it feeds its trials in, before it feeds them.
+    pub checkpoints: std::sync::RwLock<BTreeMap<Epoch, CheckpointPlan>>,
     pub generation: GenerationConfig,
     pub seed: u64,
     pub archive_root: PathBuf,
@@ -134,7 +154,8 @@ fn backend_loop(
     let mut current: Option<(Epoch, Box<dyn Generator>)> = None;
     for job in jobs {
         let result = answer(&plan, &counters, progress.as_ref(), &mut store, &mut current, &job).map_err(|e| {
-            let context = match plan.checkpoints.get(&job.epoch) {
+            let planned = plan.checkpoints.read().ok().and_then(|c| c.get(&job.epoch).cloned());
+            let context = match planned {
                 Some(cp) => format!("generate {}/{}", cp.model.name, cp.checkpoint.id),
                 None => format!("generate epoch {}", job.epoch),
             };
@@ -157,8 +178,11 @@ fn answer(
 ) -> Result<Vec<Response>> {
     let cp = plan
         .checkpoints
+        .read()
+        .map_err(|_| crate::error::Error::Internal("the checkpoint plans were poisoned by a panic".into()))?
         .get(&job.epoch)
-        .ok_or_else(|| crate::error::Error::Internal(format!("epoch {} has no checkpoint plan", job.epoch)))?;
+        .cloned()
+        .ok_or_else(|| crate::error::Error::Internal(format!("time {} has no checkpoint plan", job.epoch)))?;
     if store.is_none() {
         *store = Some(GenerationStore::open(&plan.archive_root)?);
     }
@@ -231,7 +255,7 @@ fn answer(
             dataset: t.dataset.clone(),
             model: cp.model.name.clone(),
             checkpoint: cp.checkpoint.id.clone(),
-            checkpoint_epoch: job.epoch,
+            checkpoint_epoch: cp.epoch,
             is_finetuned: cp.checkpoint.finetuned,
             sample_index: *sample,
             output: a.output.clone(),

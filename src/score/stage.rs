@@ -208,32 +208,104 @@ pub fn score_responses(
     })
 }
 
+/// A judge opened at its first use.
+struct LazyJudge {
+    config: crate::score::judge::JudgeConfig,
+    root: std::path::PathBuf,
+    judge: Option<Box<dyn Judge>>,
+}
+
+impl Judge for LazyJudge {
+    fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
+        if self.judge.is_none() {
+            self.judge = Some(crate::score::judge::open(&self.config, &self.root)?);
+        }
+        self.judge.as_mut().expect("opened above").judge(cases)
+    }
+}
+
 /// The scoring dataflow of [`score_responses`], started once and fed as checkpoints complete
-/// (`candor stream`): one timely computation for the life of the command, each checkpoint's
-/// responses one round of it, committed as the checkpoint's epoch
-/// ([`crate::dataflow::Session`]).
+/// (`candor stream`): one timely computation for the life of the command, each checkpoint one
+/// round of it, committed as the checkpoint's epoch ([`crate::dataflow::Session`]). A
+/// checkpoint with answers is scored with the labels they carry; with an experiment, a
+/// checkpoint announced without answers is generated in the same computation (the generate
+/// operator of `candor run`, then the experiment's refusal rules and judge).
 pub struct Scorer {
     session: Session,
     archive: Archive,
     trials: Shared<HashMap<String, Trial>>,
     labels: Shared<HashMap<String, Label>>,
     partitions: BTreeMap<Epoch, Partition>,
+    generation: Option<(Arc<crate::generate::operator::GeneratePlan>, Arc<crate::generate::operator::Counters>)>,
+    /// Labels of the rounds not yet committed.
+    pending_labels: Vec<String>,
 }
 
 impl Scorer {
-    /// Starts the dataflow; `trials` are those the archive holds.
-    pub fn start(cluster: &Cluster, archive: &Archive, trials: Vec<Trial>, refusal: RefusalRules) -> Result<Scorer> {
+    /// Starts the dataflow; `trials` are those the archive holds. With `experiment`, its
+    /// `[[models]]` can generate ([`Self::generate`]).
+    pub fn start(
+        cluster: &Cluster,
+        archive: &Archive,
+        trials: Vec<Trial>,
+        refusal: RefusalRules,
+        experiment: Option<(&crate::config::Experiment, crate::generate::OpenGenerator)>,
+    ) -> Result<Scorer> {
+        use crate::generate::operator::{Counters, GeneratePlan, generate, is_request};
         let trials = shared(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
         let labels = shared(HashMap::new());
-        let (t, l) = (trials.clone(), labels.clone());
+        let generation = match experiment {
+            Some((exp, open)) => {
+                let plan = Arc::new(GeneratePlan {
+                    checkpoints: RwLock::new(BTreeMap::new()),
+                    generation: exp.generation.clone(),
+                    seed: exp.seed,
+                    archive_root: archive.root().to_path_buf(),
+                    open,
+                });
+                // Opened when the first generated answer is judged: a stream fed answer
+                // records only never loads the judge.
+                let judge = LazyJudge { config: exp.judge.clone(), root: archive.root().to_path_buf(), judge: None };
+                let judging = Judging::new(read_records(archive)?, Box::new(judge));
+                Some((plan, Arc::new(Counters::default()), RefusalRules::new(exp.refusal.mode), judging))
+            }
+            None => None,
+        };
+        let (t, l, g) = (trials.clone(), labels.clone(), generation.clone());
         let session = Session::start(cluster, archive, move |input, peers| {
+            use timely::dataflow::operators::vec::Filter;
+            let requests = input.clone().filter(|m| m.as_ref().is_ok_and(|b| is_request(&b.0)));
+            let archived = input.filter(|m| !m.as_ref().is_ok_and(|b| is_request(&b.0)));
             let scored = stage(
-                partition_by(only(input.clone(), Response::STREAM), "response_key", peers),
+                partition_by(only(archived.clone(), Response::STREAM), "response_key", peers),
                 ScoreStage::new(t.clone(), l.clone(), refusal.clone()),
             );
-            input.concat(scored)
+            let mut out = archived.concat(scored);
+            if let Some((plan, counters, refusal, judging)) = &g {
+                let generated = generate(
+                    partition_by(only(requests, Trial::STREAM), "trial_key", peers),
+                    plan.clone(),
+                    counters.clone(),
+                    None,
+                );
+                let judged = stage(
+                    generated.clone(),
+                    ScoreStage::new(t.clone(), shared(HashMap::new()), refusal.clone())
+                        .with_judge(Some(judging.clone())),
+                );
+                out = out.concat(generated).concat(judged);
+            }
+            out
         })?;
-        Ok(Scorer { session, archive: archive.clone(), trials, labels, partitions: archive.checkpoint_partitions()? })
+        Ok(Scorer {
+            session,
+            archive: archive.clone(),
+            trials,
+            labels,
+            partitions: archive.checkpoint_partitions()?,
+            generation: generation.map(|(plan, counters, _, _)| (plan, counters)),
+            pending_labels: Vec::new(),
+        })
     }
 
     /// Whether the dataflow holds a trial (archived, or archived by an earlier round).
@@ -241,19 +313,67 @@ impl Scorer {
         self.trials.read().is_ok_and(|t| t.contains_key(trial_key))
     }
 
-    /// Scores `responses` as [`score_responses`] does: `new_trials` are archived with epoch
-    /// `trials_epoch`, each epoch's responses are one round; returns once every round is
-    /// committed, with the sink's reports.
+    /// Whether checkpoints can be generated (the scorer was started with an experiment).
+    pub fn can_generate(&self) -> bool {
+        self.generation.is_some()
+    }
+
+    /// Model calls made and answers the generation store already had, so far.
+    pub fn generation_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.generation.as_ref().map_or((0, 0), |(_, c)| (c.model_calls.load(Relaxed), c.from_store.load(Relaxed)))
+    }
+
+    fn partition(&mut self, epoch: Epoch) -> Result<Option<Partition>> {
+        if epoch != GRID_EPOCH && !self.partitions.contains_key(&epoch) {
+            self.partitions = self.archive.checkpoint_partitions()?;
+        }
+        Ok(self.partitions.get(&epoch).cloned())
+    }
+
+    /// Feeds the generation of a registered checkpoint's answers to every trial held, as one
+    /// round committed as `epoch`; [`Self::wait`] returns when it is archived and scored.
+    pub fn generate(
+        &mut self,
+        epoch: Epoch,
+        model: crate::model::ModelConfig,
+        checkpoint: crate::model::CheckpointConfig,
+    ) -> Result<()> {
+        use crate::generate::operator::{CheckpointPlan, as_request, trial_batches};
+        let Some((plan, _)) = &self.generation else {
+            return Err(Error::Internal("generation without an experiment".into()));
+        };
+        let trials: Vec<Trial> = {
+            let held = self.trials.read().map_err(|_| Error::Internal("the trials were poisoned by a panic".into()))?;
+            let mut t: Vec<Trial> = held.values().cloned().collect();
+            t.sort_by(|a, b| a.trial_key.cmp(&b.trial_key));
+            t
+        };
+        if trials.is_empty() {
+            return Err(Error::config("trials", format!("{} holds no trial grid", self.archive.root().display())));
+        }
+        // The plan first: the backend threads look the round up when its trials arrive.
+        plan.checkpoints
+            .write()
+            .map_err(|_| Error::Internal("the checkpoint plans were poisoned by a panic".into()))?
+            .insert(self.session.next_time(), CheckpointPlan { epoch, model, checkpoint });
+        let batches = trial_batches(&trials, 256)?.into_iter().map(as_request).collect();
+        let partition = self.partition(epoch)?;
+        self.session.feed(epoch, partition, batches)
+    }
+
+    /// Feeds responses to score as [`score_responses`] does: `new_trials` are archived with
+    /// epoch `trials_epoch`, each epoch's responses are one round.
     pub fn score(
         &mut self,
         new_trials: Vec<Trial>,
         trials_epoch: Epoch,
         responses: Vec<(Epoch, RecordBatch)>,
         labels: HashMap<String, Label>,
-    ) -> Result<Vec<EpochDone>> {
+    ) -> Result<()> {
         let poisoned = || Error::Internal("the scoring tables were poisoned by a panic".into());
         // The tables first: the workers read them when the responses arrive.
-        let label_keys: Vec<String> = labels.keys().cloned().collect();
+        self.pending_labels.extend(labels.keys().cloned());
         {
             let mut trials = self.trials.write().map_err(|_| poisoned())?;
             trials.extend(new_trials.iter().map(|t| (t.trial_key.clone(), t.clone())));
@@ -266,18 +386,26 @@ impl Scorer {
         for (epoch, batch) in responses {
             rounds.entry(epoch).or_default().push(batch);
         }
-        if rounds.keys().any(|e| *e != GRID_EPOCH && !self.partitions.contains_key(e)) {
-            self.partitions = self.archive.checkpoint_partitions()?;
-        }
         for (epoch, batches) in rounds {
-            let partition = self.partitions.get(&epoch).cloned();
+            let partition = self.partition(epoch)?;
             self.session.feed(epoch, partition, batches)?;
         }
+        Ok(())
+    }
+
+    /// Waits until every round fed is committed; returns the sink's reports in epoch order.
+    pub fn wait(&mut self) -> Result<Vec<EpochDone>> {
         let reports = self.session.wait();
-        // A label is needed only while its response is scored.
-        let mut held = self.labels.write().map_err(|_| poisoned())?;
-        for k in &label_keys {
-            held.remove(k);
+        // A label is needed only while its response is scored; a generation plan likewise.
+        let mut held =
+            self.labels.write().map_err(|_| Error::Internal("the labels were poisoned by a panic".into()))?;
+        for k in self.pending_labels.drain(..) {
+            held.remove(&k);
+        }
+        if let Some((plan, _)) = &self.generation
+            && let Ok(mut p) = plan.checkpoints.write()
+        {
+            p.clear();
         }
         reports
     }
@@ -419,7 +547,7 @@ pub fn run_experiment(
     }
     let total = (checkpoints.len() * trials.len()) as u64 * exp.generation.samples.max(1) as u64;
     let plan = Arc::new(GeneratePlan {
-        checkpoints,
+        checkpoints: RwLock::new(checkpoints),
         generation: exp.generation.clone(),
         seed: exp.seed,
         archive_root: archive.root().to_path_buf(),

@@ -42,16 +42,20 @@ pub(super) struct Evaluated {
 /// ([`stage::Scorer`]); it holds the archived trials (what a new answer's trial is checked
 /// against).
 pub(super) struct Evaluator<'a> {
-    cluster: &'a Cluster,
-    archive: &'a Archive,
     opts: &'a StreamOptions,
     scorer: stage::Scorer,
 }
 
 impl<'a> Evaluator<'a> {
     pub fn open(cluster: &'a Cluster, archive: &'a Archive, opts: &'a StreamOptions) -> Result<Self> {
-        let scorer = stage::Scorer::start(cluster, archive, read_records::<Trial>(archive)?, opts.refusal.clone())?;
-        Ok(Evaluator { cluster, archive, opts, scorer })
+        let generation = opts
+            .experiment
+            .as_ref()
+            .filter(|e| !e.models.is_empty())
+            .map(|e| (e, Box::new(crate::generate::backend::open) as crate::generate::OpenGenerator));
+        let scorer =
+            stage::Scorer::start(cluster, archive, read_records::<Trial>(archive)?, opts.refusal.clone(), generation)?;
+        Ok(Evaluator { opts, scorer })
     }
 
     /// Evaluates the checkpoints taken off the ready queue: those with answer records in one
@@ -71,16 +75,8 @@ impl<'a> Evaluator<'a> {
                 continue;
             }
             if announced.announcement.answers.is_none() {
-                let exp = self.generator_for(&announced.announcement).expect("checked when announced");
-                let run = stage::run_experiment(
-                    self.cluster,
-                    self.archive,
-                    &exp,
-                    Box::new(crate::generate::backend::open),
-                    false,
-                )?;
-                out.model_calls += run.model_calls;
-                out.from_store += run.from_store;
+                let (model, ckpt) = self.generator_for(&announced.announcement).expect("checked when announced");
+                self.scorer.generate(epoch, model, ckpt)?;
                 out.recorded.committed.push(epoch);
                 out.evaluated.push(checkpoint);
                 continue;
@@ -110,11 +106,15 @@ impl<'a> Evaluator<'a> {
             let trials_epoch = *epochs.iter().min().expect("not empty");
             // Answer records carry their verdicts; unlabelled ones stay archived unscored
             // (`candor rescore` judges them afterwards).
-            let reports = self.scorer.score(new_trials, trials_epoch, sources, labels)?;
-            out.written.extend(reports.into_iter().map(|d| (d.epoch, d.written)));
+            self.scorer.score(new_trials, trials_epoch, sources, labels)?;
             out.recorded.committed.extend(epochs);
             out.recorded.keys = keys;
         }
+        let (calls, stored) = self.scorer.generation_counts();
+        let reports = self.scorer.wait()?;
+        let (calls_after, stored_after) = self.scorer.generation_counts();
+        (out.model_calls, out.from_store) = (calls_after - calls, stored_after - stored);
+        out.written.extend(reports.into_iter().map(|d| (d.epoch, d.written)));
         out.dataflow = t0.elapsed();
         Ok(out)
     }
@@ -124,9 +124,12 @@ impl<'a> Evaluator<'a> {
         self.generator_for(a).is_some()
     }
 
-    /// The experiment narrowed to the announced checkpoint, when it can generate for it.
-    fn generator_for(&self, a: &Announcement) -> Option<crate::config::Experiment> {
-        let mut exp = self.opts.experiment.clone()?;
+    /// The experiment's model and the announced checkpoint, when it can generate for it.
+    fn generator_for(&self, a: &Announcement) -> Option<(crate::model::ModelConfig, crate::model::CheckpointConfig)> {
+        if !self.scorer.can_generate() {
+            return None;
+        }
+        let exp = self.opts.experiment.as_ref()?;
         let mut model = exp.models.iter().find(|m| m.name == a.model)?.clone();
         let checkpoint = match model.checkpoints.iter().find(|c| c.id == a.checkpoint) {
             Some(c) => c.clone(),
@@ -140,8 +143,7 @@ impl<'a> Evaluator<'a> {
                 backend: Default::default(),
             },
         };
-        model.checkpoints = vec![checkpoint];
-        exp.models = vec![model];
-        Some(exp)
+        model.checkpoints = vec![checkpoint.clone()];
+        Some((model, checkpoint))
     }
 }
