@@ -144,20 +144,25 @@ pub struct Changes {
 pub fn statistics<'s>(
     observations: VecCollection<'s, u64, (PairKey, Observed), i64>,
 ) -> (VecCollection<'s, u64, (PairedCell, i64), isize>, VecCollection<'s, u64, ((CellKey, Measure), i64), isize>) {
-    // Only answers with a verdict in one of the tests pair.
-    let pairable = observations.clone().filter(|(_, o)| o.correct.is_some() && o.test.is_some());
-    let base = pairable.clone().filter(|(_, o)| !o.finetuned);
-    let candidates = pairable.filter(|(_, o)| o.finetuned);
+    // Only answers with a verdict in one of the tests pair; each side is arranged by pair key
+    // with only what the join needs (checkpoint, correct, test), to keep the arrangements small.
+    let pairable = observations.clone().flat_map(|(k, o): (PairKey, Observed)| match (o.correct, o.test) {
+        (Some(correct), Some(test)) => Some((o.finetuned, (k, (o.checkpoint, correct, test)))),
+        _ => None,
+    });
+    let base = pairable.clone().filter(|(ft, _)| !*ft).map(|(_, kv)| kv);
+    let candidates =
+        pairable.filter(|(ft, _)| *ft).map(|(_, (k, (checkpoint, correct, _)))| (k, (checkpoint, correct)));
     let paired = base
-        .join_map(candidates, |k: &PairKey, b: &Observed, f: &Observed| PairedCell {
+        .join_map(candidates, |k: &PairKey, b: &(Sym, bool, TestType), f: &(Sym, bool)| PairedCell {
             model: k.model,
-            base_checkpoint: b.checkpoint,
-            checkpoint: f.checkpoint,
+            base_checkpoint: b.0,
+            checkpoint: f.0,
             dataset: k.dataset,
-            test_type: b.test.expect("filtered"),
+            test_type: b.2,
             category: k.amendment,
-            base_correct: b.correct.expect("filtered"),
-            ft_correct: f.correct.expect("filtered"),
+            base_correct: b.1,
+            ft_correct: f.1,
         })
         .count();
     let cells = observations
