@@ -72,6 +72,9 @@ pub struct Refresh {
 pub struct StatsEngine {
     view: PairedView,
     ctx: SessionContext,
+    /// Where `family_stats.sql` runs over the changed families' counts alone (made once: a
+    /// session with the functions registered costs more than the query).
+    scratch: SessionContext,
     keep_observations: bool,
     observations: Vec<RecordBatch>,
     family_results: BTreeMap<FamilyKey, RecordBatch>,
@@ -94,9 +97,12 @@ impl StatsEngine {
         let config = SessionConfig::new().with_batch_size(batch_size).with_target_partitions(2);
         let ctx = SessionContext::new_with_config(config);
         super::udf::register(&ctx);
+        let scratch = SessionContext::new_with_config(ctx.copied_config());
+        super::udf::register(&scratch);
         let mut engine = StatsEngine {
             view: PairedView::default(),
             ctx,
+            scratch,
             keep_observations,
             observations: Vec::new(),
             family_results: BTreeMap::new(),
@@ -187,10 +193,8 @@ impl StatsEngine {
 
     fn recompute_families(&mut self, dirty: &BTreeSet<FamilyKey>) -> Result<()> {
         let subset = self.view.paired_counts_batch(Some(dirty))?;
-        let scratch = SessionContext::new_with_config(self.ctx.copied_config());
-        super::udf::register(&scratch);
-        register(&scratch, "paired_counts", paired_counts_schema(), vec![subset])?;
-        let batches = self.run(&scratch, FAMILY_STATS.sql)?;
+        register(&self.scratch, "paired_counts", paired_counts_schema(), vec![subset])?;
+        let batches = self.run(&self.scratch, FAMILY_STATS.sql)?;
         for key in dirty {
             self.family_results.remove(key);
         }

@@ -52,23 +52,42 @@ pub fn critical_count(m: u64, alpha: f64) -> Option<u64> {
 /// difference δ (|δ| ≤ ψ).
 pub fn mcnemar_power(n: u64, discordance: f64, delta: f64, alpha: f64) -> f64 {
     let psi = discordance.clamp(0.0, 1.0);
+    power_at(&rejection_table(n, psi, alpha), psi, delta)
+}
+
+/// What the power at every δ shares, for n pairs with discordance ψ at level α: for each
+/// possible number m of discordant pairs that can reject, its critical count k_m and its
+/// probability P(M = m). Computed once, it makes a search over δ cheap.
+fn rejection_table(n: u64, psi: f64, alpha: f64) -> Vec<(u64, u64, f64)> {
     if n == 0 || psi == 0.0 {
-        return 0.0;
+        return Vec::new();
     }
-    let pi = ((1.0 + delta.abs().min(psi) / psi) / 2.0).clamp(0.0, 1.0);
-    let Ok(m_dist) = Binomial::new(psi, n) else { return 0.0 };
+    let Ok(m_dist) = Binomial::new(psi, n) else { return Vec::new() };
     // M's mass beyond 12 standard deviations of its mean is below f64 resolution.
     let mean = n as f64 * psi;
     let sd = (mean * (1.0 - psi)).sqrt();
     let lo = (mean - 12.0 * sd - 2.0).floor().max(0.0) as u64;
     let hi = ((mean + 12.0 * sd + 2.0).ceil() as u64).min(n);
-    let mut power = 0.0;
+    let mut table = Vec::new();
     for m in lo..=hi {
         let Some(k) = critical_count(m, alpha) else { continue };
         let weight = m_dist.pmf(m);
         if weight == 0.0 {
             continue;
         }
+        table.push((m, k, weight));
+    }
+    table
+}
+
+/// The power at δ from a [`rejection_table`].
+fn power_at(table: &[(u64, u64, f64)], psi: f64, delta: f64) -> f64 {
+    if table.is_empty() {
+        return 0.0;
+    }
+    let pi = ((1.0 + delta.abs().min(psi) / psi) / 2.0).clamp(0.0, 1.0);
+    let mut power = 0.0;
+    for &(m, k, weight) in table {
         let Ok(b) = Binomial::new(pi, m) else { continue };
         // P(b ≤ k) + P(b ≥ m − k); the two regions are disjoint since k < m/2.
         let reject = b.cdf(k) + if m - k == 0 { 1.0 } else { b.sf(m - k - 1) };
@@ -82,14 +101,15 @@ pub fn mcnemar_power(n: u64, discordance: f64, delta: f64, alpha: f64) -> f64 {
 /// δ ≤ ψ reaches it.
 pub fn minimum_detectable_difference(n: u64, discordance: f64, alpha: f64, power: f64) -> Option<f64> {
     let psi = discordance.clamp(0.0, 1.0);
-    if mcnemar_power(n, psi, psi, alpha) < power {
+    let table = rejection_table(n, psi, alpha);
+    if power_at(&table, psi, psi) < power {
         return None;
     }
     // Power rises with |δ| (the rejection region is symmetric and π moves away from ½).
     let (mut lo, mut hi) = (0.0, psi);
     for _ in 0..60 {
         let mid = (lo + hi) / 2.0;
-        if mcnemar_power(n, psi, mid, alpha) >= power { hi = mid } else { lo = mid }
+        if power_at(&table, psi, mid) >= power { hi = mid } else { lo = mid }
     }
     Some(hi)
 }
