@@ -467,6 +467,21 @@ pub fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a Strin
     })
 }
 
+thread_local! {
+    /// Timely computations started from this thread ([`run`] and [`Session::start`]).
+    static STARTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many timely computations this thread has started: what tests check a long-lived
+/// command against (one computation for its whole life, not one per batch).
+pub fn computations_started() -> u64 {
+    STARTED.with(|s| s.get())
+}
+
+fn count_computation() {
+    STARTED.with(|s| s.set(s.get() + 1));
+}
+
 /// Runs a dataflow over `sources` (sent by worker 0 in epoch order) and archives everything
 /// the dataflow built by `build` emits. Returns the sink's report per epoch, or the errors
 /// the stages reported.
@@ -499,6 +514,7 @@ where
         bar
     });
     let bar_for_workers = bar.clone();
+    count_computation();
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
         let peers = worker.peers();

@@ -64,6 +64,7 @@ impl Session {
         let rounds = Arc::new(Mutex::new(Some(rounds)));
         let reports = Mutex::new(reports);
         let (archive, sink_routing) = (archive.clone(), routing.clone());
+        super::count_computation();
         let guards = timely::execute(config, move |worker| {
             let index = worker.index();
             let peers = worker.peers();

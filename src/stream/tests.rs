@@ -171,3 +171,45 @@ fn an_answer_beyond_a_complete_checkpoints_count_is_late_and_the_rest_is_archive
     assert!(again.evaluated.is_empty());
     assert_eq!(read_records::<Response>(&archive).unwrap().len(), 2);
 }
+
+#[test]
+fn a_replayed_stream_evaluates_checkpoints_out_of_epoch_order_in_one_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Archive::open_writer(dir.path(), "test").unwrap();
+    let ann = |c: &str, ft: bool| {
+        format!(r#"{{"schema_version":1,"model":"m","checkpoint":"{c}","finetuned":{ft},"answers":2}}"#)
+    };
+    let a = |c: &str, item: &str, verdict: &str| {
+        answer(&format!(r#","verdict":"{verdict}""#))
+            .replace("\"q1\"", &format!("\"{item}\""))
+            .replace("\"checkpoint\":\"c\"", &format!("\"checkpoint\":\"{c}\""))
+    };
+    // Announced c0, c1, c2 (epochs in that order); their answers complete them in reverse, each
+    // in an evaluation of its own.
+    let messages = capture_of(&[
+        ("t.checkpoints", ann("c0", false)),
+        ("t.checkpoints", ann("c1", true)),
+        ("t.checkpoints", ann("c2", true)),
+        ("t.answers", a("c2", "q1", "INCORRECT")),
+        ("t.answers", a("c2", "q2", "CORRECT")),
+        ("t.answers", a("c1", "q1", "CORRECT")),
+        ("t.answers", a("c1", "q2", "CORRECT")),
+        ("t.answers", a("c0", "q1", "CORRECT")),
+        ("t.answers", a("c0", "q2", "CORRECT")),
+    ]);
+    let before = crate::dataflow::computations_started();
+    let report =
+        replay_capture(&Cluster { workers: 2, ..Cluster::default() }, &archive, &replay_options(), messages).unwrap();
+    assert_eq!(report.evaluated, ["m/c2", "m/c1", "m/c0"]);
+    assert_eq!(crate::dataflow::computations_started() - before, 1, "one computation for the whole stream");
+    // Each checkpoint is archived under the epoch it was given when announced.
+    let epochs: std::collections::BTreeMap<String, u64> =
+        archive.checkpoints().unwrap().into_iter().map(|e| (e.checkpoint.clone(), e.epoch)).collect();
+    let observations: Vec<crate::records::Observation> = read_records(&archive).unwrap();
+    assert_eq!(observations.len(), 6);
+    for o in &observations {
+        assert_eq!(o.checkpoint_epoch, epochs[&o.checkpoint], "{o:?}");
+    }
+    let committed = archive.committed_epochs().unwrap();
+    assert!(epochs.values().all(|e| committed.contains(e)), "{committed:?} {epochs:?}");
+}
