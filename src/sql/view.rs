@@ -80,6 +80,17 @@ impl Interner {
     pub fn name(&self, id: Sym) -> &str {
         &self.names[id as usize]
     }
+
+    /// Each string's position in name order, by id: comparing ranks orders ids as their names.
+    pub fn ranks(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.names.len() as u32).collect();
+        order.sort_unstable_by(|a, b| self.names[*a as usize].cmp(&self.names[*b as usize]));
+        let mut rank = vec![0; order.len()];
+        for (r, id) in order.into_iter().enumerate() {
+            rank[id as usize] = r as u32;
+        }
+        rank
+    }
 }
 
 /// One family: the categories of one (model, base checkpoint, candidate checkpoint, dataset,
@@ -514,10 +525,11 @@ impl PairedView {
         let mut clusters: HashMap<(Sym, Sym), u64> = HashMap::new();
         let s = &self.strings;
         let mut rows: Vec<_> = counts.into_iter().collect();
-        rows.sort_by(|a, b| {
-            let names = |k: &ItemCell| (s.name(k.0), s.name(k.1), s.name(k.2), s.name(k.3), s.name(k.4), k.5);
-            names(&a.0).cmp(&names(&b.0))
-        });
+        // In name order (the cluster numbering must not depend on arrival order), compared by
+        // rank: the keys are distinct, and ranks order as the names do.
+        let rank = s.ranks();
+        let r = |k: Sym| rank[k as usize];
+        rows.sort_unstable_by_key(|(k, _)| (r(k.0), r(k.1), r(k.2), r(k.3), r(k.4), k.5));
         rows.into_iter()
             .map(|((model, dataset, item, amendment, prompt, ft), (incorrect, n))| {
                 let next = clusters.len() as u64;
