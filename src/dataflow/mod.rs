@@ -548,9 +548,14 @@ where
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    checked(reports)
+}
+
+/// The sink's reports in epoch order, or the errors the stages reported. An error reaches the
+/// sink once per path it travels (a generate error both as itself and through the score
+/// stage): each is reported once.
+fn checked(mut reports: Vec<EpochDone>) -> Result<Vec<EpochDone>> {
     reports.sort_by_key(|d| d.epoch);
-    // An error reaches the sink once per path it travels (a generate error both as itself and
-    // through the score stage): each is reported once.
     let mut errors: Vec<StageError> = Vec::new();
     for e in reports.iter().flat_map(|d| d.errors.iter()) {
         if !errors.contains(e) {

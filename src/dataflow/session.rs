@@ -19,7 +19,7 @@ use timely::dataflow::operators::vec::Input;
 
 use super::{Batch, Cluster, Epoch, EpochDone, Msg, Partition, SharedRouting, archive_sink};
 use crate::archive::Archive;
-use crate::error::{Error, Result, StageError};
+use crate::error::{Error, Result};
 
 /// One round: the batches of one archive epoch.
 struct Round {
@@ -152,17 +152,7 @@ impl Session {
                 }
             }
         }
-        reports.sort_by_key(|d| d.epoch);
-        let mut errors: Vec<StageError> = Vec::new();
-        for e in reports.iter().flat_map(|d| d.errors.iter()) {
-            if !errors.contains(e) {
-                errors.push(e.clone());
-            }
-        }
-        if !errors.is_empty() {
-            return Err(Error::Dataflow(errors));
-        }
-        Ok(reports)
+        super::checked(reports)
     }
 
     /// Closes the input and waits for the workers to finish.

@@ -229,17 +229,11 @@ impl Counts {
                         let (paired, cells) = statistics(observations);
                         let sink = out.clone();
                         paired
-                            .inspect_batch(move |_, changes| {
-                                let mut sink = sink.borrow_mut();
-                                sink.paired.extend(changes.iter().map(|((k, n), _, r)| (*k, *n * *r as i64)));
-                            })
+                            .inspect_batch(move |_, changes| sink.borrow_mut().paired.extend(moved(changes)))
                             .probe_with(&probe);
                         let sink = out.clone();
                         cells
-                            .inspect_batch(move |_, changes| {
-                                let mut sink = sink.borrow_mut();
-                                sink.cells.extend(changes.iter().map(|((k, n), _, r)| (*k, *n * *r as i64)));
-                            })
+                            .inspect_batch(move |_, changes| sink.borrow_mut().cells.extend(moved(changes)))
                             .probe_with(&probe);
                         input
                     });
@@ -276,22 +270,16 @@ impl Counts {
     }
 }
 
+/// How much each count moved in a batch of `count`'s output changes: a count `n` coming in
+/// (+1) or going out (−1) moves its key by ±n.
+fn moved<K: Copy>(changes: &[((K, i64), u64, isize)]) -> impl Iterator<Item = (K, i64)> + '_ {
+    changes.iter().map(|((k, n), _, r)| (*k, *n * *r as i64))
+}
+
 /// Sums the changes of each key and drops those that cancel.
 fn consolidated(mut c: Changes) -> Changes {
-    fn sum<K: Ord + Copy>(v: &mut Vec<(K, i64)>) {
-        v.sort_by_key(|(k, _)| *k);
-        let mut out: Vec<(K, i64)> = Vec::with_capacity(v.len());
-        for (k, d) in v.drain(..) {
-            match out.last_mut() {
-                Some((last, n)) if *last == k => *n += d,
-                _ => out.push((k, d)),
-            }
-        }
-        out.retain(|(_, d)| *d != 0);
-        *v = out;
-    }
-    sum(&mut c.paired);
-    sum(&mut c.cells);
+    differential_dataflow::consolidation::consolidate(&mut c.paired);
+    differential_dataflow::consolidation::consolidate(&mut c.cells);
     c
 }
 

@@ -437,17 +437,17 @@ impl PairedView {
         (s.name(f.model), s.name(f.base_checkpoint), s.name(f.checkpoint), s.name(f.dataset), f.test_type.as_str())
     }
 
-    /// A checkpoint's answer counts over every cell, with its epoch (None: nothing held).
-    pub fn checkpoint_counts(&self, model: &str, checkpoint: &str) -> Option<(u64, CellCounts)> {
-        let (model, checkpoint) = (self.strings.get(model)?, self.strings.get(checkpoint)?);
-        let mut total: Option<(u64, CellCounts)> = None;
-        for (k, c) in self.cells.iter().filter(|(k, _)| k.model == model && k.checkpoint == checkpoint) {
-            let t = total.get_or_insert((k.epoch, CellCounts::default()));
-            t.0 = t.0.max(k.epoch);
-            t.1.responses += c.responses;
-            t.1.refusals += c.refusals;
-            t.1.excluded += c.excluded;
-            t.1.incorrect += c.incorrect;
+    /// A checkpoint's answer counts summed over its cells.
+    pub fn checkpoint_counts(&self, model: &str, checkpoint: &str) -> CellCounts {
+        let mut total = CellCounts::default();
+        let (Some(model), Some(checkpoint)) = (self.strings.get(model), self.strings.get(checkpoint)) else {
+            return total;
+        };
+        for c in self.cells.iter().filter(|(k, _)| k.model == model && k.checkpoint == checkpoint).map(|(_, c)| c) {
+            total.responses += c.responses;
+            total.refusals += c.refusals;
+            total.excluded += c.excluded;
+            total.incorrect += c.incorrect;
         }
         total
     }
@@ -466,10 +466,7 @@ impl PairedView {
             .filter(|(f, _)| f.model == model && f.base_checkpoint == base && f.checkpoint == checkpoint)
         {
             for c in cats.values() {
-                total.both_correct += c.both_correct;
-                total.b += c.b;
-                total.c += c.c;
-                total.both_wrong += c.both_wrong;
+                total.merge(c);
             }
         }
         total

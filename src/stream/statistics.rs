@@ -84,7 +84,7 @@ impl Statistics {
     fn checkpoint(&self, checkpoint: &str, update_epoch: u64, done: &Done) -> serde_json::Value {
         let view = self.engine.view();
         let (model, name) = names_of(checkpoint);
-        let counts = view.checkpoint_counts(&model, &name).map(|(_, c)| c).unwrap_or_default();
+        let counts = view.checkpoint_counts(&model, &name);
         let included = counts.responses - counts.excluded;
         let correct = included - counts.incorrect;
         let (epoch, finetuned) = done[checkpoint];
