@@ -660,17 +660,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = Archive::open_writer(dir.path().join("a"), "test").unwrap();
         let first = archive.register_checkpoint("m", "a", false, None).unwrap();
-        let second = archive.register_checkpoint("m", "b", true, None).unwrap();
         let cluster = Cluster { workers: 2, ..Cluster::default() };
         let mut session =
             Session::start(&cluster, &archive, |input, peers| partition_by(input, "item_key", peers)).unwrap();
+        // Registered after the session started: found in the registry when it is fed.
+        let second = archive.register_checkpoint("m", "b", true, None).unwrap();
         // The later checkpoint completes first; then the earlier one, in a second feed of the
         // same computation.
-        session.feed(second, None, vec![Trial::to_batch(&trials_from(0, 5)).unwrap()]).unwrap();
+        session.feed(second, vec![Trial::to_batch(&trials_from(0, 5)).unwrap()]).unwrap();
         let done = session.wait().unwrap();
         assert_eq!(done.iter().map(|d| (d.epoch, d.rows["trial"])).collect::<Vec<_>>(), vec![(second, 5)]);
-        session.feed(first, None, vec![Trial::to_batch(&trials_from(5, 3)).unwrap()]).unwrap();
-        session.feed(first, None, vec![]).unwrap(); // nothing to feed: no round
+        session.feed(first, vec![Trial::to_batch(&trials_from(5, 3)).unwrap()]).unwrap();
+        session.feed(first, vec![]).unwrap(); // nothing to feed: no round
         let done = session.wait().unwrap();
         assert_eq!(done.iter().map(|d| (d.epoch, d.rows["trial"])).collect::<Vec<_>>(), vec![(first, 3)]);
         session.stop().unwrap();
@@ -688,7 +689,7 @@ mod tests {
             stage(partition_by(input, "item_key", peers), Failing(|| Error::unavailable("http://127.0.0.1:9", "down")))
         })
         .unwrap();
-        session.feed(epoch, None, vec![Trial::to_batch(&trials(2)).unwrap()]).unwrap();
+        session.feed(epoch, vec![Trial::to_batch(&trials(2)).unwrap()]).unwrap();
         let err = session.wait().unwrap_err();
         assert_eq!(err.kind(), crate::error::Domain::External, "{err}");
         assert!(!archive.committed_epochs().unwrap().contains(&epoch));

@@ -17,7 +17,7 @@ use timely::communication::WorkerGuards;
 use timely::dataflow::operators::Inspect;
 use timely::dataflow::operators::vec::Input;
 
-use super::{Batch, Cluster, Epoch, EpochDone, Msg, Partition, SharedRouting, archive_sink};
+use super::{Batch, Cluster, Epoch, EpochDone, Msg, SharedRouting, archive_sink};
 use crate::archive::Archive;
 use crate::error::{Error, Result};
 
@@ -29,6 +29,7 @@ struct Round {
 
 /// A long-lived dataflow ending in the archive sink.
 pub struct Session {
+    archive: Archive,
     feed: Option<mpsc::Sender<Round>>,
     done: mpsc::Receiver<EpochDone>,
     routing: SharedRouting,
@@ -63,7 +64,7 @@ impl Session {
         // Worker 0 takes the receiving end; the closure itself is shared by every worker.
         let rounds = Arc::new(Mutex::new(Some(rounds)));
         let reports = Mutex::new(reports);
-        let (archive, sink_routing) = (archive.clone(), routing.clone());
+        let (archive_for_driver, archive, sink_routing) = (archive.clone(), archive.clone(), routing.clone());
         super::count_computation();
         let guards = timely::execute(config, move |worker| {
             let index = worker.index();
@@ -102,7 +103,15 @@ impl Session {
             while worker.step_or_park(Some(Duration::from_millis(50))) {}
         })
         .map_err(|e| Error::system("starting timely", e))?;
-        Ok(Session { feed: Some(feed), done, routing, guards: Some(guards), next: 1, outstanding: 0 })
+        Ok(Session {
+            archive: archive_for_driver,
+            feed: Some(feed),
+            done,
+            routing,
+            guards: Some(guards),
+            next: 1,
+            outstanding: 0,
+        })
     }
 
     /// The time the next round will have (what the stages that look a round up by its time,
@@ -111,9 +120,9 @@ impl Session {
         self.next
     }
 
-    /// Feeds `batches` as the next round, committed as archive epoch `epoch` in
-    /// `partition` (a checkpoint's; None: the epoch's registered partition or the shared one).
-    pub fn feed(&mut self, epoch: Epoch, partition: Option<Partition>, batches: Vec<RecordBatch>) -> Result<()> {
+    /// Feeds `batches` as the next round, committed as archive epoch `epoch` (in its
+    /// checkpoint's partition; the registry is read again for a checkpoint registered since).
+    pub fn feed(&mut self, epoch: Epoch, batches: Vec<RecordBatch>) -> Result<()> {
         if batches.is_empty() {
             return Ok(());
         }
@@ -121,10 +130,10 @@ impl Session {
         {
             let mut routing =
                 self.routing.lock().map_err(|_| Error::Internal("the archive routing was poisoned".into()))?;
-            routing.epochs.insert(time, epoch);
-            if let Some(p) = partition {
-                routing.partitions.insert(epoch, p);
+            if epoch != super::GRID_EPOCH && !routing.partitions.contains_key(&epoch) {
+                routing.partitions = self.archive.checkpoint_partitions()?;
             }
+            routing.epochs.insert(time, epoch);
         }
         let stopped = || Error::Internal("the dataflow stopped".into());
         self.feed.as_ref().ok_or_else(stopped)?.send(Round { time, batches }).map_err(|_| stopped())?;

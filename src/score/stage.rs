@@ -12,7 +12,6 @@ use timely::dataflow::operators::Concat;
 
 use super::judge::{Case, Judge, Label};
 use super::refusal::RefusalRules;
-use crate::archive::Partition;
 use crate::archive::{Archive, read_records};
 use crate::conditions::{Dataset, VerdictLabel};
 use crate::dataflow::{
@@ -235,7 +234,6 @@ pub struct Scorer {
     archive: Archive,
     trials: Shared<HashMap<String, Trial>>,
     labels: Shared<HashMap<String, Label>>,
-    partitions: BTreeMap<Epoch, Partition>,
     generation: Option<(Arc<crate::generate::operator::GeneratePlan>, Arc<crate::generate::operator::Counters>)>,
     /// Labels of the rounds not yet committed.
     pending_labels: Vec<String>,
@@ -302,7 +300,6 @@ impl Scorer {
             archive: archive.clone(),
             trials,
             labels,
-            partitions: archive.checkpoint_partitions()?,
             generation: generation.map(|(plan, counters, _, _)| (plan, counters)),
             pending_labels: Vec::new(),
         })
@@ -322,13 +319,6 @@ impl Scorer {
     pub fn generation_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         self.generation.as_ref().map_or((0, 0), |(_, c)| (c.model_calls.load(Relaxed), c.from_store.load(Relaxed)))
-    }
-
-    fn partition(&mut self, epoch: Epoch) -> Result<Option<Partition>> {
-        if epoch != GRID_EPOCH && !self.partitions.contains_key(&epoch) {
-            self.partitions = self.archive.checkpoint_partitions()?;
-        }
-        Ok(self.partitions.get(&epoch).cloned())
     }
 
     /// Feeds the generation of a registered checkpoint's answers to every trial held, as one
@@ -358,8 +348,7 @@ impl Scorer {
             .map_err(|_| Error::Internal("the checkpoint plans were poisoned by a panic".into()))?
             .insert(self.session.next_time(), CheckpointPlan { epoch, model, checkpoint });
         let batches = trial_batches(&trials, 256)?.into_iter().map(as_request).collect();
-        let partition = self.partition(epoch)?;
-        self.session.feed(epoch, partition, batches)
+        self.session.feed(epoch, batches)
     }
 
     /// Feeds responses to score as [`score_responses`] does: `new_trials` are archived with
@@ -387,8 +376,7 @@ impl Scorer {
             rounds.entry(epoch).or_default().push(batch);
         }
         for (epoch, batches) in rounds {
-            let partition = self.partition(epoch)?;
-            self.session.feed(epoch, partition, batches)?;
+            self.session.feed(epoch, batches)?;
         }
         Ok(())
     }

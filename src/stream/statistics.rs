@@ -131,7 +131,8 @@ fn family_message(
         Some(batch) => json_rows(batch)?,
         None => Vec::new(),
     };
-    let key = format!("{model}/{base}/{checkpoint}/{dataset}/{test}");
+    // Escaped like every structured key (`identity::key`): names may contain `/`.
+    let key = crate::identity::key(&[model, base, checkpoint, dataset, test]);
     Ok((
         key.clone(),
         serde_json::json!({

@@ -212,4 +212,11 @@ fn a_replayed_stream_evaluates_checkpoints_out_of_epoch_order_in_one_computation
     }
     let committed = archive.committed_epochs().unwrap();
     assert!(epochs.values().all(|e| committed.contains(e)), "{committed:?} {epochs:?}");
+    // Checkpoints registered after the dataflow started are archived in their own partitions.
+    for c in ["c0", "c1", "c2"] {
+        let dir = crate::identity::partition_segment("checkpoint", c);
+        let in_partition =
+            archive.segments("observation").unwrap().iter().filter(|s| s.path.to_string_lossy().contains(&dir)).count();
+        assert!(in_partition > 0, "no observation segment under {dir}");
+    }
 }
