@@ -28,7 +28,16 @@
 //!   manifest, or that it creates (a missing or empty directory); recovery looks only at the
 //!   stream tables of that archive.
 //! - *Nothing counted twice.* A checkpoint's epoch is written once; rows are unique by their
-//!   stream's key (`schemas/<stream>.json`), checked before commit.
+//!   stream's key (`schemas/<stream>.json`), checked before commit — against the grid for an
+//!   epoch's item and trial rows, against every committed row for rows appended outside an
+//!   epoch (warmth scores).
+//! - *One writer.* Every table row is written by this type: the dataflow's archive sink
+//!   ([`Archive::write_epoch`]) and rows added later to a committed checkpoint
+//!   ([`Archive::append`], `candor warmth`) share one file writer and one uniqueness rule. The
+//!   generation store under `generation/` is not a table: it is the generate operator's memo of
+//!   model answers, appended answer by answer so that a killed run re-pays nothing, with its
+//!   own checksummed log (see [`crate::generate::store`]); what the archive's tables hold is
+//!   only ever written here.
 //! - *Damage is named, never read as data.* Every data file's SHA-256, size and row count are in
 //!   its `add` action; every log version carries Candor's checksum of its actions (see
 //!   [`log`]). A mismatch is an [`Error::Integrity`] naming the file; [`Archive::verify`] lists
@@ -465,11 +474,10 @@ impl Archive {
     pub fn append(&self, stream: &str, partition: &Partition, batches: &[RecordBatch]) -> Result<Option<PathBuf>> {
         self.require_writer()?;
         let Some(file) = self.write_stream_file(stream, partition, None, batches)? else { return Ok(None) };
-        check_unique(stream, &file.keys)?;
-        let existing = self.existing_keys(stream, &self.snapshot()?)?;
-        if let Some(k) = file.keys.iter().find(|k| existing.contains(*k)) {
+        // Outside an epoch nothing else makes a key unique: every committed row is checked.
+        if let Err(e) = self.check_keys(stream, &file.keys, &self.snapshot()?, true) {
             let _ = fs::remove_file(&file.path);
-            return Err(duplicate_key(stream, k));
+            return Err(e);
         }
         let mut meta = serde_json::Map::new();
         meta.insert(INFO_KIND.into(), "append".into());
@@ -554,11 +562,7 @@ impl Archive {
         let mut manifest = serde_json::Map::new();
         for (stream, files) in &by_stream {
             let keys: Vec<String> = files.iter().flat_map(|f| f.keys.iter().cloned()).collect();
-            check_unique(stream, &keys)?;
-            let existing = self.existing_keys(stream, &snap)?;
-            if let Some(k) = keys.iter().find(|k| existing.contains(*k)) {
-                return Err(duplicate_key(stream, k));
-            }
+            self.check_keys(stream, &keys, &snap, false)?;
             manifest.insert(stream.to_string(), files.iter().map(|f| f.rows).sum::<u64>().into());
         }
         let meta = |kind: &str| epoch_meta(kind, epoch, write, &manifest, summary);
@@ -577,19 +581,26 @@ impl Archive {
         Ok(())
     }
 
-    /// Keys already committed in a stream whose rows are not partitioned by checkpoint (the
-    /// grid); per-checkpoint streams get their uniqueness from one epoch per checkpoint.
-    fn existing_keys(&self, stream: &str, snap: &Snapshot) -> Result<HashSet<String>> {
-        let mut out = HashSet::new();
-        if !matches!(stream, "item" | "trial") {
-            return Ok(out);
+    /// The one uniqueness rule of every write: the rows' keys are distinct, and none is
+    /// committed already. An epoch's rows of a per-checkpoint stream are unique by their epoch
+    /// (one per checkpoint, written once), so only the grid's streams (item, trial) are read
+    /// for committed keys then; rows appended outside any epoch (`appended`) are checked
+    /// against every committed row of their stream.
+    fn check_keys(&self, stream: &str, keys: &[String], snap: &Snapshot, appended: bool) -> Result<()> {
+        check_unique(stream, keys)?;
+        if !appended && !matches!(stream, "item" | "trial") {
+            return Ok(());
         }
+        let mut existing = HashSet::new();
         for seg in snap.segments(stream) {
             for b in read_segment(&seg)? {
-                out.extend(row_keys(stream, &b)?);
+                existing.extend(row_keys(stream, &b)?);
             }
         }
-        Ok(out)
+        match keys.iter().find(|k| existing.contains(*k)) {
+            Some(k) => Err(duplicate_key(stream, k)),
+            None => Ok(()),
+        }
     }
 
     /// Withdraws committed epochs (before they are written again on purpose: `--replace`,

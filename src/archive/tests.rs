@@ -378,3 +378,50 @@ fn a_missing_log_version_is_never_silent() {
     let err = Archive::open(dir.path()).unwrap().read("trial").unwrap_err().to_string();
     assert!(err.contains("version 0 is missing"), "{err}");
 }
+
+/// Rows appended outside an epoch (warmth scores) had no committed-key check: the same score
+/// appended twice was archived twice, and a warmth mean counted it twice.
+#[test]
+fn an_appended_row_is_never_archived_twice() {
+    use crate::records::WarmthScore;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Archive::open_writer(dir.path().join("a"), "test").unwrap();
+    let score = |key: &str| WarmthScore {
+        response_key: key.into(),
+        model: "m".into(),
+        checkpoint: "base".into(),
+        checkpoint_epoch: 1,
+        query_type: None,
+        mode: "fast".into(),
+        warmth: 0.5,
+        warm_loglik: -1.0,
+        cold_loglik: -1.5,
+        std_error: None,
+        passes: 1,
+        text_chars: 10,
+        lm: "lm".into(),
+    };
+    let part = Partition::checkpoint("m", "base");
+    a.append("warmth", &part, &[WarmthScore::to_batch(&[score("r1")]).unwrap()]).unwrap();
+    let again = a.append("warmth", &part, &[WarmthScore::to_batch(&[score("r2"), score("r1")]).unwrap()]);
+    assert!(matches!(again, Err(Error::Conflict(ref m)) if m.contains("r1")), "{again:?}");
+    let rows: usize = a.read("warmth").unwrap().iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 1, "nothing of the refused append is archived");
+    let leftovers = walk_parquet(&a.root().join("warmth"));
+    assert_eq!(leftovers, 1, "the refused append's file is deleted");
+    a.append("warmth", &part, &[WarmthScore::to_batch(&[score("r2")]).unwrap()]).unwrap();
+    assert_eq!(a.read("warmth").unwrap().iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+}
+
+fn walk_parquet(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            n += walk_parquet(&p);
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            n += 1;
+        }
+    }
+    n
+}
