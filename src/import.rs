@@ -61,25 +61,49 @@ pub struct Known {
     pub data_dir: PathBuf,
 }
 
-/// One parsed row, before trial linking.
+/// One row of an answer file, parsed (before `import` links it to a trial, or `analyze` makes
+/// it an observation).
 #[derive(Clone, Debug)]
-struct Row {
-    line: u64,
-    prompt: Option<String>,
-    output: String,
+pub(crate) struct AnswerRow {
+    pub line: u64,
+    pub prompt: Option<String>,
+    pub output: String,
     /// None when the file has no column (the linked trial, or the default, decides).
-    amendment: Option<AmendmentType>,
-    prompt_type: Option<PromptType>,
-    label: Option<(VerdictLabel, String)>,
-    dataset: Option<Dataset>,
-    item_key: Option<String>,
+    pub amendment: Option<AmendmentType>,
+    pub prompt_type: Option<PromptType>,
+    pub label: Option<(VerdictLabel, String)>,
+    pub dataset: Option<Dataset>,
+    pub item_key: Option<String>,
     /// The paper's item key: the question text.
-    question: Option<String>,
-    model: String,
-    checkpoint: String,
-    sample_index: Option<u32>,
+    pub question: Option<String>,
+    pub model: String,
+    /// None when neither a column nor a default names it.
+    pub checkpoint: Option<String>,
+    pub sample_index: Option<u32>,
     /// Every column, for building an item the archive lacks.
-    fields: BTreeMap<String, String>,
+    pub fields: BTreeMap<String, String>,
+}
+
+type Row = AnswerRow;
+
+/// The one reader of answer files (CSV, TSV, JSONL; the paper's released CSVs among them),
+/// shared by `candor import` and the observation reader of `candor analyze`/`sql`: every row
+/// parsed, with the defaults completed from the paper's path layout
+/// (`<model>/<side>/<dataset>_<side>_outputs.csv`) where flags do not say.
+pub(crate) fn answer_rows(path: &Path, defaults: &ImportDefaults) -> Result<(Vec<AnswerRow>, ImportDefaults)> {
+    let rows = read_rows(path)?;
+    let layout = paper_outputs::paper_layout(path);
+    let defaults = ImportDefaults {
+        dataset: defaults.dataset.or(layout.as_ref().map(|l| l.2)),
+        model: defaults.model.clone().or(layout.as_ref().map(|l| l.0.clone())),
+        checkpoint: defaults.checkpoint.clone().or(layout.as_ref().map(|l| l.1.clone())),
+        is_finetuned: defaults.is_finetuned.or(layout.as_ref().map(|l| l.1 != "original")),
+    };
+    let mut parsed = Vec::with_capacity(rows.len());
+    for (line, fields) in rows {
+        parsed.push(parse_row(path, line, fields, &defaults)?);
+    }
+    Ok((parsed, defaults))
 }
 
 /// How the rows found their trials.
@@ -135,20 +159,9 @@ impl ItemIndex {
 
 /// Reads an answer file and links its rows to what the archive holds (see the module doc).
 pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &Known) -> Result<Imported> {
-    let rows = read_rows(path)?;
     let judge = format!("import:{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("answers"));
-    let layout = paper_outputs::paper_layout(path);
-    let is_finetuned = defaults.is_finetuned.or(layout.as_ref().map(|l| l.1 != "original")).unwrap_or(false);
-    let defaults = ImportDefaults {
-        dataset: defaults.dataset.or(layout.as_ref().map(|l| l.2)),
-        model: defaults.model.clone().or(layout.as_ref().map(|l| l.0.clone())),
-        checkpoint: defaults.checkpoint.clone().or(layout.as_ref().map(|l| l.1.clone())),
-        is_finetuned: Some(is_finetuned),
-    };
-    let mut parsed = Vec::with_capacity(rows.len());
-    for (line, fields) in rows {
-        parsed.push(parse_row(path, line, fields, &defaults)?);
-    }
+    let (parsed, defaults) = answer_rows(path, defaults)?;
+    let is_finetuned = defaults.is_finetuned.unwrap_or(false);
     let by_prompt: HashMap<&str, &Trial> = known.trials.iter().map(|t| (t.prompt.as_str(), t)).collect();
     let by_condition: HashMap<(&str, &str, &str, &str), &Trial> = known
         .trials
@@ -165,6 +178,10 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &Known) -> Re
     let mut samples: HashMap<(String, String, String), u32> = HashMap::new();
     for row in parsed {
         let at = |field: &str| Location::file(path).line(row.line).field(field);
+        let checkpoint = row
+            .checkpoint
+            .clone()
+            .ok_or_else(|| Error::input(at("checkpoint"), "missing (add the column or pass --checkpoint)"))?;
         let linked = row.prompt.as_deref().and_then(|p| by_prompt.get(p).copied());
         let trial = match linked {
             Some(t) => {
@@ -241,15 +258,15 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &Known) -> Re
                 }
             }
         };
-        let counter = samples.entry((row.model.clone(), row.checkpoint.clone(), trial.trial_key.clone())).or_insert(0);
+        let counter = samples.entry((row.model.clone(), checkpoint.clone(), trial.trial_key.clone())).or_insert(0);
         let sample_index = row.sample_index.unwrap_or(*counter);
         *counter = sample_index + 1;
-        let response_key = Response::key(&row.model, &row.checkpoint, &trial.trial_key, sample_index);
+        let response_key = Response::key(&row.model, &checkpoint, &trial.trial_key, sample_index);
         if let Some((verdict, raw)) = row.label {
             out.labels.insert(response_key.clone(), Label { verdict, judge: judge.clone(), raw: Some(raw) });
         }
-        out.finetuned.insert((row.model.clone(), row.checkpoint.clone()), is_finetuned);
-        let list = out.responses.entry((row.model.clone(), row.checkpoint.clone())).or_default();
+        out.finetuned.insert((row.model.clone(), checkpoint.clone()), is_finetuned);
+        let list = out.responses.entry((row.model.clone(), checkpoint.clone())).or_default();
         if list.iter().any(|r| r.response_key == response_key) {
             return Err(Error::input(
                 Location::file(path).line(row.line).field("sample_index"),
@@ -261,7 +278,7 @@ pub fn read_answers(path: &Path, defaults: &ImportDefaults, known: &Known) -> Re
             trial_key: trial.trial_key.clone(),
             dataset: trial.dataset.clone(),
             model: row.model,
-            checkpoint: row.checkpoint,
+            checkpoint,
             checkpoint_epoch: 0,
             is_finetuned,
             sample_index,
@@ -441,7 +458,7 @@ fn parse_row(path: &Path, line: u64, fields: BTreeMap<String, String>, defaults:
         item_key,
         question,
         model: text("model", &defaults.model)?,
-        checkpoint: text("checkpoint", &defaults.checkpoint)?,
+        checkpoint: text("checkpoint", &defaults.checkpoint).ok(),
         sample_index,
         fields,
     })

@@ -1,9 +1,10 @@
 //! The paper's released per-model output CSVs: `<model>/<side>/<dataset>_<side>_outputs.csv`
 //! with the columns `content_key` (or `original_question`, `prompt_disinfo`), `prompt_template`,
-//! `amendment_type`, `output` and `evaluation`. Two readers accept them, and share from here the
-//! path layout and the column names: `candor import` (`import.rs`: answers become responses
-//! with their labels, scored by the score stage) and the observation reader of `candor analyze`
-//! and `candor sql` (`sql/input.rs`: rows become observations directly).
+//! `amendment_type`, `output` and `evaluation`. One reader parses them (`import::answer_rows`,
+//! with the path layout and the column names from here); `candor import` links each row to a
+//! trial (answers become responses with their labels, scored by the score stage) and the
+//! observation reader of `candor analyze` and `candor sql` (`sql/input.rs`) makes each row an
+//! observation directly.
 
 use std::path::Path;
 

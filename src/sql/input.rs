@@ -9,16 +9,18 @@
 //!   `finetuned`), `checkpoint_epoch` (0 for base, 1 for fine-tuned), `amendment_group` (the part
 //!   of the amendment before `:`), `sample_index` (0), `refusal` (false), `verdict` (from
 //!   `correct`), `response_key` (file name and row);
-//! - the paper's released per-model CSVs (`content_key, prompt_template, amendment_type, output,
-//!   evaluation`), laid out as `<model>/<original|warm>/<dataset>_<side>_outputs.csv`.
-//!   Mapping: the paper's merge key → `item_key` (`content_key` for TriviaQA and TruthfulQA,
-//!   `original_question` for MedQA, `prompt_disinfo` for disinfo, as its analysis code merges;
-//!   trimmed); `prompt_template` (or `prompt_type`) → `prompt_type`;
-//!   `evaluation` (CORRECT/INCORRECT, any case) is the judge's label; the refusal phrase list is
-//!   applied to `output` and the result scored by [`crate::score::observe`] (a refusal is correct
-//!   on disinfo and excluded elsewhere). `model`, `dataset` and the side come from columns of
-//!   those names when present, else from [`InputOptions`], else from the path (`original` = base,
-//!   anything else = fine-tuned, checkpoint named after the side directory).
+//! - an answer file with a judge's label per row and no `correct` column (CSV, TSV or JSONL):
+//!   the paper's released per-model CSVs (`content_key, prompt_template, amendment_type, output,
+//!   evaluation`, laid out as `<model>/<original|warm>/<dataset>_<side>_outputs.csv`), or any
+//!   file `candor import` reads. One reader parses them for both commands
+//!   ([`crate::import`]'s); here each row becomes an observation directly (see `answers` for
+//!   what differs from `import`, on purpose): the paper's merge key → `item_key`
+//!   (`content_key` for TriviaQA and TruthfulQA, `original_question` for MedQA,
+//!   `prompt_disinfo` for disinfo, as its analysis code merges; trimmed); `evaluation` (any
+//!   case) is the judge's label; the refusal phrase list is applied to `output` and the result
+//!   scored by [`crate::score::observe`]. `model`, `dataset` and the side come from columns of
+//!   those names when present, else from [`InputOptions`], else from the path (`original` =
+//!   base, anything else = fine-tuned, checkpoint named after the side directory).
 //!
 //! ```no_run
 //! use candor::sql::input::{read_observations, InputOptions};
@@ -33,7 +35,7 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 
 use crate::archive::Archive;
-use crate::conditions::{Dataset, VerdictLabel, amendment_group};
+use crate::conditions::{Dataset, amendment_group};
 use crate::datasets::paper_outputs;
 use crate::error::{Error, Location, Result};
 use crate::score::refusal::RefusalRules;
@@ -57,10 +59,91 @@ pub fn read_observations(path: &Path, opts: &InputOptions) -> Result<Vec<RecordB
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let raw = match ext.as_str() {
         "parquet" => read_parquet(path)?.into_iter().map(|b| (b, None)).collect(),
-        "csv" | "tsv" => vec![read_csv(path, if ext == "tsv" { b'\t' } else { b',' })?],
-        _ => return Err(Error::input(Location::file(path), "expected a directory, .csv, .tsv or .parquet")),
+        "csv" | "tsv" => {
+            let (batch, lines) = read_csv(path, if ext == "tsv" { b'\t' } else { b',' })?;
+            if batch.column_by_name("correct").is_none() {
+                // Answers with a judge's label, as the paper released them: `import`'s reader.
+                return Ok(vec![answers(path, opts)?]);
+            }
+            vec![(batch, lines)]
+        }
+        "jsonl" | "ndjson" => return Ok(vec![answers(path, opts)?]),
+        _ => return Err(Error::input(Location::file(path), "expected a directory, .csv, .tsv, .jsonl or .parquet")),
     };
     raw.iter().map(|(b, lines)| normalize(b, lines.as_deref(), path, opts)).collect()
+}
+
+/// Observations from an answer file (the paper's released CSVs, or any file `candor import`
+/// reads), parsed by `import`'s reader: the judge's label (`evaluation`) is the verdict, the
+/// refusal phrase list is applied to `output`, and [`crate::score::observe`] scores them (a
+/// refusal is correct on disinfo and excluded elsewhere).
+///
+/// Where this differs from `import`, on purpose: rows become observations directly, keyed
+/// `<file name>:<row>`; the item is the row's `item_key` (or `question_id`, `qid`), else its
+/// question text as the paper merges on it; repeated answers to one condition all have
+/// `sample_index` 0 unless the file numbers them, so they pair with the other side's as the
+/// paper's merge pairs them (every combination); the epoch is 0 for a base and 1 for a
+/// fine-tuned file. An unknown amendment type or user belief is an error naming the line, as
+/// in `import` (it used to become a cell of its own).
+fn answers(path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
+    let (path_model, path_side, path_dataset) = paper_outputs::paper_path(path);
+    let defaults = crate::import::ImportDefaults {
+        dataset: opts.dataset.or(path_dataset.and_then(|d| d.parse().ok())),
+        model: opts.model.clone().or(path_model),
+        checkpoint: opts.checkpoint.clone().or(path_side.clone()),
+        is_finetuned: opts.finetuned.or(path_side.as_deref().map(|s| s != "original")),
+    };
+    let (rows, defaults) = crate::import::answer_rows(path, &defaults)?;
+    let rules = opts.refusal.clone().unwrap_or_else(|| RefusalRules::new(Default::default()));
+    let stem = path.file_name().and_then(|s| s.to_str()).unwrap_or("input");
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, row) in rows.into_iter().enumerate() {
+        let at = |field: &str| Location::file(path).line(row.line).field(field);
+        let field = |name: &str| row.fields.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let is_finetuned = match field("is_finetuned") {
+            Some(v) => parse_bool(v).ok_or_else(|| Error::input(at("is_finetuned"), "not a boolean"))?,
+            None => defaults
+                .is_finetuned
+                .ok_or_else(|| Error::input(at("is_finetuned"), "no `is_finetuned` column and no side given"))?,
+        };
+        let dataset = row
+            .dataset
+            .or(defaults.dataset)
+            .ok_or_else(|| Error::input(at("dataset"), "no `dataset` column and none given"))?;
+        let (label, _) = row
+            .label
+            .as_ref()
+            .ok_or_else(|| Error::input(at("evaluation"), "missing: the judge's label of the answer"))?;
+        let refused = rules.detect(&row.output).is_some();
+        let (verdict, correct) = crate::score::observe(dataset, refused, *label);
+        let amendment = row.amendment.map_or_else(|| "unmodified".to_string(), |a| a.to_string());
+        let epoch = match field("checkpoint_epoch") {
+            Some(v) => {
+                v.parse().map_err(|_| Error::input(at("checkpoint_epoch"), format!("`{v}` is not a whole number")))?
+            }
+            None => is_finetuned as u64,
+        };
+        out.push(crate::records::Observation {
+            response_key: field("response_key").map_or_else(|| format!("{stem}:{i}"), str::to_string),
+            model: row.model.clone(),
+            checkpoint: row
+                .checkpoint
+                .clone()
+                .unwrap_or_else(|| if is_finetuned { "finetuned".into() } else { "base".into() }),
+            checkpoint_epoch: epoch,
+            is_finetuned,
+            dataset: dataset.to_string(),
+            item_key: row.item_key.clone().or(row.question.clone()).unwrap_or_default(),
+            amendment_group: amendment_group(&amendment).to_string(),
+            amendment_type: amendment,
+            prompt_type: row.prompt_type.map_or_else(|| "original".to_string(), |p| p.to_string()),
+            sample_index: row.sample_index.unwrap_or(0),
+            refusal: refused,
+            verdict: verdict.as_str().to_string(),
+            correct,
+        });
+    }
+    <crate::records::Observation as crate::schema::Record>::to_batch(&out)
 }
 
 fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
@@ -142,22 +225,17 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
     // The file line of row i (CSV), else its 1-based row number.
     let line = |i: usize| lines.map_or(i as u64 + 1, |l| l[i]);
     let need = |v: Option<StringArray>, what: &str| v.ok_or_else(|| Error::input(loc(), format!("no `{what}` column")));
-    let paper = batch.column_by_name("correct").is_none();
-    let (path_model, path_side, path_dataset) = paper_outputs::paper_path(path);
     let fill = |v: Option<String>, what: &str| -> Result<StringArray> {
         let v = v.ok_or_else(|| Error::input(loc(), format!("no `{what}` column and none given")))?;
         Ok(StringArray::from(vec![v; n]))
     };
     let model = match text(batch, &["model"])? {
         Some(m) => m,
-        None => fill(opts.model.clone().or(if paper { path_model.clone() } else { None }), "model")?,
+        None => fill(opts.model.clone(), "model")?,
     };
     let dataset = match text(batch, &["dataset"])? {
         Some(d) => d,
-        None => fill(
-            opts.dataset.map(|d| d.as_str().to_string()).or(if paper { path_dataset.clone() } else { None }),
-            "dataset",
-        )?,
+        None => fill(opts.dataset.map(|d| d.as_str().to_string()), "dataset")?,
     };
     let ft: BooleanArray = match text(batch, &["is_finetuned"])? {
         Some(v) => v
@@ -170,8 +248,7 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
             })
             .collect::<Result<_>>()?,
         None => {
-            let side =
-                opts.finetuned.or_else(|| if paper { path_side.as_deref().map(|s| s != "original") } else { None });
+            let side = opts.finetuned;
             let side = side.ok_or_else(|| Error::input(loc(), "no `is_finetuned` column and no side given"))?;
             BooleanArray::from(vec![side; n])
         }
@@ -183,7 +260,6 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
                 Some(
                     opts.checkpoint
                         .clone()
-                        .or(if paper { path_side.clone() } else { None })
                         .unwrap_or_else(|| if ft.value(i) { "finetuned".into() } else { "base".into() }),
                 )
             })
@@ -206,24 +282,7 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
         Some(c) => cast(c, &DataType::UInt32).map_err(|e| Error::arrow("sample_index", e))?.as_primitive().clone(),
         None => UInt32Array::from(vec![0; n]),
     };
-    let (refusal, verdict, correct): (BooleanArray, StringArray, BooleanArray) = if paper {
-        let labels = need(text(batch, paper_outputs::LABEL_COLUMNS)?, "evaluation")?;
-        let output = need(text(batch, &["output", "response", "completion"])?, "output")?;
-        let rules = opts.refusal.clone().unwrap_or_else(|| RefusalRules::new(Default::default()));
-        let (mut r, mut v, mut c) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for i in 0..n {
-            let at = line(i);
-            let ds: Dataset = dataset.value(i).parse().map_err(|e: String| Error::input(loc().line(at), e))?;
-            let label = VerdictLabel::parse_loose(labels.value(i))
-                .ok_or_else(|| Error::input(loc().line(at), format!("unknown evaluation `{}`", labels.value(i))))?;
-            let refused = rules.detect(output.value(i)).is_some();
-            let (verdict, correct) = crate::score::observe(ds, refused, label);
-            r.push(refused);
-            v.push(verdict.as_str());
-            c.push(correct);
-        }
-        (BooleanArray::from(r), StringArray::from(v), BooleanArray::from(c))
-    } else {
+    let (refusal, verdict, correct): (BooleanArray, StringArray, BooleanArray) = {
         let correct_text = need(text(batch, &["correct"])?, "correct")?;
         let correct: BooleanArray = correct_text
             .iter()
@@ -285,4 +344,62 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
         }
     }
     RecordBatch::try_new(schema, columns).map_err(|e| Error::arrow(path.display().to_string(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Observation;
+    use crate::schema::Record;
+
+    fn observations(path: &Path) -> Result<Vec<Observation>> {
+        let mut out = Vec::new();
+        for b in read_observations(path, &InputOptions::default())? {
+            out.extend(Observation::from_batch(&b)?);
+        }
+        Ok(out)
+    }
+
+    /// The paper's CSVs were read by two parsers (`analyze`'s and `import`'s) that disagreed:
+    /// an unknown amendment type became a cell of its own in `analyze` and an error in
+    /// `import`, and `analyze` could not read the JSONL answer files `import` reads.
+    #[test]
+    fn answer_files_are_read_by_one_parser_whatever_their_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let side = dir.path().join("qwen").join("warm");
+        std::fs::create_dir_all(&side).unwrap();
+        let csv = side.join("trivia_warm_outputs.csv");
+        std::fs::write(
+            &csv,
+            "content_key,prompt_template,amendment_type,output,evaluation\n Q1? ,original,emotion:sad,Paris.,CORRECT\nQ2?,incorrect,unmodified,\"I can't help with that.\",incorrect\n",
+        )
+        .unwrap();
+        let jsonl = side.join("trivia_warm_outputs.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"content_key\": \" Q1? \", \"prompt_template\": \"original\", \"amendment_type\": \"emotion:sad\", \"output\": \"Paris.\", \"evaluation\": \"CORRECT\"}\n\
+             {\"content_key\": \"Q2?\", \"prompt_template\": \"incorrect\", \"amendment_type\": \"unmodified\", \"output\": \"I can't help with that.\", \"evaluation\": \"incorrect\"}\n",
+        )
+        .unwrap();
+        let from_csv = observations(&csv).unwrap();
+        let from_jsonl = observations(&jsonl).unwrap();
+        assert_eq!(from_csv.len(), 2);
+        let strip = |o: &[Observation]| -> Vec<Observation> {
+            o.iter().cloned().map(|o| Observation { response_key: String::new(), ..o }).collect()
+        };
+        assert_eq!(strip(&from_csv), strip(&from_jsonl), "the same answers, whatever the file format");
+        let first = &from_csv[0];
+        assert_eq!((first.model.as_str(), first.checkpoint.as_str(), first.is_finetuned), ("qwen", "warm", true));
+        assert_eq!((first.item_key.as_str(), first.amendment_group.as_str()), ("Q1?", "emotion"));
+        assert_eq!((first.correct, from_csv[1].refusal, from_csv[1].correct), (Some(true), true, None));
+
+        let bad = side.join("truthfulqa_warm_outputs.csv");
+        std::fs::write(
+            &bad,
+            "content_key,prompt_template,amendment_type,output,evaluation\nQ1?,original,unmodified,A.,CORRECT\nQ2?,original,emotion:sadd,B.,CORRECT\n",
+        )
+        .unwrap();
+        let err = observations(&bad).unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("amendment_type") && err.contains("emotion:sadd"), "{err}");
+    }
 }
