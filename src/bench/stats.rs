@@ -25,10 +25,11 @@ fn candor_full(path: &Path) -> Result<(f64, usize)> {
         engine.apply(&b, 1)?;
     }
     let refresh = engine.refresh()?;
-    let r = reports(&engine)?;
+    let errors = engine.refit()?;
+    let r = reports(&mut engine)?;
     let secs = start.elapsed().as_secs_f64();
-    if !refresh.regression_errors.is_empty() || r.is_empty() {
-        return Err(Error::Internal(format!("benchmark analysis incomplete: {:?}", refresh.regression_errors)));
+    if !errors.is_empty() || r.is_empty() {
+        return Err(Error::Internal(format!("benchmark analysis incomplete: {errors:?}")));
     }
     Ok((secs, refresh.families))
 }

@@ -68,28 +68,31 @@ pub fn analyze(inputs: &[PathBuf], opts: &InputOptions) -> Result<Analysis> {
             }
         }
     }
-    let refresh = engine.refresh()?;
+    let mut refresh = engine.refresh()?;
+    // An analysis reports the regressions: fitted now, their errors beside the families'.
+    refresh.regression_errors = engine.refit()?;
+    refresh.regressions = true;
     for (stream, batches) in TEXT_STREAMS.iter().zip(text) {
         engine.register(&super::live::table_name(stream), crate::schema::arrow_schema(stream)?, batches)?;
     }
-    let reports = reports(&engine)?;
-    let discordant_pairs = run_report(&engine, DISCORDANT_PAIRS.name, DISCORDANT_PAIRS.sql)?;
+    let reports = reports(&mut engine)?;
+    let discordant_pairs = run_report(&mut engine, DISCORDANT_PAIRS.name, DISCORDANT_PAIRS.sql)?;
     Ok(Analysis { observations, excluded, refresh, reports, discordant_pairs })
 }
 
 /// Runs every report query of an engine, plus the regression tables.
-pub fn reports(engine: &StatsEngine) -> Result<Vec<(String, RecordBatch)>> {
+pub fn reports(engine: &mut StatsEngine) -> Result<Vec<(String, RecordBatch)>> {
     let mut out = Vec::new();
     for q in REPORTS {
         out.push((q.name.to_string(), run_report(engine, q.name, q.sql)?));
     }
-    out.push(("coefficients".into(), engine.coefficients().clone()));
-    out.push(("effects".into(), engine.effects().clone()));
+    out.push(("coefficients".into(), engine.coefficients()?.clone()));
+    out.push(("effects".into(), engine.effects()?.clone()));
     Ok(out)
 }
 
 /// One query's rows as one batch (with its schema even when it has no rows).
-fn run_report(engine: &StatsEngine, name: &str, sql: &str) -> Result<RecordBatch> {
+fn run_report(engine: &mut StatsEngine, name: &str, sql: &str) -> Result<RecordBatch> {
     let batches = engine.query(sql)?;
     let schema = match batches.first() {
         Some(b) => b.schema(),

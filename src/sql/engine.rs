@@ -12,8 +12,12 @@
 //! | `coefficients`, `effects` | the regressions M1–M4: coefficients, per-context effects and AMEs |
 //!
 //! [`StatsEngine::refresh`] recomputes what changed since the last refresh: `family_stats.sql`
-//! runs over the dirty families' paired counts only, and their stored rows are replaced; the
-//! regressions are refitted from the cell counts (tens of cells, well under a millisecond).
+//! runs over the dirty families' paired counts only, and their stored rows are replaced. The
+//! regressions M1–M4 are refitted when a statement reads them ([`StatsEngine::query`] on a
+//! statement naming `coefficients` or `effects`, or [`StatsEngine::refit`]): their clustered
+//! SEs need every item's answers, seconds of work with millions held, which a new checkpoint
+//! should not wait for when nobody reads them. Until refitted, the two tables refuse to be
+//! read (an error, never the previous fit's rows).
 //!
 //! ```
 //! use candor::records::Observation;
@@ -83,6 +87,11 @@ pub struct StatsEngine {
     cells_changed: bool,
     coefficients: RecordBatch,
     effects: RecordBatch,
+    /// Whether observations changed since the regressions were fitted (the `coefficients` and
+    /// `effects` tables refuse to be read until [`Self::refit`]).
+    regressions_stale: bool,
+    /// The last fit's regressions that could not be fitted, with the reason.
+    regression_errors: Vec<String>,
 }
 
 impl StatsEngine {
@@ -110,6 +119,8 @@ impl StatsEngine {
             cells_changed: false,
             coefficients: RecordBatch::new_empty(coefficients_schema()),
             effects: RecordBatch::new_empty(effects_schema()),
+            regressions_stale: false,
+            regression_errors: Vec::new(),
         };
         engine.register_all()?;
         Ok(engine)
@@ -147,23 +158,43 @@ impl StatsEngine {
         &self.view
     }
 
-    /// Recomputes the families and regressions an update changed; untouched families keep
-    /// their stored rows.
+    /// Recomputes the families an update changed (untouched families keep their stored rows)
+    /// and the tables; the regressions wait until read ([`Self::refit`]).
     pub fn refresh(&mut self) -> Result<Refresh> {
         let (dirty, cells_dirty) = self.view.take_dirty();
         let cells_dirty = cells_dirty || std::mem::take(&mut self.cells_changed);
-        let mut report = Refresh { families: dirty.len(), ..Refresh::default() };
+        let report = Refresh { families: dirty.len(), ..Refresh::default() };
         if !dirty.is_empty() {
             self.recompute_families(&dirty)?;
         }
         if cells_dirty || !dirty.is_empty() {
             self.register_counts()?;
         }
-        if cells_dirty {
-            report.regression_errors = self.refit_regressions()?;
-            report.regressions = true;
+        if cells_dirty && !self.regressions_stale {
+            self.regressions_stale = true;
+            for (name, schema) in [("coefficients", coefficients_schema()), ("effects", effects_schema())] {
+                self.ctx.deregister_table(name).map_err(|e| df_err(&format!("table `{name}`"), e))?;
+                self.ctx
+                    .register_table(name, Arc::new(Unfitted { name, schema }))
+                    .map_err(|e| df_err(&format!("table `{name}`"), e))?;
+            }
         }
         Ok(report)
+    }
+
+    /// Refits the regressions M1–M4 if observations changed since they were fitted (after a
+    /// [`Self::refresh`]); returns the regressions that could not be fitted, with the reason.
+    pub fn refit(&mut self) -> Result<Vec<String>> {
+        if self.regressions_stale {
+            self.regression_errors = self.refit_regressions()?;
+            self.regressions_stale = false;
+        }
+        Ok(self.regression_errors.clone())
+    }
+
+    /// Whether the regressions wait for a [`Self::refit`].
+    pub fn regressions_stale(&self) -> bool {
+        self.regressions_stale
     }
 
     /// Recomputes the `family_stats.sql` rows of the families an update changed, and nothing
@@ -264,8 +295,12 @@ impl StatsEngine {
         Ok(schema)
     }
 
-    /// Runs SQL against the engine's tables.
-    pub fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+    /// Runs SQL against the engine's tables (refitting the regressions first when the
+    /// statement reads them, see [`reads_regressions`]).
+    pub fn query(&mut self, sql: &str) -> Result<Vec<RecordBatch>> {
+        if reads_regressions(sql) {
+            self.refit()?;
+        }
         self.run(&self.ctx, sql)
     }
 
@@ -303,12 +338,58 @@ impl StatsEngine {
         crate::runtime::block_on(f)
     }
 
-    pub fn coefficients(&self) -> &RecordBatch {
-        &self.coefficients
+    /// The regressions' coefficients, refitted first if observations changed.
+    pub fn coefficients(&mut self) -> Result<&RecordBatch> {
+        self.refit()?;
+        Ok(&self.coefficients)
     }
 
-    pub fn effects(&self) -> &RecordBatch {
-        &self.effects
+    /// The regressions' effects, refitted first if observations changed.
+    pub fn effects(&mut self) -> Result<&RecordBatch> {
+        self.refit()?;
+        Ok(&self.effects)
+    }
+}
+
+/// Whether a statement names the regression tables (`coefficients`, `effects`), as a word of
+/// its text in any case: a conservative test (a string literal naming them counts too), so a
+/// statement that reads them never finds them unfitted. No view of `queries/` reads them.
+pub fn reads_regressions(sql: &str) -> bool {
+    sql.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .any(|w| w.eq_ignore_ascii_case("coefficients") || w.eq_ignore_ascii_case("effects"))
+}
+
+/// A regression table while observations changed since the last fit: reading it is an error
+/// (the engine refits before statements that name it; a path that did not is a bug to see,
+/// not the previous fit's rows to show).
+#[derive(Debug)]
+struct Unfitted {
+    name: &'static str,
+    schema: SchemaRef,
+}
+
+#[async_trait::async_trait]
+impl datafusion::catalog::TableProvider for Unfitted {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> datafusion::logical_expr::TableType {
+        datafusion::logical_expr::TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn datafusion::catalog::Session,
+        _projection: Option<&Vec<usize>>,
+        _filters: &[datafusion::logical_expr::Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        Err(datafusion::error::DataFusionError::Execution(format!(
+            "`{}` is not refitted since observations changed: the regressions are refitted for \
+             statements that name `coefficients` or `effects`",
+            self.name
+        )))
     }
 }
 

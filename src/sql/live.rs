@@ -555,14 +555,20 @@ impl LiveSql {
     /// [`LiveSql::sync`] for a statement that arrived at `arrived`: when another statement's
     /// look at the archive began after that (while this one waited for it), its snapshot
     /// already holds every epoch committed before this statement arrived, and is used as is.
-    fn sync_since(&self, arrived: std::time::Instant) -> Result<()> {
+    /// A statement that reads the regressions (`regressions`) gets them refitted first if
+    /// observations changed since their last fit.
+    fn sync_since(&self, arrived: std::time::Instant, regressions: bool) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.looked.is_some_and(|t| t > arrived) {
-            return Ok(());
+        if st.looked.is_none_or(|t| t <= arrived) {
+            let began = std::time::Instant::now();
+            self.sync_locked(&mut st)?;
+            st.looked = Some(began);
         }
-        let began = std::time::Instant::now();
-        self.sync_locked(&mut st)?;
-        st.looked = Some(began);
+        if regressions && st.engine.regressions_stale() {
+            st.engine.refit()?;
+            st.syncs += 1;
+            self.publish(&st)?;
+        }
         Ok(())
     }
 
@@ -640,10 +646,12 @@ impl LiveSql {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).syncs
     }
 
-    /// Brings the catalog up to date with the archive and returns the snapshot statements
-    /// started now run on. Blocks while the archive is read (call off async workers).
-    pub fn snapshot(&self) -> std::result::Result<Arc<Snapshot>, QueryError> {
-        self.sync_since(std::time::Instant::now())?;
+    /// Brings the catalog up to date with the archive and returns the snapshot a statement
+    /// `sql` started now runs on (with the regressions refitted when it reads them, see
+    /// [`super::engine::reads_regressions`]). Blocks while the archive is read (call off async
+    /// workers).
+    pub fn snapshot(&self, sql: &str) -> std::result::Result<Arc<Snapshot>, QueryError> {
+        self.sync_since(std::time::Instant::now(), super::engine::reads_regressions(sql))?;
         Ok(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
@@ -682,13 +690,13 @@ impl LiveSql {
     /// Runs one read-only query after bringing the catalog up to date (blocking, from any
     /// thread: [`crate::runtime::block_on`]).
     pub fn query(&self, sql: &str) -> std::result::Result<Rows, QueryError> {
-        let snapshot = self.snapshot()?;
+        let snapshot = self.snapshot(sql)?;
         crate::runtime::block_on(snapshot.query(sql, self.statement_pool()))
     }
 
     /// The columns a query would return, without running it.
     pub fn describe(&self, sql: &str) -> std::result::Result<SchemaRef, QueryError> {
-        let snapshot = self.snapshot()?;
+        let snapshot = self.snapshot(sql)?;
         crate::runtime::block_on(snapshot.describe(sql, self.statement_pool()))
     }
 

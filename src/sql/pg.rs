@@ -693,8 +693,8 @@ impl Handler {
                 };
                 self.running.fetch_add(1, Ordering::SeqCst);
                 let work = async {
-                    let live = self.live.clone();
-                    let snapshot = tokio::task::spawn_blocking(move || live.snapshot())
+                    let (live, text) = (self.live.clone(), sql.clone());
+                    let snapshot = tokio::task::spawn_blocking(move || live.snapshot(&text))
                         .await
                         .map_err(|e| QueryError::Execution(format!("catching up with the archive: {e}")))??;
                     let task = self.live.spawn_query(snapshot, sql);
@@ -791,8 +791,8 @@ impl Handler {
                 Ok(vec![FieldInfo::new("statement_timeout".into(), None, None, Type::VARCHAR, format.format_for(0))])
             }
             Statement::Query(sql) => {
-                let live = self.live.clone();
-                let snapshot = tokio::task::spawn_blocking(move || live.snapshot())
+                let (live, text) = (self.live.clone(), sql.clone());
+                let snapshot = tokio::task::spawn_blocking(move || live.snapshot(&text))
                     .await
                     .map_err(|e| user_error(QueryError::Execution(e.to_string())))?
                     .map_err(user_error)?;

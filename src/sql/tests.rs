@@ -572,7 +572,7 @@ fn family_sql_agrees_with_the_stats_library_and_updates_only_touched_families() 
     engine.apply(&Observation::to_batch(&rows_a).unwrap(), 1).unwrap();
     engine.apply(&Observation::to_batch(&rows_b).unwrap(), 1).unwrap();
     assert_eq!(engine.refresh().unwrap().families, 2);
-    let table = sql_table(&engine);
+    let table = sql_table(&mut engine);
     assert_eq!(table.num_rows(), 6);
     // Against the pure library: counts in category order (sorted names).
     let cats = [(0, 0), (25, 9), (10, 10), (7, 0), (12, 3)];
@@ -610,7 +610,7 @@ fn family_sql_agrees_with_the_stats_library_and_updates_only_touched_families() 
     assert_eq!(got[5], None);
 
     // A new checkpoint of model B touches one family; A's stored rows are not recomputed.
-    let before_a = sql_table(&engine).slice(0, 5);
+    let before_a = sql_table(&mut engine).slice(0, 5);
     // Only the new checkpoint's answers arrive; they pair with B's base answers already held.
     let new: Vec<Observation> = pairs_for("B", "warm-2", "trivia", "unmodified", &[(true, false, 2), (true, true, 2)])
         .into_iter()
@@ -619,13 +619,13 @@ fn family_sql_agrees_with_the_stats_library_and_updates_only_touched_families() 
     engine.apply(&Observation::to_batch(&new).unwrap(), 1).unwrap();
     let refreshed = engine.refresh().unwrap();
     assert_eq!(refreshed.families, 1);
-    let after = sql_table(&engine);
+    let after = sql_table(&mut engine);
     assert_eq!(after.num_rows(), 7);
     assert_eq!(after.slice(0, 5), before_a);
     // Retracting it removes the family's rows again.
     engine.apply(&Observation::to_batch(&new).unwrap(), -1).unwrap();
     assert_eq!(engine.refresh().unwrap().families, 1);
-    assert_eq!(sql_table(&engine).num_rows(), 6);
+    assert_eq!(sql_table(&mut engine).num_rows(), 6);
 }
 
 /// METHOD.md §4 (corrected): the paper's Normal/unmodified cell pairs `original` prompts only
@@ -664,7 +664,7 @@ fn normal_unmodified_cell_pairs_only_original_prompts_and_neutral_is_its_own_fam
     assert_eq!(view_rows(&view), sql_from_scratch(&rows));
 }
 
-fn sql_table(engine: &StatsEngine) -> RecordBatch {
+fn sql_table(engine: &mut StatsEngine) -> RecordBatch {
     let batches = engine.query(FAMILY_TABLE.sql).unwrap();
     concat_batches(&batches[0].schema(), &batches).unwrap()
 }
@@ -686,9 +686,16 @@ fn regressions_from_maintained_cells_reproduce_the_glm_oracle() {
         engine.apply(&b, 1).unwrap();
     }
     let r = engine.refresh().unwrap();
-    assert!(r.regressions);
-    let coef =
-        sql(engine.context(), "SELECT term, estimate, se FROM coefficients WHERE model_spec = 'M1' ORDER BY term");
+    assert!(!r.regressions && engine.regressions_stale(), "refitted when read, not by every update");
+    // Read around the engine's check, an unfitted table is an error, never an older fit.
+    let unfitted = engine.block_on(async { engine.context().sql("SELECT * FROM coefficients").await?.collect().await });
+    assert!(unfitted.as_ref().is_err_and(|e| e.to_string().contains("not refitted")), "{unfitted:?}");
+    let query = |engine: &mut StatsEngine, q: &str| {
+        let b = engine.query(q).unwrap();
+        arrow::compute::concat_batches(&b[0].schema(), &b).unwrap()
+    };
+    let coef = query(&mut engine, "SELECT term, estimate, se FROM coefficients WHERE model_spec = 'M1' ORDER BY term");
+    assert!(!engine.regressions_stale());
     let got: Vec<(String, f64, f64)> = rows_f(&coef);
     let want = [
         ("Intercept", -1.587705, 0.240637),
@@ -701,8 +708,23 @@ fn regressions_from_maintained_cells_reproduce_the_glm_oracle() {
         assert_eq!(t, wt);
         assert!(close(*e, we, 1e-5) && close(*s, ws, 1e-5), "{t}: {e} {s}");
     }
-    let ame = sql(engine.context(), "SELECT ame_pp FROM effects WHERE model_spec = 'M1'");
+    let ame = query(&mut engine, "SELECT ame_pp FROM effects WHERE model_spec = 'M1'");
     assert!(close(f64s(&ame, "ame_pp")[0].unwrap(), 14.5, 1e-9));
+
+    // A later checkpoint moves the fit: the next statement that reads it sees the refit, equal
+    // to a fit from scratch on everything (the fit is never served from before the update).
+    let later: Vec<_> =
+        (0..50).map(|i| obs("B", "warm-2", true, "trivia", i, "unmodified", "original", i >= 40)).collect();
+    engine.apply(&Observation::to_batch(&later).unwrap(), 1).unwrap();
+    engine.refresh().unwrap();
+    let m1 = query(&mut engine, "SELECT term, estimate, se FROM coefficients WHERE model_spec = 'M1' ORDER BY term");
+    assert_ne!(rows_f(&m1), got, "the later checkpoint moved the fit");
+    let all = "SELECT model_spec, term, estimate, se FROM coefficients ORDER BY model_spec, term";
+    let refit = query(&mut engine, all);
+    let mut scratch = StatsEngine::new().unwrap();
+    scratch.apply(&Observation::to_batch(&[rows, later].concat()).unwrap(), 1).unwrap();
+    scratch.refresh().unwrap();
+    assert_eq!(refit, query(&mut scratch, all));
 }
 
 fn rows_f(b: &RecordBatch) -> Vec<(String, f64, f64)> {
@@ -781,6 +803,10 @@ mod live {
         };
         let stats = "SELECT checkpoint, b, c FROM family_table ORDER BY checkpoint";
         assert_eq!(q(stats), ["warm-e1,10,0"]);
+        let coefficients = "SELECT model_spec, term, estimate FROM coefficients ORDER BY model_spec, term";
+        // Read through the live catalog the regressions are refitted, not refused as unfitted
+        // (this answer set separates perfectly: no coefficient fits, and none is shown).
+        assert_eq!(q(coefficients), Vec::<String>::new());
         // Registering a checkpoint is visible (the `checkpoints` table); its rows are not, until
         // its epoch commits.
         archive.register_checkpoint("m", "warm-e2", true, None).unwrap();
@@ -793,6 +819,27 @@ mod live {
         assert_eq!(live.version(), version);
         archive.commit_epoch(3, &serde_json::json!({})).unwrap();
         assert_eq!(q(stats), ["warm-e1,10,0", "warm-e2,8,0"]);
+        // The regressions are refitted for the next statement that reads them (not by the
+        // sync), on everything committed: a fit from scratch gives the same rows.
+        let fit_after = q(coefficients);
+        let mut scratch = super::super::engine::StatsEngine::new().unwrap();
+        for (c, ft, e) in [("base", false, 1), ("warm-e1", true, 2), ("warm-e2", true, 3)] {
+            scratch.apply(&Observation::to_batch(&answers(c, ft, e)).unwrap(), 1).unwrap();
+        }
+        scratch.refresh().unwrap();
+        let want: Vec<String> = scratch
+            .query(coefficients)
+            .unwrap()
+            .iter()
+            .flat_map(|b| {
+                (0..b.num_rows()).map(|i| {
+                    let cells: Vec<String> =
+                        b.columns().iter().map(|c| super::array_value_to_string(c, i).unwrap()).collect();
+                    cells.join(",")
+                })
+            })
+            .collect();
+        assert_eq!(fit_after, want);
         assert_eq!(live.query("SELECT * FROM observations").unwrap().num_rows(), 90);
         assert!(live.version() > version);
         for view in super::super::live::VIEWS {
@@ -827,9 +874,9 @@ mod live {
         write("base", false, 1);
         write("warm-e1", true, 2);
         let live = LiveSql::open(dir.path()).unwrap();
-        let old = live.snapshot().unwrap();
+        let old = live.snapshot("SELECT * FROM family_table").unwrap();
         write("warm-e2", true, 3);
-        let new = live.snapshot().unwrap();
+        let new = live.snapshot("SELECT * FROM family_table").unwrap();
         assert!(new.version > old.version);
         let count = |snap: std::sync::Arc<super::super::live::Snapshot>, sql: &str| {
             crate::runtime::block_on(live.spawn_query(snap, sql.to_string())).unwrap().unwrap().num_rows()

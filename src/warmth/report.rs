@@ -22,7 +22,7 @@ pub fn reports(rows: &[WarmthScore]) -> Result<Vec<(String, RecordBatch)>> {
 
 /// Runs [`REPORTS`] over batches of the `warmth` stream (e.g. read from an archive).
 pub fn reports_from_batches(batches: Vec<RecordBatch>) -> Result<Vec<(String, RecordBatch)>> {
-    let engine = StatsEngine::new()?;
+    let mut engine = StatsEngine::new()?;
     let table = MemTable::try_new(schema::arrow_schema("warmth")?, vec![batches])
         .map_err(|e| Error::Internal(format!("table `warmth`: {e}")))?;
     engine
