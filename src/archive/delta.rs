@@ -5,13 +5,14 @@
 //! (see [`super::log`]).
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake_core::kernel::{Action, EagerSnapshot, Metadata, Protocol, StructType};
 use deltalake_core::logstore::{LogStoreRef, StorageConfig, logstore_for};
 use deltalake_core::protocol::{DeltaOperation, SaveMode};
+use deltalake_core::table::state::DeltaTableState;
 use serde_json::Value;
 
 use super::log::{ACTIONS_SHA256, actions_digest};
@@ -46,10 +47,18 @@ pub(super) enum Base {
     Read(Option<u64>),
 }
 
+/// Each table's Delta state after the last commit a handle made to it, by table directory.
+/// Loading a table's state replays its whole log; kept, the next commit brings it up to date
+/// with only the versions written since (none, under the writer lock), so a commit costs the
+/// same at the thousandth epoch as at the first.
+pub(super) type States = Mutex<HashMap<PathBuf, DeltaTableState>>;
+
 /// Commits `actions` to the table at `table` (creating it, with `schema`, when its log does not
 /// exist yet). `txn`: an application transaction id whose concurrent use by another writer
 /// since `base` makes this commit fail instead of retrying (how epoch numbers stay unique).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn commit(
+    states: &States,
     table: &Path,
     schema: &arrow::datatypes::Schema,
     mut actions: Vec<Action>,
@@ -74,13 +83,20 @@ pub(super) fn commit(
     let schema = delta_schema(schema)?;
     // On the process's runtime, also when the caller is itself on a tokio runtime (the SQL
     // endpoint): see `crate::runtime::block_on`.
-    crate::runtime::block_on(async move {
+    // Held for the whole commit: one commit per table at a time through this handle.
+    let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
+    let kept = states.remove(&table_path);
+    let (version, state) = crate::runtime::block_on(async move {
+        let read = |e| delta_error(&table_path, "reading the Delta log", e);
         let snapshot = if exists {
-            Some(
-                EagerSnapshot::try_new(store.as_ref(), read_version)
-                    .await
-                    .map_err(|e| delta_error(&table_path, "reading the Delta log", e))?,
-            )
+            Some(match (base, kept) {
+                (Base::Latest, Some(mut state)) => {
+                    state.update(store.as_ref(), None).await.map_err(read)?;
+                    state
+                }
+                (Base::Read(Some(v)), Some(state)) if state.version() as u64 == v => state,
+                _ => DeltaTableState::new(EagerSnapshot::try_new(store.as_ref(), read_version).await.map_err(read)?),
+            })
         } else {
             let protocol: Protocol =
                 serde_json::from_value(serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}))
@@ -127,8 +143,10 @@ pub(super) fn commit(
                 )),
                 e => delta_error(&table_path, "committing", e),
             })?;
-        Ok(committed.version())
-    })
+        Ok::<_, Error>((committed.version(), committed.snapshot()))
+    })?;
+    states.insert(table.to_path_buf(), state);
+    Ok(version)
 }
 
 /// What a commit does, for the Delta log's operation name.

@@ -78,6 +78,8 @@ pub struct LoggedFile {
 pub struct Commit {
     pub version: u64,
     pub path: PathBuf,
+    /// The version file's length and modification time when it was read and checked.
+    pub stamp: Stamp,
     pub info: serde_json::Map<String, Value>,
     pub adds: Vec<String>,
     pub removes: Vec<String>,
@@ -93,6 +95,20 @@ pub struct TableLog {
     /// Every file any version added (live or removed since), by relative path.
     pub ever: BTreeMap<String, LoggedFile>,
     pub commits: Vec<Commit>,
+}
+
+/// A file's length and modification time: a version file read and checked before is read
+/// again if either changed (an edit or a flipped bit written back), so damage to a log is
+/// named by a long-lived reader too, not only by the next process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn stamp(path: &Path) -> Result<Stamp> {
+    let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    Ok(Stamp { len: m.len(), modified: m.modified().ok() })
 }
 
 /// The `_delta_log` version files of a table, in order; an error for a gap.
@@ -128,8 +144,30 @@ fn decode_path(p: &str) -> Option<String> {
 
 /// Reads and checks the log of the table in `table`.
 pub fn read(table: &Path) -> Result<TableLog> {
-    let mut log = TableLog::default();
-    for (version, path) in versions(&table.join("_delta_log"))? {
+    read_since(table, None)
+}
+
+/// [`read`], reading only the versions after `known`'s (a log of this table read and checked
+/// before, by this process): a log is only ever appended to. The versions are still listed
+/// every time, so a version missing in the middle is still an error; a log with fewer versions
+/// than `known` is read whole.
+pub fn read_since(table: &Path, known: Option<&TableLog>) -> Result<TableLog> {
+    let all = versions(&table.join("_delta_log"))?;
+    let unchanged = |k: &TableLog| -> Result<bool> {
+        for c in &k.commits {
+            match all.get(c.version as usize) {
+                Some((_, path)) if *path == c.path && stamp(path)? == c.stamp => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    };
+    let (mut log, after) = match known.and_then(|k| k.version.map(|v| (k, v))) {
+        Some((k, v)) if (all.len() as u64) > v && unchanged(k)? => (k.clone(), Some(v)),
+        _ => (TableLog::default(), None),
+    };
+    for (version, path) in all.into_iter().filter(|(v, _)| after.is_none_or(|a| *v > a)) {
+        let stamp = stamp(&path)?;
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let text = std::str::from_utf8(&bytes).map_err(|_| Error::integrity(&path, "not UTF-8 text"))?;
         let mut info = None;
@@ -155,7 +193,7 @@ pub fn read(table: &Path) -> Result<TableLog> {
         if digest(&values, &info) != want {
             return Err(Error::integrity(&path, "the commit's actions do not match their checksum"));
         }
-        let mut commit = Commit { version, path: path.clone(), info, adds: Vec::new(), removes: Vec::new() };
+        let mut commit = Commit { version, path: path.clone(), stamp, info, adds: Vec::new(), removes: Vec::new() };
         for (line, v) in actions {
             let Some((kind, body)) = v.as_object().and_then(|o| o.iter().next()) else {
                 return Err(Error::integrity(&path, format!("line {line}: not an action")));

@@ -230,12 +230,17 @@ pub struct Archive {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Inner {
     /// Held while this handle may write.
     writer: Option<File>,
     /// Files written for epochs not committed yet, with the id of the write they belong to.
     staged: Mutex<BTreeMap<u64, (String, Vec<Staged>)>>,
+    /// Each table's log as last read and checked, so the next read reads only newer versions.
+    logs: Mutex<BTreeMap<String, TableLog>>,
+    /// Each table's Delta state after this handle's last commit to it, so the next commit
+    /// reads only newer versions (see [`delta::commit`]).
+    delta: delta::States,
 }
 
 #[derive(Clone, Debug)]
@@ -289,7 +294,7 @@ impl Archive {
             ));
         }
         read_manifest(&root)?;
-        Ok(Archive { root, inner: Arc::new(Inner { writer: None, staged: Mutex::new(BTreeMap::new()) }) })
+        Ok(Archive { root, inner: Arc::new(Inner::default()) })
     }
 
     /// Opens an archive to write it, creating it where `root` does not exist or is an empty
@@ -305,8 +310,7 @@ impl Archive {
         }
         read_manifest(&root)?;
         let lock = lock(&root, command)?;
-        let archive =
-            Archive { root, inner: Arc::new(Inner { writer: Some(lock), staged: Mutex::new(BTreeMap::new()) }) };
+        let archive = Archive { root, inner: Arc::new(Inner { writer: Some(lock), ..Inner::default() }) };
         let recovered = archive.recover()?;
         if !recovered.is_empty() {
             for line in &recovered {
@@ -319,10 +323,7 @@ impl Archive {
     /// A handle to an archive another process of a cluster writes: this process never reads
     /// or writes it (the dataflow's sink runs in the leader).
     pub fn elsewhere(root: impl AsRef<Path>) -> Self {
-        Archive {
-            root: root.as_ref().to_path_buf(),
-            inner: Arc::new(Inner { writer: None, staged: Mutex::new(BTreeMap::new()) }),
-        }
+        Archive { root: root.as_ref().to_path_buf(), inner: Arc::new(Inner::default()) }
     }
 
     pub fn root(&self) -> &Path {
@@ -361,9 +362,13 @@ impl Archive {
     /// Reads every table's log and works out what is committed.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let mut snap = Snapshot { root: self.root.clone(), ..Default::default() };
+        let mut logs = self.inner.logs.lock().unwrap_or_else(|p| p.into_inner());
         for stream in table_streams()? {
-            snap.tables.insert(stream.clone(), log::read(&self.table_dir(&stream))?);
+            let log = log::read_since(&self.table_dir(&stream), logs.get(&stream))?;
+            logs.insert(stream.clone(), log.clone());
+            snap.tables.insert(stream, log);
         }
+        drop(logs);
         epochs(&mut snap)?;
         snap.checkpoints = registry(&snap)?;
         if !snap.partial.is_empty() && !self.is_writer() && !writer_active(&self.root) {
@@ -919,7 +924,7 @@ impl Archive {
         base: Base,
     ) -> Result<u64> {
         let schema = storage_schema(schema::arrow_schema(stream)?.as_ref());
-        delta::commit(&self.table_dir(stream), &schema, actions, operation, meta, txn, base)
+        delta::commit(&self.inner.delta, &self.table_dir(stream), &schema, actions, operation, meta, txn, base)
     }
 }
 
