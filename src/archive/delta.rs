@@ -94,7 +94,7 @@ pub(super) fn commit(
                     state.update(store.as_ref(), None).await.map_err(read)?;
                     state
                 }
-                (Base::Read(Some(v)), Some(state)) if state.version() as u64 == v => state,
+                (Base::Read(Some(v)), Some(state)) if state.version() == v => state,
                 _ => DeltaTableState::new(EagerSnapshot::try_new(store.as_ref(), read_version).await.map_err(read)?),
             })
         } else {
