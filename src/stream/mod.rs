@@ -306,7 +306,8 @@ impl<'a> Streamer<'a> {
     fn open(cluster: &'a Cluster, archive: &'a Archive, opts: &'a StreamOptions, live: bool) -> Result<Self> {
         let ledger = state::Ledger::open(archive)?;
         let evaluator = evaluate::Evaluator::open(cluster, archive, opts)?;
-        let statistics = statistics::Statistics::load(archive)?;
+        let unpublished = ledger.unpublished().into_iter().map(|(epoch, _)| epoch).collect();
+        let statistics = statistics::Statistics::load(archive, &unpublished)?;
         Ok(Streamer {
             archive,
             opts,
@@ -325,10 +326,9 @@ impl<'a> Streamer<'a> {
     /// and checkpoints whose answers were all in are evaluated.
     fn reconcile(&mut self) -> Result<()> {
         self.ledger.drop_committed();
-        for (epoch, key) in self.ledger.unpublished() {
-            self.publish(epoch, &key, BTreeMap::new())?;
-            self.report.republished.push(epoch);
-        }
+        let unpublished = self.ledger.unpublished();
+        self.report.republished.extend(unpublished.iter().map(|(epoch, _)| *epoch));
+        self.publish(unpublished.into_iter().map(|(epoch, key)| (epoch, key, BTreeMap::new())).collect())?;
         self.ledger.queue_complete();
         self.evaluate_ready()
     }
@@ -411,9 +411,11 @@ impl<'a> Streamer<'a> {
         self.save()?;
         let t2 = Instant::now();
         let finished = evaluated.recorded.finished;
-        for (checkpoint, epoch, _) in &finished {
-            self.publish(*epoch, checkpoint, written.remove(epoch).unwrap_or_default())?;
-        }
+        let epochs: Vec<_> = finished
+            .iter()
+            .map(|(checkpoint, epoch, _)| (*epoch, checkpoint.clone(), written.remove(epoch).unwrap_or_default()))
+            .collect();
+        self.publish(epochs)?;
         if trace {
             eprintln!(
                 "evaluated {} checkpoints: consume {:?}, dataflow {:?}, save {:?}, queue for publication {:?}",
@@ -428,15 +430,24 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    /// Queues one committed epoch's rows and the statistics it changes for publication
-    /// ([`publish::EpochRows`]). Published by the outbox thread; marked published once
+    /// Queues committed epochs' rows (each (epoch, checkpoint key, what its dataflow wrote))
+    /// and the statistics they change for publication ([`publish::EpochRows`]); the statistics
+    /// are computed once for them all. Published by the outbox thread; marked published once
     /// [`outbox::Outbox::delivered`] reports it.
-    fn publish(&mut self, epoch: u64, checkpoint: &str, written: BTreeMap<String, RecordBatch>) -> Result<()> {
-        let rows = publish::EpochRows::read(self.archive, epoch, &written, self.publishing.rows())?;
-        let statistics = self.statistics.update(epoch, checkpoint, &rows.observation_batches, self.ledger.done())?;
-        if !self.publishing.submit(epoch, rows, statistics)? {
-            // A replay publishes nothing.
-            self.ledger.mark_published(epoch);
+    fn publish(&mut self, epochs: Vec<(u64, String, BTreeMap<String, RecordBatch>)>) -> Result<()> {
+        let mut rows = Vec::with_capacity(epochs.len());
+        let mut observations = Vec::with_capacity(epochs.len());
+        for (epoch, checkpoint, written) in epochs {
+            let r = publish::EpochRows::read(self.archive, epoch, &written, self.publishing.rows())?;
+            observations.push((epoch, checkpoint, r.observation_batches.clone()));
+            rows.push(r);
+        }
+        let statistics = self.statistics.update(&observations, self.ledger.done())?;
+        for ((epoch, _, _), (rows, statistics)) in observations.iter().zip(rows.into_iter().zip(statistics)) {
+            if !self.publishing.submit(*epoch, rows, statistics)? {
+                // A replay publishes nothing.
+                self.ledger.mark_published(*epoch);
+            }
         }
         Ok(())
     }

@@ -28,55 +28,71 @@ pub(super) struct Statistics {
 }
 
 impl Statistics {
-    /// The state from the archived observations, read once.
-    pub fn load(archive: &Archive) -> Result<Self> {
+    /// The state from the archived observations, read once, but those of the epochs in
+    /// `unpublished`: committed before a restart and not delivered, they are published again
+    /// ([`Self::update`]) and must change the state then, or the families they changed would
+    /// get no message.
+    pub fn load(archive: &Archive, unpublished: &std::collections::BTreeSet<u64>) -> Result<Self> {
         let mut engine = StatsEngine::new()?;
-        for b in archive.read(Observation::STREAM)? {
-            engine.upsert(&b)?;
+        for segment in archive.segments(Observation::STREAM)? {
+            if segment.epoch.is_some_and(|e| unpublished.contains(&e)) {
+                continue;
+            }
+            for b in crate::archive::read_segment(&segment)? {
+                engine.upsert(&b)?;
+            }
         }
         engine.refresh_families()?;
         Ok(Statistics { engine })
     }
 
-    /// Adds one committed epoch of `checkpoint` (its observations, as batches and as rows)
-    /// and returns the statistics messages it changes, as (key, payload): the checkpoint's
-    /// own, those of the fine-tuned checkpoints it pairs with when it is a base, and the
-    /// per-family tests of every family it changed. `done`: the checkpoints committed, the
-    /// epoch's among them.
+    /// Adds committed epochs, each (epoch, checkpoint key, observations), and returns the
+    /// statistics messages they change, epoch by epoch, as (key, payload): each checkpoint's
+    /// own, those of the fine-tuned checkpoints it pairs with when it is a base, and — with
+    /// the first epoch, computed once for them all — the per-family tests of every family any
+    /// of them changed (carried by the first, so that a restart before every epoch is
+    /// delivered publishes the rest again without losing a family: see [`Self::load`]).
+    /// `done`: the checkpoints committed, these among them.
     pub fn update(
         &mut self,
-        epoch: u64,
-        checkpoint: &str,
-        observation_batches: &[RecordBatch],
+        epochs: &[(u64, String, Vec<RecordBatch>)],
         done: &Done,
-    ) -> Result<Vec<(String, Vec<u8>)>> {
+    ) -> Result<Vec<Vec<(String, Vec<u8>)>>> {
         // An upsert, so an epoch published again after a restart is not counted twice.
-        for b in observation_batches {
-            self.engine.upsert(b)?;
+        for (_, _, batches) in epochs {
+            for b in batches {
+                self.engine.upsert(b)?;
+            }
         }
-        // The checkpoint's own statistics, and, when it is a base, those of the fine-tuned
-        // checkpoints it pairs with.
-        let (model, finetuned) = (names_of(checkpoint).0, done[checkpoint].1);
-        let mut changed = vec![checkpoint.to_string()];
-        if !finetuned {
-            let mut others: Vec<String> =
-                done.iter().filter(|(k, (_, ft))| *ft && names_of(k).0 == model).map(|(k, _)| k.clone()).collect();
-            others.sort();
-            changed.extend(others);
+        let Some(last) = epochs.last().map(|e| e.0) else { return Ok(Vec::new()) };
+        let mut out = Vec::with_capacity(epochs.len());
+        for (epoch, checkpoint, _) in epochs {
+            // The checkpoint's own statistics, and, when it is a base, those of the
+            // fine-tuned checkpoints it pairs with.
+            let (model, finetuned) = (names_of(checkpoint).0, done[checkpoint].1);
+            let mut changed = vec![checkpoint.to_string()];
+            if !finetuned {
+                let mut others: Vec<String> =
+                    done.iter().filter(|(k, (_, ft))| *ft && names_of(k).0 == model).map(|(k, _)| k.clone()).collect();
+                others.sort();
+                changed.extend(others);
+            }
+            out.push(
+                changed
+                    .into_iter()
+                    .map(|k| {
+                        let stats = self.checkpoint(&k, *epoch, done).to_string().into_bytes();
+                        (k, stats)
+                    })
+                    .collect::<Vec<_>>(),
+            );
         }
-        let mut statistics: Vec<(String, Vec<u8>)> = changed
-            .into_iter()
-            .map(|k| {
-                let stats = self.checkpoint(&k, epoch, done).to_string().into_bytes();
-                (k, stats)
-            })
-            .collect();
-        // The paper's per-category tests of every family the epoch changed.
+        // The paper's per-category tests of every family the epochs changed, as of the last.
         for f in self.engine.refresh_families()? {
-            let (key, stats) = family_message(&self.engine, &f, epoch)?;
-            statistics.push((key, stats.to_string().into_bytes()));
+            let (key, stats) = family_message(&self.engine, &f, last)?;
+            out[0].push((key, stats.to_string().into_bytes()));
         }
-        Ok(statistics)
+        Ok(out)
     }
 
     /// A checkpoint's statistics: accuracy over the included observations and, for a
@@ -182,4 +198,93 @@ fn json_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Value>> {
         }
     }
     Ok(rows.into_iter().map(serde_json::Value::Object).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::Partition;
+    use std::collections::{BTreeSet, HashMap};
+
+    fn obs(checkpoint: &str, epoch: u64, ft: bool, i: usize, correct: bool) -> Observation {
+        Observation {
+            response_key: format!("m/{checkpoint}/{i}"),
+            model: "m".into(),
+            checkpoint: checkpoint.into(),
+            checkpoint_epoch: epoch,
+            is_finetuned: ft,
+            dataset: "trivia".into(),
+            item_key: format!("q{i}"),
+            amendment_type: "unmodified".into(),
+            amendment_group: "unmodified".into(),
+            prompt_type: "original".into(),
+            sample_index: 0,
+            refusal: false,
+            verdict: String::new(),
+            correct: Some(correct),
+        }
+    }
+
+    fn families(messages: &[(String, Vec<u8>)]) -> BTreeMap<String, serde_json::Value> {
+        messages
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::from_slice::<serde_json::Value>(v).unwrap()))
+            .filter(|(_, v)| v["kind"] == "family")
+            .map(|(k, mut v)| {
+                v.as_object_mut().unwrap().remove("update_epoch");
+                (k, v)
+            })
+            .collect()
+    }
+
+    use std::collections::BTreeMap;
+
+    /// The bug this pins: after a restart, an epoch committed but not delivered was published
+    /// again with no family message (the state had been loaded with its observations, so
+    /// publishing them again changed nothing), and the families it changed were never sent.
+    #[test]
+    fn an_epoch_published_again_after_a_restart_sends_its_families() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open_writer(dir.path(), "test").unwrap();
+        let mut done: Done = HashMap::new();
+        let mut batches = BTreeMap::new();
+        for (checkpoint, ft, wrong) in [("base", false, 0), ("warm", true, 6), ("warmer", true, 9)] {
+            let epoch = archive.register_checkpoint("m", checkpoint, ft, None).unwrap();
+            let rows: Vec<Observation> = (0..20).map(|i| obs(checkpoint, epoch, ft, i, i >= wrong)).collect();
+            let batch = Observation::to_batch(&rows).unwrap();
+            archive
+                .write_epoch(
+                    epoch,
+                    &[("observation".into(), Partition::checkpoint("m", checkpoint), batch.clone())],
+                    &serde_json::json!({}),
+                )
+                .unwrap();
+            let key = super::super::state::checkpoint_key("m", checkpoint);
+            done.insert(key.clone(), (epoch, ft));
+            batches.insert(epoch, (key, vec![batch]));
+        }
+        let group = |epochs: &[u64]| -> Vec<(u64, String, Vec<RecordBatch>)> {
+            epochs.iter().map(|e| (*e, batches[e].0.clone(), batches[e].1.clone())).collect()
+        };
+        // Epochs 2 and 3 were committed, not delivered: published again after the restart.
+        let mut restarted = Statistics::load(&archive, &BTreeSet::from([2, 3])).unwrap();
+        let again = restarted.update(&group(&[2, 3]), &done).unwrap();
+        assert_eq!(again.len(), 2, "one message list per epoch");
+        let sent = families(&again[0]);
+        assert_eq!(sent.len(), 2, "both fine-tuned checkpoints' families: {sent:?}");
+        assert!(again[1].iter().all(|(_, v)| !String::from_utf8_lossy(v).contains("\"family\"")));
+        // The same messages as a stream that never stopped, publishing the epochs one by one
+        // (the last message of each family key wins).
+        let mut live = Statistics::load(&archive, &BTreeSet::from([1, 2, 3])).unwrap();
+        let mut last = BTreeMap::new();
+        for e in [1, 2, 3] {
+            for list in live.update(&group(&[e]), &done).unwrap() {
+                last.extend(families(&list));
+            }
+        }
+        assert_eq!(sent, last);
+        // Loaded with every epoch, as before the fix: publishing again sends no family.
+        let mut loaded_all = Statistics::load(&archive, &BTreeSet::new()).unwrap();
+        assert!(families(&loaded_all.update(&group(&[2, 3]), &done).unwrap()[0]).is_empty());
+    }
 }
