@@ -16,6 +16,9 @@ use crate::records::Observation;
 use crate::schema::Record;
 use crate::sql::engine::StatsEngine;
 
+/// Statistics messages, as (key, payload).
+pub(super) type Messages = Vec<(String, Vec<u8>)>;
+
 /// The (model, checkpoint) of a [`super::state::checkpoint_key`].
 fn names_of(checkpoint_key: &str) -> (String, String) {
     let mut parts = crate::identity::split_key(checkpoint_key).into_iter();
@@ -57,7 +60,7 @@ impl Statistics {
         &mut self,
         epochs: &[(u64, String, Vec<RecordBatch>)],
         done: &Done,
-    ) -> Result<Vec<Vec<(String, Vec<u8>)>>> {
+    ) -> Result<Vec<Messages>> {
         // An upsert, so an epoch published again after a restart is not counted twice.
         for (_, _, batches) in epochs {
             for b in batches {
