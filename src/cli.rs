@@ -99,6 +99,10 @@ pub enum Command {
     /// responses, verdicts, observations, statistics and dead letters out (effectively once:
     /// offsets are kept in the archive's own state, see the README's stream section).
     Stream(commands::stream::Args),
+    /// Evaluate a training run's `checkpoint-<step>/` folders as they appear (LoRA adapters
+    /// or full weights), in step order, each paired against the model's base; alerts when a
+    /// family first turns significant toward more errors.
+    Watch(commands::watch::Args),
     /// Save a stream's input topics (`<prefix>checkpoints`, `<prefix>answers`) from the
     /// beginning as JSON lines, for `candor replay --capture`.
     Capture(commands::capture::Args),
@@ -134,6 +138,7 @@ pub fn main(cli: Cli) -> Result<()> {
         Command::Report(args) => show(commands::report::run(args)?, json),
         Command::Warmth(args) => show(commands::warmth::run(args)?, json),
         Command::Stream(args) => show(commands::stream::run(args, &g)?, json),
+        Command::Watch(args) => show(commands::watch::run(args, &g)?, json),
         Command::Capture(args) => show(commands::capture::run(args)?, json),
         Command::Schema(args) => show(commands::schema::run(args)?, json),
         Command::Bench { which } => show(commands::bench::run(which, &g)?, json),

@@ -23,6 +23,7 @@ pub mod stream;
 pub mod trials;
 pub mod verify;
 pub mod warmth;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

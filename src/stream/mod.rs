@@ -46,6 +46,7 @@ mod state;
 mod statistics;
 #[cfg(test)]
 mod tests;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -299,6 +300,9 @@ struct Streamer<'a> {
     started: Instant,
     /// Time spent reading and parsing messages since the last evaluation (for the trace).
     consuming: Duration,
+    /// The statistics messages of the epochs not published to Kafka, kept for the caller
+    /// (`candor watch`) when `Some`.
+    kept: Option<Vec<(u64, statistics::Messages)>>,
 }
 
 impl<'a> Streamer<'a> {
@@ -318,6 +322,7 @@ impl<'a> Streamer<'a> {
             report: StreamReport::default(),
             started: Instant::now(),
             consuming: Duration::ZERO,
+            kept: None,
         })
     }
 
@@ -444,9 +449,13 @@ impl<'a> Streamer<'a> {
         }
         let statistics = self.statistics.update(&observations, self.ledger.done())?;
         for ((epoch, _, _), (rows, statistics)) in observations.iter().zip(rows.into_iter().zip(statistics)) {
+            let kept = self.kept.is_some().then(|| statistics.clone());
             if !self.publishing.submit(*epoch, rows, statistics)? {
-                // A replay publishes nothing.
+                // A replay publishes nothing; a watcher keeps the statistics for its caller.
                 self.ledger.mark_published(*epoch);
+                if let (Some(all), Some(mine)) = (&mut self.kept, kept) {
+                    all.push((*epoch, mine));
+                }
             }
         }
         Ok(())

@@ -56,11 +56,7 @@ impl Statistics {
     /// of them changed (carried by the first, so that a restart before every epoch is
     /// delivered publishes the rest again without losing a family: see [`Self::load`]).
     /// `done`: the checkpoints committed, these among them.
-    pub fn update(
-        &mut self,
-        epochs: &[(u64, String, Vec<RecordBatch>)],
-        done: &Done,
-    ) -> Result<Vec<Messages>> {
+    pub fn update(&mut self, epochs: &[(u64, String, Vec<RecordBatch>)], done: &Done) -> Result<Vec<Messages>> {
         // An upsert, so an epoch published again after a restart is not counted twice.
         for (_, _, batches) in epochs {
             for b in batches {

@@ -47,7 +47,7 @@ pub mod lora;
 pub mod tokenizer;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -32,7 +32,7 @@ fn tiny_tokens() -> Vec<String> {
     v.into_iter().map(|(t, _)| t).collect()
 }
 
-fn tiny_config(arch: &str) -> Config {
+pub(crate) fn tiny_config(arch: &str) -> Config {
     Config {
         vocab_size: tiny_tokens().len(),
         hidden_size: 32,
@@ -59,7 +59,7 @@ fn random(rng: &mut ChaCha8Rng, shape: &[usize], std: f32, mean: f32) -> Tensor 
 }
 
 /// Random weights under HF llama names.
-fn hf_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
+pub(crate) fn hf_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (h, hd, i, v) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size, cfg.vocab_size);
     let mut w = HashMap::new();
@@ -90,7 +90,7 @@ fn hf_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
 }
 
 /// An HF model directory: config.json, model.safetensors, tokenizer.json.
-fn write_hf_dir(dir: &Path, cfg: &Config, weights: &HashMap<String, Tensor>) {
+pub(crate) fn write_hf_dir(dir: &Path, cfg: &Config, weights: &HashMap<String, Tensor>) {
     std::fs::create_dir_all(dir).unwrap();
     let config = serde_json::json!({
         "model_type": "llama",
@@ -611,8 +611,18 @@ fn chat_template_and_stop_ids_come_from_the_gguf() {
 
 /// A PEFT adapter for the tiny HF model: q_proj and v_proj of both layers, r = 4, alpha = 8.
 fn write_adapter(dir: &Path, cfg: &Config, extra_key: Option<&str>) -> HashMap<String, (Tensor, Tensor)> {
+    write_seeded_adapter(dir, cfg, extra_key, 99)
+}
+
+/// [`write_adapter`] with its random weights drawn from `seed`.
+pub(crate) fn write_seeded_adapter(
+    dir: &Path,
+    cfg: &Config,
+    extra_key: Option<&str>,
+    seed: u64,
+) -> HashMap<String, (Tensor, Tensor)> {
     std::fs::create_dir_all(dir).unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let r = 4;
     let mut pairs = HashMap::new();
     let mut st = HashMap::new();

@@ -1,0 +1,109 @@
+//! `candor watch`: evaluate a training run's checkpoint folders as they appear.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use candor::dataflow::Cluster;
+use candor::grid::{GridMode, build_grid};
+use candor::score::refusal::RefusalRules;
+use candor::stream::watch::{WatchOptions, WatchReport, watch};
+
+use super::{Globals, Report, load_experiment, open_for};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The experiment file: its `[[models]]` entry `--model` (the base evaluated first, the
+    /// weights adapters merge into), trial grid, judge and refusal rules.
+    experiment: PathBuf,
+    /// The directory the training run saves `checkpoint-<step>/` folders into.
+    #[arg(long)]
+    checkpoints: PathBuf,
+    /// The experiment's model the checkpoints belong to (default: its first).
+    #[arg(long)]
+    model: Option<String>,
+    /// Archive directory (default: the experiment's).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A file whose presence in a folder makes it ready at once.
+    #[arg(long, default_value = "candor-ready")]
+    marker: String,
+    /// Without the marker: a folder holding `trainer_state.json` is ready once no file in it
+    /// changed for this many seconds.
+    #[arg(long, default_value_t = 5.0)]
+    stable_secs: f64,
+    /// Seconds between looks at the directory.
+    #[arg(long, default_value_t = 1.0)]
+    poll_secs: f64,
+    /// Exit after this many seconds without a new checkpoint (default: watch until killed).
+    #[arg(long)]
+    idle_exit: Option<f64>,
+    /// Run this shell command once per family line that first turns significant toward more
+    /// errors, with the alert's JSON on its standard input.
+    #[arg(long)]
+    alert_cmd: Option<String>,
+    /// Planned looks (checkpoints) at each family: α is spread over them (Bonferroni over
+    /// steps); 1 applies no correction. Stated in every output line.
+    #[arg(long, default_value_t = 1)]
+    looks: u32,
+    /// As `candor run --regrid`: build a changed experiment's grid as a new version.
+    #[arg(long)]
+    regrid: bool,
+    #[command(flatten)]
+    cluster: Cluster,
+}
+
+pub fn run(args: Args, g: &Globals) -> Result<Watched> {
+    let exp = load_experiment(&args.experiment, g.paper)?;
+    let out = args.out.clone().unwrap_or_else(|| exp.output_dir());
+    if args.cluster.processes > 1 {
+        anyhow::bail!("candor watch runs in one process (-w for more workers)");
+    }
+    let archive = open_for(&out, "watch", &Cluster::default())?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => exp.models.first().map(|m| m.name.clone()).ok_or_else(|| {
+            candor::error::Error::config("models", "the experiment has no [[models]] entry to evaluate with")
+        })?,
+    };
+    let mode = if args.regrid { GridMode::Regrid } else { GridMode::Keep };
+    build_grid(&exp, &archive, mode, &Cluster::default())?;
+    let opts = candor::stream::StreamOptions::for_replay(
+        "watch.",
+        1 << 20,
+        RefusalRules::new(exp.refusal.mode),
+        Some(exp.clone()),
+    );
+    let w = WatchOptions {
+        dir: args.checkpoints.clone(),
+        model,
+        marker: args.marker.clone(),
+        stable: Duration::from_secs_f64(args.stable_secs.max(0.0)),
+        poll: Duration::from_secs_f64(args.poll_secs.max(0.01)),
+        idle_exit: args.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        alert_cmd: args.alert_cmd.clone(),
+        looks: args.looks,
+    };
+    // Events are printed as they happen (one JSON line each), the report at the end.
+    let mut emit = |event: &serde_json::Value| println!("{event}");
+    let report = watch(&args.cluster, &archive, &opts, &w, &mut emit)?;
+    Ok(Watched { out, report })
+}
+
+/// What `candor watch` did: one JSON line (the events were printed as they happened).
+pub struct Watched {
+    out: PathBuf,
+    report: WatchReport,
+}
+
+impl Report for Watched {
+    fn table(&self) -> Result<()> {
+        self.json()
+    }
+
+    fn json(&self) -> Result<()> {
+        println!("{}", serde_json::json!({"command": "watch", "archive": self.out, "report": self.report}));
+        Ok(())
+    }
+}

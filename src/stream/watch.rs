@@ -1,0 +1,760 @@
+//! `candor watch`: checkpoints straight from a training run's output folder.
+//!
+//! Training pipelines (HF Trainer, TRL, PEFT) save `checkpoint-<step>/` folders: a LoRA adapter
+//! (`adapter_config.json`, `adapter_model.safetensors`) or full weights, with
+//! `trainer_state.json`. The watcher evaluates every such folder that appears under the
+//! watched directory, in step order, as the next epoch of the stream's one long-lived
+//! dataflow: each folder becomes the same checkpoint announcement a Kafka producer would send
+//! (`schemas/kafka/announcement.json`: the experiment's `[[models]]` entry `model`, the folder
+//! as its weights, no answer count, so Candor generates over the trial grid), handed to the
+//! same state, evaluation and statistics as `candor stream`.
+//!
+//! **When a folder is ready.** When it holds the marker file (`--marker`, default
+//! `candor-ready`: a training script can write it last), or else when it holds
+//! `trainer_state.json` (HF Trainer writes it at the end of a save) and no file in it changed
+//! size or modification time for `--stable-secs` (default 5 s). A folder that is not ready
+//! holds back the steps after it: checkpoints are evaluated in step order.
+//!
+//! **A folder that cannot be evaluated** (a corrupt or truncated file, an adapter for another
+//! base, weights Candor cannot load) is loaded once before it is announced; the failure is a
+//! named error row (`"event": "error"`) and the watcher goes on with the next step.
+//!
+//! **Restart-safe.** `<archive>/.candor-watch.json` records each folder's content hash
+//! (SHA-256 over its `.json` and `.safetensors` files, as the weights digest) with what came of
+//! it. A folder already evaluated or rejected with the same content is not looked at again; a
+//! killed watcher that committed a checkpoint before saving that record finds it in the
+//! archive and does not evaluate it again either. A folder whose content changed after it was
+//! evaluated is an error row, never a silent second evaluation under the same name.
+//!
+//! **Alerts and repeated looks.** Looking at a family at every step inflates false alarms.
+//! `--looks K` spreads α over K planned looks (Bonferroni over steps: a category counts as
+//! significant at a step when its Benjamini–Hochberg-adjusted p is below α/K); `K = 1` applies
+//! no correction. Every output line says which guard is in force. `--alert-cmd CMD` runs `CMD`
+//! (through `sh -c`, the alert's JSON on its standard input) once for each family line
+//! (model, base, dataset, test type) the first time one of its categories turns significant
+//! toward more errors (b > c: right before fine-tuning, wrong after).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::messages::{Announcement, SCHEMA_VERSION};
+use super::readers::{Incoming, Source, parse};
+use super::{StreamOptions, Streamer};
+use crate::archive::Archive;
+use crate::dataflow::Cluster;
+use crate::error::{Error, Location, Result};
+
+/// The watcher's record, at the archive root.
+pub const STATE_FILE: &str = ".candor-watch.json";
+
+/// How to watch.
+#[derive(Clone, Debug)]
+pub struct WatchOptions {
+    /// The directory the training run saves `checkpoint-<step>/` folders into.
+    pub dir: PathBuf,
+    /// The experiment's `[[models]]` entry the checkpoints belong to (its base is evaluated
+    /// first, and adapters are merged into its base weights).
+    pub model: String,
+    /// A file whose presence makes a folder ready.
+    pub marker: String,
+    /// Without the marker: how long `trainer_state.json`'s folder must stay unchanged.
+    pub stable: Duration,
+    /// How often the directory is looked at.
+    pub poll: Duration,
+    /// Stop after this long without a new checkpoint (None: watch until killed).
+    pub idle_exit: Option<Duration>,
+    /// Run once per family line that first turns significant toward more errors.
+    pub alert_cmd: Option<String>,
+    /// Planned looks: α is spread over them (Bonferroni over steps); 1 = no correction.
+    pub looks: u32,
+}
+
+/// The guard against repeated looks in force, stated in every output.
+#[derive(Clone, Debug, Serialize)]
+pub struct Guard {
+    pub method: &'static str,
+    pub looks: u32,
+    pub alpha: f64,
+    pub alpha_per_look: f64,
+}
+
+impl Guard {
+    fn new(looks: u32) -> Self {
+        let alpha = crate::stats::paired::ALPHA;
+        let looks = looks.max(1);
+        Guard {
+            method: if looks == 1 { "none" } else { "bonferroni-over-steps" },
+            looks,
+            alpha,
+            alpha_per_look: alpha / looks as f64,
+        }
+    }
+}
+
+/// What a watch did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WatchReport {
+    /// Checkpoints evaluated in this run, in step order.
+    pub evaluated: Vec<String>,
+    /// Checkpoints found already evaluated (by an earlier run).
+    pub already: Vec<String>,
+    /// Checkpoints that could not be evaluated, with the reason.
+    pub errors: Vec<(String, String)>,
+    /// Alerts raised in this run.
+    pub alerts: usize,
+    /// Per family line (model/base/dataset/test type), the first step at which a category
+    /// was significant under the guard (this run and earlier ones).
+    pub first_significant: BTreeMap<String, u64>,
+    /// The stream's own report (messages handled, model calls, answers from the store).
+    pub stream: super::StreamReport,
+}
+
+/// What became of one folder.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Entry {
+    step: u64,
+    sha256: String,
+    /// `evaluated` or `error`.
+    status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// `.candor-watch.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    checkpoints: BTreeMap<String, Entry>,
+    /// Family lines an alert was raised for.
+    alerted: BTreeSet<String>,
+    /// Family line → first step significant under the guard.
+    first_significant: BTreeMap<String, u64>,
+}
+
+impl State {
+    fn load(root: &Path) -> Result<Self> {
+        let path = root.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::input(Location::file(&path), format!("not the watcher's record: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Written to a temporary file, synced, then renamed over the record.
+    fn save(&self, root: &Path) -> Result<()> {
+        let path = root.join(STATE_FILE);
+        let tmp = root.join(format!("{STATE_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Internal(format!("watch state: {e}")))?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    }
+}
+
+/// The step of a `checkpoint-<step>` folder name.
+pub fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix("checkpoint-")?.parse().ok()
+}
+
+/// Every file of a folder with its length and modification time, sorted.
+type Listing = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// Every file under `dir` with its length and modification time, sorted.
+fn listing(dir: &Path) -> Result<Listing> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+            let entry = entry.map_err(|e| Error::io(&d, e))?;
+            let meta = entry.metadata().map_err(|e| Error::io(entry.path(), e))?;
+            if meta.is_dir() {
+                todo.push(entry.path());
+            } else {
+                out.push((entry.path(), meta.len(), meta.modified().ok()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Decides when folders are ready, remembering what each looked like and since when.
+struct Readiness<'o> {
+    opts: &'o WatchOptions,
+    seen: HashMap<PathBuf, (Listing, Instant)>,
+}
+
+impl Readiness<'_> {
+    fn ready(&mut self, dir: &Path) -> Result<bool> {
+        if dir.join(&self.opts.marker).is_file() {
+            return Ok(true);
+        }
+        if !dir.join("trainer_state.json").is_file() {
+            return Ok(false);
+        }
+        let now = listing(dir)?;
+        let since = match self.seen.get(dir) {
+            Some((before, since)) if *before == now => *since,
+            _ => {
+                self.seen.insert(dir.to_path_buf(), (now, Instant::now()));
+                Instant::now()
+            }
+        };
+        Ok(since.elapsed() >= self.opts.stable)
+    }
+}
+
+/// The `checkpoint-<step>` folders under `dir`, in step order.
+fn folders(dir: &Path) -> Result<Vec<(u64, String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = step_of(&name)
+            && entry.path().is_dir()
+        {
+            out.push((step, name, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The training epoch `trainer_state.json` records, if any.
+fn training_epoch(dir: &Path) -> Option<f64> {
+    let bytes = std::fs::read(dir.join("trainer_state.json")).ok()?;
+    serde_json::from_slice::<Value>(&bytes).ok()?.get("epoch")?.as_f64()
+}
+
+/// Watches `w.dir` and evaluates each ready checkpoint folder into `archive` through the
+/// stream's evaluation; `emit` gets one JSON value per event (a checkpoint evaluated with its
+/// statistics, an error row, an alert).
+pub fn watch(
+    cluster: &Cluster,
+    archive: &Archive,
+    opts: &StreamOptions,
+    w: &WatchOptions,
+    emit: &mut dyn FnMut(&Value),
+) -> Result<WatchReport> {
+    let exp = opts.experiment.as_ref().ok_or_else(|| Error::Internal("watch without an experiment".into()))?;
+    let model = exp.models.iter().find(|m| m.name == w.model).cloned().ok_or_else(|| {
+        Error::config("--model", format!("the experiment has no [[models]] entry `{}` to evaluate with", w.model))
+    })?;
+    let base_ids = model.base_checkpoints();
+    let bases: Vec<_> = model.checkpoints.iter().filter(|c| base_ids.contains(&c.id.as_str())).cloned().collect();
+    if bases.is_empty() {
+        return Err(Error::config(
+            format!("models.{}", model.name),
+            "no base checkpoint (finetuned = false) to pair the training run's checkpoints against",
+        ));
+    }
+    if !w.dir.is_dir() {
+        return Err(Error::input(Location::file(&w.dir), "not a directory (the training run's output folder)"));
+    }
+    let guard = Guard::new(w.looks);
+    let mut state = State::load(archive.root())?;
+    let mut report = WatchReport { first_significant: state.first_significant.clone(), ..Default::default() };
+    let mut s = Streamer::open(cluster, archive, opts, false)?;
+    s.kept = Some(Vec::new());
+    s.reconcile()?;
+    let mut offset = 0i64;
+    let mut announce = |s: &mut Streamer, a: Announcement| -> Result<()> {
+        let mut value = serde_json::to_value(&a).map_err(|e| Error::Internal(format!("announcement: {e}")))?;
+        value["schema_version"] = json!(SCHEMA_VERSION);
+        // As a producer writes it: fields without a value left out.
+        if let Some(o) = value.as_object_mut() {
+            o.retain(|_, v| !v.is_null());
+        }
+        let payload = value.to_string().into_bytes();
+        let parsed = parse(Source::Checkpoints, Some(&payload), opts.max_message_bytes);
+        s.handle(Incoming { source: Source::Checkpoints, partition: 0, offset, payload: Some(payload), parsed })?;
+        offset += 1;
+        s.evaluate_ready()
+    };
+    // The base first: every fine-tuned checkpoint pairs against it.
+    for b in &bases {
+        announce(
+            &mut s,
+            Announcement {
+                model: model.name.clone(),
+                checkpoint: b.id.clone(),
+                finetuned: false,
+                variant: b.variant_label(),
+                training_epoch: b.epoch,
+                path: None,
+                endpoint: None,
+                answers: None,
+            },
+        )?;
+    }
+    take_statistics(&mut s, &guard, w, &mut state, &mut report, None, emit)?;
+
+    let mut readiness = Readiness { opts: w, seen: HashMap::new() };
+    let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
+    // Folders recorded before whose content was checked in this run, with the listing it was
+    // checked at (hashed again only when a file changes).
+    let mut checked: HashMap<String, Listing> = HashMap::new();
+    let mut last_new = Instant::now();
+    loop {
+        for (step, name, path) in folders(&w.dir)? {
+            if let Some(entry) = state.checkpoints.get(&name).cloned() {
+                let now = listing(&path)?;
+                if checked.get(&name) == Some(&now) {
+                    continue;
+                }
+                checked.insert(name.clone(), now);
+                match crate::model::dir_digest(&path) {
+                    Ok(sha256) if sha256 == entry.sha256 => {
+                        if entry.status == "evaluated"
+                            && !report.already.contains(&name)
+                            && !report.evaluated.contains(&name)
+                        {
+                            report.already.push(name.clone());
+                        }
+                    }
+                    Ok(sha256) => {
+                        let message = format!(
+                            "its content changed after it was {} (SHA-256 {} then, {} now): it is not evaluated again under the same name; save the new weights as a new step",
+                            if entry.status == "evaluated" { "evaluated" } else { "rejected" },
+                            entry.sha256,
+                            sha256
+                        );
+                        error_row(&name, step, Some(&sha256), &message, &mut report, &mut reported, emit);
+                    }
+                    Err(e) => error_row(&name, step, None, &e.to_string(), &mut report, &mut reported, emit),
+                }
+                continue;
+            }
+            if !readiness.ready(&path)? {
+                // Later steps wait for this one.
+                break;
+            }
+            last_new = Instant::now();
+            let sha256 = match crate::model::dir_digest(&path) {
+                Ok(h) => h,
+                Err(e) => {
+                    error_row(&name, step, None, &e.to_string(), &mut report, &mut reported, emit);
+                    continue;
+                }
+            };
+            let checkpoint = crate::model::CheckpointConfig {
+                id: name.clone(),
+                finetuned: true,
+                variant: None,
+                epoch: training_epoch(&path),
+                path: Some(path.clone()),
+                system_prompt: None,
+                backend: Default::default(),
+            };
+            // Loaded once before it is announced: a folder that cannot be is an error row.
+            let mut probe = model.clone();
+            probe.checkpoints = vec![checkpoint.clone()];
+            let loaded = crate::generate::backend::open(&probe, &checkpoint).map(drop);
+            let rejected = match loaded {
+                Err(e) => Some(e.to_string()),
+                Ok(()) => {
+                    let before: u64 = s.report.dead_letters.values().sum();
+                    let path_text = path.canonicalize().unwrap_or(path.clone()).to_string_lossy().into_owned();
+                    announce(
+                        &mut s,
+                        Announcement {
+                            model: model.name.clone(),
+                            checkpoint: name.clone(),
+                            finetuned: true,
+                            variant: None,
+                            training_epoch: checkpoint.epoch,
+                            path: Some(path_text),
+                            endpoint: None,
+                            answers: None,
+                        },
+                    )?;
+                    let after: u64 = s.report.dead_letters.values().sum();
+                    (after > before).then(|| format!("its announcement was refused ({:?})", s.report.dead_letters))
+                }
+            };
+            if let Some(message) = rejected {
+                error_row(&name, step, Some(&sha256), &message, &mut report, &mut reported, emit);
+                state.checkpoints.insert(name, Entry { step, sha256, status: "error".into(), error: Some(message) });
+                state.save(archive.root())?;
+                continue;
+            }
+            let key = super::state::checkpoint_key(&model.name, &name);
+            if s.report.evaluated.contains(&key) {
+                report.evaluated.push(name.clone());
+            } else {
+                // Committed by a run killed before it recorded it here: not evaluated again.
+                report.already.push(name.clone());
+            }
+            take_statistics(&mut s, &guard, w, &mut state, &mut report, Some((&name, step, &sha256)), emit)?;
+            state.checkpoints.insert(name, Entry { step, sha256, status: "evaluated".into(), error: None });
+            state.save(archive.root())?;
+        }
+        if w.idle_exit.is_some_and(|idle| last_new.elapsed() >= idle) {
+            break;
+        }
+        std::thread::sleep(w.poll);
+    }
+    report.stream = s.finish()?;
+    Ok(report)
+}
+
+fn error_row(
+    name: &str,
+    step: u64,
+    sha256: Option<&str>,
+    message: &str,
+    report: &mut WatchReport,
+    reported: &mut BTreeSet<(String, String)>,
+    emit: &mut dyn FnMut(&Value),
+) {
+    // Once per folder and reason, not at every look.
+    if !reported.insert((name.to_string(), message.to_string())) {
+        return;
+    }
+    report.errors.push((name.to_string(), message.to_string()));
+    emit(&json!({"event": "error", "checkpoint": name, "step": step, "sha256": sha256, "error": message}));
+}
+
+/// Emits the statistics the last evaluation produced (for `checkpoint`, or the base), updates
+/// the first significant steps and raises the alerts they call for.
+fn take_statistics(
+    s: &mut Streamer,
+    guard: &Guard,
+    w: &WatchOptions,
+    state: &mut State,
+    report: &mut WatchReport,
+    checkpoint: Option<(&str, u64, &str)>,
+    emit: &mut dyn FnMut(&Value),
+) -> Result<()> {
+    let kept = std::mem::take(s.kept.as_mut().expect("kept by the watcher"));
+    let mut messages = Vec::new();
+    for (_, list) in kept {
+        for (_, payload) in list {
+            messages.push(serde_json::from_slice::<Value>(&payload).map_err(|e| Error::Internal(format!("{e}")))?);
+        }
+    }
+    let (name, step, sha256) = match checkpoint {
+        Some((n, st, h)) => (Some(n), Some(st), Some(h)),
+        None => (None, None, None),
+    };
+    emit(&json!({
+        "event": if name.is_some() { "evaluated" } else { "base" },
+        "checkpoint": name,
+        "step": step,
+        "sha256": sha256,
+        "guard": guard,
+        "statistics": messages,
+    }));
+    let Some(step) = step else { return Ok(()) };
+    for alert in alerts(&messages, step, guard, state) {
+        report.alerts += 1;
+        emit(&alert);
+        if let Some(cmd) = &w.alert_cmd {
+            let family = alert["family"].as_str().unwrap_or_default().to_string();
+            run_alert(cmd, &alert).map_err(|e| Error::system(format!("--alert-cmd for {family}"), e))?;
+        }
+    }
+    report.first_significant = state.first_significant.clone();
+    Ok(())
+}
+
+/// The alerts a step's statistics messages call for: one per family line (model, base,
+/// dataset, test type) the first time one of its categories is significant under `guard`
+/// toward more errors (b > c). Records in `state` the lines alerted and each line's first
+/// significant step (in either direction).
+fn alerts(messages: &[Value], step: u64, guard: &Guard, state: &mut State) -> Vec<Value> {
+    let mut out = Vec::new();
+    for m in messages.iter().filter(|m| m["kind"] == "family") {
+        let line = crate::identity::key(&[
+            m["model"].as_str().unwrap_or(""),
+            m["base_checkpoint"].as_str().unwrap_or(""),
+            m["dataset"].as_str().unwrap_or(""),
+            m["test_type"].as_str().unwrap_or(""),
+        ]);
+        let significant: Vec<&Value> = m["categories"]
+            .as_array()
+            .map(|c| c.iter().filter(|r| r["p_adjusted"].as_f64().is_some_and(|p| p < guard.alpha_per_look)).collect())
+            .unwrap_or_default();
+        if significant.is_empty() {
+            continue;
+        }
+        state.first_significant.entry(line.clone()).or_insert(step);
+        let worse: Vec<&Value> =
+            significant.into_iter().filter(|r| r["b"].as_i64().unwrap_or(0) > r["c"].as_i64().unwrap_or(0)).collect();
+        if worse.is_empty() || !state.alerted.insert(line.clone()) {
+            continue;
+        }
+        out.push(json!({
+            "event": "alert",
+            "family": line,
+            "model": m["model"], "base_checkpoint": m["base_checkpoint"], "checkpoint": m["checkpoint"],
+            "step": step, "dataset": m["dataset"], "test_type": m["test_type"],
+            "guard": guard,
+            "categories": worse,
+        }));
+    }
+    out
+}
+
+/// Runs the alert command with the alert's JSON on its standard input.
+fn run_alert(cmd: &str, alert: &Value) -> std::result::Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    child.stdin.take().expect("piped").write_all(format!("{alert}\n").as_bytes()).map_err(|e| e.to_string())?;
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if status.success() { Ok(()) } else { Err(format!("exited with {status}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::Partition;
+    use crate::generate::candle::tests::{hf_weights, tiny_config, write_hf_dir, write_seeded_adapter};
+    use crate::records::{Observation, Response};
+    use crate::schema::Record;
+
+    fn experiment(root: &Path, base: &Path) -> crate::config::Experiment {
+        let text = format!(
+            r#"
+name = "watch"
+seed = 3
+data_dir = "{data}"
+[datasets.trivia]
+n = 3
+[conditions]
+amendments = ["unmodified"]
+prompt_types = ["original", "incorrect"]
+[generation]
+max_new_tokens = 4
+[judge]
+kind = "reference"
+[[models]]
+name = "tiny"
+backend = {{ kind = "candle", base = "{base}" }}
+[[models.checkpoints]]
+id = "base"
+"#,
+            data = concat!(env!("CARGO_MANIFEST_DIR"), "/data"),
+            base = base.display()
+        );
+        crate::config::Experiment::parse(&text, root.join("watch.toml")).unwrap()
+    }
+
+    /// A checkpoint folder as a PEFT training run saves it: a seeded random adapter, then
+    /// (when `done`) `trainer_state.json`.
+    fn save_checkpoint(run: &Path, step: u64, done: bool) -> PathBuf {
+        let dir = run.join(format!("checkpoint-{step}"));
+        write_seeded_adapter(&dir, &tiny_config("llama"), None, step);
+        if done {
+            std::fs::write(
+                dir.join("trainer_state.json"),
+                json!({"global_step": step, "epoch": step as f64 / 100.0}).to_string(),
+            )
+            .unwrap();
+        }
+        dir
+    }
+
+    struct Run {
+        report: WatchReport,
+        events: Vec<Value>,
+    }
+
+    fn watch_once(root: &Path, exp: &crate::config::Experiment, run: &Path) -> Run {
+        let archive = Archive::open_writer(root.join("archive"), "test").unwrap();
+        crate::grid::build_grid(exp, &archive, crate::grid::GridMode::Keep, &Cluster::default()).unwrap();
+        let opts = StreamOptions::for_replay(
+            "watch.",
+            1 << 20,
+            crate::score::refusal::RefusalRules::new(exp.refusal.mode),
+            Some(exp.clone()),
+        );
+        let w = WatchOptions {
+            dir: run.to_path_buf(),
+            model: "tiny".into(),
+            marker: "candor-ready".into(),
+            stable: Duration::from_millis(200),
+            poll: Duration::from_millis(50),
+            idle_exit: Some(Duration::from_millis(1500)),
+            alert_cmd: None,
+            looks: 1,
+        };
+        let mut events = Vec::new();
+        let report = watch(&Cluster::default(), &archive, &opts, &w, &mut |e| events.push(e.clone())).unwrap();
+        Run { report, events }
+    }
+
+    fn outputs(root: &Path, checkpoint: &str) -> Vec<(String, String)> {
+        let archive = Archive::open(root.join("archive")).unwrap();
+        let mut out: Vec<(String, String)> = crate::archive::read_records::<Response>(&archive)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.checkpoint == checkpoint)
+            .map(|r| (r.trial_key, r.output))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_training_run_is_evaluated_in_step_order_once_whatever_happens() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let cfg = tiny_config("llama");
+        write_hf_dir(&root.join("base"), &cfg, &hf_weights(&cfg, 1));
+        let exp = experiment(root, &root.join("base"));
+        let run = root.join("run");
+        save_checkpoint(&run, 50, true);
+        // Ready by its marker, without trainer_state.json.
+        let marked = save_checkpoint(&run, 100, false);
+        std::fs::write(marked.join("candor-ready"), "").unwrap();
+        // Corrupt: its adapter is cut short.
+        let corrupt = save_checkpoint(&run, 120, true);
+        let file = corrupt.join(crate::generate::candle::lora::WEIGHTS_FILE);
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+        // Half-written: no trainer_state.json, no marker; the step after it waits too.
+        save_checkpoint(&run, 150, false);
+        save_checkpoint(&run, 200, true);
+
+        let first = watch_once(root, &exp, &run);
+        assert_eq!(first.report.evaluated, ["checkpoint-50", "checkpoint-100"], "{:?}", first.report);
+        assert_eq!(first.report.errors.len(), 1, "{:?}", first.report.errors);
+        assert_eq!(first.report.errors[0].0, "checkpoint-120");
+        assert!(first.report.errors[0].1.contains("adapter_model.safetensors"), "{:?}", first.report.errors);
+        let kinds: Vec<&str> = first.events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["base", "evaluated", "evaluated", "error"]);
+        // Each evaluation carries its statistics: the checkpoint paired against the base, and
+        // its families, with the guard in force.
+        let e50 = &first.events[1];
+        assert_eq!((e50["checkpoint"].as_str(), e50["step"].as_u64()), (Some("checkpoint-50"), Some(50)));
+        assert_eq!(e50["guard"]["method"], "none");
+        let stats = e50["statistics"].as_array().unwrap();
+        assert!(stats.iter().any(|m| m["kind"] == "checkpoint" && m["paired"]["base"].is_string()), "{stats:?}");
+        assert!(stats.iter().any(|m| m["kind"] == "family"), "{stats:?}");
+        // The adapters change the answers, the same seed the same way.
+        let base = outputs(root, "base");
+        assert_eq!(base.len(), 6);
+        assert_ne!(outputs(root, "checkpoint-50"), base, "a random adapter changes some answer");
+        assert_ne!(outputs(root, "checkpoint-50"), outputs(root, "checkpoint-100"));
+
+        // The folder finished; a restart evaluates what is new and nothing else.
+        std::fs::write(run.join("checkpoint-150/trainer_state.json"), "{}").unwrap();
+        let second = watch_once(root, &exp, &run);
+        assert_eq!(second.report.evaluated, ["checkpoint-150", "checkpoint-200"], "{:?}", second.report);
+        assert_eq!(second.report.already, ["checkpoint-50", "checkpoint-100"]);
+        assert!(second.report.errors.is_empty(), "a rejected folder is not looked at again: {:?}", second.report);
+        assert_eq!(second.report.stream.model_calls, 12, "two checkpoints of six trials, nothing else");
+
+        // Killed after checkpoint-200 committed, before the watcher's record said so: the
+        // archive has it, and it is not evaluated again.
+        let record = root.join("archive").join(STATE_FILE);
+        let mut state: State = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        state.checkpoints.remove("checkpoint-200");
+        std::fs::write(&record, serde_json::to_vec(&state).unwrap()).unwrap();
+        let before = outputs(root, "checkpoint-200");
+        let third = watch_once(root, &exp, &run);
+        assert!(third.report.evaluated.is_empty(), "{:?}", third.report);
+        assert!(third.report.already.contains(&"checkpoint-200".to_string()), "{:?}", third.report);
+        assert_eq!(third.report.stream.model_calls, 0);
+        assert_eq!(outputs(root, "checkpoint-200"), before);
+
+        // New weights saved under an evaluated step: an error row, never a second evaluation.
+        write_seeded_adapter(&run.join("checkpoint-100"), &cfg, None, 7);
+        let fourth = watch_once(root, &exp, &run);
+        assert!(fourth.report.evaluated.is_empty());
+        assert_eq!(fourth.report.errors.len(), 1, "{:?}", fourth.report);
+        assert!(fourth.report.errors[0].1.contains("content changed"), "{:?}", fourth.report.errors);
+
+        let archive = Archive::open(root.join("archive")).unwrap();
+        let observed: Vec<Observation> = crate::archive::read_records(&archive).unwrap();
+        for c in ["base", "checkpoint-50", "checkpoint-100", "checkpoint-150", "checkpoint-200"] {
+            assert_eq!(observed.iter().filter(|o| o.checkpoint == c).count(), 6, "{c}");
+        }
+        assert!(archive.verify().is_empty());
+    }
+
+    /// A family is alerted once, the first time one of its categories is significant toward
+    /// more errors under the guard; a looser look count lets a weaker difference through.
+    #[test]
+    fn an_alert_fires_once_per_family_line_under_the_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open_writer(dir.path(), "test").unwrap();
+        let mut done: super::super::state::Done = HashMap::new();
+        let mut epochs = Vec::new();
+        // Base right on 40 items; the fine-tuned checkpoint wrong on 8 of them: b = 8, c = 0,
+        // exact p = 2^-7 = 0.0078.
+        for (checkpoint, ft) in [("base", false), ("checkpoint-100", true)] {
+            let epoch = archive.register_checkpoint("m", checkpoint, ft, None).unwrap();
+            let rows: Vec<Observation> = (0..40)
+                .map(|i| Observation {
+                    response_key: format!("m/{checkpoint}/{i}"),
+                    model: "m".into(),
+                    checkpoint: checkpoint.into(),
+                    checkpoint_epoch: epoch,
+                    is_finetuned: ft,
+                    dataset: "trivia".into(),
+                    item_key: format!("q{i}"),
+                    amendment_type: "unmodified".into(),
+                    amendment_group: "unmodified".into(),
+                    prompt_type: "original".into(),
+                    sample_index: 0,
+                    refusal: false,
+                    verdict: String::new(),
+                    correct: Some(!ft || i >= 8),
+                })
+                .collect();
+            let batch = Observation::to_batch(&rows).unwrap();
+            archive
+                .write_epoch(
+                    epoch,
+                    &[("observation".into(), Partition::checkpoint("m", checkpoint), batch.clone())],
+                    &json!({}),
+                )
+                .unwrap();
+            let key = super::super::state::checkpoint_key("m", checkpoint);
+            done.insert(key.clone(), (epoch, ft));
+            epochs.push((epoch, key, vec![batch]));
+        }
+        let mut stats = super::super::statistics::Statistics::load(&archive, &BTreeSet::from([1, 2])).unwrap();
+        let messages: Vec<Value> = stats
+            .update(&epochs, &done)
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .map(|(_, v)| serde_json::from_slice(&v).unwrap())
+            .collect();
+
+        let mut state = State::default();
+        let fired = alerts(&messages, 100, &Guard::new(1), &mut state);
+        assert_eq!(fired.len(), 1, "{messages:?}");
+        assert_eq!(fired[0]["categories"][0]["b"], 8);
+        assert_eq!(fired[0]["step"], 100);
+        assert_eq!(state.first_significant.values().collect::<Vec<_>>(), [&100]);
+        assert!(alerts(&messages, 150, &Guard::new(1), &mut state).is_empty(), "once per family line");
+        // Ten planned looks: 0.0078 is not below 0.05 / 10.
+        let mut guarded = State::default();
+        assert!(alerts(&messages, 100, &Guard::new(10), &mut guarded).is_empty());
+        assert!(guarded.first_significant.is_empty());
+
+        // The command gets the alert on its standard input.
+        let out = dir.path().join("alert.json");
+        run_alert(&format!("cat > '{}'", out.display()), &fired[0]).unwrap();
+        let got: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!(got, fired[0]);
+        assert!(run_alert("exit 3", &fired[0]).unwrap_err().contains("3"));
+    }
+}
