@@ -47,6 +47,13 @@ pub struct Args {
     /// steps); 1 applies no correction. Stated in every output line.
     #[arg(long, default_value_t = 1)]
     looks: u32,
+    /// Also take checkpoints from `POST /v1/checkpoints` on this address (see
+    /// `examples/candor_callback.py`); beyond loopback a key is required.
+    #[arg(long)]
+    hook: Option<std::net::SocketAddr>,
+    /// The environment variable holding the hook's key (`Authorization: Bearer <key>`).
+    #[arg(long)]
+    hook_key_env: Option<String>,
     /// As `candor run --regrid`: build a changed experiment's grid as a new version.
     #[arg(long)]
     regrid: bool,
@@ -84,6 +91,19 @@ pub fn run(args: Args, g: &Globals) -> Result<Watched> {
         idle_exit: args.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
         alert_cmd: args.alert_cmd.clone(),
         looks: args.looks,
+        hook: match args.hook {
+            Some(listen) => Some(candor::stream::hook::HookOptions {
+                listen,
+                api_key: match &args.hook_key_env {
+                    Some(name) => Some(
+                        std::env::var(name)
+                            .map_err(|_| candor::error::Error::config("hook-key-env", format!("${name} is not set")))?,
+                    ),
+                    None => None,
+                },
+            }),
+            None => None,
+        },
     };
     // Events are printed as they happen (one JSON line each), the report at the end.
     let mut emit = |event: &serde_json::Value| println!("{event}");

@@ -37,6 +37,7 @@
 
 pub mod capture;
 mod evaluate;
+pub mod hook;
 pub mod kafka;
 pub mod messages;
 pub mod outbox;

@@ -71,6 +71,8 @@ pub struct WatchOptions {
     pub alert_cmd: Option<String>,
     /// Planned looks: α is spread over them (Bonferroni over steps); 1 = no correction.
     pub looks: u32,
+    /// Also take checkpoints from `POST /v1/checkpoints` ([`super::hook`]).
+    pub hook: Option<super::hook::HookOptions>,
 }
 
 /// The guard against repeated looks in force, stated in every output.
@@ -303,8 +305,29 @@ pub fn watch(
     // checked at (hashed again only when a file changes).
     let mut checked: HashMap<String, Listing> = HashMap::new();
     let mut last_new = Instant::now();
+    let hook = match &w.hook {
+        Some(h) => {
+            let hook = super::hook::Hook::start(h, &model.name, base_ids.iter().map(|b| b.to_string()).collect())?;
+            emit(&json!({"event": "hook", "listening": hook.addr.to_string()}));
+            Some(hook)
+        }
+        None => None,
+    };
     loop {
-        for (step, name, path) in folders(&w.dir)? {
+        // The folders in step order, then what the hook received, in order.
+        let mut candidates: Vec<(u64, String, PathBuf, Option<String>, bool)> =
+            folders(&w.dir)?.into_iter().map(|(step, name, path)| (step, name, path, None, true)).collect();
+        if let Some(h) = &hook {
+            for r in h.requests.try_iter() {
+                let path = r.path.expect("the hook accepts paths only");
+                candidates.push((r.step, format!("checkpoint-{}", r.step), path, r.sha256, false));
+            }
+        }
+        let mut waiting = false;
+        for (step, name, path, expected, folder) in candidates {
+            if folder && waiting {
+                continue;
+            }
             if let Some(entry) = state.checkpoints.get(&name).cloned() {
                 let now = listing(&path)?;
                 if checked.get(&name) == Some(&now) {
@@ -333,9 +356,10 @@ pub fn watch(
                 }
                 continue;
             }
-            if !readiness.ready(&path)? {
+            if folder && !readiness.ready(&path)? {
                 // Later steps wait for this one.
-                break;
+                waiting = true;
+                continue;
             }
             last_new = Instant::now();
             let sha256 = match crate::model::dir_digest(&path) {
@@ -345,6 +369,15 @@ pub fn watch(
                     continue;
                 }
             };
+            if let Some(given) = expected.filter(|h| !h.eq_ignore_ascii_case(&sha256)) {
+                let message = format!(
+                    "the hook gave SHA-256 {given}, but the folder's content hashes to {sha256}: not evaluated"
+                );
+                error_row(&name, step, Some(&sha256), &message, &mut report, &mut reported, emit);
+                state.checkpoints.insert(name, Entry { step, sha256, status: "error".into(), error: Some(message) });
+                state.save(archive.root())?;
+                continue;
+            }
             let checkpoint = crate::model::CheckpointConfig {
                 id: name.clone(),
                 finetuned: true,
@@ -574,6 +607,16 @@ id = "base"
     }
 
     fn watch_once(root: &Path, exp: &crate::config::Experiment, run: &Path) -> Run {
+        watch_with(root, exp, run, None, &mut |_| {})
+    }
+
+    fn watch_with(
+        root: &Path,
+        exp: &crate::config::Experiment,
+        run: &Path,
+        hook: Option<super::super::hook::HookOptions>,
+        on_event: &mut dyn FnMut(&Value),
+    ) -> Run {
         let archive = Archive::open_writer(root.join("archive"), "test").unwrap();
         crate::grid::build_grid(exp, &archive, crate::grid::GridMode::Keep, &Cluster::default()).unwrap();
         let opts = StreamOptions::for_replay(
@@ -588,12 +631,17 @@ id = "base"
             marker: "candor-ready".into(),
             stable: Duration::from_millis(200),
             poll: Duration::from_millis(50),
-            idle_exit: Some(Duration::from_millis(1500)),
             alert_cmd: None,
             looks: 1,
+            idle_exit: Some(Duration::from_millis(if hook.is_some() { 4000 } else { 1500 })),
+            hook,
         };
         let mut events = Vec::new();
-        let report = watch(&Cluster::default(), &archive, &opts, &w, &mut |e| events.push(e.clone())).unwrap();
+        let report = watch(&Cluster::default(), &archive, &opts, &w, &mut |e| {
+            on_event(e);
+            events.push(e.clone())
+        })
+        .unwrap();
         Run { report, events }
     }
 
@@ -685,6 +733,92 @@ id = "base"
             assert_eq!(observed.iter().filter(|o| o.checkpoint == c).count(), 6, "{c}");
         }
         assert!(archive.verify().is_empty());
+    }
+
+    /// One HTTP/1.1 request to the hook; returns the status code and body.
+    fn post(addr: &str, key: Option<&str>, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+        write!(
+            c,
+            "POST /v1/checkpoints HTTP/1.1\r\nHost: candor\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    }
+
+    /// The hook and the folder watcher make one announcement: the same checkpoints give the
+    /// same archive whichever way they came; what the hook cannot evaluate is refused with a
+    /// named reason, and a listener beyond loopback needs a key.
+    #[test]
+    fn the_hook_and_the_folder_watcher_archive_the_same_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let cfg = tiny_config("llama");
+        write_hf_dir(&root.join("base"), &cfg, &hf_weights(&cfg, 1));
+        let exp = experiment(root, &root.join("base"));
+        let run = root.join("run");
+        let folders = [save_checkpoint(&run, 50, true), save_checkpoint(&run, 100, true)];
+        let by_folder = root.join("by-folder");
+        let watched = watch_with(&by_folder, &exp, &run, None, &mut |_| {});
+        assert_eq!(watched.report.evaluated, ["checkpoint-50", "checkpoint-100"]);
+
+        let open = super::super::hook::HookOptions { listen: "0.0.0.0:0".parse().unwrap(), api_key: None };
+        let refused = super::super::hook::Hook::start(&open, "tiny", vec!["base".into()]).err().unwrap();
+        assert!(refused.to_string().contains("key"), "{refused}");
+
+        let by_hook = root.join("by-hook");
+        let empty = root.join("empty-run");
+        std::fs::create_dir_all(&empty).unwrap();
+        let hook =
+            super::super::hook::HookOptions { listen: "127.0.0.1:0".parse().unwrap(), api_key: Some("k".into()) };
+        let sha50 = crate::model::dir_digest(&folders[0]).unwrap();
+        let (p50, p100) = (folders[0].display().to_string(), folders[1].display().to_string());
+        let mut client = None;
+        let hooked = watch_with(&by_hook, &exp, &empty, Some(hook), &mut |e| {
+            if e["event"] == "hook" {
+                let addr = e["listening"].as_str().unwrap().to_string();
+                let (p50, p100, sha50) = (p50.clone(), p100.clone(), sha50.clone());
+                client = Some(std::thread::spawn(move || {
+                    let one = |step: u64, path: &str, extra: &str| {
+                        format!(r#"{{"model": "tiny", "step": {step}, "path": "{path}"{extra}}}"#)
+                    };
+                    let answers = vec![
+                        post(&addr, None, &one(50, &p50, "")),
+                        post(&addr, Some("wrong"), &one(50, &p50, "")),
+                        post(&addr, Some("k"), "{\"model\": \"tiny\"}"),
+                        post(&addr, Some("k"), &one(50, &p50, r#", "color": "red""#)),
+                        post(&addr, Some("k"), &one(50, &p50, "").replace("\"tiny\"", "\"other\"")),
+                        post(&addr, Some("k"), &one(50, &p50, r#", "base": "nope""#)),
+                        post(&addr, Some("k"), &one(50, "/no/such/folder", "")),
+                        post(&addr, Some("k"), &one(50, &p50, &format!(r#", "sha256": "{sha50}", "base": "base""#))),
+                        post(&addr, Some("k"), &one(100, &p100, "")),
+                    ];
+                    answers
+                }));
+            }
+        });
+        let answers = client.unwrap().join().unwrap();
+        let codes: Vec<u16> = answers.iter().map(|(c, _)| *c).collect();
+        assert_eq!(codes, [401, 401, 400, 400, 422, 422, 422, 202, 202], "{answers:?}");
+        assert!(answers[4].1.contains("other") && answers[5].1.contains("nope"), "{answers:?}");
+        assert!(answers[7].1.contains("checkpoint-50"), "{answers:?}");
+        assert_eq!(hooked.report.evaluated, ["checkpoint-50", "checkpoint-100"], "{:?}", hooked.report);
+        for c in ["base", "checkpoint-50", "checkpoint-100"] {
+            assert_eq!(outputs(&by_hook, c), outputs(&by_folder, c), "{c}");
+        }
+        let read = |r: &Path| -> Vec<Observation> {
+            let mut o: Vec<Observation> =
+                crate::archive::read_records(&Archive::open(r.join("archive")).unwrap()).unwrap();
+            o.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+            o
+        };
+        assert_eq!(read(&by_hook), read(&by_folder));
     }
 
     /// A family is alerted once, the first time one of its categories is significant toward
