@@ -62,19 +62,22 @@ use super::follow::ArchiveFollower;
 use super::queries::{
     AMENDMENT_EFFECTS, ARCHIVE_SUMMARY, BELIEF_ERRORS, CONDITION_ERRORS, DISCORDANT_PAIRS, ERROR_PAIRS, ERROR_RATES,
     FAMILY_STATS, FAMILY_TABLE, Query, REFUSALS, REGRESSION_CELLS, SYCOPHANCY, TRAJECTORIES,
+    TRAJECTORY_FIRST_SIGNIFICANT, TRAJECTORY_STEPS,
 };
 use crate::archive::Archive;
 use crate::error::{Error, Result};
 
 /// The queries of `queries/` served as views (`paired_counts.sql` is left out: its name is the
 /// maintained table's, which it recomputes from `observations`).
-pub const VIEWS: [Query; 13] = [
+pub const VIEWS: [Query; 15] = [
     FAMILY_STATS,
     FAMILY_TABLE,
     ERROR_RATES,
     SYCOPHANCY,
     REFUSALS,
     TRAJECTORIES,
+    TRAJECTORY_STEPS,
+    TRAJECTORY_FIRST_SIGNIFICANT,
     REGRESSION_CELLS,
     ERROR_PAIRS,
     AMENDMENT_EFFECTS,

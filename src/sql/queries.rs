@@ -27,6 +27,10 @@ pub const SYCOPHANCY: Query = query!("sycophancy");
 pub const REFUSALS: Query = query!("refusals");
 /// Paired accuracy across checkpoints.
 pub const TRAJECTORIES: Query = query!("trajectories");
+/// Each fine-tuned checkpoint paired against the previous one (step against step), from `observations`.
+pub const TRAJECTORY_STEPS: Query = query!("trajectory_steps");
+/// The first step at which each family line turns significant against the base.
+pub const TRAJECTORY_FIRST_SIGNIFICANT: Query = query!("trajectory_first_significant");
 /// Cell counts the regressions are fitted from.
 pub const REGRESSION_CELLS: Query = query!("regression_cells");
 /// SocioT warmth by model × checkpoint × query type, from `warmth`.

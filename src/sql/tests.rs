@@ -942,4 +942,144 @@ mod live {
         let views = names(live.query(&listing("'v',''")).unwrap());
         assert!(views.iter().any(|x| x == "family_table"), "{views:?}");
     }
+
+    /// `trajectory_steps` pairs each fine-tuned checkpoint with the previous one of its model
+    /// (in epoch order) as a from-scratch count does, and `trajectory_first_significant` names
+    /// the earliest significant step of each family line that `family_table` shows.
+    #[test]
+    fn trajectory_queries_match_a_computation_from_scratch() {
+        use rand::{Rng, SeedableRng};
+        use std::collections::BTreeMap;
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::open_writer(dir.path(), "test").unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+        let mut all: Vec<Observation> = Vec::new();
+        // The base and three steps; each step drifts further (more wrong answers).
+        for (step, (checkpoint, ft)) in
+            [("base", false), ("checkpoint-50", true), ("checkpoint-100", true), ("checkpoint-150", true)]
+                .iter()
+                .enumerate()
+        {
+            let epoch = archive.register_checkpoint("m", checkpoint, *ft, None).unwrap();
+            let mut rows = Vec::new();
+            for i in 0..80 {
+                for amendment in ["unmodified", "emotion:sad"] {
+                    for prompt_type in ["original", "incorrect"] {
+                        let wrong = rng.gen_bool(0.1 + 0.15 * step as f64);
+                        rows.push(Observation {
+                            response_key: format!("{checkpoint}/{i}/{amendment}/{prompt_type}"),
+                            model: "m".into(),
+                            checkpoint: checkpoint.to_string(),
+                            checkpoint_epoch: epoch,
+                            is_finetuned: *ft,
+                            dataset: "trivia".into(),
+                            item_key: format!("q{i}"),
+                            amendment_type: amendment.into(),
+                            amendment_group: amendment.split(':').next().unwrap().into(),
+                            prompt_type: prompt_type.into(),
+                            sample_index: 0,
+                            refusal: false,
+                            verdict: String::new(),
+                            correct: if i == 7 { None } else { Some(!wrong) },
+                        });
+                    }
+                }
+            }
+            let batch = Observation::to_batch(&rows).unwrap();
+            archive.append_epoch("observation", &Partition::checkpoint("m", *checkpoint), epoch, &[batch]).unwrap();
+            archive.commit_epoch(epoch, &serde_json::json!({})).unwrap();
+            all.extend(rows);
+        }
+        let live = LiveSql::open(dir.path()).unwrap();
+        let rows = live
+            .query("SELECT previous_checkpoint, checkpoint, test_type, category, b, c, both_correct, both_wrong, p_exact FROM trajectory_steps")
+            .unwrap();
+        let b = arrow::compute::concat_batches(&rows.schema, &rows.batches).unwrap();
+        let text = |c: usize, i: usize| super::array_value_to_string(b.column(c), i).unwrap();
+        let mut got = BTreeMap::new();
+        for i in 0..b.num_rows() {
+            let counts: Vec<u64> = (4..8).map(|c| text(c, i).parse().unwrap()).collect();
+            let p: Option<f64> = text(8, i).parse().ok();
+            got.insert((text(0, i), text(1, i), text(2, i), text(3, i)), (counts, p));
+        }
+        // From scratch: consecutive fine-tuned checkpoints, answers with the same key.
+        let steps = [("checkpoint-50", "checkpoint-100"), ("checkpoint-100", "checkpoint-150")];
+        let mut want = BTreeMap::new();
+        for (previous, current) in steps {
+            let at = |c: &str| -> BTreeMap<(String, String, String), bool> {
+                all.iter()
+                    .filter(|o| o.checkpoint == c && o.correct.is_some())
+                    .map(|o| {
+                        ((o.item_key.clone(), o.amendment_type.clone(), o.prompt_type.clone()), o.correct.unwrap())
+                    })
+                    .collect()
+            };
+            let (before, after) = (at(previous), at(current));
+            let mut cells: BTreeMap<(String, String), [u64; 4]> = BTreeMap::new();
+            for ((item, amendment, prompt), was) in &before {
+                let Some(now) = after.get(&(item.clone(), amendment.clone(), prompt.clone())) else { continue };
+                let test = if prompt == "original" { "Normal" } else { "Sycophancy" };
+                let cell = cells.entry((test.to_string(), amendment.clone())).or_default();
+                match (was, now) {
+                    (true, false) => cell[0] += 1,
+                    (false, true) => cell[1] += 1,
+                    (true, true) => cell[2] += 1,
+                    (false, false) => cell[3] += 1,
+                }
+            }
+            for ((test, amendment), [b, c, both, neither]) in cells {
+                let p = crate::stats::mcnemar::mcnemar_exact(b, c);
+                want.insert(
+                    (previous.to_string(), current.to_string(), test, amendment),
+                    (vec![b, c, both, neither], p),
+                );
+            }
+        }
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (k, (counts, p)) in &want {
+            let (g, gp) = &got[k];
+            assert_eq!(g, counts, "{k:?}");
+            assert!(
+                match (gp, p) {
+                    (Some(a), Some(b)) => (a - b).abs() < 1e-12,
+                    (a, b) => a == b,
+                },
+                "{k:?}: {gp:?} vs {p:?}"
+            );
+        }
+
+        // The first significant step of each family line, as a scan of family_table finds it.
+        let firsts = live
+            .query(
+                "SELECT dataset, test_type, category, first_checkpoint, looks, b, c FROM trajectory_first_significant",
+            )
+            .unwrap();
+        let f = arrow::compute::concat_batches(&firsts.schema, &firsts.batches).unwrap();
+        let table = live
+            .query("SELECT dataset, test_type, category, checkpoint, checkpoint_epoch, significant, b, c FROM family_table WHERE p_exact IS NOT NULL ORDER BY checkpoint_epoch")
+            .unwrap();
+        let t = arrow::compute::concat_batches(&table.schema, &table.batches).unwrap();
+        let cell =
+            |b: &arrow::array::RecordBatch, c: usize, i: usize| super::array_value_to_string(b.column(c), i).unwrap();
+        type Line = (String, String, String);
+        let mut expected: BTreeMap<Line, (String, u64, String, String)> = BTreeMap::new();
+        let mut looks: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+        for i in 0..t.num_rows() {
+            let line = (cell(&t, 0, i), cell(&t, 1, i), cell(&t, 2, i));
+            let n = looks.entry(line.clone()).or_default();
+            *n += 1;
+            if cell(&t, 5, i) == "true" && !expected.contains_key(&line) {
+                expected.insert(line, (cell(&t, 3, i), *n, cell(&t, 6, i), cell(&t, 7, i)));
+            }
+        }
+        assert!(!expected.is_empty(), "the drift makes some line significant");
+        let mut found = BTreeMap::new();
+        for i in 0..f.num_rows() {
+            found.insert(
+                (cell(&f, 0, i), cell(&f, 1, i), cell(&f, 2, i)),
+                (cell(&f, 3, i), cell(&f, 4, i).parse::<u64>().unwrap(), cell(&f, 5, i), cell(&f, 6, i)),
+            );
+        }
+        assert_eq!(found, expected);
+    }
 }

@@ -298,6 +298,9 @@ pub fn watch(
         )?;
     }
     take_statistics(&mut s, &guard, w, &mut state, &mut report, None, emit)?;
+    // Each step is also paired against the previous one (`queries/trajectory_steps.sql`),
+    // read from the archive as live SQL reads it.
+    let live = crate::sql::live::LiveSql::open(archive.root())?;
 
     let mut readiness = Readiness { opts: w, seen: HashMap::new() };
     let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
@@ -426,9 +429,13 @@ pub fn watch(
                 // Committed by a run killed before it recorded it here: not evaluated again.
                 report.already.push(name.clone());
             }
-            take_statistics(&mut s, &guard, w, &mut state, &mut report, Some((&name, step, &sha256)), emit)?;
+            let previous = previous_step(&live, &name)?;
+            let evaluated = Step { name: &name, step, sha256: &sha256, previous };
+            take_statistics(&mut s, &guard, w, &mut state, &mut report, Some(evaluated), emit)?;
             state.checkpoints.insert(name, Entry { step, sha256, status: "evaluated".into(), error: None });
             state.save(archive.root())?;
+            // Idle time counts from the end of the work, not from its start.
+            last_new = Instant::now();
         }
         if w.idle_exit.is_some_and(|idle| last_new.elapsed() >= idle) {
             break;
@@ -456,6 +463,15 @@ fn error_row(
     emit(&json!({"event": "error", "checkpoint": name, "step": step, "sha256": sha256, "error": message}));
 }
 
+/// A step just evaluated: its folder name, step, content hash and its pairing against the
+/// previous step.
+struct Step<'a> {
+    name: &'a str,
+    step: u64,
+    sha256: &'a str,
+    previous: Value,
+}
+
 /// Emits the statistics the last evaluation produced (for `checkpoint`, or the base), updates
 /// the first significant steps and raises the alerts they call for.
 fn take_statistics(
@@ -464,7 +480,7 @@ fn take_statistics(
     w: &WatchOptions,
     state: &mut State,
     report: &mut WatchReport,
-    checkpoint: Option<(&str, u64, &str)>,
+    checkpoint: Option<Step>,
     emit: &mut dyn FnMut(&Value),
 ) -> Result<()> {
     let kept = std::mem::take(s.kept.as_mut().expect("kept by the watcher"));
@@ -474,9 +490,9 @@ fn take_statistics(
             messages.push(serde_json::from_slice::<Value>(&payload).map_err(|e| Error::Internal(format!("{e}")))?);
         }
     }
-    let (name, step, sha256) = match checkpoint {
-        Some((n, st, h)) => (Some(n), Some(st), Some(h)),
-        None => (None, None, None),
+    let (name, step, sha256, previous) = match checkpoint {
+        Some(c) => (Some(c.name), Some(c.step), Some(c.sha256), c.previous),
+        None => (None, None, None, Value::Null),
     };
     emit(&json!({
         "event": if name.is_some() { "evaluated" } else { "base" },
@@ -485,6 +501,7 @@ fn take_statistics(
         "sha256": sha256,
         "guard": guard,
         "statistics": messages,
+        "previous_step": previous,
     }));
     let Some(step) = step else { return Ok(()) };
     for alert in alerts(&messages, step, guard, state) {
@@ -535,6 +552,26 @@ fn alerts(messages: &[Value], step: u64, guard: &Guard, state: &mut State) -> Ve
         }));
     }
     out
+}
+
+/// The rows of `queries/trajectory_steps.sql` for `checkpoint` (paired against the previous
+/// step of its model), as JSON objects; empty for the first step.
+fn previous_step(live: &crate::sql::live::LiveSql, checkpoint: &str) -> Result<Value> {
+    // `checkpoint` is `checkpoint-<digits>`: nothing to quote.
+    let sql = format!("SELECT * FROM trajectory_steps WHERE checkpoint = '{checkpoint}'");
+    let rows = live.query(&sql).map_err(|e| Error::Internal(format!("trajectory_steps: {e}")))?;
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow::json::ArrayWriter::new(&mut buf);
+        for b in &rows.batches {
+            w.write(b).map_err(|e| Error::arrow("trajectory_steps", e))?;
+        }
+        w.finish().map_err(|e| Error::arrow("trajectory_steps", e))?;
+    }
+    if buf.is_empty() {
+        return Ok(json!([]));
+    }
+    serde_json::from_slice(&buf).map_err(|e| Error::Internal(format!("trajectory_steps as JSON: {e}")))
 }
 
 /// Runs the alert command with the alert's JSON on its standard input.
@@ -633,7 +670,7 @@ id = "base"
             poll: Duration::from_millis(50),
             alert_cmd: None,
             looks: 1,
-            idle_exit: Some(Duration::from_millis(if hook.is_some() { 4000 } else { 1500 })),
+            idle_exit: Some(Duration::from_millis(if hook.is_some() { 5000 } else { 3000 })),
             hook,
         };
         let mut events = Vec::new();
@@ -693,6 +730,12 @@ id = "base"
         let stats = e50["statistics"].as_array().unwrap();
         assert!(stats.iter().any(|m| m["kind"] == "checkpoint" && m["paired"]["base"].is_string()), "{stats:?}");
         assert!(stats.iter().any(|m| m["kind"] == "family"), "{stats:?}");
+        // Each step after the first is paired against the previous one too.
+        assert_eq!(e50["previous_step"], json!([]), "the first step has none");
+        let e100 = &first.events[2];
+        let previous = e100["previous_step"].as_array().unwrap();
+        assert!(!previous.is_empty(), "{e100}");
+        assert!(previous.iter().all(|r| r["previous_checkpoint"] == "checkpoint-50"), "{previous:?}");
         // The adapters change the answers, the same seed the same way.
         let base = outputs(root, "base");
         assert_eq!(base.len(), 6);
