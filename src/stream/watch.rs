@@ -862,6 +862,49 @@ id = "base"
             o
         };
         assert_eq!(read(&by_hook), read(&by_folder));
+
+        // The same announcements from Kafka (a capture of the checkpoints topic, replayed
+        // through the stream's loop without a broker) give the same archive too.
+        let by_kafka = root.join("by-kafka");
+        let archive = Archive::open_writer(by_kafka.join("archive"), "test").unwrap();
+        crate::grid::build_grid(&exp, &archive, crate::grid::GridMode::Keep, &Cluster::default()).unwrap();
+        let opts = StreamOptions::for_replay(
+            "",
+            1 << 20,
+            crate::score::refusal::RefusalRules::new(exp.refusal.mode),
+            Some(exp.clone()),
+        );
+        let announcement = |checkpoint: &str, finetuned: bool, path: Option<&str>| {
+            let mut a = json!({"schema_version": 1, "model": "tiny", "checkpoint": checkpoint, "finetuned": finetuned});
+            if let Some(p) = path {
+                a["path"] = json!(p);
+            }
+            a.to_string()
+        };
+        let captured: Vec<super::super::capture::Captured> = [
+            announcement("base", false, None),
+            announcement("checkpoint-50", true, Some(&p50)),
+            announcement("checkpoint-100", true, Some(&p100)),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, payload)| super::super::capture::Captured {
+            topic: opts.topics.checkpoints.clone(),
+            partition: 0,
+            offset: i as i64,
+            timestamp: None,
+            key: None,
+            payload: Some(payload),
+            payload_base64: None,
+        })
+        .collect();
+        let replayed = super::super::replay_capture(&Cluster::default(), &archive, &opts, captured).unwrap();
+        assert_eq!(replayed.evaluated.len(), 3, "{replayed:?}");
+        drop(archive);
+        for c in ["base", "checkpoint-50", "checkpoint-100"] {
+            assert_eq!(outputs(&by_kafka, c), outputs(&by_folder, c), "{c}");
+        }
+        assert_eq!(read(&by_kafka), read(&by_folder));
     }
 
     /// A family is alerted once, the first time one of its categories is significant toward
