@@ -54,6 +54,14 @@ pub struct Args {
     /// The environment variable holding the hook's key (`Authorization: Bearer <key>`).
     #[arg(long)]
     hook_key_env: Option<String>,
+    /// Evaluate intermediate checkpoints on a seeded sample of K items per dataset (the same
+    /// items at every step; the families' `mdd_pp` states their power), the last step on the
+    /// whole grid.
+    #[arg(long, value_name = "K")]
+    items_per_checkpoint: Option<usize>,
+    /// The run's last step (default: `trainer_state.json`'s `max_steps`, when it says).
+    #[arg(long)]
+    final_step: Option<u64>,
     /// As `candor run --regrid`: build a changed experiment's grid as a new version.
     #[arg(long)]
     regrid: bool,
@@ -91,6 +99,8 @@ pub fn run(args: Args, g: &Globals) -> Result<Watched> {
         idle_exit: args.idle_exit.map(|s| Duration::from_secs_f64(s.max(0.0))),
         alert_cmd: args.alert_cmd.clone(),
         looks: args.looks,
+        items_per_checkpoint: args.items_per_checkpoint,
+        final_step: args.final_step,
         hook: match args.hook {
             Some(listen) => Some(candor::stream::hook::HookOptions {
                 listen,

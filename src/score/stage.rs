@@ -321,13 +321,15 @@ impl Scorer {
         self.generation.as_ref().map_or((0, 0), |(_, c)| (c.model_calls.load(Relaxed), c.from_store.load(Relaxed)))
     }
 
-    /// Feeds the generation of a registered checkpoint's answers to every trial held, as one
-    /// round committed as `epoch`; [`Self::wait`] returns when it is archived and scored.
+    /// Feeds the generation of a registered checkpoint's answers to every trial held (or,
+    /// with `items`, to the trials of those (dataset, item key) only), as one round committed
+    /// as `epoch`; [`Self::wait`] returns when it is archived and scored.
     pub fn generate(
         &mut self,
         epoch: Epoch,
         model: crate::model::ModelConfig,
         checkpoint: crate::model::CheckpointConfig,
+        items: Option<&std::collections::BTreeSet<(String, String)>>,
     ) -> Result<()> {
         use crate::generate::operator::{CheckpointPlan, as_request, trial_batches};
         let Some((plan, _)) = &self.generation else {
@@ -335,7 +337,11 @@ impl Scorer {
         };
         let trials: Vec<Trial> = {
             let held = self.trials.read().map_err(|_| Error::Internal("the trials were poisoned by a panic".into()))?;
-            let mut t: Vec<Trial> = held.values().cloned().collect();
+            let mut t: Vec<Trial> = held
+                .values()
+                .filter(|t| items.is_none_or(|i| i.contains(&(t.dataset.clone(), t.item_key.clone()))))
+                .cloned()
+                .collect();
             t.sort_by(|a, b| a.trial_key.cmp(&b.trial_key));
             t
         };
@@ -349,6 +355,28 @@ impl Scorer {
             .insert(self.session.next_time(), CheckpointPlan { epoch, model, checkpoint });
         let batches = trial_batches(&trials, 256)?.into_iter().map(as_request).collect();
         self.session.feed(epoch, batches)
+    }
+
+    /// A seeded sample of `per_dataset` items of each dataset among the trials held (all of a
+    /// dataset's items when it has no more), the same for every call with the same seed: the
+    /// items a subsampled checkpoint answers.
+    pub fn sample_items(&self, per_dataset: usize, seed: u64) -> Result<std::collections::BTreeSet<(String, String)>> {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let held = self.trials.read().map_err(|_| Error::Internal("the trials were poisoned by a panic".into()))?;
+        let mut by_dataset: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
+        for t in held.values() {
+            by_dataset.entry(t.dataset.as_str()).or_default().insert(t.item_key.as_str());
+        }
+        let mut out = std::collections::BTreeSet::new();
+        for (dataset, items) in by_dataset {
+            let mut items: Vec<&str> = items.into_iter().collect();
+            let mut rng =
+                rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ crate::dataflow::stable_hash(dataset.as_bytes()));
+            items.shuffle(&mut rng);
+            out.extend(items.into_iter().take(per_dataset).map(|i| (dataset.to_string(), i.to_string())));
+        }
+        Ok(out)
     }
 
     /// Feeds responses to score as [`score_responses`] does: `new_trials` are archived with

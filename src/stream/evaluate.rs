@@ -44,6 +44,9 @@ pub(super) struct Evaluated {
 pub(super) struct Evaluator<'a> {
     opts: &'a StreamOptions,
     scorer: stage::Scorer,
+    /// Checkpoints to generate over some items only (by checkpoint key): `candor watch
+    /// --items-per-checkpoint`.
+    subsamples: HashMap<String, std::collections::BTreeSet<(String, String)>>,
 }
 
 impl<'a> Evaluator<'a> {
@@ -55,7 +58,7 @@ impl<'a> Evaluator<'a> {
             .map(|e| (e, Box::new(crate::generate::backend::open) as crate::generate::OpenGenerator));
         let scorer =
             stage::Scorer::start(cluster, archive, read_records::<Trial>(archive)?, opts.refusal.clone(), generation)?;
-        Ok(Evaluator { opts, scorer })
+        Ok(Evaluator { opts, scorer, subsamples: HashMap::new() })
     }
 
     /// Evaluates the checkpoints taken off the ready queue: those with answer records in one
@@ -76,7 +79,8 @@ impl<'a> Evaluator<'a> {
             }
             if announced.announcement.answers.is_none() {
                 let (model, ckpt) = self.generator_for(&announced.announcement).expect("checked when announced");
-                self.scorer.generate(epoch, model, ckpt)?;
+                let items = self.subsamples.remove(&checkpoint);
+                self.scorer.generate(epoch, model, ckpt, items.as_ref())?;
                 out.recorded.committed.push(epoch);
                 out.evaluated.push(checkpoint);
                 continue;
@@ -117,6 +121,16 @@ impl<'a> Evaluator<'a> {
         out.written.extend(reports.into_iter().map(|d| (d.epoch, d.written)));
         out.dataflow = t0.elapsed();
         Ok(out)
+    }
+
+    /// Generates checkpoint `key` (when it is announced without answers) over `items` only.
+    pub fn subsample(&mut self, key: String, items: std::collections::BTreeSet<(String, String)>) {
+        self.subsamples.insert(key, items);
+    }
+
+    /// A seeded sample of `per_dataset` items of each dataset of the trial grid.
+    pub fn sample_items(&self, per_dataset: usize, seed: u64) -> Result<std::collections::BTreeSet<(String, String)>> {
+        self.scorer.sample_items(per_dataset, seed)
     }
 
     /// Whether an announcement without an answer count can be generated for.

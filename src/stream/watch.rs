@@ -73,6 +73,11 @@ pub struct WatchOptions {
     pub looks: u32,
     /// Also take checkpoints from `POST /v1/checkpoints` ([`super::hook`]).
     pub hook: Option<super::hook::HookOptions>,
+    /// Evaluate intermediate checkpoints on a seeded sample of this many items per dataset
+    /// (the same items at every step), the last one on the whole grid.
+    pub items_per_checkpoint: Option<usize>,
+    /// The run's last step (else `trainer_state.json`'s `max_steps`, when it says).
+    pub final_step: Option<u64>,
 }
 
 /// The guard against repeated looks in force, stated in every output.
@@ -230,6 +235,16 @@ fn folders(dir: &Path) -> Result<Vec<(u64, String, PathBuf)>> {
     Ok(out)
 }
 
+/// Whether `step` is the run's last: `final_step`, else `trainer_state.json`'s `max_steps`.
+fn is_final(dir: &Path, step: u64, final_step: Option<u64>) -> bool {
+    if let Some(f) = final_step {
+        return step >= f;
+    }
+    let state =
+        std::fs::read(dir.join("trainer_state.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    state.and_then(|s| s.get("max_steps").and_then(Value::as_u64)).is_some_and(|max| step >= max)
+}
+
 /// The training epoch `trainer_state.json` records, if any.
 fn training_epoch(dir: &Path) -> Option<f64> {
     let bytes = std::fs::read(dir.join("trainer_state.json")).ok()?;
@@ -308,6 +323,7 @@ pub fn watch(
     // checked at (hashed again only when a file changes).
     let mut checked: HashMap<String, Listing> = HashMap::new();
     let mut last_new = Instant::now();
+    let mut subsample: Option<Value> = None;
     let hook = match &w.hook {
         Some(h) => {
             let hook = super::hook::Hook::start(h, &model.name, base_ids.iter().map(|b| b.to_string()).collect())?;
@@ -397,6 +413,12 @@ pub fn watch(
             let rejected = match loaded {
                 Err(e) => Some(e.to_string()),
                 Ok(()) => {
+                    subsample = None;
+                    if let Some(k) = w.items_per_checkpoint.filter(|_| !is_final(&path, step, w.final_step)) {
+                        let items = s.evaluator.sample_items(k, exp.seed)?;
+                        subsample = Some(json!({"items_per_dataset": k, "items": items.len()}));
+                        s.evaluator.subsample(super::state::checkpoint_key(&model.name, &name), items);
+                    }
                     let before: u64 = s.report.dead_letters.values().sum();
                     let path_text = path.canonicalize().unwrap_or(path.clone()).to_string_lossy().into_owned();
                     announce(
@@ -430,7 +452,7 @@ pub fn watch(
                 report.already.push(name.clone());
             }
             let previous = previous_step(&live, &name)?;
-            let evaluated = Step { name: &name, step, sha256: &sha256, previous };
+            let evaluated = Step { name: &name, step, sha256: &sha256, previous, subsample: subsample.take() };
             take_statistics(&mut s, &guard, w, &mut state, &mut report, Some(evaluated), emit)?;
             state.checkpoints.insert(name, Entry { step, sha256, status: "evaluated".into(), error: None });
             state.save(archive.root())?;
@@ -470,6 +492,8 @@ struct Step<'a> {
     step: u64,
     sha256: &'a str,
     previous: Value,
+    /// The subsample it was evaluated on (None: the whole grid).
+    subsample: Option<Value>,
 }
 
 /// Emits the statistics the last evaluation produced (for `checkpoint`, or the base), updates
@@ -490,9 +514,9 @@ fn take_statistics(
             messages.push(serde_json::from_slice::<Value>(&payload).map_err(|e| Error::Internal(format!("{e}")))?);
         }
     }
-    let (name, step, sha256, previous) = match checkpoint {
-        Some(c) => (Some(c.name), Some(c.step), Some(c.sha256), c.previous),
-        None => (None, None, None, Value::Null),
+    let (name, step, sha256, previous, subsample) = match checkpoint {
+        Some(c) => (Some(c.name), Some(c.step), Some(c.sha256), c.previous, c.subsample),
+        None => (None, None, None, Value::Null, None),
     };
     emit(&json!({
         "event": if name.is_some() { "evaluated" } else { "base" },
@@ -502,6 +526,9 @@ fn take_statistics(
         "guard": guard,
         "statistics": messages,
         "previous_step": previous,
+        // On a subsample the families' power is lower: their `mdd_pp` (the smallest difference
+        // detectable at 80% power) says how much.
+        "subsample": subsample,
     }));
     let Some(step) = step else { return Ok(()) };
     for alert in alerts(&messages, step, guard, state) {
@@ -654,6 +681,17 @@ id = "base"
         hook: Option<super::super::hook::HookOptions>,
         on_event: &mut dyn FnMut(&Value),
     ) -> Run {
+        watch_sampled(root, exp, run, hook, None, on_event)
+    }
+
+    fn watch_sampled(
+        root: &Path,
+        exp: &crate::config::Experiment,
+        run: &Path,
+        hook: Option<super::super::hook::HookOptions>,
+        items_per_checkpoint: Option<usize>,
+        on_event: &mut dyn FnMut(&Value),
+    ) -> Run {
         let archive = Archive::open_writer(root.join("archive"), "test").unwrap();
         crate::grid::build_grid(exp, &archive, crate::grid::GridMode::Keep, &Cluster::default()).unwrap();
         let opts = StreamOptions::for_replay(
@@ -670,6 +708,8 @@ id = "base"
             poll: Duration::from_millis(50),
             alert_cmd: None,
             looks: 1,
+            items_per_checkpoint,
+            final_step: None,
             idle_exit: Some(Duration::from_millis(if hook.is_some() { 5000 } else { 3000 })),
             hook,
         };
@@ -776,6 +816,42 @@ id = "base"
             assert_eq!(observed.iter().filter(|o| o.checkpoint == c).count(), 6, "{c}");
         }
         assert!(archive.verify().is_empty());
+    }
+
+    /// Intermediate steps on a seeded subsample (the same items each time), the last step
+    /// (`max_steps` in `trainer_state.json`) on the whole grid.
+    #[test]
+    fn intermediate_steps_answer_a_seeded_subsample_and_the_last_the_whole_grid() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let cfg = tiny_config("llama");
+        write_hf_dir(&root.join("base"), &cfg, &hf_weights(&cfg, 1));
+        let exp = experiment(root, &root.join("base"));
+        let run = root.join("run");
+        save_checkpoint(&run, 50, true);
+        save_checkpoint(&run, 100, true);
+        let last = save_checkpoint(&run, 150, true);
+        std::fs::write(last.join("trainer_state.json"), json!({"global_step": 150, "max_steps": 150}).to_string())
+            .unwrap();
+        let watched = watch_sampled(root, &exp, &run, None, Some(1), &mut |_| {});
+        assert_eq!(watched.report.evaluated, ["checkpoint-50", "checkpoint-100", "checkpoint-150"]);
+        let subsamples: Vec<Value> = watched.events[1..].iter().map(|e| e["subsample"].clone()).collect();
+        assert_eq!(subsamples[0], json!({"items_per_dataset": 1, "items": 1}));
+        assert_eq!(subsamples[2], Value::Null, "the last step answers the whole grid");
+        let items = |c: &str| -> BTreeSet<String> {
+            let archive = Archive::open(root.join("archive")).unwrap();
+            crate::archive::read_records::<Observation>(&archive)
+                .unwrap()
+                .into_iter()
+                .filter(|o| o.checkpoint == c)
+                .map(|o| o.item_key)
+                .collect()
+        };
+        assert_eq!(items("checkpoint-50").len(), 1);
+        assert_eq!(items("checkpoint-50"), items("checkpoint-100"), "the same items at every step");
+        assert_eq!(items("checkpoint-150"), items("base"));
+        assert_eq!(items("base").len(), 3);
+        assert_eq!(watched.report.stream.model_calls, 6 + 2 + 2 + 6, "base, two sampled steps, the last");
     }
 
     /// One HTTP/1.1 request to the hook; returns the status code and body.
