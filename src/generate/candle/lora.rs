@@ -10,12 +10,13 @@
 //! and `…lora_B.weight` (`[out, r]`), which apply to the base weight
 //! `model.layers.0.self_attn.q_proj.weight` (`[out, in]`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::llama;
 use crate::error::{Error, Location, Result};
 
 /// `adapter_config.json`, the fields merging needs.
@@ -131,33 +132,128 @@ impl Adapter {
         Ok(Adapter { dir: dir.to_path_buf(), config, pairs })
     }
 
-    /// Adds `s·B·A` to each targeted weight of `base` (HF names), in the base weights' dtype.
-    /// A LoRA weight whose base weight is absent, or whose shape does not fit it, is an error.
-    pub fn merge_into(&self, base: &mut HashMap<String, Tensor>) -> Result<()> {
-        let w_path = self.dir.join(WEIGHTS_FILE);
-        let bad = |key: &str, msg: String| Error::input(Location::file(&w_path).field(key), msg);
+    /// Each LoRA pair as the `s·B·A` of the base weight it adapts, under that weight's name
+    /// and in its row order in `layout`. `shape` gives a base weight's shape by name (`None`:
+    /// the base has no such weight). A pair whose base weight is absent, or whose shape does not
+    /// fit it, is an error naming the adapter file and the pair's HF weight name.
+    pub fn deltas(&self, layout: Layout, shape: impl Fn(&str) -> Option<Vec<usize>>) -> Result<Deltas> {
+        let file = self.dir.join(WEIGHTS_FILE);
+        let bad = |key: &str, msg: String| Error::input(Location::file(&file).field(key), msg);
         let scale = self.config.scale();
+        let mut map = BTreeMap::new();
         for (name, (a, b)) in &self.pairs {
-            let Some(w) = base.get(name) else {
-                return Err(bad(name, "matches no weight of the base model".into()));
+            let (target, heads) = match layout {
+                Layout::Hf => (name.clone(), None),
+                Layout::Gguf(cfg) => gguf_name(name, cfg).ok_or_else(|| {
+                    bad(
+                        name,
+                        "has no counterpart in a GGUF base (only the layers' q/k/v/o and gate/up/down projections \
+                         can be adapted)"
+                            .into(),
+                    )
+                })?,
             };
-            let (out_dim, in_dim) = w.dims2().map_err(|e| bad(name, format!("base weight: {e}")))?;
+            let shown = if target == *name { String::new() } else { format!(" `{target}`") };
+            let dims =
+                shape(&target).ok_or_else(|| bad(name, format!("matches no weight{shown} of the base model")))?;
+            let [out_dim, in_dim] = dims[..] else {
+                return Err(bad(name, format!("the base weight{shown} is {dims:?}, not a matrix")));
+            };
             if b.dims()[0] != out_dim || a.dims()[1] != in_dim {
                 return Err(bad(
                     name,
-                    format!("B·A is [{}, {}] but the base weight is [{out_dim}, {in_dim}]", b.dims()[0], a.dims()[1]),
+                    format!(
+                        "B·A is [{}, {}] but the base weight{shown} is [{out_dim}, {in_dim}]",
+                        b.dims()[0],
+                        a.dims()[1]
+                    ),
                 ));
             }
-            let merged = (|| {
-                let delta = b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?;
-                let delta = (delta * scale)?.to_device(w.device())?;
-                (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())
+            let delta = (|| {
+                let a = a.to_dtype(DType::F32)?;
+                let mut b = (b.to_dtype(DType::F32)? * scale)?;
+                if let Some(heads) = heads {
+                    // llama.cpp's converter reorders each head's q/k rows from HF's two halves
+                    // into (first, second) pairs for its interleaved rotary kernel; B·A's rows
+                    // (B's rows) must follow the base's.
+                    let r = b.dims()[1];
+                    b = b.reshape((heads, 2, out_dim / heads / 2, r))?.transpose(1, 2)?.reshape((out_dim, r))?;
+                }
+                Ok::<_, candle_core::Error>(Delta { a, b })
             })()
-            .map_err(|e: candle_core::Error| bad(name, format!("merge failed: {e}")))?;
-            base.insert(name.clone(), merged);
+            .map_err(|e| bad(name, format!("cannot read the LoRA pair: {e}")))?;
+            map.insert(target, (name.clone(), delta));
         }
-        Ok(())
+        Ok(Deltas { file, map })
     }
+}
+
+/// How a base model names its weights and orders their rows.
+#[derive(Clone, Copy, Debug)]
+pub enum Layout<'a> {
+    /// HF names (`model.layers.0.self_attn.q_proj.weight`), rows as trained.
+    Hf,
+    /// llama.cpp names (`blk.0.attn_q.weight`); under llama's interleaved rotary layout
+    /// ([`llama::Rope::Interleaved`]) the q and k rows are permuted as llama.cpp's converter
+    /// does, which the adapter's B must follow.
+    Gguf(&'a llama::Config),
+}
+
+/// An adapter's change to one base weight, `s·B·A`, as A `[r, in]` and `s·B` `[out, r]` in
+/// f32, rows in the base weight's order.
+#[derive(Clone, Debug)]
+pub struct Delta {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// The changes an adapter makes, by base weight name, checked against the base's shapes. The
+/// model takes each as it builds the projection; [`Deltas::finish`] then refuses any it did
+/// not take.
+#[derive(Debug, Default)]
+pub struct Deltas {
+    file: PathBuf,
+    /// Base weight name → (the adapter's HF weight name, delta).
+    map: BTreeMap<String, (String, Delta)>,
+}
+
+impl Deltas {
+    /// The change to base weight `name`, if the adapter makes one.
+    pub fn take(&mut self, name: &str) -> Option<Delta> {
+        self.map.remove(name).map(|(_, d)| d)
+    }
+
+    /// An error naming the first change no projection of the model took (a base weight that
+    /// exists but is not a projection, e.g. the token embedding).
+    pub fn finish(self) -> Result<()> {
+        match self.map.into_iter().next() {
+            None => Ok(()),
+            Some((target, (name, _))) => Err(Error::input(
+                Location::file(&self.file).field(&name),
+                format!("adapts `{target}`, which is not a projection of the model"),
+            )),
+        }
+    }
+}
+
+/// The llama.cpp name of an HF projection weight and, for q/k under the interleaved rotary
+/// layout, the number of heads its rows are permuted over.
+fn gguf_name(hf: &str, cfg: &llama::Config) -> Option<(String, Option<usize>)> {
+    let rest = hf.strip_prefix("model.layers.")?.strip_suffix(".weight")?;
+    let (layer, module) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let permuted = |heads: usize| (cfg.rope == llama::Rope::Interleaved).then_some(heads);
+    let (gguf, heads) = match module {
+        "self_attn.q_proj" => ("attn_q", permuted(cfg.num_heads)),
+        "self_attn.k_proj" => ("attn_k", permuted(cfg.num_kv_heads)),
+        "self_attn.v_proj" => ("attn_v", None),
+        "self_attn.o_proj" => ("attn_output", None),
+        "mlp.gate_proj" => ("ffn_gate", None),
+        "mlp.up_proj" => ("ffn_up", None),
+        "mlp.down_proj" => ("ffn_down", None),
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{gguf}.weight"), heads))
 }
 
 /// `base_model.model.<module>.lora_A[.default].weight` → (`<module>`, is A).

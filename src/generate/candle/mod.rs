@@ -204,9 +204,9 @@ pub enum Weights {
     Gguf(PathBuf),
     /// An HF safetensors model directory.
     Safetensors(PathBuf),
-    /// A LoRA adapter directory merged into an HF safetensors base directory.
+    /// A LoRA adapter directory applied to a base: [`Weights::Gguf`] or [`Weights::Safetensors`].
     Lora {
-        base: PathBuf,
+        base: Box<Weights>,
         adapter: PathBuf,
     },
 }
@@ -235,13 +235,9 @@ impl Weights {
         };
         match path {
             None => plain(base),
-            Some(p) if p.is_dir() && lora::Adapter::is_adapter_dir(p) => match plain(base)? {
-                Weights::Safetensors(b) => Ok(Weights::Lora { base: b, adapter: p.to_path_buf() }),
-                _ => Err(Error::input(
-                    Location::file(p),
-                    format!("a LoRA adapter needs a safetensors base directory, and `base` is {}", base.display()),
-                )),
-            },
+            Some(p) if p.is_dir() && lora::Adapter::is_adapter_dir(p) => {
+                Ok(Weights::Lora { base: Box::new(plain(base)?), adapter: p.to_path_buf() })
+            }
             Some(p) => plain(p),
         }
     }
@@ -253,16 +249,51 @@ impl Weights {
             Weights::Safetensors(d) => dir_digest(d),
             Weights::Lora { base, adapter } => {
                 let mut h = Sha256::new();
-                h.update(format!("base {}\nadapter {}\n", dir_digest(base)?, dir_digest(adapter)?));
+                h.update(format!("base {}\nadapter {}\n", base.digest()?, dir_digest(adapter)?));
                 Ok(hex(&h.finalize()))
             }
         }
     }
+
+    /// Loads the weights; `dequantize` applies to a GGUF file (base or not).
+    pub fn load(&self, device: &Device, context: Option<usize>, dequantize: llama::Dequantize) -> Result<Engine> {
+        match self {
+            Weights::Gguf(p) => load_gguf(p, None, device, context, dequantize),
+            Weights::Safetensors(d) => load_safetensors(d, None, device, context),
+            Weights::Lora { base, adapter } => match base.as_ref() {
+                Weights::Gguf(p) => load_gguf(p, Some(adapter), device, context, dequantize),
+                Weights::Safetensors(d) => load_safetensors(d, Some(adapter), device, context),
+                Weights::Lora { .. } => {
+                    Err(Error::input(Location::file(adapter), "a LoRA adapter cannot be the base of another"))
+                }
+            },
+        }
+    }
 }
 
-/// Loads a GGUF model with the tokenizer and chat template from its own metadata.
+/// An adapter's own tokenizer or chat-template file (what training used), which wins over
+/// the base's.
+fn adapter_file(adapter: Option<&Path>, name: &str) -> Option<PathBuf> {
+    adapter.map(|a| a.join(name)).filter(|p| p.is_file())
+}
+
+/// The `chat_template` of a `tokenizer_config.json`, if the file exists and has one.
+fn template_file(path: &Path) -> Result<Option<String>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::input(Location::file(path), e.to_string()))?;
+    Ok(v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string))
+}
+
+/// Loads a GGUF model with the tokenizer and chat template from its own metadata, and a LoRA
+/// adapter applied if given (see [`llama::Model::from_gguf`]; the adapter's own
+/// `tokenizer.json` and `tokenizer_config.json` chat template, where it has them, win).
 pub fn load_gguf(
     path: &Path,
+    adapter: Option<&Path>,
     device: &Device,
     context: Option<usize>,
     dequantize: llama::Dequantize,
@@ -271,14 +302,27 @@ pub fn load_gguf(
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file).map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
     let cfg = llama::Model::gguf_config(&ct, context).map_err(|e| bad(e.to_string()))?;
-    let model =
-        llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize).map_err(|e| bad(format!("weights: {e}")))?;
-    let tokenizer = tokenizer::from_gguf(&ct, path)?;
-    let template = match ct.metadata.get("tokenizer.chat_template") {
-        Some(v) => Some(v.to_string().map_err(|e| bad(format!("tokenizer.chat_template: {e}")))?.as_str()),
-        None => None,
+    let mut deltas = match adapter {
+        Some(a) => lora::Adapter::read(a)?
+            .deltas(lora::Layout::Gguf(&cfg), |name| ct.tensor_infos.get(name).map(|t| t.shape.dims().to_vec()))?,
+        None => lora::Deltas::default(),
     };
-    let chat = chat::ChatTemplate::from_jinja(template).map_err(bad)?;
+    let model = llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize, &mut deltas)
+        .map_err(|e| bad(format!("weights: {e}")))?;
+    deltas.finish()?;
+    let tokenizer = match adapter_file(adapter, "tokenizer.json") {
+        Some(p) => crate::model::read_tokenizer(&p)?,
+        None => tokenizer::from_gguf(&ct, path)?,
+    };
+    let template =
+        match adapter_file(adapter, "tokenizer_config.json").as_deref().map(template_file).transpose()?.flatten() {
+            Some(t) => Some(t),
+            None => match ct.metadata.get("tokenizer.chat_template") {
+                Some(v) => Some(v.to_string().map_err(|e| bad(format!("tokenizer.chat_template: {e}")))?.clone()),
+                None => None,
+            },
+        };
+    let chat = chat::ChatTemplate::from_jinja(template.as_deref()).map_err(bad)?;
     let eos: Vec<u32> =
         ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).into_iter().collect();
     let stop_ids = Engine::stop_ids_for(&tokenizer, &eos);
@@ -388,23 +432,21 @@ pub fn load_safetensors(dir: &Path, adapter: Option<&Path>, device: &Device, con
     if let Some(c) = context {
         cfg.max_seq_len = cfg.max_seq_len.min(c);
     }
-    let mut tensors = read_safetensors_dir(dir)?;
-    if let Some(a) = adapter {
-        lora::Adapter::read(a)?.merge_into(&mut tensors)?;
-    }
+    let tensors = read_safetensors_dir(dir)?;
+    let mut deltas = match adapter {
+        Some(a) => {
+            lora::Adapter::read(a)?.deltas(lora::Layout::Hf, |name| tensors.get(name).map(|t| t.dims().to_vec()))?
+        }
+        None => lora::Deltas::default(),
+    };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = llama::Model::load(vb, &cfg).map_err(|e| Error::input(Location::file(dir), format!("weights: {e}")))?;
-    let pick = |name: &str| adapter.map(|a| a.join(name)).filter(|p| p.is_file()).unwrap_or_else(|| dir.join(name));
+    let model = llama::Model::load(vb, &cfg, &mut deltas)
+        .map_err(|e| Error::input(Location::file(dir), format!("weights: {e}")))?;
+    deltas.finish()?;
+    let pick = |name: &str| adapter_file(adapter, name).unwrap_or_else(|| dir.join(name));
     let tokenizer = crate::model::read_tokenizer(&pick("tokenizer.json"))?;
     let tc_path = pick("tokenizer_config.json");
-    let template = if tc_path.is_file() {
-        let text = std::fs::read_to_string(&tc_path).map_err(|e| Error::io(&tc_path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::input(Location::file(&tc_path), e.to_string()))?;
-        v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
-    } else {
-        None
-    };
+    let template = template_file(&tc_path)?;
     let chat = chat::ChatTemplate::from_jinja(template.as_deref())
         .map_err(|e| Error::input(Location::file(&tc_path).field("chat_template"), e))?;
     let stop_ids = Engine::stop_ids_for(&tokenizer, &hf.eos_ids());
@@ -441,11 +483,7 @@ impl CandleGenerator {
             }
         }
         let device = options.device.open()?;
-        let engine = match &weights {
-            Weights::Gguf(p) => load_gguf(p, &device, options.context, options.dequantize)?,
-            Weights::Safetensors(d) => load_safetensors(d, None, &device, options.context)?,
-            Weights::Lora { base, adapter } => load_safetensors(base, Some(adapter), &device, options.context)?,
-        };
+        let engine = weights.load(&device, options.context, options.dequantize)?;
         let system = match &system_prompt {
             Some(s) => hex(&Sha256::digest(s.as_bytes()))[..16].to_string(),
             None => "none".to_string(),
