@@ -1137,6 +1137,43 @@ fn real_smollm2_answers_in_text() {
     assert!(toks.iter().any(|t| *t != toks[0]), "one token repeated: {:?}", again.output);
 }
 
+/// A random adapter on the real SmolLM2 GGUF from the model cache, as a fine-tune of it would
+/// be applied: B = 0 (PEFT's initialisation) leaves every logit as it was; a seeded adapter
+/// changes the answers, the same way on every load.
+#[test]
+fn real_smollm2_takes_a_seeded_random_adapter() {
+    let path = models_dir().join(DEFAULT_GGUF);
+    if !path.is_file() {
+        assert!(std::env::var_os("CI").is_none(), "{} is missing in CI; scripts/test fetches it", path.display());
+        eprintln!("skipped: {} not found; run scripts/fetch-models", path.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let load = |adapter: Option<&Path>| load_gguf(&path, adapter, &Device::Cpu, Some(256), Dequantize::Auto).unwrap();
+    let base = load(None);
+    let cfg = base.model.config().clone();
+    let (zero, tuned) = (dir.path().join("zero"), dir.path().join("checkpoint-50"));
+    random_adapter(&zero, &cfg, &["q_proj", "v_proj"], 1, 0.05, true);
+    random_adapter(&tuned, &cfg, &["q_proj", "v_proj"], 2, 0.05, false);
+    let tokens = base.encode_prompt(None, "What is the capital of France?").unwrap();
+    let logits = |e: &Engine| e.logits_all_positions(&tokens).unwrap();
+    let want = logits(&base);
+    assert_eq!(max_diff(&logits(&load(Some(&zero))), &want), 0.0);
+
+    let (first, second) = (load(Some(&tuned)), load(Some(&tuned)));
+    let got = logits(&first);
+    assert_eq!(max_diff(&logits(&second), &got), 0.0, "the same adapter loaded twice");
+    assert!(max_diff(&got, &want) > 0.5, "the adapter hardly changed the logits: {}", max_diff(&got, &want));
+    let reqs: Vec<GenRequest> = ["What is the capital of France?", "Name three colours of the rainbow."]
+        .iter()
+        .map(|p| request(p, 0.0, 16, 1))
+        .collect();
+    let (b, t) = (outputs(&base, &reqs, 2), outputs(&first, &reqs, 2));
+    eprintln!("base {b:?}\nadapted {t:?}");
+    assert_ne!(b, t);
+    assert_eq!(outputs(&second, &reqs, 2), t);
+}
+
 /// Throughput of the real SmolLM2 at batch sizes 1, 4 and 8 (a benchmark, not a check; run
 /// with `cargo test --release --lib bench_smollm2 -- --ignored --nocapture`).
 #[test]
