@@ -388,6 +388,76 @@ fn a_run_killed_with_sigkill_resumes_with_no_lost_duplicated_or_repaid_answers()
     assert_eq!(third["skipped"].as_array().unwrap().len(), 2);
 }
 
+/// A seeded random PEFT adapter for the GGUF model at `gguf` (rank 8, alpha 16, q_proj and
+/// v_proj of every layer), as a LoRA fine-tune of it would be saved: `adapter_config.json` and
+/// `adapter_model.safetensors` with PEFT's key names.
+fn random_adapter(gguf: &Path, dir: &Path, seed: u64) {
+    use candle_core::{Device, Tensor};
+    let mut f = std::fs::File::open(gguf).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let cfg = candor::generate::candle::llama::Model::gguf_config(&ct, None).unwrap();
+    let (h, hd, r) = (cfg.hidden_size, cfg.head_dim(), 8);
+    let mut state = seed;
+    let mut t = |rows: usize, cols: usize| {
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                0.08 * (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            })
+            .collect();
+        Tensor::from_vec(vals, (rows, cols), &Device::Cpu).unwrap()
+    };
+    let mut w = HashMap::new();
+    for l in 0..cfg.num_layers {
+        for (m, out) in [("q_proj", cfg.num_heads * hd), ("v_proj", cfg.num_kv_heads * hd)] {
+            let key = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            w.insert(format!("{key}.lora_A.weight"), t(r, h));
+            w.insert(format!("{key}.lora_B.weight"), t(out, r));
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(&w, dir.join("adapter_model.safetensors")).unwrap();
+    let config =
+        serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+}
+
+#[test]
+fn a_lora_checkpoint_on_the_default_gguf_is_evaluated_offline_under_its_own_digest() {
+    let Some(gguf) = local_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("checkpoint-50");
+    random_adapter(&gguf, &adapter, 7);
+    let checkpoints = format!(
+        "[[models.checkpoints]]\nid = \"original\"\n\
+         [[models.checkpoints]]\nid = \"warm-lora\"\nfinetuned = true\nepoch = 1\npath = \"{}\"\n",
+        adapter.display()
+    );
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", &checkpoints);
+    let text = std::fs::read_to_string(&exp).unwrap();
+    std::fs::write(&exp, text.replace("[\"unmodified\", \"emotion:sad\"]", "[\"unmodified\"]")).unwrap();
+    let out = dir.path().join("run");
+    let total = 4 * 2 * 2; // items × prompt types × checkpoints
+    let run = summary(&ok(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]));
+    // The adapter's answers are its own: none is taken from the base's in the store.
+    assert_eq!(run["model_calls"].as_u64().unwrap() as usize, total, "{run}");
+    assert_eq!(candor::generate::store::GenerationStore::read_only(&out).unwrap().len(), total);
+
+    let base = candor::generate::candle::Weights::Gguf(gguf.clone());
+    let tuned = candor::generate::candle::Weights::resolve(Some(&adapter), &gguf).unwrap();
+    let responses: Vec<Response> = read_records(&Archive::open(&out).unwrap()).unwrap();
+    let by_checkpoint = |id: &str| -> BTreeMap<String, Response> {
+        responses.iter().filter(|r| r.checkpoint == id).map(|r| (r.trial_key.clone(), r.clone())).collect()
+    };
+    let (original, warm) = (by_checkpoint("original"), by_checkpoint("warm-lora"));
+    assert_eq!((original.len(), warm.len()), (total / 2, total / 2));
+    let generator = |w: &candor::generate::candle::Weights| format!("candle:{}:system:none", w.digest().unwrap());
+    assert!(original.values().all(|r| r.generator == generator(&base)), "{:?}", original.values().next());
+    assert!(warm.values().all(|r| r.generator == generator(&tuned) && r.is_finetuned), "{:?}", warm.values().next());
+    let changed = original.iter().filter(|(k, r)| warm[*k].output != r.output).count();
+    assert!(changed > 0, "the adapter changed no answer");
+}
+
 /// `candor serve` of `exp`'s model on a free port with `faults` injected (seeded), once it
 /// accepts connections: the child and its port.
 fn serve_with_faults(exp: &Path, faults: &str) -> (std::process::Child, u16) {
