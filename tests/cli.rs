@@ -389,37 +389,19 @@ fn a_run_killed_with_sigkill_resumes_with_no_lost_duplicated_or_repaid_answers()
 }
 
 /// A seeded random PEFT adapter for the GGUF model at `gguf` (rank 8, alpha 16, q_proj and
-/// v_proj of every layer), as a LoRA fine-tune of it would be saved: `adapter_config.json` and
-/// `adapter_model.safetensors` with PEFT's key names.
+/// v_proj of every layer), as a LoRA fine-tune of it would be saved.
 fn random_adapter(gguf: &Path, dir: &Path, seed: u64) {
-    use candle_core::{Device, Tensor};
     let mut f = std::fs::File::open(gguf).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let cfg = candor::generate::candle::llama::Model::gguf_config(&ct, None).unwrap();
-    let (h, hd, r) = (cfg.hidden_size, cfg.head_dim(), 8);
-    let mut state = seed;
-    let mut t = |rows: usize, cols: usize| {
-        let vals: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                0.08 * (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-            })
-            .collect();
-        Tensor::from_vec(vals, (rows, cols), &Device::Cpu).unwrap()
+    let adapter = candor::generate::candle::lora::RandomAdapter {
+        targets: &["q_proj", "v_proj"],
+        rank: 8,
+        seed,
+        std: 0.05,
+        zero_b: false,
     };
-    let mut w = HashMap::new();
-    for l in 0..cfg.num_layers {
-        for (m, out) in [("q_proj", cfg.num_heads * hd), ("v_proj", cfg.num_kv_heads * hd)] {
-            let key = format!("base_model.model.model.layers.{l}.self_attn.{m}");
-            w.insert(format!("{key}.lora_A.weight"), t(r, h));
-            w.insert(format!("{key}.lora_B.weight"), t(out, r));
-        }
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    candle_core::safetensors::save(&w, dir.join("adapter_model.safetensors")).unwrap();
-    let config =
-        serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]});
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    adapter.write(dir, &cfg).unwrap();
 }
 
 #[test]

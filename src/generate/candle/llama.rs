@@ -22,8 +22,8 @@
 //!   and gate/up each fused into one matmul. Both spread their work over Candor's
 //!   work-sharing pool, which degrades to one thread rather than stalling on a busy machine.
 //! - **One graph for both weight formats.** Qwen2 is the llama graph with q/k/v biases and
-//!   half-split ("NeoX") rotary embeddings; HF safetensors llama weights (and LoRA-merged ones)
-//!   load into the same graph as dense matrices through [`Model::load`], so every checkpoint
+//!   half-split ("NeoX") rotary embeddings; HF safetensors llama weights (with a LoRA adapter
+//!   merged) load into the same graph as dense matrices through [`Model::load`], so every checkpoint
 //!   kind decodes in batches. Its output is checked against candle-transformers' own `llama`
 //!   and `quantized_llama` in the tests.
 //!

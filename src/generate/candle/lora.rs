@@ -1,14 +1,18 @@
-//! LoRA adapters (PEFT layout) merged into a base model's weights at load time.
+//! LoRA adapters (PEFT layout) applied to a base model's projections at load time.
 //!
-//! A fine-tuned checkpoint in the paper is a base model plus a low-rank adapter. Merging
-//! once, `W' = W + s·B·A` with `s = lora_alpha / r` (or `lora_alpha / √r` under rsLoRA),
-//! leaves decoding exactly as fast as the base model's.
+//! A fine-tuned checkpoint in the paper is a base model plus a low-rank adapter: each adapted
+//! projection becomes `W' = W + s·B·A` with `s = lora_alpha / r` (or `lora_alpha / √r` under
+//! rsLoRA). [`Adapter::deltas`] turns the adapter into these changes under the base's own
+//! weight names and row order ([`Layout`]: HF safetensors, or llama.cpp's GGUF names with
+//! llama's q/k rows permuted); the model applies each as it builds the projection: merged into
+//! a dense weight (decoding exactly as fast as the base), or kept beside a quantized one as a
+//! low-rank term, so no weight leaves its quantized kernel.
 //!
 //! The adapter directory holds `adapter_config.json` (`r`, `lora_alpha`, `target_modules`,
 //! optionally `use_rslora`, `fan_in_fan_out`) and `adapter_model.safetensors` with PEFT key
 //! names, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (`[r, in]`)
 //! and `…lora_B.weight` (`[out, r]`), which apply to the base weight
-//! `model.layers.0.self_attn.q_proj.weight` (`[out, in]`).
+//! `model.layers.0.self_attn.q_proj.weight` (`[out, in]`), or `blk.0.attn_q.weight` in a GGUF.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -254,6 +258,73 @@ fn gguf_name(hf: &str, cfg: &llama::Config) -> Option<(String, Option<usize>)> {
         _ => return None,
     };
     Some((format!("blk.{layer}.{gguf}.weight"), heads))
+}
+
+/// The layer projections an adapter can target, by PEFT's short names, with their HF path
+/// under the layer and `[out, in]` in `cfg`.
+pub fn projections(cfg: &llama::Config) -> [(&'static str, &'static str, usize, usize); 7] {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_heads * cfg.head_dim(), cfg.num_kv_heads * cfg.head_dim());
+    [
+        ("q_proj", "self_attn.q_proj", q, h),
+        ("k_proj", "self_attn.k_proj", kv, h),
+        ("v_proj", "self_attn.v_proj", kv, h),
+        ("o_proj", "self_attn.o_proj", h, q),
+        ("gate_proj", "mlp.gate_proj", i, h),
+        ("up_proj", "mlp.up_proj", i, h),
+        ("down_proj", "mlp.down_proj", h, i),
+    ]
+}
+
+/// A seeded random adapter for a model of shape `cfg`, written as PEFT writes one (for tests
+/// and `candor bench generate --random-adapter`; it is no fine-tune of anything).
+#[derive(Clone, Debug)]
+pub struct RandomAdapter<'a> {
+    /// PEFT short names of the projections adapted in every layer (`q_proj`, …).
+    pub targets: &'a [&'a str],
+    /// `r`; `lora_alpha` is `2r`, as the paper's r = 8, alpha = 16.
+    pub rank: usize,
+    pub seed: u64,
+    /// Spread of the entries of A and B (each the sum of three uniforms on ±`std`).
+    pub std: f32,
+    /// B = 0, as PEFT initialises it: the adapter changes nothing.
+    pub zero_b: bool,
+}
+
+impl RandomAdapter<'_> {
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`.
+    pub fn write(&self, dir: &Path, cfg: &llama::Config) -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let mut random = |rows: usize, cols: usize| {
+            let data: Vec<f32> =
+                (0..rows * cols).map(|_| self.std * (0..3).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>()).collect();
+            Tensor::from_vec(data, (rows, cols), &Device::Cpu)
+        };
+        let (r, mut tensors) = (self.rank, std::collections::HashMap::new());
+        let model_error = |e: candle_core::Error| super::engine::model_error("random adapter", e);
+        for l in 0..cfg.num_layers {
+            for (short, path, out, inp) in projections(cfg) {
+                if !self.targets.contains(&short) {
+                    continue;
+                }
+                let key = format!("base_model.model.model.layers.{l}.{path}");
+                let a = random(r, inp).map_err(model_error)?;
+                let b = random(out, r).map_err(model_error)?;
+                let b = if self.zero_b { b.zeros_like().map_err(model_error)? } else { b };
+                tensors.insert(format!("{key}.lora_A.weight"), a);
+                tensors.insert(format!("{key}.lora_B.weight"), b);
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let config =
+            serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": self.targets});
+        let cfg_path = dir.join(CONFIG_FILE);
+        std::fs::write(&cfg_path, config.to_string()).map_err(|e| Error::io(&cfg_path, e))?;
+        let w_path = dir.join(WEIGHTS_FILE);
+        candle_core::safetensors::save(&tensors, &w_path)
+            .map_err(|e| Error::io(&w_path, std::io::Error::other(e.to_string())))
+    }
 }
 
 /// `base_model.model.<module>.lora_A[.default].weight` → (`<module>`, is A).

@@ -18,17 +18,27 @@
 //! | key | meaning | default |
 //! |---|---|---|
 //! | `kind` | must be `"candle"` | `"candle"` |
-//! | `base` | weights of checkpoints without a `path`, and the base a LoRA adapter is merged into: a GGUF file or an HF safetensors directory | SmolLM2-135M-Instruct Q4_1 in the model cache (see below) |
+//! | `base` | weights of checkpoints without a `path`, and the base a LoRA adapter applies to: a GGUF file or an HF safetensors directory | SmolLM2-135M-Instruct Q4_1 in the model cache (see below) |
 //! | `device` | `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA when built with the `cuda` feature and a GPU is present, else CPU) | `"auto"` |
 //! | `batch_size` | sequences decoded together | 8 |
 //! | `threads` | CPU threads of candle's matmuls; sets `RAYON_NUM_THREADS`, which candle reads at its first computation in the process, so it must be the first candle work (an explicit `RAYON_NUM_THREADS` wins) | candle's default (physical cores) |
 //! | `context` | cap on prompt plus answer tokens (the rotary tables and caches are sized by it) | the model's own context length |
 //! | `dequantize` | GGUF weights expanded to f32 at load: `"auto"` (on the CPU, SmolLM2's Q4_1 stays quantized on Candor's own AVX2 kernel, llama.cpp's numerics, where the CPU has AVX2; the other types candle has no SIMD kernel for are expanded), `"all"` (exact f32, 6x the memory), `"none"` | `"auto"` |
 //!
-//! A checkpoint's `path` is a GGUF file, an HF llama/qwen2 safetensors directory
-//! (`config.json`, `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json` with a
-//! `chat_template`), or a PEFT LoRA adapter directory (`adapter_config.json`,
-//! `adapter_model.safetensors`) merged into `base`, which must then be a safetensors directory.
+//! The weights a checkpoint runs ([`Weights`]), by its `path`:
+//!
+//! | `path` | weights | how they run |
+//! |---|---|---|
+//! | none | `base` | as below for a GGUF file or a safetensors directory |
+//! | a GGUF file (llama, qwen2) | the file; tokenizer and chat template from its metadata | quantized, or expanded to f32, per `dequantize` |
+//! | an HF llama/qwen2 safetensors directory (`config.json`, `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json` with a `chat_template`) | the directory | dense f32 |
+//! | a PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`, e.g. a trainer's `checkpoint-N/`) on a GGUF `base` (the default SmolLM2 included) | `base` plus the adapter | each adapted projection computes `W·x + s·B·A·x`: the low-rank term beside a weight that stays quantized (every weight, adapted or not, keeps its kernel and memory), merged into one expanded to f32; the adapter's HF names map to llama.cpp's (`model.layers.N.self_attn.q_proj` → `blk.N.attn_q`, …) and its q/k rows are permuted as llama.cpp's converter permutes llama's |
+//! | the same on a safetensors `base` | `base` plus the adapter | merged at load (`W + s·B·A`), dense f32 |
+//!
+//! An adapter's own `tokenizer.json` and `tokenizer_config.json` chat template, where it has
+//! them, win over the base's. An adapter naming a module the base lacks (or one with no GGUF
+//! counterpart, such as `lm_head`), a pair whose rank or shape does not fit, or an unreadable
+//! `adapter_model.safetensors` is an input error naming the file and the tensor.
 //!
 //! The model cache is `$CANDOR_MODELS`, else `$XDG_CACHE_HOME/candor/models`, else
 //! `~/.cache/candor/models`; `scripts/fetch-models` fills it.
@@ -36,8 +46,10 @@
 //! # What a generator's fingerprint covers
 //!
 //! `candle:<sha256 of the weights>:system:<digest of the checkpoint's system prompt>`; the
-//! weights digest covers a GGUF file, or every file of a safetensors or adapter directory (and
-//! the base of an adapter), so changed weights never share stored answers.
+//! weights digest covers a GGUF file, or every `*.json` and `*.safetensors` file of a
+//! safetensors or adapter directory (and, for an adapter, its base's digest), so changed
+//! weights never share stored answers. It is part of every generation-store key and of the
+//! `generator` column of every response row.
 
 pub mod chat;
 pub mod engine;

@@ -710,21 +710,6 @@ fn lora_key_without_base_weight_is_an_error_naming_it() {
     assert!(msg.contains("target_modules") && msg.contains("mlp.up_proj"), "{msg}");
 }
 
-/// The projections of a layer an adapter can target: HF path under the layer, `[out, in]`.
-fn projections(cfg: &Config) -> [(&'static str, usize, usize); 7] {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim(), cfg.num_kv_heads * cfg.head_dim());
-    [
-        ("self_attn.q_proj", q, h),
-        ("self_attn.k_proj", kv, h),
-        ("self_attn.v_proj", kv, h),
-        ("self_attn.o_proj", h, q),
-        ("mlp.gate_proj", i, h),
-        ("mlp.up_proj", i, h),
-        ("mlp.down_proj", h, i),
-    ]
-}
-
 /// Writes a PEFT adapter directory: `adapter_config.json` (`r`, alpha 16, `targets`) and the
 /// LoRA pairs (module, A, B) under PEFT's key names, with candle's safetensors writer.
 fn write_peft(dir: &Path, r: usize, targets: &[&str], pairs: &[(String, Tensor, Tensor)]) {
@@ -741,26 +726,9 @@ fn write_peft(dir: &Path, r: usize, targets: &[&str], pairs: &[(String, Tensor, 
 }
 
 /// A seeded random adapter, rank 8 and alpha 16 as in the paper, on the `targets` (`q_proj`,
-/// `up_proj`, …) of every layer; entries of A and B have standard deviation `std` (B = 0 when
-/// `b_zero`, as PEFT initialises it).
-fn random_adapter(dir: &Path, cfg: &Config, targets: &[&str], seed: u64, std: f32, b_zero: bool) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let r = 8;
-    let mut pairs = Vec::new();
-    for l in 0..cfg.num_layers {
-        for (path, out, inp) in projections(cfg) {
-            if targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
-                let a = random(&mut rng, &[r, inp], std, 0.0);
-                let b = if b_zero {
-                    Tensor::zeros((out, r), DType::F32, &Device::Cpu).unwrap()
-                } else {
-                    random(&mut rng, &[out, r], std, 0.0)
-                };
-                pairs.push((format!("model.layers.{l}.{path}"), a, b));
-            }
-        }
-    }
-    write_peft(dir, r, targets, &pairs);
+/// `up_proj`, …) of every layer (B = 0 when `zero_b`, as PEFT initialises it).
+fn random_adapter(dir: &Path, cfg: &Config, targets: &[&str], seed: u64, std: f32, zero_b: bool) {
+    lora::RandomAdapter { targets, rank: 8, seed, std, zero_b }.write(dir, cfg).unwrap();
 }
 
 const ALL_PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
