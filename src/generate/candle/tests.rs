@@ -957,6 +957,27 @@ fn bad_adapters_on_a_gguf_base_are_input_errors_naming_the_file_and_the_tensor()
 }
 
 #[test]
+fn an_adapters_own_chat_template_wins_over_the_gguf_metadata() {
+    // A trainer saves the tokenizer files it trained with beside the adapter.
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    let cfg = write_gguf(&gguf, "llama", GgmlDType::Q8_0, 1);
+    let adapter = dir.path().join("checkpoint-50");
+    random_adapter(&adapter, &cfg, &["q_proj"], 1, 0.2, false);
+    let base = adapted_gguf(&gguf, Some(&adapter), Dequantize::Auto);
+    assert_eq!(base.chat.default_system.as_deref(), Some("You are a tiny test model"));
+    let template = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}";
+    std::fs::write(adapter.join("tokenizer_config.json"), serde_json::json!({"chat_template": template}).to_string())
+        .unwrap();
+    let own = adapted_gguf(&gguf, Some(&adapter), Dequantize::Auto);
+    assert_eq!(own.chat.default_system, None);
+    assert_eq!(
+        own.tokenizer.decode(&own.encode_prompt(None, "Q").unwrap(), false).unwrap(),
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
 fn an_adapter_on_a_weight_that_is_no_projection_is_refused() {
     // The token embedding is a base weight of the right shape, but no projection takes it:
     // merging nothing silently would evaluate the base under the adapter's name.
