@@ -388,6 +388,58 @@ fn a_run_killed_with_sigkill_resumes_with_no_lost_duplicated_or_repaid_answers()
     assert_eq!(third["skipped"].as_array().unwrap().len(), 2);
 }
 
+/// A seeded random PEFT adapter for the GGUF model at `gguf` (rank 8, alpha 16, q_proj and
+/// v_proj of every layer), as a LoRA fine-tune of it would be saved.
+fn random_adapter(gguf: &Path, dir: &Path, seed: u64) {
+    let mut f = std::fs::File::open(gguf).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let cfg = candor::generate::candle::llama::Model::gguf_config(&ct, None).unwrap();
+    let adapter = candor::generate::candle::lora::RandomAdapter {
+        targets: &["q_proj", "v_proj"],
+        rank: 8,
+        seed,
+        std: 0.05,
+        zero_b: false,
+    };
+    adapter.write(dir, &cfg).unwrap();
+}
+
+#[test]
+fn a_lora_checkpoint_on_the_default_gguf_is_evaluated_offline_under_its_own_digest() {
+    let Some(gguf) = local_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("checkpoint-50");
+    random_adapter(&gguf, &adapter, 7);
+    let checkpoints = format!(
+        "[[models.checkpoints]]\nid = \"original\"\n\
+         [[models.checkpoints]]\nid = \"warm-lora\"\nfinetuned = true\nepoch = 1\npath = \"{}\"\n",
+        adapter.display()
+    );
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 2 }", &checkpoints);
+    let text = std::fs::read_to_string(&exp).unwrap();
+    std::fs::write(&exp, text.replace("[\"unmodified\", \"emotion:sad\"]", "[\"unmodified\"]")).unwrap();
+    let out = dir.path().join("run");
+    let total = 4 * 2 * 2; // items × prompt types × checkpoints
+    let run = summary(&ok(&["run", exp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]));
+    // The adapter's answers are its own: none is taken from the base's in the store.
+    assert_eq!(run["model_calls"].as_u64().unwrap() as usize, total, "{run}");
+    assert_eq!(candor::generate::store::GenerationStore::read_only(&out).unwrap().len(), total);
+
+    let base = candor::generate::candle::Weights::Gguf(gguf.clone());
+    let tuned = candor::generate::candle::Weights::resolve(Some(&adapter), &gguf).unwrap();
+    let responses: Vec<Response> = read_records(&Archive::open(&out).unwrap()).unwrap();
+    let by_checkpoint = |id: &str| -> BTreeMap<String, Response> {
+        responses.iter().filter(|r| r.checkpoint == id).map(|r| (r.trial_key.clone(), r.clone())).collect()
+    };
+    let (original, warm) = (by_checkpoint("original"), by_checkpoint("warm-lora"));
+    assert_eq!((original.len(), warm.len()), (total / 2, total / 2));
+    let generator = |w: &candor::generate::candle::Weights| format!("candle:{}:system:none", w.digest().unwrap());
+    assert!(original.values().all(|r| r.generator == generator(&base)), "{:?}", original.values().next());
+    assert!(warm.values().all(|r| r.generator == generator(&tuned) && r.is_finetuned), "{:?}", warm.values().next());
+    let changed = original.iter().filter(|(k, r)| warm[*k].output != r.output).count();
+    assert!(changed > 0, "the adapter changed no answer");
+}
+
 /// `candor serve` of `exp`'s model on a free port with `faults` injected (seeded), once it
 /// accepts connections: the child and its port.
 fn serve_with_faults(exp: &Path, faults: &str) -> (std::process::Child, u16) {

@@ -44,6 +44,11 @@ pub struct GenerateBench {
     pub print_prompts: bool,
     /// The backend's `dequantize` setting (`auto`, `all`, `none`).
     pub dequantize: candor::generate::candle::llama::Dequantize,
+    /// A PEFT LoRA adapter directory applied to the GGUF.
+    pub adapter: Option<std::path::PathBuf>,
+    /// A seeded random adapter of this rank on every projection of every layer, written to a
+    /// temporary directory and applied like `adapter` (the cost of the heaviest adapter).
+    pub random_adapter: Option<usize>,
 }
 
 /// Greedy generation throughput of the candle backend: for each batch size B, `prompts`
@@ -60,8 +65,26 @@ pub fn run(opts: &GenerateBench, json: bool) -> Result<()> {
         dequantize: opts.dequantize,
         ..Default::default()
     };
+    let scratch = tempfile::tempdir()?;
+    let adapter = match (&opts.adapter, opts.random_adapter) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(rank)) => {
+            let mut f = std::fs::File::open(&path)?;
+            let ct = candle_core::quantized::gguf_file::Content::read(&mut f)?;
+            let cfg = cb::llama::Model::gguf_config(&ct, None)?;
+            let targets = cb::lora::projections(&cfg).map(|(short, ..)| short);
+            cb::lora::RandomAdapter { targets: &targets, rank, seed: 1, std: 0.02, zero_b: false }
+                .write(scratch.path(), &cfg)?;
+            Some(scratch.path().to_path_buf())
+        }
+        (None, None) => None,
+    };
+    let weights = match &adapter {
+        Some(dir) => Weights::resolve(Some(dir), &path)?,
+        None => Weights::Gguf(path.clone()),
+    };
     let start = Instant::now();
-    let g = CandleGenerator::open(&options, Weights::Gguf(path.clone()), None)?;
+    let g = CandleGenerator::open(&options, weights, None)?;
     let load_secs = start.elapsed().as_secs_f64();
     let engine = g.engine();
     let texts: Vec<&str> = GENERATE_PROMPTS.iter().cycle().take(opts.prompts.max(1)).copied().collect();
@@ -86,8 +109,13 @@ pub fn run(opts: &GenerateBench, json: bool) -> Result<()> {
     engine.run(&[request(texts[0], 4)], None, 1)?;
     if !json {
         println!(
-            "candle backend, {} ({} threads, loaded in {load_secs:.2} s): {} prompts x {} new tokens, greedy, end-of-turn ignored",
+            "candle backend, {}{} ({} threads, loaded in {load_secs:.2} s): {} prompts x {} new tokens, greedy, end-of-turn ignored",
             path.display(),
+            match (&opts.adapter, opts.random_adapter) {
+                (Some(dir), _) => format!(" + adapter {}", dir.display()),
+                (None, Some(rank)) => format!(" + a random rank-{rank} adapter on every projection"),
+                (None, None) => String::new(),
+            },
             threads,
             texts.len(),
             opts.max_new_tokens
@@ -121,6 +149,8 @@ pub fn run(opts: &GenerateBench, json: bool) -> Result<()> {
                     "aggregate_tok_s": aggregate, "wall_secs": wall, "peak_rss_mib": peak,
                     "load_secs": load_secs, "first_output": first,
                     "dequantize": format!("{:?}", opts.dequantize).to_lowercase(),
+                    "adapter": opts.adapter.as_ref().map(|d| d.display().to_string()),
+                    "random_adapter_rank": opts.random_adapter,
                 })
             );
         } else {

@@ -179,6 +179,13 @@ pub enum Bench {
         #[arg(long, default_value = "auto", value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["auto", "all", "none"]),
             |s: String| s.parse::<candor::generate::candle::llama::Dequantize>().expect("one of the listed values")))]
         dequantize: candor::generate::candle::llama::Dequantize,
+        /// A PEFT LoRA adapter directory (a fine-tune of the GGUF's model) applied to the GGUF.
+        #[arg(long, conflicts_with = "random_adapter")]
+        adapter: Option<PathBuf>,
+        /// Apply a seeded random adapter of this rank to every projection of every layer (the
+        /// heaviest adapter: its cost in load time, speed and memory).
+        #[arg(long, value_name = "RANK", value_parser = clap::value_parser!(u64).range(1..))]
+        random_adapter: Option<u64>,
     },
 }
 
@@ -226,7 +233,17 @@ pub fn run(which: Bench, g: &Globals) -> Result<()> {
         Bench::Pg { clients, seconds, rows, sql, dir } => {
             bench::pg::run(dir.as_deref(), rows, clients, seconds, &sql, g.json)?
         }
-        Bench::Generate { gguf, batch_sizes, prompts, max_new_tokens, threads, print_prompts, dequantize } => {
+        Bench::Generate {
+            gguf,
+            batch_sizes,
+            prompts,
+            max_new_tokens,
+            threads,
+            print_prompts,
+            dequantize,
+            adapter,
+            random_adapter,
+        } => {
             let b = bench::generate::GenerateBench {
                 gguf,
                 batch_sizes,
@@ -235,6 +252,8 @@ pub fn run(which: Bench, g: &Globals) -> Result<()> {
                 threads,
                 print_prompts,
                 dequantize,
+                adapter,
+                random_adapter: random_adapter.map(|r| r as usize),
             };
             bench::generate::run(&b, g.json)?
         }

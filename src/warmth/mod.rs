@@ -201,11 +201,7 @@ pub fn open_lm(choice: &LmChoice, device: &Device) -> Result<Box<dyn CausalLm>> 
         None => (models_dir().join(DEFAULT_GGUF), "default local model; no GPT-2 weights given"),
     };
     let weights = backend::Weights::resolve(Some(&path), &path)?;
-    let engine = match &weights {
-        backend::Weights::Gguf(p) => backend::load_gguf(p, device, None, llama::Dequantize::Auto)?,
-        backend::Weights::Safetensors(d) => backend::load_safetensors(d, None, device, None)?,
-        backend::Weights::Lora { base, adapter } => backend::load_safetensors(base, Some(adapter), device, None)?,
-    };
+    let engine = weights.load(device, None, llama::Dequantize::Auto)?;
     let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let name = format!("candle:{file}:{} ({why})", &weights.digest()?[..16]);
     Ok(Box::new(LlamaLm { engine, name }))

@@ -178,7 +178,8 @@ fn llama_likelihoods_in_one_batch_equal_one_sequence_at_a_time() {
         eprintln!("skipped: {} not found; run scripts/fetch-models", path.display());
         return;
     }
-    let engine = crate::generate::candle::load_gguf(&path, &Device::Cpu, Some(256), llama::Dequantize::Auto).unwrap();
+    let engine =
+        crate::generate::candle::load_gguf(&path, None, &Device::Cpu, Some(256), llama::Dequantize::Auto).unwrap();
     let seqs: Vec<Vec<u32>> = ["My friend said, \"hello\"", "The enemy said, \"Request denied.\"", "x"]
         .iter()
         .map(|t| engine.tokenizer.encode(*t, false).unwrap().get_ids().to_vec())

@@ -22,8 +22,8 @@
 //!   and gate/up each fused into one matmul. Both spread their work over Candor's
 //!   work-sharing pool, which degrades to one thread rather than stalling on a busy machine.
 //! - **One graph for both weight formats.** Qwen2 is the llama graph with q/k/v biases and
-//!   half-split ("NeoX") rotary embeddings; HF safetensors llama weights (and LoRA-merged ones)
-//!   load into the same graph as dense matrices through [`Model::load`], so every checkpoint
+//!   half-split ("NeoX") rotary embeddings; HF safetensors llama weights (with a LoRA adapter
+//!   merged) load into the same graph as dense matrices through [`Model::load`], so every checkpoint
 //!   kind decodes in batches. Its output is checked against candle-transformers' own `llama`
 //!   and `quantized_llama` in the tests.
 //!
@@ -34,6 +34,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
+use super::lora::{Delta, Deltas};
 use candor_kernels::attn::{self, Heads};
 use candor_kernels::quant::{self, QMatrix};
 
@@ -196,19 +197,33 @@ impl Cache {
     }
 }
 
-/// A projection `x · Wᵀ (+ b)`, quantized (GGUF) or dense (safetensors).
+/// A projection `x · Wᵀ (+ x · Aᵀ · (s·B)ᵀ) (+ b)`, quantized (GGUF) or dense (safetensors),
+/// with a LoRA adapter's low-rank term beside a quantized weight.
 #[derive(Debug, Clone)]
 struct Linear {
     weight: Weight,
+    lora: Option<LowRank>,
     bias: Option<Tensor>,
+}
+
+/// An adapter's `s·B·A` beside a weight that stays quantized, as `Aᵀ` `[in, r]` and `(s·B)ᵀ`
+/// `[r, out]`: two thin matmuls per projection instead of an f32 copy of the weight, so the
+/// quantized kernel (and the fusion of q/k/v and gate/up) is kept.
+#[derive(Debug, Clone)]
+struct LowRank {
+    a_t: Tensor,
+    b_t: Tensor,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
+        let mut y = match &self.weight {
             Weight::Candle(w) => w.forward(x)?,
             Weight::Own(w) => w.forward(x)?.to_dtype(x.dtype())?,
         };
+        if let Some(l) = &self.lora {
+            y = (y + x.matmul(&l.a_t)?.matmul(&l.b_t)?)?;
+        }
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -216,13 +231,32 @@ impl Linear {
     }
 
     fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias }
+        Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), lora: None, bias }
     }
 
-    fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    /// The projection `vb` names, with the adapter's change to it (`deltas`, by weight name).
+    fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool, deltas: &mut Deltas) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Linear::dense(weight, bias))
+        Linear::dense(weight, bias).adapt(deltas.take(&format!("{}.weight", vb.prefix())))
+    }
+
+    /// Applies an adapter's change: merged into a dense weight (`W + s·B·A`, free at run
+    /// time), kept beside a quantized one as a [`LowRank`] term.
+    fn adapt(mut self, delta: Option<Delta>) -> Result<Self> {
+        let Some(Delta { a, b }) = delta else { return Ok(self) };
+        match &mut self.weight {
+            Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                *w = (w.to_dtype(DType::F32)? + b.matmul(&a)?.to_device(w.device())?)?.to_dtype(w.dtype())?;
+            }
+            Weight::Candle(QMatMul::QTensor(q)) => {
+                let device = q.device();
+                let (a_t, b_t) = (a.t()?.contiguous()?.to_device(&device)?, b.t()?.contiguous()?.to_device(&device)?);
+                self.lora = Some(LowRank { a_t, b_t });
+            }
+            Weight::Own(_) => self.lora = Some(LowRank { a_t: a.t()?.contiguous()?, b_t: b.t()?.contiguous()? }),
+        }
+        Ok(self)
     }
 }
 
@@ -249,13 +283,33 @@ impl Proj {
             return Ok(Proj::Split(parts));
         };
         let Some(fused) = QMatrix::concat(&mats) else { return Ok(Proj::Split(parts)) };
-        let sizes = mats.iter().map(|m| m.rows()).collect();
+        let sizes: Vec<usize> = mats.iter().map(|m| m.rows()).collect();
         let bias = if biased > 0 {
             Some(Tensor::cat(&parts.iter().filter_map(|l| l.bias.as_ref()).collect::<Vec<_>>(), 0)?)
         } else {
             None
         };
-        Ok(Proj::Fused(Linear { weight: Weight::Own(std::sync::Arc::new(fused)), bias }, sizes))
+        let lora = Self::fused_lora(&parts, &sizes)?;
+        Ok(Proj::Fused(Linear { weight: Weight::Own(std::sync::Arc::new(fused)), lora, bias }, sizes))
+    }
+
+    /// The parts' low-rank terms as one on the fused output: their `Aᵀ` side by side and their
+    /// `(s·B)ᵀ` block-diagonal (zero columns for a part without an adapter), so one pair of
+    /// thin matmuls serves all parts.
+    fn fused_lora(parts: &[Linear], sizes: &[usize]) -> Result<Option<LowRank>> {
+        let total: usize = sizes.iter().sum();
+        let (mut a_ts, mut b_ts, mut before) = (Vec::new(), Vec::new(), 0);
+        for (l, &n) in parts.iter().zip(sizes) {
+            if let Some(lr) = &l.lora {
+                a_ts.push(lr.a_t.clone());
+                b_ts.push(lr.b_t.pad_with_zeros(1, before, total - before - n)?);
+            }
+            before += n;
+        }
+        if a_ts.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(LowRank { a_t: Tensor::cat(&a_ts, 1)?.contiguous()?, b_t: Tensor::cat(&b_ts, 0)?.contiguous()? }))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
@@ -316,8 +370,9 @@ fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
 
 impl Model {
     /// Loads HF llama/qwen2 names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, …,
-    /// `lm_head`) from `vb`. The dtype is the var builder's.
-    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    /// `lm_head`) from `vb`, with an adapter's changes (`deltas`, HF names) merged into the
+    /// projections they name. The dtype is the var builder's.
+    pub fn load(vb: VarBuilder, cfg: &Config, deltas: &mut Deltas) -> Result<Self> {
         let device = vb.device().clone();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let m = vb.pp("model");
@@ -330,24 +385,24 @@ impl Model {
             layers.push(Layer {
                 attn_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
                 qkv: Proj::Split(vec![
-                    Linear::load(&a.pp("q_proj"), h, cfg.num_heads * hd, cfg.qkv_bias)?,
-                    Linear::load(&a.pp("k_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
-                    Linear::load(&a.pp("v_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+                    Linear::load(&a.pp("q_proj"), h, cfg.num_heads * hd, cfg.qkv_bias, deltas)?,
+                    Linear::load(&a.pp("k_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias, deltas)?,
+                    Linear::load(&a.pp("v_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias, deltas)?,
                 ]),
-                wo: Linear::load(&a.pp("o_proj"), cfg.num_heads * hd, h, false)?,
+                wo: Linear::load(&a.pp("o_proj"), cfg.num_heads * hd, h, false, deltas)?,
                 ffn_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, l.pp("post_attention_layernorm"))?,
                 gate_up: Proj::Split(vec![
-                    Linear::load(&mlp.pp("gate_proj"), h, cfg.intermediate_size, false)?,
-                    Linear::load(&mlp.pp("up_proj"), h, cfg.intermediate_size, false)?,
+                    Linear::load(&mlp.pp("gate_proj"), h, cfg.intermediate_size, false, deltas)?,
+                    Linear::load(&mlp.pp("up_proj"), h, cfg.intermediate_size, false, deltas)?,
                 ]),
-                down: Linear::load(&mlp.pp("down_proj"), cfg.intermediate_size, h, false)?,
+                down: Linear::load(&mlp.pp("down_proj"), cfg.intermediate_size, h, false, deltas)?,
             });
         }
         let norm = candle_nn::rms_norm(h, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::dense(embed_weight.clone(), None)
         } else {
-            Linear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false)?
+            Linear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false, deltas)?
         };
         let (cos, sin) = rope_tables(cfg, &device)?;
         Model::assemble(cfg, Embed::Dense(Embedding::new(embed_weight, h)), layers, norm, lm_head, (cos, sin), &device)
@@ -398,18 +453,21 @@ impl Model {
         })
     }
 
-    /// Loads a GGUF `llama` or `qwen2` model (llama.cpp tensor names `blk.N.attn_q`, …).
+    /// Loads a GGUF `llama` or `qwen2` model (llama.cpp tensor names `blk.N.attn_q`, …), with
+    /// an adapter's changes (`deltas`, llama.cpp names) applied to the projections they name:
+    /// merged into a weight expanded to f32, beside one that stays quantized.
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
         reader: &mut R,
         cfg: &Config,
         device: &Device,
         dequantize: Dequantize,
+        deltas: &mut Deltas,
     ) -> Result<Self> {
         let mut qt = |name: &str| ct.tensor(reader, name, device);
         let norm = |t: QTensor, eps: f64| -> Result<RmsNorm> { Ok(RmsNorm::new(t.dequantize(device)?, eps)) };
         let lm_head = qt(if cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" })?;
-        let lm_head = Linear { weight: dequantize.matmul(lm_head, device)?, bias: None };
+        let lm_head = Linear { weight: dequantize.matmul(lm_head, device)?, lora: None, bias: None };
         let embed = match (&lm_head.weight, cfg.tie_word_embeddings) {
             (Weight::Own(m), true) => Embed::Rows(m.clone()),
             _ => Embed::Dense(Embedding::new(qt("token_embd.weight")?.dequantize(device)?, cfg.hidden_size)),
@@ -418,9 +476,10 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut lin = |name: &str, bias: bool| -> Result<Linear> {
-                let weight = dequantize.matmul(qt(&format!("blk.{i}.{name}.weight"))?, device)?;
+                let weight_name = format!("blk.{i}.{name}.weight");
+                let weight = dequantize.matmul(qt(&weight_name)?, device)?;
                 let bias = if bias { Some(qt(&format!("blk.{i}.{name}.bias"))?.dequantize(device)?) } else { None };
-                Ok(Linear { weight, bias })
+                Linear { weight, lora: None, bias }.adapt(deltas.take(&weight_name))
             };
             let (wq, wk, wv) =
                 (lin("attn_q", cfg.qkv_bias)?, lin("attn_k", cfg.qkv_bias)?, lin("attn_v", cfg.qkv_bias)?);

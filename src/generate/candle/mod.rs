@@ -18,17 +18,27 @@
 //! | key | meaning | default |
 //! |---|---|---|
 //! | `kind` | must be `"candle"` | `"candle"` |
-//! | `base` | weights of checkpoints without a `path`, and the base a LoRA adapter is merged into: a GGUF file or an HF safetensors directory | SmolLM2-135M-Instruct Q4_1 in the model cache (see below) |
+//! | `base` | weights of checkpoints without a `path`, and the base a LoRA adapter applies to: a GGUF file or an HF safetensors directory | SmolLM2-135M-Instruct Q4_1 in the model cache (see below) |
 //! | `device` | `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA when built with the `cuda` feature and a GPU is present, else CPU) | `"auto"` |
 //! | `batch_size` | sequences decoded together | 8 |
 //! | `threads` | CPU threads of candle's matmuls; sets `RAYON_NUM_THREADS`, which candle reads at its first computation in the process, so it must be the first candle work (an explicit `RAYON_NUM_THREADS` wins) | candle's default (physical cores) |
 //! | `context` | cap on prompt plus answer tokens (the rotary tables and caches are sized by it) | the model's own context length |
 //! | `dequantize` | GGUF weights expanded to f32 at load: `"auto"` (on the CPU, SmolLM2's Q4_1 stays quantized on Candor's own AVX2 kernel, llama.cpp's numerics, where the CPU has AVX2; the other types candle has no SIMD kernel for are expanded), `"all"` (exact f32, 6x the memory), `"none"` | `"auto"` |
 //!
-//! A checkpoint's `path` is a GGUF file, an HF llama/qwen2 safetensors directory
-//! (`config.json`, `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json` with a
-//! `chat_template`), or a PEFT LoRA adapter directory (`adapter_config.json`,
-//! `adapter_model.safetensors`) merged into `base`, which must then be a safetensors directory.
+//! The weights a checkpoint runs ([`Weights`]), by its `path`:
+//!
+//! | `path` | weights | how they run |
+//! |---|---|---|
+//! | none | `base` | as below for a GGUF file or a safetensors directory |
+//! | a GGUF file (llama, qwen2) | the file; tokenizer and chat template from its metadata | quantized, or expanded to f32, per `dequantize` |
+//! | an HF llama/qwen2 safetensors directory (`config.json`, `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json` with a `chat_template`) | the directory | dense f32 |
+//! | a PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`, e.g. a trainer's `checkpoint-N/`) on a GGUF `base` (the default SmolLM2 included) | `base` plus the adapter | each adapted projection computes `W·x + s·B·A·x`: the low-rank term beside a weight that stays quantized (every weight, adapted or not, keeps its kernel and memory), merged into one expanded to f32; the adapter's HF names map to llama.cpp's (`model.layers.N.self_attn.q_proj` → `blk.N.attn_q`, …) and its q/k rows are permuted as llama.cpp's converter permutes llama's |
+//! | the same on a safetensors `base` | `base` plus the adapter | merged at load (`W + s·B·A`), dense f32 |
+//!
+//! An adapter's own `tokenizer.json` and `tokenizer_config.json` chat template, where it has
+//! them, win over the base's. An adapter naming a module the base lacks (or one with no GGUF
+//! counterpart, such as `lm_head`), a pair whose rank or shape does not fit, or an unreadable
+//! `adapter_model.safetensors` is an input error naming the file and the tensor.
 //!
 //! The model cache is `$CANDOR_MODELS`, else `$XDG_CACHE_HOME/candor/models`, else
 //! `~/.cache/candor/models`; `scripts/fetch-models` fills it.
@@ -36,8 +46,10 @@
 //! # What a generator's fingerprint covers
 //!
 //! `candle:<sha256 of the weights>:system:<digest of the checkpoint's system prompt>`; the
-//! weights digest covers a GGUF file, or every file of a safetensors or adapter directory (and
-//! the base of an adapter), so changed weights never share stored answers.
+//! weights digest covers a GGUF file, or every `*.json` and `*.safetensors` file of a
+//! safetensors or adapter directory (and, for an adapter, its base's digest), so changed
+//! weights never share stored answers. It is part of every generation-store key and of the
+//! `generator` column of every response row.
 
 pub mod chat;
 pub mod engine;
@@ -204,9 +216,9 @@ pub enum Weights {
     Gguf(PathBuf),
     /// An HF safetensors model directory.
     Safetensors(PathBuf),
-    /// A LoRA adapter directory merged into an HF safetensors base directory.
+    /// A LoRA adapter directory applied to a base: [`Weights::Gguf`] or [`Weights::Safetensors`].
     Lora {
-        base: PathBuf,
+        base: Box<Weights>,
         adapter: PathBuf,
     },
 }
@@ -235,13 +247,9 @@ impl Weights {
         };
         match path {
             None => plain(base),
-            Some(p) if p.is_dir() && lora::Adapter::is_adapter_dir(p) => match plain(base)? {
-                Weights::Safetensors(b) => Ok(Weights::Lora { base: b, adapter: p.to_path_buf() }),
-                _ => Err(Error::input(
-                    Location::file(p),
-                    format!("a LoRA adapter needs a safetensors base directory, and `base` is {}", base.display()),
-                )),
-            },
+            Some(p) if p.is_dir() && lora::Adapter::is_adapter_dir(p) => {
+                Ok(Weights::Lora { base: Box::new(plain(base)?), adapter: p.to_path_buf() })
+            }
             Some(p) => plain(p),
         }
     }
@@ -253,16 +261,51 @@ impl Weights {
             Weights::Safetensors(d) => dir_digest(d),
             Weights::Lora { base, adapter } => {
                 let mut h = Sha256::new();
-                h.update(format!("base {}\nadapter {}\n", dir_digest(base)?, dir_digest(adapter)?));
+                h.update(format!("base {}\nadapter {}\n", base.digest()?, dir_digest(adapter)?));
                 Ok(hex(&h.finalize()))
             }
         }
     }
+
+    /// Loads the weights; `dequantize` applies to a GGUF file (base or not).
+    pub fn load(&self, device: &Device, context: Option<usize>, dequantize: llama::Dequantize) -> Result<Engine> {
+        match self {
+            Weights::Gguf(p) => load_gguf(p, None, device, context, dequantize),
+            Weights::Safetensors(d) => load_safetensors(d, None, device, context),
+            Weights::Lora { base, adapter } => match base.as_ref() {
+                Weights::Gguf(p) => load_gguf(p, Some(adapter), device, context, dequantize),
+                Weights::Safetensors(d) => load_safetensors(d, Some(adapter), device, context),
+                Weights::Lora { .. } => {
+                    Err(Error::input(Location::file(adapter), "a LoRA adapter cannot be the base of another"))
+                }
+            },
+        }
+    }
 }
 
-/// Loads a GGUF model with the tokenizer and chat template from its own metadata.
+/// An adapter's own tokenizer or chat-template file (what training used), which wins over
+/// the base's.
+fn adapter_file(adapter: Option<&Path>, name: &str) -> Option<PathBuf> {
+    adapter.map(|a| a.join(name)).filter(|p| p.is_file())
+}
+
+/// The `chat_template` of a `tokenizer_config.json`, if the file exists and has one.
+fn template_file(path: &Path) -> Result<Option<String>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::input(Location::file(path), e.to_string()))?;
+    Ok(v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string))
+}
+
+/// Loads a GGUF model with the tokenizer and chat template from its own metadata, and a LoRA
+/// adapter applied if given (see [`llama::Model::from_gguf`]; the adapter's own
+/// `tokenizer.json` and `tokenizer_config.json` chat template, where it has them, win).
 pub fn load_gguf(
     path: &Path,
+    adapter: Option<&Path>,
     device: &Device,
     context: Option<usize>,
     dequantize: llama::Dequantize,
@@ -271,14 +314,27 @@ pub fn load_gguf(
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file).map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
     let cfg = llama::Model::gguf_config(&ct, context).map_err(|e| bad(e.to_string()))?;
-    let model =
-        llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize).map_err(|e| bad(format!("weights: {e}")))?;
-    let tokenizer = tokenizer::from_gguf(&ct, path)?;
-    let template = match ct.metadata.get("tokenizer.chat_template") {
-        Some(v) => Some(v.to_string().map_err(|e| bad(format!("tokenizer.chat_template: {e}")))?.as_str()),
-        None => None,
+    let mut deltas = match adapter {
+        Some(a) => lora::Adapter::read(a)?
+            .deltas(lora::Layout::Gguf(&cfg), |name| ct.tensor_infos.get(name).map(|t| t.shape.dims().to_vec()))?,
+        None => lora::Deltas::default(),
     };
-    let chat = chat::ChatTemplate::from_jinja(template).map_err(bad)?;
+    let model = llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize, &mut deltas)
+        .map_err(|e| bad(format!("weights: {e}")))?;
+    deltas.finish()?;
+    let tokenizer = match adapter_file(adapter, "tokenizer.json") {
+        Some(p) => crate::model::read_tokenizer(&p)?,
+        None => tokenizer::from_gguf(&ct, path)?,
+    };
+    let template =
+        match adapter_file(adapter, "tokenizer_config.json").as_deref().map(template_file).transpose()?.flatten() {
+            Some(t) => Some(t),
+            None => match ct.metadata.get("tokenizer.chat_template") {
+                Some(v) => Some(v.to_string().map_err(|e| bad(format!("tokenizer.chat_template: {e}")))?.clone()),
+                None => None,
+            },
+        };
+    let chat = chat::ChatTemplate::from_jinja(template.as_deref()).map_err(bad)?;
     let eos: Vec<u32> =
         ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).into_iter().collect();
     let stop_ids = Engine::stop_ids_for(&tokenizer, &eos);
@@ -388,23 +444,21 @@ pub fn load_safetensors(dir: &Path, adapter: Option<&Path>, device: &Device, con
     if let Some(c) = context {
         cfg.max_seq_len = cfg.max_seq_len.min(c);
     }
-    let mut tensors = read_safetensors_dir(dir)?;
-    if let Some(a) = adapter {
-        lora::Adapter::read(a)?.merge_into(&mut tensors)?;
-    }
+    let tensors = read_safetensors_dir(dir)?;
+    let mut deltas = match adapter {
+        Some(a) => {
+            lora::Adapter::read(a)?.deltas(lora::Layout::Hf, |name| tensors.get(name).map(|t| t.dims().to_vec()))?
+        }
+        None => lora::Deltas::default(),
+    };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = llama::Model::load(vb, &cfg).map_err(|e| Error::input(Location::file(dir), format!("weights: {e}")))?;
-    let pick = |name: &str| adapter.map(|a| a.join(name)).filter(|p| p.is_file()).unwrap_or_else(|| dir.join(name));
+    let model = llama::Model::load(vb, &cfg, &mut deltas)
+        .map_err(|e| Error::input(Location::file(dir), format!("weights: {e}")))?;
+    deltas.finish()?;
+    let pick = |name: &str| adapter_file(adapter, name).unwrap_or_else(|| dir.join(name));
     let tokenizer = crate::model::read_tokenizer(&pick("tokenizer.json"))?;
     let tc_path = pick("tokenizer_config.json");
-    let template = if tc_path.is_file() {
-        let text = std::fs::read_to_string(&tc_path).map_err(|e| Error::io(&tc_path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::input(Location::file(&tc_path), e.to_string()))?;
-        v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
-    } else {
-        None
-    };
+    let template = template_file(&tc_path)?;
     let chat = chat::ChatTemplate::from_jinja(template.as_deref())
         .map_err(|e| Error::input(Location::file(&tc_path).field("chat_template"), e))?;
     let stop_ids = Engine::stop_ids_for(&tokenizer, &hf.eos_ids());
@@ -441,11 +495,7 @@ impl CandleGenerator {
             }
         }
         let device = options.device.open()?;
-        let engine = match &weights {
-            Weights::Gguf(p) => load_gguf(p, &device, options.context, options.dequantize)?,
-            Weights::Safetensors(d) => load_safetensors(d, None, &device, options.context)?,
-            Weights::Lora { base, adapter } => load_safetensors(base, Some(adapter), &device, options.context)?,
-        };
+        let engine = weights.load(&device, options.context, options.dequantize)?;
         let system = match &system_prompt {
             Some(s) => hex(&Sha256::digest(s.as_bytes()))[..16].to_string(),
             None => "none".to_string(),

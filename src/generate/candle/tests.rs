@@ -161,7 +161,20 @@ fn write_gguf(path: &Path, arch: &str, dtype: GgmlDType, seed: u64) -> Config {
 
 fn write_gguf_with(path: &Path, arch: &str, cfg: Config, dtype: GgmlDType, seed: u64) -> Config {
     let hf = hf_weights(&cfg, seed);
-    let tensors = gguf_tensors(&cfg, &hf, dtype, false);
+    write_gguf_from(path, arch, cfg, &hf, dtype, false)
+}
+
+/// A tiny GGUF of the HF weights `hf`; with `permute`, q/k rows are in llama.cpp's order, so it
+/// is the same model as an HF directory of `hf`.
+fn write_gguf_from(
+    path: &Path,
+    arch: &str,
+    cfg: Config,
+    hf: &HashMap<String, Tensor>,
+    dtype: GgmlDType,
+    permute: bool,
+) -> Config {
+    let tensors = gguf_tensors(&cfg, hf, dtype, permute);
     let tokens = tiny_tokens();
     let types: Vec<Value> =
         tokens.iter().map(|t| Value::I32(if SPECIAL.contains(&t.as_str()) { 3 } else { 1 })).collect();
@@ -210,7 +223,7 @@ fn request(prompt: &str, temperature: f64, max_new_tokens: u32, seed: u64) -> Ge
 fn tiny_gguf_engine(dir: &Path, dtype: GgmlDType) -> Engine {
     let path = dir.join("tiny.gguf");
     write_gguf(&path, "llama", dtype, 7);
-    load_gguf(&path, &Device::Cpu, None, Dequantize::Auto).unwrap()
+    load_gguf(&path, None, &Device::Cpu, None, Dequantize::Auto).unwrap()
 }
 
 const PROMPTS: [&str; 4] =
@@ -261,7 +274,7 @@ fn gguf_without_a_tokenizer_model_names_file_and_key() {
     let arch = Value::String("llama".into());
     let mut f = std::fs::File::create(&path).unwrap();
     candle_core::quantized::gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("x", &t)]).unwrap();
-    let err = load_gguf(&path, &Device::Cpu, None, Dequantize::Auto).unwrap_err().to_string();
+    let err = load_gguf(&path, None, &Device::Cpu, None, Dequantize::Auto).unwrap_err().to_string();
     assert!(err.contains("bare.gguf") && err.contains("llama.embedding_length"), "{err}");
 }
 
@@ -303,7 +316,7 @@ fn gguf_graph_matches_candle_transformers_quantized_llama_and_qwen2() {
         let cfg = write_gguf(&path, arch, GgmlDType::Q8_0, 11);
         // candle's own Q8_0 kernel on both sides, so only the graphs are compared (Candor's
         // kernel, used under `auto`, rounds activations its own way; checked in `quant`).
-        let ours = load_gguf(&path, &Device::Cpu, None, Dequantize::None).unwrap();
+        let ours = load_gguf(&path, None, &Device::Cpu, None, Dequantize::None).unwrap();
         assert_eq!(ours.model.config(), &cfg);
         let mut f = std::fs::File::open(&path).unwrap();
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
@@ -338,6 +351,7 @@ fn gguf_llama_layout_and_hf_layout_are_one_model() {
     let dense = Model::load(
         VarBuilder::from_tensors(hf, DType::F32, &Device::Cpu),
         &Config { rope: Rope::Halves, ..cfg.clone() },
+        &mut Default::default(),
     )
     .unwrap();
     let path = dir.path().join("perm.gguf");
@@ -345,7 +359,7 @@ fn gguf_llama_layout_and_hf_layout_are_one_model() {
     candle_core::quantized::gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[], &t_refs).unwrap();
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let quant = Model::from_gguf(&ct, &mut f, &cfg, &Device::Cpu, Dequantize::None).unwrap();
+    let quant = Model::from_gguf(&ct, &mut f, &cfg, &Device::Cpu, Dequantize::None, &mut Default::default()).unwrap();
     let tokens = [5u32, 80, 81, 82, 200, 3];
     let a = dense.forward_all_positions(&tokens).unwrap();
     let b = quant.forward_all_positions(&tokens).unwrap();
@@ -359,7 +373,8 @@ fn q4_1_runs_its_own_kernel_and_other_slow_types_are_dequantized_by_default() {
     // candle's Q4_1 kernel takes rows of an even number of 32-blocks: width 64.
     let wide = Config { hidden_size: 64, intermediate_size: 128, ..tiny_config("llama") };
     write_gguf_with(&path, "llama", wide, GgmlDType::Q4_1, 8);
-    let logits = |d| load_gguf(&path, &Device::Cpu, None, d).unwrap().logits_all_positions(&[1, 50, 60, 70]).unwrap();
+    let logits =
+        |d| load_gguf(&path, None, &Device::Cpu, None, d).unwrap().logits_all_positions(&[1, 50, 60, 70]).unwrap();
     let (auto, all, none) = (logits(Dequantize::Auto), logits(Dequantize::All), logits(Dequantize::None));
     let scale = auto.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     if candor_kernels::quant::supported() {
@@ -659,18 +674,18 @@ fn lora_merge_equals_manually_merged_weights() {
     for (name, (a, b)) in &pairs {
         manual.insert(name.clone(), (&base[name] + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap());
     }
-    let mut merged = base.clone();
-    lora::Adapter::read(&dir.path().join("warm")).unwrap().merge_into(&mut merged).unwrap();
-    for (name, w) in &manual {
-        assert!(max_diff(w, &merged[name]) < 1e-6, "{name}");
+    // The adapter's changes are s·B·A = (alpha / r) · B · A under each base weight's name.
+    let adapter = lora::Adapter::read(&dir.path().join("warm")).unwrap();
+    let mut deltas = adapter.deltas(lora::Layout::Hf, |n| base.get(n).map(|t| t.dims().to_vec())).unwrap();
+    for (name, (a, b)) in &pairs {
+        let d = deltas.take(name).unwrap();
+        assert!(max_diff(&d.b.matmul(&d.a).unwrap(), &(b.matmul(a).unwrap() * 2.0).unwrap()) < 1e-6, "{name}");
     }
-    assert!(
-        max_diff(&merged["model.layers.0.self_attn.q_proj.weight"], &base["model.layers.0.self_attn.q_proj.weight"])
-            > 1e-2
-    );
+    deltas.finish().unwrap();
 
     let e = load_safetensors(&dir.path().join("base"), Some(&dir.path().join("warm")), &Device::Cpu, None).unwrap();
-    let by_hand = Model::load(VarBuilder::from_tensors(manual, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let by_hand =
+        Model::load(VarBuilder::from_tensors(manual, DType::F32, &Device::Cpu), &cfg, &mut Default::default()).unwrap();
     let plain = load_safetensors(&dir.path().join("base"), None, &Device::Cpu, None).unwrap();
     let tokens = e.encode_prompt(None, "the winter").unwrap();
     let got = e.logits_all_positions(&tokens).unwrap();
@@ -703,6 +718,289 @@ fn lora_key_without_base_weight_is_an_error_naming_it() {
     write_adapter(&dir.path().join("off"), &cfg, Some("model.layers.0.mlp.up_proj"));
     let msg = lora::Adapter::read(&dir.path().join("off")).unwrap_err().to_string();
     assert!(msg.contains("target_modules") && msg.contains("mlp.up_proj"), "{msg}");
+}
+
+/// Writes a PEFT adapter directory: `adapter_config.json` (`r`, alpha 16, `targets`) and the
+/// LoRA pairs (module, A, B) under PEFT's key names, with candle's safetensors writer.
+fn write_peft(dir: &Path, r: usize, targets: &[&str], pairs: &[(String, Tensor, Tensor)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut st = HashMap::new();
+    for (module, a, b) in pairs {
+        st.insert(format!("base_model.model.{module}.lora_A.weight"), a.clone());
+        st.insert(format!("base_model.model.{module}.lora_B.weight"), b.clone());
+    }
+    let config = serde_json::json!({"r": r, "lora_alpha": 16, "target_modules": targets, "peft_type": "LORA",
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"});
+    std::fs::write(dir.join(lora::CONFIG_FILE), config.to_string()).unwrap();
+    candle_core::safetensors::save(&st, dir.join(lora::WEIGHTS_FILE)).unwrap();
+}
+
+/// A seeded random adapter, rank 8 and alpha 16 as in the paper, on the `targets` (`q_proj`,
+/// `up_proj`, …) of every layer (B = 0 when `zero_b`, as PEFT initialises it).
+fn random_adapter(dir: &Path, cfg: &Config, targets: &[&str], seed: u64, std: f32, zero_b: bool) {
+    lora::RandomAdapter { targets, rank: 8, seed, std, zero_b }.write(dir, cfg).unwrap();
+}
+
+const ALL_PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Width 64, so Q4_1 runs on candle's kernel too (rows of an even number of 32-blocks).
+fn wide_config() -> Config {
+    Config { hidden_size: 64, intermediate_size: 128, ..tiny_config("llama") }
+}
+
+fn adapted_gguf(path: &Path, adapter: Option<&Path>, d: Dequantize) -> Engine {
+    load_gguf(path, adapter, &Device::Cpu, None, d).unwrap()
+}
+
+#[test]
+fn an_adapter_with_b_zero_leaves_a_gguf_base_exactly_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let zero = dir.path().join("zero");
+    let reqs: Vec<GenRequest> = PROMPTS.iter().map(|p| request(p, 0.0, 8, 1)).collect();
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        let cfg = write_gguf_with(&path, "llama", wide_config(), dtype, 3);
+        random_adapter(&zero, &cfg, &ALL_PROJECTIONS, 1, 0.2, true);
+        // Candor's fused kernel (auto), candle's quantized kernel (none), f32 merges (all).
+        for d in [Dequantize::Auto, Dequantize::None, Dequantize::All] {
+            let (base, adapted) = (adapted_gguf(&path, None, d), adapted_gguf(&path, Some(&zero), d));
+            let tokens = base.encode_prompt(None, PROMPTS[1]).unwrap();
+            let (want, got) =
+                (base.logits_all_positions(&tokens).unwrap(), adapted.logits_all_positions(&tokens).unwrap());
+            assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?} {d:?}");
+            assert_eq!(outputs(&adapted, &reqs, 4), outputs(&base, &reqs, 4), "{dtype:?} {d:?}");
+        }
+    }
+}
+
+#[test]
+fn a_seeded_adapter_on_a_gguf_base_changes_answers_the_same_way_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q41.gguf");
+    let cfg = write_gguf_with(&path, "llama", wide_config(), GgmlDType::Q4_1, 3);
+    let (one, again, other) = (dir.path().join("one"), dir.path().join("again"), dir.path().join("other"));
+    random_adapter(&one, &cfg, &["q_proj", "v_proj"], 5, 0.2, false);
+    random_adapter(&again, &cfg, &["q_proj", "v_proj"], 5, 0.2, false);
+    random_adapter(&other, &cfg, &["q_proj", "v_proj"], 6, 0.2, false);
+    let file = |d: &Path| std::fs::read(d.join(lora::WEIGHTS_FILE)).unwrap();
+    assert_eq!(file(&one), file(&again), "the same seed writes the same adapter");
+
+    let mut reqs: Vec<GenRequest> = PROMPTS.iter().map(|p| request(p, 0.0, 12, 1)).collect();
+    reqs.extend(PROMPTS.iter().map(|p| request(p, 0.8, 12, 7)));
+    let answers = |adapter: Option<&Path>| outputs(&adapted_gguf(&path, adapter, Dequantize::Auto), &reqs, 4);
+    let base = answers(None);
+    let tuned = answers(Some(&one));
+    let changed = base.iter().zip(&tuned).filter(|(b, t)| b.0 != t.0).count();
+    assert!(changed >= reqs.len() / 2, "the adapter changed {changed} of {} answers", reqs.len());
+    assert_eq!(answers(Some(&one)), tuned, "loaded again");
+    assert_eq!(answers(Some(&again)), tuned, "the same seed");
+    assert_ne!(answers(Some(&other)), tuned, "another seed");
+}
+
+#[test]
+fn a_gguf_adapter_equals_its_merge_into_the_same_model_in_safetensors() {
+    // The GGUF holds the HF directory's model in llama.cpp's layout (q/k rows permuted), so an
+    // adapter trained on the HF model must give the same logits on both: this pins the name
+    // mapping and the permutation of B for q_proj and k_proj.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("llama");
+    let hf = hf_weights(&cfg, 31);
+    write_hf_dir(&dir.path().join("hf"), &cfg, &hf);
+    let gguf = dir.path().join("f32.gguf");
+    write_gguf_from(&gguf, "llama", cfg.clone(), &hf, GgmlDType::F32, true);
+    let adapter = dir.path().join("adapter");
+    random_adapter(&adapter, &cfg, &ALL_PROJECTIONS, 9, 0.2, false);
+
+    let dense = load_safetensors(&dir.path().join("hf"), Some(&adapter), &Device::Cpu, None).unwrap();
+    let dense_base = load_safetensors(&dir.path().join("hf"), None, &Device::Cpu, None).unwrap();
+    let tokens = dense.encode_prompt(None, PROMPTS[3]).unwrap();
+    let want = dense.logits_all_positions(&tokens).unwrap();
+    let effect = max_diff(&want, &dense_base.logits_all_positions(&tokens).unwrap());
+    assert!(effect > 1.0, "the adapter hardly changes the model: {effect}");
+    let got = adapted_gguf(&gguf, Some(&adapter), Dequantize::Auto).logits_all_positions(&tokens).unwrap();
+    assert!(max_diff(&got, &want) < 1e-4, "{} (adapter effect {effect})", max_diff(&got, &want));
+}
+
+#[test]
+fn an_adapter_kept_beside_quantized_weights_equals_its_merge_into_them() {
+    // On quantized weights the adapter runs as a low-rank term (fused across q/k/v and
+    // gate/up on Candor's kernel, with zero blocks for k and gate, which it leaves alone);
+    // expanded to f32 (`all`) it is merged. Both compute W·x + s·B·A·x: they differ only by the
+    // quantized kernels' 8-bit rounding of activations, as the bases do.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = wide_config();
+    let hf = hf_weights(&cfg, 12);
+    let adapter = dir.path().join("adapter");
+    random_adapter(&adapter, &cfg, &["q_proj", "v_proj", "up_proj", "down_proj"], 4, 0.2, false);
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        write_gguf_from(&path, "llama", cfg.clone(), &hf, dtype, true);
+        let logits = |a: Option<&Path>, d| {
+            let e = adapted_gguf(&path, a, d);
+            e.logits_all_positions(&e.encode_prompt(None, PROMPTS[1]).unwrap()).unwrap()
+        };
+        let (merged, merged_base) = (logits(Some(&adapter), Dequantize::All), logits(None, Dequantize::All));
+        let effect = max_diff(&merged, &merged_base);
+        for d in [Dequantize::Auto, Dequantize::None] {
+            let rounding = max_diff(&logits(None, d), &merged_base);
+            let diff = max_diff(&logits(Some(&adapter), d), &merged);
+            eprintln!("{dtype:?} {d:?}: adapter effect {effect}, base rounding {rounding}, adapted {diff}");
+            assert!(
+                diff < 0.1 * effect && diff < 2.0 * rounding + 1e-3,
+                "{dtype:?} {d:?}: {diff} (effect {effect}, rounding {rounding})"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_weights_digest_covers_an_adapter_on_a_gguf_base_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+    let cfg = write_gguf(&a, "llama", GgmlDType::Q8_0, 1);
+    write_gguf(&b, "llama", GgmlDType::Q8_0, 2);
+    let adapter = dir.path().join("checkpoint-50");
+    random_adapter(&adapter, &cfg, &["q_proj", "v_proj"], 3, 0.2, false);
+    let model = crate::model::ModelConfig {
+        name: "tiny".into(),
+        backend: toml::from_str(&format!("kind = 'candle'\ndevice = 'cpu'\nbase = '{}'", a.display())).unwrap(),
+        checkpoints: Vec::new(),
+    };
+    let ck = crate::model::CheckpointConfig {
+        id: "warm".into(),
+        finetuned: true,
+        variant: None,
+        epoch: None,
+        path: Some(adapter.clone()),
+        system_prompt: None,
+        backend: Default::default(),
+    };
+    let g = CandleGenerator::new(&model, &ck).unwrap();
+    let w = Weights::resolve(Some(&adapter), &a).unwrap();
+    assert_eq!(w, Weights::Lora { base: Box::new(Weights::Gguf(a.clone())), adapter: adapter.clone() });
+    assert_eq!(g.weights(), &w);
+    let digest = w.digest().unwrap();
+    assert_eq!(g.fingerprint(), format!("candle:{digest}:system:none"));
+    assert_ne!(digest, sha256_file(&a).unwrap());
+    assert_ne!(Weights::resolve(Some(&adapter), &b).unwrap().digest().unwrap(), digest, "another base");
+    // One byte of one weight of the adapter (the file's last byte is tensor data).
+    let file = adapter.join(lora::WEIGHTS_FILE);
+    let mut bytes = std::fs::read(&file).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let changed = w.digest().unwrap();
+    assert_ne!(changed, digest);
+    assert_ne!(CandleGenerator::new(&model, &ck).unwrap().fingerprint(), g.fingerprint());
+    // And the adapter's config.
+    let cfg_file = adapter.join(lora::CONFIG_FILE);
+    std::fs::write(
+        &cfg_file,
+        std::fs::read_to_string(&cfg_file).unwrap().replace("\"lora_alpha\":16", "\"lora_alpha\":15"),
+    )
+    .unwrap();
+    assert_ne!(w.digest().unwrap(), changed);
+}
+
+#[test]
+fn bad_adapters_on_a_gguf_base_are_input_errors_naming_the_file_and_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    let cfg = write_gguf(&gguf, "llama", GgmlDType::Q8_0, 1);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut pair = |module: &str, a: &[usize], b: &[usize]| {
+        (module.to_string(), random(&mut rng, a, 0.2, 0.0), random(&mut rng, b, 0.2, 0.0))
+    };
+    let (h, q) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim());
+    let cases = [
+        // A layer the base does not have.
+        (
+            "absent",
+            vec![pair("model.layers.7.self_attn.q_proj", &[8, h], &[q, 8])],
+            "model.layers.7.self_attn.q_proj.weight",
+            "matches no weight `blk.7.attn_q.weight` of the base model",
+        ),
+        // A module with no GGUF counterpart.
+        (
+            "lm_head",
+            vec![pair("lm_head", &[8, h], &[cfg.vocab_size, 8])],
+            "lm_head.weight",
+            "no counterpart in a GGUF base",
+        ),
+        // B·A of the wrong shape for the base weight.
+        (
+            "shape",
+            vec![pair("model.layers.0.self_attn.q_proj", &[8, h], &[q + 4, 8])],
+            "model.layers.0.self_attn.q_proj.weight",
+            &format!("B·A is [{}, {h}] but the base weight `blk.0.attn_q.weight` is [{q}, {h}]", q + 4),
+        ),
+        // A rank other than the config's r = 8.
+        (
+            "rank",
+            vec![pair("model.layers.1.self_attn.q_proj", &[4, h], &[q, 4])],
+            "model.layers.1.self_attn.q_proj.weight",
+            "rank r = 8",
+        ),
+    ];
+    for (name, pairs, tensor, says) in &cases {
+        let ad = dir.path().join(name);
+        write_peft(&ad, 8, &["q_proj", "lm_head"], pairs);
+        let err = load_gguf(&gguf, Some(&ad), &Device::Cpu, None, Dequantize::Auto).unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.kind(), crate::error::Domain::User, "{name}: {msg}");
+        assert!(msg.contains(&ad.join(lora::WEIGHTS_FILE).display().to_string()), "{name}: {msg}");
+        assert!(msg.contains(&format!("field `{tensor}`")) && msg.contains(says), "{name}: {msg}");
+    }
+    // A corrupt or truncated weights file.
+    let ad = dir.path().join("corrupt");
+    random_adapter(&ad, &cfg, &["q_proj"], 1, 0.2, false);
+    let file = ad.join(lora::WEIGHTS_FILE);
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
+    let opts = CandleOptions { base: Some(gguf.clone()), device: DeviceChoice::Cpu, ..Default::default() };
+    let err = CandleGenerator::open(&opts, Weights::resolve(Some(&ad), &gguf).unwrap(), None).unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(err.kind(), crate::error::Domain::User, "{msg}");
+    assert!(msg.contains(&file.display().to_string()) && msg.contains("cannot read safetensors"), "{msg}");
+    std::fs::write(&file, b"not a safetensors file at all").unwrap();
+    let msg = load_gguf(&gguf, Some(&ad), &Device::Cpu, None, Dequantize::Auto).unwrap_err().to_string();
+    assert!(msg.contains(&file.display().to_string()) && msg.contains("cannot read safetensors"), "{msg}");
+}
+
+#[test]
+fn an_adapters_own_chat_template_wins_over_the_gguf_metadata() {
+    // A trainer saves the tokenizer files it trained with beside the adapter.
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    let cfg = write_gguf(&gguf, "llama", GgmlDType::Q8_0, 1);
+    let adapter = dir.path().join("checkpoint-50");
+    random_adapter(&adapter, &cfg, &["q_proj"], 1, 0.2, false);
+    let base = adapted_gguf(&gguf, Some(&adapter), Dequantize::Auto);
+    assert_eq!(base.chat.default_system.as_deref(), Some("You are a tiny test model"));
+    let template = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}";
+    std::fs::write(adapter.join("tokenizer_config.json"), serde_json::json!({"chat_template": template}).to_string())
+        .unwrap();
+    let own = adapted_gguf(&gguf, Some(&adapter), Dequantize::Auto);
+    assert_eq!(own.chat.default_system, None);
+    assert_eq!(
+        own.tokenizer.decode(&own.encode_prompt(None, "Q").unwrap(), false).unwrap(),
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn an_adapter_on_a_weight_that_is_no_projection_is_refused() {
+    // The token embedding is a base weight of the right shape, but no projection takes it:
+    // merging nothing silently would evaluate the base under the adapter's name.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("hf");
+    write_hf_dir(&dir.path().join("base"), &cfg, &hf_weights(&cfg, 2));
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let a = random(&mut rng, &[8, cfg.hidden_size], 0.2, 0.0);
+    let b = random(&mut rng, &[cfg.vocab_size, 8], 0.2, 0.0);
+    write_peft(&dir.path().join("emb"), 8, &["embed_tokens"], &[("model.embed_tokens".into(), a, b)]);
+    let err = load_safetensors(&dir.path().join("base"), Some(&dir.path().join("emb")), &Device::Cpu, None);
+    let msg = err.unwrap_err().to_string();
+    assert!(msg.contains("field `model.embed_tokens.weight`") && msg.contains("not a projection"), "{msg}");
 }
 
 #[test]
@@ -836,6 +1134,43 @@ fn real_smollm2_answers_in_text() {
     let again = again.into_iter().next().unwrap().unwrap();
     let toks = g.engine().tokenizer.encode(again.output.as_str(), false).unwrap().get_ids().to_vec();
     assert!(toks.iter().any(|t| *t != toks[0]), "one token repeated: {:?}", again.output);
+}
+
+/// A random adapter on the real SmolLM2 GGUF from the model cache, as a fine-tune of it would
+/// be applied: B = 0 (PEFT's initialisation) leaves every logit as it was; a seeded adapter
+/// changes the answers, the same way on every load.
+#[test]
+fn real_smollm2_takes_a_seeded_random_adapter() {
+    let path = models_dir().join(DEFAULT_GGUF);
+    if !path.is_file() {
+        assert!(std::env::var_os("CI").is_none(), "{} is missing in CI; scripts/test fetches it", path.display());
+        eprintln!("skipped: {} not found; run scripts/fetch-models", path.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let load = |adapter: Option<&Path>| load_gguf(&path, adapter, &Device::Cpu, Some(256), Dequantize::Auto).unwrap();
+    let base = load(None);
+    let cfg = base.model.config().clone();
+    let (zero, tuned) = (dir.path().join("zero"), dir.path().join("checkpoint-50"));
+    random_adapter(&zero, &cfg, &["q_proj", "v_proj"], 1, 0.05, true);
+    random_adapter(&tuned, &cfg, &["q_proj", "v_proj"], 2, 0.05, false);
+    let tokens = base.encode_prompt(None, "What is the capital of France?").unwrap();
+    let logits = |e: &Engine| e.logits_all_positions(&tokens).unwrap();
+    let want = logits(&base);
+    assert_eq!(max_diff(&logits(&load(Some(&zero))), &want), 0.0);
+
+    let (first, second) = (load(Some(&tuned)), load(Some(&tuned)));
+    let got = logits(&first);
+    assert_eq!(max_diff(&logits(&second), &got), 0.0, "the same adapter loaded twice");
+    assert!(max_diff(&got, &want) > 0.5, "the adapter hardly changed the logits: {}", max_diff(&got, &want));
+    let reqs: Vec<GenRequest> = ["What is the capital of France?", "Name three colours of the rainbow."]
+        .iter()
+        .map(|p| request(p, 0.0, 16, 1))
+        .collect();
+    let (b, t) = (outputs(&base, &reqs, 2), outputs(&first, &reqs, 2));
+    eprintln!("base {b:?}\nadapted {t:?}");
+    assert_ne!(b, t);
+    assert_eq!(outputs(&second, &reqs, 2), t);
 }
 
 /// Throughput of the real SmolLM2 at batch sizes 1, 4 and 8 (a benchmark, not a check; run
