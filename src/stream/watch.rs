@@ -619,7 +619,15 @@ fn run_alert(cmd: &str, alert: &Value) -> std::result::Result<(), String> {
 mod tests {
     use super::*;
     use crate::archive::Partition;
-    use crate::generate::candle::tests::{hf_weights, tiny_config, write_hf_dir, write_seeded_adapter};
+    use crate::generate::candle::lora::RandomAdapter;
+    use crate::generate::candle::tests::{hf_weights, tiny_config, write_hf_dir};
+
+    /// A seeded random adapter on q_proj and v_proj of the tiny model.
+    fn write_seeded_adapter(dir: &Path, cfg: &crate::generate::candle::llama::Config, seed: u64) {
+        RandomAdapter { targets: &["q_proj", "v_proj"], rank: 4, seed, std: 0.3, zero_b: false }
+            .write(dir, cfg)
+            .unwrap();
+    }
     use crate::records::{Observation, Response};
     use crate::schema::Record;
 
@@ -654,7 +662,7 @@ id = "base"
     /// (when `done`) `trainer_state.json`.
     fn save_checkpoint(run: &Path, step: u64, done: bool) -> PathBuf {
         let dir = run.join(format!("checkpoint-{step}"));
-        write_seeded_adapter(&dir, &tiny_config("llama"), None, step);
+        write_seeded_adapter(&dir, &tiny_config("llama"), step);
         if done {
             std::fs::write(
                 dir.join("trainer_state.json"),
@@ -804,7 +812,7 @@ id = "base"
         assert_eq!(outputs(root, "checkpoint-200"), before);
 
         // New weights saved under an evaluated step: an error row, never a second evaluation.
-        write_seeded_adapter(&run.join("checkpoint-100"), &cfg, None, 7);
+        write_seeded_adapter(&run.join("checkpoint-100"), &cfg, 7);
         let fourth = watch_once(root, &exp, &run);
         assert!(fourth.report.evaluated.is_empty());
         assert_eq!(fourth.report.errors.len(), 1, "{:?}", fourth.report);
