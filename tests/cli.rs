@@ -1575,7 +1575,15 @@ fn report_writes_html_and_figures_naming_every_condition() {
     // The warm model and its cold control each get their own Fig. 2 scatter.
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("warm (smol/warm)") && html.contains("cold (smol/cold)"), "{html}");
-    for fig in ["fig_error_scatter", "fig_error_scatter_cold", "fig_forest", "fig_sycophancy", "fig_refusals"] {
+    for fig in [
+        "fig_error_scatter",
+        "fig_error_scatter_cold",
+        "fig_forest",
+        "fig_sycophancy",
+        "fig_refusals",
+        "fig_trajectory_accuracy",
+        "fig_trajectory_discordant",
+    ] {
         let png = std::fs::read(out.join(format!("{fig}.png"))).unwrap();
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{fig}.png");
         let svg = std::fs::read_to_string(out.join(format!("{fig}.svg"))).unwrap();

@@ -420,6 +420,21 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
     )?;
     html.push_str(&batch_table(&with_variant(&rf, &variant_names)?, &[("refusal_pct", 1)]));
 
+    // Accuracy and discordant pairs step by step (a training run's checkpoints, in order).
+    if let Some((accuracy, discordant)) = trajectory(live)? {
+        html.push_str("<h2>Across checkpoints</h2>\n");
+        figure_html(
+            &mut html,
+            plots::lines(out, "fig_trajectory_accuracy", &accuracy)?,
+            "Accuracy of each fine-tuned checkpoint on the pairs it shares with its base (Normal test, pooled over amendment types), per dataset, in checkpoint order; the step-against-step pairing is the live SQL view trajectory_steps.",
+        )?;
+        figure_html(
+            &mut html,
+            plots::lines(out, "fig_trajectory_discordant", &discordant)?,
+            "Discordant pairs against the base at each checkpoint (Normal test, pooled over amendment types): b = right before fine-tuning and wrong after, c = the reverse.",
+        )?;
+    }
+
     // Warmth across checkpoints.
     html.push_str("<h2>Warmth across checkpoints</h2>\n");
     match warmth(live)? {
@@ -957,6 +972,56 @@ fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
         ticks,
         series: series.into_iter().collect(),
     }))
+}
+
+/// Accuracy and discordant pairs (b, c) of each fine-tuned checkpoint against its model's first
+/// base, per dataset, in checkpoint order (Normal test, pooled over amendment types); None
+/// without a fine-tuned checkpoint.
+fn trajectory(live: &LiveSql) -> Result<Option<(plots::Lines, plots::Lines)>> {
+    let sql = "SELECT f.model, f.dataset, f.checkpoint, f.checkpoint_epoch, \
+               CAST(SUM(f.n) AS DOUBLE) AS n, CAST(SUM(f.both_correct + f.c) AS DOUBLE) AS correct, \
+               CAST(SUM(f.b) AS DOUBLE) AS b, CAST(SUM(f.c) AS DOUBLE) AS c \
+               FROM family_results f \
+               JOIN (SELECT model, MIN(base_checkpoint) AS base FROM family_results GROUP BY model) first \
+                 ON f.model = first.model AND f.base_checkpoint = first.base \
+               WHERE f.test_type = 'Normal' \
+               GROUP BY f.model, f.dataset, f.checkpoint, f.checkpoint_epoch \
+               ORDER BY f.model, f.dataset, f.checkpoint_epoch, f.checkpoint";
+    let rows = live.query(sql).map_err(|e| Error::Internal(format!("report: the trajectory: {e}")))?;
+    let b = concat_batches(&rows.schema, &rows.batches).map_err(|e| Error::arrow("report", e))?;
+    if b.num_rows() == 0 {
+        return Ok(None);
+    }
+    let (model, dataset, ckpt) = (strs(&b, "model"), strs(&b, "dataset"), strs(&b, "checkpoint"));
+    let (epoch, n, correct, bb, cc) =
+        (f64s(&b, "checkpoint_epoch"), f64s(&b, "n"), f64s(&b, "correct"), f64s(&b, "b"), f64s(&b, "c"));
+    let mut ticks: Vec<(f64, String)> = (0..b.num_rows()).map(|i| (epoch[i], ckpt[i].clone())).collect();
+    ticks.sort_by(|x, y| x.0.partial_cmp(&y.0).unwrap_or(std::cmp::Ordering::Equal).then(x.1.cmp(&y.1)));
+    let ticks = ordered(&ticks.into_iter().map(|t| t.1).collect::<Vec<_>>());
+    let several = model.iter().collect::<BTreeSet<_>>().len() > 1;
+    let mut accuracy: BTreeMap<String, Vec<plots::LinePoint>> = BTreeMap::new();
+    let mut discordant: BTreeMap<String, Vec<plots::LinePoint>> = BTreeMap::new();
+    for i in 0..b.num_rows() {
+        let t = ticks.iter().position(|c| *c == ckpt[i]).unwrap_or(0);
+        let name = if several { format!("{} {}", model[i], dataset[i]) } else { dataset[i].clone() };
+        let p = correct[i] / n[i];
+        // ±1.96 standard errors of the proportion, in percent.
+        let se = 100.0 * (p * (1.0 - p) / n[i]).sqrt();
+        accuracy.entry(name.clone()).or_default().push((t, 100.0 * p, se));
+        discordant.entry(format!("{name} b")).or_default().push((t, bb[i], f64::NAN));
+        discordant.entry(format!("{name} c")).or_default().push((t, cc[i], f64::NAN));
+    }
+    let lines = |title: &str, y: &str, series: BTreeMap<String, Vec<plots::LinePoint>>| plots::Lines {
+        title: title.into(),
+        x_label: "checkpoint (in training order)".into(),
+        y_label: y.into(),
+        ticks: ticks.clone(),
+        series: series.into_iter().collect(),
+    };
+    Ok(Some((
+        lines("Accuracy across checkpoints", "accuracy (%)", accuracy),
+        lines("Discordant pairs against the base", "pairs", discordant),
+    )))
 }
 
 /// A name safe in a file name: letters, digits, `-` and `_`; anything else becomes `_`.
