@@ -11,6 +11,7 @@ pub mod serve;
 pub mod spine;
 pub mod stats;
 pub mod stream;
+pub mod watch;
 
 /// The paper's grid: the four open-ended datasets at 500/500/500/125 items, paper templates.
 pub const PAPER_GRID: &str = r#"

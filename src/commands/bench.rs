@@ -65,6 +65,20 @@ pub enum Bench {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Latency from a training run's checkpoint becoming ready to its statistics in SQL
+    /// (`candor watch`), on the quickstart's grid with the answers already in the generation
+    /// store (a first pass fills it).
+    Watch {
+        /// Checkpoints (seeded random adapters on the default model).
+        #[arg(long, default_value_t = 3)]
+        steps: u64,
+        /// New tokens of each answer of the first pass.
+        #[arg(long, default_value_t = 4)]
+        max_new_tokens: u32,
+        /// Where to write the archives (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Candor's full statistical analysis against pandas + statsmodels on synthetic observations
     /// at the paper's scale (439,792 rows) and multiples of it, and the latency of an
     /// incremental update (one checkpoint, ~8,000 observations) with small and large history.
@@ -211,6 +225,10 @@ pub fn run(which: Bench, g: &Globals) -> Result<()> {
         Bench::Report { dir, variants, discordance, repeat, no_browser, cluster } => {
             let opts = bench::report::ReportBench { variants, discordance, repeat, browser: !no_browser };
             bench::report::run(dir.as_deref(), &opts, &cluster)?
+        }
+        Bench::Watch { steps, max_new_tokens, dir } => {
+            let tmp = tempfile::tempdir()?;
+            bench::watch::run(&dir.unwrap_or_else(|| tmp.path().to_path_buf()), steps, max_new_tokens)?
         }
         Bench::Stats { dir, scales, python, skip_python } => {
             bench::stats::run(dir.as_deref(), &scales, python.as_deref(), skip_python)?

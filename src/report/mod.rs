@@ -426,12 +426,12 @@ pub fn write_report(live: &LiveSql, out: &Path, second_judge: Option<&LiveSql>) 
         figure_html(
             &mut html,
             plots::lines(out, "fig_trajectory_accuracy", &accuracy)?,
-            "Accuracy of each fine-tuned checkpoint on the pairs it shares with its base (Normal test, pooled over amendment types), per dataset, in checkpoint order; the step-against-step pairing is the live SQL view trajectory_steps.",
+            "Accuracy of each checkpoint compared with its base, on the pairs the two share (Normal test, pooled over amendment types), per dataset, in checkpoint order; the step-against-step pairing is the live SQL view trajectory_steps.",
         )?;
         figure_html(
             &mut html,
             plots::lines(out, "fig_trajectory_discordant", &discordant)?,
-            "Discordant pairs against the base at each checkpoint (Normal test, pooled over amendment types): b = right before fine-tuning and wrong after, c = the reverse.",
+            "Discordant pairs against the base at each checkpoint (Normal test, pooled over amendment types): b = right at the base and wrong at the checkpoint, c = the reverse.",
         )?;
     }
 
@@ -974,7 +974,7 @@ fn warmth(live: &LiveSql) -> Result<Option<plots::Lines>> {
     }))
 }
 
-/// Accuracy and discordant pairs (b, c) of each fine-tuned checkpoint against its model's first
+/// Accuracy and discordant pairs (b, c) of each compared checkpoint against its model's first
 /// base, per dataset, in checkpoint order (Normal test, pooled over amendment types); None
 /// without a fine-tuned checkpoint.
 fn trajectory(live: &LiveSql) -> Result<Option<(plots::Lines, plots::Lines)>> {

@@ -5,7 +5,7 @@
 //! - [`view`]: that computation fed batch by batch (add, retract, upsert), its counts as tables.
 //! - [`udf`]: `mcnemar_exact`, `bh_adjust`/`bh_reject` windows, the `paired_counts` aggregate, …
 //! - [`engine`]: the view registered as DataFusion tables, per-family results recomputed for the
-//!   families an update touched, and the regressions M1–M4 refitted from the cell counts.
+//!   families an update touched, and the regressions M1–M4 refitted when a statement reads them.
 //! - [`queries`]: the report queries.
 //! - [`input`]: observation files (archives, CSV, Parquet, the paper's CSVs).
 //! - [`follow`]: the dataflow hook: when an epoch completes, its observations update the engine.
@@ -15,7 +15,7 @@
 //! - [`synthetic`]: observations in the paper's design, for trying and checking the analysis.
 //!
 //! ```
-//! let engine = candor::sql::engine::StatsEngine::new().unwrap();
+//! let mut engine = candor::sql::engine::StatsEngine::new().unwrap();
 //! let rows = engine.query(candor::sql::queries::FAMILY_TABLE.sql).unwrap();
 //! assert!(rows.iter().all(|b| b.num_rows() == 0));
 //! ```

@@ -381,6 +381,7 @@ pub fn watch(
                 continue;
             }
             last_new = Instant::now();
+            let found = last_new;
             let sha256 = match crate::model::dir_digest(&path) {
                 Ok(h) => h,
                 Err(e) => {
@@ -452,7 +453,7 @@ pub fn watch(
                 report.already.push(name.clone());
             }
             let previous = previous_step(&live, &name)?;
-            let evaluated = Step { name: &name, step, sha256: &sha256, previous, subsample: subsample.take() };
+            let evaluated = Step { name: &name, step, sha256: &sha256, previous, subsample: subsample.take(), found };
             take_statistics(&mut s, &guard, w, &mut state, &mut report, Some(evaluated), emit)?;
             state.checkpoints.insert(name, Entry { step, sha256, status: "evaluated".into(), error: None });
             state.save(archive.root())?;
@@ -494,6 +495,8 @@ struct Step<'a> {
     previous: Value,
     /// The subsample it was evaluated on (None: the whole grid).
     subsample: Option<Value>,
+    /// When it was found ready.
+    found: Instant,
 }
 
 /// Emits the statistics the last evaluation produced (for `checkpoint`, or the base), updates
@@ -514,9 +517,16 @@ fn take_statistics(
             messages.push(serde_json::from_slice::<Value>(&payload).map_err(|e| Error::Internal(format!("{e}")))?);
         }
     }
-    let (name, step, sha256, previous, subsample) = match checkpoint {
-        Some(c) => (Some(c.name), Some(c.step), Some(c.sha256), c.previous, c.subsample),
-        None => (None, None, None, Value::Null, None),
+    let (name, step, sha256, previous, subsample, latency) = match checkpoint {
+        Some(c) => (
+            Some(c.name),
+            Some(c.step),
+            Some(c.sha256),
+            c.previous,
+            c.subsample,
+            Some(c.found.elapsed().as_secs_f64() * 1e3),
+        ),
+        None => (None, None, None, Value::Null, None, None),
     };
     emit(&json!({
         "event": if name.is_some() { "evaluated" } else { "base" },
@@ -529,6 +539,10 @@ fn take_statistics(
         // On a subsample the families' power is lower: their `mdd_pp` (the smallest difference
         // detectable at 80% power) says how much.
         "subsample": subsample,
+        // From the folder found ready (or the hook's request taken) to this line: loading it
+        // once, generating (or finding the answers in the generation store), judging,
+        // archiving, the statistics and the step-against-step SQL.
+        "latency_ms": latency,
     }));
     let Some(step) = step else { return Ok(()) };
     for alert in alerts(&messages, step, guard, state) {
