@@ -34,7 +34,6 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use super::lora::{Delta, Deltas};
 use candor_kernels::attn::{self, Heads};
 use candor_kernels::quant::{self, QMatrix};
 
@@ -697,5 +696,43 @@ impl Model {
         let mut cache = Cache::new(&self.cfg);
         let mut out = self.forward(&mut [(tokens, &mut cache)], Positions::All)?;
         Ok(out.pop().expect("one sequence"))
+    }
+}
+
+/// An adapter's change to one base weight, `s·B·A`, as A `[r, in]` and `s·B` `[out, r]` in
+/// f32, rows in the base weight's order.
+#[derive(Clone, Debug)]
+pub struct Delta {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// The changes an adapter makes ([`super::lora::Adapter::deltas`]), by base weight name, checked against the base's shapes. The
+/// model takes each as it builds the projection; [`Deltas::finish`] then refuses any it did
+/// not take.
+#[derive(Debug, Default)]
+pub struct Deltas {
+    /// The adapter's weights file, named by errors.
+    pub(crate) file: std::path::PathBuf,
+    /// Base weight name → (the adapter's HF weight name, delta).
+    pub(crate) map: std::collections::BTreeMap<String, (String, Delta)>,
+}
+
+impl Deltas {
+    /// The change to base weight `name`, if the adapter makes one.
+    pub fn take(&mut self, name: &str) -> Option<Delta> {
+        self.map.remove(name).map(|(_, d)| d)
+    }
+
+    /// An error naming the first change no projection of the model took (a base weight that
+    /// exists but is not a projection, e.g. the token embedding).
+    pub fn finish(self) -> crate::error::Result<()> {
+        match self.map.into_iter().next() {
+            None => Ok(()),
+            Some((target, (name, _))) => Err(crate::error::Error::input(
+                crate::error::Location::file(&self.file).field(&name),
+                format!("adapts `{target}`, which is not a projection of the model"),
+            )),
+        }
     }
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::llama;
+use super::llama::{self, Delta, Deltas};
 use crate::error::{Error, Location, Result};
 
 /// `adapter_config.json`, the fields merging needs.
@@ -201,43 +201,6 @@ pub enum Layout<'a> {
     /// ([`llama::Rope::Interleaved`]) the q and k rows are permuted as llama.cpp's converter
     /// does, which the adapter's B must follow.
     Gguf(&'a llama::Config),
-}
-
-/// An adapter's change to one base weight, `s·B·A`, as A `[r, in]` and `s·B` `[out, r]` in
-/// f32, rows in the base weight's order.
-#[derive(Clone, Debug)]
-pub struct Delta {
-    pub a: Tensor,
-    pub b: Tensor,
-}
-
-/// The changes an adapter makes, by base weight name, checked against the base's shapes. The
-/// model takes each as it builds the projection; [`Deltas::finish`] then refuses any it did
-/// not take.
-#[derive(Debug, Default)]
-pub struct Deltas {
-    file: PathBuf,
-    /// Base weight name → (the adapter's HF weight name, delta).
-    map: BTreeMap<String, (String, Delta)>,
-}
-
-impl Deltas {
-    /// The change to base weight `name`, if the adapter makes one.
-    pub fn take(&mut self, name: &str) -> Option<Delta> {
-        self.map.remove(name).map(|(_, d)| d)
-    }
-
-    /// An error naming the first change no projection of the model took (a base weight that
-    /// exists but is not a projection, e.g. the token embedding).
-    pub fn finish(self) -> Result<()> {
-        match self.map.into_iter().next() {
-            None => Ok(()),
-            Some((target, (name, _))) => Err(Error::input(
-                Location::file(&self.file).field(&name),
-                format!("adapts `{target}`, which is not a projection of the model"),
-            )),
-        }
-    }
 }
 
 /// The llama.cpp name of an HF projection weight and, for q/k under the interleaved rotary

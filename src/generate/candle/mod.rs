@@ -317,7 +317,7 @@ pub fn load_gguf(
     let mut deltas = match adapter {
         Some(a) => lora::Adapter::read(a)?
             .deltas(lora::Layout::Gguf(&cfg), |name| ct.tensor_infos.get(name).map(|t| t.shape.dims().to_vec()))?,
-        None => lora::Deltas::default(),
+        None => llama::Deltas::default(),
     };
     let model = llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize, &mut deltas)
         .map_err(|e| bad(format!("weights: {e}")))?;
@@ -449,7 +449,7 @@ pub fn load_safetensors(dir: &Path, adapter: Option<&Path>, device: &Device, con
         Some(a) => {
             lora::Adapter::read(a)?.deltas(lora::Layout::Hf, |name| tensors.get(name).map(|t| t.dims().to_vec()))?
         }
-        None => lora::Deltas::default(),
+        None => llama::Deltas::default(),
     };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     let model = llama::Model::load(vb, &cfg, &mut deltas)
