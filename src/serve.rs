@@ -170,19 +170,7 @@ impl ServeOptions {
 
     /// Refuses to serve beyond loopback without an API key.
     pub fn check(&self) -> Result<()> {
-        if self.api_key.is_none() && !self.listen.ip().is_loopback() {
-            return Err(Error::config(
-                "listen",
-                format!(
-                    "{} is reachable from other machines: give an API key (--api-key-env NAME, the key in $NAME)",
-                    self.listen
-                ),
-            ));
-        }
-        if self.api_key.as_deref() == Some("") {
-            return Err(Error::config("api-key-env", "the API key is empty"));
-        }
-        Ok(())
+        check_listener(self.listen, self.api_key.as_deref(), "api-key-env")
     }
 }
 
@@ -348,28 +336,46 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// Compares `given` with `key` in time that depends only on their lengths (a SHA-256 of
 /// each, compared without early exit).
-pub(crate) fn key_matches(given: &[u8], key: &[u8]) -> bool {
+fn key_matches(given: &[u8], key: &[u8]) -> bool {
     use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
     Sha256::digest(given).ct_eq(&Sha256::digest(key)).into()
 }
 
+/// The one rule of Candor's HTTP listeners (`candor serve`, `candor watch --hook`): reachable
+/// from other machines only with a key, and never an empty one. `flag` names the option that
+/// gives the key (`api-key-env`, `hook-key-env`).
+pub(crate) fn check_listener(listen: SocketAddr, key: Option<&str>, flag: &str) -> Result<()> {
+    if key.is_none() && !listen.ip().is_loopback() {
+        return Err(Error::config(
+            "listen",
+            format!("{listen} is reachable from other machines: give an API key (--{flag} NAME, the key in $NAME)"),
+        ));
+    }
+    if key == Some("") {
+        return Err(Error::config(flag, "the API key is empty"));
+    }
+    Ok(())
+}
+
+/// Why a request's `Authorization: Bearer <key>` does not match `key` (compared in constant
+/// time), or None when it does.
+pub(crate) fn bearer_refusal(headers: &HeaderMap, key: &[u8]) -> Option<&'static str> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        None => Some("no API key: send `Authorization: Bearer <key>`"),
+        Some(g) if !key_matches(g.as_bytes(), key) => Some("the API key is not valid"),
+        Some(_) => None,
+    }
+}
+
 async fn authorize(State(state): State<Arc<ServeState>>, request: Request, next: Next) -> Response {
-    if let Some(key) = &state.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let ok = given.is_some_and(|g| key_matches(g.as_bytes(), key));
-        if !ok {
-            let message = match given {
-                None => "no API key: send `Authorization: Bearer <key>`",
-                Some(_) => "the API key is not valid",
-            };
-            return ApiError::status(StatusCode::UNAUTHORIZED, message, "invalid_api_key").into_response();
-        }
+    if let Some(message) = state.api_key.as_ref().and_then(|key| bearer_refusal(request.headers(), key)) {
+        return ApiError::status(StatusCode::UNAUTHORIZED, message, "invalid_api_key").into_response();
     }
     next.run(request).await
 }

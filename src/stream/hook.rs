@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -89,18 +89,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
 impl Hook {
     /// Starts listening for checkpoints of `model` (whose bases are `bases`).
     pub fn start(options: &HookOptions, model: &str, bases: Vec<String>) -> Result<Hook> {
-        if options.api_key.is_none() && !options.listen.ip().is_loopback() {
-            return Err(Error::config(
-                "hook",
-                format!(
-                    "{} is reachable from other machines: give a key (--hook-key-env NAME, the key in $NAME)",
-                    options.listen
-                ),
-            ));
-        }
-        if options.api_key.as_deref() == Some("") {
-            return Err(Error::config("hook-key-env", "the key is empty"));
-        }
+        crate::serve::check_listener(options.listen, options.api_key.as_deref(), "hook-key-env")?;
         let (tx, requests) = mpsc::channel();
         let state = Arc::new(HookState {
             model: model.to_string(),
@@ -131,16 +120,8 @@ impl Hook {
 }
 
 async fn authorize(State(state): State<Arc<HookState>>, request: Request, next: Next) -> Response {
-    if let Some(key) = &state.key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|g| crate::serve::key_matches(g.as_bytes(), key)) {
-            return refuse(StatusCode::UNAUTHORIZED, "no valid key: send `Authorization: Bearer <key>`");
-        }
+    if let Some(message) = state.key.as_ref().and_then(|key| crate::serve::bearer_refusal(request.headers(), key)) {
+        return refuse(StatusCode::UNAUTHORIZED, message);
     }
     next.run(request).await
 }
