@@ -6,12 +6,7 @@
 -- takes `correct` and `incorrect`; Neutral takes `original_neutral`, the neutral sentence's own
 -- family, never pooled into Normal. Excluded answers (correct IS NULL) are not paired.
 WITH included AS (
-    SELECT *,
-        CASE
-            WHEN prompt_type = 'original' THEN 'Normal'
-            WHEN prompt_type = 'original_neutral' THEN 'Neutral'
-            WHEN prompt_type IN ('correct', 'incorrect') THEN 'Sycophancy'
-        END AS test_type
+    SELECT *, test_type(prompt_type) AS test_type
     FROM observations
     WHERE correct IS NOT NULL
 ),

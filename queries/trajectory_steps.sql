@@ -8,12 +8,7 @@
 -- The first fine-tuned checkpoint has no previous step: its comparison is the base one
 -- (family_table). Computed at each statement, not maintained.
 WITH included AS (
-    SELECT *,
-        CASE
-            WHEN prompt_type = 'original' THEN 'Normal'
-            WHEN prompt_type = 'original_neutral' THEN 'Neutral'
-            WHEN prompt_type IN ('correct', 'incorrect') THEN 'Sycophancy'
-        END AS test_type
+    SELECT *, test_type(prompt_type) AS test_type
     FROM observations
     WHERE correct IS NOT NULL
 ),

@@ -8,7 +8,7 @@
 //! | `newcombe_low(both_correct, b, c, both_wrong)`, `newcombe_high(…)` | scalar | Newcombe's paired 95% interval of (c − b)/n |
 //! | `mcnemar_mdd(n, b + c) OVER (PARTITION BY family)` | window | the family's minimum detectable difference at 80% power (a proportion); NULL when none is detectable |
 //! | `cohens_kappa(both, first_only, second_only, neither)` | scalar | Cohen's kappa of two judges' correct/incorrect labels from their 2×2 table; NULL when undefined |
-//! | `test_type(prompt_type, amendment_type)` | scalar | the McNemar test a condition's pairs count toward (`Normal`, `Sycophancy`), NULL for none: the one rule of [`TestType::of`] |
+//! | `test_type(prompt_type)` | scalar | the McNemar test a condition's pairs count toward (`Normal`, `Sycophancy`, `Neutral`), NULL for none: the one rule of [`TestType::of`] |
 //! | `paper_g(b, c)` | scalar | \|b − c\|/√(b + c), the paper's "Cohen's g" |
 //! | `cohens_g(b, c)` | scalar | textbook Cohen's g, \|b/(b + c) − ½\| |
 //! | `odds_ratio(b, c)` | scalar | b/c (∞ when c = 0 < b) |
