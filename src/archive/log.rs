@@ -151,7 +151,7 @@ pub fn read(table: &Path) -> Result<TableLog> {
 /// before, by this process): a log is only ever appended to. The versions are still listed
 /// every time, so a version missing in the middle is still an error; a log with fewer versions
 /// than `known` is read whole.
-pub fn read_since(table: &Path, known: Option<&TableLog>) -> Result<TableLog> {
+pub fn read_since(table: &Path, known: Option<TableLog>) -> Result<TableLog> {
     let all = versions(&table.join("_delta_log"))?;
     let unchanged = |k: &TableLog| -> Result<bool> {
         for c in &k.commits {
@@ -163,7 +163,7 @@ pub fn read_since(table: &Path, known: Option<&TableLog>) -> Result<TableLog> {
         Ok(true)
     };
     let (mut log, after) = match known.and_then(|k| k.version.map(|v| (k, v))) {
-        Some((k, v)) if (all.len() as u64) > v && unchanged(k)? => (k.clone(), Some(v)),
+        Some((k, v)) if (all.len() as u64) > v && unchanged(&k)? => (k, Some(v)),
         _ => (TableLog::default(), None),
     };
     for (version, path) in all.into_iter().filter(|(v, _)| after.is_none_or(|a| *v > a)) {

@@ -364,7 +364,7 @@ impl Archive {
         let mut snap = Snapshot { root: self.root.clone(), ..Default::default() };
         let mut logs = self.inner.logs.lock().unwrap_or_else(|p| p.into_inner());
         for stream in table_streams()? {
-            let log = log::read_since(&self.table_dir(&stream), logs.get(&stream))?;
+            let log = log::read_since(&self.table_dir(&stream), logs.remove(&stream))?;
             logs.insert(stream.clone(), log.clone());
             snap.tables.insert(stream, log);
         }

@@ -645,6 +645,14 @@ mod tests {
     use crate::records::{Observation, Response};
     use crate::schema::Record;
 
+    /// A tiny random base model under `root/base`, the experiment evaluating it, and the
+    /// training run's folder (`root/run`, not created).
+    fn setup(root: &Path) -> (crate::config::Experiment, PathBuf) {
+        let cfg = tiny_config("llama");
+        write_hf_dir(&root.join("base"), &cfg, &hf_weights(&cfg, 1));
+        (experiment(root, &root.join("base")), root.join("run"))
+    }
+
     fn experiment(root: &Path, base: &Path) -> crate::config::Experiment {
         let text = format!(
             r#"
@@ -760,10 +768,7 @@ id = "base"
     fn a_training_run_is_evaluated_in_step_order_once_whatever_happens() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let cfg = tiny_config("llama");
-        write_hf_dir(&root.join("base"), &cfg, &hf_weights(&cfg, 1));
-        let exp = experiment(root, &root.join("base"));
-        let run = root.join("run");
+        let (exp, run) = setup(root);
         save_checkpoint(&run, 50, true);
         // Ready by its marker, without trainer_state.json.
         let marked = save_checkpoint(&run, 100, false);
@@ -826,7 +831,7 @@ id = "base"
         assert_eq!(outputs(root, "checkpoint-200"), before);
 
         // New weights saved under an evaluated step: an error row, never a second evaluation.
-        write_seeded_adapter(&run.join("checkpoint-100"), &cfg, 7);
+        write_seeded_adapter(&run.join("checkpoint-100"), &tiny_config("llama"), 7);
         let fourth = watch_once(root, &exp, &run);
         assert!(fourth.report.evaluated.is_empty());
         assert_eq!(fourth.report.errors.len(), 1, "{:?}", fourth.report);
@@ -846,10 +851,7 @@ id = "base"
     fn intermediate_steps_answer_a_seeded_subsample_and_the_last_the_whole_grid() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let cfg = tiny_config("llama");
-        write_hf_dir(&root.join("base"), &cfg, &hf_weights(&cfg, 1));
-        let exp = experiment(root, &root.join("base"));
-        let run = root.join("run");
+        let (exp, run) = setup(root);
         save_checkpoint(&run, 50, true);
         save_checkpoint(&run, 100, true);
         let last = save_checkpoint(&run, 150, true);
@@ -900,10 +902,7 @@ id = "base"
     fn the_hook_and_the_folder_watcher_archive_the_same_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let cfg = tiny_config("llama");
-        write_hf_dir(&root.join("base"), &cfg, &hf_weights(&cfg, 1));
-        let exp = experiment(root, &root.join("base"));
-        let run = root.join("run");
+        let (exp, run) = setup(root);
         let folders = [save_checkpoint(&run, 50, true), save_checkpoint(&run, 100, true)];
         let by_folder = root.join("by-folder");
         let watched = watch_with(&by_folder, &exp, &run, None, &mut |_| {});
