@@ -8,7 +8,8 @@
 //! weights), which is the announcement a Kafka producer would send: one record type for all
 //! three. `sha256`, when given, must be the folder's content hash (as the watcher computes it)
 //! when Candor gets to it; `base` must be one of the model's bases. Answers: `202` with the
-//! checkpoint's name when queued; `400` for a body that is not one checkpoint; `422` for one
+//! checkpoint's name when queued; `400` for a body that is not one checkpoint; `413` for a body
+//! over 64 KiB; `422` for one
 //! Candor cannot evaluate (another model, an unknown base, no such folder, an `endpoint`
 //! instead of weights: not evaluated by the watcher yet); `401` without the key. A listener
 //! reachable from other machines needs a key (`--hook-key-env NAME`), compared in constant
@@ -132,6 +133,8 @@ async fn checkpoint(
 ) -> Response {
     let request = match body {
         Ok(Json(r)) => r,
+        // A body past the limit keeps its own status (413); anything else is not one checkpoint.
+        Err(JsonRejection::BytesRejection(e)) => return refuse(e.status(), e.body_text()),
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("not one checkpoint: {}", e.body_text())),
     };
     if request.model != state.model {

@@ -878,6 +878,18 @@ id = "base"
         assert_eq!(watched.report.stream.model_calls, 6 + 2 + 2 + 6, "base, two sampled steps, the last");
     }
 
+    /// A damaged watcher's record is an error naming the file, never read as "nothing seen"
+    /// (which would evaluate every folder again under names already archived).
+    #[test]
+    fn a_damaged_watch_record_is_named_not_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), b"{\"checkpoints\": {\"checkpoint-5").unwrap();
+        let err = State::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(STATE_FILE) && err.contains("not the watcher's record"), "{err}");
+        std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+        assert!(State::load(dir.path()).unwrap().checkpoints.is_empty(), "no record yet: nothing seen");
+    }
+
     /// One HTTP/1.1 request to the hook; returns the status code and body.
     fn post(addr: &str, key: Option<&str>, body: &str) -> (u16, String) {
         use std::io::{Read, Write};
@@ -938,6 +950,8 @@ id = "base"
                         post(&addr, Some("k"), &one(50, "/no/such/folder", "")),
                         post(&addr, Some("k"), &one(50, &p50, &format!(r#", "sha256": "{sha50}", "base": "base""#))),
                         post(&addr, Some("k"), &one(100, &p100, "")),
+                        // A body far past the limit is refused before it is read whole.
+                        post(&addr, Some("k"), &one(150, &"x".repeat(100_000), "")),
                     ];
                     answers
                 }));
@@ -945,7 +959,7 @@ id = "base"
         });
         let answers = client.unwrap().join().unwrap();
         let codes: Vec<u16> = answers.iter().map(|(c, _)| *c).collect();
-        assert_eq!(codes, [401, 401, 400, 400, 422, 422, 422, 202, 202], "{answers:?}");
+        assert_eq!(codes, [401, 401, 400, 400, 422, 422, 422, 202, 202, 413], "{answers:?}");
         assert!(answers[4].1.contains("other") && answers[5].1.contains("nope"), "{answers:?}");
         assert!(answers[7].1.contains("checkpoint-50"), "{answers:?}");
         assert_eq!(hooked.report.evaluated, ["checkpoint-50", "checkpoint-100"], "{:?}", hooked.report);
