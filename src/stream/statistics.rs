@@ -200,12 +200,13 @@ fn json_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Value>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::archive::Partition;
     use std::collections::{BTreeSet, HashMap};
 
-    fn obs(checkpoint: &str, epoch: u64, ft: bool, i: usize, correct: bool) -> Observation {
+    /// Model `m`'s answer to trivia item `q<i>` (unmodified, original) at `checkpoint`.
+    pub(in crate::stream) fn obs(checkpoint: &str, epoch: u64, ft: bool, i: usize, correct: bool) -> Observation {
         Observation {
             response_key: format!("m/{checkpoint}/{i}"),
             model: "m".into(),
@@ -222,6 +223,32 @@ mod tests {
             verdict: String::new(),
             correct: Some(correct),
         }
+    }
+
+    /// Registers `checkpoint` of model `m`, commits its answers to items `q0`…`q<n-1>` (right
+    /// where `right(i)`), records it in `done`; returns (epoch, checkpoint key, batches) as
+    /// [`Statistics::update`] takes them.
+    pub(in crate::stream) fn commit(
+        archive: &Archive,
+        done: &mut Done,
+        checkpoint: &str,
+        ft: bool,
+        right: impl Fn(usize) -> bool,
+        n: usize,
+    ) -> (u64, String, Vec<RecordBatch>) {
+        let epoch = archive.register_checkpoint("m", checkpoint, ft, None).unwrap();
+        let rows: Vec<Observation> = (0..n).map(|i| obs(checkpoint, epoch, ft, i, right(i))).collect();
+        let batch = Observation::to_batch(&rows).unwrap();
+        archive
+            .write_epoch(
+                epoch,
+                &[("observation".into(), Partition::checkpoint("m", checkpoint), batch.clone())],
+                &serde_json::json!({}),
+            )
+            .unwrap();
+        let key = super::super::state::checkpoint_key("m", checkpoint);
+        done.insert(key.clone(), (epoch, ft));
+        (epoch, key, vec![batch])
     }
 
     fn families(messages: &[(String, Vec<u8>)]) -> BTreeMap<String, serde_json::Value> {
@@ -248,19 +275,8 @@ mod tests {
         let mut done: Done = HashMap::new();
         let mut batches = BTreeMap::new();
         for (checkpoint, ft, wrong) in [("base", false, 0), ("warm", true, 6), ("warmer", true, 9)] {
-            let epoch = archive.register_checkpoint("m", checkpoint, ft, None).unwrap();
-            let rows: Vec<Observation> = (0..20).map(|i| obs(checkpoint, epoch, ft, i, i >= wrong)).collect();
-            let batch = Observation::to_batch(&rows).unwrap();
-            archive
-                .write_epoch(
-                    epoch,
-                    &[("observation".into(), Partition::checkpoint("m", checkpoint), batch.clone())],
-                    &serde_json::json!({}),
-                )
-                .unwrap();
-            let key = super::super::state::checkpoint_key("m", checkpoint);
-            done.insert(key.clone(), (epoch, ft));
-            batches.insert(epoch, (key, vec![batch]));
+            let (epoch, key, b) = commit(&archive, &mut done, checkpoint, ft, |i| i >= wrong, 20);
+            batches.insert(epoch, (key, b));
         }
         let group = |epochs: &[u64]| -> Vec<(u64, String, Vec<RecordBatch>)> {
             epochs.iter().map(|e| (*e, batches[e].0.clone(), batches[e].1.clone())).collect()

@@ -632,7 +632,6 @@ fn run_alert(cmd: &str, alert: &Value) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::Partition;
     use crate::generate::candle::lora::RandomAdapter;
     use crate::generate::candle::tests::{hf_weights, tiny_config, write_hf_dir};
 
@@ -643,7 +642,6 @@ mod tests {
             .unwrap();
     }
     use crate::records::{Observation, Response};
-    use crate::schema::Record;
 
     /// A tiny random base model under `root/base`, the experiment evaluating it, and the
     /// training run's folder (`root/run`, not created).
@@ -1029,36 +1027,14 @@ id = "base"
         // Base right on 40 items; the fine-tuned checkpoint wrong on 8 of them: b = 8, c = 0,
         // exact p = 2^-7 = 0.0078.
         for (checkpoint, ft) in [("base", false), ("checkpoint-100", true)] {
-            let epoch = archive.register_checkpoint("m", checkpoint, ft, None).unwrap();
-            let rows: Vec<Observation> = (0..40)
-                .map(|i| Observation {
-                    response_key: format!("m/{checkpoint}/{i}"),
-                    model: "m".into(),
-                    checkpoint: checkpoint.into(),
-                    checkpoint_epoch: epoch,
-                    is_finetuned: ft,
-                    dataset: "trivia".into(),
-                    item_key: format!("q{i}"),
-                    amendment_type: "unmodified".into(),
-                    amendment_group: "unmodified".into(),
-                    prompt_type: "original".into(),
-                    sample_index: 0,
-                    refusal: false,
-                    verdict: String::new(),
-                    correct: Some(!ft || i >= 8),
-                })
-                .collect();
-            let batch = Observation::to_batch(&rows).unwrap();
-            archive
-                .write_epoch(
-                    epoch,
-                    &[("observation".into(), Partition::checkpoint("m", checkpoint), batch.clone())],
-                    &json!({}),
-                )
-                .unwrap();
-            let key = super::super::state::checkpoint_key("m", checkpoint);
-            done.insert(key.clone(), (epoch, ft));
-            epochs.push((epoch, key, vec![batch]));
+            epochs.push(super::super::statistics::tests::commit(
+                &archive,
+                &mut done,
+                checkpoint,
+                ft,
+                |i| !ft || i >= 8,
+                40,
+            ));
         }
         let mut stats = super::super::statistics::Statistics::load(&archive, &BTreeSet::from([1, 2])).unwrap();
         let messages: Vec<Value> = stats
