@@ -19,7 +19,7 @@ use crate::error::{Error, Location, Result};
 
 /// A model family and its checkpoints. Its checkpoints that are not fine-tuned are its bases
 /// ([`ModelConfig::base_checkpoints`]), every fine-tuned one is paired against each of them.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub name: String,
@@ -30,7 +30,7 @@ pub struct ModelConfig {
 }
 
 /// One checkpoint of a model.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
     pub id: String,

@@ -344,6 +344,74 @@ fn summary(stdout: &str) -> serde_json::Value {
 }
 
 #[test]
+fn a_run_on_two_processes_generates_each_answer_once_into_one_archive_equal_to_one_process() {
+    if local_model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exp = generation_experiment(dir.path(), "{ kind = \"candle\", threads = 1 }", TWO_CHECKPOINTS);
+    let total = 4 * 2 * 2 * 2; // items × amendments × prompt types × checkpoints
+    let single = dir.path().join("single");
+    let one = summary(&ok(&["run", exp.to_str().unwrap(), "--out", single.to_str().unwrap(), "--json"]));
+    assert_eq!(one["model_calls"].as_u64().unwrap() as usize, total, "{one}");
+
+    let multi = dir.path().join("multi");
+    let hosts = hostfile(dir.path(), 2);
+    let spawned: Vec<_> = (0..2)
+        .map(|p| {
+            Command::new(env!("CARGO_BIN_EXE_candor"))
+                .args(["run", exp.to_str().unwrap(), "--out", multi.to_str().unwrap(), "--json"])
+                .args(["-n", "2", "-p", &p.to_string(), "--hostfile", hosts.to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in spawned {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // Both processes generated, each into its own log of the one store, and no answer twice.
+    let logs: Vec<PathBuf> = std::fs::read_dir(multi.join("generation"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "arrows"))
+        .collect();
+    assert_eq!(logs.len(), 2, "one log per process: {logs:?}");
+    let stored: usize = logs
+        .iter()
+        .map(|p| {
+            let reader = arrow::ipc::reader::StreamReader::try_new(std::fs::File::open(p).unwrap(), None).unwrap();
+            reader.map(|b| b.unwrap().num_rows()).sum::<usize>()
+        })
+        .sum();
+    assert_eq!(stored, total, "answers stored across the processes");
+    // The same answers and verdicts as one process, in one archive.
+    let answers = |root: &Path| -> Vec<(String, String, String, String)> {
+        let mut v: Vec<_> = read_records::<Response>(&Archive::open(root).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.response_key, r.output, r.generator, r.checkpoint_epoch.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(answers(&multi), answers(&single));
+    let verdicts = |root: &Path| -> Vec<(String, String, bool)> {
+        let mut v: Vec<_> = read_records::<Observation>(&Archive::open(root).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.response_key, o.verdict, o.refusal))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(verdicts(&multi).len(), total);
+    assert_eq!(verdicts(&multi), verdicts(&single));
+}
+
+#[test]
 fn a_run_killed_with_sigkill_resumes_with_no_lost_duplicated_or_repaid_answers() {
     if local_model().is_none() {
         return;
@@ -2476,48 +2544,69 @@ fn stream_rides_out_a_broker_restart_mid_stream() {
     }
 }
 
+/// A timely host file of free localhost ports for `n` processes.
+fn hostfile(dir: &Path, n: usize) -> PathBuf {
+    let hosts = dir.join(format!("hosts-{}.txt", free_port()));
+    std::fs::write(&hosts, (0..n).map(|_| format!("127.0.0.1:{}\n", free_port())).collect::<String>()).unwrap();
+    hosts
+}
+
 #[test]
-fn stream_on_two_processes_equals_one_process_with_two_reader_threads() {
+fn stream_on_two_processes_writes_one_archive_equal_to_one_process_whatever_the_keying() {
     use candor::stream::kafka;
     use stream_support::*;
     let broker = Broker::start(false);
     let conn = broker.conn();
     let dir = tempfile::tempdir().unwrap();
     let exp = experiment(dir.path());
-    // 6 models × 3 checkpoints, keyed by model so a base and its fine-tuned checkpoints pair
-    // up inside one partition (the default partitioner spreads m0…m5 over all 4 partitions).
+    // 6 models × 3 checkpoints, keyed by checkpoint: a base and its fine-tuned checkpoints land
+    // in different partitions, so a process reading some partitions only could not pair them.
     let (models, checkpoints, per) = (6, 3, 10);
-    let by_model = |(_, bytes): (String, Vec<u8>), m: usize| {
+    let by_checkpoint = |(key, bytes): (String, Vec<u8>), m: usize| {
         let text = String::from_utf8(bytes).unwrap().replace("\"model\":\"m\"", &format!("\"model\":\"m{m}\""));
-        (format!("m{m}"), text.into_bytes())
+        (format!("m{m}/{key}"), text.into_bytes())
     };
+    let layouts: [(&str, &[&str]); 3] =
+        [("t4a.", &["-w", "2"]), ("t4b.", &["-n", "2"]), ("t4c.", &["-w", "2", "-n", "2"])];
     let mut outs = Vec::new();
-    for prefix in ["t4a.", "t4b."] {
+    for (prefix, _) in layouts {
         create_inputs(&conn, prefix);
         for m in 0..models {
             for i in 0..checkpoints {
-                let answers: Vec<_> = (0..per).map(|j| by_model(answer(i, j), m)).collect();
+                let answers: Vec<_> = (0..per).map(|j| by_checkpoint(answer(i, j), m)).collect();
                 kafka::produce_all(&conn, &format!("{prefix}answers"), &answers).unwrap();
-                kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &[by_model(announcement(i, per), m)])
+                kafka::produce_all(&conn, &format!("{prefix}checkpoints"), &[by_checkpoint(announcement(i, per), m)])
                     .unwrap();
             }
         }
         outs.push(dir.path().join(prefix));
     }
-    // The single process reads with 2 reader threads splitting its partitions.
-    let mut one = stream_args(&exp, &outs[0], &broker.addr, "t4a.", "3");
-    one.extend(["-w".into(), "2".into()]);
-    ok(&one.iter().map(String::as_str).collect::<Vec<_>>());
-    let two: Vec<_> = (0..2)
-        .map(|p| {
-            let mut args = stream_args(&exp, &outs[1], &broker.addr, "t4b.", "3");
-            args.extend(["-n".into(), "2".into(), "-p".into(), p.to_string()]);
-            Command::new(env!("CARGO_BIN_EXE_candor")).args(&args).output().unwrap()
-        })
-        .collect();
-    for o in &two {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for ((prefix, layout), out) in layouts.iter().zip(&outs) {
+        let mut args = stream_args(&exp, out, &broker.addr, prefix, "3");
+        args.extend(layout.iter().map(|a| a.to_string()));
+        if layout.contains(&"-n") {
+            let hosts = hostfile(dir.path(), 2);
+            let spawned: Vec<_> = (0..2)
+                .map(|p| {
+                    Command::new(env!("CARGO_BIN_EXE_candor"))
+                        .args(&args)
+                        .args(["-p", &p.to_string(), "--hostfile", hosts.to_str().unwrap()])
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            for child in spawned {
+                let o = child.wait_with_output().unwrap();
+                assert!(o.status.success(), "{prefix}: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        } else {
+            ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
     }
+    // One archive per run, nothing beside it.
+    assert!(!outs[1].join("process-0").exists() && !outs[1].join("process-1").exists());
     let rows = |root: &Path| -> Vec<Observation> {
         let mut v: Vec<Observation> = read_records(&Archive::open(root).unwrap()).unwrap();
         for o in &mut v {
@@ -2528,12 +2617,23 @@ fn stream_on_two_processes_equals_one_process_with_two_reader_threads() {
     };
     let single = rows(&outs[0]);
     assert_eq!(single.len(), models * checkpoints * per);
-    let (p0, p1) = (rows(&outs[1].join("process-0")), rows(&outs[1].join("process-1")));
-    assert!(!p0.is_empty() && !p1.is_empty(), "both processes should own models: {} / {}", p0.len(), p1.len());
-    let mut union: Vec<Observation> = p0.into_iter().chain(p1).collect();
-    union.sort_by(|a, b| a.response_key.cmp(&b.response_key));
-    assert_eq!(union, single);
-    // Both layouts publish the same statistics (the latest update per checkpoint).
+    // The paired statistics need every base beside its fine-tuned checkpoints.
+    let family = |root: &Path| -> Vec<String> {
+        let out = ok(&["sql", root.to_str().unwrap(), "--json", "-c", "SELECT * FROM family_table"]);
+        // Epochs follow arrival order, which the layout changes; nothing else may differ.
+        let mut rows: Vec<String> = json_lines(&out)
+            .into_iter()
+            .map(|mut v| {
+                v.as_object_mut().unwrap().remove("checkpoint_epoch");
+                v.to_string()
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let one_family = family(&outs[0]);
+    assert!(!one_family.is_empty());
+    // Every process's statistics messages, the latest per key.
     let latest = |prefix: &str| -> BTreeMap<String, serde_json::Value> {
         let mut out = BTreeMap::new();
         for r in
@@ -2548,7 +2648,13 @@ fn stream_on_two_processes_equals_one_process_with_two_reader_threads() {
         }
         out
     };
-    assert_eq!(latest("t4a."), latest("t4b."));
+    let one_statistics = latest("t4a.");
+    assert!(one_statistics.values().any(|v| v["kind"] == "family"), "{one_statistics:?}");
+    for ((prefix, layout), out) in layouts.iter().zip(&outs).skip(1) {
+        assert!(rows(out) == single, "{layout:?}: the observations differ");
+        assert!(family(out) == one_family, "{layout:?}: the family tables differ");
+        assert!(latest(prefix) == one_statistics, "{layout:?}: the statistics messages differ");
+    }
 }
 
 #[test]

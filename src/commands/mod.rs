@@ -117,7 +117,14 @@ pub fn load_experiment(path: &Path, paper: bool) -> Result<Experiment> {
 /// empty) by the process that writes, or a handle that never touches it on the other
 /// processes of a cluster.
 pub fn open_for(out: &Path, command: &str, cluster: &Cluster) -> Result<Archive> {
-    if cluster.is_leader() { Ok(Archive::open_writer(out, command)?) } else { Ok(Archive::elsewhere(out)) }
+    if cluster.is_leader() {
+        Ok(Archive::open_writer(out, command)?)
+    } else {
+        // Its workers still generate and judge their share, into the archive's generation
+        // store, under process 0's lock.
+        candor::generate::store::write_as_cluster_follower();
+        Ok(Archive::elsewhere(out))
+    }
 }
 
 /// Verdicts by dataset and label (UNPARSEABLE and JUDGE_ERROR included: they are counted,

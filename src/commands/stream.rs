@@ -68,12 +68,9 @@ pub fn run(args: Args, g: &Globals) -> Result<StreamReport> {
         cluster,
     } = args;
     let exp = load_experiment(&experiment, g.paper)?;
-    let mut out = out.unwrap_or_else(|| exp.output_dir());
-    if cluster.processes > 1 {
-        // Each process owns some partitions, and its own archive and offsets.
-        out = out.join(format!("process-{}", cluster.process));
-    }
-    let archive = open_for(&out, "stream", &Cluster::default())?;
+    let out = out.unwrap_or_else(|| exp.output_dir());
+    // One archive per run, written by process 0 (see `candor::stream::run`).
+    let archive = open_for(&out, "stream", &cluster)?;
     let connection = kafka.connection()?;
     let opts = candor::stream::StreamOptions {
         connection,
@@ -88,7 +85,7 @@ pub fn run(args: Args, g: &Globals) -> Result<StreamReport> {
         publish_rows: publish == PublishArg::All,
     };
     // Announcements without answer records are generated over the trial grid.
-    if !exp.models.is_empty() {
+    if !exp.models.is_empty() && cluster.is_leader() {
         let mode = if regrid { GridMode::Regrid } else { GridMode::Keep };
         build_grid(&exp, &archive, mode, &Cluster::default())?;
     }

@@ -198,6 +198,56 @@ impl Cluster {
     }
 }
 
+/// Schema metadata marking a batch as reference data for the stages (the trials and items a
+/// response is scored against, the verdicts it was given): carried in the dataflow to the
+/// workers that need it, in whichever process they run, and never archived.
+pub const META_DIMENSION: &str = "candor.dimension";
+
+/// Marks `batch` as reference data ([`META_DIMENSION`]).
+pub fn dimension(batch: RecordBatch) -> RecordBatch {
+    with_metadata(batch, META_DIMENSION, "1")
+}
+
+/// Whether a batch is reference data ([`META_DIMENSION`]).
+pub fn is_dimension(batch: &RecordBatch) -> bool {
+    batch.schema_ref().metadata().contains_key(META_DIMENSION)
+}
+
+/// `batch` with one more schema metadata entry.
+pub fn with_metadata(batch: RecordBatch, key: &str, value: &str) -> RecordBatch {
+    let mut metadata = batch.schema_ref().metadata().clone();
+    metadata.insert(key.into(), value.into());
+    let schema = Arc::new(batch.schema_ref().as_ref().clone().with_metadata(metadata));
+    batch.with_schema(schema).expect("only the metadata changed")
+}
+
+/// The reference data of a dataflow's input, sent where the stages need it: items (what a
+/// judge reads) to every worker, trials and given verdicts to the worker that scores their
+/// trial's responses (responses are routed by `trial_key` too, see [`partition_by`]). The
+/// stages read nothing else: no table filled by a driver in one process's memory.
+pub fn dimensions<'s>(input: StreamVec<'s, Epoch, Msg>, peers: usize) -> StreamVec<'s, Epoch, Msg> {
+    use timely::dataflow::operators::Concat;
+    use timely::dataflow::operators::vec::{Broadcast, Filter};
+    let reference = input.filter(|m| m.as_ref().is_ok_and(|b| is_dimension(&b.0)));
+    let items = only(reference.clone(), "item");
+    let items = if peers > 1 { items.broadcast() } else { items };
+    let keyed = reference.filter(|m| m.as_ref().is_ok_and(|b| b.stream() != "item"));
+    partition_by(keyed, "trial_key", peers).concat(items)
+}
+
+/// The batches of a dataflow's input that are archived as they are: neither reference data
+/// nor requests for a stage (such as the generate operator's).
+pub fn archived<'s>(input: StreamVec<'s, Epoch, Msg>) -> StreamVec<'s, Epoch, Msg> {
+    use timely::dataflow::operators::vec::Filter;
+    input.filter(|m| {
+        m.as_ref().map_or(true, |b| !is_dimension(&b.0) && !b.0.schema_ref().metadata().contains_key(META_REQUEST))
+    })
+}
+
+/// Schema metadata marking a batch as a request to a stage, carrying what the stage needs to
+/// serve it (the generate operator: the checkpoint that answers, as JSON).
+pub const META_REQUEST: &str = "candor.request";
+
 /// Runs a [`Stage`] over every batch of a stream.
 pub fn stage<'s, S: Stage>(stream: StreamVec<'s, Epoch, Msg>, mut stage: S) -> StreamVec<'s, Epoch, Msg> {
     let name = stage.name().to_string();
@@ -662,7 +712,8 @@ mod tests {
         let first = archive.register_checkpoint("m", "a", false, None).unwrap();
         let cluster = Cluster { workers: 2, ..Cluster::default() };
         let mut session =
-            Session::start(&cluster, &archive, |input, peers| partition_by(input, "item_key", peers)).unwrap();
+            Session::start(&cluster, &archive, Vec::new(), |input, peers| partition_by(input, "item_key", peers))
+                .unwrap();
         // Registered after the session started: found in the registry when it is fed.
         let second = archive.register_checkpoint("m", "b", true, None).unwrap();
         // The later checkpoint completes first; then the earlier one, in a second feed of the
@@ -685,7 +736,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = Archive::open_writer(dir.path().join("a"), "test").unwrap();
         let epoch = archive.register_checkpoint("m", "a", false, None).unwrap();
-        let mut session = Session::start(&Cluster::default(), &archive, |input, peers| {
+        let mut session = Session::start(&Cluster::default(), &archive, Vec::new(), |input, peers| {
             stage(partition_by(input, "item_key", peers), Failing(|| Error::unavailable("http://127.0.0.1:9", "down")))
         })
         .unwrap();

@@ -7,6 +7,13 @@
 //! complete, and the archive sink commits it as the checkpoint's archive epoch (the
 //! [`Routing`] maps rounds to epochs, since checkpoints may complete in another order than
 //! their epochs were given). Worker 0 holds the input; every worker runs the operators.
+//!
+//! In a cluster (`-n P`) the driver and the archive are in process 0, whose worker 0 holds
+//! the input and the sink; the other processes start the same session, feed nothing, and
+//! their workers take their share of every round until process 0 closes the input
+//! ([`Session::stop`]). Nothing a stage reads may come from the driver's memory: reference
+//! data is fed in the dataflow, first as the `preload` of [`Session::start`] (time 0, before
+//! any round), then with the rounds.
 
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -41,9 +48,10 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts the computation on `cluster`'s workers (one process) with the dataflow `build`
-    /// makes; the sink writes to `archive`.
-    pub fn start<F>(cluster: &Cluster, archive: &Archive, build: F) -> Result<Session>
+    /// Starts the computation on `cluster`'s workers with the dataflow `build` makes; the sink
+    /// writes to `archive`. `preload` (reference data, never archived) is fed at time 0,
+    /// before any round.
+    pub fn start<F>(cluster: &Cluster, archive: &Archive, preload: Vec<RecordBatch>, build: F) -> Result<Session>
     where
         F: for<'s> Fn(
                 timely::dataflow::StreamVec<'s, Epoch, Msg>,
@@ -53,16 +61,15 @@ impl Session {
             + Sync
             + 'static,
     {
-        if cluster.processes > 1 {
-            return Err(Error::Internal("a session runs in one process".into()));
-        }
         let config = cluster.timely_config()?;
         let routing: SharedRouting = Arc::default();
-        routing.lock().expect("new").partitions = archive.checkpoint_partitions()?;
+        if cluster.is_leader() {
+            routing.lock().expect("new").partitions = archive.checkpoint_partitions()?;
+        }
         let (feed, rounds) = mpsc::channel::<Round>();
         let (reports, done) = mpsc::channel::<EpochDone>();
         // Worker 0 takes the receiving end; the closure itself is shared by every worker.
-        let rounds = Arc::new(Mutex::new(Some(rounds)));
+        let rounds = Arc::new(Mutex::new(Some((rounds, preload))));
         let reports = Mutex::new(reports);
         let (archive_for_driver, archive, sink_routing) = (archive.clone(), archive.clone(), routing.clone());
         super::count_computation();
@@ -80,7 +87,11 @@ impl Session {
                 input
             });
             let rounds = if index == 0 { rounds.lock().expect("not poisoned").take() } else { None };
-            if let Some(rounds) = rounds {
+            if let Some((rounds, preload)) = rounds {
+                for b in preload {
+                    input.send(Ok(Batch(b)));
+                }
+                input.advance_to(1);
                 loop {
                     match rounds.try_recv() {
                         Ok(Round { time, batches }) => {

@@ -14,21 +14,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-/// Schema metadata marking a trial batch as a request to generate (fed to a long-lived
-/// dataflow that also archives trials), not as trials to archive.
-const META_REQUEST: &str = "candor.generate";
-
-/// Marks a trial batch as a generation request ([`is_request`]).
-pub fn as_request(batch: RecordBatch) -> RecordBatch {
-    let mut metadata = batch.schema_ref().metadata().clone();
-    metadata.insert(META_REQUEST.into(), "1".into());
-    let schema = Arc::new(batch.schema_ref().as_ref().clone().with_metadata(metadata));
-    batch.with_schema(schema).expect("only the metadata changed")
+/// Marks a trial batch as a request to generate its answers by the checkpoint `plan` names
+/// (fed to a dataflow that also archives trials, it is not archived). The plan travels with
+/// the batch, so a worker in any process knows who answers without a table of plans.
+pub fn as_request(batch: RecordBatch, plan: &CheckpointPlan) -> RecordBatch {
+    let plan = serde_json::to_string(plan).expect("plain data serializes");
+    crate::dataflow::with_metadata(batch, META_REQUEST, &plan)
 }
 
 /// Whether a batch is a generation request.
 pub fn is_request(batch: &RecordBatch) -> bool {
     batch.schema_ref().metadata().contains_key(META_REQUEST)
+}
+
+/// The checkpoint a request batch is to be answered by.
+fn plan_of(batch: &RecordBatch) -> Result<CheckpointPlan> {
+    let text = batch
+        .schema_ref()
+        .metadata()
+        .get(META_REQUEST)
+        .ok_or_else(|| crate::error::Error::Internal("a trial batch without a generation plan".into()))?;
+    serde_json::from_str(text)
+        .map_err(|e| crate::error::Error::Internal(format!("a generation request's plan does not parse: {e}")))
 }
 
 use arrow::record_batch::RecordBatch;
@@ -39,26 +46,23 @@ use timely::dataflow::operators::generic::operator::Operator;
 
 use super::store::GenerationStore;
 use super::{GenRequest, GenerationConfig, Generator};
-use crate::dataflow::{Batch, Epoch, Msg, stream_of};
+use crate::dataflow::{Batch, Epoch, META_REQUEST, Msg};
 use crate::error::{Result, StageError};
 use crate::model::{CheckpointConfig, ModelConfig};
 use crate::records::{Response, Trial};
 use crate::schema::Record;
 
-/// Who answers at one epoch.
-#[derive(Clone, Debug)]
+/// Who answers a request, and the archive epoch of its answers.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct CheckpointPlan {
     pub epoch: Epoch,
     pub model: ModelConfig,
     pub checkpoint: CheckpointConfig,
 }
 
-/// Everything the operator needs, shared by every worker.
+/// What the operator needs besides its requests, the same in every process (built from the
+/// experiment); who answers comes with each request ([`as_request`]).
 pub struct GeneratePlan {
-    /// Who answers the trials of each dataflow time. In a one-shot run the time is the
-    /// checkpoint's epoch; a long-lived dataflow ([`crate::dataflow::Session`]) adds a
-    /// checkpoint under the round it feeds its trials in, before it feeds them.
-    pub checkpoints: std::sync::RwLock<BTreeMap<Epoch, CheckpointPlan>>,
     pub generation: GenerationConfig,
     pub seed: u64,
     pub archive_root: PathBuf,
@@ -78,12 +82,14 @@ pub struct Counters {
 }
 
 struct Job {
-    epoch: Epoch,
+    /// The dataflow time (the round), under which the answers are emitted.
+    time: Epoch,
+    plan: CheckpointPlan,
     trials: Vec<Trial>,
 }
 
 struct Done {
-    epoch: Epoch,
+    time: Epoch,
     result: std::result::Result<Vec<Response>, StageError>,
 }
 
@@ -113,21 +119,24 @@ pub fn generate<'s>(
                 let epoch = *cap.time();
                 for msg in data.flat_map(|d| d.drain(..)) {
                     match msg {
-                        Ok(batch) if stream_of(&batch.0) == Trial::STREAM => match Trial::from_batch(&batch.0) {
-                            Ok(trials) if !trials.is_empty() => {
-                                pending.entry(epoch).or_insert_with(|| (cap.clone(), 0)).1 += 1;
-                                let _ = job_tx.lock().expect("job channel").send(Job { epoch, trials });
+                        Ok(batch) if is_request(&batch.0) => {
+                            match plan_of(&batch.0).and_then(|plan| Ok((plan, Trial::from_batch(&batch.0)?))) {
+                                Ok((plan, trials)) if !trials.is_empty() => {
+                                    pending.entry(epoch).or_insert_with(|| (cap.clone(), 0)).1 += 1;
+                                    let job = Job { time: epoch, plan, trials };
+                                    let _ = job_tx.lock().expect("job channel").send(job);
+                                }
+                                Ok(_) => {}
+                                Err(e) => output.session(&cap).give(Err(StageError::new("generate", &e))),
                             }
-                            Ok(_) => {}
-                            Err(e) => output.session(&cap).give(Err(StageError::new("generate", &e))),
-                        },
+                        }
                         Ok(_) => {}
                         Err(e) => output.session(&cap).give(Err(e)),
                     }
                 }
             });
             while let Ok(done) = done_rx.try_recv() {
-                let Some((cap, outstanding)) = pending.get_mut(&done.epoch) else { continue };
+                let Some((cap, outstanding)) = pending.get_mut(&done.time) else { continue };
                 let msg = match done.result {
                     Ok(responses) => {
                         Response::to_batch(&responses).map(Batch).map_err(|e| StageError::new("generate", &e))
@@ -153,15 +162,9 @@ fn backend_loop(
     let mut store: Option<GenerationStore> = None;
     let mut current: Option<(Epoch, Box<dyn Generator>)> = None;
     for job in jobs {
-        let result = answer(&plan, &counters, progress.as_ref(), &mut store, &mut current, &job).map_err(|e| {
-            let planned = plan.checkpoints.read().ok().and_then(|c| c.get(&job.epoch).cloned());
-            let context = match planned {
-                Some(cp) => format!("generate {}/{}", cp.model.name, cp.checkpoint.id),
-                None => format!("generate epoch {}", job.epoch),
-            };
-            StageError::new(&context, &e)
-        });
-        if done.send(Done { epoch: job.epoch, result }).is_err() {
+        let result = answer(&plan, &counters, progress.as_ref(), &mut store, &mut current, &job)
+            .map_err(|e| StageError::new(&format!("generate {}/{}", job.plan.model.name, job.plan.checkpoint.id), &e));
+        if done.send(Done { time: job.time, result }).is_err() {
             return;
         }
         let _ = activator.activate();
@@ -176,21 +179,15 @@ fn answer(
     current: &mut Option<(Epoch, Box<dyn Generator>)>,
     job: &Job,
 ) -> Result<Vec<Response>> {
-    let cp = plan
-        .checkpoints
-        .read()
-        .map_err(|_| crate::error::Error::Internal("the checkpoint plans were poisoned by a panic".into()))?
-        .get(&job.epoch)
-        .cloned()
-        .ok_or_else(|| crate::error::Error::Internal(format!("time {} has no checkpoint plan", job.epoch)))?;
+    let cp = &job.plan;
     if store.is_none() {
         *store = Some(GenerationStore::open(&plan.archive_root)?);
     }
     let store = store.as_mut().expect("opened above");
-    if current.as_ref().is_none_or(|(e, _)| *e != job.epoch) {
+    if current.as_ref().is_none_or(|(e, _)| *e != cp.epoch) {
         // One model at a time per worker: drop the previous one before loading the next.
         *current = None;
-        *current = Some((job.epoch, (plan.open)(&cp.model, &cp.checkpoint)?));
+        *current = Some((cp.epoch, (plan.open)(&cp.model, &cp.checkpoint)?));
     }
     let generator = &mut current.as_mut().expect("set above").1;
     let fingerprint = generator.fingerprint();

@@ -5,103 +5,215 @@
 //! ([`run_experiment`], `candor run`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
-use timely::dataflow::operators::Concat;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::{Capability, Concat};
 
 use super::judge::{Case, Judge, Label};
 use super::refusal::RefusalRules;
 use crate::archive::{Archive, read_records};
 use crate::conditions::{Dataset, VerdictLabel};
 use crate::dataflow::{
-    Cluster, Epoch, EpochDone, GRID_EPOCH, Session, Stage, only, partition_by, run, stage, stream_of,
+    Batch, Cluster, Epoch, EpochDone, GRID_EPOCH, Msg, Session, Stage, archived, dimension, dimensions, only,
+    partition_by, run, stream_of,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StageError};
 use crate::identity::CheckpointRef;
 use crate::records::{Item, Observation, Response, Trial, Verdict};
 use crate::schema::Record;
 
-/// A judge shared by the workers of one process, with the items it reads reference fields
-/// from (keyed by dataset and item key).
-#[derive(Clone)]
-pub struct Judging {
-    pub items: Arc<HashMap<(String, String), Item>>,
-    pub judge: Arc<Mutex<Box<dyn Judge>>>,
-}
+/// A judge shared by the workers of one process.
+pub type SharedJudge = Arc<Mutex<Box<dyn Judge>>>;
 
-impl Judging {
-    pub fn new(items: Vec<Item>, judge: Box<dyn Judge>) -> Self {
-        let items = items.into_iter().map(|i| ((i.dataset.clone(), i.item_key.clone()), i)).collect();
-        Judging { items: Arc::new(items), judge: Arc::new(Mutex::new(judge)) }
-    }
+/// Shares `judge` among the workers of one process.
+pub fn shared_judge(judge: Box<dyn Judge>) -> SharedJudge {
+    Arc::new(Mutex::new(judge))
 }
 
 /// The refusal and judge operators in one stage: response batches → verdict and observation
-/// batches. Trials are a dimension table every worker holds. A response is scored with its
-/// label when one was given (an import, a replay), else by the judge when there is one; with
-/// neither it stays archived unscored.
+/// batches. What a response is scored against is reference data that reaches the stage in the
+/// dataflow ([`ScoreStage::absorb`]; [`crate::dataflow::dimensions`] routes it): the trials of
+/// the responses this worker scores, the items a judge reads, and the verdicts responses were
+/// given. A response is scored with its given verdict when it has one (an import, a replay, an
+/// answer record that carries one), else by the judge when there is one; with neither it stays
+/// archived unscored.
 pub struct ScoreStage {
-    trials: Shared<HashMap<String, Trial>>,
-    labels: Shared<HashMap<String, Label>>,
+    trials: HashMap<String, Trial>,
+    /// Items by (dataset, item key), for the judge.
+    items: HashMap<(String, String), Item>,
+    /// Given verdicts by response key, until their response is scored.
+    labels: HashMap<String, Label>,
     refusal: RefusalRules,
-    judging: Option<Judging>,
-}
-
-/// A table the driver of a long-lived dataflow extends while its workers read it (the
-/// trials and labels of the responses it feeds are added before the responses are).
-pub type Shared<T> = Arc<RwLock<T>>;
-
-fn shared<T>(t: T) -> Shared<T> {
-    Arc::new(RwLock::new(t))
+    judge: Option<SharedJudge>,
 }
 
 impl ScoreStage {
-    pub fn new(
-        trials: Shared<HashMap<String, Trial>>,
-        labels: Shared<HashMap<String, Label>>,
-        refusal: RefusalRules,
-    ) -> Self {
-        ScoreStage { trials, labels, refusal, judging: None }
+    pub fn new(refusal: RefusalRules) -> Self {
+        ScoreStage { trials: HashMap::new(), items: HashMap::new(), labels: HashMap::new(), refusal, judge: None }
     }
 
-    /// Judges responses that have no label.
-    pub fn with_judge(mut self, judging: Option<Judging>) -> Self {
-        self.judging = judging;
+    /// Judges responses that have no given verdict.
+    pub fn with_judge(mut self, judge: Option<SharedJudge>) -> Self {
+        self.judge = judge;
         self
     }
 
-    /// Labels for `responses` (None: left unscored): given labels first, then the judge's.
-    fn labels_for(&self, responses: &[(Response, &Trial, Dataset)]) -> Result<Vec<Option<Label>>> {
-        let given = self.labels.read().map_err(|_| Error::Internal("the labels were poisoned by a panic".into()))?;
-        let mut out: Vec<Option<Label>> =
-            responses.iter().map(|(r, _, _)| given.get(&r.response_key).cloned()).collect();
-        drop(given);
-        let Some(j) = &self.judging else { return Ok(out) };
-        let mut cases = Vec::new();
-        let mut at = Vec::new();
-        for (i, (r, t, dataset)) in responses.iter().enumerate() {
-            if out[i].is_some() {
-                continue;
+    /// Takes in reference data: trials, items, or given verdicts (verdict rows; see
+    /// [`given_verdicts`]).
+    pub fn absorb(&mut self, batch: &RecordBatch) -> Result<()> {
+        match stream_of(batch) {
+            Trial::STREAM => {
+                self.trials.extend(Trial::from_batch(batch)?.into_iter().map(|t| (t.trial_key.clone(), t)));
             }
-            let item = j.items.get(&(t.dataset.clone(), t.item_key.clone())).ok_or_else(|| {
-                Error::schema(
-                    "trial",
-                    format!("trial `{}` names item `{}`, which is not in the item stream", t.trial_key, t.item_key),
-                )
-            })?;
-            cases.push(Case { dataset: *dataset, item, output: &r.output });
-            at.push(i);
+            Item::STREAM => {
+                self.items
+                    .extend(Item::from_batch(batch)?.into_iter().map(|i| ((i.dataset.clone(), i.item_key.clone()), i)));
+            }
+            Verdict::STREAM => {
+                for v in Verdict::from_batch(batch)? {
+                    let verdict = VerdictLabel::parse_loose(&v.verdict).ok_or_else(|| {
+                        Error::schema(
+                            "verdict",
+                            format!("response `{}` was given unknown verdict `{}`", v.response_key, v.verdict),
+                        )
+                    })?;
+                    self.labels.insert(v.response_key, Label { verdict, judge: v.judge, raw: v.judge_raw });
+                }
+            }
+            other => {
+                return Err(Error::Internal(format!("the score stage takes no reference data of stream `{other}`")));
+            }
         }
-        if cases.is_empty() {
-            return Ok(out);
-        }
-        let judged = j.judge.lock().map_err(|_| Error::Internal("the judge panicked".into()))?.judge(&cases)?;
-        for (i, v) in at.into_iter().zip(judged) {
-            out[i] = Some(v);
-        }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// Labels for `responses` (None: left unscored): given verdicts first (each taken once),
+/// then the judge's.
+fn labels_for(
+    given: &mut HashMap<String, Label>,
+    items: &HashMap<(String, String), Item>,
+    judge: Option<&SharedJudge>,
+    responses: &[(Response, &Trial, Dataset)],
+) -> Result<Vec<Option<Label>>> {
+    let mut out: Vec<Option<Label>> = responses.iter().map(|(r, _, _)| given.remove(&r.response_key)).collect();
+    let Some(judge) = judge else { return Ok(out) };
+    let mut cases = Vec::new();
+    let mut at = Vec::new();
+    for (i, (r, t, dataset)) in responses.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        let item = items.get(&(t.dataset.clone(), t.item_key.clone())).ok_or_else(|| {
+            Error::schema(
+                "trial",
+                format!("trial `{}` names item `{}`, which is not in the item stream", t.trial_key, t.item_key),
+            )
+        })?;
+        cases.push(Case { dataset: *dataset, item, output: &r.output });
+        at.push(i);
+    }
+    if cases.is_empty() {
+        return Ok(out);
+    }
+    let judged = judge.lock().map_err(|_| Error::Internal("the judge panicked".into()))?.judge(&cases)?;
+    for (i, v) in at.into_iter().zip(judged) {
+        out[i] = Some(v);
+    }
+    Ok(out)
+}
+
+/// The verdicts `labels` give `responses`, as reference data for the score stage (verdict rows
+/// marked [`crate::dataflow::dimension`], routed with their responses): None when none of
+/// `responses` has one.
+pub fn given_verdicts(responses: &[Response], labels: &HashMap<String, Label>) -> Result<Option<RecordBatch>> {
+    let rows: Vec<Verdict> = responses
+        .iter()
+        .filter_map(|r| {
+            labels.get(&r.response_key).map(|l| Verdict {
+                response_key: r.response_key.clone(),
+                trial_key: r.trial_key.clone(),
+                model: r.model.clone(),
+                checkpoint: r.checkpoint.clone(),
+                checkpoint_epoch: r.checkpoint_epoch,
+                sample_index: r.sample_index,
+                refusal: false,
+                refusal_phrase: None,
+                verdict: l.verdict.to_string(),
+                judge: l.judge.clone(),
+                judge_raw: l.raw.clone(),
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(dimension(Verdict::to_batch(&rows)?)))
+}
+
+/// The score operator: scores the responses of each time once the reference data of that time
+/// (`reference`, from [`crate::dataflow::dimensions`]) is complete, and sooner never: a trial
+/// or a verdict fed with its responses may reach this worker after them. `responses` must be
+/// routed by `trial_key`, as the reference data is.
+pub fn score<'s>(
+    reference: StreamVec<'s, Epoch, Msg>,
+    responses: StreamVec<'s, Epoch, Msg>,
+    mut stage: ScoreStage,
+) -> StreamVec<'s, Epoch, Msg> {
+    reference.binary_frontier(responses, Pipeline, Pipeline, "Score", move |_cap, _info| {
+        let mut known: BTreeMap<Epoch, (Capability<Epoch>, Vec<RecordBatch>)> = BTreeMap::new();
+        let mut waiting: BTreeMap<Epoch, (Capability<Epoch>, Vec<Msg>)> = BTreeMap::new();
+        move |(reference, frontier), (input, _), output| {
+            reference.for_each_stamp(|cap, data| {
+                let Some(cap) = cap.retain_least(0) else { return };
+                let entry = known.entry(*cap.time()).or_insert_with(|| (cap.clone(), Vec::new()));
+                for msg in data.flat_map(|d| d.drain(..)) {
+                    match msg {
+                        Ok(b) => entry.1.push(b.0),
+                        Err(e) => output.session(&cap).give(Err(e)),
+                    }
+                }
+            });
+            input.for_each_stamp(|cap, data| {
+                let Some(cap) = cap.retain_least(0) else { return };
+                let entry = waiting.entry(*cap.time()).or_insert_with(|| (cap.clone(), Vec::new()));
+                entry.1.extend(data.flat_map(|d| d.drain(..)));
+            });
+            let complete = |t: &Epoch| !frontier.frontier().less_equal(t);
+            while let Some(entry) = known.first_entry() {
+                if !complete(entry.key()) {
+                    break;
+                }
+                let (cap, batches) = entry.remove();
+                for b in batches {
+                    if let Err(e) = stage.absorb(&b) {
+                        output.session(&cap).give(Err(StageError::new(stage.name(), &e)));
+                    }
+                }
+            }
+            while let Some(entry) = waiting.first_entry() {
+                if !complete(entry.key()) {
+                    break;
+                }
+                let time = *entry.key();
+                let (cap, msgs) = entry.remove();
+                let mut session = output.session(&cap);
+                for msg in msgs {
+                    match msg {
+                        Ok(batch) => match stage.apply(time, &batch.0) {
+                            Ok(outs) => session.give_iterator(outs.into_iter().map(|b| Ok(Batch(b)))),
+                            Err(e) => session.give(Err(StageError::new(stage.name(), &e))),
+                        },
+                        Err(e) => session.give(Err(e)),
+                    }
+                }
+            }
+        }
+    })
 }
 
 impl Stage for ScoreStage {
@@ -112,7 +224,7 @@ impl Stage for ScoreStage {
         if stream_of(batch) != Response::STREAM {
             return Ok(Vec::new());
         }
-        let trials = self.trials.read().map_err(|_| Error::Internal("the trials were poisoned by a panic".into()))?;
+        let trials = &self.trials;
         let mut rows = Vec::new();
         for r in Response::from_batch(batch)? {
             let trial = trials.get(&r.trial_key).ok_or_else(|| {
@@ -127,7 +239,7 @@ impl Stage for ScoreStage {
             let dataset: Dataset = trial.dataset.parse().map_err(|m: String| Error::schema("trial", m))?;
             rows.push((r, trial, dataset));
         }
-        let labels = self.labels_for(&rows)?;
+        let labels = labels_for(&mut self.labels, &self.items, self.judge.as_ref(), &rows)?;
         let mut verdicts = Vec::new();
         let mut observations = Vec::new();
         for ((r, trial, dataset), label) in rows.into_iter().zip(labels) {
@@ -171,7 +283,8 @@ impl Stage for ScoreStage {
 
 /// Scores responses: `trials` (all of them, the dimension table) and `new_trials` and
 /// `new_items` (the ones to archive, at `trials_epoch`) plus responses at their checkpoint
-/// epochs go in; the items, trials, responses, verdicts and observations are archived.
+/// epochs go in; the items, trials, responses, verdicts and observations are archived. With
+/// `judging`, responses without a given verdict are judged against its items.
 #[allow(clippy::too_many_arguments)]
 pub fn score_responses(
     cluster: &Cluster,
@@ -183,28 +296,54 @@ pub fn score_responses(
     responses: Vec<(Epoch, RecordBatch)>,
     labels: HashMap<String, Label>,
     refusal: RefusalRules,
-    judging: Option<Judging>,
+    judging: Option<(Vec<Item>, Box<dyn Judge>)>,
 ) -> Result<Vec<EpochDone>> {
     let total: u64 = responses.iter().map(|(_, b)| b.num_rows() as u64).sum();
-    let mut sources = Vec::new();
+    // The reference data comes first, at the first time anything is fed.
+    let first = responses.iter().map(|(e, _)| *e).chain([trials_epoch]).min().unwrap_or(trials_epoch);
+    let mut sources: Vec<(Epoch, RecordBatch)> = Vec::new();
+    let (items, judge) = match judging {
+        Some((items, judge)) => (items, Some(shared_judge(judge))),
+        None => (Vec::new(), None),
+    };
+    sources.extend(reference(&trials, &items)?.into_iter().map(|b| (first, b)));
     if !new_items.is_empty() {
         sources.push((trials_epoch, Item::to_batch(&new_items)?));
     }
     if !new_trials.is_empty() {
         sources.push((trials_epoch, Trial::to_batch(&new_trials)?));
     }
-    let mut responses = responses;
-    responses.sort_by_key(|(e, _)| *e);
-    sources.extend(responses);
-    let trials = shared(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
-    let labels = shared(labels);
+    for (epoch, batch) in responses {
+        let given = if labels.is_empty() { None } else { given_verdicts(&Response::from_batch(&batch)?, &labels)? };
+        sources.push((epoch, batch));
+        sources.extend(given.map(|v| (epoch, v)));
+    }
+    // Stable: within an epoch, reference data before what it is needed for.
+    sources.sort_by_key(|(e, _)| *e);
     run(cluster, archive, sources, Some(total * 3), move |input, peers| {
-        let scored = stage(
-            partition_by(only(input.clone(), Response::STREAM), "response_key", peers),
-            ScoreStage::new(trials.clone(), labels.clone(), refusal.clone()).with_judge(judging.clone()),
-        );
-        input.concat(scored)
+        scoring(input, peers, ScoreStage::new(refusal.clone()).with_judge(judge.clone()))
     })
+}
+
+/// Trials and items as reference data for the score stage ([`crate::dataflow::dimension`]).
+fn reference(trials: &[Trial], items: &[Item]) -> Result<Vec<RecordBatch>> {
+    let mut out = Vec::new();
+    for chunk in trials.chunks(4096) {
+        out.push(dimension(Trial::to_batch(chunk)?));
+    }
+    for chunk in items.chunks(4096) {
+        out.push(dimension(Item::to_batch(chunk)?));
+    }
+    Ok(out)
+}
+
+/// The scoring dataflow: what the input carries to archive is archived, and its responses
+/// are scored by `stage` on the worker their trial is routed to.
+fn scoring<'s>(input: StreamVec<'s, Epoch, Msg>, peers: usize, stage: ScoreStage) -> StreamVec<'s, Epoch, Msg> {
+    let kept = archived(input.clone());
+    let responses = partition_by(only(kept.clone(), Response::STREAM), "trial_key", peers);
+    let scored = score(dimensions(input, peers), responses, stage);
+    kept.concat(scored)
 }
 
 /// A judge opened at its first use.
@@ -226,22 +365,27 @@ impl Judge for LazyJudge {
 /// The scoring dataflow of [`score_responses`], started once and fed as checkpoints complete
 /// (`candor stream`): one timely computation for the life of the command, each checkpoint one
 /// round of it, committed as the checkpoint's epoch ([`crate::dataflow::Session`]). A
-/// checkpoint with answers is scored with the labels they carry; with an experiment, a
+/// checkpoint with answers is scored with the verdicts they carry; with an experiment, a
 /// checkpoint announced without answers is generated in the same computation (the generate
 /// operator of `candor run`, then the experiment's refusal rules and judge).
+///
+/// Everything the workers need travels in the dataflow (trials, items and given verdicts as
+/// reference data, who answers with each request), so the workers of every process of a
+/// cluster take part; the driver runs in the process that reads the sources and holds the
+/// archive (process 0). The other processes start the same scorer with nothing to feed
+/// ([`Scorer::start`] with `driver` false) and wait for it to end ([`Scorer::stop`]).
 pub struct Scorer {
     session: Session,
     archive: Archive,
-    trials: Shared<HashMap<String, Trial>>,
-    labels: Shared<HashMap<String, Label>>,
-    generation: Option<(Arc<crate::generate::operator::GeneratePlan>, Arc<crate::generate::operator::Counters>)>,
-    /// Labels of the rounds not yet committed.
-    pending_labels: Vec<String>,
+    /// The trials of the archive and of the rounds fed (what is generated for, and what a new
+    /// answer's trial is checked against).
+    trials: HashMap<String, Trial>,
+    generation: Option<Arc<crate::generate::operator::Counters>>,
 }
 
 impl Scorer {
-    /// Starts the dataflow; `trials` are those the archive holds. With `experiment`, its
-    /// `[[models]]` can generate ([`Self::generate`]).
+    /// Starts the dataflow; `trials` are those the archive holds (none on a process that does
+    /// not drive it). With `experiment`, its `[[models]]` can generate ([`Self::generate`]).
     pub fn start(
         cluster: &Cluster,
         archive: &Archive,
@@ -250,12 +394,10 @@ impl Scorer {
         experiment: Option<(&crate::config::Experiment, crate::generate::OpenGenerator)>,
     ) -> Result<Scorer> {
         use crate::generate::operator::{Counters, GeneratePlan, generate, is_request};
-        let trials = shared(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
-        let labels = shared(HashMap::new());
+        let mut items = Vec::new();
         let generation = match experiment {
             Some((exp, open)) => {
                 let plan = Arc::new(GeneratePlan {
-                    checkpoints: RwLock::new(BTreeMap::new()),
                     generation: exp.generation.clone(),
                     seed: exp.seed,
                     archive_root: archive.root().to_path_buf(),
@@ -264,32 +406,31 @@ impl Scorer {
                 // Opened when the first generated answer is judged: a stream fed answer
                 // records only never loads the judge.
                 let judge = LazyJudge { config: exp.judge.clone(), root: archive.root().to_path_buf(), judge: None };
-                let judging = Judging::new(read_records(archive)?, Box::new(judge));
-                Some((plan, Arc::new(Counters::default()), RefusalRules::new(exp.refusal.mode), judging))
+                if cluster.is_leader() {
+                    items = read_records(archive)?;
+                }
+                Some((
+                    plan,
+                    Arc::new(Counters::default()),
+                    RefusalRules::new(exp.refusal.mode),
+                    shared_judge(Box::new(judge)),
+                ))
             }
             None => None,
         };
-        let (t, l, g) = (trials.clone(), labels.clone(), generation.clone());
-        let session = Session::start(cluster, archive, move |input, peers| {
+        let preload = reference(&trials, &items)?;
+        let g = generation.clone();
+        let session = Session::start(cluster, archive, preload, move |input, peers| {
             use timely::dataflow::operators::vec::Filter;
             let requests = input.clone().filter(|m| m.as_ref().is_ok_and(|b| is_request(&b.0)));
-            let archived = input.filter(|m| !m.as_ref().is_ok_and(|b| is_request(&b.0)));
-            let scored = stage(
-                partition_by(only(archived.clone(), Response::STREAM), "response_key", peers),
-                ScoreStage::new(t.clone(), l.clone(), refusal.clone()),
-            );
-            let mut out = archived.concat(scored);
-            if let Some((plan, counters, refusal, judging)) = &g {
-                let generated = generate(
-                    partition_by(only(requests, Trial::STREAM), "trial_key", peers),
-                    plan.clone(),
-                    counters.clone(),
-                    None,
-                );
-                let judged = stage(
+            let mut out = scoring(input.clone(), peers, ScoreStage::new(refusal.clone()));
+            if let Some((plan, counters, refusal, judge)) = &g {
+                let generated =
+                    generate(partition_by(requests, "trial_key", peers), plan.clone(), counters.clone(), None);
+                let judged = score(
+                    dimensions(input, peers),
                     generated.clone(),
-                    ScoreStage::new(t.clone(), shared(HashMap::new()), refusal.clone())
-                        .with_judge(Some(judging.clone())),
+                    ScoreStage::new(refusal.clone()).with_judge(Some(judge.clone())),
                 );
                 out = out.concat(generated).concat(judged);
             }
@@ -298,16 +439,14 @@ impl Scorer {
         Ok(Scorer {
             session,
             archive: archive.clone(),
-            trials,
-            labels,
-            generation: generation.map(|(plan, counters, _, _)| (plan, counters)),
-            pending_labels: Vec::new(),
+            trials: trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect(),
+            generation: generation.map(|(_, counters, _, _)| counters),
         })
     }
 
     /// Whether the dataflow holds a trial (archived, or archived by an earlier round).
     pub fn has_trial(&self, trial_key: &str) -> bool {
-        self.trials.read().is_ok_and(|t| t.contains_key(trial_key))
+        self.trials.contains_key(trial_key)
     }
 
     /// Whether checkpoints can be generated (the scorer was started with an experiment).
@@ -315,10 +454,11 @@ impl Scorer {
         self.generation.is_some()
     }
 
-    /// Model calls made and answers the generation store already had, so far.
+    /// Model calls made and answers the generation store already had, so far (by this
+    /// process's workers).
     pub fn generation_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.generation.as_ref().map_or((0, 0), |(_, c)| (c.model_calls.load(Relaxed), c.from_store.load(Relaxed)))
+        self.generation.as_ref().map_or((0, 0), |c| (c.model_calls.load(Relaxed), c.from_store.load(Relaxed)))
     }
 
     /// Feeds the generation of a registered checkpoint's answers to every trial held (or,
@@ -332,28 +472,21 @@ impl Scorer {
         items: Option<&std::collections::BTreeSet<(String, String)>>,
     ) -> Result<()> {
         use crate::generate::operator::{CheckpointPlan, as_request, trial_batches};
-        let Some((plan, _)) = &self.generation else {
+        if self.generation.is_none() {
             return Err(Error::Internal("generation without an experiment".into()));
-        };
-        let trials: Vec<Trial> = {
-            let held = self.trials.read().map_err(|_| Error::Internal("the trials were poisoned by a panic".into()))?;
-            let mut t: Vec<Trial> = held
-                .values()
-                .filter(|t| items.is_none_or(|i| i.contains(&(t.dataset.clone(), t.item_key.clone()))))
-                .cloned()
-                .collect();
-            t.sort_by(|a, b| a.trial_key.cmp(&b.trial_key));
-            t
-        };
+        }
+        let mut trials: Vec<Trial> = self
+            .trials
+            .values()
+            .filter(|t| items.is_none_or(|i| i.contains(&(t.dataset.clone(), t.item_key.clone()))))
+            .cloned()
+            .collect();
+        trials.sort_by(|a, b| a.trial_key.cmp(&b.trial_key));
         if trials.is_empty() {
             return Err(Error::config("trials", format!("{} holds no trial grid", self.archive.root().display())));
         }
-        // The plan first: the backend threads look the round up when its trials arrive.
-        plan.checkpoints
-            .write()
-            .map_err(|_| Error::Internal("the checkpoint plans were poisoned by a panic".into()))?
-            .insert(self.session.next_time(), CheckpointPlan { epoch, model, checkpoint });
-        let batches = trial_batches(&trials, 256)?.into_iter().map(as_request).collect();
+        let plan = CheckpointPlan { epoch, model, checkpoint };
+        let batches = trial_batches(&trials, 256)?.into_iter().map(|b| as_request(b, &plan)).collect();
         self.session.feed(epoch, batches)
     }
 
@@ -363,9 +496,8 @@ impl Scorer {
     pub fn sample_items(&self, per_dataset: usize, seed: u64) -> Result<std::collections::BTreeSet<(String, String)>> {
         use rand::SeedableRng;
         use rand::seq::SliceRandom;
-        let held = self.trials.read().map_err(|_| Error::Internal("the trials were poisoned by a panic".into()))?;
         let mut by_dataset: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
-        for t in held.values() {
+        for t in self.trials.values() {
             by_dataset.entry(t.dataset.as_str()).or_default().insert(t.item_key.as_str());
         }
         let mut out = std::collections::BTreeSet::new();
@@ -380,7 +512,8 @@ impl Scorer {
     }
 
     /// Feeds responses to score as [`score_responses`] does: `new_trials` are archived with
-    /// epoch `trials_epoch`, each epoch's responses are one round.
+    /// epoch `trials_epoch`, each epoch's responses are one round, with the verdicts `labels`
+    /// give them.
     pub fn score(
         &mut self,
         new_trials: Vec<Trial>,
@@ -388,20 +521,19 @@ impl Scorer {
         responses: Vec<(Epoch, RecordBatch)>,
         labels: HashMap<String, Label>,
     ) -> Result<()> {
-        let poisoned = || Error::Internal("the scoring tables were poisoned by a panic".into());
-        // The tables first: the workers read them when the responses arrive.
-        self.pending_labels.extend(labels.keys().cloned());
-        {
-            let mut trials = self.trials.write().map_err(|_| poisoned())?;
-            trials.extend(new_trials.iter().map(|t| (t.trial_key.clone(), t.clone())));
-            self.labels.write().map_err(|_| poisoned())?.extend(labels);
-        }
         let mut rounds: BTreeMap<Epoch, Vec<RecordBatch>> = BTreeMap::new();
         if !new_trials.is_empty() {
-            rounds.entry(trials_epoch).or_default().push(Trial::to_batch(&new_trials)?);
+            // Archived with the first round, and reference data for it and every later one.
+            let round = rounds.entry(trials_epoch).or_default();
+            round.push(Trial::to_batch(&new_trials)?);
+            round.extend(reference(&new_trials, &[])?);
+            self.trials.extend(new_trials.into_iter().map(|t| (t.trial_key.clone(), t)));
         }
         for (epoch, batch) in responses {
-            rounds.entry(epoch).or_default().push(batch);
+            let given = if labels.is_empty() { None } else { given_verdicts(&Response::from_batch(&batch)?, &labels)? };
+            let round = rounds.entry(epoch).or_default();
+            round.push(batch);
+            round.extend(given);
         }
         for (epoch, batches) in rounds {
             self.session.feed(epoch, batches)?;
@@ -411,19 +543,13 @@ impl Scorer {
 
     /// Waits until every round fed is committed; returns the sink's reports in epoch order.
     pub fn wait(&mut self) -> Result<Vec<EpochDone>> {
-        let reports = self.session.wait();
-        // A label is needed only while its response is scored; a generation plan likewise.
-        let mut held =
-            self.labels.write().map_err(|_| Error::Internal("the labels were poisoned by a panic".into()))?;
-        for k in self.pending_labels.drain(..) {
-            held.remove(&k);
-        }
-        if let Some((plan, _)) = &self.generation
-            && let Ok(mut p) = plan.checkpoints.write()
-        {
-            p.clear();
-        }
-        reports
+        self.session.wait()
+    }
+
+    /// Closes the input and waits until the computation ends (on a process that does not
+    /// drive it: until the driving process closes it).
+    pub fn stop(&mut self) -> Result<()> {
+        self.session.stop()
     }
 }
 
@@ -451,7 +577,7 @@ pub fn rescore(
             format!("{} holds no item stream to judge against", source.root().display()),
         ));
     }
-    replay_with(cluster, source, out, refusal, Some(Judging::new(items, judge)))
+    replay_with(cluster, source, out, refusal, Some((items, judge)))
 }
 
 fn replay_with(
@@ -459,7 +585,7 @@ fn replay_with(
     source: &Archive,
     out: &Archive,
     refusal: RefusalRules,
-    judging: Option<Judging>,
+    judging: Option<(Vec<Item>, Box<dyn Judge>)>,
 ) -> Result<Vec<EpochDone>> {
     let trials: Vec<Trial> = read_records(source)?;
     let mut labels = HashMap::new();
@@ -536,34 +662,42 @@ pub fn run_experiment(
     open: crate::generate::OpenGenerator,
     progress: bool,
 ) -> Result<RunReport> {
-    use crate::generate::operator::{CheckpointPlan, Counters, GeneratePlan, generate, trial_batches};
-    let trials: Vec<Trial> = read_records(archive)?;
-    if trials.is_empty() {
-        return Err(Error::config("trials", format!("{} holds no trial grid", archive.root().display())));
-    }
-    let committed = archive.committed_epochs()?;
+    use crate::generate::operator::{CheckpointPlan, Counters, GeneratePlan, as_request, generate, trial_batches};
     let mut report = RunReport::default();
     let mut checkpoints = BTreeMap::new();
-    for model in &exp.models {
-        for ckpt in &model.checkpoints {
-            let label = ckpt.variant_label();
-            let epoch = archive.register_checkpoint(&model.name, &ckpt.id, ckpt.finetuned, label.as_deref())?;
-            if committed.contains(&epoch) {
-                report.skipped.push(format!("{}/{}", model.name, ckpt.id));
-                continue;
-            }
-            checkpoints.insert(epoch, CheckpointPlan { epoch, model: model.clone(), checkpoint: ckpt.clone() });
+    let mut sources: Vec<(Epoch, RecordBatch)> = Vec::new();
+    let mut trials: Vec<Trial> = Vec::new();
+    // The process that holds the archive reads it and feeds the dataflow; the others' workers
+    // learn everything they need from what it feeds.
+    if cluster.is_leader() {
+        trials = read_records(archive)?;
+        if trials.is_empty() {
+            return Err(Error::config("trials", format!("{} holds no trial grid", archive.root().display())));
         }
-    }
-    let mut sources = Vec::new();
-    for epoch in checkpoints.keys() {
-        for b in trial_batches(&trials, 256)? {
-            sources.push((*epoch, b));
+        let committed = archive.committed_epochs()?;
+        for model in &exp.models {
+            for ckpt in &model.checkpoints {
+                let label = ckpt.variant_label();
+                let epoch = archive.register_checkpoint(&model.name, &ckpt.id, ckpt.finetuned, label.as_deref())?;
+                if committed.contains(&epoch) {
+                    report.skipped.push(format!("{}/{}", model.name, ckpt.id));
+                    continue;
+                }
+                checkpoints.insert(epoch, CheckpointPlan { epoch, model: model.clone(), checkpoint: ckpt.clone() });
+            }
+        }
+        if let Some(&first) = checkpoints.keys().next() {
+            let items: Vec<Item> = read_records(archive)?;
+            sources.extend(reference(&trials, &items)?.into_iter().map(|b| (first, b)));
+        }
+        for (epoch, plan) in &checkpoints {
+            for b in trial_batches(&trials, 256)? {
+                sources.push((*epoch, as_request(b, plan)));
+            }
         }
     }
     let total = (checkpoints.len() * trials.len()) as u64 * exp.generation.samples.max(1) as u64;
     let plan = Arc::new(GeneratePlan {
-        checkpoints: RwLock::new(checkpoints),
         generation: exp.generation.clone(),
         seed: exp.seed,
         archive_root: archive.root().to_path_buf(),
@@ -581,17 +715,17 @@ pub fn run_experiment(
         );
         bar
     });
-    let all_trials = shared(trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect());
     let refusal = RefusalRules::new(exp.refusal.mode);
-    let judging = Judging::new(read_records(archive)?, crate::score::judge::open(&exp.judge, archive.root())?);
+    let judge = shared_judge(crate::score::judge::open(&exp.judge, archive.root())?);
     let (c, b) = (counters.clone(), bar.clone());
     report.epochs = run(cluster, archive, sources, None, move |input, peers| {
-        let responses =
-            generate(partition_by(only(input, Trial::STREAM), "trial_key", peers), plan.clone(), c.clone(), b.clone());
-        let scored = stage(
+        use timely::dataflow::operators::vec::Filter;
+        let requests = input.clone().filter(|m| m.as_ref().is_ok_and(|b| crate::generate::operator::is_request(&b.0)));
+        let responses = generate(partition_by(requests, "trial_key", peers), plan.clone(), c.clone(), b.clone());
+        let scored = score(
+            dimensions(input, peers),
             responses.clone(),
-            ScoreStage::new(all_trials.clone(), shared(HashMap::new()), refusal.clone())
-                .with_judge(Some(judging.clone())),
+            ScoreStage::new(refusal.clone()).with_judge(Some(judge.clone())),
         );
         responses.concat(scored)
     })?;

@@ -484,8 +484,6 @@ mod minilm {
 }
 
 mod score_stage {
-    use std::collections::HashMap;
-    use std::sync::Arc;
 
     use crate::conditions::VerdictLabel;
     use crate::dataflow::Stage;
@@ -494,7 +492,7 @@ mod score_stage {
     use crate::schema::Record;
     use crate::score::judge::{Case, Judge, Label, ReferenceJudge};
     use crate::score::refusal::{RefusalMode, RefusalRules};
-    use crate::score::stage::{Judging, ScoreStage};
+    use crate::score::stage::{ScoreStage, shared_judge};
 
     /// The reference judge, except that an answer saying "FAIL" is a failed judge call.
     struct Flaky(ReferenceJudge);
@@ -595,14 +593,11 @@ mod score_stage {
         let items: Vec<Item> = cases.iter().map(|c| item(c.0, c.1)).collect();
         let trials: Vec<Trial> = cases.iter().map(|c| trial(c.0, c.1)).collect();
         let responses: Vec<Response> = trials.iter().zip(&cases).map(|(t, c)| response(t, c.2)).collect();
-        let trial_map =
-            Arc::new(std::sync::RwLock::new(trials.iter().map(|t| (t.trial_key.clone(), t.clone())).collect()));
-        let mut stage = ScoreStage::new(
-            trial_map,
-            Arc::new(std::sync::RwLock::new(HashMap::new())),
-            RefusalRules::new(RefusalMode::Default),
-        )
-        .with_judge(Some(Judging::new(items, Box::new(Flaky(ReferenceJudge::new())))));
+        let mut stage = ScoreStage::new(RefusalRules::new(RefusalMode::Default))
+            .with_judge(Some(shared_judge(Box::new(Flaky(ReferenceJudge::new())))));
+        // What the stage scores against reaches it as reference data.
+        stage.absorb(&Trial::to_batch(&trials).unwrap()).unwrap();
+        stage.absorb(&Item::to_batch(&items).unwrap()).unwrap();
         let out = stage.apply(1, &Response::to_batch(&responses).unwrap()).unwrap();
         let verdicts = Verdict::from_batch(&out[0]).unwrap();
         let observations = Observation::from_batch(&out[1]).unwrap();

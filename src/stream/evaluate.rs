@@ -56,8 +56,9 @@ impl<'a> Evaluator<'a> {
             .as_ref()
             .filter(|e| !e.models.is_empty())
             .map(|e| (e, Box::new(crate::generate::backend::open) as crate::generate::OpenGenerator));
-        let scorer =
-            stage::Scorer::start(cluster, archive, read_records::<Trial>(archive)?, opts.refusal.clone(), generation)?;
+        // Only the process that drives the dataflow reads the archive.
+        let trials = if cluster.is_leader() { read_records::<Trial>(archive)? } else { Vec::new() };
+        let scorer = stage::Scorer::start(cluster, archive, trials, opts.refusal.clone(), generation)?;
         Ok(Evaluator { opts, scorer, subsamples: HashMap::new() })
     }
 
@@ -121,6 +122,12 @@ impl<'a> Evaluator<'a> {
         out.written.extend(reports.into_iter().map(|d| (d.epoch, d.written)));
         out.dataflow = t0.elapsed();
         Ok(out)
+    }
+
+    /// Closes the dataflow and waits for it to end (on a process that does not drive it:
+    /// until the driving process closes it).
+    pub fn stop(&mut self) -> Result<()> {
+        self.scorer.stop()
     }
 
     /// Generates checkpoint `key` (when it is announced without answers) over `items` only.

@@ -168,15 +168,16 @@ pub struct StreamReport {
 
 /// Runs the stream until `idle_exit` passes without a message (or forever).
 pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result<StreamReport> {
-    // Processes split the input partitions (process I of P takes partition p when
-    // p mod P = I) and each keeps its own archive and state; within a process, the W reader
-    // threads (-w) split its partitions (see `readers`), and W timely workers run the scoring
-    // dataflow of each evaluation.
+    // Process 0 reads every input partition (its W reader threads split them, see
+    // `readers`), keeps the state, writes the one archive and publishes; the W timely
+    // workers of every process score (and generate) each round in one computation, rows
+    // routed by trial, so the statistics are complete whatever the topics are keyed by.
     cluster.timely_config()?;
-    let processes = cluster.processes.max(1);
-    let owned = |p: i32| (p as usize) % processes == cluster.process;
-    let local = Cluster { workers: cluster.workers, processes: 1, process: 0, hostfile: None };
-    let cluster = &local;
+    if !cluster.is_leader() {
+        let mut evaluator = evaluate::Evaluator::open(cluster, archive, opts)?;
+        evaluator.stop()?;
+        return Ok(StreamReport::default());
+    }
     let t = &opts.topics;
     let mut all: Vec<&str> = vec![&t.checkpoints, &t.answers];
     all.extend(t.outputs());
@@ -187,7 +188,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     let metadata = kafka::consumer(&opts.connection, &opts.group)?;
     let mut assigned = Vec::new();
     for (source, topic) in [(Source::Checkpoints, &t.checkpoints), (Source::Answers, &t.answers)] {
-        for p in (0..kafka::partitions(&metadata, topic)?).filter(|p| owned(*p)) {
+        for p in 0..kafka::partitions(&metadata, topic)? {
             let offset = match s.ledger.offset(&format!("{topic}/{p}")) {
                 Some(o) => Offset::Offset(o),
                 None => Offset::Beginning,
@@ -195,15 +196,8 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
             assigned.push((source, topic.clone(), p, offset));
         }
     }
-    let readers = Readers::start(
-        &opts.connection,
-        metadata,
-        &opts.group,
-        &assigned,
-        cluster.workers,
-        processes,
-        opts.max_message_bytes,
-    )?;
+    let readers =
+        Readers::start(&opts.connection, metadata, &opts.group, &assigned, cluster.workers, opts.max_message_bytes)?;
     if std::env::var_os("CANDOR_STREAM_TRACE").is_some() {
         eprintln!("reading from {:?} after starting", s.started.elapsed());
     }

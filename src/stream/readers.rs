@@ -78,7 +78,6 @@ impl Readers {
         group: &str,
         assigned: &[(Source, String, i32, Offset)],
         workers: usize,
-        processes: usize,
         max_bytes: usize,
     ) -> Result<Readers> {
         let (tx, rx) = mpsc::sync_channel(DEPTH);
@@ -86,11 +85,8 @@ impl Readers {
         let mut threads = Vec::new();
         let mut first = Some(first);
         for w in 0..workers.max(1) {
-            let mine: Vec<_> = assigned
-                .iter()
-                .filter(|(_, _, p, _)| (*p as usize / processes.max(1)) % workers.max(1) == w)
-                .cloned()
-                .collect();
+            let mine: Vec<_> =
+                assigned.iter().filter(|(_, _, p, _)| *p as usize % workers.max(1) == w).cloned().collect();
             if mine.is_empty() {
                 continue;
             }
