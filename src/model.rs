@@ -114,8 +114,28 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// sha256 of a file's bytes, in hex.
+/// sha256 of a model file's bytes, in hex: the weights' identity in generation-store keys and
+/// fingerprints. Hashed once per process while the file keeps its length and modification
+/// time; a file rewritten since is hashed again.
 pub fn sha256_file(path: &Path) -> Result<String> {
+    // A model file is hashed once per process while its length and modification time stay
+    // (opening a checkpoint's generator hashes its base GGUF: 100 MB and more).
+    static HASHED: std::sync::Mutex<Vec<(PathBuf, u64, std::time::SystemTime, String)>> =
+        std::sync::Mutex::new(Vec::new());
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let stamp = (meta.len(), meta.modified().map_err(|e| Error::io(path, e))?);
+    let known = |h: &(PathBuf, u64, std::time::SystemTime, String)| h.0 == path && (h.1, h.2) == stamp;
+    if let Some(h) = HASHED.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|h| known(h)) {
+        return Ok(h.3.clone());
+    }
+    let digest = hash_file(path)?;
+    let mut hashed = HASHED.lock().unwrap_or_else(|p| p.into_inner());
+    hashed.retain(|h| h.0 != path);
+    hashed.push((path.to_path_buf(), stamp.0, stamp.1, digest.clone()));
+    Ok(digest)
+}
+
+fn hash_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

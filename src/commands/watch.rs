@@ -72,10 +72,7 @@ pub struct Args {
 pub fn run(args: Args, g: &Globals) -> Result<Watched> {
     let exp = load_experiment(&args.experiment, g.paper)?;
     let out = args.out.clone().unwrap_or_else(|| exp.output_dir());
-    if args.cluster.processes > 1 {
-        anyhow::bail!("candor watch runs in one process (-w for more workers)");
-    }
-    let archive = open_for(&out, "watch", &Cluster::default())?;
+    let archive = open_for(&out, "watch", &args.cluster)?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => exp.models.first().map(|m| m.name.clone()).ok_or_else(|| {
@@ -83,7 +80,9 @@ pub fn run(args: Args, g: &Globals) -> Result<Watched> {
         })?,
     };
     let mode = if args.regrid { GridMode::Regrid } else { GridMode::Keep };
-    build_grid(&exp, &archive, mode, &Cluster::default())?;
+    if args.cluster.is_leader() {
+        build_grid(&exp, &archive, mode, &Cluster::default())?;
+    }
     let opts = candor::stream::StreamOptions::for_replay(
         "watch.",
         1 << 20,

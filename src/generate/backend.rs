@@ -8,8 +8,51 @@ use crate::model::{CheckpointConfig, ModelConfig};
 /// The backend kinds Candor knows.
 pub const KINDS: &[&str] = &["candle", "openai"];
 
-/// Opens the generator that answers for `checkpoint` of `model`.
+/// A generator opened ahead of its use ([`open_ahead`]), with what it was opened for.
+type Kept = (String, Box<dyn Generator>);
+
+/// Generators opened ahead and not yet taken, the oldest first (a few at most: a watcher
+/// keeps one).
+static KEPT: std::sync::Mutex<Vec<Kept>> = std::sync::Mutex::new(Vec::new());
+
+/// How many generators opened ahead are kept at most (each holds a model's weights).
+const KEEP: usize = 2;
+
+/// What a generator is opened for, as [`KEPT`] compares it.
+fn opened_for(model: &ModelConfig, checkpoint: &CheckpointConfig) -> String {
+    serde_json::to_string(&(model, checkpoint)).expect("plain data serializes")
+}
+
+/// Opens the generator for `checkpoint` of `model` now and keeps it for the next [`open`] of
+/// the same model and checkpoint, which takes it instead of loading the weights again:
+/// `candor watch` loads a checkpoint before announcing it (a folder that cannot load is an
+/// error row, never an evaluation), then the generate operator opens it. A few are kept at
+/// most ([`KEEP`]); opening more ahead drops the oldest.
+pub fn open_ahead(model: &ModelConfig, checkpoint: &CheckpointConfig) -> Result<()> {
+    let generator = open_new(model, checkpoint)?;
+    let key = opened_for(model, checkpoint);
+    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    kept.retain(|(k, _)| *k != key);
+    if kept.len() >= KEEP {
+        kept.remove(0);
+    }
+    kept.push((key, generator));
+    Ok(())
+}
+
+/// Opens the generator that answers for `checkpoint` of `model` (the one [`open_ahead`] kept
+/// for them, if any).
 pub fn open(model: &ModelConfig, checkpoint: &CheckpointConfig) -> Result<Box<dyn Generator>> {
+    let key = opened_for(model, checkpoint);
+    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(at) = kept.iter().position(|(k, _)| *k == key) {
+        return Ok(kept.remove(at).1);
+    }
+    drop(kept);
+    open_new(model, checkpoint)
+}
+
+fn open_new(model: &ModelConfig, checkpoint: &CheckpointConfig) -> Result<Box<dyn Generator>> {
     let table = model.backend_for(checkpoint);
     match kind(model, &table)? {
         "openai" => {

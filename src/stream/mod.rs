@@ -174,8 +174,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     // routed by trial, so the statistics are complete whatever the topics are keyed by.
     cluster.timely_config()?;
     if !cluster.is_leader() {
-        let mut evaluator = evaluate::Evaluator::open(cluster, archive, opts)?;
-        evaluator.stop()?;
+        take_part(cluster, archive, opts)?;
         return Ok(StreamReport::default());
     }
     let t = &opts.topics;
@@ -238,6 +237,14 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     }
     readers.stop()?;
     s.finish()
+}
+
+/// What a process of a cluster other than process 0 does in `candor stream` and `candor
+/// watch`: its workers take part in the one evaluation dataflow, fed by process 0, until
+/// process 0 closes it. It reads no source and no archive, and keeps no state.
+pub(crate) fn take_part(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result<()> {
+    let mut evaluator = evaluate::Evaluator::open(cluster, archive, opts)?;
+    evaluator.stop()
 }
 
 /// Replays a capture of the input topics ([`capture`]) through the same evaluation as a

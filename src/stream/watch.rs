@@ -273,6 +273,11 @@ pub fn watch(
             "no base checkpoint (finetuned = false) to pair the training run's checkpoints against",
         ));
     }
+    if !cluster.is_leader() {
+        // Process 0 watches, and feeds every process's workers.
+        super::take_part(cluster, archive, opts)?;
+        return Ok(WatchReport::default());
+    }
     if !w.dir.is_dir() {
         return Err(Error::input(Location::file(&w.dir), "not a directory (the training run's output folder)"));
     }
@@ -398,19 +403,22 @@ pub fn watch(
                 state.save(archive.root())?;
                 continue;
             }
+            let path_text = path.canonicalize().unwrap_or(path.clone()).to_string_lossy().into_owned();
+            // As the announcement will name it.
             let checkpoint = crate::model::CheckpointConfig {
                 id: name.clone(),
                 finetuned: true,
                 variant: None,
                 epoch: training_epoch(&path),
-                path: Some(path.clone()),
+                path: Some(PathBuf::from(&path_text)),
                 system_prompt: None,
                 backend: Default::default(),
             };
             // Loaded once before it is announced: a folder that cannot be is an error row.
+            // The generator loaded is kept for the evaluation, which does not load it again.
             let mut probe = model.clone();
             probe.checkpoints = vec![checkpoint.clone()];
-            let loaded = crate::generate::backend::open(&probe, &checkpoint).map(drop);
+            let loaded = crate::generate::backend::open_ahead(&probe, &checkpoint);
             let rejected = match loaded {
                 Err(e) => Some(e.to_string()),
                 Ok(()) => {
@@ -421,7 +429,6 @@ pub fn watch(
                         s.evaluator.subsample(super::state::checkpoint_key(&model.name, &name), items);
                     }
                     let before: u64 = s.report.dead_letters.values().sum();
-                    let path_text = path.canonicalize().unwrap_or(path.clone()).to_string_lossy().into_owned();
                     announce(
                         &mut s,
                         Announcement {
@@ -841,6 +848,83 @@ id = "base"
             assert_eq!(observed.iter().filter(|o| o.checkpoint == c).count(), 6, "{c}");
         }
         assert!(archive.verify().is_empty());
+    }
+
+    /// Two processes of one timely cluster (two threads here, each with its own process
+    /// index and ports, as two processes would have) watch a run: process 0 watches and
+    /// archives, both processes' workers generate and score, and the archive holds what one
+    /// process archives.
+    #[test]
+    fn a_training_run_watched_by_two_processes_archives_what_one_process_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (exp, run) = setup(root);
+        save_checkpoint(&run, 50, true);
+        save_checkpoint(&run, 100, true);
+        let one = watch_once(root, &exp, &run);
+        assert_eq!(one.report.evaluated, ["checkpoint-50", "checkpoint-100"], "{:?}", one.report);
+
+        let two = root.join("two");
+        std::fs::create_dir_all(&two).unwrap();
+        let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let hosts = root.join("hosts.txt");
+        std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", port(), port())).unwrap();
+        let processes: Vec<_> = (0..2)
+            .map(|process| {
+                let (exp, run, two, hosts) = (exp.clone(), run.clone(), two.clone(), hosts.clone());
+                std::thread::spawn(move || {
+                    let cluster = Cluster { workers: 1, processes: 2, process, hostfile: Some(hosts) };
+                    let archive = if process == 0 {
+                        let a = Archive::open_writer(two.join("archive"), "test").unwrap();
+                        crate::grid::build_grid(&exp, &a, crate::grid::GridMode::Keep, &Cluster::default()).unwrap();
+                        a
+                    } else {
+                        Archive::elsewhere(two.join("archive"))
+                    };
+                    let opts = StreamOptions::for_replay(
+                        "watch.",
+                        1 << 20,
+                        crate::score::refusal::RefusalRules::new(exp.refusal.mode),
+                        Some(exp.clone()),
+                    );
+                    let w = WatchOptions {
+                        dir: run,
+                        model: "tiny".into(),
+                        marker: "candor-ready".into(),
+                        stable: Duration::from_millis(200),
+                        poll: Duration::from_millis(50),
+                        alert_cmd: None,
+                        looks: 1,
+                        items_per_checkpoint: None,
+                        final_step: None,
+                        idle_exit: Some(Duration::from_millis(3000)),
+                        hook: None,
+                    };
+                    watch(&cluster, &archive, &opts, &w, &mut |_| {}).unwrap()
+                })
+            })
+            .collect();
+        let reports: Vec<WatchReport> = processes.into_iter().map(|p| p.join().unwrap()).collect();
+        assert_eq!(reports[0].evaluated, one.report.evaluated, "{:?}", reports[0]);
+        assert!(reports[1].evaluated.is_empty(), "process 1 only lends its workers");
+        // Process 0's workers generated some answers, process 1's the rest.
+        let calls = reports[0].stream.model_calls;
+        assert!(calls > 0 && calls < 18, "process 0 made {calls} of the 18 model calls");
+        for c in ["base", "checkpoint-50", "checkpoint-100"] {
+            assert_eq!(outputs(&two, c), outputs(root, c), "{c}");
+        }
+        let observed = |r: &Path| {
+            let mut o: Vec<(String, String)> =
+                crate::archive::read_records::<Observation>(&Archive::open(r.join("archive")).unwrap())
+                    .unwrap()
+                    .into_iter()
+                    .map(|o| (o.response_key, o.verdict))
+                    .collect();
+            o.sort();
+            o
+        };
+        assert_eq!(observed(&two).len(), 18);
+        assert_eq!(observed(&two), observed(root));
     }
 
     /// Intermediate steps on a seeded subsample (the same items each time), the last step

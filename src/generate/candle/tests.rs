@@ -843,6 +843,52 @@ fn an_adapter_kept_beside_quantized_weights_equals_its_merge_into_them() {
     }
 }
 
+/// `candor watch` loads a checkpoint before announcing it; the evaluation then takes that
+/// generator instead of loading the weights a second time (here: they are gone by then), once,
+/// and only for the same model and checkpoint.
+#[test]
+fn a_generator_opened_ahead_is_taken_once_by_the_next_open_of_its_checkpoint() {
+    use crate::generate::backend::{open, open_ahead};
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("a.gguf");
+    write_gguf(&gguf, "llama", GgmlDType::Q8_0, 1);
+    let model = crate::model::ModelConfig {
+        name: "tiny".into(),
+        backend: toml::from_str(&format!("kind = 'candle'\ndevice = 'cpu'\nbase = '{}'", gguf.display())).unwrap(),
+        checkpoints: Vec::new(),
+    };
+    let ck = |id: &str| crate::model::CheckpointConfig {
+        id: id.into(),
+        finetuned: false,
+        variant: None,
+        epoch: None,
+        path: None,
+        system_prompt: None,
+        backend: Default::default(),
+    };
+    open_ahead(&model, &ck("base")).unwrap();
+    let fingerprint = open(&model, &ck("base")).unwrap().fingerprint();
+    open_ahead(&model, &ck("base")).unwrap();
+    std::fs::remove_file(&gguf).unwrap();
+    assert!(open(&model, &ck("other")).is_err(), "another checkpoint loads its own weights");
+    assert_eq!(open(&model, &ck("base")).unwrap().fingerprint(), fingerprint, "the kept generator");
+    let again = open(&model, &ck("base")).err().expect("taken once: the next open loads again").to_string();
+    assert!(again.contains("a.gguf"), "{again}");
+}
+
+/// A model file's digest is computed once per process, and again when the file changes.
+#[test]
+fn a_rewritten_model_file_is_hashed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("w.gguf");
+    std::fs::write(&f, b"weights one").unwrap();
+    let first = sha256_file(&f).unwrap();
+    assert_eq!(sha256_file(&f).unwrap(), first);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&f, b"weights two").unwrap();
+    assert_ne!(sha256_file(&f).unwrap(), first, "same length, new content");
+}
+
 #[test]
 fn the_weights_digest_covers_an_adapter_on_a_gguf_base_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
