@@ -2,7 +2,8 @@
 //! protocol (the next `_delta_log/<version>.json` is created only if absent; a writer that
 //! loses the race re-reads the log, checks for conflicts and retries, or fails), with the
 //! actions Candor built itself, so that every commit carries Candor's checksum of its actions
-//! (see [`super::log`]).
+//! (see [`super::log`]). An epoch's appends, which cannot conflict, write the protocol's
+//! commit entry without its post-commit snapshot rebuild ([`append`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,11 +48,16 @@ pub(super) enum Base {
     Read(Option<u64>),
 }
 
-/// Each table's Delta state after the last commit a handle made to it, by table directory.
-/// Loading a table's state replays its whole log; kept, the next commit brings it up to date
-/// with only the versions written since (none, under the writer lock), so a commit costs the
-/// same at the thousandth epoch as at the first.
-pub(super) type States = Mutex<HashMap<PathBuf, DeltaTableState>>;
+/// What a handle keeps of each table it commits to, by table directory.
+#[derive(Debug, Default)]
+pub(super) struct States {
+    /// The Delta state after the last commit made through deltalake's commit protocol.
+    /// Loading a table's state replays its whole log; kept, the next commit brings it up to
+    /// date with only the versions written since.
+    tables: Mutex<HashMap<PathBuf, DeltaTableState>>,
+    /// The version of the last blind append this handle made ([`append`]).
+    appended: Mutex<HashMap<PathBuf, u64>>,
+}
 
 /// Commits `actions` to the table at `table` (creating it, with `schema`, when its log does not
 /// exist yet). `txn`: an application transaction id whose concurrent use by another writer
@@ -68,6 +74,11 @@ pub(super) fn commit(
     base: Base,
 ) -> Result<u64> {
     let store = log_store(table)?;
+    if let (Base::Latest, Operation::Append, None) = (base, operation, txn)
+        && table.join("_delta_log").join(format!("{:020}.json", 0)).is_file()
+    {
+        return append(states, store, table, actions, meta);
+    }
     let read_version = match base {
         Base::Latest => None,
         Base::Read(v) => v,
@@ -84,7 +95,7 @@ pub(super) fn commit(
     // On the process's runtime, also when the caller is itself on a tokio runtime (the SQL
     // endpoint): see `crate::runtime::block_on`.
     // Held for the whole commit: one commit per table at a time through this handle.
-    let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
+    let mut states = states.tables.lock().unwrap_or_else(|p| p.into_inner());
     let kept = states.remove(&table_path);
     let (version, state) = crate::runtime::block_on(async move {
         let read = |e| delta_error(&table_path, "reading the Delta log", e);
@@ -146,6 +157,56 @@ pub(super) fn commit(
         Ok::<_, Error>((committed.version(), committed.snapshot()))
     })?;
     states.insert(table.to_path_buf(), state);
+    Ok(version)
+}
+
+/// A blind append (new files only, decided on whatever the table holds) to an existing table:
+/// the commit entry deltalake's commit protocol would write (the same `CommitData`, put at the
+/// next version only if that version is absent, through the table's log store), without the
+/// protocol's post-commit step, which rebuilds the table's full file list from every version's
+/// statistics after each commit: a cost that grows with the table's history, at every epoch.
+/// An append cannot conflict with another writer's commit (both only add files), so when the
+/// next version is taken the append goes to the one after, as the protocol's retries would.
+fn append(
+    states: &States,
+    store: LogStoreRef,
+    table: &Path,
+    actions: Vec<Action>,
+    mut meta: CommitMeta,
+) -> Result<u64> {
+    use deltalake_core::kernel::transaction::{CommitData, TransactionError};
+    use deltalake_core::logstore::CommitOrBytes;
+    let digest = actions_digest(&actions, &meta)?;
+    meta.insert(ACTIONS_SHA256.into(), Value::String(digest));
+    let operation = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
+    let data = CommitData::new(actions, operation, meta.into_iter().collect(), Vec::new());
+    let bytes = data.get_bytes().map_err(|e| delta_error(table, "encoding a commit", e))?;
+    // Held for the whole commit: one commit per table at a time through this handle.
+    let mut appended = states.appended.lock().unwrap_or_else(|p| p.into_inner());
+    let last = appended.get(table).copied();
+    let version = crate::runtime::block_on(async {
+        let store = &store;
+        let latest = |from: u64| async move {
+            store.get_latest_version(from).await.map_err(|e| delta_error(table, "reading the Delta log", e))
+        };
+        let mut version = match last {
+            Some(v) => v + 1,
+            None => latest(0).await? + 1,
+        };
+        for _ in 0..16 {
+            let entry = CommitOrBytes::LogBytes(bytes.clone());
+            match store.write_commit_entry(version, entry, uuid::Uuid::new_v4()).await {
+                Ok(()) => return Ok(version),
+                Err(TransactionError::VersionAlreadyExists(_)) => version = latest(version).await? + 1,
+                Err(e) => return Err(delta_error(table, "committing", e)),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "{}: other writers took 16 versions in a row; nothing of this commit was written",
+            table.display()
+        )))
+    })?;
+    appended.insert(table.to_path_buf(), version);
     Ok(version)
 }
 

@@ -127,7 +127,23 @@ pub fn family_minimum_detectable_difference(categories: &[(u64, u64)]) -> Option
     let n = sizes[(sizes.len() - 1) / 2];
     let discordant: u64 = categories.iter().map(|c| c.1.min(c.0)).sum();
     let total: u64 = categories.iter().map(|c| c.0).sum();
-    minimum_detectable_difference(n, discordant as f64 / total as f64, super::paired::ALPHA, POWER)
+    // A pure function of three counts, asked again for every family an update touches (and
+    // for every family when a statement reads them all): each answer is computed once. The
+    // search takes milliseconds (a binomial table and 60 bisection steps).
+    type Memo = std::collections::HashMap<(u64, u64, u64), Option<f64>>;
+    static MEMO: std::sync::Mutex<Option<Memo>> = std::sync::Mutex::new(None);
+    let key = (n, discordant, total);
+    if let Some(known) = MEMO.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(&key)) {
+        return *known;
+    }
+    let mdd = minimum_detectable_difference(n, discordant as f64 / total as f64, super::paired::ALPHA, POWER);
+    let mut memo = MEMO.lock().unwrap_or_else(|p| p.into_inner());
+    let memo = memo.get_or_insert_with(Memo::new);
+    if memo.len() >= 1 << 16 {
+        memo.clear();
+    }
+    memo.insert(key, mdd);
+    mdd
 }
 
 #[cfg(test)]
@@ -181,6 +197,21 @@ mod tests {
         // Connor's (1987) normal approximation, √n·δ = z_{α/2}·√ψ + z_β·√(ψ − δ²), is close
         // at this size: δ ≈ 0.0396 for n = 1000, ψ = 0.2.
         assert!((large - 0.0396).abs() < 0.002, "{large}");
+    }
+
+    #[test]
+    fn a_remembered_family_answer_is_the_one_computed_afresh() {
+        // Same median size and discordant count, other totals: each its own answer.
+        for categories in [vec![(40, 10), (40, 6)], vec![(40, 10), (40, 6), (90, 0)], vec![(40, 16), (70, 0)]] {
+            let n = 40;
+            let discordant: u64 = categories.iter().map(|c: &(u64, u64)| c.1).sum();
+            let total: u64 = categories.iter().map(|c| c.0).sum();
+            let fresh =
+                minimum_detectable_difference(n, discordant as f64 / total as f64, crate::stats::paired::ALPHA, POWER);
+            for _ in 0..2 {
+                assert_eq!(family_minimum_detectable_difference(&categories), fresh, "{categories:?}");
+            }
+        }
     }
 
     #[test]
