@@ -130,39 +130,20 @@ pub enum Measure {
     Incorrect,
 }
 
-/// One answer cell of the regressions M1–M4, item by item (what their item-clustered SEs
-/// need): a model's answers to one item under one amendment and prompt type, on its base
-/// checkpoint(s) (`ft` false) or on its latest fine-tuned checkpoint, the one with the highest
-/// epoch (`ft` true).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ItemCell {
-    pub model: Sym,
-    pub dataset: Sym,
-    pub item: Sym,
-    pub amendment: Sym,
-    pub prompt_type: Sym,
-    pub ft: bool,
-}
-
-/// The changes of one update: how much each paired cell, each answer cell and each
-/// regression item cell moved (item cells count [`Measure::Responses`] and
-/// [`Measure::Incorrect`] only).
+/// The changes of one update: how much each paired cell and each answer cell moved.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Changes {
     pub paired: Vec<(PairedCell, i64)>,
     pub cells: Vec<((CellKey, Measure), i64)>,
-    pub items: Vec<((ItemCell, Measure), i64)>,
 }
 
-/// A `count` output: each key with its count, as `+1` (new) and `-1` (old) changes.
-pub type Counted<'s, K> = VecCollection<'s, u64, (K, i64), isize>;
-
-/// The paired statistics over a collection of observations: the counts of every paired cell,
-/// every answer cell and every regression item cell, maintained by `count`.
-#[allow(clippy::type_complexity)] // the three output collections, spelled out
+/// The paired statistics over a collection of observations: the counts of every paired cell
+/// and every answer cell, maintained by `count` (outputs are `(key, count)` with the usual
+/// `+1` new / `-1` old changes).
+#[allow(clippy::type_complexity)] // the two output collections, spelled out
 pub fn statistics<'s>(
     observations: VecCollection<'s, u64, (PairKey, Observed), i64>,
-) -> (Counted<'s, PairedCell>, Counted<'s, (CellKey, Measure)>, Counted<'s, (ItemCell, Measure)>) {
+) -> (VecCollection<'s, u64, (PairedCell, i64), isize>, VecCollection<'s, u64, ((CellKey, Measure), i64), isize>) {
     // Only answers with a verdict in one of the tests pair; each side is arranged by pair key
     // with only what the join needs (checkpoint, correct, test), to keep the arrangements small.
     let pairable = observations.clone().flat_map(|(k, o): (PairKey, Observed)| match (o.correct, o.test) {
@@ -184,7 +165,6 @@ pub fn statistics<'s>(
             ft_correct: f.1,
         })
         .count();
-    let items = regression_items(observations.clone());
     let cells = observations
         .flat_map(|(k, o): (PairKey, Observed)| {
             let key = CellKey {
@@ -205,44 +185,7 @@ pub fn statistics<'s>(
             measures.into_iter().flatten().map(move |m| (key, m))
         })
         .count();
-    (paired, cells, items)
-}
-
-/// The regressions' item cells: every scored answer of a model's base checkpoint(s), and of
-/// its latest fine-tuned checkpoint (the highest epoch holding any answer, scored or not),
-/// counted per [`ItemCell`]. A later fine-tuned checkpoint moves the model's cells over to it.
-fn regression_items<'s>(
-    observations: VecCollection<'s, u64, (PairKey, Observed), i64>,
-) -> Counted<'s, (ItemCell, Measure)> {
-    let latest = observations
-        .clone()
-        .flat_map(|(k, o): (PairKey, Observed)| o.finetuned.then_some((k.model, o.epoch)))
-        .reduce(|_model: &Sym, epochs: &[(&u64, i64)], out: &mut Vec<(u64, i64)>| {
-            // In value order: the last is the highest epoch.
-            if let Some((epoch, _)) = epochs.last() {
-                out.push((**epoch, 1));
-            }
-        });
-    let scored = observations.flat_map(|(k, o): (PairKey, Observed)| {
-        o.correct.map(|correct| {
-            let cell = ItemCell {
-                model: k.model,
-                dataset: k.dataset,
-                item: k.item,
-                amendment: k.amendment,
-                prompt_type: k.prompt_type,
-                ft: o.finetuned,
-            };
-            ((k.model, o.epoch), (cell, correct))
-        })
-    });
-    let base = scored.clone().filter(|(_, (cell, _))| !cell.ft).map(|(_, row)| row);
-    let tuned = scored.filter(|(_, (cell, _))| cell.ft).semijoin(latest).map(|(_, row)| row);
-    base.concat(tuned)
-        .flat_map(|(cell, correct): (ItemCell, bool)| {
-            [Some((cell, Measure::Responses)), (!correct).then_some((cell, Measure::Incorrect))].into_iter().flatten()
-        })
-        .count()
+    (paired, cells)
 }
 
 type Update = ((PairKey, Observed), i64);
@@ -283,7 +226,7 @@ impl Counts {
                     let probe = timely::dataflow::operators::probe::Handle::new();
                     let mut input = worker.dataflow::<u64, _, _>(|scope| {
                         let (input, observations) = scope.new_collection::<(PairKey, Observed), i64>();
-                        let (paired, cells, items) = statistics(observations);
+                        let (paired, cells) = statistics(observations);
                         let sink = out.clone();
                         paired
                             .inspect_batch(move |_, changes| sink.borrow_mut().paired.extend(moved(changes)))
@@ -291,10 +234,6 @@ impl Counts {
                         let sink = out.clone();
                         cells
                             .inspect_batch(move |_, changes| sink.borrow_mut().cells.extend(moved(changes)))
-                            .probe_with(&probe);
-                        let sink = out.clone();
-                        items
-                            .inspect_batch(move |_, changes| sink.borrow_mut().items.extend(moved(changes)))
                             .probe_with(&probe);
                         input
                     });
@@ -341,7 +280,6 @@ fn moved<K: Copy>(changes: &[((K, i64), u64, isize)]) -> impl Iterator<Item = (K
 fn consolidated(mut c: Changes) -> Changes {
     differential_dataflow::consolidation::consolidate(&mut c.paired);
     differential_dataflow::consolidation::consolidate(&mut c.cells);
-    differential_dataflow::consolidation::consolidate(&mut c.items);
     c
 }
 

@@ -51,7 +51,7 @@ use crate::error::{Error, Result};
 use crate::stats::models::CellCount;
 use crate::stats::paired::PairedCounts;
 
-use super::counts::{CellKey, Counts, ItemCell, Measure, Observed, PairKey};
+use super::counts::{CellKey, Counts, Measure, Observed, PairKey};
 pub use super::counts::{Sym, TestType};
 
 /// Interns the categorical strings of observations so that keys are small and hashing is cheap.
@@ -144,8 +144,6 @@ pub struct PairedView {
     /// Its output: family → category (amendment) → counts.
     paired: HashMap<FamilyKey, HashMap<Sym, PairedCounts>>,
     cells: HashMap<CellKey, CellCounts>,
-    /// The regressions' item cells: (incorrect, answers).
-    items: HashMap<ItemCell, (i64, i64)>,
     /// Epoch of each (model, checkpoint), for trajectories.
     epochs: HashMap<(Sym, Sym), u64>,
     dirty: HashSet<FamilyKey>,
@@ -310,16 +308,6 @@ impl PairedView {
                 self.cells.remove(&key);
             }
             self.cells_dirty = true;
-        }
-        for ((cell, measure), n) in changes.items {
-            let counts = self.items.entry(cell).or_default();
-            match measure {
-                Measure::Incorrect => counts.0 += n,
-                _ => counts.1 += n,
-            }
-            if *counts == (0, 0) {
-                self.items.remove(&cell);
-            }
         }
         Ok(())
     }
@@ -506,33 +494,45 @@ impl PairedView {
     /// The input of the regressions M1–M4 item by item: answer counts per (model, dataset,
     /// item, amendment, prompt type, fine-tuned), each marked with its item (dataset, item key) as
     /// cluster, over each model's base checkpoint(s) and its latest fine-tuned checkpoint
-    /// (highest epoch) — the rows `queries/regression_cells.sql` sums per cell. The counts are
-    /// maintained by the differential computation ([`super::counts`]), as the paired counts are.
+    /// (highest epoch) — the rows `queries/regression_cells.sql` sums per cell.
     pub fn regression_items(&self) -> Vec<CellCount> {
+        let mut latest: HashMap<Sym, u64> = HashMap::new();
+        for held in self.held.iter().flat_map(|(k, v)| v.iter().map(move |h| (k, h))) {
+            let (key, h) = held;
+            if h.ft && h.mult > 0 {
+                let e = latest.entry(key.model).or_insert(h.epoch);
+                *e = (*e).max(h.epoch);
+            }
+        }
+        // (model, dataset, item, amendment, prompt type, fine-tuned) → (incorrect, answers).
+        type ItemCell = (Sym, Sym, Sym, Sym, Sym, bool);
+        let mut counts: HashMap<ItemCell, (u64, u64)> = HashMap::new();
+        for (key, slots) in &self.held {
+            for h in slots {
+                let Some(correct) = h.correct else { continue };
+                if h.mult <= 0 || (h.ft && latest.get(&key.model) != Some(&h.epoch)) {
+                    continue;
+                }
+                let e =
+                    counts.entry((key.model, key.dataset, key.item, key.amendment, key.prompt_type, h.ft)).or_default();
+                e.0 += if correct { 0 } else { h.mult as u64 };
+                e.1 += h.mult as u64;
+            }
+        }
         let mut clusters: HashMap<(Sym, Sym), u64> = HashMap::new();
         let s = &self.strings;
-        let mut rows: Vec<_> = self.items.iter().map(|(k, n)| (*k, *n)).collect();
+        let mut rows: Vec<_> = counts.into_iter().collect();
         // In name order (the cluster numbering must not depend on arrival order), compared by
         // rank: the keys are distinct, and ranks order as the names do.
         let rank = s.ranks();
         let r = |k: Sym| rank[k as usize];
-        rows.sort_unstable_by_key(|(k, _)| {
-            (r(k.model), r(k.dataset), r(k.item), r(k.amendment), r(k.prompt_type), k.ft)
-        });
+        rows.sort_unstable_by_key(|(k, _)| (r(k.0), r(k.1), r(k.2), r(k.3), r(k.4), k.5));
         rows.into_iter()
-            .map(|(k, (incorrect, n))| {
+            .map(|((model, dataset, item, amendment, prompt, ft), (incorrect, n))| {
                 let next = clusters.len() as u64;
-                let cluster = *clusters.entry((k.dataset, k.item)).or_insert(next);
-                CellCount::new(
-                    s.name(k.model),
-                    s.name(k.dataset),
-                    s.name(k.amendment),
-                    s.name(k.prompt_type),
-                    k.ft,
-                    incorrect as u64,
-                    n as u64,
-                )
-                .with_cluster(cluster)
+                let cluster = *clusters.entry((dataset, item)).or_insert(next);
+                CellCount::new(s.name(model), s.name(dataset), s.name(amendment), s.name(prompt), ft, incorrect, n)
+                    .with_cluster(cluster)
             })
             .collect()
     }
