@@ -312,6 +312,40 @@ const COUNT_COLUMNS: [&str; 11] = [
     "both_wrong",
 ];
 
+/// The regressions' item rows computed from scratch as the paper's selection reads: each
+/// model's base answers and its highest-epoch fine-tuned checkpoint's, scored answers only,
+/// counted per (model, dataset, item, amendment, prompt type, fine-tuned), clusters numbered
+/// by (dataset, item) in name order.
+fn regression_items_from_scratch(obs: &[Observation]) -> Vec<crate::stats::models::CellCount> {
+    use std::collections::BTreeMap;
+    let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
+    for o in obs.iter().filter(|o| o.is_finetuned) {
+        let e = latest.entry(o.model.as_str()).or_insert(o.checkpoint_epoch);
+        *e = (*e).max(o.checkpoint_epoch);
+    }
+    let mut counts: BTreeMap<(&str, &str, &str, &str, &str, bool), (u64, u64)> = BTreeMap::new();
+    for o in obs {
+        let Some(correct) = o.correct else { continue };
+        if o.is_finetuned && latest.get(o.model.as_str()) != Some(&o.checkpoint_epoch) {
+            continue;
+        }
+        let key = (&*o.model, &*o.dataset, &*o.item_key, &*o.amendment_type, &*o.prompt_type, o.is_finetuned);
+        let e = counts.entry(key).or_default();
+        e.0 += u64::from(!correct);
+        e.1 += 1;
+    }
+    let mut clusters: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    counts
+        .into_iter()
+        .map(|((model, dataset, item, amendment, prompt, ft), (incorrect, n))| {
+            let next = clusters.len() as u64;
+            let cluster = *clusters.entry((dataset, item)).or_insert(next);
+            crate::stats::models::CellCount::new(model, dataset, amendment, prompt, ft, incorrect, n)
+                .with_cluster(cluster)
+        })
+        .collect()
+}
+
 fn view_rows(view: &PairedView) -> Vec<Vec<String>> {
     rows(&view.paired_counts_batch(None).unwrap(), &COUNT_COLUMNS)
 }
@@ -351,6 +385,7 @@ proptest! {
             view.apply(&b, 1).unwrap();
         }
         prop_assert_eq!(view_rows(&view), want);
+        prop_assert_eq!(view.regression_items(), regression_items_from_scratch(&obs));
     }
 
     /// The regressions' item rows (what the clustered SEs need) sum, cell by cell, to the
@@ -442,6 +477,9 @@ proptest! {
             for b in split(&dropped, &sizes) { view.apply(&b, -1).unwrap(); }
         }
         prop_assert_eq!(view_rows(&view), sql_from_scratch(&kept));
+        // The regressions' item cells too: a retracted latest checkpoint hands the model's
+        // fine-tuned cells back to the one before it.
+        prop_assert_eq!(view.regression_items(), regression_items_from_scratch(&kept));
     }
 
     /// Re-judging answers (upsert with a flipped verdict) moves them between cells exactly as
@@ -464,6 +502,7 @@ proptest! {
         for b in split(&unique, &sizes) { view.upsert(&b).unwrap(); }
         for b in split(&rejudged, &sizes) { view.upsert(&b).unwrap(); }
         prop_assert_eq!(view_rows(&view), sql_from_scratch(&rejudged));
+        prop_assert_eq!(view.regression_items(), regression_items_from_scratch(&rejudged));
     }
 
     /// Re-judging mid-stream: after each batch arrives, some answers of the batches before it
