@@ -323,7 +323,9 @@ fn regression_items_from_scratch(obs: &[Observation]) -> Vec<crate::stats::model
         let e = latest.entry(o.model.as_str()).or_insert(o.checkpoint_epoch);
         *e = (*e).max(o.checkpoint_epoch);
     }
-    let mut counts: BTreeMap<(&str, &str, &str, &str, &str, bool), (u64, u64)> = BTreeMap::new();
+    // (model, dataset, item, amendment, prompt type, fine-tuned) → (incorrect, answers).
+    type Cell<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, bool);
+    let mut counts: BTreeMap<Cell, (u64, u64)> = BTreeMap::new();
     for o in obs {
         let Some(correct) = o.correct else { continue };
         if o.is_finetuned && latest.get(o.model.as_str()) != Some(&o.checkpoint_epoch) {
