@@ -160,6 +160,34 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A timely host file of free localhost ports for `n` processes.
+fn hostfile(dir: &Path, n: usize) -> PathBuf {
+    let hosts = dir.join(format!("hosts-{}.txt", free_port()));
+    std::fs::write(&hosts, (0..n).map(|_| format!("127.0.0.1:{}\n", free_port())).collect::<String>()).unwrap();
+    hosts
+}
+
+/// Runs `candor args…` as every process of an `n`-process cluster on localhost (`-n n -p i
+/// --hostfile …` added), at once, and requires each to succeed.
+fn on_processes(dir: &Path, n: usize, args: &[&str]) {
+    let hosts = hostfile(dir, n);
+    let spawned: Vec<_> = (0..n)
+        .map(|p| {
+            Command::new(env!("CARGO_BIN_EXE_candor"))
+                .args(args)
+                .args(["-n", &n.to_string(), "-p", &p.to_string(), "--hostfile", hosts.to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (p, child) in spawned.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "process {p} of {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
 #[test]
 fn two_processes_on_localhost_build_the_same_archive_as_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -167,22 +195,12 @@ fn two_processes_on_localhost_build_the_same_archive_as_one() {
     let single = dir.path().join("single");
     ok(&["trials", exp.to_str().unwrap(), "--out", single.to_str().unwrap(), "--json"]);
 
-    let hosts = dir.path().join("hosts.txt");
-    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
     let multi = dir.path().join("multi");
-    let spawn = |p: &str| {
-        Command::new(env!("CARGO_BIN_EXE_candor"))
-            .args(["trials", exp.to_str().unwrap(), "--out", multi.to_str().unwrap(), "--json"])
-            .args(["-w", "2", "-n", "2", "-p", p, "--hostfile", hosts.to_str().unwrap()])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let (p0, p1) = (spawn("0"), spawn("1"));
-    let (o0, o1) = (p0.wait_with_output().unwrap(), p1.wait_with_output().unwrap());
-    assert!(o0.status.success(), "process 0: {}", String::from_utf8_lossy(&o0.stderr));
-    assert!(o1.status.success(), "process 1: {}", String::from_utf8_lossy(&o1.stderr));
+    on_processes(
+        dir.path(),
+        2,
+        &["trials", exp.to_str().unwrap(), "--out", multi.to_str().unwrap(), "--json", "-w", "2"],
+    );
     assert_eq!(tree(&multi), tree(&single));
 }
 
@@ -356,22 +374,7 @@ fn a_run_on_two_processes_generates_each_answer_once_into_one_archive_equal_to_o
     assert_eq!(one["model_calls"].as_u64().unwrap() as usize, total, "{one}");
 
     let multi = dir.path().join("multi");
-    let hosts = hostfile(dir.path(), 2);
-    let spawned: Vec<_> = (0..2)
-        .map(|p| {
-            Command::new(env!("CARGO_BIN_EXE_candor"))
-                .args(["run", exp.to_str().unwrap(), "--out", multi.to_str().unwrap(), "--json"])
-                .args(["-n", "2", "-p", &p.to_string(), "--hostfile", hosts.to_str().unwrap()])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for child in spawned {
-        let o = child.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    on_processes(dir.path(), 2, &["run", exp.to_str().unwrap(), "--out", multi.to_str().unwrap(), "--json"]);
     // Both processes generated, each into its own log of the one store, and no answer twice.
     let logs: Vec<PathBuf> = std::fs::read_dir(multi.join("generation"))
         .unwrap()
@@ -2544,13 +2547,6 @@ fn stream_rides_out_a_broker_restart_mid_stream() {
     }
 }
 
-/// A timely host file of free localhost ports for `n` processes.
-fn hostfile(dir: &Path, n: usize) -> PathBuf {
-    let hosts = dir.join(format!("hosts-{}.txt", free_port()));
-    std::fs::write(&hosts, (0..n).map(|_| format!("127.0.0.1:{}\n", free_port())).collect::<String>()).unwrap();
-    hosts
-}
-
 #[test]
 fn stream_on_two_processes_writes_one_archive_equal_to_one_process_whatever_the_keying() {
     use candor::stream::kafka;
@@ -2566,10 +2562,10 @@ fn stream_on_two_processes_writes_one_archive_equal_to_one_process_whatever_the_
         let text = String::from_utf8(bytes).unwrap().replace("\"model\":\"m\"", &format!("\"model\":\"m{m}\""));
         (format!("m{m}/{key}"), text.into_bytes())
     };
-    let layouts: [(&str, &[&str]); 3] =
-        [("t4a.", &["-w", "2"]), ("t4b.", &["-n", "2"]), ("t4c.", &["-w", "2", "-n", "2"])];
+    // (topic prefix, workers per process, processes)
+    let layouts = [("t4a.", "2", 1), ("t4b.", "1", 2), ("t4c.", "2", 2)];
     let mut outs = Vec::new();
-    for (prefix, _) in layouts {
+    for (prefix, _, _) in layouts {
         create_inputs(&conn, prefix);
         for m in 0..models {
             for i in 0..checkpoints {
@@ -2581,28 +2577,14 @@ fn stream_on_two_processes_writes_one_archive_equal_to_one_process_whatever_the_
         }
         outs.push(dir.path().join(prefix));
     }
-    for ((prefix, layout), out) in layouts.iter().zip(&outs) {
+    for ((prefix, workers, processes), out) in layouts.iter().zip(&outs) {
         let mut args = stream_args(&exp, out, &broker.addr, prefix, "3");
-        args.extend(layout.iter().map(|a| a.to_string()));
-        if layout.contains(&"-n") {
-            let hosts = hostfile(dir.path(), 2);
-            let spawned: Vec<_> = (0..2)
-                .map(|p| {
-                    Command::new(env!("CARGO_BIN_EXE_candor"))
-                        .args(&args)
-                        .args(["-p", &p.to_string(), "--hostfile", hosts.to_str().unwrap()])
-                        .stdout(std::process::Stdio::piped())
-                        .stderr(std::process::Stdio::piped())
-                        .spawn()
-                        .unwrap()
-                })
-                .collect();
-            for child in spawned {
-                let o = child.wait_with_output().unwrap();
-                assert!(o.status.success(), "{prefix}: {}", String::from_utf8_lossy(&o.stderr));
-            }
+        args.extend(["-w".to_string(), workers.to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if *processes > 1 {
+            on_processes(dir.path(), *processes, &args);
         } else {
-            ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            ok(&args);
         }
     }
     // One archive per run, nothing beside it.
@@ -2650,10 +2632,11 @@ fn stream_on_two_processes_writes_one_archive_equal_to_one_process_whatever_the_
     };
     let one_statistics = latest("t4a.");
     assert!(one_statistics.values().any(|v| v["kind"] == "family"), "{one_statistics:?}");
-    for ((prefix, layout), out) in layouts.iter().zip(&outs).skip(1) {
-        assert!(rows(out) == single, "{layout:?}: the observations differ");
-        assert!(family(out) == one_family, "{layout:?}: the family tables differ");
-        assert!(latest(prefix) == one_statistics, "{layout:?}: the statistics messages differ");
+    for ((prefix, workers, processes), out) in layouts.iter().zip(&outs).skip(1) {
+        let layout = format!("{processes} process(es) of {workers} worker(s)");
+        assert!(rows(out) == single, "{layout}: the observations differ");
+        assert!(family(out) == one_family, "{layout}: the family tables differ");
+        assert!(latest(prefix) == one_statistics, "{layout}: the statistics messages differ");
     }
 }
 

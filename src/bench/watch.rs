@@ -50,12 +50,7 @@ pub fn run(dir: &Path, steps: u64, max_new_tokens: u32) -> Result<()> {
             .write(&ckpt, &cfg)?;
         std::fs::write(ckpt.join("candor-ready"), "")?;
     }
-    let opts = candor::stream::StreamOptions::for_replay(
-        "watch.",
-        1 << 20,
-        candor::score::refusal::RefusalRules::new(exp.refusal.mode),
-        Some(exp.clone()),
-    );
+    let opts = candor::stream::watch::stream_options(&exp);
     let w = WatchOptions {
         dir: run.clone(),
         model,

@@ -7,7 +7,6 @@ use anyhow::Result;
 
 use candor::dataflow::Cluster;
 use candor::grid::{GridMode, build_grid};
-use candor::score::refusal::RefusalRules;
 use candor::stream::watch::{WatchOptions, WatchReport, watch};
 
 use super::{Globals, Report, load_experiment, open_for};
@@ -83,12 +82,7 @@ pub fn run(args: Args, g: &Globals) -> Result<Watched> {
     if args.cluster.is_leader() {
         build_grid(&exp, &archive, mode, &Cluster::default())?;
     }
-    let opts = candor::stream::StreamOptions::for_replay(
-        "watch.",
-        1 << 20,
-        RefusalRules::new(exp.refusal.mode),
-        Some(exp.clone()),
-    );
+    let opts = candor::stream::watch::stream_options(&exp);
     let w = WatchOptions {
         dir: args.checkpoints.clone(),
         model,

@@ -239,14 +239,23 @@ pub fn dimensions<'s>(input: StreamVec<'s, Epoch, Msg>, peers: usize) -> StreamV
 /// nor requests for a stage (such as the generate operator's).
 pub fn archived<'s>(input: StreamVec<'s, Epoch, Msg>) -> StreamVec<'s, Epoch, Msg> {
     use timely::dataflow::operators::vec::Filter;
-    input.filter(|m| {
-        m.as_ref().map_or(true, |b| !is_dimension(&b.0) && !b.0.schema_ref().metadata().contains_key(META_REQUEST))
-    })
+    input.filter(|m| m.as_ref().map_or(true, |b| !is_dimension(&b.0) && !is_request(&b.0)))
 }
 
 /// Schema metadata marking a batch as a request to a stage, carrying what the stage needs to
 /// serve it (the generate operator: the checkpoint that answers, as JSON).
 pub const META_REQUEST: &str = "candor.request";
+
+/// Whether a batch is a request to a stage ([`META_REQUEST`]).
+pub fn is_request(batch: &RecordBatch) -> bool {
+    batch.schema_ref().metadata().contains_key(META_REQUEST)
+}
+
+/// The requests among a dataflow's input ([`META_REQUEST`]).
+pub fn requests<'s>(input: StreamVec<'s, Epoch, Msg>) -> StreamVec<'s, Epoch, Msg> {
+    use timely::dataflow::operators::vec::Filter;
+    input.filter(|m| m.as_ref().is_ok_and(|b| is_request(&b.0)))
+}
 
 /// Runs a [`Stage`] over every batch of a stream.
 pub fn stage<'s, S: Stage>(stream: StreamVec<'s, Epoch, Msg>, mut stage: S) -> StreamVec<'s, Epoch, Msg> {

@@ -22,11 +22,6 @@ pub fn as_request(batch: RecordBatch, plan: &CheckpointPlan) -> RecordBatch {
     crate::dataflow::with_metadata(batch, META_REQUEST, &plan)
 }
 
-/// Whether a batch is a generation request.
-pub fn is_request(batch: &RecordBatch) -> bool {
-    batch.schema_ref().metadata().contains_key(META_REQUEST)
-}
-
 /// The checkpoint a request batch is to be answered by.
 fn plan_of(batch: &RecordBatch) -> Result<CheckpointPlan> {
     let text = batch
@@ -46,7 +41,7 @@ use timely::dataflow::operators::generic::operator::Operator;
 
 use super::store::GenerationStore;
 use super::{GenRequest, GenerationConfig, Generator};
-use crate::dataflow::{Batch, Epoch, META_REQUEST, Msg};
+use crate::dataflow::{Batch, Epoch, META_REQUEST, Msg, is_request};
 use crate::error::{Result, StageError};
 use crate::model::{CheckpointConfig, ModelConfig};
 use crate::records::{Response, Trial};

@@ -19,7 +19,7 @@ use crate::archive::{Archive, read_records};
 use crate::conditions::{Dataset, VerdictLabel};
 use crate::dataflow::{
     Batch, Cluster, Epoch, EpochDone, GRID_EPOCH, Msg, Session, Stage, archived, dimension, dimensions, only,
-    partition_by, run, stream_of,
+    partition_by, requests, run, stream_of,
 };
 use crate::error::{Error, Result, StageError};
 use crate::identity::CheckpointRef;
@@ -127,6 +127,23 @@ fn labels_for(
     Ok(out)
 }
 
+/// The verdict row of response `r` labelled `label`, with the refusal phrase found in it.
+fn verdict_row(r: &Response, label: &Label, refusal_phrase: Option<String>) -> Verdict {
+    Verdict {
+        response_key: r.response_key.clone(),
+        trial_key: r.trial_key.clone(),
+        model: r.model.clone(),
+        checkpoint: r.checkpoint.clone(),
+        checkpoint_epoch: r.checkpoint_epoch,
+        sample_index: r.sample_index,
+        refusal: refusal_phrase.is_some(),
+        refusal_phrase,
+        verdict: label.verdict.to_string(),
+        judge: label.judge.clone(),
+        judge_raw: label.raw.clone(),
+    }
+}
+
 /// The verdicts `labels` give `responses`, as reference data for the score stage (verdict rows
 /// marked [`crate::dataflow::dimension`], routed with their responses): None when none of
 /// `responses` has one.
@@ -134,19 +151,8 @@ pub fn given_verdicts(responses: &[Response], labels: &HashMap<String, Label>) -
     let rows: Vec<Verdict> = responses
         .iter()
         .filter_map(|r| {
-            labels.get(&r.response_key).map(|l| Verdict {
-                response_key: r.response_key.clone(),
-                trial_key: r.trial_key.clone(),
-                model: r.model.clone(),
-                checkpoint: r.checkpoint.clone(),
-                checkpoint_epoch: r.checkpoint_epoch,
-                sample_index: r.sample_index,
-                refusal: false,
-                refusal_phrase: None,
-                verdict: l.verdict.to_string(),
-                judge: l.judge.clone(),
-                judge_raw: l.raw.clone(),
-            })
+            // The refusal rules run when the stage scores it; a given verdict carries none.
+            labels.get(&r.response_key).map(|l| verdict_row(r, l, None))
         })
         .collect();
     if rows.is_empty() {
@@ -247,19 +253,7 @@ impl Stage for ScoreStage {
             let Some(label) = label else { continue };
             let phrase = self.refusal.detect(&r.output);
             let (verdict, correct) = crate::score::observe(dataset, phrase.is_some(), label.verdict);
-            verdicts.push(Verdict {
-                response_key: r.response_key.clone(),
-                trial_key: r.trial_key.clone(),
-                model: r.model.clone(),
-                checkpoint: r.checkpoint.clone(),
-                checkpoint_epoch: r.checkpoint_epoch,
-                sample_index: r.sample_index,
-                refusal: phrase.is_some(),
-                refusal_phrase: phrase.clone(),
-                verdict: label.verdict.to_string(),
-                judge: label.judge,
-                judge_raw: label.raw,
-            });
+            verdicts.push(verdict_row(&r, &label, phrase.clone()));
             observations.push(Observation {
                 response_key: r.response_key,
                 model: r.model,
@@ -321,7 +315,8 @@ pub fn score_responses(
     // Stable: within an epoch, reference data before what it is needed for.
     sources.sort_by_key(|(e, _)| *e);
     run(cluster, archive, sources, Some(total * 3), move |input, peers| {
-        scoring(input, peers, ScoreStage::new(refusal.clone()).with_judge(judge.clone()))
+        let reference = dimensions(input.clone(), peers);
+        scoring(input, reference, peers, ScoreStage::new(refusal.clone()).with_judge(judge.clone()))
     })
 }
 
@@ -338,12 +333,17 @@ fn reference(trials: &[Trial], items: &[Item]) -> Result<Vec<RecordBatch>> {
 }
 
 /// The scoring dataflow: what the input carries to archive is archived, and its responses
-/// are scored by `stage` on the worker their trial is routed to.
-fn scoring<'s>(input: StreamVec<'s, Epoch, Msg>, peers: usize, stage: ScoreStage) -> StreamVec<'s, Epoch, Msg> {
-    let kept = archived(input.clone());
+/// are scored by `stage` on the worker their trial is routed to, against `reference` (the
+/// input's [`dimensions`]).
+fn scoring<'s>(
+    input: StreamVec<'s, Epoch, Msg>,
+    reference: StreamVec<'s, Epoch, Msg>,
+    peers: usize,
+    stage: ScoreStage,
+) -> StreamVec<'s, Epoch, Msg> {
+    let kept = archived(input);
     let responses = partition_by(only(kept.clone(), Response::STREAM), "trial_key", peers);
-    let scored = score(dimensions(input, peers), responses, stage);
-    kept.concat(scored)
+    kept.concat(score(reference, responses, stage))
 }
 
 /// A judge opened at its first use.
@@ -393,7 +393,7 @@ impl Scorer {
         refusal: RefusalRules,
         experiment: Option<(&crate::config::Experiment, crate::generate::OpenGenerator)>,
     ) -> Result<Scorer> {
-        use crate::generate::operator::{Counters, GeneratePlan, generate, is_request};
+        use crate::generate::operator::{Counters, GeneratePlan, generate};
         let mut items = Vec::new();
         let generation = match experiment {
             Some((exp, open)) => {
@@ -421,14 +421,14 @@ impl Scorer {
         let preload = reference(&trials, &items)?;
         let g = generation.clone();
         let session = Session::start(cluster, archive, preload, move |input, peers| {
-            use timely::dataflow::operators::vec::Filter;
-            let requests = input.clone().filter(|m| m.as_ref().is_ok_and(|b| is_request(&b.0)));
-            let mut out = scoring(input.clone(), peers, ScoreStage::new(refusal.clone()));
+            // Routed once, read by both score stages.
+            let reference = dimensions(input.clone(), peers);
+            let mut out = scoring(input.clone(), reference.clone(), peers, ScoreStage::new(refusal.clone()));
             if let Some((plan, counters, refusal, judge)) = &g {
                 let generated =
-                    generate(partition_by(requests, "trial_key", peers), plan.clone(), counters.clone(), None);
+                    generate(partition_by(requests(input), "trial_key", peers), plan.clone(), counters.clone(), None);
                 let judged = score(
-                    dimensions(input, peers),
+                    reference,
                     generated.clone(),
                     ScoreStage::new(refusal.clone()).with_judge(Some(judge.clone())),
                 );
@@ -513,12 +513,12 @@ impl Scorer {
 
     /// Feeds responses to score as [`score_responses`] does: `new_trials` are archived with
     /// epoch `trials_epoch`, each epoch's responses are one round, with the verdicts `labels`
-    /// give them.
+    /// give them (rows, so that the verdicts are built without reading a batch back).
     pub fn score(
         &mut self,
         new_trials: Vec<Trial>,
         trials_epoch: Epoch,
-        responses: Vec<(Epoch, RecordBatch)>,
+        responses: Vec<(Epoch, Vec<Response>)>,
         labels: HashMap<String, Label>,
     ) -> Result<()> {
         let mut rounds: BTreeMap<Epoch, Vec<RecordBatch>> = BTreeMap::new();
@@ -529,11 +529,10 @@ impl Scorer {
             round.extend(reference(&new_trials, &[])?);
             self.trials.extend(new_trials.into_iter().map(|t| (t.trial_key.clone(), t)));
         }
-        for (epoch, batch) in responses {
-            let given = if labels.is_empty() { None } else { given_verdicts(&Response::from_batch(&batch)?, &labels)? };
+        for (epoch, rows) in responses {
             let round = rounds.entry(epoch).or_default();
-            round.push(batch);
-            round.extend(given);
+            round.push(Response::to_batch(&rows)?);
+            round.extend(given_verdicts(&rows, &labels)?);
         }
         for (epoch, batches) in rounds {
             self.session.feed(epoch, batches)?;
@@ -719,9 +718,8 @@ pub fn run_experiment(
     let judge = shared_judge(crate::score::judge::open(&exp.judge, archive.root())?);
     let (c, b) = (counters.clone(), bar.clone());
     report.epochs = run(cluster, archive, sources, None, move |input, peers| {
-        use timely::dataflow::operators::vec::Filter;
-        let requests = input.clone().filter(|m| m.as_ref().is_ok_and(|b| crate::generate::operator::is_request(&b.0)));
-        let responses = generate(partition_by(requests, "trial_key", peers), plan.clone(), c.clone(), b.clone());
+        let responses =
+            generate(partition_by(requests(input.clone()), "trial_key", peers), plan.clone(), c.clone(), b.clone());
         let scored = score(
             dimensions(input, peers),
             responses.clone(),

@@ -16,8 +16,7 @@ use crate::archive::{Archive, read_records};
 use crate::conditions::VerdictLabel;
 use crate::dataflow::Cluster;
 use crate::error::Result;
-use crate::records::{Response, Trial};
-use crate::schema::Record;
+use crate::records::Trial;
 use crate::score::judge::Label;
 use crate::score::stage;
 
@@ -100,7 +99,7 @@ impl<'a> Evaluator<'a> {
                 keys.push(r.response_key.clone());
                 responses.push(r);
             }
-            sources.push((epoch, Response::to_batch(&responses)?));
+            sources.push((epoch, responses));
             out.evaluated.push(checkpoint);
         }
         let t0 = Instant::now();

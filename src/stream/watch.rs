@@ -251,6 +251,17 @@ fn training_epoch(dir: &Path) -> Option<f64> {
     serde_json::from_slice::<Value>(&bytes).ok()?.get("epoch")?.as_f64()
 }
 
+/// The stream options a watcher runs with: `exp`'s refusal rules and models, no broker (its
+/// announcements go straight to the stream's loop), nothing published to Kafka.
+pub fn stream_options(exp: &crate::config::Experiment) -> StreamOptions {
+    StreamOptions::for_replay(
+        "watch.",
+        1 << 20,
+        crate::score::refusal::RefusalRules::new(exp.refusal.mode),
+        Some(exp.clone()),
+    )
+}
+
 /// Watches `w.dir` and evaluates each ready checkpoint folder into `archive` through the
 /// stream's evaluation; `emit` gets one JSON value per event (a checkpoint evaluated with its
 /// statistics, an error row, an alert).
@@ -727,14 +738,28 @@ id = "base"
         items_per_checkpoint: Option<usize>,
         on_event: &mut dyn FnMut(&Value),
     ) -> Run {
-        let archive = Archive::open_writer(root.join("archive"), "test").unwrap();
-        crate::grid::build_grid(exp, &archive, crate::grid::GridMode::Keep, &Cluster::default()).unwrap();
-        let opts = StreamOptions::for_replay(
-            "watch.",
-            1 << 20,
-            crate::score::refusal::RefusalRules::new(exp.refusal.mode),
-            Some(exp.clone()),
-        );
+        watch_on(&Cluster::default(), root, exp, run, hook, items_per_checkpoint, on_event)
+    }
+
+    /// Watches `run` into `root/archive` as process `cluster.process` of `cluster` (the
+    /// process that writes the archive builds its grid first).
+    fn watch_on(
+        cluster: &Cluster,
+        root: &Path,
+        exp: &crate::config::Experiment,
+        run: &Path,
+        hook: Option<super::super::hook::HookOptions>,
+        items_per_checkpoint: Option<usize>,
+        on_event: &mut dyn FnMut(&Value),
+    ) -> Run {
+        let archive = if cluster.is_leader() {
+            let archive = Archive::open_writer(root.join("archive"), "test").unwrap();
+            crate::grid::build_grid(exp, &archive, crate::grid::GridMode::Keep, &Cluster::default()).unwrap();
+            archive
+        } else {
+            Archive::elsewhere(root.join("archive"))
+        };
+        let opts = stream_options(exp);
         let w = WatchOptions {
             dir: run.to_path_buf(),
             model: "tiny".into(),
@@ -749,7 +774,7 @@ id = "base"
             hook,
         };
         let mut events = Vec::new();
-        let report = watch(&Cluster::default(), &archive, &opts, &w, &mut |e| {
+        let report = watch(cluster, &archive, &opts, &w, &mut |e| {
             on_event(e);
             events.push(e.clone())
         })
@@ -874,33 +899,7 @@ id = "base"
                 let (exp, run, two, hosts) = (exp.clone(), run.clone(), two.clone(), hosts.clone());
                 std::thread::spawn(move || {
                     let cluster = Cluster { workers: 1, processes: 2, process, hostfile: Some(hosts) };
-                    let archive = if process == 0 {
-                        let a = Archive::open_writer(two.join("archive"), "test").unwrap();
-                        crate::grid::build_grid(&exp, &a, crate::grid::GridMode::Keep, &Cluster::default()).unwrap();
-                        a
-                    } else {
-                        Archive::elsewhere(two.join("archive"))
-                    };
-                    let opts = StreamOptions::for_replay(
-                        "watch.",
-                        1 << 20,
-                        crate::score::refusal::RefusalRules::new(exp.refusal.mode),
-                        Some(exp.clone()),
-                    );
-                    let w = WatchOptions {
-                        dir: run,
-                        model: "tiny".into(),
-                        marker: "candor-ready".into(),
-                        stable: Duration::from_millis(200),
-                        poll: Duration::from_millis(50),
-                        alert_cmd: None,
-                        looks: 1,
-                        items_per_checkpoint: None,
-                        final_step: None,
-                        idle_exit: Some(Duration::from_millis(3000)),
-                        hook: None,
-                    };
-                    watch(&cluster, &archive, &opts, &w, &mut |_| {}).unwrap()
+                    watch_on(&cluster, &two, &exp, &run, None, None, &mut |_| {}).report
                 })
             })
             .collect();
