@@ -19,13 +19,23 @@ pub fn minilm_dir() -> PathBuf {
 /// sentence-transformers' `max_seq_length` for this model.
 const MAX_TOKENS: usize = 256;
 
-/// A sentence embedder.
+/// Texts embedded in one forward pass at most (sorted by length, so little is padding).
+const BATCH_TEXTS: usize = 64;
+
+/// Embeddings kept by text at most (384 floats each: about 50 MB); the cache starts afresh
+/// when a call would pass it.
+const CACHED: usize = 32_768;
+
+/// A sentence embedder. It keeps each text's embedding (a judge meets the same reference
+/// answers and option texts under every condition and checkpoint, and nearby checkpoints
+/// often give the same short answer), and embeds the texts it has not seen in batches.
 pub struct Embedder {
     model: BertModel,
     tokenizer: Tokenizer,
     device: Device,
     /// sha256 of the weights, part of the judge id.
     pub digest: String,
+    cache: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<[f32]>>>,
 }
 
 fn model_error(context: &str, e: candle_core::Error) -> Error {
@@ -52,14 +62,14 @@ impl Embedder {
             .map_err(|e| model_error("loading MiniLM", e))?;
         let model = BertModel::load(vb, &config).map_err(|e| model_error("loading MiniLM", e))?;
         let mut tokenizer = crate::model::read_tokenizer(&dir.join("tokenizer.json"))?;
-        // The file pads every text to 128 tokens; one text at a time needs no padding, and a
-        // padded mean would pool [PAD] states. Truncation is sentence-transformers' 256, below.
+        // The file pads every text to 128 tokens; a batch is padded to its longest text only,
+        // with the padding masked (`embed_batch`). Truncation is sentence-transformers' 256.
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
             .map_err(|e| Error::input(Location::file(dir.join("tokenizer.json")), e.to_string()))?;
         let digest = crate::model::sha256_file(&weights)?;
-        Ok(Embedder { model, tokenizer, device, digest })
+        Ok(Embedder { model, tokenizer, device, digest, cache: Default::default() })
     }
 
     /// Loads the weights from [`minilm_dir`].
@@ -67,32 +77,65 @@ impl Embedder {
         Self::load(&minilm_dir())
     }
 
-    /// The unit-length embedding of each text.
-    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        texts.iter().map(|t| self.embed_one(t)).collect()
+    /// The unit-length embedding of each text, in order. Texts not seen before are embedded
+    /// together, in batches of similar length: padded positions are masked out of attention
+    /// and out of the mean, so a text's embedding is the one it has alone, within float
+    /// rounding (a test holds them to 1e-5).
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<std::sync::Arc<[f32]>>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut new: Vec<&str> = texts.iter().copied().filter(|t| !cache.contains_key(*t)).collect();
+        new.sort_unstable();
+        new.dedup();
+        if cache.len() + new.len() > CACHED {
+            cache.clear();
+            new = texts.to_vec();
+            new.sort_unstable();
+            new.dedup();
+        }
+        let mut encoded = new.iter().map(|t| Ok((*t, self.token_ids(t)?))).collect::<Result<Vec<_>>>()?;
+        encoded.sort_by_key(|(_, ids)| ids.len());
+        for batch in encoded.chunks(BATCH_TEXTS) {
+            let ids: Vec<&[u32]> = batch.iter().map(|(_, ids)| ids.as_slice()).collect();
+            let vecs = self.embed_batch(&ids).map_err(|e| model_error("MiniLM forward pass", e))?;
+            for ((text, _), v) in batch.iter().zip(vecs) {
+                cache.insert(text.to_string(), v.into());
+            }
+        }
+        Ok(texts.iter().map(|t| cache[*t].clone()).collect())
     }
 
-    fn embed_one(&self, text: &str) -> Result<Vec<f32>> {
+    /// A text's token ids, cut to sentence-transformers' 256 (the closing `[SEP]` kept).
+    fn token_ids(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .tokenizer
             .encode(text, true)
             .map_err(|e| Error::input(Location::default().field("text"), format!("cannot tokenize: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if ids.len() > MAX_TOKENS {
-            // Keep the closing [SEP].
             let last = ids[ids.len() - 1];
             ids.truncate(MAX_TOKENS - 1);
             ids.push(last);
         }
-        let run = || -> candle_core::Result<Vec<f32>> {
-            let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-            let types = input.zeros_like()?;
-            let hidden = self.model.forward(&input, &types, None)?;
-            let mean = hidden.mean(1)?.squeeze(0)?;
-            let norm = mean.sqr()?.sum_all()?.sqrt()?;
-            mean.broadcast_div(&norm)?.to_vec1::<f32>()
-        };
-        run().map_err(|e| model_error("MiniLM forward pass", e))
+        Ok(ids)
+    }
+
+    /// One forward pass over texts padded to the longest: the mean of each text's own token
+    /// states (padding masked out of attention and of the mean), L2-normalised.
+    fn embed_batch(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let len = texts.iter().map(|t| t.len()).max().unwrap_or(0);
+        let (mut ids, mut mask) = (Vec::with_capacity(texts.len() * len), Vec::with_capacity(texts.len() * len));
+        for t in texts {
+            ids.extend(t.iter().copied().chain(std::iter::repeat_n(0, len - t.len())));
+            mask.extend(std::iter::repeat_n(1u32, t.len()).chain(std::iter::repeat_n(0, len - t.len())));
+        }
+        let shape = (texts.len(), len);
+        let input = Tensor::from_vec(ids, shape, &self.device)?;
+        let mask = Tensor::from_vec(mask, shape, &self.device)?;
+        let hidden = self.model.forward(&input, &input.zeros_like()?, Some(&mask))?;
+        let weights = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let mean = hidden.broadcast_mul(&weights)?.sum(1)?.broadcast_div(&weights.sum(1)?)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
+        mean.broadcast_div(&norm)?.to_vec2::<f32>()
     }
 }
 

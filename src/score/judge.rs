@@ -169,17 +169,24 @@ pub fn open(config: &JudgeConfig, store_root: &Path) -> Result<Box<dyn Judge>> {
 pub const REFERENCE_VERSION: &str = "v2";
 
 /// A TruthfulQA item's reference answers, embedded, with their sides and polarities.
-type ReferenceEmbeddings = (Vec<Vec<f32>>, Vec<reference::Reference>);
+type ReferenceEmbeddings = (Vec<Embedding>, Vec<reference::Reference>);
+
+/// A text's embedding, as the embedder keeps it.
+type Embedding = std::sync::Arc<[f32]>;
 
 /// The offline reference judge ([`reference`]'s rules on the answer's final claim;
 /// [`structured`] for MMLU and GSM8K). MedQA and TruthfulQA read answers by meaning too, with
 /// MiniLM: it loads on first use, and embeds each item's option texts or reference answers
-/// once (an item is judged under every condition and checkpoint).
+/// once (an item is judged under every condition and checkpoint). A call judging several
+/// answers first gathers every text their rules will compare ([`Self::judge`]) and embeds
+/// them in batches, then reads each answer.
 #[derive(Default)]
 pub struct ReferenceJudge {
     embedder: Option<Embedder>,
     /// Reference (TruthfulQA) or option (MedQA) embeddings by (dataset, item key).
     references: HashMap<(Dataset, String), ReferenceEmbeddings>,
+    /// While gathering: the texts the rules asked to embed (each got an empty stand-in).
+    gathering: Option<Vec<String>>,
 }
 
 impl ReferenceJudge {
@@ -189,7 +196,7 @@ impl ReferenceJudge {
 
     /// A reference judge with the embedder already loaded.
     pub fn with_embedder(embedder: Embedder) -> Self {
-        ReferenceJudge { embedder: Some(embedder), references: HashMap::new() }
+        ReferenceJudge { embedder: Some(embedder), ..ReferenceJudge::default() }
     }
 
     /// Whether a reference rule exists for `dataset` (AdvBench needs a model judge).
@@ -204,22 +211,58 @@ impl ReferenceJudge {
         Ok(self.embedder.as_ref().expect("loaded above"))
     }
 
+    /// The embedding of each text; while gathering, an empty stand-in (cosine 0) and the text
+    /// noted.
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Embedding>> {
+        if let Some(gathered) = &mut self.gathering {
+            gathered.extend(texts.iter().map(|t| t.to_string()));
+            return Ok(vec![Embedding::from([]); texts.len()]);
+        }
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.embedder()?.embed(texts)
+    }
+
     /// The embeddings of an item's texts (`texts` computes them once per item).
     fn item_embeddings(
         &mut self,
         dataset: Dataset,
         item: &Item,
         texts: impl FnOnce() -> (Vec<String>, Vec<reference::Reference>),
-    ) -> Result<&ReferenceEmbeddings> {
+    ) -> Result<ReferenceEmbeddings> {
         let key = (dataset, item.item_key.clone());
-        if !self.references.contains_key(&key) {
-            let (texts, refs) = texts();
-            let e = self.embedder()?;
-            let strs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let v = if strs.is_empty() { Vec::new() } else { e.embed(&strs)? };
-            self.references.insert(key.clone(), (v, refs));
+        if let Some(known) = self.references.get(&key) {
+            return Ok(known.clone());
         }
-        Ok(&self.references[&key])
+        let (texts, refs) = texts();
+        let v = self.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let embedded = (v, refs);
+        if self.gathering.is_none() {
+            self.references.insert(key, embedded.clone());
+        }
+        Ok(embedded)
+    }
+
+    /// Embeds, in batches, every text the rules will compare when reading `cases` (their
+    /// answers' clauses and their items' option texts or reference answers), by reading each
+    /// answer once with stand-ins for the embeddings and discarding the readings.
+    pub fn gather(&mut self, cases: &[Case]) -> Result<()> {
+        let by_meaning: Vec<&Case> =
+            cases.iter().filter(|c| matches!(c.dataset, Dataset::MedQa | Dataset::TruthfulQa)).collect();
+        if by_meaning.len() < 2 {
+            return Ok(());
+        }
+        self.gathering = Some(Vec::new());
+        for case in by_meaning {
+            // A rule that fails here fails again, with its error, when the answer is read.
+            let _ = self.read(case);
+        }
+        let texts = self.gathering.take().unwrap_or_default();
+        if !texts.is_empty() {
+            self.embedder()?.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
+        }
+        Ok(())
     }
 
     /// The rule's reading of one answer, and the judge id (rule and version).
@@ -241,11 +284,10 @@ impl ReferenceJudge {
                     return Ok((r, id("medqa-choice")));
                 };
                 let options = item.options.clone();
-                let (option_vecs, _) = self.item_embeddings(case.dataset, item, || (options, Vec::new()))?.clone();
-                let e = self.embedder()?;
-                let digest = e.digest[..12].to_string();
+                let (option_vecs, _) = self.item_embeddings(case.dataset, item, || (options, Vec::new()))?;
+                let digest = self.embedder()?.digest[..12].to_string();
                 let mut similarity = |texts: &[&str]| -> Result<Vec<Vec<f32>>> {
-                    let v = e.embed(texts)?;
+                    let v = self.embed(texts)?;
                     Ok(v.iter().map(|c| option_vecs.iter().map(|o| cosine(c, o)).collect()).collect())
                 };
                 let r = reference::medqa(case.output, &item.options, correct, Some(&mut similarity))?;
@@ -263,28 +305,24 @@ impl ReferenceJudge {
                 Ok((r, id("disinfo-stance")))
             }
             Dataset::TruthfulQa => {
-                let (vecs, refs) = self
-                    .item_embeddings(case.dataset, item, || {
-                        let mut texts: Vec<String> = item.correct_answers.clone();
-                        if let Some(c) = &item.correct_answer
-                            && !texts.contains(c)
-                        {
-                            texts.push(c.clone());
-                        }
-                        let n_true = texts.len();
-                        texts.extend(item.incorrect_answers.iter().cloned());
-                        let refs =
-                            texts.iter().enumerate().map(|(i, t)| reference::Reference::new(t, i < n_true)).collect();
-                        (texts, refs)
-                    })?
-                    .clone();
-                let e = self.embedder()?;
+                let (vecs, refs) = self.item_embeddings(case.dataset, item, || {
+                    let mut texts: Vec<String> = item.correct_answers.clone();
+                    if let Some(c) = &item.correct_answer
+                        && !texts.contains(c)
+                    {
+                        texts.push(c.clone());
+                    }
+                    let n_true = texts.len();
+                    texts.extend(item.incorrect_answers.iter().cloned());
+                    let refs =
+                        texts.iter().enumerate().map(|(i, t)| reference::Reference::new(t, i < n_true)).collect();
+                    (texts, refs)
+                })?;
                 let clauses = text::clauses(case.output);
-                let strs: Vec<&str> = clauses.iter().map(|c| c.text.as_str()).collect();
-                let claims = if strs.is_empty() { Vec::new() } else { e.embed(&strs)? };
+                let claims = self.embed(&clauses.iter().map(|c| c.text.as_str()).collect::<Vec<_>>())?;
                 let sims: Vec<Vec<f32>> = claims.iter().map(|c| vecs.iter().map(|r| cosine(c, r)).collect()).collect();
                 let r = reference::truthfulqa(&clauses, &sims, &refs);
-                Ok((r, id(&format!("truthfulqa-claims:minilm:{}", &e.digest[..12]))))
+                Ok((r, id(&format!("truthfulqa-claims:minilm:{}", &self.embedder()?.digest[..12]))))
             }
             Dataset::Mmlu => {
                 let got = structured::mmlu_letter(case.output);
@@ -325,6 +363,7 @@ impl ReferenceJudge {
 
 impl Judge for ReferenceJudge {
     fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
+        self.gather(cases)?;
         cases.iter().map(|c| self.judge_one(c)).collect()
     }
 }
@@ -761,6 +800,7 @@ pub struct AutoJudge {
 
 impl Judge for AutoJudge {
     fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
+        self.reference.gather(cases)?;
         let mut out = Vec::with_capacity(cases.len());
         for case in cases {
             if ReferenceJudge::covers(case.dataset) {
@@ -825,6 +865,7 @@ impl EnsembleJudge {
 
 impl Judge for EnsembleJudge {
     fn judge(&mut self, cases: &[Case]) -> Result<Vec<Label>> {
+        self.reference.gather(cases)?;
         let id = self.id();
         let mut out: Vec<Option<Label>> = vec![None; cases.len()];
         // (case index, the rule's reading as raw text) of the cases the model decides.

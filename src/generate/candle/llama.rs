@@ -214,6 +214,13 @@ struct LowRank {
     b_t: Tensor,
 }
 
+impl LowRank {
+    /// `s·B·A` as the two thin factors on `device`.
+    fn new(Delta { a, b }: Delta, device: &Device) -> Result<Self> {
+        Ok(LowRank { a_t: a.t()?.contiguous()?.to_device(device)?, b_t: b.t()?.contiguous()?.to_device(device)? })
+    }
+}
+
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = match &self.weight {
@@ -248,14 +255,19 @@ impl Linear {
             Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
                 *w = (w.to_dtype(DType::F32)? + b.matmul(&a)?.to_device(w.device())?)?.to_dtype(w.dtype())?;
             }
-            Weight::Candle(QMatMul::QTensor(q)) => {
-                let device = q.device();
-                let (a_t, b_t) = (a.t()?.contiguous()?.to_device(&device)?, b.t()?.contiguous()?.to_device(&device)?);
-                self.lora = Some(LowRank { a_t, b_t });
-            }
-            Weight::Own(_) => self.lora = Some(LowRank { a_t: a.t()?.contiguous()?, b_t: b.t()?.contiguous()? }),
+            Weight::Candle(QMatMul::QTensor(q)) => self.lora = Some(LowRank::new(Delta { a, b }, &q.device())?),
+            Weight::Own(_) => self.lora = Some(LowRank::new(Delta { a, b }, &Device::Cpu)?),
         }
         Ok(self)
+    }
+
+    /// The device the weight runs on.
+    fn device(&self) -> Device {
+        match &self.weight {
+            Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.device().clone(),
+            Weight::Candle(QMatMul::QTensor(q)) => q.device(),
+            Weight::Own(_) => Device::Cpu,
+        }
     }
 }
 
@@ -288,18 +300,18 @@ impl Proj {
         } else {
             None
         };
-        let lora = Self::fused_lora(&parts, &sizes)?;
+        let lora = Self::fused_lora(&parts.iter().map(|l| l.lora.as_ref()).collect::<Vec<_>>(), &sizes)?;
         Ok(Proj::Fused(Linear { weight: Weight::Own(std::sync::Arc::new(fused)), lora, bias }, sizes))
     }
 
     /// The parts' low-rank terms as one on the fused output: their `Aᵀ` side by side and their
     /// `(s·B)ᵀ` block-diagonal (zero columns for a part without an adapter), so one pair of
     /// thin matmuls serves all parts.
-    fn fused_lora(parts: &[Linear], sizes: &[usize]) -> Result<Option<LowRank>> {
+    fn fused_lora(parts: &[Option<&LowRank>], sizes: &[usize]) -> Result<Option<LowRank>> {
         let total: usize = sizes.iter().sum();
         let (mut a_ts, mut b_ts, mut before) = (Vec::new(), Vec::new(), 0);
         for (l, &n) in parts.iter().zip(sizes) {
-            if let Some(lr) = &l.lora {
+            if let Some(lr) = l {
                 a_ts.push(lr.a_t.clone());
                 b_ts.push(lr.b_t.pad_with_zeros(1, before, total - before - n)?);
             }
@@ -309,6 +321,26 @@ impl Proj {
             return Ok(None);
         }
         Ok(Some(LowRank { a_t: Tensor::cat(&a_ts, 1)?.contiguous()?, b_t: Tensor::cat(&b_ts, 0)?.contiguous()? }))
+    }
+
+    /// The projections with an adapter's changes (one per part, in order; `None` leaves a
+    /// part as it is). The weights are shared with `self`, never copied: a merged change
+    /// makes a new dense weight, a low-rank one sits beside the quantized weight.
+    fn adapted(&self, deltas: Vec<Option<Delta>>) -> Result<Self> {
+        match self {
+            Proj::Split(parts) => {
+                Ok(Proj::Split(parts.iter().zip(deltas).map(|(l, d)| l.clone().adapt(d)).collect::<Result<_>>()?))
+            }
+            Proj::Fused(l, sizes) => {
+                let device = l.device();
+                let terms = deltas
+                    .into_iter()
+                    .map(|d| d.map(|d| LowRank::new(d, &device)).transpose())
+                    .collect::<Result<Vec<_>>>()?;
+                let lora = Self::fused_lora(&terms.iter().map(Option::as_ref).collect::<Vec<_>>(), sizes)?;
+                Ok(Proj::Fused(Linear { lora, ..l.clone() }, sizes.clone()))
+            }
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
@@ -452,16 +484,14 @@ impl Model {
         })
     }
 
-    /// Loads a GGUF `llama` or `qwen2` model (llama.cpp tensor names `blk.N.attn_q`, …), with
-    /// an adapter's changes (`deltas`, llama.cpp names) applied to the projections they name:
-    /// merged into a weight expanded to f32, beside one that stays quantized.
+    /// Loads a GGUF `llama` or `qwen2` model (llama.cpp tensor names `blk.N.attn_q`, …); an
+    /// adapter applies to it with [`Model::adapted`].
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
         reader: &mut R,
         cfg: &Config,
         device: &Device,
         dequantize: Dequantize,
-        deltas: &mut Deltas,
     ) -> Result<Self> {
         let mut qt = |name: &str| ct.tensor(reader, name, device);
         let norm = |t: QTensor, eps: f64| -> Result<RmsNorm> { Ok(RmsNorm::new(t.dequantize(device)?, eps)) };
@@ -475,10 +505,9 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut lin = |name: &str, bias: bool| -> Result<Linear> {
-                let weight_name = format!("blk.{i}.{name}.weight");
-                let weight = dequantize.matmul(qt(&weight_name)?, device)?;
+                let weight = dequantize.matmul(qt(&format!("blk.{i}.{name}.weight"))?, device)?;
                 let bias = if bias { Some(qt(&format!("blk.{i}.{name}.bias"))?.dequantize(device)?) } else { None };
-                Linear { weight, lora: None, bias }.adapt(deltas.take(&weight_name))
+                Ok(Linear { weight, lora: None, bias })
             };
             let (wq, wk, wv) =
                 (lin("attn_q", cfg.qkv_bias)?, lin("attn_k", cfg.qkv_bias)?, lin("attn_v", cfg.qkv_bias)?);
@@ -495,6 +524,25 @@ impl Model {
         }
         let tables = rope_tables(cfg, device)?;
         Model::assemble(cfg, embed, layers, out_norm, lm_head, tables, device)
+    }
+
+    /// This GGUF model with an adapter's changes (`deltas`, llama.cpp names `blk.N.attn_q.weight`,
+    /// …) applied to the projections they name: merged into a weight expanded to f32, beside
+    /// one that stays quantized. Every weight is shared with `self` (a loaded base serves each
+    /// checkpoint of a training run without being read again); the changes no projection took
+    /// stay in `deltas` ([`Deltas::finish`] names them).
+    pub fn adapted(&self, deltas: &mut Deltas) -> Result<Self> {
+        let mut model = self.clone();
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            let mut take = |names: &[&str]| -> Vec<Option<Delta>> {
+                names.iter().map(|n| deltas.take(&format!("blk.{i}.{n}.weight"))).collect()
+            };
+            layer.qkv = layer.qkv.adapted(take(&["attn_q", "attn_k", "attn_v"]))?;
+            layer.gate_up = layer.gate_up.adapted(take(&["ffn_gate", "ffn_up"]))?;
+            layer.wo = layer.wo.clone().adapt(take(&["attn_output"]).pop().flatten())?;
+            layer.down = layer.down.clone().adapt(take(&["ffn_down"]).pop().flatten())?;
+        }
+        Ok(model)
     }
 
     fn assemble(

@@ -301,8 +301,11 @@ fn template_file(path: &Path) -> Result<Option<String>> {
 }
 
 /// Loads a GGUF model with the tokenizer and chat template from its own metadata, and a LoRA
-/// adapter applied if given (see [`llama::Model::from_gguf`]; the adapter's own
+/// adapter applied if given (see [`llama::Model::adapted`]; the adapter's own
 /// `tokenizer.json` and `tokenizer_config.json` chat template, where it has them, win).
+///
+/// The base is read once per process ([`gguf_base`]): each checkpoint of a training run is the
+/// same base plus its own adapter, so only the adapter is read for the next one.
 pub fn load_gguf(
     path: &Path,
     adapter: Option<&Path>,
@@ -310,35 +313,80 @@ pub fn load_gguf(
     context: Option<usize>,
     dequantize: llama::Dequantize,
 ) -> Result<Engine> {
+    let base = gguf_base(path, device, context, dequantize)?;
+    let Some(adapter) = adapter else { return Ok(base.engine) };
+    let mut deltas =
+        lora::Adapter::read(adapter)?.deltas(lora::Layout::Gguf(&base.cfg), |name| base.shapes.get(name).cloned())?;
+    let model = base.engine.model.adapted(&mut deltas).map_err(|e| {
+        Error::input(Location::file(adapter), format!("applying the adapter to {}: {e}", path.display()))
+    })?;
+    deltas.finish()?;
+    let mut engine = Engine { model, ..base.engine };
+    if let Some(p) = adapter_file(Some(adapter), "tokenizer.json") {
+        engine.tokenizer = crate::model::read_tokenizer(&p)?;
+        engine.stop_ids = Engine::stop_ids_for(&engine.tokenizer, &base.eos);
+    }
+    if let Some(p) = adapter_file(Some(adapter), "tokenizer_config.json")
+        && let Some(t) = template_file(&p)?
+    {
+        engine.chat = chat::ChatTemplate::from_jinja(Some(&t))
+            .map_err(|e| Error::input(Location::file(&p).field("chat_template"), e))?;
+    }
+    Ok(engine)
+}
+
+/// A GGUF model as read from its file: the model, tokenizer, chat format and stop tokens, its
+/// shape, its tensors' shapes (what an adapter is checked against) and its end-of-sequence ids.
+#[derive(Clone)]
+struct GgufBase {
+    engine: Engine,
+    cfg: llama::Config,
+    shapes: std::sync::Arc<HashMap<String, Vec<usize>>>,
+    eos: Vec<u32>,
+}
+
+/// The GGUF model at `path`, read once per process while the file keeps its length and
+/// modification time and it is asked for with the same device, context and `dequantize`:
+/// the last one read is kept (its weights are shared, not copied, by every engine made from
+/// it, so keeping it costs memory only while no checkpoint of it is open).
+fn gguf_base(path: &Path, device: &Device, context: Option<usize>, dequantize: llama::Dequantize) -> Result<GgufBase> {
+    static LAST: std::sync::Mutex<Option<(String, GgufBase)>> = std::sync::Mutex::new(None);
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let key = format!(
+        "{}\n{}\n{:?}\n{:?}\n{context:?}\n{dequantize:?}",
+        path.display(),
+        meta.len(),
+        meta.modified().map_err(|e| Error::io(path, e))?,
+        device.location(),
+    );
+    // Held while reading: a second open of the same base waits for the first.
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((k, base)) = last.as_ref()
+        && *k == key
+    {
+        return Ok(base.clone());
+    }
+    *last = None;
     let bad = |msg: String| Error::input(Location::file(path), msg);
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file).map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
     let cfg = llama::Model::gguf_config(&ct, context).map_err(|e| bad(e.to_string()))?;
-    let mut deltas = match adapter {
-        Some(a) => lora::Adapter::read(a)?
-            .deltas(lora::Layout::Gguf(&cfg), |name| ct.tensor_infos.get(name).map(|t| t.shape.dims().to_vec()))?,
-        None => llama::Deltas::default(),
+    let model =
+        llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize).map_err(|e| bad(format!("weights: {e}")))?;
+    let tokenizer = tokenizer::from_gguf(&ct, path)?;
+    let template = match ct.metadata.get("tokenizer.chat_template") {
+        Some(v) => Some(v.to_string().map_err(|e| bad(format!("tokenizer.chat_template: {e}")))?.clone()),
+        None => None,
     };
-    let model = llama::Model::from_gguf(&ct, &mut file, &cfg, device, dequantize, &mut deltas)
-        .map_err(|e| bad(format!("weights: {e}")))?;
-    deltas.finish()?;
-    let tokenizer = match adapter_file(adapter, "tokenizer.json") {
-        Some(p) => crate::model::read_tokenizer(&p)?,
-        None => tokenizer::from_gguf(&ct, path)?,
-    };
-    let template =
-        match adapter_file(adapter, "tokenizer_config.json").as_deref().map(template_file).transpose()?.flatten() {
-            Some(t) => Some(t),
-            None => match ct.metadata.get("tokenizer.chat_template") {
-                Some(v) => Some(v.to_string().map_err(|e| bad(format!("tokenizer.chat_template: {e}")))?.clone()),
-                None => None,
-            },
-        };
     let chat = chat::ChatTemplate::from_jinja(template.as_deref()).map_err(bad)?;
     let eos: Vec<u32> =
         ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).into_iter().collect();
     let stop_ids = Engine::stop_ids_for(&tokenizer, &eos);
-    Ok(Engine { model, tokenizer, chat, stop_ids })
+    let shapes = ct.tensor_infos.iter().map(|(name, t)| (name.clone(), t.shape.dims().to_vec())).collect();
+    let base =
+        GgufBase { engine: Engine { model, tokenizer, chat, stop_ids }, cfg, shapes: std::sync::Arc::new(shapes), eos };
+    *last = Some((key, base.clone()));
+    Ok(base)
 }
 
 /// `config.json` of an HF llama or qwen2 model: the fields the graph needs.

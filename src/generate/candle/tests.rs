@@ -359,7 +359,7 @@ fn gguf_llama_layout_and_hf_layout_are_one_model() {
     candle_core::quantized::gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[], &t_refs).unwrap();
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let quant = Model::from_gguf(&ct, &mut f, &cfg, &Device::Cpu, Dequantize::None, &mut Default::default()).unwrap();
+    let quant = Model::from_gguf(&ct, &mut f, &cfg, &Device::Cpu, Dequantize::None).unwrap();
     let tokens = [5u32, 80, 81, 82, 200, 3];
     let a = dense.forward_all_positions(&tokens).unwrap();
     let b = quant.forward_all_positions(&tokens).unwrap();
@@ -843,6 +843,42 @@ fn an_adapter_kept_beside_quantized_weights_equals_its_merge_into_them() {
     }
 }
 
+/// A GGUF base is read once and shared by every checkpoint adapted from it: applying an adapter
+/// (low-rank terms beside quantized weights, fused q/k/v and gate/up included, or merged into
+/// expanded ones) never changes the base another checkpoint runs, the same adapter gives the
+/// same model whatever was loaded before it, and a rewritten base file is read again.
+#[test]
+fn a_gguf_base_read_once_serves_every_adapter_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = wide_config();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    random_adapter(&one, &cfg, &ALL_PROJECTIONS, 5, 0.2, false);
+    random_adapter(&two, &cfg, &["q_proj", "v_proj"], 6, 0.2, false);
+    let path = dir.path().join("base.gguf");
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        write_gguf_from(&path, "llama", cfg.clone(), &hf_weights(&cfg, 13), dtype, true);
+        for d in [Dequantize::Auto, Dequantize::All] {
+            let logits = |a: Option<&Path>| {
+                let e = adapted_gguf(&path, a, d);
+                e.logits_all_positions(&e.encode_prompt(None, PROMPTS[1]).unwrap()).unwrap()
+            };
+            let base = logits(None);
+            let first = logits(Some(&one));
+            assert!(max_diff(&first, &base) > 1e-3, "{dtype:?} {d:?}: the adapter changes the model");
+            let _ = logits(Some(&two));
+            assert_eq!(max_diff(&logits(None), &base), 0.0, "{dtype:?} {d:?}: the base is as it was");
+            assert_eq!(max_diff(&logits(Some(&one)), &first), 0.0, "{dtype:?} {d:?}: the adapter again");
+        }
+    }
+    let before = adapted_gguf(&path, None, Dequantize::Auto);
+    let prompt = before.encode_prompt(None, PROMPTS[1]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write_gguf_from(&path, "llama", cfg.clone(), &hf_weights(&cfg, 14), GgmlDType::Q8_0, true);
+    let after = adapted_gguf(&path, None, Dequantize::Auto);
+    let diff = max_diff(&after.logits_all_positions(&prompt).unwrap(), &before.logits_all_positions(&prompt).unwrap());
+    assert!(diff > 1e-3, "the rewritten base was not read again ({diff})");
+}
+
 /// `candor watch` loads a checkpoint before announcing it; the evaluation then takes that
 /// generator instead of loading the weights a second time (here: they are gone by then), once,
 /// and only for the same model and checkpoint.
@@ -1199,6 +1235,7 @@ fn real_smollm2_takes_a_seeded_random_adapter() {
     let got = logits(&first);
     assert_eq!(max_diff(&logits(&second), &got), 0.0, "the same adapter loaded twice");
     assert!(max_diff(&got, &want) > 0.5, "the adapter hardly changed the logits: {}", max_diff(&got, &want));
+    assert_eq!(max_diff(&logits(&load(None)), &want), 0.0, "the shared base is as it was");
     let reqs: Vec<GenRequest> = ["What is the capital of France?", "Name three colours of the rainbow."]
         .iter()
         .map(|p| request(p, 0.0, 16, 1))
