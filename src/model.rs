@@ -149,13 +149,23 @@ fn hash_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
-/// Digest of a directory's model files (`*.json`, `*.safetensors`), by name and content.
+/// Files of a checkpoint folder that are training logs, not model: a trainer rewrites them
+/// at every save (`trainer_state.json`: steps, losses, learning rates) and they change
+/// nothing a model answers, so they are no part of its digest (two saves of the same weights
+/// share their stored answers).
+pub const TRAINING_LOGS: &[&str] = &["trainer_state.json"];
+
+/// Digest of a directory's model files (`*.json`, `*.safetensors`, the [`TRAINING_LOGS`]
+/// excepted), by name and content.
 pub fn dir_digest(dir: &Path) -> Result<String> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.path().is_file() && (name.ends_with(".json") || name.ends_with(".safetensors")) {
+        if entry.path().is_file()
+            && (name.ends_with(".json") || name.ends_with(".safetensors"))
+            && !TRAINING_LOGS.contains(&name.as_str())
+        {
             names.push(name);
         }
     }

@@ -169,7 +169,9 @@ fn hostfile(dir: &Path, n: usize) -> PathBuf {
 
 /// Runs `candor args…` as every process of an `n`-process cluster on localhost (`-n n -p i
 /// --hostfile …` added), at once, and requires each to succeed.
-fn on_processes(dir: &Path, n: usize, args: &[&str]) {
+/// Runs `candor <args>` as the `n` processes of one cluster on localhost; returns each
+/// process's standard output.
+fn on_processes(dir: &Path, n: usize, args: &[&str]) -> Vec<String> {
     let hosts = hostfile(dir, n);
     let spawned: Vec<_> = (0..n)
         .map(|p| {
@@ -182,10 +184,13 @@ fn on_processes(dir: &Path, n: usize, args: &[&str]) {
                 .unwrap()
         })
         .collect();
+    let mut out = Vec::new();
     for (p, child) in spawned.into_iter().enumerate() {
         let o = child.wait_with_output().unwrap();
         assert!(o.status.success(), "process {p} of {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        out.push(String::from_utf8(o.stdout).unwrap());
     }
+    out
 }
 
 #[test]
@@ -374,7 +379,11 @@ fn a_run_on_two_processes_generates_each_answer_once_into_one_archive_equal_to_o
     assert_eq!(one["model_calls"].as_u64().unwrap() as usize, total, "{one}");
 
     let multi = dir.path().join("multi");
-    on_processes(dir.path(), 2, &["run", exp.to_str().unwrap(), "--out", multi.to_str().unwrap(), "--json"]);
+    let stdout =
+        on_processes(dir.path(), 2, &["run", exp.to_str().unwrap(), "--out", multi.to_str().unwrap(), "--json"]);
+    // Process 0's summary counts every process's model calls (they travel with the answers).
+    let cluster = summary(&stdout[0]);
+    assert_eq!(cluster["model_calls"].as_u64().unwrap() as usize, total, "{cluster}");
     // Both processes generated, each into its own log of the one store, and no answer twice.
     let logs: Vec<PathBuf> = std::fs::read_dir(multi.join("generation"))
         .unwrap()

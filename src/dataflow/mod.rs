@@ -246,6 +246,37 @@ pub fn archived<'s>(input: StreamVec<'s, Epoch, Msg>) -> StreamVec<'s, Epoch, Ms
 /// serve it (the generate operator: the checkpoint that answers, as JSON).
 pub const META_REQUEST: &str = "candor.request";
 
+/// Metadata key of an answer batch the generate operator made: its [`Generated`] counts, as
+/// JSON. They travel with the answers to the sink (on whichever process it runs), so a run's
+/// counts are every worker's of every process.
+pub const META_GENERATED: &str = "candor.generated";
+
+/// How a batch of answers was made: calls to a model, answers the generation store had.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Generated {
+    pub model_calls: u64,
+    pub from_store: u64,
+    pub completion_tokens: u64,
+}
+
+impl Generated {
+    /// `batch` marked with these counts.
+    pub fn mark(&self, batch: RecordBatch) -> RecordBatch {
+        with_metadata(batch, META_GENERATED, &serde_json::to_string(self).expect("plain data serializes"))
+    }
+
+    /// The counts a batch is marked with (none: not generated).
+    pub fn of(batch: &RecordBatch) -> Option<Generated> {
+        batch.schema_ref().metadata().get(META_GENERATED).and_then(|t| serde_json::from_str(t).ok())
+    }
+
+    pub fn add(&mut self, other: &Generated) {
+        self.model_calls += other.model_calls;
+        self.from_store += other.from_store;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
 /// Whether a batch is a request to a stage ([`META_REQUEST`]).
 pub fn is_request(batch: &RecordBatch) -> bool {
     batch.schema_ref().metadata().contains_key(META_REQUEST)
@@ -395,6 +426,9 @@ pub struct EpochDone {
     /// archive back. Not serialised: it stays in the process that wrote it.
     #[serde(skip)]
     pub written: BTreeMap<String, RecordBatch>,
+    /// How the epoch's answers were made (the counts its generated batches carry).
+    #[serde(default)]
+    pub generated: Generated,
 }
 
 /// Gathers every batch on worker 0 and, when the frontier passes an epoch, writes each
@@ -434,6 +468,7 @@ pub fn archive_sink<'s>(
                             rows: BTreeMap::new(),
                             errors: vec![StageError::new("archiving", &error)],
                             written: BTreeMap::new(),
+                            generated: Generated::default(),
                         };
                         output.session(&cap).give(done);
                         continue;
@@ -447,11 +482,22 @@ pub fn archive_sink<'s>(
 }
 
 fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BTreeMap<Epoch, Partition>) -> EpochDone {
-    let mut done = EpochDone { epoch, rows: BTreeMap::new(), errors: Vec::new(), written: BTreeMap::new() };
+    let mut done = EpochDone {
+        epoch,
+        rows: BTreeMap::new(),
+        errors: Vec::new(),
+        written: BTreeMap::new(),
+        generated: Generated::default(),
+    };
     let mut by_stream: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     for msg in msgs {
         match msg {
-            Ok(b) => by_stream.entry(b.stream().to_string()).or_default().push(b.0),
+            Ok(b) => {
+                if let Some(g) = Generated::of(&b.0) {
+                    done.generated.add(&g);
+                }
+                by_stream.entry(b.stream().to_string()).or_default().push(b.0)
+            }
             Err(e) => done.errors.push(e),
         }
     }

@@ -41,7 +41,7 @@ use timely::dataflow::operators::generic::operator::Operator;
 
 use super::store::GenerationStore;
 use super::{GenRequest, GenerationConfig, Generator};
-use crate::dataflow::{Batch, Epoch, META_REQUEST, Msg, is_request};
+use crate::dataflow::{Batch, Epoch, Generated, META_REQUEST, Msg, is_request};
 use crate::error::{Result, StageError};
 use crate::model::{CheckpointConfig, ModelConfig};
 use crate::records::{Response, Trial};
@@ -65,7 +65,8 @@ pub struct GeneratePlan {
     pub open: crate::generate::OpenGenerator,
 }
 
-/// Counts shared by the workers of one process.
+/// Counts shared by the workers of one process, live (the progress bar's); a run's counts
+/// are its epochs' ([`crate::dataflow::EpochDone::generated`]: every process's).
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Requests sent to a model.
@@ -85,7 +86,7 @@ struct Job {
 
 struct Done {
     time: Epoch,
-    result: std::result::Result<Vec<Response>, StageError>,
+    result: std::result::Result<(Vec<Response>, Generated), StageError>,
 }
 
 /// The generate operator.
@@ -133,9 +134,9 @@ pub fn generate<'s>(
             while let Ok(done) = done_rx.try_recv() {
                 let Some((cap, outstanding)) = pending.get_mut(&done.time) else { continue };
                 let msg = match done.result {
-                    Ok(responses) => {
-                        Response::to_batch(&responses).map(Batch).map_err(|e| StageError::new("generate", &e))
-                    }
+                    Ok((responses, generated)) => Response::to_batch(&responses)
+                        .map(|b| Batch(generated.mark(b)))
+                        .map_err(|e| StageError::new("generate", &e)),
                     Err(e) => Err(e),
                 };
                 output.session(&*cap).give(msg);
@@ -173,7 +174,7 @@ fn answer(
     store: &mut Option<GenerationStore>,
     current: &mut Option<(Epoch, Box<dyn Generator>)>,
     job: &Job,
-) -> Result<Vec<Response>> {
+) -> Result<(Vec<Response>, Generated)> {
     let cp = &job.plan;
     if store.is_none() {
         *store = Some(GenerationStore::open(&plan.archive_root)?);
@@ -204,13 +205,15 @@ fn answer(
             missing.push(i);
         }
     }
-    counters.from_store.fetch_add((wanted.len() - missing.len()) as u64, Ordering::Relaxed);
+    let mut generated = Generated { from_store: (wanted.len() - missing.len()) as u64, ..Generated::default() };
+    counters.from_store.fetch_add(generated.from_store, Ordering::Relaxed);
     if let Some(bar) = progress {
         bar.inc((wanted.len() - missing.len()) as u64);
     }
     for chunk in missing.chunks(g.batch_size.max(1)) {
         let requests: Vec<GenRequest> = chunk.iter().map(|&i| wanted[i].2.clone()).collect();
         counters.model_calls.fetch_add(requests.len() as u64, Ordering::Relaxed);
+        generated.model_calls += requests.len() as u64;
         let answers = generator.generate(&requests)?;
         let mut entries = Vec::with_capacity(chunk.len());
         let mut first_error = None;
@@ -219,6 +222,7 @@ fn answer(
                 Ok(a) => {
                     counters.prompt_tokens.fetch_add(a.prompt_tokens as u64, Ordering::Relaxed);
                     counters.completion_tokens.fetch_add(a.completion_tokens as u64, Ordering::Relaxed);
+                    generated.completion_tokens += a.completion_tokens as u64;
                     let (_, sample, request, key) = &wanted[i];
                     entries.push((key.clone(), fingerprint.clone(), request.clone(), *sample, a));
                 }
@@ -259,7 +263,7 @@ fn answer(
             decoding: Some(serde_json::to_string(&request.decoding).expect("plain data")),
         });
     }
-    Ok(responses)
+    Ok((responses, generated))
 }
 
 /// Splits trials into batches the dataflow carries.

@@ -380,7 +380,8 @@ pub struct Scorer {
     /// The trials of the archive and of the rounds fed (what is generated for, and what a new
     /// answer's trial is checked against).
     trials: HashMap<String, Trial>,
-    generation: Option<Arc<crate::generate::operator::Counters>>,
+    /// Whether checkpoints can be generated (started with an experiment).
+    generation: bool,
 }
 
 impl Scorer {
@@ -440,7 +441,7 @@ impl Scorer {
             session,
             archive: archive.clone(),
             trials: trials.into_iter().map(|t| (t.trial_key.clone(), t)).collect(),
-            generation: generation.map(|(_, counters, _, _)| counters),
+            generation: generation.is_some(),
         })
     }
 
@@ -451,14 +452,7 @@ impl Scorer {
 
     /// Whether checkpoints can be generated (the scorer was started with an experiment).
     pub fn can_generate(&self) -> bool {
-        self.generation.is_some()
-    }
-
-    /// Model calls made and answers the generation store already had, so far (by this
-    /// process's workers).
-    pub fn generation_counts(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.generation.as_ref().map_or((0, 0), |c| (c.model_calls.load(Relaxed), c.from_store.load(Relaxed)))
+        self.generation
     }
 
     /// Feeds the generation of a registered checkpoint's answers to every trial held (or,
@@ -472,7 +466,7 @@ impl Scorer {
         items: Option<&std::collections::BTreeSet<(String, String)>>,
     ) -> Result<()> {
         use crate::generate::operator::{CheckpointPlan, as_request, trial_batches};
-        if self.generation.is_none() {
+        if !self.generation {
             return Err(Error::Internal("generation without an experiment".into()));
         }
         let mut trials: Vec<Trial> = self
@@ -730,8 +724,10 @@ pub fn run_experiment(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    report.model_calls = counters.model_calls.load(std::sync::atomic::Ordering::Relaxed);
-    report.from_store = counters.from_store.load(std::sync::atomic::Ordering::Relaxed);
-    report.completion_tokens = counters.completion_tokens.load(std::sync::atomic::Ordering::Relaxed);
+    // Every process's counts, as the answers carried them to the sink.
+    let mut generated = crate::dataflow::Generated::default();
+    report.epochs.iter().for_each(|e| generated.add(&e.generated));
+    (report.model_calls, report.from_store, report.completion_tokens) =
+        (generated.model_calls, generated.from_store, generated.completion_tokens);
     Ok(report)
 }

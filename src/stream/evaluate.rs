@@ -114,10 +114,12 @@ impl<'a> Evaluator<'a> {
             out.recorded.committed.extend(epochs);
             out.recorded.keys = keys;
         }
-        let (calls, stored) = self.scorer.generation_counts();
         let reports = self.scorer.wait()?;
-        let (calls_after, stored_after) = self.scorer.generation_counts();
-        (out.model_calls, out.from_store) = (calls_after - calls, stored_after - stored);
+        // Every process's counts, as the answers carried them to the sink.
+        for d in &reports {
+            (out.model_calls, out.from_store) =
+                (out.model_calls + d.generated.model_calls, out.from_store + d.generated.from_store);
+        }
         out.written.extend(reports.into_iter().map(|d| (d.epoch, d.written)));
         out.dataflow = t0.elapsed();
         Ok(out)

@@ -20,7 +20,8 @@
 //! named error row (`"event": "error"`) and the watcher goes on with the next step.
 //!
 //! **Restart-safe.** `<archive>/.candor-watch.json` records each folder's content hash
-//! (SHA-256 over its `.json` and `.safetensors` files, as the weights digest) with what came of
+//! (SHA-256 over its `.json` and `.safetensors` files but `trainer_state.json`, as the weights
+//! digest) with what came of
 //! it. A folder already evaluated or rejected with the same content is not looked at again; a
 //! killed watcher that committed a checkpoint before saving that record finds it in the
 //! archive and does not evaluate it again either. A folder whose content changed after it was
@@ -875,6 +876,53 @@ id = "base"
         assert!(archive.verify().is_empty());
     }
 
+    /// The slow suite's training run on the real default model: seeded random adapters on
+    /// SmolLM2's GGUF (as a PEFT fine-tune of it saves them) are evaluated once each, in step
+    /// order, on the base read once; their answers are their own (not the base's), every
+    /// response names its adapter's digest, and a second watcher evaluates nothing again.
+    #[test]
+    fn a_training_run_on_smollm2_is_watched_step_by_step() {
+        use crate::generate::candle::{Weights, llama};
+        let gguf = crate::model::models_dir().join(crate::model::DEFAULT_GGUF);
+        if !gguf.is_file() {
+            assert!(std::env::var_os("CI").is_none(), "{} is missing in CI; scripts/test fetches it", gguf.display());
+            eprintln!("skipped: {} not found; run scripts/fetch-models", gguf.display());
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut exp = experiment(root, &gguf);
+        exp.generation.max_new_tokens = 12;
+        let mut file = std::fs::File::open(&gguf).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let cfg = llama::Model::gguf_config(&content, None).unwrap();
+        let run = root.join("run");
+        for step in [50, 100] {
+            let folder = run.join(format!("checkpoint-{step}"));
+            RandomAdapter { targets: &["q_proj", "v_proj"], rank: 8, seed: step, std: 0.05, zero_b: false }
+                .write(&folder, &cfg)
+                .unwrap();
+            std::fs::write(folder.join("trainer_state.json"), json!({"global_step": step}).to_string()).unwrap();
+        }
+        let first = watch_once(root, &exp, &run);
+        assert_eq!(first.report.evaluated, ["checkpoint-50", "checkpoint-100"], "{:?}", first.report);
+        assert_eq!(first.report.stream.model_calls, 18, "6 trials for the base and each step");
+        let base = outputs(root, "base");
+        assert_ne!(outputs(root, "checkpoint-50"), base, "the adapter's own answers");
+        assert_ne!(outputs(root, "checkpoint-100"), outputs(root, "checkpoint-50"));
+        let responses: Vec<Response> =
+            crate::archive::read_records(&Archive::open(root.join("archive")).unwrap()).unwrap();
+        for step in ["checkpoint-50", "checkpoint-100"] {
+            let digest = Weights::resolve(Some(&run.join(step)), &gguf).unwrap().digest().unwrap();
+            let rows: Vec<&Response> = responses.iter().filter(|r| r.checkpoint == step).collect();
+            assert_eq!(rows.len(), 6);
+            assert!(rows.iter().all(|r| r.generator.contains(&digest)), "{step}: {}", rows[0].generator);
+        }
+        let again = watch_once(root, &exp, &run);
+        assert!(again.report.evaluated.is_empty(), "{:?}", again.report);
+        assert_eq!(again.report.stream.model_calls, 0);
+    }
+
     /// Two processes of one timely cluster (two threads here, each with its own process
     /// index and ports, as two processes would have) watch a run: process 0 watches and
     /// archives, both processes' workers generate and score, and the archive holds what one
@@ -906,9 +954,14 @@ id = "base"
         let reports: Vec<WatchReport> = processes.into_iter().map(|p| p.join().unwrap()).collect();
         assert_eq!(reports[0].evaluated, one.report.evaluated, "{:?}", reports[0]);
         assert!(reports[1].evaluated.is_empty(), "process 1 only lends its workers");
-        // Process 0's workers generated some answers, process 1's the rest.
-        let calls = reports[0].stream.model_calls;
-        assert!(calls > 0 && calls < 18, "process 0 made {calls} of the 18 model calls");
+        // Process 0's report counts every process's model calls; each process generated some,
+        // into its own log of the store.
+        assert_eq!(reports[0].stream.model_calls, 18);
+        let logs = std::fs::read_dir(two.join("archive").join("generation"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "arrows"))
+            .count();
+        assert_eq!(logs, 2, "one store log per process");
         for c in ["base", "checkpoint-50", "checkpoint-100"] {
             assert_eq!(outputs(&two, c), outputs(root, c), "{c}");
         }

@@ -47,8 +47,9 @@
 //!
 //! `candle:<sha256 of the weights>:system:<digest of the checkpoint's system prompt>`; the
 //! weights digest covers a GGUF file, or every `*.json` and `*.safetensors` file of a
-//! safetensors or adapter directory (and, for an adapter, its base's digest), so changed
-//! weights never share stored answers. It is part of every generation-store key and of the
+//! safetensors or adapter directory but a trainer's log (`trainer_state.json`, see
+//! [`crate::model::TRAINING_LOGS`]), and, for an adapter, its base's digest; so changed
+//! weights never share stored answers, and two saves of the same weights do. It is part of every generation-store key and of the
 //! `generator` column of every response row.
 
 pub mod chat;
