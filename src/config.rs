@@ -53,6 +53,9 @@ pub struct Experiment {
     /// Models under evaluation, each with its checkpoints.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// `[warmth]`: score each generated answer's warmth as it is judged (see
+    /// [`crate::warmth::WarmthConfig`]); absent, none is scored.
+    pub warmth: Option<crate::warmth::WarmthConfig>,
 }
 
 fn default_seed() -> u64 {

@@ -34,6 +34,16 @@ pub fn shared_judge(judge: Box<dyn Judge>) -> SharedJudge {
     Arc::new(Mutex::new(judge))
 }
 
+/// The warmth scorer of an experiment's `[warmth]`, shared by the workers of one process and
+/// opened when the first answer is scored (a stream fed only answer records with verdicts,
+/// or a process whose workers answer nothing, never loads its model).
+pub type SharedWarmth = Arc<Mutex<(crate::warmth::WarmthConfig, Option<crate::warmth::AnswerWarmth>)>>;
+
+/// The shared warmth scorer of `config`, if the experiment has one.
+pub fn shared_warmth(config: Option<&crate::warmth::WarmthConfig>) -> Option<SharedWarmth> {
+    config.map(|c| Arc::new(Mutex::new((c.clone(), None))))
+}
+
 /// The refusal and judge operators in one stage: response batches → verdict and observation
 /// batches. What a response is scored against is reference data that reaches the stage in the
 /// dataflow ([`ScoreStage::absorb`]; [`crate::dataflow::dimensions`] routes it): the trials of
@@ -49,16 +59,30 @@ pub struct ScoreStage {
     labels: HashMap<String, Label>,
     refusal: RefusalRules,
     judge: Option<SharedJudge>,
+    warmth: Option<SharedWarmth>,
 }
 
 impl ScoreStage {
     pub fn new(refusal: RefusalRules) -> Self {
-        ScoreStage { trials: HashMap::new(), items: HashMap::new(), labels: HashMap::new(), refusal, judge: None }
+        ScoreStage {
+            trials: HashMap::new(),
+            items: HashMap::new(),
+            labels: HashMap::new(),
+            refusal,
+            judge: None,
+            warmth: None,
+        }
     }
 
     /// Judges responses that have no given verdict.
     pub fn with_judge(mut self, judge: Option<SharedJudge>) -> Self {
         self.judge = judge;
+        self
+    }
+
+    /// Scores every response's warmth too (a `warmth` row each, archived in the same epoch).
+    pub fn with_warmth(mut self, warmth: Option<SharedWarmth>) -> Self {
+        self.warmth = warmth;
         self
     }
 
@@ -246,6 +270,19 @@ impl Stage for ScoreStage {
             rows.push((r, trial, dataset));
         }
         let labels = labels_for(&mut self.labels, &self.items, self.judge.as_ref(), &rows)?;
+        let warmth = match &self.warmth {
+            Some(shared) => {
+                let mut guard = shared.lock().map_err(|_| Error::Internal("the warmth scorer panicked".into()))?;
+                let (config, scorer) = &mut *guard;
+                if scorer.is_none() {
+                    *scorer = Some(crate::warmth::AnswerWarmth::open(config)?);
+                }
+                let answers: Vec<(&Response, &str)> = rows.iter().map(|(r, t, _)| (r, t.prompt.as_str())).collect();
+                let scored = scorer.as_ref().expect("opened above").rows(&answers)?;
+                Some(crate::records::WarmthScore::to_batch(&scored)?)
+            }
+            None => None,
+        };
         let mut verdicts = Vec::new();
         let mut observations = Vec::new();
         for ((r, trial, dataset), label) in rows.into_iter().zip(labels) {
@@ -271,7 +308,7 @@ impl Stage for ScoreStage {
                 correct,
             });
         }
-        Ok(vec![Verdict::to_batch(&verdicts)?, Observation::to_batch(&observations)?])
+        Ok([Verdict::to_batch(&verdicts)?, Observation::to_batch(&observations)?].into_iter().chain(warmth).collect())
     }
 }
 
@@ -396,6 +433,7 @@ impl Scorer {
     ) -> Result<Scorer> {
         use crate::generate::operator::{Counters, GeneratePlan, generate};
         let mut items = Vec::new();
+        let warmth = experiment.as_ref().and_then(|(exp, _)| shared_warmth(exp.warmth.as_ref()));
         let generation = match experiment {
             Some((exp, open)) => {
                 let plan = Arc::new(GeneratePlan {
@@ -431,7 +469,7 @@ impl Scorer {
                 let judged = score(
                     reference,
                     generated.clone(),
-                    ScoreStage::new(refusal.clone()).with_judge(Some(judge.clone())),
+                    ScoreStage::new(refusal.clone()).with_judge(Some(judge.clone())).with_warmth(warmth.clone()),
                 );
                 out = out.concat(generated).concat(judged);
             }
@@ -710,6 +748,7 @@ pub fn run_experiment(
     });
     let refusal = RefusalRules::new(exp.refusal.mode);
     let judge = shared_judge(crate::score::judge::open(&exp.judge, archive.root())?);
+    let warmth = shared_warmth(exp.warmth.as_ref());
     let (c, b) = (counters.clone(), bar.clone());
     report.epochs = run(cluster, archive, sources, None, move |input, peers| {
         let responses =
@@ -717,7 +756,7 @@ pub fn run_experiment(
         let scored = score(
             dimensions(input, peers),
             responses.clone(),
-            ScoreStage::new(refusal.clone()).with_judge(Some(judge.clone())),
+            ScoreStage::new(refusal.clone()).with_judge(Some(judge.clone())).with_warmth(warmth.clone()),
         );
         responses.concat(scored)
     })?;

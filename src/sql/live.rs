@@ -9,6 +9,7 @@
 //! | `observations` | every committed observation |
 //! | `paired_counts`, `cells`, `family_results`, `coefficients`, `effects` | the [`StatsEngine`]'s maintained tables |
 //! | `family_table`, `error_rates`, `sycophancy`, `refusals`, `trajectories`, `error_pairs`, `amendment_effects`, `belief_errors`, `discordant_pairs`, … | the queries of `queries/` as views ([`VIEWS`]) |
+//! | `warmth_trajectory`, `warmth_by_type` | the warmth queries as views, when the archive holds `warmth` ([`WARMTH_VIEWS`]) |
 //!
 //! Every statement first checks the archive (one directory listing per stream): when an epoch
 //! has committed since the last statement, its new segments are read, the statistics of the
@@ -62,7 +63,7 @@ use super::follow::ArchiveFollower;
 use super::queries::{
     AMENDMENT_EFFECTS, ARCHIVE_SUMMARY, BELIEF_ERRORS, CONDITION_ERRORS, DISCORDANT_PAIRS, ERROR_PAIRS, ERROR_RATES,
     FAMILY_STATS, FAMILY_TABLE, Query, REFUSALS, REGRESSION_CELLS, SYCOPHANCY, TRAJECTORIES,
-    TRAJECTORY_FIRST_SIGNIFICANT, TRAJECTORY_STEPS,
+    TRAJECTORY_FIRST_SIGNIFICANT, TRAJECTORY_STEPS, WARMTH_BY_TYPE, WARMTH_TRAJECTORY,
 };
 use crate::archive::Archive;
 use crate::error::{Error, Result};
@@ -86,6 +87,10 @@ pub const VIEWS: [Query; 15] = [
     ARCHIVE_SUMMARY,
     DISCORDANT_PAIRS,
 ];
+
+/// The queries of `queries/` over the `warmth` table, served as views when the archive holds
+/// warmth (`candor warmth`, or an experiment with `[warmth]`).
+pub const WARMTH_VIEWS: [Query; 2] = [WARMTH_BY_TYPE, WARMTH_TRAJECTORY];
 
 /// Directories of an archive root that are not streams served as tables.
 const NOT_TABLES: [&str; 3] = ["epochs", "generation", "observation"];
@@ -631,7 +636,8 @@ impl LiveSql {
                 .ok_or_else(|| Error::Internal(format!("table {name} vanished")))?;
             ctx.register_table(name.as_str(), table).map_err(|e| Error::Internal(format!("table {name}: {e}")))?;
         }
-        for q in VIEWS {
+        let warmth = ctx.table_exist("warmth").map_err(|e| Error::Internal(format!("table warmth: {e}")))?;
+        for q in VIEWS.iter().chain(WARMTH_VIEWS.iter().filter(|_| warmth)) {
             let view = st
                 .engine
                 .block_on(ctx.sql(q.sql))

@@ -329,10 +329,17 @@ pub fn watch(
             },
         )?;
     }
-    take_statistics(&mut s, &guard, w, &mut state, &mut report, None, emit)?;
     // Each step is also paired against the previous one (`queries/trajectory_steps.sql`),
-    // read from the archive as live SQL reads it.
+    // and its warmth read (`queries/warmth_trajectory.sql`), from the archive as live SQL
+    // reads it.
     let live = crate::sql::live::LiveSql::open(archive.root())?;
+    let mut warmth = Value::Null;
+    for b in &bases {
+        if let Value::Array(rows) = step_warmth(&live, archive, &model.name, &b.id)? {
+            warmth = json!([warmth.as_array().cloned().unwrap_or_default(), rows].concat());
+        }
+    }
+    take_statistics(&mut s, &guard, w, &mut state, &mut report, None, warmth, emit)?;
 
     let mut readiness = Readiness { opts: w, seen: HashMap::new() };
     let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
@@ -472,8 +479,9 @@ pub fn watch(
                 report.already.push(name.clone());
             }
             let previous = previous_step(&live, &name)?;
+            let warmth = step_warmth(&live, archive, &model.name, &name)?;
             let evaluated = Step { name: &name, step, sha256: &sha256, previous, subsample: subsample.take(), found };
-            take_statistics(&mut s, &guard, w, &mut state, &mut report, Some(evaluated), emit)?;
+            take_statistics(&mut s, &guard, w, &mut state, &mut report, Some(evaluated), warmth, emit)?;
             state.checkpoints.insert(name, Entry { step, sha256, status: "evaluated".into(), error: None });
             state.save(archive.root())?;
             // Idle time counts from the end of the work, not from its start.
@@ -518,8 +526,9 @@ struct Step<'a> {
     found: Instant,
 }
 
-/// Emits the statistics the last evaluation produced (for `checkpoint`, or the base), updates
-/// the first significant steps and raises the alerts they call for.
+/// Emits the statistics the last evaluation produced (for `checkpoint`, or the base) with its
+/// `warmth` rows, updates the first significant steps and raises the alerts they call for.
+#[allow(clippy::too_many_arguments)]
 fn take_statistics(
     s: &mut Streamer,
     guard: &Guard,
@@ -527,6 +536,7 @@ fn take_statistics(
     state: &mut State,
     report: &mut WatchReport,
     checkpoint: Option<Step>,
+    warmth: Value,
     emit: &mut dyn FnMut(&Value),
 ) -> Result<()> {
     let kept = std::mem::take(s.kept.as_mut().expect("kept by the watcher"));
@@ -555,6 +565,10 @@ fn take_statistics(
         "guard": guard,
         "statistics": messages,
         "previous_step": previous,
+        // With `[warmth]` in the experiment: the step's mean SocioT warmth, its standard
+        // error and its change from the model's first checkpoint (`warmth_trajectory.sql`);
+        // null without it.
+        "warmth": warmth,
         // On a subsample the families' power is lower: their `mdd_pp` (the smallest difference
         // detectable at 80% power) says how much.
         "subsample": subsample,
@@ -618,20 +632,39 @@ fn alerts(messages: &[Value], step: u64, guard: &Guard, state: &mut State) -> Ve
 /// step of its model), as JSON objects; empty for the first step.
 fn previous_step(live: &crate::sql::live::LiveSql, checkpoint: &str) -> Result<Value> {
     // `checkpoint` is `checkpoint-<digits>`: nothing to quote.
-    let sql = format!("SELECT * FROM trajectory_steps WHERE checkpoint = '{checkpoint}'");
-    let rows = live.query(&sql).map_err(|e| Error::Internal(format!("trajectory_steps: {e}")))?;
+    query_json(live, "trajectory_steps", &format!("SELECT * FROM trajectory_steps WHERE checkpoint = '{checkpoint}'"))
+}
+
+/// A checkpoint's row of `queries/warmth_trajectory.sql` (one per scoring model), when the
+/// archive holds warmth (the experiment has `[warmth]`); null when it holds none.
+fn step_warmth(live: &crate::sql::live::LiveSql, archive: &Archive, model: &str, checkpoint: &str) -> Result<Value> {
+    if !archive.has("warmth")? {
+        return Ok(Value::Null);
+    }
+    let quoted = |s: &str| s.replace('\'', "''");
+    let sql = format!(
+        "SELECT * FROM warmth_trajectory WHERE model = '{}' AND checkpoint = '{}'",
+        quoted(model),
+        quoted(checkpoint)
+    );
+    query_json(live, "warmth_trajectory", &sql)
+}
+
+/// The rows of a query on live SQL as a JSON array (`what` names it in errors).
+fn query_json(live: &crate::sql::live::LiveSql, what: &str, sql: &str) -> Result<Value> {
+    let rows = live.query(sql).map_err(|e| Error::Internal(format!("{what}: {e}")))?;
     let mut buf = Vec::new();
     {
         let mut w = arrow::json::ArrayWriter::new(&mut buf);
         for b in &rows.batches {
-            w.write(b).map_err(|e| Error::arrow("trajectory_steps", e))?;
+            w.write(b).map_err(|e| Error::arrow(what, e))?;
         }
-        w.finish().map_err(|e| Error::arrow("trajectory_steps", e))?;
+        w.finish().map_err(|e| Error::arrow(what, e))?;
     }
     if buf.is_empty() {
         return Ok(json!([]));
     }
-    serde_json::from_slice(&buf).map_err(|e| Error::Internal(format!("trajectory_steps as JSON: {e}")))
+    serde_json::from_slice(&buf).map_err(|e| Error::Internal(format!("{what} as JSON: {e}")))
 }
 
 /// Runs the alert command with the alert's JSON on its standard input.
@@ -874,6 +907,56 @@ id = "base"
             assert_eq!(observed.iter().filter(|o| o.checkpoint == c).count(), 6, "{c}");
         }
         assert!(archive.verify().is_empty());
+    }
+
+    /// With `[warmth]` in the experiment every answer's warmth is scored in the dataflow and
+    /// archived with it (one row per response), and each line gives its step's mean warmth and
+    /// change from the base; without it the lines say null.
+    #[test]
+    fn with_warmth_each_line_gives_its_steps_mean_warmth() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (mut exp, run) = setup(root);
+        save_checkpoint(&run, 50, true);
+        save_checkpoint(&run, 100, true);
+        let plain = watch_once(&root.join("plain"), &exp, &run);
+        assert!(plain.events.iter().all(|e| e["warmth"].is_null()), "{:?}", plain.events);
+
+        let config = crate::warmth::WarmthConfig { lm: Some(root.join("base")), ..Default::default() };
+        exp.warmth = Some(config.clone());
+        let watched = watch_once(root, &exp, &run);
+        assert_eq!(watched.report.evaluated, ["checkpoint-50", "checkpoint-100"]);
+        let archive = Archive::open(root.join("archive")).unwrap();
+        let rows: Vec<crate::records::WarmthScore> = crate::archive::read_records(&archive).unwrap();
+        let responses: Vec<Response> = crate::archive::read_records(&archive).unwrap();
+        let scorer = crate::warmth::AnswerWarmth::open(&config).unwrap();
+        let trials: HashMap<String, crate::records::Trial> = crate::archive::read_records(&archive)
+            .unwrap()
+            .into_iter()
+            .map(|t: crate::records::Trial| (t.trial_key.clone(), t))
+            .collect();
+        let mut means = Vec::new();
+        for c in ["base", "checkpoint-50", "checkpoint-100"] {
+            let mine: Vec<&Response> = responses.iter().filter(|r| r.checkpoint == c).collect();
+            let mut got: Vec<&crate::records::WarmthScore> = rows.iter().filter(|w| w.checkpoint == c).collect();
+            got.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+            let answers: Vec<(&Response, &str)> =
+                mine.iter().map(|r| (*r, trials[&r.trial_key].prompt.as_str())).collect();
+            let mut want = scorer.rows(&answers).unwrap();
+            want.sort_by(|a, b| a.response_key.cmp(&b.response_key));
+            assert_eq!(got.len(), 6, "{c}: one warmth row per answer");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((&g.response_key, g.warmth, &g.lm), (&w.response_key, w.warmth, &w.lm), "{c}");
+            }
+            means.push(want.iter().map(|w| w.warmth).sum::<f64>() / 6.0);
+        }
+        for (e, mean) in watched.events.iter().filter(|e| e["event"] != "hook").zip(&means) {
+            let line = &e["warmth"][0];
+            assert_eq!(line["n"], 6, "{e}");
+            assert!((line["mean_warmth"].as_f64().unwrap() - mean).abs() < 1e-9, "{e}");
+            let change = line["change_from_first"].as_f64().unwrap();
+            assert!((change - (mean - means[0])).abs() < 1e-9, "{e}");
+        }
     }
 
     /// The slow suite's training run on the real default model: seeded random adapters on

@@ -145,21 +145,7 @@ pub fn run(run: &WarmthRun) -> Result<(Vec<WarmthScore>, Vec<ArchivedBatch>)> {
     let rows: Vec<WarmthScore> = pending
         .into_iter()
         .zip(scores)
-        .map(|(p, w)| WarmthScore {
-            response_key: p.key,
-            model: p.model,
-            checkpoint: p.checkpoint,
-            checkpoint_epoch: p.epoch,
-            query_type: p.query_type,
-            mode: scorer.mode.name().to_string(),
-            warmth: w.score,
-            warm_loglik: w.warm,
-            cold_loglik: w.cold,
-            std_error: w.std_error,
-            passes: w.passes,
-            text_chars: w.chars,
-            lm: scorer.lm.name().to_string(),
-        })
+        .map(|(p, w)| scorer.row(&p.key, &p.model, &p.checkpoint, p.epoch, p.query_type, w))
         .collect();
     // The reports cover everything the archive holds, earlier runs included.
     let reports = match archive_out {

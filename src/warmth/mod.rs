@@ -82,7 +82,7 @@ impl Mode {
 }
 
 /// A causal language model that scores token sequences.
-pub trait CausalLm {
+pub trait CausalLm: Send {
     /// Names the model in every row (`gpt2:<digest>`, or the local model and why it was used).
     fn name(&self) -> &str;
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
@@ -265,6 +265,33 @@ impl Scorer {
         Scorer { lm, mode, passes: DEFAULT_PASSES, seed: 0, batch_size: 16 }
     }
 
+    /// The `warmth` row of a text scored `w` by this scorer.
+    pub fn row(
+        &self,
+        response_key: &str,
+        model: &str,
+        checkpoint: &str,
+        checkpoint_epoch: u64,
+        query_type: Option<String>,
+        w: Warmth,
+    ) -> crate::records::WarmthScore {
+        crate::records::WarmthScore {
+            response_key: response_key.to_string(),
+            model: model.to_string(),
+            checkpoint: checkpoint.to_string(),
+            checkpoint_epoch,
+            query_type,
+            mode: self.mode.name().to_string(),
+            warmth: w.score,
+            warm_loglik: w.warm,
+            cold_loglik: w.cold,
+            std_error: w.std_error,
+            passes: w.passes,
+            text_chars: w.chars,
+            lm: self.lm.name().to_string(),
+        }
+    }
+
     /// Scores `texts` in order.
     pub fn score(&self, texts: &[&str]) -> Result<(Vec<Warmth>, ScoreStats)> {
         let start = Instant::now();
@@ -399,4 +426,68 @@ pub struct TextRow {
     pub model: Option<String>,
     pub checkpoint: Option<String>,
     pub checkpoint_epoch: Option<u64>,
+}
+
+/// `[warmth]` in an experiment file: score every generated answer's SocioT warmth in the
+/// dataflow, with the published formula ([`Mode::Formula`]), as it is judged (`candor run`,
+/// `candor stream` and `candor watch` archive a `warmth` row with each answer; the watcher's
+/// lines give each step's mean warmth). Reference mode's seeded dropout passes stay with
+/// `candor warmth`.
+///
+/// ```toml
+/// [warmth]
+/// lm = "models/smollm2.gguf"   # or gpt2 = "models/gpt2" (the paper's model); default: the default local model
+/// batch_size = 16
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmthConfig {
+    /// GPT-2 as an HF safetensors directory (the paper's model).
+    pub gpt2: Option<PathBuf>,
+    /// Where GPT-2's `vocab.json` and `merges.txt` are when its directory has none.
+    pub gpt2_tokenizer: Option<PathBuf>,
+    /// Another local model (GGUF file or HF llama/qwen2 directory); ignored with `gpt2`.
+    pub lm: Option<PathBuf>,
+    /// Framed sequences per forward pass (default 16).
+    pub batch_size: Option<usize>,
+}
+
+/// Scores answers' warmth into `warmth` rows: the formula scorer and the query-type labeller.
+pub struct AnswerWarmth {
+    scorer: Scorer,
+    labeller: query_type::Labeller,
+}
+
+impl AnswerWarmth {
+    /// Opens the scoring model `config` names.
+    pub fn open(config: &WarmthConfig) -> Result<Self> {
+        let choice = LmChoice {
+            gpt2: config.gpt2.clone(),
+            local: config.lm.clone(),
+            tokenizer_dir: config.gpt2_tokenizer.clone(),
+        };
+        let mut scorer = Scorer::new(open_lm(&choice, &Device::Cpu)?, Mode::Formula);
+        scorer.batch_size = config.batch_size.unwrap_or(scorer.batch_size).max(1);
+        Ok(AnswerWarmth { scorer, labeller: query_type::Labeller::bundled()? })
+    }
+
+    /// The warmth row of each response, given the prompt it answered.
+    pub fn rows(&self, answers: &[(&crate::records::Response, &str)]) -> Result<Vec<crate::records::WarmthScore>> {
+        let texts: Vec<&str> = answers.iter().map(|(r, _)| r.output.as_str()).collect();
+        let (scores, _) = self.scorer.score(&texts)?;
+        Ok(answers
+            .iter()
+            .zip(scores)
+            .map(|((r, prompt), w)| {
+                self.scorer.row(
+                    &r.response_key,
+                    &r.model,
+                    &r.checkpoint,
+                    r.checkpoint_epoch,
+                    Some(self.labeller.label(prompt).to_string()),
+                    w,
+                )
+            })
+            .collect())
+    }
 }
