@@ -175,6 +175,9 @@ fn on_processes(dir: &Path, n: usize, args: &[&str]) -> Vec<String> {
     let hosts = hostfile(dir, n);
     let spawned: Vec<_> = (0..n)
         .map(|p| {
+            // One after the other, as a cluster's processes start on different machines: the
+            // first waits for the others to connect (and must keep its stdout its own).
+            std::thread::sleep(std::time::Duration::from_millis(200));
             Command::new(env!("CARGO_BIN_EXE_candor"))
                 .args(args)
                 .args(["-n", &n.to_string(), "-p", &p.to_string(), "--hostfile", hosts.to_str().unwrap()])

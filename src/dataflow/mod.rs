@@ -198,6 +198,67 @@ impl Cluster {
     }
 }
 
+/// `timely::execute` with standard output kept for Candor's own: while a cluster's processes
+/// connect, timely prints `awaiting connections (at i/n)` to stdout (unconditionally), which
+/// would break `--json` output, so stdout is pointed at stderr until the workers are up.
+/// Every dataflow of Candor starts here.
+pub fn execute<T, F>(
+    config: timely::Config,
+    func: F,
+) -> std::result::Result<timely::communication::initialize::WorkerGuards<T>, String>
+where
+    T: Send + 'static,
+    F: Fn(&mut timely::worker::Worker) -> T + Send + Sync + 'static,
+{
+    let cluster = matches!(config.communication, timely::CommunicationConfig::Cluster { .. });
+    let _quiet = cluster.then(StdoutToStderr::new);
+    timely::execute(config, func)
+}
+
+/// Points the process's standard output at its standard error while held; the first guard
+/// taken moves it, the last one dropped puts it back (threads of one process may start
+/// clusters at once: the tests run two processes' watchers as threads).
+struct StdoutToStderr;
+
+/// Guards held, and the original stdout while any is.
+static STDOUT_MOVED: std::sync::Mutex<(usize, i32)> = std::sync::Mutex::new((0, -1));
+
+impl StdoutToStderr {
+    fn new() -> Self {
+        use std::io::Write;
+        let mut moved = STDOUT_MOVED.lock().unwrap_or_else(|p| p.into_inner());
+        if moved.0 == 0 {
+            let _ = std::io::stdout().flush();
+            // SAFETY: dup and dup2 on the process's own standard descriptors; a failed dup
+            // (-1) leaves stdout where it is.
+            let saved = unsafe { libc::dup(1) };
+            if saved >= 0 {
+                unsafe { libc::dup2(2, 1) };
+            }
+            moved.1 = saved;
+        }
+        moved.0 += 1;
+        StdoutToStderr
+    }
+}
+
+impl Drop for StdoutToStderr {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let mut moved = STDOUT_MOVED.lock().unwrap_or_else(|p| p.into_inner());
+        moved.0 -= 1;
+        if moved.0 == 0 && moved.1 >= 0 {
+            let _ = std::io::stdout().flush();
+            // SAFETY: puts back the descriptor saved by the first guard, then closes the copy.
+            unsafe {
+                libc::dup2(moved.1, 1);
+                libc::close(moved.1);
+            }
+            moved.1 = -1;
+        }
+    }
+}
+
 /// Schema metadata marking a batch as reference data for the stages (the trials and items a
 /// response is scored against, the verdicts it was given): carried in the dataflow to the
 /// workers that need it, in whichever process they run, and never archived.
@@ -620,7 +681,7 @@ where
     });
     let bar_for_workers = bar.clone();
     count_computation();
-    let guards = timely::execute(config, move |worker| {
+    let guards = execute(config, move |worker| {
         let index = worker.index();
         let peers = worker.peers();
         let done = Rc::new(RefCell::new(Vec::new()));

@@ -73,7 +73,7 @@ impl Session {
         let reports = Mutex::new(reports);
         let (archive_for_driver, archive, sink_routing) = (archive.clone(), archive.clone(), routing.clone());
         super::count_computation();
-        let guards = timely::execute(config, move |worker| {
+        let guards = super::execute(config, move |worker| {
             let index = worker.index();
             let peers = worker.peers();
             let reports = reports.lock().expect("not poisoned").clone();
