@@ -1,7 +1,7 @@
 //! `candor bench`: figures for the closing notes and the README, never timed tests. Each
 //! benchmark is a file named as its subcommand (`candor bench warmth` lives with the warmth
-//! command, in the library's `warmth::command`). They are part of the binary only: the library
-//! does not carry them.
+//! command, in `commands/warmth.rs`). They are part of the binary only: the library does not
+//! carry them.
 
 pub mod generate;
 pub mod pg;

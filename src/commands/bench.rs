@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use super::warmth::ScoreArgs;
 use candor::dataflow::Cluster;
 use candor::sql::synthetic::PAPER_OBSERVATIONS;
-use candor::warmth::command::ScoreArgs;
 
 use super::Globals;
 use crate::bench;
@@ -207,7 +207,7 @@ pub fn run(which: Bench, g: &Globals) -> Result<()> {
     match which {
         Bench::Warmth { score, texts, random_gpt2 } => {
             let passes = score.passes;
-            candor::warmth::command::bench(&score, texts, passes, random_gpt2)?
+            super::warmth::bench(&score, texts, passes, random_gpt2)?
         }
         Bench::Stream { brokers, checkpoints, per_checkpoint, dir, cluster } => {
             let tmp = tempfile::tempdir()?;

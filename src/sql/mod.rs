@@ -33,6 +33,7 @@ pub mod shell;
 pub mod synthetic;
 pub mod udf;
 pub mod view;
+pub mod warmth;
 
 #[cfg(test)]
 mod tests;

@@ -22,9 +22,7 @@
 //! assert_eq!(frame(WARM_FRAMES[0], "Hi"), "My friend said, \"Hi\"");
 //! ```
 
-pub mod command;
 pub mod query_type;
-pub mod report;
 #[cfg(test)]
 mod tests;
 

@@ -106,7 +106,7 @@ fn reports_group_by_query_type_and_follow_checkpoints() {
         row("warm-e1", 1, "factual", 4.0),
         row("warm-e1", 1, "advice", 6.0),
     ];
-    let reports = report::reports(&rows).unwrap();
+    let reports = crate::sql::warmth::reports(&rows).unwrap();
     let (name, by_type) = &reports[0];
     assert_eq!(name, "warmth_by_type");
     assert_eq!(by_type.num_rows(), 4);
