@@ -62,7 +62,7 @@
 mod delta;
 pub mod log;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -241,6 +241,9 @@ struct Inner {
     /// Each table's Delta state after this handle's last commit to it, so the next commit
     /// reads only newer versions (see [`delta::commit`]).
     delta: delta::States,
+    /// The checkpoints each registry file holds, by its path and SHA-256 (a committed file
+    /// never changes): a snapshot reads only the files registered since the last one.
+    registry: Mutex<HashMap<(PathBuf, String), Vec<CheckpointEntry>>>,
 }
 
 #[derive(Clone, Debug)]
@@ -370,7 +373,7 @@ impl Archive {
         }
         drop(logs);
         epochs(&mut snap)?;
-        snap.checkpoints = registry(&snap)?;
+        snap.checkpoints = registry(&snap, &self.inner.registry)?;
         if !snap.partial.is_empty() && !self.is_writer() && !writer_active(&self.root) {
             warn_partial(&self.root, &snap.partial);
         }
@@ -832,7 +835,8 @@ impl Archive {
                 Err(e) => problems.push(problem(&self.table_dir(stream), e)),
             }
         }
-        if let Err(e) = registry(&snap) {
+        // Every registry file read afresh, whatever this handle remembers.
+        if let Err(e) = registry(&snap, &Mutex::default()) {
             problems.push(problem(&self.table_dir(REGISTRY), e));
         }
         problems.extend(crate::generate::store::verify(&self.root));
@@ -1272,13 +1276,29 @@ fn epochs(snap: &mut Snapshot) -> Result<()> {
 }
 
 /// The checkpoint registry, checked: each checkpoint once, each epoch once.
-fn registry(snap: &Snapshot) -> Result<Vec<CheckpointEntry>> {
+fn registry(
+    snap: &Snapshot,
+    known: &Mutex<HashMap<(PathBuf, String), Vec<CheckpointEntry>>>,
+) -> Result<Vec<CheckpointEntry>> {
+    let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+    let mut kept = HashMap::new();
     let mut out = Vec::new();
     for seg in snap.segments(REGISTRY) {
-        for b in read_segment(&seg)? {
-            out.extend(CheckpointEntry::from_batch(&b)?);
-        }
+        let key = (seg.path.clone(), seg.sha256.clone());
+        let entries = match known.remove(&key) {
+            Some(entries) => entries,
+            None => {
+                let mut entries = Vec::new();
+                for b in read_segment(&seg)? {
+                    entries.extend(CheckpointEntry::from_batch(&b)?);
+                }
+                entries
+            }
+        };
+        out.extend(entries.iter().cloned());
+        kept.insert(key, entries);
     }
+    *known = kept;
     out.sort_by_key(|e| e.epoch);
     let mut ids = HashSet::new();
     for w in out.windows(2) {

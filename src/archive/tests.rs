@@ -454,3 +454,33 @@ fn kept_table_states_see_commits_of_other_handles() {
     assert_eq!(read_obs(&a).len(), 18, "a handle's kept log catches up with the other's commits");
     assert!(fresh.verify().is_empty());
 }
+
+/// A handle reads each registry file once (a snapshot reads only the files registered since
+/// the last), while `verify` and every other handle read them all afresh: a registry file
+/// changed on disk after this handle read it is still caught.
+#[test]
+fn a_registry_file_read_once_is_still_checked_by_verify_and_by_a_new_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("a");
+    let a = Archive::open_writer(&root, "test").unwrap();
+    grid(&a, 3);
+    checkpoint(&a, "m", "base", 3);
+    checkpoint(&a, "m", "warm", 3);
+    let known = a.checkpoints().unwrap();
+    assert_eq!(known.len(), 2);
+    // A third registration: the first two come from memory, the new one from its file.
+    checkpoint(&a, "m", "warm-2", 3);
+    assert_eq!(a.checkpoints().unwrap().len(), 3);
+    assert_eq!(a.checkpoints().unwrap()[..2], known[..]);
+    // One byte of the first registry file changes on disk.
+    let seg = a.segments(REGISTRY).unwrap().into_iter().next().unwrap();
+    let mut bytes = std::fs::read(&seg.path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&seg.path, &bytes).unwrap();
+    let problems = a.verify();
+    assert!(problems.iter().any(|(p, _)| *p == seg.path), "verify names the changed file: {problems:?}");
+    drop(a);
+    let err = Archive::open(&root).unwrap().checkpoints().unwrap_err().to_string();
+    assert!(err.contains(&seg.path.display().to_string()), "{err}");
+}
