@@ -484,3 +484,31 @@ fn a_registry_file_read_once_is_still_checked_by_verify_and_by_a_new_handle() {
     let err = Archive::open(&root).unwrap().checkpoints().unwrap_err().to_string();
     assert!(err.contains(&seg.path.display().to_string()), "{err}");
 }
+
+/// A blind epoch append whose next version another writer took (two handles, the writer
+/// lock out of the way) goes to the version after it: both writers' epochs are committed,
+/// each once, and nothing is lost or doubled.
+#[test]
+fn an_epoch_append_after_another_writers_commit_takes_the_next_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("a");
+    create(&root).unwrap();
+    let (a, b) = (unlocked_writer(&root), unlocked_writer(&root));
+    grid(&a, 3);
+    // `a` remembers the version of its last append; `b` commits after it, so `a`'s next
+    // version is taken when `a` writes again.
+    checkpoint(&a, "m", "one", 3);
+    checkpoint(&b, "m", "two", 4);
+    checkpoint(&a, "m", "three", 5);
+    checkpoint(&b, "m", "four", 6);
+    let fresh = Archive::open(&root).unwrap();
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for o in read_obs(&fresh) {
+        *per.entry(o.checkpoint).or_default() += 1;
+    }
+    let want: BTreeMap<String, usize> =
+        [("one", 3), ("two", 4), ("three", 5), ("four", 6)].into_iter().map(|(c, n)| (c.to_string(), n)).collect();
+    assert_eq!(per, want);
+    assert_eq!(fresh.committed_epochs().unwrap().len(), 5, "the grid and four checkpoints");
+    assert!(fresh.verify().is_empty(), "{:?}", fresh.verify());
+}
