@@ -117,8 +117,8 @@ impl<'a> Evaluator<'a> {
         let reports = self.scorer.wait()?;
         // Every process's counts, as the answers carried them to the sink.
         for d in &reports {
-            (out.model_calls, out.from_store) =
-                (out.model_calls + d.generated.model_calls, out.from_store + d.generated.from_store);
+            out.model_calls += d.generated.model_calls;
+            out.from_store += d.generated.from_store;
         }
         out.written.extend(reports.into_iter().map(|d| (d.epoch, d.written)));
         out.dataflow = t0.elapsed();

@@ -351,14 +351,18 @@ struct GgufBase {
 /// the last one read is kept (its weights are shared, not copied, by every engine made from
 /// it, so keeping it costs memory only while no checkpoint of it is open).
 fn gguf_base(path: &Path, device: &Device, context: Option<usize>, dequantize: llama::Dequantize) -> Result<GgufBase> {
-    static LAST: std::sync::Mutex<Option<(String, GgufBase)>> = std::sync::Mutex::new(None);
+    /// What a base was read from and for: path, length, modification time, device, context,
+    /// `dequantize`.
+    type Key = (PathBuf, u64, std::time::SystemTime, String, Option<usize>, llama::Dequantize);
+    static LAST: std::sync::Mutex<Option<(Key, GgufBase)>> = std::sync::Mutex::new(None);
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    let key = format!(
-        "{}\n{}\n{:?}\n{:?}\n{context:?}\n{dequantize:?}",
-        path.display(),
+    let key: Key = (
+        path.to_path_buf(),
         meta.len(),
         meta.modified().map_err(|e| Error::io(path, e))?,
-        device.location(),
+        format!("{:?}", device.location()),
+        context,
+        dequantize,
     );
     // Held while reading: a second open of the same base waits for the first.
     let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
