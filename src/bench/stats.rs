@@ -10,9 +10,9 @@ use std::time::Instant;
 use candor::error::{Error, Result};
 use candor::sql::analyze::reports;
 use candor::sql::engine::StatsEngine;
-use candor::sql::input::{InputOptions, read_observations};
+use candor::sql::input::{InputOptions, each_observation_batch};
 use candor::sql::queries::{FAMILY_TABLE, TRAJECTORIES};
-use candor::sql::synthetic::{PAPER_OBSERVATIONS, synthetic, synthetic_for, write_parquet};
+use candor::sql::synthetic::{PAPER_OBSERVATIONS, synthetic_each, synthetic_for, write_parquet_with};
 
 use super::peak_rss_mib;
 
@@ -21,13 +21,31 @@ use super::peak_rss_mib;
 fn candor_full(path: &Path) -> Result<(f64, usize)> {
     let start = Instant::now();
     let mut engine = StatsEngine::new()?;
-    for b in read_observations(path, &InputOptions::default())? {
+    // Read and applied batch by batch: the file is never in memory whole.
+    let mut read = std::time::Duration::ZERO;
+    let mut last = Instant::now();
+    each_observation_batch(path, &InputOptions::default(), |b| {
+        read += last.elapsed();
         engine.apply(&b, 1)?;
-    }
+        last = Instant::now();
+        Ok(())
+    })?;
+    let applied = start.elapsed();
     let refresh = engine.refresh()?;
+    let refreshed = start.elapsed();
     let errors = engine.refit()?;
+    let refitted = start.elapsed();
     let r = reports(&mut engine)?;
     let secs = start.elapsed().as_secs_f64();
+    if std::env::var_os("CANDOR_BENCH_TRACE").is_some() {
+        eprintln!(
+            "  full: read {read:?}, apply {:?}, refresh {:?}, refit {:?}, reports {:?}",
+            applied - read,
+            refreshed - applied,
+            refitted - refreshed,
+            start.elapsed() - refitted
+        );
+    }
     if !errors.is_empty() || r.is_empty() {
         return Err(Error::Internal(format!("benchmark analysis incomplete: {errors:?}")));
     }
@@ -71,22 +89,31 @@ fn python_full(python: &Path, path: &Path, out: &Path) -> Result<f64> {
 /// results, with `history` observations already held; median and max over `reps` arrivals.
 fn incremental(history: usize, reps: usize) -> Result<(f64, f64, usize)> {
     let mut engine = StatsEngine::new()?;
-    for b in synthetic(history, 11, 1)? {
-        engine.apply(&b, 1)?;
-    }
+    synthetic_each(history, 11, 10, "warm", 1, true, |b| engine.apply(&b, 1))?;
     engine.refresh()?;
     let mut times = Vec::new();
     let mut families = 0;
+    // Where each update's time goes, on stderr.
+    let trace = std::env::var_os("CANDOR_BENCH_TRACE").is_some();
     for r in 0..reps {
         let new = synthetic_for(8_000, 100 + r as u64, 1, &format!("warm-next-{r}"), 2 + r as u64, false)?;
         let start = Instant::now();
         for b in &new {
             engine.apply(b, 1)?;
         }
+        let applied = start.elapsed();
         let refresh = engine.refresh()?;
+        let refreshed = start.elapsed();
         let table = engine.query(FAMILY_TABLE.sql)?;
         let traj = engine.query(TRAJECTORIES.sql)?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
+        if trace {
+            eprintln!(
+                "  history {history}: apply {applied:?}, refresh {:?}, queries {:?}",
+                refreshed - applied,
+                start.elapsed() - refreshed
+            );
+        }
         families = refresh.families;
         if table.is_empty() || traj.is_empty() {
             return Err(Error::Internal("no SQL results after an update".into()));
@@ -106,7 +133,7 @@ pub fn run(dir: Option<&Path>, scales: &[usize], python: Option<&Path>, skip_pyt
     for &scale in scales {
         let rows = PAPER_OBSERVATIONS * scale;
         let path = dir.join(format!("observations-x{scale}.parquet"));
-        write_parquet(&path, &synthetic(rows, 42, 1)?)?;
+        write_parquet_with(&path, |write| synthetic_each(rows, 42, 10, "warm", 1, true, write))?;
         let (candor_s, families) = candor_full(&path)?;
         print!("  {scale:>2}x {rows:>9} obs, {families} families: candor {candor_s:.3} s");
         if let Some(py) = &python {
@@ -115,11 +142,12 @@ pub fn run(dir: Option<&Path>, scales: &[usize], python: Option<&Path>, skip_pyt
         }
         println!();
     }
+    println!("peak RSS of the full analyses {:.0} MiB", peak_rss_mib().unwrap_or(f64::NAN));
     println!("incremental update: one checkpoint (~8,000 observations) to updated SQL results");
     for history in [10_000, 4_000_000] {
         let (median, max, families) = incremental(history, 7)?;
         println!("  history {history:>9}: median {median:.1} ms, max {max:.1} ms ({families} families recomputed)");
     }
-    println!("peak RSS {:.0} MiB (this process)", peak_rss_mib().unwrap_or(f64::NAN));
+    println!("peak RSS {:.0} MiB (this process, with 4M observations held)", peak_rss_mib().unwrap_or(f64::NAN));
     Ok(())
 }

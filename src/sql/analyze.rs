@@ -14,7 +14,7 @@ use arrow::array::{Array, RecordBatch};
 use arrow::compute::concat_batches;
 
 use super::engine::{Refresh, StatsEngine};
-use super::input::{InputOptions, read_observations};
+use super::input::{InputOptions, each_observation_batch};
 use super::queries::{DISCORDANT_PAIRS, REPORTS};
 use crate::error::{Error, Result};
 
@@ -56,11 +56,11 @@ pub fn analyze(inputs: &[PathBuf], opts: &InputOptions) -> Result<Analysis> {
             eprintln!("{}: given more than once; read once", path.display());
             continue;
         }
-        for batch in read_observations(path, opts)? {
+        each_observation_batch(path, opts, |batch| {
             observations += batch.num_rows();
             excluded += batch.column_by_name("correct").map(|c| c.null_count()).unwrap_or(0);
-            engine.apply(&batch, 1)?;
-        }
+            engine.apply(&batch, 1)
+        })?;
         if path.is_dir() {
             let archive = crate::archive::Archive::open(path)?;
             for (stream, batches) in TEXT_STREAMS.iter().zip(&mut text) {

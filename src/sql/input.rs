@@ -53,6 +53,36 @@ pub struct InputOptions {
 
 /// Reads observations from an archive directory, a CSV or a Parquet file.
 pub fn read_observations(path: &Path, opts: &InputOptions) -> Result<Vec<RecordBatch>> {
+    let mut out = Vec::new();
+    each_observation_batch(path, opts, |b| {
+        out.push(b);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`read_observations`], handing each batch to `each` as it is read: a Parquet file's batches
+/// are read one at a time (an input of millions of observations is never in memory whole),
+/// the other inputs' once read.
+pub fn each_observation_batch(
+    path: &Path,
+    opts: &InputOptions,
+    mut each: impl FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
+    if !path.is_dir() && path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
+        for batch in parquet_batches(path)? {
+            let batch = batch.map_err(|e| Error::arrow(path.display().to_string(), e))?;
+            each(normalize(&batch, None, path, opts)?)?;
+        }
+        return Ok(());
+    }
+    for batch in read_all(path, opts)? {
+        each(batch)?;
+    }
+    Ok(())
+}
+
+fn read_all(path: &Path, opts: &InputOptions) -> Result<Vec<RecordBatch>> {
     if path.is_dir() {
         return Archive::open(path)?.read("observation");
     }
@@ -147,11 +177,16 @@ fn answers(path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
 }
 
 fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
+    parquet_batches(path)?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::arrow(path.display().to_string(), e))
+}
+
+fn parquet_batches(path: &Path) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.with_batch_size(65536).build())
-        .map_err(|e| Error::input(Location::file(path), e.to_string()))?;
-    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::arrow(path.display().to_string(), e))
+        .map_err(|e| Error::input(Location::file(path), e.to_string()))
 }
 
 /// Reads a CSV with every column as text (typing happens in [`normalize`]), with the line each

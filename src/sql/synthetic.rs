@@ -57,6 +57,25 @@ pub fn synthetic_for(
     ft_epoch: u64,
     with_base: bool,
 ) -> Result<Vec<RecordBatch>> {
+    let mut batches = Vec::new();
+    synthetic_each(rows, seed, models, checkpoint, ft_epoch, with_base, |b| {
+        batches.push(b);
+        Ok(())
+    })?;
+    Ok(batches)
+}
+
+/// [`synthetic_for`]'s observations handed to `each` batch by batch (65,536 rows at most), as
+/// they are made: millions of them never need to be in memory at once.
+pub fn synthetic_each(
+    rows: usize,
+    seed: u64,
+    models: usize,
+    checkpoint: &str,
+    ft_epoch: u64,
+    with_base: bool,
+    mut each: impl FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
     const CHUNK: usize = 65_536;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut conditions: Vec<(&str, &str, f64)> = Vec::new();
@@ -69,7 +88,6 @@ pub fn synthetic_for(
         }
     }
     let mut out = Vec::with_capacity(rows.min(CHUNK));
-    let mut batches = Vec::new();
     let mut total = 0usize;
     let mut item = 0usize;
     'fill: loop {
@@ -89,7 +107,7 @@ pub fn synthetic_for(
                             break 'fill;
                         }
                         if out.len() == CHUNK {
-                            batches.push(Observation::to_batch(&out)?);
+                            each(Observation::to_batch(&out)?)?;
                             out.clear();
                         }
                         total += 1;
@@ -129,19 +147,25 @@ pub fn synthetic_for(
             break;
         }
     }
-    batches.push(Observation::to_batch(&out)?);
-    Ok(batches)
+    each(Observation::to_batch(&out)?)
 }
 
 /// Writes observation batches as one Parquet file.
 pub fn write_parquet(path: &Path, batches: &[RecordBatch]) -> Result<()> {
+    write_parquet_with(path, |write| batches.iter().try_for_each(|b| write(b.clone())))
+}
+
+/// Writes one Parquet file of observation batches that `fill` hands to the writer it is given
+/// one by one (so that they need not all be in memory at once).
+pub fn write_parquet_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()>,
+) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let schema = crate::schema::arrow_schema("observation")?;
     let parquet = |e: parquet::errors::ParquetError| Error::io(path, std::io::Error::other(e));
     let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(parquet)?;
-    for batch in batches {
-        w.write(batch).map_err(parquet)?;
-    }
+    fill(&mut |batch| w.write(&batch).map_err(parquet))?;
     w.close().map_err(parquet)?;
     Ok(())
 }

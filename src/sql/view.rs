@@ -40,7 +40,7 @@
 //! assert_eq!(view.family_counts()[0].1[0].1.both_correct, 1);
 //! ```
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
@@ -53,6 +53,10 @@ use crate::stats::paired::PairedCounts;
 
 use super::counts::{CellKey, Counts, Measure, Observed, PairKey};
 pub use super::counts::{Sym, TestType};
+
+/// The view's maps and sets: keys are small integers, hashed fast (not by SipHash).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
 /// Interns the categorical strings of observations so that keys are small and hashing is cheap.
 #[derive(Debug, Default, Clone)]
@@ -496,7 +500,7 @@ impl PairedView {
     /// cluster, over each model's base checkpoint(s) and its latest fine-tuned checkpoint
     /// (highest epoch) — the rows `queries/regression_cells.sql` sums per cell.
     pub fn regression_items(&self) -> Vec<CellCount> {
-        let mut latest: HashMap<Sym, u64> = HashMap::new();
+        let mut latest: HashMap<Sym, u64> = HashMap::default();
         for held in self.held.iter().flat_map(|(k, v)| v.iter().map(move |h| (k, h))) {
             let (key, h) = held;
             if h.ft && h.mult > 0 {
@@ -506,7 +510,7 @@ impl PairedView {
         }
         // (model, dataset, item, amendment, prompt type, fine-tuned) → (incorrect, answers).
         type ItemCell = (Sym, Sym, Sym, Sym, Sym, bool);
-        let mut counts: HashMap<ItemCell, (u64, u64)> = HashMap::new();
+        let mut counts: HashMap<ItemCell, (u64, u64)> = HashMap::default();
         for (key, slots) in &self.held {
             for h in slots {
                 let Some(correct) = h.correct else { continue };
@@ -519,7 +523,7 @@ impl PairedView {
                 e.1 += h.mult as u64;
             }
         }
-        let mut clusters: HashMap<(Sym, Sym), u64> = HashMap::new();
+        let mut clusters: HashMap<(Sym, Sym), u64> = HashMap::default();
         let s = &self.strings;
         let mut rows: Vec<_> = counts.into_iter().collect();
         // In name order (the cluster numbering must not depend on arrival order), compared by

@@ -145,16 +145,40 @@ fn binom_half_cdf(k: u64, n: u64) -> f64 {
     top * sum
 }
 
-/// P(X = k) for X ~ Binomial(n, ½) (C. Loader, "Fast and accurate computation of binomial
-/// probabilities", 2000): exp(−Stirling errors − deviance terms) / √(2π k (n−k)/n).
+/// P(X = k) for X ~ Binomial(n, ½): [`binom_pmf`] at p = q = ½.
 fn binom_half_pmf(k: u64, n: u64) -> f64 {
-    if k == 0 || k == n {
-        return (-(n as f64) * std::f64::consts::LN_2).exp();
+    binom_pmf(k, n, 0.5, 0.5)
+}
+
+/// P(X = x) for X ~ Binomial(n, p), with q = 1 − p given by the caller (so that a p near 1
+/// keeps q's digits), in C. Loader's form ("Fast and accurate computation of binomial
+/// probabilities", 2000; R's `dbinom_raw`): exp(−Stirling errors − deviance terms) /
+/// √(2π x (n−x)/n), accurate to a few ulps at any n.
+pub(crate) fn binom_pmf(x: u64, n: u64, p: f64, q: f64) -> f64 {
+    if p == 0.0 {
+        return if x == 0 { 1.0 } else { 0.0 };
     }
-    let (x, nf) = (k as f64, n as f64);
-    let half = nf / 2.0;
-    let lc = stirling_error(n) - stirling_error(k) - stirling_error(n - k) - bd0(x, half) - bd0(nf - x, half);
-    let lf = (2.0 * std::f64::consts::PI).ln() + x.ln() + (-x / nf).ln_1p();
+    if q == 0.0 {
+        return if x == n { 1.0 } else { 0.0 };
+    }
+    let nf = n as f64;
+    if x == 0 {
+        if n == 0 {
+            return 1.0;
+        }
+        let lc = if p < 0.1 { -bd0(nf, nf * q) - nf * p } else { nf * q.ln() };
+        return lc.exp();
+    }
+    if x == n {
+        let lc = if q < 0.1 { -bd0(nf, nf * p) - nf * q } else { nf * p.ln() };
+        return lc.exp();
+    }
+    if x > n {
+        return 0.0;
+    }
+    let xf = x as f64;
+    let lc = stirling_error(n) - stirling_error(x) - stirling_error(n - x) - bd0(xf, nf * p) - bd0(nf - xf, nf * q);
+    let lf = (2.0 * std::f64::consts::PI).ln() + xf.ln() + (-xf / nf).ln_1p();
     (lc - 0.5 * lf).exp()
 }
 
@@ -231,6 +255,23 @@ mod tests {
             table.push(ps);
         }
         table
+    }
+
+    #[test]
+    fn binomial_probabilities_match_statrs_at_any_p() {
+        use statrs::distribution::{Binomial, Discrete};
+        for (n, p) in [(1, 0.3), (10, 0.5), (60, 0.02), (500, 0.25), (5_000, 0.97), (100_000, 0.4)] {
+            let dist = Binomial::new(p, n).unwrap();
+            for x in [0, 1, n / 7, n / 2, (n as f64 * p) as u64, n - 1, n] {
+                let (ours, theirs) = (binom_pmf(x, n, p, 1.0 - p), dist.pmf(x));
+                assert!(
+                    rel_close(ours, theirs, 1e-9) || (ours - theirs).abs() < 1e-300,
+                    "{x} of {n} at {p}: {ours} vs {theirs}"
+                );
+            }
+        }
+        assert_eq!(binom_pmf(3, 3, 1.0, 0.0), 1.0);
+        assert_eq!(binom_pmf(2, 3, 0.0, 1.0), 0.0);
     }
 
     #[test]
