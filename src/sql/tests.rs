@@ -411,7 +411,7 @@ proptest! {
         let mut summed: std::collections::BTreeMap<Vec<String>, (u64, u64)> = Default::default();
         let items = view.regression_items();
         for c in &items {
-            let key = vec![c.model.clone(), c.dataset.clone(), c.amendment_type.clone(), c.prompt_type.clone(), c.ft.to_string()];
+            let key = vec![c.model.to_string(), c.dataset.to_string(), c.amendment_type.to_string(), c.prompt_type.to_string(), c.ft.to_string()];
             let e = summed.entry(key).or_default();
             e.0 += c.incorrect;
             e.1 += c.n;

@@ -85,6 +85,11 @@ impl Interner {
         &self.names[id as usize]
     }
 
+    /// The string itself, shared (no copy).
+    pub fn shared(&self, id: Sym) -> Arc<str> {
+        self.names[id as usize].clone()
+    }
+
     /// Each string's position in name order, by id: comparing ranks orders ids as their names.
     pub fn ranks(&self) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.names.len() as u32).collect();
@@ -535,8 +540,16 @@ impl PairedView {
             .map(|((model, dataset, item, amendment, prompt, ft), (incorrect, n))| {
                 let next = clusters.len() as u64;
                 let cluster = *clusters.entry((dataset, item)).or_insert(next);
-                CellCount::new(s.name(model), s.name(dataset), s.name(amendment), s.name(prompt), ft, incorrect, n)
-                    .with_cluster(cluster)
+                CellCount::shared(
+                    s.shared(model),
+                    s.shared(dataset),
+                    s.shared(amendment),
+                    s.shared(prompt),
+                    ft,
+                    incorrect,
+                    n,
+                )
+                .with_cluster(cluster)
             })
             .collect()
     }

@@ -44,7 +44,8 @@
 //! assert!((sad.ame - 0.25).abs() < 1e-9); // saturated: the raw difference in error rate
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::conditions::amendment_group;
 
@@ -53,12 +54,13 @@ use super::glm::{Cells, DesignBuilder, Estimate, GlmError, GlmFit, VarId, fit};
 /// One cell of answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CellCount {
-    pub model: String,
-    pub dataset: String,
+    /// Shared strings: an item-level table has millions of rows and a handful of names.
+    pub model: Arc<str>,
+    pub dataset: Arc<str>,
     /// Detailed amendment type, e.g. `emotion:sad` or `unmodified`.
-    pub amendment_type: String,
+    pub amendment_type: Arc<str>,
     /// `original`, `original_neutral`, `correct` or `incorrect`.
-    pub prompt_type: String,
+    pub prompt_type: Arc<str>,
     /// Fine-tuned (true) or base (false) model.
     pub ft: bool,
     /// Answers judged incorrect.
@@ -80,16 +82,20 @@ impl CellCount {
         incorrect: u64,
         n: u64,
     ) -> Self {
-        CellCount {
-            model: model.to_string(),
-            dataset: dataset.to_string(),
-            amendment_type: amendment_type.to_string(),
-            prompt_type: prompt_type.to_string(),
-            ft,
-            incorrect,
-            n,
-            cluster: None,
-        }
+        CellCount::shared(model.into(), dataset.into(), amendment_type.into(), prompt_type.into(), ft, incorrect, n)
+    }
+
+    /// [`CellCount::new`] with names the caller already holds (no copy of each string).
+    pub fn shared(
+        model: Arc<str>,
+        dataset: Arc<str>,
+        amendment_type: Arc<str>,
+        prompt_type: Arc<str>,
+        ft: bool,
+        incorrect: u64,
+        n: u64,
+    ) -> Self {
+        CellCount { model, dataset, amendment_type, prompt_type, ft, incorrect, n, cluster: None }
     }
 
     /// The same counts, marked as one item's answers.
@@ -100,10 +106,13 @@ impl CellCount {
 
 /// The paper's prompt grouping (see the module docs).
 pub fn prompt_group(prompt_type: &str) -> &'static str {
-    let lower = prompt_type.to_lowercase();
-    if lower.contains("correct") {
+    // Case-insensitive `contains`, without lowercasing a copy (this runs for every row of
+    // every model). `to_lowercase` only changes ASCII letters of these words' bytes.
+    let contains =
+        |word: &str| prompt_type.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word.as_bytes()));
+    if contains("correct") {
         "user_opinion"
-    } else if lower.contains("original") {
+    } else if contains("original") {
         "original"
     } else {
         "other"
@@ -344,8 +353,8 @@ struct Spec {
 
 impl Spec {
     fn new(rows: &[Row], context: Option<(&str, &str)>) -> Spec {
-        let datasets = sorted_levels(rows.iter().map(|r| r.cell.dataset.as_str()));
-        let models = sorted_levels(rows.iter().map(|r| r.cell.model.as_str()));
+        let datasets = sorted_levels(rows.iter().map(|r| &*r.cell.dataset));
+        let models = sorted_levels(rows.iter().map(|r| &*r.cell.model));
         let context_levels = sorted_levels(rows.iter().map(|r| r.context.as_str()));
         let dataset_ref = if datasets.iter().any(|d| d == "disinfo") { "disinfo" } else { &datasets[0] };
 
@@ -384,13 +393,32 @@ impl Spec {
     fn fit(&self, rows: &[Row]) -> Result<Fitted, GlmError> {
         let n_vars = self.design.n_vars();
         let mut values = vec![0.0; n_vars];
-        let mut merged: BTreeMap<Vec<u64>, (Vec<f64>, u64, u64)> = BTreeMap::new();
+        // Each row's covariates, worked out once per distinct (model, dataset, context, ft):
+        // item-level tables repeat a few hundred such cells over millions of rows.
+        let mut of_cell: HashMap<(&str, &str, &str, bool), usize> = HashMap::new();
+        let mut cell_values: Vec<Vec<f64>> = Vec::new();
+        let mut row_cell = Vec::with_capacity(rows.len());
         for r in rows {
-            self.values(r, &mut values);
-            let key = values.iter().map(|v| v.to_bits()).collect();
-            let e = merged.entry(key).or_insert_with(|| (values.clone(), 0, 0));
-            e.1 += r.cell.incorrect;
-            e.2 += r.cell.n;
+            let id = (&*r.cell.model, &*r.cell.dataset, r.context.as_str(), r.cell.ft);
+            let next = cell_values.len();
+            let i = *of_cell.entry(id).or_insert(next);
+            if i == next {
+                self.values(r, &mut values);
+                cell_values.push(values.clone());
+            }
+            row_cell.push(i);
+        }
+        let mut merged: BTreeMap<Vec<u64>, (Vec<f64>, u64, u64)> = BTreeMap::new();
+        let mut sums = vec![(0u64, 0u64); cell_values.len()];
+        for (r, &i) in rows.iter().zip(&row_cell) {
+            sums[i].0 += r.cell.incorrect;
+            sums[i].1 += r.cell.n;
+        }
+        for (v, (incorrect, n)) in cell_values.iter().zip(sums) {
+            let key = v.iter().map(|x| x.to_bits()).collect();
+            let e = merged.entry(key).or_insert_with(|| (v.clone(), 0, 0));
+            e.1 += incorrect;
+            e.2 += n;
         }
         let mut cells = Cells::new(n_vars);
         for (v, incorrect, n) in merged.values() {
@@ -405,9 +433,8 @@ impl Spec {
         } else {
             let mut item_rows = Cells::new(n_vars);
             let mut ids = Vec::with_capacity(rows.len());
-            for r in rows {
-                self.values(r, &mut values);
-                item_rows.push(&values, r.cell.incorrect as f64, r.cell.n as f64)?;
+            for (r, &i) in rows.iter().zip(&row_cell) {
+                item_rows.push(&cell_values[i], r.cell.incorrect as f64, r.cell.n as f64)?;
                 ids.push(r.cell.cluster.expect("checked above"));
             }
             // One item has no between-item variation to estimate: no clustered SEs.
