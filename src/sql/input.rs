@@ -62,45 +62,41 @@ pub fn read_observations(path: &Path, opts: &InputOptions) -> Result<Vec<RecordB
 }
 
 /// [`read_observations`], handing each batch to `each` as it is read: a Parquet file's batches
-/// are read one at a time (an input of millions of observations is never in memory whole),
-/// the other inputs' once read.
+/// and an archive's segments one at a time (an input of millions of observations is never in
+/// memory whole), a CSV or JSON-lines file once read.
 pub fn each_observation_batch(
     path: &Path,
     opts: &InputOptions,
     mut each: impl FnMut(RecordBatch) -> Result<()>,
 ) -> Result<()> {
-    if !path.is_dir() && path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
-        for batch in parquet_batches(path)? {
-            let batch = batch.map_err(|e| Error::arrow(path.display().to_string(), e))?;
-            each(normalize(&batch, None, path, opts)?)?;
+    if path.is_dir() {
+        for segment in Archive::open(path)?.segments("observation")? {
+            for batch in crate::archive::read_segment(&segment)? {
+                each(batch)?;
+            }
         }
         return Ok(());
     }
-    for batch in read_all(path, opts)? {
-        each(batch)?;
-    }
-    Ok(())
-}
-
-fn read_all(path: &Path, opts: &InputOptions) -> Result<Vec<RecordBatch>> {
-    if path.is_dir() {
-        return Archive::open(path)?.read("observation");
-    }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let raw = match ext.as_str() {
-        "parquet" => read_parquet(path)?.into_iter().map(|b| (b, None)).collect(),
+    match ext.as_str() {
+        "parquet" => {
+            for batch in parquet_batches(path)? {
+                let batch = batch.map_err(|e| Error::arrow(path.display().to_string(), e))?;
+                each(normalize(&batch, None, path, opts)?)?;
+            }
+            Ok(())
+        }
         "csv" | "tsv" => {
             let (batch, lines) = read_csv(path, if ext == "tsv" { b'\t' } else { b',' })?;
             if batch.column_by_name("correct").is_none() {
                 // Answers with a judge's label, as the paper released them: `import`'s reader.
-                return Ok(vec![answers(path, opts)?]);
+                return each(answers(path, opts)?);
             }
-            vec![(batch, lines)]
+            each(normalize(&batch, lines.as_deref(), path, opts)?)
         }
-        "jsonl" | "ndjson" => return Ok(vec![answers(path, opts)?]),
-        _ => return Err(Error::input(Location::file(path), "expected a directory, .csv, .tsv, .jsonl or .parquet")),
-    };
-    raw.iter().map(|(b, lines)| normalize(b, lines.as_deref(), path, opts)).collect()
+        "jsonl" | "ndjson" => each(answers(path, opts)?),
+        _ => Err(Error::input(Location::file(path), "expected a directory, .csv, .tsv, .jsonl or .parquet")),
+    }
 }
 
 /// Observations from an answer file (the paper's released CSVs, or any file `candor import`
@@ -174,12 +170,6 @@ fn answers(path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
         });
     }
     <crate::records::Observation as crate::schema::Record>::to_batch(&out)
-}
-
-fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
-    parquet_batches(path)?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::arrow(path.display().to_string(), e))
 }
 
 fn parquet_batches(path: &Path) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {

@@ -128,34 +128,32 @@ fn binom_cdf(k: u64, m: u64, p: f64, q: f64) -> f64 {
     let mode = ((m + 1) as f64 * p).floor() as u64;
     let (odds, mf) = (q / p, m as f64);
     if k < mode {
-        let mut term = binom_pmf(k, m, p, q);
-        let mut sum = term;
-        let mut j = k;
-        while j > 0 && term > 0.0 {
-            term *= j as f64 / (mf - j as f64 + 1.0) * odds;
-            let next = sum + term;
-            if next == sum {
-                break;
-            }
-            sum = next;
-            j -= 1;
-        }
-        sum.min(1.0)
+        // Downward from k: P(j − 1)/P(j) = j/(m − j + 1) · q/p, to j = 0.
+        let ratio = |i: u64| (i < k).then(|| (k - i) as f64 / (mf - (k - i) as f64 + 1.0) * odds);
+        sum_terms(binom_pmf(k, m, p, q), ratio).min(1.0)
     } else {
-        let mut term = binom_pmf(k + 1, m, p, q);
-        let mut sum = term;
-        let mut j = k + 1;
-        while j < m && term > 0.0 {
-            term *= (mf - j as f64) / (j as f64 + 1.0) / odds;
-            let next = sum + term;
-            if next == sum {
-                break;
-            }
-            sum = next;
-            j += 1;
-        }
-        (1.0 - sum).max(0.0)
+        // Upward from k + 1: P(j + 1)/P(j) = (m − j)/(j + 1) · p/q, to j = m.
+        let ratio = |i: u64| (k + 1 + i < m).then(|| (mf - (k + 1 + i) as f64) / ((k + 1 + i) as f64 + 1.0) / odds);
+        (1.0 - sum_terms(binom_pmf(k + 1, m, p, q), ratio)).max(0.0)
     }
+}
+
+/// `first` plus the terms after it, each the one before times `ratio(i)` (i = 0, 1, …; None
+/// past the end of the support), until a term is zero or cannot change the sum.
+fn sum_terms(first: f64, ratio: impl Fn(u64) -> Option<f64>) -> f64 {
+    let (mut term, mut sum) = (first, first);
+    let mut i = 0;
+    while term > 0.0 {
+        let Some(r) = ratio(i) else { break };
+        term *= r;
+        let next = sum + term;
+        if next == sum {
+            break;
+        }
+        sum = next;
+        i += 1;
+    }
+    sum
 }
 
 /// Brent's method (van Wijngaarden–Dekker–Brent, as in Numerical Recipes' `zbrent`): a root
