@@ -519,10 +519,16 @@ impl Archive {
     /// Writes one epoch's rows of every stream and commits them: [`Archive::append_epoch`] for
     /// each, then [`Archive::commit_epoch`].
     pub fn write_epoch(&self, epoch: u64, parts: &[(String, Partition, RecordBatch)], summary: &Value) -> Result<()> {
+        let t0 = std::time::Instant::now();
         for (stream, partition, batch) in parts {
             self.append_epoch(stream, partition, epoch, std::slice::from_ref(batch))?;
         }
-        self.commit_epoch(epoch, summary)
+        let t1 = std::time::Instant::now();
+        let committed = self.commit_epoch(epoch, summary);
+        if crate::dataflow::tracing_stream() {
+            eprintln!("  archive, epoch {epoch}: files {:?}, commit {:?}", t1 - t0, t1.elapsed());
+        }
+        committed
     }
 
     /// Commits every file staged for `epoch`: one Delta commit per stream, each naming the
@@ -547,7 +553,11 @@ impl Archive {
     }
 
     fn commit_staged(&self, epoch: u64, write: &str, staged: &[Staged], summary: &Value) -> Result<()> {
+        let t0 = std::time::Instant::now();
         let snap = self.snapshot()?;
+        if crate::dataflow::tracing_stream() {
+            eprintln!("  archive, epoch {epoch}: snapshot {:?}", t0.elapsed());
+        }
         if snap.committed.contains_key(&epoch) {
             return Err(Error::Conflict(format!(
                 "{}: epoch {epoch} is already committed; its rows are not written twice",
@@ -994,10 +1004,17 @@ pub fn row_keys(stream: &str, batch: &RecordBatch) -> Result<Vec<String>> {
     }
     let strings: Vec<&StringArray> =
         columns.iter().map(|c| c.as_any().downcast_ref::<StringArray>().expect("cast to utf8")).collect();
+    // `identity::key` of the row's components, built in place.
     Ok((0..batch.num_rows())
         .map(|i| {
-            let parts: Vec<&str> = strings.iter().map(|s| if s.is_null(i) { "\u{0}" } else { s.value(i) }).collect();
-            crate::identity::key(&parts)
+            let mut key = String::with_capacity(64);
+            for (j, s) in strings.iter().enumerate() {
+                if j > 0 {
+                    key.push('/');
+                }
+                key.push_str(&crate::identity::escape_component(if s.is_null(i) { "\u{0}" } else { s.value(i) }));
+            }
+            key
         })
         .collect())
 }

@@ -512,3 +512,28 @@ fn an_epoch_append_after_another_writers_commit_takes_the_next_version() {
     assert_eq!(fresh.committed_epochs().unwrap().len(), 5, "the grid and four checkpoints");
     assert!(fresh.verify().is_empty(), "{:?}", fresh.verify());
 }
+
+#[test]
+fn row_keys_are_identity_keys_of_the_key_columns() {
+    let mut rows = vec![obs("m/odel", "ck%1", 1, 3), obs("m", "c", 1, 4)];
+    rows[1].item_key = "a/b%c".into();
+    rows[1].sample_index = 12;
+    let batch = Observation::to_batch(&rows).unwrap();
+    let want: Vec<String> = rows
+        .iter()
+        .map(|o| {
+            let sample = o.sample_index.to_string();
+            crate::identity::key(&[
+                &o.model,
+                &o.checkpoint,
+                &o.dataset,
+                &o.item_key,
+                &o.amendment_type,
+                &o.prompt_type,
+                &sample,
+            ])
+        })
+        .collect();
+    assert_eq!(row_keys("observation", &batch).unwrap(), want);
+    assert_eq!(want[0], "m%2Fodel/ck%251/trivia/q3/unmodified/original/0");
+}

@@ -542,6 +542,12 @@ pub fn archive_sink<'s>(
     })
 }
 
+/// Whether `CANDOR_STREAM_TRACE` asks for the time of each step of an evaluation.
+pub fn tracing_stream() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("CANDOR_STREAM_TRACE").is_some())
+}
+
 fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BTreeMap<Epoch, Partition>) -> EpochDone {
     let mut done = EpochDone {
         epoch,
@@ -565,6 +571,8 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
     if !done.errors.is_empty() {
         return done;
     }
+    let trace = tracing_stream();
+    let t0 = std::time::Instant::now();
     let mut parts = Vec::new();
     for (stream, batches) in by_stream {
         if batches.iter().all(|b| b.num_rows() == 0) {
@@ -580,11 +588,15 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
             Err(e) => done.errors.push(StageError::new(&format!("archiving stream `{stream}`"), &e)),
         }
     }
+    let t1 = std::time::Instant::now();
     // One write per epoch: every stream's rows or none of them.
     if done.errors.is_empty()
         && let Err(e) = archive.write_epoch(epoch, &parts, &serde_json::json!({"epoch": epoch, "rows": done.rows}))
     {
         done.errors.push(StageError::new(&format!("archiving epoch {epoch}"), &e));
+    }
+    if trace {
+        eprintln!("  sink, epoch {epoch}: sort {:?}, archive write and commit {:?}", t1 - t0, t1.elapsed());
     }
     if !done.errors.is_empty() {
         done.rows.clear();

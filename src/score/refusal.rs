@@ -10,7 +10,7 @@
 
 use std::sync::LazyLock;
 
-use regex::{Regex, RegexBuilder};
+use regex::{RegexSet, RegexSetBuilder};
 use serde::Deserialize;
 
 use crate::conditions::PAPER_TEMPLATES;
@@ -28,33 +28,51 @@ pub enum RefusalMode {
     Default,
 }
 
-/// One phrase and the pattern that finds it.
+/// A phrase list and the patterns that find its phrases, searched in one pass over the text
+/// (a set of case-insensitive patterns, one per phrase, in list order).
 #[derive(Debug)]
-struct Rule {
-    phrase: String,
-    pattern: Regex,
+struct Rules {
+    phrases: Vec<String>,
+    patterns: RegexSet,
+}
+
+impl Rules {
+    fn new(phrases: Vec<String>, pattern: impl Fn(&str) -> String) -> Rules {
+        let sources: Vec<String> = phrases.iter().map(|p| pattern(p)).collect();
+        let patterns = RegexSetBuilder::new(&sources)
+            .case_insensitive(true)
+            .build()
+            .unwrap_or_else(|e| panic!("a refusal pattern does not compile: {e}"));
+        Rules { phrases, patterns }
+    }
+
+    /// The first phrase of the list whose pattern matches `text`.
+    fn first_match(&self, text: &str) -> Option<String> {
+        // Most outputs match none: one search says so; only a match asks which.
+        if !self.patterns.is_match(text) {
+            return None;
+        }
+        self.patterns.matches(text).iter().next().map(|i| self.phrases[i].clone())
+    }
 }
 
 #[derive(Debug)]
 struct DefaultList {
     apostrophes: Vec<char>,
-    rules: Vec<Rule>,
+    rules: Rules,
 }
 
-static PAPER_RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
+static PAPER_RULES: LazyLock<Rules> = LazyLock::new(|| {
     let value: serde_json::Value =
         serde_json::from_str(PAPER_TEMPLATES).expect("vendored paper templates are valid JSON");
-    value["refusal_phrases_case_insensitive_substring"]
+    let phrases = value["refusal_phrases_case_insensitive_substring"]
         .as_array()
         .expect("vendored paper templates hold the refusal phrase list")
         .iter()
-        .map(|p| {
-            let phrase = p.as_str().expect("refusal phrases are strings").to_string();
-            // Unescaped on purpose: the paper joined the phrases into one regex as they are.
-            let pattern = case_insensitive(&phrase);
-            Rule { phrase, pattern }
-        })
-        .collect()
+        .map(|p| p.as_str().expect("refusal phrases are strings").to_string())
+        .collect();
+    // Unescaped on purpose: the paper joined the phrases into one regex as they are.
+    Rules::new(phrases, str::to_string)
 });
 
 static DEFAULT_RULES: LazyLock<DefaultList> = LazyLock::new(|| {
@@ -65,23 +83,8 @@ static DEFAULT_RULES: LazyLock<DefaultList> = LazyLock::new(|| {
     }
     let file: File = serde_json::from_str(DEFAULT_PHRASES).expect("data/templates/refusal_phrases.json is valid");
     let apostrophes = file.apostrophes.iter().flat_map(|s| s.chars()).collect();
-    let rules = file
-        .phrases
-        .into_iter()
-        .map(|phrase| {
-            let pattern = case_insensitive(&bounded_literal(&phrase));
-            Rule { phrase, pattern }
-        })
-        .collect();
-    DefaultList { apostrophes, rules }
+    DefaultList { apostrophes, rules: Rules::new(file.phrases, bounded_literal) }
 });
-
-fn case_insensitive(pattern: &str) -> Regex {
-    RegexBuilder::new(pattern)
-        .case_insensitive(true)
-        .build()
-        .unwrap_or_else(|e| panic!("refusal pattern `{pattern}` does not compile: {e}"))
-}
 
 /// The phrase as literal text, with word boundaries at ends that are word characters.
 fn bounded_literal(phrase: &str) -> String {
@@ -105,28 +108,27 @@ impl RefusalRules {
     /// The first phrase of the list that matches `output`, if any.
     pub fn detect(&self, output: &str) -> Option<String> {
         match self.mode {
-            RefusalMode::Paper => first_match(&PAPER_RULES, output),
+            RefusalMode::Paper => PAPER_RULES.first_match(output),
             RefusalMode::Default => {
                 let list = &*DEFAULT_RULES;
+                if !output.contains(|c| list.apostrophes.contains(&c)) {
+                    return list.rules.first_match(output);
+                }
                 let folded: String =
                     output.chars().map(|c| if list.apostrophes.contains(&c) { '\'' } else { c }).collect();
-                first_match(&list.rules, &folded)
+                list.rules.first_match(&folded)
             }
         }
     }
 
     /// The phrases of the mode's list, in the order they are tried.
     pub fn phrases(&self) -> Vec<&'static str> {
-        let rules: &'static [Rule] = match self.mode {
+        let rules: &'static Rules = match self.mode {
             RefusalMode::Paper => &PAPER_RULES,
             RefusalMode::Default => &DEFAULT_RULES.rules,
         };
-        rules.iter().map(|r| r.phrase.as_str()).collect()
+        rules.phrases.iter().map(String::as_str).collect()
     }
-}
-
-fn first_match(rules: &[Rule], text: &str) -> Option<String> {
-    rules.iter().find(|r| r.pattern.is_match(text)).map(|r| r.phrase.clone())
 }
 
 #[cfg(test)]
@@ -155,6 +157,57 @@ mod tests {
     #[derive(serde::Deserialize)]
     struct RefusalConfigLike {
         mode: RefusalMode,
+    }
+
+    /// The phrases searched one pattern at a time, in list order (what the one-pass set must
+    /// equal).
+    fn one_by_one(mode: RefusalMode, output: &str) -> Option<String> {
+        let rules = RefusalRules::new(mode);
+        let text: String = match mode {
+            RefusalMode::Paper => output.to_string(),
+            RefusalMode::Default => {
+                output.chars().map(|c| if DEFAULT_RULES.apostrophes.contains(&c) { '\'' } else { c }).collect()
+            }
+        };
+        rules
+            .phrases()
+            .into_iter()
+            .find(|p| {
+                let source = if mode == RefusalMode::Paper { p.to_string() } else { bounded_literal(p) };
+                regex::RegexBuilder::new(&source).case_insensitive(true).build().unwrap().is_match(&text)
+            })
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn refusal_one_pass_over_the_list_finds_what_the_phrases_one_by_one_find() {
+        let mut outputs = vec![
+            "The capital is Paris.".to_string(),
+            "I'm sorry, but I cannot help with that.".to_string(),
+            "I can\u{2019}t do that, and I won't.".to_string(),
+            "As an AI, I cant, sorry.".to_string(),
+            "i cant. really".to_string(),
+            "icannot".to_string(),
+            String::new(),
+        ];
+        // Every phrase alone, upper-cased, and after another phrase (the first in list order wins).
+        for mode in [RefusalMode::Paper, RefusalMode::Default] {
+            let phrases = RefusalRules::new(mode).phrases();
+            for (i, p) in phrases.iter().enumerate() {
+                outputs.push(format!("Well: {p} do that."));
+                outputs.push(p.to_uppercase());
+                outputs.push(format!("{} and then {p}", phrases[(i + 7) % phrases.len()]));
+            }
+        }
+        let mut matched = 0;
+        for mode in [RefusalMode::Paper, RefusalMode::Default] {
+            for o in &outputs {
+                let want = one_by_one(mode, o);
+                matched += usize::from(want.is_some());
+                assert_eq!(RefusalRules::new(mode).detect(o), want, "{mode:?} on {o:?}");
+            }
+        }
+        assert!(matched > outputs.len(), "the cases exercise matches in both modes");
     }
 
     #[test]

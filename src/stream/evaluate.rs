@@ -65,6 +65,7 @@ impl<'a> Evaluator<'a> {
     /// run of the scoring dataflow (one epoch each), those to generate one at a time; those
     /// already committed are only recorded as finished.
     pub fn evaluate(&mut self, ready: Vec<Ready>) -> Result<Evaluated> {
+        let started = Instant::now();
         let mut out = Evaluated::default();
         let source = format!("kafka:{}", self.opts.topics.answers);
         let mut sources = Vec::new();
@@ -111,6 +112,9 @@ impl<'a> Evaluator<'a> {
             // Answer records carry their verdicts; unlabelled ones stay archived unscored
             // (`candor rescore` judges them afterwards).
             self.scorer.score(new_trials, trials_epoch, sources, labels)?;
+            if crate::dataflow::tracing_stream() {
+                eprintln!("  evaluate: rows built {:?}, fed {:?}", t0 - started, t0.elapsed());
+            }
             out.recorded.committed.extend(epochs);
             out.recorded.keys = keys;
         }
