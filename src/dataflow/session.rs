@@ -159,20 +159,45 @@ impl Session {
         let mut reports = Vec::with_capacity(self.outstanding);
         while self.outstanding > 0 {
             match self.done.recv_timeout(Duration::from_secs(1)) {
-                Ok(d) => {
-                    self.routing.lock().map(|mut r| r.epochs.retain(|_, e| *e != d.epoch)).ok();
-                    reports.push(d);
-                    self.outstanding -= 1;
-                }
+                Ok(d) => reports.push(self.settled(d)),
                 Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(self.stop().err().unwrap_or_else(|| {
-                        Error::Internal("the dataflow stopped before committing what it was fed".into())
-                    }));
-                }
+                Err(RecvTimeoutError::Disconnected) => return Err(self.stopped()),
             }
         }
         super::checked(reports)
+    }
+
+    /// The reports of the rounds committed (or failed) since the last call, without waiting
+    /// for the others (a driver that goes on reading while rounds are in flight); as
+    /// [`Self::wait`], a failed round fails the call.
+    pub fn try_done(&mut self) -> Result<Vec<EpochDone>> {
+        let mut reports = Vec::new();
+        while self.outstanding > 0 {
+            match self.done.try_recv() {
+                Ok(d) => reports.push(self.settled(d)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return Err(self.stopped()),
+            }
+        }
+        super::checked(reports)
+    }
+
+    /// Rounds fed and not yet reported.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    fn settled(&mut self, d: EpochDone) -> EpochDone {
+        self.routing.lock().map(|mut r| r.epochs.retain(|_, e| *e != d.epoch)).ok();
+        self.outstanding -= 1;
+        d
+    }
+
+    /// The error of a computation that ended with rounds outstanding.
+    fn stopped(&mut self) -> Error {
+        self.stop()
+            .err()
+            .unwrap_or_else(|| Error::Internal("the dataflow stopped before committing what it was fed".into()))
     }
 
     /// Closes the input and waits for the workers to finish.

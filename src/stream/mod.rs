@@ -204,16 +204,19 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     let mut last_message = Instant::now();
     let mut last_save = Instant::now();
     loop {
-        // A poll batch: wait for one batch of messages, then take what the readers already
-        // have, so that every checkpoint it completes is evaluated in one run of the dataflow.
+        // A poll batch: wait for one batch of messages (briefly while rounds are in flight,
+        // whose commits are taken in between), then take what the readers already have,
+        // feeding each checkpoint to the workers as soon as it is complete.
         let polled = Instant::now();
         let mut taken = 0;
-        let mut next = readers.recv(Duration::from_millis(100));
+        let wait = if s.evaluator.in_flight() > 0 { Duration::from_millis(1) } else { Duration::from_millis(100) };
+        let mut next = readers.recv(wait);
         while let Some(batch) = next {
             taken += batch.len();
             for m in batch {
                 s.handle(m)?;
             }
+            s.dispatch()?;
             last_message = Instant::now();
             next = if taken < 20_000 { readers.try_recv() } else { None };
         }
@@ -221,9 +224,9 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
             s.consuming += polled.elapsed();
         }
         let busy = Instant::now();
-        s.evaluate_ready()?;
+        s.settle(false)?;
         if busy.elapsed() > Duration::from_millis(50) {
-            // Idle means no message waiting, not time spent evaluating.
+            // Idle means no message waiting, not time spent publishing.
             last_message = Instant::now();
         }
         s.poll_outputs()?;
@@ -231,7 +234,8 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
             s.save()?;
             last_save = Instant::now();
         }
-        if opts.idle_exit.is_some_and(|idle| last_message.elapsed() >= idle) {
+        let idle = opts.idle_exit.is_some_and(|idle| last_message.elapsed() >= idle);
+        if idle && s.evaluator.in_flight() == 0 {
             break;
         }
     }
@@ -347,8 +351,10 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    /// Waits for every output to be delivered, then saves the state for the last time.
+    /// Waits for every round in flight to be committed and every output to be delivered,
+    /// then saves the state for the last time.
     fn finish(mut self) -> Result<StreamReport> {
+        self.settle(true)?;
         if let Some((delivered, published)) = self.publishing.finish()? {
             self.report.published = published;
             self.mark_published(delivered);
@@ -400,15 +406,32 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    /// Evaluates every queued checkpoint ([`evaluate::Evaluator::evaluate`]), then saves the
-    /// state, publishes and saves again.
-    fn evaluate_ready(&mut self) -> Result<()> {
-        let ready = self.ledger.take_ready();
-        if ready.is_empty() {
+    /// Feeds every queued checkpoint to the evaluator ([`evaluate::Evaluator::feed`]) and
+    /// returns: the workers score and archive while the stream reads on.
+    fn dispatch(&mut self) -> Result<()> {
+        let taken = self.ledger.take_ready();
+        if taken.is_empty() {
             return Ok(());
         }
-        let trace = std::env::var_os("CANDOR_STREAM_TRACE").is_some();
-        let evaluated = self.evaluator.evaluate(ready)?;
+        let ready: Vec<state::Ready> = taken.iter().map(|k| self.ledger.ready(k)).collect();
+        self.evaluator.feed(&ready)
+    }
+
+    /// Evaluates every queued checkpoint and waits for its commit ([`Self::dispatch`], then
+    /// [`Self::settle`] waiting).
+    fn evaluate_ready(&mut self) -> Result<()> {
+        self.dispatch()?;
+        self.settle(true)
+    }
+
+    /// Takes the epochs committed since the last call (`wait`: waits for every one fed):
+    /// records them in the state, saves it, and queues their outputs for publication.
+    fn settle(&mut self, wait: bool) -> Result<()> {
+        let evaluated = self.evaluator.settle(wait)?;
+        if evaluated.recorded.finished.is_empty() {
+            return Ok(());
+        }
+        let trace = crate::dataflow::tracing_stream();
         self.report.model_calls += evaluated.model_calls;
         self.report.from_store += evaluated.from_store;
         self.report.evaluated.extend(evaluated.evaluated);
@@ -425,7 +448,7 @@ impl<'a> Streamer<'a> {
         self.publish(epochs)?;
         if trace {
             eprintln!(
-                "evaluated {} checkpoints: consume {:?}, dataflow {:?}, save {:?}, queue for publication {:?}",
+                "settled {} checkpoints: consume {:?}, fed to committed (longest) {:?}, save {:?}, queue for publication {:?}",
                 finished.len(),
                 std::mem::take(&mut self.consuming),
                 evaluated.dataflow,

@@ -74,12 +74,12 @@ pub(super) fn checkpoint_key(model: &str, checkpoint: &str) -> String {
 /// Checkpoints whose epoch is committed: `model/checkpoint` → (epoch, is_finetuned).
 pub(super) type Done = HashMap<String, (u64, bool)>;
 
-/// A checkpoint taken off the ready queue for evaluation: its announcement and the answers
-/// that were pending for it.
-pub(super) struct Ready {
-    pub checkpoint: String,
-    pub announced: Announced,
-    pub answers: BTreeMap<String, Answer>,
+/// A checkpoint taken off the ready queue for evaluation: its announcement and its answers
+/// (which stay pending, and saved with the state, until its epoch is recorded committed).
+pub(super) struct Ready<'r> {
+    pub checkpoint: &'r str,
+    pub announced: &'r Announced,
+    pub answers: &'r BTreeMap<String, Answer>,
     /// Its epoch is committed already (evaluated before a crash, not saved since).
     pub committed: bool,
 }
@@ -104,6 +104,10 @@ pub(super) struct Ledger<'a> {
     archived_keys: HashSet<String>,
     /// Checkpoints complete and waiting for the end of the current poll batch.
     ready: BTreeSet<String>,
+    /// Checkpoints taken for evaluation and not recorded committed yet: their answers stay
+    /// pending (a crash before the commit evaluates them again), and an answer beyond their
+    /// count is late, as for a ready one.
+    in_flight: HashSet<String>,
     /// Changed since the last save.
     dirty: bool,
 }
@@ -125,6 +129,7 @@ impl<'a> Ledger<'a> {
             done,
             archived_keys,
             ready: BTreeSet::new(),
+            in_flight: HashSet::new(),
             dirty: false,
         })
     }
@@ -250,7 +255,7 @@ impl<'a> Ledger<'a> {
             // Complete (all its announced answers are in) but not evaluated yet: an answer
             // beyond the count is late however the messages were batched, so a replay of the
             // same input decides the same.
-            None if self.ready.contains(&checkpoint) => Err(Reject::new(
+            None if self.ready.contains(&checkpoint) || self.in_flight.contains(&checkpoint) => Err(Reject::new(
                 "late_answer",
                 format!("checkpoint `{checkpoint}` already has all the answers its announcement counts"),
             )),
@@ -264,6 +269,9 @@ impl<'a> Ledger<'a> {
 
     /// Queues a checkpoint for evaluation once it is announced and all its answers are in.
     fn mark_if_complete(&mut self, checkpoint: &str) {
+        if self.in_flight.contains(checkpoint) {
+            return;
+        }
         let Some(announced) = self.state.announced.get(checkpoint) else { return };
         let have = self.state.pending.get(checkpoint).map_or(0, BTreeMap::len) as u64;
         if announced.announcement.answers.is_none_or(|n| have >= n) {
@@ -271,26 +279,39 @@ impl<'a> Ledger<'a> {
         }
     }
 
-    /// Takes the queued checkpoints, with their pending answers, for evaluation (in key order).
-    pub fn take_ready(&mut self) -> Vec<Ready> {
-        std::mem::take(&mut self.ready)
-            .into_iter()
-            .map(|checkpoint| {
-                let announced = self.state.announced.get(&checkpoint).cloned().expect("queued when announced");
-                let answers = self.state.pending.remove(&checkpoint).unwrap_or_default();
-                let committed = self.committed.contains(&announced.epoch);
-                Ready { checkpoint, announced, answers, committed }
-            })
-            .collect()
+    /// Takes the queued checkpoints for evaluation (in key order): they are in flight until
+    /// [`Self::record`] finishes them; [`Self::ready`] shows each.
+    pub fn take_ready(&mut self) -> Vec<String> {
+        let taken: Vec<String> = std::mem::take(&mut self.ready).into_iter().collect();
+        self.in_flight.extend(taken.iter().cloned());
+        taken
     }
 
-    /// Records what an evaluation committed: its checkpoints are done and no longer announced.
+    /// A checkpoint taken by [`Self::take_ready`]: its announcement and pending answers.
+    pub fn ready<'r>(&'r self, checkpoint: &'r str) -> Ready<'r> {
+        const NONE: &BTreeMap<String, Answer> = &BTreeMap::new();
+        let announced = self.state.announced.get(checkpoint).expect("queued when announced");
+        Ready {
+            checkpoint,
+            announced,
+            answers: self.state.pending.get(checkpoint).unwrap_or(NONE),
+            committed: self.committed.contains(&announced.epoch),
+        }
+    }
+
+    /// Records what an evaluation committed: its checkpoints are done, no longer announced,
+    /// and their answers no longer pending.
     pub fn record(&mut self, r: &Recorded) {
         self.committed.extend(r.committed.iter().copied());
         self.archived_keys.extend(r.keys.iter().cloned());
         for (checkpoint, epoch, finetuned) in &r.finished {
             self.done.insert(checkpoint.clone(), (*epoch, *finetuned));
             self.state.announced.remove(checkpoint);
+            self.state.pending.remove(checkpoint);
+            self.in_flight.remove(checkpoint);
+        }
+        if !r.finished.is_empty() {
+            self.dirty = true;
         }
     }
 

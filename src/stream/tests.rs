@@ -220,3 +220,52 @@ fn a_replayed_stream_evaluates_checkpoints_out_of_epoch_order_in_one_computation
         assert!(in_partition > 0, "no observation segment under {dir}");
     }
 }
+
+/// A checkpoint fed to the workers and not committed yet (the stream reads on meanwhile):
+/// the state saved meanwhile still holds its answers (a crash before the commit evaluates it
+/// again rather than losing it), an answer beyond its count is late, a repeat is a repeat;
+/// once its commit is recorded its answers leave the state.
+#[test]
+fn a_checkpoint_in_flight_keeps_its_answers_in_the_saved_state_until_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Archive::open_writer(dir.path(), "test").unwrap();
+    let mut ledger = state::Ledger::open(&archive).unwrap();
+    let ann = parse_announcement(
+        Some(br#"{"schema_version":1,"model":"m","checkpoint":"c","finetuned":false,"answers":2}"#),
+        MAX,
+    )
+    .unwrap();
+    let a = |item: &str| {
+        parse_answer(Some(answer(r#","verdict":"CORRECT""#).replace("\"q1\"", &format!("\"{item}\"")).as_bytes()), MAX)
+            .unwrap()
+    };
+    assert_eq!(ledger.announce(ann, |_| false).unwrap().as_deref(), Some("m/c"));
+    ledger.answer(a("q1")).unwrap();
+    ledger.answer(a("q2")).unwrap();
+    let taken = ledger.take_ready();
+    assert_eq!(taken, ["m/c"]);
+    let epoch = {
+        let ready = ledger.ready(&taken[0]);
+        assert_eq!(ready.answers.len(), 2);
+        assert!(!ready.committed);
+        ready.announced.epoch
+    };
+    ledger.save().unwrap();
+    let saved = StreamState::load(dir.path()).unwrap();
+    assert_eq!(saved.pending.get("m/c").map(|p| p.len()), Some(2), "in-flight answers are saved");
+    assert!(saved.announced.contains_key("m/c"));
+    assert_eq!(ledger.answer(a("q3")).unwrap_err().kind, "late_answer");
+    assert_eq!(ledger.answer(a("q1")).unwrap(), None, "a repeat of an answer in flight");
+    assert!(ledger.take_ready().is_empty(), "taken once");
+    let recorded = state::Recorded {
+        finished: vec![("m/c".into(), epoch, false)],
+        committed: vec![epoch],
+        keys: vec![a("q1").response_key(), a("q2").response_key()],
+    };
+    ledger.record(&recorded);
+    ledger.save().unwrap();
+    let saved = StreamState::load(dir.path()).unwrap();
+    assert!(saved.pending.is_empty() && saved.announced.is_empty(), "{saved:?}");
+    assert_eq!(ledger.answer(a("q4")).unwrap_err().kind, "late_answer");
+    assert_eq!(ledger.answer(a("q2")).unwrap(), None, "archived");
+}
