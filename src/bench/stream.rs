@@ -17,7 +17,7 @@ use candor::score::refusal::{RefusalMode, RefusalRules};
 use candor::stream::kafka::{self, Connection};
 use candor::stream::{StreamOptions, StreamReport, Topics};
 
-use super::percentile;
+use super::{cpu_seconds, percentile};
 
 /// Answer `j` of checkpoint `i` (checkpoint 0 is the base), keyed by checkpoint.
 pub fn answer(i: usize, j: usize) -> (String, Vec<u8>) {
@@ -87,7 +87,9 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     raw_times.sort_by(f64::total_cmp);
     let raw_s = raw_times[1];
     let archive = Archive::open_writer(dir.join("throughput"), "bench")?;
+    let cpu0 = cpu_seconds();
     let report = candor::stream::run(cluster, &archive, &options(conn, &prefix, 2.0, true))?;
+    let cpu_all = cpu_seconds() - cpu0;
     let candor_s = report.seconds_to_last_evaluation.unwrap_or(f64::NAN);
     let published_s = report.seconds_to_last_publication.unwrap_or(f64::NAN);
     if report.evaluated.len() != checkpoints {
@@ -97,7 +99,9 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     // statistics`): the path Kafka → parse → refusal/score → archive without the per-record
     // output messages.
     let archive = Archive::open_writer(dir.join("throughput-statistics"), "bench")?;
+    let cpu0 = cpu_seconds();
     let quiet = candor::stream::run(cluster, &archive, &options(conn, &prefix, 2.0, false))?;
+    let cpu_quiet = cpu_seconds() - cpu0;
     if quiet.evaluated.len() != checkpoints {
         return Err(Error::Internal(format!("evaluated {} of {checkpoints} checkpoints", quiet.evaluated.len())));
     }
@@ -197,6 +201,13 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
          \x20                                          {:>10.0} records/s  ({quiet_s:.2} s) = {:.2}× raw",
         n as f64 / quiet_s,
         n as f64 / quiet_s / raw_rate
+    );
+    // The process's CPU time (every thread; the broker is another process) over each run,
+    // idle tail included: steadier than the rates on a shared machine.
+    println!(
+        "  CPU time of the process per record: {:.1} µs publishing everything, {:.1} µs --publish statistics",
+        cpu_all / n as f64 * 1e6,
+        cpu_quiet / n as f64 * 1e6
     );
     println!(
         "  latency announcement → observation on the output topic ({} observations, {} checkpoints of {lat_per}, 100 ms apart):\n\

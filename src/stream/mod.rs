@@ -10,7 +10,8 @@
 //! reason and the original bytes. Formats: `schemas/kafka/*.json`.
 //!
 //! Threads: [`readers`] read and parse the input partitions; this module's loop handles the
-//! parsed messages in partition order and evaluates; [`outbox`] publishes. A capture of the
+//! parsed messages in partition order, feeds each complete checkpoint to the timely workers
+//! and, while they score and archive it, reads on; [`outbox`] publishes. A capture of the
 //! input topics ([`capture`]) replays through the same loop without a broker
 //! ([`replay_capture`]).
 //!
@@ -25,9 +26,10 @@
 //!
 //! **Effectively once.** Consumer offsets are never committed to Kafka: they live in
 //! `stream-state.json` in the archive, saved atomically together with the operator state
-//! (announcements and answers not yet archived) and the set of epochs already published,
-//! after every archive commit and at most every `snapshot_every` otherwise. After a crash
-//! Candor re-reads from the saved offsets; an answer whose response key is already archived
+//! (announcements and answers not yet archived, those of checkpoints whose evaluation is in
+//! flight included) and the set of epochs already published, at most every `snapshot_every`
+//! while reading and whenever the stream waits for its evaluations. After a crash Candor
+//! re-reads from the saved offsets; an answer whose response key is already archived
 //! is skipped, an epoch already committed is never re-evaluated, and an epoch committed but
 //! not yet marked published is published again. Outputs therefore may repeat after a crash,
 //! but only byte-identical messages with the same key and sequence number (see
@@ -202,7 +204,6 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     }
 
     let mut last_message = Instant::now();
-    let mut last_save = Instant::now();
     loop {
         // A poll batch: wait for one batch of messages (briefly while rounds are in flight,
         // whose commits are taken in between), then take what the readers already have,
@@ -230,9 +231,8 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
             last_message = Instant::now();
         }
         s.poll_outputs()?;
-        if s.ledger.dirty() && last_save.elapsed() >= opts.snapshot_every {
+        if s.ledger.dirty() && s.saved.elapsed() >= opts.snapshot_every {
             s.save()?;
-            last_save = Instant::now();
         }
         let idle = opts.idle_exit.is_some_and(|idle| last_message.elapsed() >= idle);
         if idle && s.evaluator.in_flight() == 0 {
@@ -306,6 +306,8 @@ struct Streamer<'a> {
     started: Instant,
     /// Time spent reading and parsing messages since the last evaluation (for the trace).
     consuming: Duration,
+    /// When the state was last saved.
+    saved: Instant,
     /// The statistics messages of the epochs not published to Kafka, kept for the caller
     /// (`candor watch`) when `Some`.
     kept: Option<Vec<(u64, statistics::Messages)>>,
@@ -328,6 +330,7 @@ impl<'a> Streamer<'a> {
             report: StreamReport::default(),
             started: Instant::now(),
             consuming: Duration::ZERO,
+            saved: Instant::now(),
             kept: None,
         })
     }
@@ -375,7 +378,9 @@ impl<'a> Streamer<'a> {
     /// once what its message produced is delivered.
     fn save(&mut self) -> Result<()> {
         self.publishing.flush_dead_letters()?;
-        self.ledger.save()
+        self.ledger.save()?;
+        self.saved = Instant::now();
+        Ok(())
     }
 
     fn handle(&mut self, m: Incoming) -> Result<()> {
@@ -438,7 +443,11 @@ impl<'a> Streamer<'a> {
         self.ledger.record(&evaluated.recorded);
         let mut written = evaluated.written;
         let t1 = Instant::now();
-        self.save()?;
+        // Saved now when waited for; while reading, with the next periodic save (a commit
+        // the state does not record yet is found in the archive on a restart).
+        if wait || self.saved.elapsed() >= self.opts.snapshot_every {
+            self.save()?;
+        }
         let t2 = Instant::now();
         let finished = evaluated.recorded.finished;
         let epochs: Vec<_> = finished

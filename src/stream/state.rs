@@ -101,13 +101,14 @@ pub(super) struct Ledger<'a> {
     state: StreamState,
     committed: BTreeSet<u64>,
     done: Done,
-    archived_keys: HashSet<String>,
+    /// Every response key archived (hashed by foldhash, seeded per process).
+    archived_keys: HashSet<String, foldhash::fast::RandomState>,
     /// Checkpoints complete and waiting for the end of the current poll batch.
     ready: BTreeSet<String>,
     /// Checkpoints taken for evaluation and not recorded committed yet: their answers stay
     /// pending (a crash before the commit evaluates them again), and an answer beyond their
     /// count is late, as for a ready one.
-    in_flight: HashSet<String>,
+    in_flight: HashSet<String, foldhash::fast::RandomState>,
     /// Changed since the last save.
     dirty: bool,
 }
@@ -129,7 +130,7 @@ impl<'a> Ledger<'a> {
             done,
             archived_keys,
             ready: BTreeSet::new(),
-            in_flight: HashSet::new(),
+            in_flight: HashSet::default(),
             dirty: false,
         })
     }
