@@ -26,6 +26,7 @@ pub mod schema;
 pub mod score;
 pub mod sql;
 pub mod stats;
+pub mod trace;
 
 #[doc(hidden)]
 pub mod dataflow;

@@ -525,7 +525,7 @@ impl Archive {
         }
         let t1 = std::time::Instant::now();
         let committed = self.commit_epoch(epoch, summary);
-        if crate::dataflow::tracing_stream() {
+        if crate::trace::stream() {
             eprintln!("  archive, epoch {epoch}: files {:?}, commit {:?}", t1 - t0, t1.elapsed());
         }
         committed
@@ -555,7 +555,7 @@ impl Archive {
     fn commit_staged(&self, epoch: u64, write: &str, staged: &[Staged], summary: &Value) -> Result<()> {
         let t0 = std::time::Instant::now();
         let snap = self.snapshot()?;
-        if crate::dataflow::tracing_stream() {
+        if crate::trace::stream() {
             eprintln!("  archive, epoch {epoch}: snapshot {:?}", t0.elapsed());
         }
         if snap.committed.contains_key(&epoch) {

@@ -542,12 +542,6 @@ pub fn archive_sink<'s>(
     })
 }
 
-/// Whether `CANDOR_STREAM_TRACE` asks for the time of each step of an evaluation.
-pub fn tracing_stream() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("CANDOR_STREAM_TRACE").is_some())
-}
-
 fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BTreeMap<Epoch, Partition>) -> EpochDone {
     let mut done = EpochDone {
         epoch,
@@ -571,7 +565,7 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
     if !done.errors.is_empty() {
         return done;
     }
-    let trace = tracing_stream();
+    let trace = crate::trace::stream();
     let t0 = std::time::Instant::now();
     let mut parts = Vec::new();
     for (stream, batches) in by_stream {

@@ -145,7 +145,7 @@ impl<'a> Evaluator<'a> {
             // Answer records carry their verdicts; unlabelled ones stay archived unscored
             // (`candor rescore` judges them afterwards).
             self.scorer.score(new_trials, trials_epoch, sources, labels)?;
-            if crate::dataflow::tracing_stream() {
+            if crate::trace::stream() {
                 eprintln!("  evaluate: rows built {built:?}, fed {:?}", started.elapsed() - built);
             }
         }

@@ -199,7 +199,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
     }
     let readers =
         Readers::start(&opts.connection, metadata, &opts.group, &assigned, cluster.workers, opts.max_message_bytes)?;
-    if std::env::var_os("CANDOR_STREAM_TRACE").is_some() {
+    if crate::trace::stream() {
         eprintln!("reading from {:?} after starting", s.started.elapsed());
     }
 
@@ -436,7 +436,7 @@ impl<'a> Streamer<'a> {
         if evaluated.recorded.finished.is_empty() {
             return Ok(());
         }
-        let trace = crate::dataflow::tracing_stream();
+        let trace = crate::trace::stream();
         self.report.model_calls += evaluated.model_calls;
         self.report.from_store += evaluated.from_store;
         self.report.evaluated.extend(evaluated.evaluated);
