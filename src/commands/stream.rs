@@ -36,7 +36,8 @@ pub struct Args {
     /// Exit after this many seconds without a message (default: run forever).
     #[arg(long)]
     idle_exit: Option<f64>,
-    /// Milliseconds between state saves (archive commits always save).
+    /// Milliseconds between state saves while reading (the state is saved also whenever the
+    /// stream waits for its evaluations, and at exit).
     #[arg(long, default_value_t = 200)]
     snapshot_ms: u64,
     /// Partitions of the topics Candor creates when they are missing.

@@ -56,11 +56,14 @@ impl StreamState {
     pub fn save(&self, root: &Path) -> Result<()> {
         let path = root.join(STATE_FILE);
         let tmp = root.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
-        let bytes = serde_json::to_vec(self).expect("plain data serializes");
         {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+            // Streamed to the file (the state holds every pending answer: megabytes, never
+            // built whole in memory).
+            let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+            serde_json::to_writer(&mut w, self).map_err(|e| Error::io(&tmp, std::io::Error::from(e)))?;
+            let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         std::fs::File::open(root).and_then(|d| d.sync_all()).map_err(|e| Error::io(root, e))
