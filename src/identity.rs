@@ -81,8 +81,13 @@ pub fn escape_component(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// Joins escaped components with `/`: a key no other list of components produces.
 pub fn key(components: &[&str]) -> String {
-    let mut out = String::new();
-    for (i, c) in components.iter().enumerate() {
+    key_of(components.iter().copied())
+}
+
+/// [`key`] of components handed one at a time (no list of them built first).
+pub fn key_of<'c>(components: impl IntoIterator<Item = &'c str>) -> String {
+    let mut out = String::with_capacity(64);
+    for (i, c) in components.into_iter().enumerate() {
         if i > 0 {
             out.push('/');
         }

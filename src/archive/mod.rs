@@ -1004,18 +1004,8 @@ pub fn row_keys(stream: &str, batch: &RecordBatch) -> Result<Vec<String>> {
     }
     let strings: Vec<&StringArray> =
         columns.iter().map(|c| c.as_any().downcast_ref::<StringArray>().expect("cast to utf8")).collect();
-    // `identity::key` of the row's components, built in place.
     Ok((0..batch.num_rows())
-        .map(|i| {
-            let mut key = String::with_capacity(64);
-            for (j, s) in strings.iter().enumerate() {
-                if j > 0 {
-                    key.push('/');
-                }
-                key.push_str(&crate::identity::escape_component(if s.is_null(i) { "\u{0}" } else { s.value(i) }));
-            }
-            key
-        })
+        .map(|i| crate::identity::key_of(strings.iter().map(|s| if s.is_null(i) { "\u{0}" } else { s.value(i) })))
         .collect())
 }
 

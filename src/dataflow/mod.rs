@@ -565,7 +565,6 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
     if !done.errors.is_empty() {
         return done;
     }
-    let trace = crate::trace::stream();
     let t0 = std::time::Instant::now();
     let mut parts = Vec::new();
     for (stream, batches) in by_stream {
@@ -582,15 +581,14 @@ fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BT
             Err(e) => done.errors.push(StageError::new(&format!("archiving stream `{stream}`"), &e)),
         }
     }
-    let t1 = std::time::Instant::now();
+    if crate::trace::stream() {
+        eprintln!("  sink, epoch {epoch}: sort {:?}", t0.elapsed());
+    }
     // One write per epoch: every stream's rows or none of them.
     if done.errors.is_empty()
         && let Err(e) = archive.write_epoch(epoch, &parts, &serde_json::json!({"epoch": epoch, "rows": done.rows}))
     {
         done.errors.push(StageError::new(&format!("archiving epoch {epoch}"), &e));
-    }
-    if trace {
-        eprintln!("  sink, epoch {epoch}: sort {:?}, archive write and commit {:?}", t1 - t0, t1.elapsed());
     }
     if !done.errors.is_empty() {
         done.rows.clear();

@@ -182,11 +182,6 @@ impl Session {
         super::checked(reports)
     }
 
-    /// Rounds fed and not yet reported.
-    pub fn outstanding(&self) -> usize {
-        self.outstanding
-    }
-
     fn settled(&mut self, d: EpochDone) -> EpochDone {
         self.routing.lock().map(|mut r| r.epochs.retain(|_, e| *e != d.epoch)).ok();
         self.outstanding -= 1;

@@ -582,11 +582,6 @@ impl Scorer {
         self.session.try_done()
     }
 
-    /// Rounds fed and not yet reported.
-    pub fn outstanding(&self) -> usize {
-        self.session.outstanding()
-    }
-
     /// Closes the input and waits until the computation ends (on a process that does not
     /// drive it: until the driving process closes it).
     pub fn stop(&mut self) -> Result<()> {
