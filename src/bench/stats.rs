@@ -14,7 +14,7 @@ use candor::sql::input::{InputOptions, each_observation_batch};
 use candor::sql::queries::{FAMILY_TABLE, TRAJECTORIES};
 use candor::sql::synthetic::{PAPER_OBSERVATIONS, synthetic_each, synthetic_for, write_parquet_with};
 
-use super::peak_rss_mib;
+use super::{peak_rss_mib, rss_mib};
 
 /// Candor's full analysis of a Parquet observation file: read, count, every family, every
 /// report and M1–M4 with AMEs. Returns seconds.
@@ -31,10 +31,19 @@ fn candor_full(path: &Path) -> Result<(f64, usize)> {
         Ok(())
     })?;
     let applied = start.elapsed();
+    let rss = |at: &str| {
+        if std::env::var_os("CANDOR_BENCH_TRACE").is_some() {
+            let mib = |v: Option<f64>| v.unwrap_or(f64::NAN);
+            eprintln!("  after {at}: RSS {:.0} MiB, peak {:.0} MiB", mib(rss_mib()), mib(peak_rss_mib()));
+        }
+    };
+    rss("apply");
     let refresh = engine.refresh()?;
     let refreshed = start.elapsed();
+    rss("refresh");
     let errors = engine.refit()?;
     let refitted = start.elapsed();
+    rss("refit");
     let r = reports(&mut engine)?;
     let secs = start.elapsed().as_secs_f64();
     if std::env::var_os("CANDOR_BENCH_TRACE").is_some() {

@@ -55,7 +55,7 @@ use super::queries::FAMILY_STATS;
 use super::view::{FamilyKey, PairedView, cells_schema, paired_counts_schema};
 use crate::error::{Error, Result};
 use crate::stats::glm::Estimate;
-use crate::stats::models::{self, CellCount, ContextModel};
+use crate::stats::models::{self, CellTable, ContextModel};
 
 fn df_err(context: &str, e: impl std::fmt::Display) -> Error {
     Error::Internal(format!("{context}: {e}"))
@@ -451,7 +451,7 @@ struct EffectRow {
 
 /// Fits M1–M4 on a cell table (item-clustered SEs too when its rows name their items); a model
 /// that cannot be fitted is reported, not fatal.
-pub fn fit_regressions(table: &[CellCount]) -> Result<(RecordBatch, RecordBatch, Vec<String>)> {
+pub fn fit_regressions(table: &CellTable) -> Result<(RecordBatch, RecordBatch, Vec<String>)> {
     // (spec, term, model-based estimate, clustered estimate)
     let mut coef: Vec<(&str, String, Estimate, Option<Estimate>)> = Vec::new();
     let mut eff: Vec<EffectRow> = Vec::new();
@@ -479,7 +479,7 @@ pub fn fit_regressions(table: &[CellCount]) -> Result<(RecordBatch, RecordBatch,
         }
         Err(e) => errors.push(e.to_string()),
     }
-    type Fit = fn(&[CellCount]) -> std::result::Result<ContextModel, models::ModelError>;
+    type Fit = fn(&CellTable) -> std::result::Result<ContextModel, models::ModelError>;
     let specs: [(&'static str, Fit); 3] = [("M2", models::m2), ("M3", models::m3), ("M4", models::m4)];
     for (name, f) in specs {
         match f(table) {

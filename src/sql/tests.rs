@@ -387,7 +387,7 @@ proptest! {
             view.apply(&b, 1).unwrap();
         }
         prop_assert_eq!(view_rows(&view), want);
-        prop_assert_eq!(view.regression_items(), regression_items_from_scratch(&obs));
+        prop_assert_eq!(view.regression_items().to_cells(), regression_items_from_scratch(&obs));
     }
 
     /// The regressions' item rows (what the clustered SEs need) sum, cell by cell, to the
@@ -409,7 +409,7 @@ proptest! {
         .filter(|r| r[6] != "0")
         .collect();
         let mut summed: std::collections::BTreeMap<Vec<String>, (u64, u64)> = Default::default();
-        let items = view.regression_items();
+        let items = view.regression_items().to_cells();
         for c in &items {
             let key = vec![c.model.to_string(), c.dataset.to_string(), c.amendment_type.to_string(), c.prompt_type.to_string(), c.ft.to_string()];
             let e = summed.entry(key).or_default();
@@ -481,7 +481,7 @@ proptest! {
         prop_assert_eq!(view_rows(&view), sql_from_scratch(&kept));
         // The regressions' item cells too: a retracted latest checkpoint hands the model's
         // fine-tuned cells back to the one before it.
-        prop_assert_eq!(view.regression_items(), regression_items_from_scratch(&kept));
+        prop_assert_eq!(view.regression_items().to_cells(), regression_items_from_scratch(&kept));
     }
 
     /// Re-judging answers (upsert with a flipped verdict) moves them between cells exactly as
@@ -504,7 +504,7 @@ proptest! {
         for b in split(&unique, &sizes) { view.upsert(&b).unwrap(); }
         for b in split(&rejudged, &sizes) { view.upsert(&b).unwrap(); }
         prop_assert_eq!(view_rows(&view), sql_from_scratch(&rejudged));
-        prop_assert_eq!(view.regression_items(), regression_items_from_scratch(&rejudged));
+        prop_assert_eq!(view.regression_items().to_cells(), regression_items_from_scratch(&rejudged));
     }
 
     /// Re-judging mid-stream: after each batch arrives, some answers of the batches before it

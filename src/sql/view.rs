@@ -48,7 +48,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::conditions::amendment_group;
 use crate::error::{Error, Result};
-use crate::stats::models::CellCount;
+use crate::stats::models::{CellTable, CodedCell};
 use crate::stats::paired::PairedCounts;
 
 use super::counts::{CellKey, Counts, Measure, Observed, PairKey};
@@ -504,7 +504,7 @@ impl PairedView {
     /// item, amendment, prompt type, fine-tuned), each marked with its item (dataset, item key) as
     /// cluster, over each model's base checkpoint(s) and its latest fine-tuned checkpoint
     /// (highest epoch) — the rows `queries/regression_cells.sql` sums per cell.
-    pub fn regression_items(&self) -> Vec<CellCount> {
+    pub fn regression_items(&self) -> CellTable {
         let mut latest: HashMap<Sym, u64> = HashMap::default();
         for held in self.held.iter().flat_map(|(k, v)| v.iter().map(move |h| (k, h))) {
             let (key, h) = held;
@@ -529,29 +529,34 @@ impl PairedView {
             }
         }
         let mut clusters: HashMap<(Sym, Sym), u64> = HashMap::default();
-        let s = &self.strings;
         let mut rows: Vec<_> = counts.into_iter().collect();
         // In name order (the cluster numbering must not depend on arrival order), compared by
         // rank: the keys are distinct, and ranks order as the names do.
-        let rank = s.ranks();
+        let rank = self.strings.ranks();
         let r = |k: Sym| rank[k as usize];
         rows.sort_unstable_by_key(|(k, _)| (r(k.0), r(k.1), r(k.2), r(k.3), r(k.4), k.5));
-        rows.into_iter()
-            .map(|((model, dataset, item, amendment, prompt, ft), (incorrect, n))| {
-                let next = clusters.len() as u64;
-                let cluster = *clusters.entry((dataset, item)).or_insert(next);
-                CellCount::shared(
-                    s.shared(model),
-                    s.shared(dataset),
-                    s.shared(amendment),
-                    s.shared(prompt),
-                    ft,
-                    incorrect,
-                    n,
-                )
-                .with_cluster(cluster)
-            })
-            .collect()
+        let mut table = CellTable::new();
+        // Each name's code in the table, looked up once per symbol.
+        let mut codes: HashMap<Sym, u32> = HashMap::default();
+        let mut code = |sym: Sym, add: &mut dyn FnMut(&Arc<str>) -> u32| {
+            *codes.entry(sym).or_insert_with(|| add(&self.strings.names[sym as usize]))
+        };
+        for ((model, dataset, item, amendment, prompt, ft), (incorrect, n)) in rows {
+            let next = clusters.len() as u64;
+            let cluster = *clusters.entry((dataset, item)).or_insert(next);
+            let row = CodedCell {
+                model: code(model, &mut |s| table.model(s)),
+                dataset: code(dataset, &mut |s| table.dataset(s)),
+                amendment_type: code(amendment, &mut |s| table.amendment_type(s)),
+                prompt_type: code(prompt, &mut |s| table.prompt_type(s)),
+                ft,
+                incorrect,
+                n,
+                cluster: Some(cluster),
+            };
+            table.push(row);
+        }
+        table
     }
 
     /// The `paired_counts` table (see [`paired_counts_schema`]), restricted to `only` when given,

@@ -677,39 +677,74 @@ impl GlmFit {
         if rows.len() != clusters.len() {
             return Err(GlmError::Cluster(format!("{} rows but {} cluster ids", rows.len(), clusters.len())));
         }
-        if rows.n_vars != self.design.n_vars() {
-            return Err(GlmError::WrongArity { expected: self.design.n_vars(), got: rows.n_vars });
+        let members = clusters.iter().enumerate().map(|(i, &c)| (c, i, rows.successes(i), rows.trials(i)));
+        self.cluster_robust_grouped(rows, members)
+    }
+
+    /// [`GlmFit::cluster_robust`] for rows that share covariate cells: each member is
+    /// (cluster id, index of its covariate cell in `cells`, successes, trials), so millions of
+    /// item-level rows need their covariates (and fitted probability) worked out only once per
+    /// cell. Only `cells`' covariate values are read.
+    pub fn cluster_robust_grouped(
+        &self,
+        cells: &Cells,
+        members: impl IntoIterator<Item = (u64, usize, f64, f64)>,
+    ) -> Result<GlmFit, GlmError> {
+        if cells.n_vars != self.design.n_vars() {
+            return Err(GlmError::WrongArity { expected: self.design.n_vars(), got: cells.n_vars });
         }
         let p = self.params.len();
-        // Ordered by cluster id, so the meat is summed in one order and the SEs are reproducible
-        // to the last bit.
-        let mut scores: std::collections::BTreeMap<u64, Vec<f64>> = std::collections::BTreeMap::new();
+        // Each cell's non-zero design entries and fitted probability, worked out when first used.
         let mut x = vec![0.0; p];
+        let mut of_cell: Vec<Option<(Vec<(usize, f64)>, f64)>> = vec![None; cells.len()];
+        // Scores by cluster, in order of first appearance; summed into the meat in cluster-id
+        // order, so the SEs are reproducible to the last bit whatever the row order.
+        let mut index: std::collections::HashMap<u64, usize, foldhash::fast::FixedState> = Default::default();
+        let mut ids: Vec<u64> = Vec::new();
+        let mut scores: Vec<f64> = Vec::new();
         let mut nobs = 0.0;
-        for (i, &cluster) in clusters.iter().enumerate() {
-            let trials = rows.trials(i);
+        for (cluster, cell, successes, trials) in members {
             if trials == 0.0 {
                 continue;
             }
-            self.design.check_values(rows.values(i))?;
-            self.design.row(rows.values(i), &mut x);
-            let residual = rows.successes(i) - trials * sigmoid(dot(&x, &self.params));
-            let s = scores.entry(cluster).or_insert_with(|| vec![0.0; p]);
-            for j in 0..p {
-                s[j] += x[j] * residual;
+            if cell >= cells.len() {
+                return Err(GlmError::Cluster(format!("cell {cell} of {}", cells.len())));
+            }
+            let (nonzero, pi) = match &of_cell[cell] {
+                Some(c) => c,
+                None => {
+                    self.design.check_values(cells.values(cell))?;
+                    self.design.row(cells.values(cell), &mut x);
+                    let pi = sigmoid(dot(&x, &self.params));
+                    let nonzero = x.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(j, v)| (j, *v)).collect();
+                    of_cell[cell].insert((nonzero, pi))
+                }
+            };
+            let residual = successes - trials * pi;
+            let next = ids.len();
+            let g = *index.entry(cluster).or_insert(next);
+            if g == next {
+                ids.push(cluster);
+                scores.resize(scores.len() + p, 0.0);
+            }
+            let s = &mut scores[g * p..(g + 1) * p];
+            for &(j, v) in nonzero {
+                s[j] += v * residual;
             }
             nobs += trials;
         }
-        let g = scores.len() as f64;
+        let g = ids.len() as f64;
         if g < 2.0 {
-            return Err(GlmError::Cluster(format!("{} cluster(s); at least two are needed", scores.len())));
+            return Err(GlmError::Cluster(format!("{} cluster(s); at least two are needed", ids.len())));
         }
         if (nobs - self.nobs).abs() > 1e-9 * self.nobs.max(1.0) {
             return Err(GlmError::Cluster(format!("rows hold {nobs} answers, the fit {}", self.nobs)));
         }
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by_key(|&i| ids[i]);
         // Meat Σ_g s_g s_gᵀ, then bread·meat·bread with the model-based covariance as bread.
         let mut meat = vec![0.0; p * p];
-        for s in scores.values() {
+        for s in order.iter().map(|&g| &scores[g * p..(g + 1) * p]) {
             for i in 0..p {
                 for j in 0..p {
                     meat[i * p + j] += s[i] * s[j];

@@ -33,18 +33,18 @@
 //! coded per ft level); its per-group AMEs are the same counterfactual quantity as [`ContextEffect::ame`].
 //!
 //! ```
-//! use candor::stats::models::{m2, CellCount};
+//! use candor::stats::models::{m2, CellCount, CellTable};
 //! let cell = |amendment: &str, ft, incorrect| CellCount::new("m", "trivia", amendment, "original", ft, incorrect, 100);
 //! let table = [
 //!     cell("unmodified", false, 30), cell("unmodified", true, 45),
 //!     cell("emotion:sad", false, 35), cell("emotion:sad", true, 60),
 //! ];
-//! let result = m2(&table).unwrap();
+//! let result = m2(&CellTable::from(&table[..])).unwrap();
 //! let sad = result.effects.iter().find(|e| e.context == "emotion").unwrap();
 //! assert!((sad.ame - 0.25).abs() < 1e-9); // saturated: the raw difference in error rate
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::conditions::amendment_group;
@@ -199,15 +199,149 @@ impl std::fmt::Display for ModelError {
 
 impl std::error::Error for ModelError {}
 
+/// Names of one column of a [`CellTable`], each held once.
+#[derive(Clone, Debug, Default)]
+struct Names {
+    names: Vec<Arc<str>>,
+    codes: HashMap<Arc<str>, u32>,
+}
+
+impl Names {
+    fn code(&mut self, name: &Arc<str>) -> u32 {
+        if let Some(&c) = self.codes.get(name) {
+            return c;
+        }
+        let c = self.names.len() as u32;
+        self.names.push(name.clone());
+        self.codes.insert(name.clone(), c);
+        c
+    }
+}
+
+/// A table of answer counts as M1–M4 read it, encoded: each column's names (models, datasets,
+/// amendment types, prompt types) are held once and rows refer to them by code, so an
+/// item-level table of millions of rows is a few tens of bytes a row and a model's selection
+/// is worked out once per distinct name, not once per row. Rows may repeat a cell (summed).
+#[derive(Clone, Debug, Default)]
+pub struct CellTable {
+    models: Names,
+    datasets: Names,
+    amendment_types: Names,
+    prompt_types: Names,
+    rows: Vec<CodedCell>,
+}
+
+/// One row of a [`CellTable`]; names are codes from [`CellTable::model`] and its siblings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodedCell {
+    pub model: u32,
+    pub dataset: u32,
+    pub amendment_type: u32,
+    pub prompt_type: u32,
+    pub ft: bool,
+    pub incorrect: u64,
+    pub n: u64,
+    /// The item these answers belong to (see [`CellCount::cluster`]).
+    pub cluster: Option<u64>,
+}
+
+impl CellTable {
+    pub fn new() -> Self {
+        CellTable::default()
+    }
+
+    /// The code of a model name (added if new); likewise [`Self::dataset`],
+    /// [`Self::amendment_type`] and [`Self::prompt_type`].
+    pub fn model(&mut self, name: &Arc<str>) -> u32 {
+        self.models.code(name)
+    }
+
+    pub fn dataset(&mut self, name: &Arc<str>) -> u32 {
+        self.datasets.code(name)
+    }
+
+    pub fn amendment_type(&mut self, name: &Arc<str>) -> u32 {
+        self.amendment_types.code(name)
+    }
+
+    pub fn prompt_type(&mut self, name: &Arc<str>) -> u32 {
+        self.prompt_types.code(name)
+    }
+
+    /// Adds a row. Panics if a code was not handed out by this table.
+    pub fn push(&mut self, row: CodedCell) {
+        assert!(
+            (row.model as usize) < self.models.names.len()
+                && (row.dataset as usize) < self.datasets.names.len()
+                && (row.amendment_type as usize) < self.amendment_types.names.len()
+                && (row.prompt_type as usize) < self.prompt_types.names.len(),
+            "a CellTable row refers to a name the table does not hold"
+        );
+        self.rows.push(row);
+    }
+
+    /// Adds a row given by names.
+    pub fn push_cell(&mut self, c: &CellCount) {
+        let row = CodedCell {
+            model: self.model(&c.model),
+            dataset: self.dataset(&c.dataset),
+            amendment_type: self.amendment_type(&c.amendment_type),
+            prompt_type: self.prompt_type(&c.prompt_type),
+            ft: c.ft,
+            incorrect: c.incorrect,
+            n: c.n,
+            cluster: c.cluster,
+        };
+        self.rows.push(row);
+    }
+
+    pub fn rows(&self) -> &[CodedCell] {
+        &self.rows
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows with their names.
+    pub fn to_cells(&self) -> Vec<CellCount> {
+        self.rows
+            .iter()
+            .map(|r| CellCount {
+                model: self.models.names[r.model as usize].clone(),
+                dataset: self.datasets.names[r.dataset as usize].clone(),
+                amendment_type: self.amendment_types.names[r.amendment_type as usize].clone(),
+                prompt_type: self.prompt_types.names[r.prompt_type as usize].clone(),
+                ft: r.ft,
+                incorrect: r.incorrect,
+                n: r.n,
+                cluster: r.cluster,
+            })
+            .collect()
+    }
+}
+
+impl From<&[CellCount]> for CellTable {
+    fn from(cells: &[CellCount]) -> Self {
+        let mut table = CellTable::new();
+        cells.iter().for_each(|c| table.push_cell(c));
+        table
+    }
+}
+
 /// M1: effect of fine-tuning on unmodified questions with original prompts.
-pub fn m1(table: &[CellCount]) -> Result<M1, ModelError> {
+pub fn m1(table: &CellTable) -> Result<M1, ModelError> {
     const NAME: &str = "M1";
-    let rows = select(table, NAME, |c| {
-        amendment_group(&c.amendment_type) == "unmodified" && prompt_group(&c.prompt_type) == "original"
+    let selection = select(table, NAME, |amendment, prompt| {
+        (amendment_group(amendment) == "unmodified" && prompt_group(prompt) == "original").then(String::new)
     })?;
-    let spec = Spec::new(&rows, None);
+    let spec = Spec::new(table, &selection, None);
     let err = |error| ModelError::Fit { model: NAME, error };
-    let Fitted { fit, cells, clustered } = spec.fit(&rows).map_err(err)?;
+    let Fitted { fit, cells, clustered } = spec.fit(table, &selection).map_err(err)?;
     let ft = fit.coef("ft").map_err(err)?;
     let ame = fit.average_contrast_estimate(&cells, spec.ft, 1.0, 0.0, |_| true).map_err(err)?;
     let clustered = match clustered {
@@ -223,85 +357,118 @@ pub fn m1(table: &[CellCount]) -> Result<M1, ModelError> {
 }
 
 /// M2: effect of fine-tuning per amendment group, original prompts.
-pub fn m2(table: &[CellCount]) -> Result<ContextModel, ModelError> {
-    context_model(
-        table,
-        "M2",
-        "amendment",
-        "unmodified",
-        |c| prompt_group(&c.prompt_type) == "original",
-        |c| amendment_group(&c.amendment_type).to_string(),
-    )
+pub fn m2(table: &CellTable) -> Result<ContextModel, ModelError> {
+    context_model(table, "M2", "amendment", "unmodified", |amendment, prompt| {
+        (prompt_group(prompt) == "original").then(|| amendment_group(amendment).to_string())
+    })
 }
 
 /// M3: effect of fine-tuning per detailed amendment type, original prompts.
-pub fn m3(table: &[CellCount]) -> Result<ContextModel, ModelError> {
-    context_model(
-        table,
-        "M3",
-        "amendment",
-        "unmodified",
-        |c| prompt_group(&c.prompt_type) == "original",
-        |c| c.amendment_type.trim().to_string(),
-    )
+pub fn m3(table: &CellTable) -> Result<ContextModel, ModelError> {
+    context_model(table, "M3", "amendment", "unmodified", |amendment, prompt| {
+        (prompt_group(prompt) == "original").then(|| amendment.trim().to_string())
+    })
 }
 
 /// M4: effect of fine-tuning per prompt group (original vs user belief), all amendments.
-pub fn m4(table: &[CellCount]) -> Result<ContextModel, ModelError> {
-    context_model(
-        table,
-        "M4",
-        "prompt_group",
-        "original",
-        |c| prompt_group(&c.prompt_type) != "other",
-        |c| prompt_group(&c.prompt_type).to_string(),
-    )
+pub fn m4(table: &CellTable) -> Result<ContextModel, ModelError> {
+    context_model(table, "M4", "prompt_group", "original", |_, prompt| {
+        let group = prompt_group(prompt);
+        (group != "other").then(|| group.to_string())
+    })
 }
 
-/// A row kept by a model's filter, with its context label resolved.
-struct Row<'a> {
-    cell: &'a CellCount,
-    context: String,
+/// A covariate cell of a model: (model code, dataset code, context, fine-tuned).
+type CellId = (u32, u32, u32, bool);
+
+/// What one model keeps of a table: its rows summed per covariate cell.
+struct Selection {
+    /// Distinct cells in order of first appearance, with their (incorrect, answers) sums.
+    cells: Vec<(CellId, u64, u64)>,
+    /// Each table row's cell, or `None` when the model leaves the row out.
+    row_cell: Vec<Option<u32>>,
+    /// Context labels by index (one empty label when the model has no context factor).
+    contexts: Vec<String>,
+    /// Rows kept, and how many of them name their item.
+    kept: usize,
+    named: usize,
 }
 
-fn select<'a>(
-    table: &'a [CellCount],
+/// Selects a model's rows: `label` says, per (amendment type, prompt type), whether a row is in
+/// the model and under which context; it is asked once per distinct pair.
+fn select(
+    table: &CellTable,
     model: &'static str,
-    keep: impl Fn(&CellCount) -> bool,
-) -> Result<Vec<Row<'a>>, ModelError> {
-    let mut rows = Vec::new();
-    for (i, c) in table.iter().enumerate() {
-        if c.incorrect > c.n {
+    label: impl Fn(&str, &str) -> Option<String>,
+) -> Result<Selection, ModelError> {
+    let (n_amendments, n_prompts) = (table.amendment_types.names.len(), table.prompt_types.names.len());
+    let mut contexts: Vec<String> = Vec::new();
+    let mut context_of: Vec<Option<Option<u32>>> = vec![None; n_amendments * n_prompts];
+    let n_contexts_max = n_amendments * n_prompts;
+    let (n_models, n_datasets) = (table.models.names.len(), table.datasets.names.len());
+    // Dense: every (model, dataset, context, ft) has its slot; tables hold a handful of each.
+    let mut cell_of: Vec<u32> = vec![u32::MAX; n_models * n_datasets * n_contexts_max.max(1) * 2];
+    let mut cells: Vec<(CellId, u64, u64)> = Vec::new();
+    let mut row_cell = Vec::with_capacity(table.rows.len());
+    let (mut kept, mut named) = (0, 0);
+    for (i, r) in table.rows.iter().enumerate() {
+        if r.incorrect > r.n {
             return Err(ModelError::InvalidCell { row: i });
         }
-        if keep(c) && c.n > 0 {
-            rows.push(Row { cell: c, context: String::new() });
+        let pair = r.amendment_type as usize * n_prompts + r.prompt_type as usize;
+        let context = *context_of[pair].get_or_insert_with(|| {
+            let l = label(
+                &table.amendment_types.names[r.amendment_type as usize],
+                &table.prompt_types.names[r.prompt_type as usize],
+            )?;
+            Some(match contexts.iter().position(|c| *c == l) {
+                Some(k) => k as u32,
+                None => {
+                    contexts.push(l);
+                    contexts.len() as u32 - 1
+                }
+            })
+        });
+        let Some(context) = context.filter(|_| r.n > 0) else {
+            row_cell.push(None);
+            continue;
+        };
+        let id = (r.model, r.dataset, context, r.ft);
+        let slot = ((r.model as usize * n_datasets + r.dataset as usize) * n_contexts_max + context as usize) * 2
+            + r.ft as usize;
+        if cell_of[slot] == u32::MAX {
+            cell_of[slot] = cells.len() as u32;
+            cells.push((id, 0, 0));
         }
+        let c = cell_of[slot];
+        cells[c as usize].1 += r.incorrect;
+        cells[c as usize].2 += r.n;
+        row_cell.push(Some(c));
+        kept += 1;
+        named += r.cluster.is_some() as usize;
     }
-    if rows.is_empty() {
+    if kept == 0 {
         return Err(ModelError::NoData { model });
     }
-    Ok(rows)
+    Ok(Selection { cells, row_cell, contexts, kept, named })
 }
 
 fn context_model(
-    table: &[CellCount],
+    table: &CellTable,
     name: &'static str,
     factor_name: &str,
     reference: &'static str,
-    keep: impl Fn(&CellCount) -> bool,
-    context_of: impl Fn(&CellCount) -> String,
+    label: impl Fn(&str, &str) -> Option<String>,
 ) -> Result<ContextModel, ModelError> {
-    let mut rows = select(table, name, keep)?;
-    for r in &mut rows {
-        r.context = context_of(r.cell);
-    }
-    if !rows.iter().any(|r| r.context == reference) {
+    let selection = select(table, name, label)?;
+    let present =
+        |label: &str| selection.cells.iter().any(|((_, _, c, _), _, _)| selection.contexts[*c as usize] == label);
+    if !present(reference) {
         return Err(ModelError::MissingReference { model: name, reference });
     }
-    let spec = Spec::new(&rows, Some((factor_name, reference)));
+    let spec = Spec::new(table, &selection, Some((factor_name, reference)));
     let err = |error| ModelError::Fit { model: name, error };
-    let Fitted { fit, cells, clustered } = spec.fit(&rows).map_err(err)?;
+    let Fitted { fit, cells, clustered } = spec.fit(table, &selection).map_err(err)?;
     let ctx = spec.context.expect("context factor declared");
     let mut effects = Vec::with_capacity(spec.context_levels.len());
     for (level, label) in spec.context_levels.iter().enumerate() {
@@ -321,7 +488,12 @@ fn context_model(
             )),
             None => None,
         };
-        let n = rows.iter().filter(|r| &r.context == label).map(|r| r.cell.n).sum();
+        let n = selection
+            .cells
+            .iter()
+            .filter(|((_, _, c, _), _, _)| selection.contexts[*c as usize] == *label)
+            .map(|(_, _, n)| n)
+            .sum();
         effects.push(ContextEffect {
             context: label.clone(),
             log_odds,
@@ -352,10 +524,11 @@ struct Spec {
 }
 
 impl Spec {
-    fn new(rows: &[Row], context: Option<(&str, &str)>) -> Spec {
-        let datasets = sorted_levels(rows.iter().map(|r| &*r.cell.dataset));
-        let models = sorted_levels(rows.iter().map(|r| &*r.cell.model));
-        let context_levels = sorted_levels(rows.iter().map(|r| r.context.as_str()));
+    fn new(table: &CellTable, selection: &Selection, context: Option<(&str, &str)>) -> Spec {
+        let ids = || selection.cells.iter().map(|(id, _, _)| id);
+        let datasets = sorted_levels(ids().map(|id| &*table.datasets.names[id.1 as usize]));
+        let models = sorted_levels(ids().map(|id| &*table.models.names[id.0 as usize]));
+        let context_levels = sorted_levels(ids().map(|id| selection.contexts[id.2 as usize].as_str()));
         let dataset_ref = if datasets.iter().any(|d| d == "disinfo") { "disinfo" } else { &datasets[0] };
 
         let mut d = DesignBuilder::new();
@@ -377,46 +550,31 @@ impl Spec {
         Spec { design: d.build(), ft, dataset, model, context, datasets, models, context_levels }
     }
 
-    /// The covariate values of one row.
-    fn values(&self, r: &Row, out: &mut [f64]) {
+    /// The covariate values of one cell.
+    fn values(&self, table: &CellTable, selection: &Selection, id: CellId, out: &mut [f64]) {
         let code = |levels: &[String], v: &str| levels.binary_search_by(|l| l.as_str().cmp(v)).unwrap() as f64;
-        out[self.ft.0] = r.cell.ft as u32 as f64;
-        out[self.dataset.0] = code(&self.datasets, &r.cell.dataset);
-        out[self.model.0] = code(&self.models, &r.cell.model);
+        out[self.ft.0] = id.3 as u32 as f64;
+        out[self.dataset.0] = code(&self.datasets, &table.datasets.names[id.1 as usize]);
+        out[self.model.0] = code(&self.models, &table.models.names[id.0 as usize]);
         if let Some(ctx) = self.context {
-            out[ctx.0] = code(&self.context_levels, &r.context);
+            out[ctx.0] = code(&self.context_levels, &selection.contexts[id.2 as usize]);
         }
     }
 
-    /// Sums the rows into distinct covariate cells and fits; when every row names its item,
-    /// also forms the item-clustered covariance from the rows themselves.
-    fn fit(&self, rows: &[Row]) -> Result<Fitted, GlmError> {
+    /// Fits on the selection's cells; when every kept row names its item, also forms the
+    /// item-clustered covariance from the rows themselves.
+    fn fit(&self, table: &CellTable, selection: &Selection) -> Result<Fitted, GlmError> {
         let n_vars = self.design.n_vars();
+        // Each cell's covariates, worked out once: item-level tables repeat a few hundred
+        // cells over millions of rows.
+        let mut covariates = Cells::new(n_vars);
         let mut values = vec![0.0; n_vars];
-        // Each row's covariates, worked out once per distinct (model, dataset, context, ft):
-        // item-level tables repeat a few hundred such cells over millions of rows.
-        let mut of_cell: HashMap<(&str, &str, &str, bool), usize> = HashMap::new();
-        let mut cell_values: Vec<Vec<f64>> = Vec::new();
-        let mut row_cell = Vec::with_capacity(rows.len());
-        for r in rows {
-            let id = (&*r.cell.model, &*r.cell.dataset, r.context.as_str(), r.cell.ft);
-            let next = cell_values.len();
-            let i = *of_cell.entry(id).or_insert(next);
-            if i == next {
-                self.values(r, &mut values);
-                cell_values.push(values.clone());
-            }
-            row_cell.push(i);
-        }
         let mut merged: BTreeMap<Vec<u64>, (Vec<f64>, u64, u64)> = BTreeMap::new();
-        let mut sums = vec![(0u64, 0u64); cell_values.len()];
-        for (r, &i) in rows.iter().zip(&row_cell) {
-            sums[i].0 += r.cell.incorrect;
-            sums[i].1 += r.cell.n;
-        }
-        for (v, (incorrect, n)) in cell_values.iter().zip(sums) {
-            let key = v.iter().map(|x| x.to_bits()).collect();
-            let e = merged.entry(key).or_insert_with(|| (v.clone(), 0, 0));
+        for &(id, incorrect, n) in &selection.cells {
+            self.values(table, selection, id, &mut values);
+            covariates.push(&values, 0.0, 0.0)?;
+            let key = values.iter().map(|x| x.to_bits()).collect();
+            let e = merged.entry(key).or_insert_with(|| (values.clone(), 0, 0));
             e.1 += incorrect;
             e.2 += n;
         }
@@ -425,26 +583,24 @@ impl Spec {
             cells.push(v, *incorrect as f64, *n as f64)?;
         }
         let fit = fit(&self.design, &cells)?;
-        let named = rows.iter().filter(|r| r.cell.cluster.is_some()).count();
-        let clustered = if named == 0 {
+        let clustered = if selection.named == 0 {
             None
-        } else if named < rows.len() {
-            return Err(GlmError::Cluster(format!("{} of {} rows name no item", rows.len() - named, rows.len())));
+        } else if selection.named < selection.kept {
+            let unnamed = selection.kept - selection.named;
+            return Err(GlmError::Cluster(format!("{unnamed} of {} rows name no item", selection.kept)));
         } else {
-            let mut item_rows = Cells::new(n_vars);
-            let mut ids = Vec::with_capacity(rows.len());
-            for (r, &i) in rows.iter().zip(&row_cell) {
-                item_rows.push(&cell_values[i], r.cell.incorrect as f64, r.cell.n as f64)?;
-                ids.push(r.cell.cluster.expect("checked above"));
-            }
+            let members = || {
+                table.rows.iter().zip(&selection.row_cell).filter_map(|(r, c)| {
+                    c.map(|c| (r.cluster.expect("checked above"), c as usize, r.incorrect as f64, r.n as f64))
+                })
+            };
             // One item has no between-item variation to estimate: no clustered SEs.
-            let clusters = ids.iter().collect::<std::collections::HashSet<_>>().len();
-            if clusters < 2 { None } else { Some((fit.cluster_robust(&item_rows, &ids)?, clusters)) }
+            let clusters = members().map(|m| m.0).collect::<HashSet<u64, foldhash::fast::FixedState>>().len();
+            if clusters < 2 { None } else { Some((fit.cluster_robust_grouped(&covariates, members())?, clusters)) }
         };
         Ok(Fitted { fit, cells, clustered })
     }
 }
-
 /// A fit, the cells it was fitted on, and its item-clustered version with the item count.
 struct Fitted {
     fit: GlmFit,
@@ -455,6 +611,10 @@ struct Fitted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn t(rows: &[CellCount]) -> CellTable {
+        CellTable::from(rows)
+    }
 
     fn close(a: f64, b: f64, tol: f64) -> bool {
         (a - b).abs() <= tol * a.abs().max(b.abs())
@@ -498,7 +658,7 @@ mod tests {
             table.push(CellCount::new(m, ds, "emotion:sad", "original", true, 49, 50));
             table.push(CellCount::new(m, ds, "unmodified", "incorrect", true, 0, 50));
         }
-        let r = m1(&table).unwrap();
+        let r = m1(&t(&table)).unwrap();
         assert_close(r.ft.estimate, 0.6869738172788299, 1e-12);
         assert_close(r.ft.se, 0.22063270603446666, 1e-12);
         assert_close(r.fit.coef("dataset[T.trivia]").unwrap().estimate, 0.914861367312311, 1e-12);
@@ -525,7 +685,7 @@ mod tests {
     #[test]
     fn m3_per_context_effects_match_the_saturated_closed_form() {
         let (table, counts) = context_table();
-        let r = m3(&table).unwrap();
+        let r = m3(&t(&table)).unwrap();
         assert_eq!(
             r.effects.iter().map(|e| e.context.as_str()).collect::<Vec<_>>(),
             ["emotion:happy", "emotion:sad", "stake:high", "unmodified"]
@@ -554,8 +714,8 @@ mod tests {
                 items.push(CellCount { incorrect: wrong, n: 1, ..c.clone() }.with_cluster(items.len() as u64));
             }
         }
-        let plain = m3(&table).unwrap();
-        let r = m3(&items).unwrap();
+        let plain = m3(&t(&table)).unwrap();
+        let r = m3(&t(&items)).unwrap();
         // The `incorrect` rows are outside M3, so 800 items remain.
         assert!(plain.clustered.is_none() && r.clustered.as_ref().unwrap().1 == 800);
         let scale = (800.0f64 / 792.0).sqrt();
@@ -584,20 +744,20 @@ mod tests {
                 }
             }
         }
-        let r = m1(&table).unwrap();
+        let r = m1(&t(&table)).unwrap();
         let c = r.clustered.unwrap();
         assert!(c.ft.se > 2.0 * r.ft.se, "{} vs {}", c.ft.se, r.ft.se);
         assert_eq!(c.clusters, 4);
         // Rows that mix named and unnamed items are refused.
         let mut mixed = table.clone();
         mixed.push(CellCount::new("m", "trivia", "unmodified", "original", false, 3, 10));
-        assert!(matches!(m1(&mixed), Err(ModelError::Fit { error: GlmError::Cluster(_), .. })));
+        assert!(matches!(m1(&t(&mixed)), Err(ModelError::Fit { error: GlmError::Cluster(_), .. })));
     }
 
     #[test]
     fn m2_pools_detailed_types_into_groups() {
         let (table, _) = context_table();
-        let r = m2(&table).unwrap();
+        let r = m2(&t(&table)).unwrap();
         let emotion = r.effects.iter().find(|e| e.context == "emotion").unwrap();
         // Pooled emotion cells: base 60/200, warm 90/200; still saturated at the group level.
         assert_close(emotion.log_odds.estimate, logit(90.0, 200.0) - logit(60.0, 200.0), 1e-10);
@@ -618,7 +778,7 @@ mod tests {
             table.push(CellCount::new("m", "disinfo", "unmodified", pt, false, base, 50));
             table.push(CellCount::new("m", "disinfo", "unmodified", pt, true, warm, 50));
         }
-        let r = m4(&table).unwrap();
+        let r = m4(&t(&table)).unwrap();
         let belief = r.effects.iter().find(|e| e.context == "user_opinion").unwrap();
         // ORACLES.md §3 interaction oracle: 1.024504, SE 0.292614 (closed forms).
         assert_close(belief.log_odds.estimate, ((65.0 / 35.0) / (40.0 / 60.0f64)).ln(), 1e-10);
@@ -632,18 +792,18 @@ mod tests {
     #[test]
     fn missing_data_is_an_error() {
         let only_belief = [CellCount::new("m", "trivia", "unmodified", "incorrect", true, 5, 10)];
-        assert_eq!(m1(&only_belief), Err(ModelError::NoData { model: "M1" }));
+        assert_eq!(m1(&t(&only_belief)), Err(ModelError::NoData { model: "M1" }));
         let no_reference = [
             CellCount::new("m", "trivia", "emotion:sad", "original", true, 5, 10),
             CellCount::new("m", "trivia", "emotion:sad", "original", false, 4, 10),
         ];
-        assert_eq!(m2(&no_reference), Err(ModelError::MissingReference { model: "M2", reference: "unmodified" }));
+        assert_eq!(m2(&t(&no_reference)), Err(ModelError::MissingReference { model: "M2", reference: "unmodified" }));
         let bad = [CellCount::new("m", "trivia", "unmodified", "original", true, 11, 10)];
-        assert_eq!(m1(&bad), Err(ModelError::InvalidCell { row: 0 }));
+        assert_eq!(m1(&t(&bad)), Err(ModelError::InvalidCell { row: 0 }));
         let separated = [
             CellCount::new("m", "trivia", "unmodified", "original", true, 0, 10),
             CellCount::new("m", "trivia", "unmodified", "original", false, 4, 10),
         ];
-        assert!(matches!(m1(&separated), Err(ModelError::Fit { error: GlmError::Separation, .. })));
+        assert!(matches!(m1(&t(&separated)), Err(ModelError::Fit { error: GlmError::Separation, .. })));
     }
 }
