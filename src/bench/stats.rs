@@ -32,7 +32,7 @@ fn candor_full(path: &Path) -> Result<(f64, usize)> {
     })?;
     let applied = start.elapsed();
     let rss = |at: &str| {
-        if std::env::var_os("CANDOR_BENCH_TRACE").is_some() {
+        if candor::trace::stats() {
             let mib = |v: Option<f64>| v.unwrap_or(f64::NAN);
             eprintln!("  after {at}: RSS {:.0} MiB, peak {:.0} MiB", mib(rss_mib()), mib(peak_rss_mib()));
         }
@@ -46,7 +46,7 @@ fn candor_full(path: &Path) -> Result<(f64, usize)> {
     rss("refit");
     let r = reports(&mut engine)?;
     let secs = start.elapsed().as_secs_f64();
-    if std::env::var_os("CANDOR_BENCH_TRACE").is_some() {
+    if candor::trace::stats() {
         eprintln!(
             "  full: read {read:?}, apply {:?}, refresh {:?}, refit {:?}, reports {:?}",
             applied - read,
@@ -103,7 +103,7 @@ fn incremental(history: usize, reps: usize) -> Result<(f64, f64, usize)> {
     let mut times = Vec::new();
     let mut families = 0;
     // Where each update's time goes, on stderr.
-    let trace = std::env::var_os("CANDOR_BENCH_TRACE").is_some();
+    let trace = candor::trace::stats();
     for r in 0..reps {
         let new = synthetic_for(8_000, 100 + r as u64, 1, &format!("warm-next-{r}"), 2 + r as u64, false)?;
         let start = Instant::now();

@@ -254,8 +254,13 @@ impl StatsEngine {
 
     fn refit_regressions(&mut self) -> Result<Vec<String>> {
         // Item by item, so that the clustered SEs can see which answers share an item.
+        let start = std::time::Instant::now();
         let table = self.view.regression_items();
+        let items = start.elapsed();
         let (coefficients, effects, errors) = fit_regressions(&table)?;
+        if crate::trace::stats() {
+            eprintln!("  refit: {} item rows in {items:?}, M1–M4 in {:?}", table.len(), start.elapsed() - items);
+        }
         self.coefficients = coefficients;
         self.effects = effects;
         register(&self.ctx, "coefficients", coefficients_schema(), vec![self.coefficients.clone()])?;

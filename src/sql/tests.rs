@@ -270,14 +270,18 @@ fn observation() -> impl Strategy<Value = Observation> {
             let dataset = ["trivia", "disinfo"][ds];
             let amendment = ["unmodified", "emotion:sad", "stake:high"][am];
             let prompt = ["original", "original_neutral", "correct", "incorrect", "other"][pt];
+            // Names shared between columns (a model named like a dataset, items named like
+            // anything) must stay apart.
+            let model = ["m0", "trivia"][m];
+            let item = ["q0", "q1", "m0", "trivia", "original"][item];
             Observation {
-                response_key: format!("m{m}/{checkpoint}/{dataset}/{item}/{amendment}/{prompt}/{sample}"),
-                model: format!("m{m}"),
+                response_key: format!("{model}/{checkpoint}/{dataset}/{item}/{amendment}/{prompt}/{sample}"),
+                model: model.into(),
                 checkpoint: checkpoint.into(),
                 checkpoint_epoch: epoch,
                 is_finetuned: ft,
                 dataset: dataset.into(),
-                item_key: format!("q{item}"),
+                item_key: item.into(),
                 amendment_type: amendment.into(),
                 amendment_group: crate::conditions::amendment_group(amendment).into(),
                 prompt_type: prompt.into(),
@@ -314,8 +318,8 @@ const COUNT_COLUMNS: [&str; 11] = [
 
 /// The regressions' item rows computed from scratch as the paper's selection reads: each
 /// model's base answers and its highest-epoch fine-tuned checkpoint's, scored answers only,
-/// counted per (model, dataset, item, amendment, prompt type, fine-tuned), clusters numbered
-/// by (dataset, item) in name order.
+/// counted per (dataset, item, model, amendment, prompt type, fine-tuned) in name order,
+/// clusters numbered by (dataset, item) in name order.
 fn regression_items_from_scratch(obs: &[Observation]) -> Vec<crate::stats::models::CellCount> {
     use std::collections::BTreeMap;
     let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
@@ -323,7 +327,7 @@ fn regression_items_from_scratch(obs: &[Observation]) -> Vec<crate::stats::model
         let e = latest.entry(o.model.as_str()).or_insert(o.checkpoint_epoch);
         *e = (*e).max(o.checkpoint_epoch);
     }
-    // (model, dataset, item, amendment, prompt type, fine-tuned) → (incorrect, answers).
+    // (dataset, item, model, amendment, prompt type, fine-tuned) → (incorrect, answers).
     type Cell<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, bool);
     let mut counts: BTreeMap<Cell, (u64, u64)> = BTreeMap::new();
     for o in obs {
@@ -331,7 +335,7 @@ fn regression_items_from_scratch(obs: &[Observation]) -> Vec<crate::stats::model
         if o.is_finetuned && latest.get(o.model.as_str()) != Some(&o.checkpoint_epoch) {
             continue;
         }
-        let key = (&*o.model, &*o.dataset, &*o.item_key, &*o.amendment_type, &*o.prompt_type, o.is_finetuned);
+        let key = (&*o.dataset, &*o.item_key, &*o.model, &*o.amendment_type, &*o.prompt_type, o.is_finetuned);
         let e = counts.entry(key).or_default();
         e.0 += u64::from(!correct);
         e.1 += 1;
@@ -339,7 +343,7 @@ fn regression_items_from_scratch(obs: &[Observation]) -> Vec<crate::stats::model
     let mut clusters: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     counts
         .into_iter()
-        .map(|((model, dataset, item, amendment, prompt, ft), (incorrect, n))| {
+        .map(|((dataset, item, model, amendment, prompt, ft), (incorrect, n))| {
             let next = clusters.len() as u64;
             let cluster = *clusters.entry((dataset, item)).or_insert(next);
             crate::stats::models::CellCount::new(model, dataset, amendment, prompt, ft, incorrect, n)

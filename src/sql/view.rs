@@ -503,7 +503,9 @@ impl PairedView {
     /// The input of the regressions M1–M4 item by item: answer counts per (model, dataset,
     /// item, amendment, prompt type, fine-tuned), each marked with its item (dataset, item key) as
     /// cluster, over each model's base checkpoint(s) and its latest fine-tuned checkpoint
-    /// (highest epoch) — the rows `queries/regression_cells.sql` sums per cell.
+    /// (highest epoch) — the rows `queries/regression_cells.sql` sums per cell. Rows are in
+    /// (dataset, item, model, amendment, prompt type, fine-tuned) name order, items numbered in
+    /// that order: nothing about them depends on the order observations arrived in.
     pub fn regression_items(&self) -> CellTable {
         let mut latest: HashMap<Sym, u64> = HashMap::default();
         for held in self.held.iter().flat_map(|(k, v)| v.iter().map(move |h| (k, h))) {
@@ -513,50 +515,119 @@ impl PairedView {
                 *e = (*e).max(h.epoch);
             }
         }
-        // (model, dataset, item, amendment, prompt type, fine-tuned) → (incorrect, answers).
-        type ItemCell = (Sym, Sym, Sym, Sym, Sym, bool);
-        let mut counts: HashMap<ItemCell, (u64, u64)> = HashMap::default();
+        let kept = |key: &PairKey, h: &Held| {
+            h.correct.is_some() && h.mult > 0 && (!h.ft || latest.get(&key.model) == Some(&h.epoch))
+        };
+        // The items (clusters), numbered in (dataset, item) name order, so that neither the
+        // numbering nor the rows' order depends on arrival order; and how many answers each
+        // holds, for placing the rows item by item without sorting them all.
+        let rank = self.strings.ranks();
+        let mut items: HashMap<(Sym, Sym), u32> = HashMap::default();
+        let mut sizes: Vec<u32> = Vec::new();
         for (key, slots) in &self.held {
-            for h in slots {
-                let Some(correct) = h.correct else { continue };
-                if h.mult <= 0 || (h.ft && latest.get(&key.model) != Some(&h.epoch)) {
-                    continue;
+            for _ in slots.iter().filter(|h| kept(key, h)) {
+                let next = sizes.len() as u32;
+                let i = *items.entry((key.dataset, key.item)).or_insert(next);
+                if i == next {
+                    sizes.push(0);
                 }
-                let e =
-                    counts.entry((key.model, key.dataset, key.item, key.amendment, key.prompt_type, h.ft)).or_default();
-                e.0 += if correct { 0 } else { h.mult as u64 };
-                e.1 += h.mult as u64;
+                sizes[i as usize] += 1;
             }
         }
-        let mut clusters: HashMap<(Sym, Sym), u64> = HashMap::default();
-        let mut rows: Vec<_> = counts.into_iter().collect();
-        // In name order (the cluster numbering must not depend on arrival order), compared by
-        // rank: the keys are distinct, and ranks order as the names do.
-        let rank = self.strings.ranks();
-        let r = |k: Sym| rank[k as usize];
-        rows.sort_unstable_by_key(|(k, _)| (r(k.0), r(k.1), r(k.2), r(k.3), r(k.4), k.5));
-        let mut table = CellTable::new();
-        // Each name's code in the table, looked up once per symbol.
-        let mut codes: HashMap<Sym, u32> = HashMap::default();
-        let mut code = |sym: Sym, add: &mut dyn FnMut(&Arc<str>) -> u32| {
-            *codes.entry(sym).or_insert_with(|| add(&self.strings.names[sym as usize]))
-        };
-        for ((model, dataset, item, amendment, prompt, ft), (incorrect, n)) in rows {
-            let next = clusters.len() as u64;
-            let cluster = *clusters.entry((dataset, item)).or_insert(next);
-            let row = CodedCell {
-                model: code(model, &mut |s| table.model(s)),
-                dataset: code(dataset, &mut |s| table.dataset(s)),
-                amendment_type: code(amendment, &mut |s| table.amendment_type(s)),
-                prompt_type: code(prompt, &mut |s| table.prompt_type(s)),
-                ft,
-                incorrect,
-                n,
-                cluster: Some(cluster),
-            };
-            table.push(row);
+        let mut order: Vec<(Sym, Sym)> = items.keys().copied().collect();
+        order.sort_unstable_by_key(|&(dataset, item)| (rank[dataset as usize], rank[item as usize]));
+        let mut start = vec![0usize; order.len() + 1];
+        for (number, k) in order.iter().enumerate() {
+            let i = items.get_mut(k).expect("collected above");
+            start[number + 1] = start[number] + sizes[*i as usize] as usize;
+            *i = number as u32;
         }
-        table
+        drop(sizes);
+        // Each column's code of a name, worked out once per symbol, and the name's rank by code.
+        let mut table = CellTable::new();
+        let mut columns: [(Vec<u32>, Vec<u32>); 4] = Default::default();
+        let mut code = |column: usize, sym: Sym, table: &mut CellTable| {
+            let (codes, ranks) = &mut columns[column];
+            if codes.is_empty() {
+                codes.resize(rank.len(), u32::MAX);
+            }
+            if codes[sym as usize] == u32::MAX {
+                let name = &self.strings.names[sym as usize];
+                codes[sym as usize] = match column {
+                    0 => table.model(name),
+                    1 => table.dataset(name),
+                    2 => table.amendment_type(name),
+                    _ => table.prompt_type(name),
+                };
+                ranks.push(rank[sym as usize]);
+            }
+            codes[sym as usize]
+        };
+        let empty = CodedCell {
+            model: 0,
+            dataset: 0,
+            amendment_type: 0,
+            prompt_type: 0,
+            ft: false,
+            incorrect: 0,
+            n: 0,
+            cluster: CodedCell::NO_CLUSTER,
+        };
+        let mut rows = vec![empty; start[order.len()]];
+        let mut next = start.clone();
+        for (key, slots) in &self.held {
+            for h in slots.iter().filter(|h| kept(key, h)) {
+                let number = items[&(key.dataset, key.item)];
+                let at = next[number as usize];
+                next[number as usize] += 1;
+                let answers = u32::try_from(h.mult).expect("a held answer's multiplicity fits 32 bits");
+                rows[at] = CodedCell {
+                    model: code(0, key.model, &mut table),
+                    dataset: code(1, key.dataset, &mut table),
+                    amendment_type: code(2, key.amendment, &mut table),
+                    prompt_type: code(3, key.prompt_type, &mut table),
+                    ft: h.ft,
+                    incorrect: if h.correct == Some(false) { answers } else { 0 },
+                    n: answers,
+                    cluster: number,
+                };
+            }
+        }
+        drop(items);
+        // Within an item: in (model, amendment, prompt type, fine-tuned) name order, the
+        // answers of one cell (its samples) summed into one row.
+        let [(_, model_rank), _, (_, amendment_rank), (_, prompt_rank)] = &columns;
+        let sort_key = |r: &CodedCell| {
+            (
+                model_rank[r.model as usize],
+                amendment_rank[r.amendment_type as usize],
+                prompt_rank[r.prompt_type as usize],
+                r.ft,
+            )
+        };
+        let mut out = 0;
+        for number in 0..order.len() {
+            let item = &mut rows[start[number]..start[number + 1]];
+            item.sort_unstable_by_key(sort_key);
+            let mut kept = 0;
+            for i in 0..item.len() {
+                if kept > 0 && sort_key(&item[kept - 1]) == sort_key(&item[i]) {
+                    let r = item[i];
+                    let m = &mut item[kept - 1];
+                    m.incorrect = m.incorrect.checked_add(r.incorrect).expect("an item cell's answers fit 32 bits");
+                    m.n = m.n.checked_add(r.n).expect("an item cell's answers fit 32 bits");
+                } else {
+                    item[kept] = item[i];
+                    kept += 1;
+                }
+            }
+            // `out` never passes this item's start: rows only merge.
+            rows.copy_within(start[number]..start[number] + kept, out);
+            out += kept;
+        }
+        rows.truncate(out);
+        rows.shrink_to_fit();
+        table.with_rows(rows)
     }
 
     /// The `paired_counts` table (see [`paired_counts_schema`]), restricted to `only` when given,

@@ -39,7 +39,7 @@
 //!     cell("unmodified", false, 30), cell("unmodified", true, 45),
 //!     cell("emotion:sad", false, 35), cell("emotion:sad", true, 60),
 //! ];
-//! let result = m2(&CellTable::from(&table[..])).unwrap();
+//! let result = m2(&CellTable::from_cells(&table).unwrap()).unwrap();
 //! let sad = result.effects.iter().find(|e| e.context == "emotion").unwrap();
 //! assert!((sad.ame - 0.25).abs() < 1e-9); // saturated: the raw difference in error rate
 //! ```
@@ -174,6 +174,8 @@ pub struct ContextModel {
 pub enum ModelError {
     /// `n < incorrect` in an input row.
     InvalidCell { row: usize },
+    /// A count beyond 32 bits in an input row.
+    TooLarge { row: usize },
     /// No rows pass the model's filter.
     NoData { model: &'static str },
     /// The context factor's reference level has no data.
@@ -188,6 +190,7 @@ impl std::fmt::Display for ModelError {
             ModelError::InvalidCell { row } => {
                 write!(f, "row {row}: more incorrect answers than answers")
             }
+            ModelError::TooLarge { row } => write!(f, "row {row}: more than {} answers in one cell", u32::MAX),
             ModelError::NoData { model } => write!(f, "{model}: no cells pass the model's filter"),
             ModelError::MissingReference { model, reference } => {
                 write!(f, "{model}: reference level {reference:?} has no data")
@@ -232,6 +235,7 @@ pub struct CellTable {
 }
 
 /// One row of a [`CellTable`]; names are codes from [`CellTable::model`] and its siblings.
+/// Counts are 32-bit (one item's answers in one cell), so a row is 32 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CodedCell {
     pub model: u32,
@@ -239,10 +243,17 @@ pub struct CodedCell {
     pub amendment_type: u32,
     pub prompt_type: u32,
     pub ft: bool,
-    pub incorrect: u64,
-    pub n: u64,
-    /// The item these answers belong to (see [`CellCount::cluster`]).
-    pub cluster: Option<u64>,
+    pub incorrect: u32,
+    pub n: u32,
+    /// The item these answers belong to (see [`CellCount::cluster`]), or
+    /// [`CodedCell::NO_CLUSTER`]. Items are summed into the clustered covariance in this
+    /// number's order.
+    pub cluster: u32,
+}
+
+impl CodedCell {
+    /// The cluster of a row that names no item.
+    pub const NO_CLUSTER: u32 = u32::MAX;
 }
 
 impl CellTable {
@@ -270,6 +281,11 @@ impl CellTable {
 
     /// Adds a row. Panics if a code was not handed out by this table.
     pub fn push(&mut self, row: CodedCell) {
+        self.check(&row);
+        self.rows.push(row);
+    }
+
+    fn check(&self, row: &CodedCell) {
         assert!(
             (row.model as usize) < self.models.names.len()
                 && (row.dataset as usize) < self.datasets.names.len()
@@ -277,22 +293,43 @@ impl CellTable {
                 && (row.prompt_type as usize) < self.prompt_types.names.len(),
             "a CellTable row refers to a name the table does not hold"
         );
-        self.rows.push(row);
     }
 
-    /// Adds a row given by names.
-    pub fn push_cell(&mut self, c: &CellCount) {
-        let row = CodedCell {
-            model: self.model(&c.model),
-            dataset: self.dataset(&c.dataset),
-            amendment_type: self.amendment_type(&c.amendment_type),
-            prompt_type: self.prompt_type(&c.prompt_type),
-            ft: c.ft,
-            incorrect: c.incorrect,
-            n: c.n,
-            cluster: c.cluster,
-        };
-        self.rows.push(row);
+    /// The rows, given by names. Item ids are numbered in their order; a count beyond 32 bits
+    /// is an error (named by row).
+    pub fn from_cells(cells: &[CellCount]) -> Result<CellTable, ModelError> {
+        let ids: BTreeSet<u64> = cells.iter().filter_map(|c| c.cluster).collect();
+        let ids: Vec<u64> = ids.into_iter().collect();
+        let mut table = CellTable::new();
+        table.rows.reserve(cells.len());
+        for (row, c) in cells.iter().enumerate() {
+            let count = |v: u64| u32::try_from(v).map_err(|_| ModelError::TooLarge { row });
+            let cluster = match c.cluster {
+                Some(id) => ids.binary_search(&id).expect("collected above") as u32,
+                None => CodedCell::NO_CLUSTER,
+            };
+            let row = CodedCell {
+                model: table.model(&c.model),
+                dataset: table.dataset(&c.dataset),
+                amendment_type: table.amendment_type(&c.amendment_type),
+                prompt_type: table.prompt_type(&c.prompt_type),
+                ft: c.ft,
+                incorrect: count(c.incorrect)?,
+                n: count(c.n)?,
+                cluster,
+            };
+            table.rows.push(row);
+        }
+        Ok(table)
+    }
+
+    /// A table of rows already coded against `self`'s names (see [`Self::push`]).
+    pub fn with_rows(mut self, rows: Vec<CodedCell>) -> CellTable {
+        for r in &rows {
+            self.check(r);
+        }
+        self.rows = rows;
+        self
     }
 
     pub fn rows(&self) -> &[CodedCell] {
@@ -317,19 +354,11 @@ impl CellTable {
                 amendment_type: self.amendment_types.names[r.amendment_type as usize].clone(),
                 prompt_type: self.prompt_types.names[r.prompt_type as usize].clone(),
                 ft: r.ft,
-                incorrect: r.incorrect,
-                n: r.n,
-                cluster: r.cluster,
+                incorrect: r.incorrect.into(),
+                n: r.n.into(),
+                cluster: (r.cluster != CodedCell::NO_CLUSTER).then_some(r.cluster.into()),
             })
             .collect()
-    }
-}
-
-impl From<&[CellCount]> for CellTable {
-    fn from(cells: &[CellCount]) -> Self {
-        let mut table = CellTable::new();
-        cells.iter().for_each(|c| table.push_cell(c));
-        table
     }
 }
 
@@ -441,11 +470,11 @@ fn select(
             cells.push((id, 0, 0));
         }
         let c = cell_of[slot];
-        cells[c as usize].1 += r.incorrect;
-        cells[c as usize].2 += r.n;
+        cells[c as usize].1 += u64::from(r.incorrect);
+        cells[c as usize].2 += u64::from(r.n);
         row_cell.push(Some(c));
         kept += 1;
-        named += r.cluster.is_some() as usize;
+        named += (r.cluster != CodedCell::NO_CLUSTER) as usize;
     }
     if kept == 0 {
         return Err(ModelError::NoData { model });
@@ -591,7 +620,7 @@ impl Spec {
         } else {
             let members = || {
                 table.rows.iter().zip(&selection.row_cell).filter_map(|(r, c)| {
-                    c.map(|c| (r.cluster.expect("checked above"), c as usize, r.incorrect as f64, r.n as f64))
+                    c.map(|c| (u64::from(r.cluster), c as usize, f64::from(r.incorrect), f64::from(r.n)))
                 })
             };
             // One item has no between-item variation to estimate: no clustered SEs.
@@ -613,7 +642,7 @@ mod tests {
     use super::*;
 
     fn t(rows: &[CellCount]) -> CellTable {
-        CellTable::from(rows)
+        CellTable::from_cells(rows).unwrap()
     }
 
     fn close(a: f64, b: f64, tol: f64) -> bool {
