@@ -26,7 +26,7 @@ fn candor_full(path: &Path) -> Result<(f64, usize)> {
     let mut last = Instant::now();
     each_observation_batch(path, &InputOptions::default(), |b| {
         read += last.elapsed();
-        engine.apply(&b, 1)?;
+        engine.feed(&b)?;
         last = Instant::now();
         Ok(())
     })?;

@@ -59,7 +59,7 @@ pub fn analyze(inputs: &[PathBuf], opts: &InputOptions) -> Result<Analysis> {
         each_observation_batch(path, opts, |batch| {
             observations += batch.num_rows();
             excluded += batch.column_by_name("correct").map(|c| c.null_count()).unwrap_or(0);
-            engine.apply(&batch, 1)
+            engine.feed(&batch)
         })?;
         if path.is_dir() {
             let archive = crate::archive::Archive::open(path)?;

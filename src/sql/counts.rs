@@ -264,10 +264,25 @@ impl Counts {
         if batch.is_empty() {
             return Ok(Changes::default());
         }
-        let stopped = || Error::Internal("the statistics dataflow stopped".into());
-        self.updates.as_ref().ok_or_else(stopped)?.send(batch).map_err(|_| stopped())?;
+        self.send(batch)?;
+        self.receive()
+    }
+
+    /// Hands one batch to the computation as its next epoch without waiting for it; its
+    /// changes come from [`Self::receive`], one per batch sent, in order. The caller keeps
+    /// working while the computation's thread counts.
+    pub fn send(&mut self, batch: Vec<((PairKey, Observed), i64)>) -> Result<()> {
+        self.updates.as_ref().ok_or_else(stopped)?.send(batch).map_err(|_| stopped())
+    }
+
+    /// The changes of the oldest batch sent and not yet received, once its epoch is complete.
+    pub fn receive(&mut self) -> Result<Changes> {
         self.changes.get_mut().map_err(|_| stopped())?.recv().map_err(|_| stopped())
     }
+}
+
+fn stopped() -> Error {
+    Error::Internal("the statistics dataflow stopped".into())
 }
 
 /// How much each count moved in a batch of `count`'s output changes: a count `n` coming in

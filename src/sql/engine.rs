@@ -128,7 +128,20 @@ impl StatsEngine {
 
     /// Applies an observation batch with multiplicity `diff` (−1 retracts it).
     pub fn apply(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
-        self.view.apply(batch, diff)?;
+        let added = self.add(batch, diff);
+        self.view.settle()?;
+        added
+    }
+
+    /// [`Self::apply`] for loading many batches: the counts of a batch are taken in while the
+    /// next is read (see [`PairedView::feed`]), and every reader of the engine's results
+    /// ([`Self::refresh`] and the rest) settles them first.
+    pub fn feed(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.add(batch, 1)
+    }
+
+    fn add(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
+        self.view.feed(batch, diff)?;
         if self.keep_observations && diff > 0 {
             for _ in 0..diff {
                 self.observations.push(batch.clone());
@@ -151,9 +164,11 @@ impl StatsEngine {
         if self.keep_observations {
             return Err(Error::Internal("upsert is not supported while raw observations are kept".into()));
         }
+        self.view.settle()?;
         self.view.upsert(batch)
     }
 
+    /// The maintained counts, as of the last [`Self::refresh`] or [`Self::apply`].
     pub fn view(&self) -> &PairedView {
         &self.view
     }
@@ -161,6 +176,7 @@ impl StatsEngine {
     /// Recomputes the families an update changed (untouched families keep their stored rows)
     /// and the tables; the regressions wait until read ([`Self::refit`]).
     pub fn refresh(&mut self) -> Result<Refresh> {
+        self.view.settle()?;
         let (dirty, cells_dirty) = self.view.take_dirty();
         let cells_dirty = cells_dirty || std::mem::take(&mut self.cells_changed);
         let report = Refresh { families: dirty.len(), ..Refresh::default() };
@@ -201,6 +217,7 @@ impl StatsEngine {
     /// else (the tables and regressions wait for the next [`Self::refresh`]); returns those
     /// families, sorted by name. What the stream's per-family messages are made of.
     pub fn refresh_families(&mut self) -> Result<Vec<FamilyKey>> {
+        self.view.settle()?;
         let (dirty, cells_dirty) = self.view.take_dirty();
         self.cells_changed |= cells_dirty;
         if !dirty.is_empty() {
@@ -218,6 +235,7 @@ impl StatsEngine {
 
     /// Recomputes every family from the maintained counts.
     pub fn refresh_all(&mut self) -> Result<Refresh> {
+        self.view.settle()?;
         self.view.mark_all_dirty();
         self.refresh()
     }

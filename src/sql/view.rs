@@ -150,6 +150,8 @@ pub struct PairedView {
     counts: Counts,
     /// Changes not yet fed to it.
     pending: Vec<((PairKey, Observed), i64)>,
+    /// Batches fed to it whose counts are not taken in yet ([`PairedView::feed`]).
+    in_flight: usize,
     /// Its output: family → category (amendment) → counts.
     paired: HashMap<FamilyKey, HashMap<Sym, PairedCounts>>,
     cells: HashMap<CellKey, CellCounts>,
@@ -232,13 +234,25 @@ impl PairedView {
     /// the batch applied, and the first such row named in the error. Re-judged answers go
     /// through [`PairedView::upsert`].
     pub fn apply(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
+        let fed = self.feed(batch, diff);
+        self.settle()?;
+        fed
+    }
+
+    /// [`PairedView::apply`] without waiting for the counts: the batch's changes are handed
+    /// to the counting computation, which counts them on its own thread while the caller
+    /// reads the next batch; the previous batch's counts are taken in first. The families,
+    /// cells and paired counts lag by this batch until [`PairedView::settle`]. For bulk
+    /// loading; readers of the counts settle first.
+    pub fn feed(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
         let mut duplicate = None;
         self.each_row(batch, |view, key, held| {
             if !view.update(key, Held { mult: 0, ..held }, diff) && duplicate.is_none() {
                 duplicate = Some(view.describe(&key, &held));
             }
         })?;
-        self.flush()?;
+        self.settle()?;
+        self.send_pending()?;
         match duplicate {
             Some(d) => Err(Error::schema(
                 "observation",
@@ -246,6 +260,21 @@ impl PairedView {
             )),
             None => Ok(()),
         }
+    }
+
+    /// Takes in the counts of every batch fed and not yet counted.
+    pub fn settle(&mut self) -> Result<()> {
+        while self.in_flight > 0 {
+            let changes = self.counts.receive()?;
+            self.in_flight -= 1;
+            self.apply_changes(changes);
+        }
+        Ok(())
+    }
+
+    /// Whether every batch fed has been counted (see [`PairedView::feed`]).
+    pub fn settled(&self) -> bool {
+        self.in_flight == 0
     }
 
     fn describe(&self, key: &PairKey, v: &Held) -> String {
@@ -282,10 +311,23 @@ impl PairedView {
         self.flush()
     }
 
+    /// Hands the pending changes to the computation as one epoch, without waiting for it.
+    fn send_pending(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            self.counts.send(std::mem::take(&mut self.pending))?;
+            self.in_flight += 1;
+        }
+        Ok(())
+    }
+
     /// Feeds the pending changes to the computation as one epoch and applies the counts'
     /// changes, marking the families they touch dirty.
     fn flush(&mut self) -> Result<()> {
-        let changes = self.counts.update(std::mem::take(&mut self.pending))?;
+        self.send_pending()?;
+        self.settle()
+    }
+
+    fn apply_changes(&mut self, changes: super::counts::Changes) {
         for (cell, n) in changes.paired {
             let family = FamilyKey {
                 model: cell.model,
@@ -318,7 +360,6 @@ impl PairedView {
             }
             self.cells_dirty = true;
         }
-        Ok(())
     }
 
     fn each_row(&mut self, batch: &RecordBatch, mut f: impl FnMut(&mut Self, PairKey, Held)) -> Result<()> {
@@ -397,12 +438,14 @@ impl PairedView {
 
     /// The families changed since the last call, and whether the cells changed; clears both.
     pub fn take_dirty(&mut self) -> (BTreeSet<FamilyKey>, bool) {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         let families = self.dirty.drain().collect();
         (families, std::mem::take(&mut self.cells_dirty))
     }
 
     /// Marks every family dirty (a from-scratch recomputation).
     pub fn mark_all_dirty(&mut self) {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         self.dirty.extend(self.paired.keys().copied());
         self.cells_dirty = true;
     }
@@ -413,11 +456,13 @@ impl PairedView {
 
     /// Number of families currently held.
     pub fn family_count(&self) -> usize {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         self.paired.len()
     }
 
     /// Every family with its categories (amendment names) and counts, sorted by name.
     pub fn family_counts(&self) -> Vec<(FamilyKey, Vec<(String, PairedCounts)>)> {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         let mut out: Vec<_> = self
             .paired
             .iter()
@@ -434,6 +479,7 @@ impl PairedView {
     /// One family's categories (amendment names) and counts, sorted by name (empty when the
     /// family is gone, e.g. after retractions).
     pub fn family_categories(&self, f: &FamilyKey) -> Vec<(String, PairedCounts)> {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         let mut cats: Vec<_> =
             self.paired.get(f).into_iter().flatten().map(|(a, c)| (self.strings.name(*a).to_string(), *c)).collect();
         cats.sort_by(|a, b| a.0.cmp(&b.0));
@@ -448,6 +494,7 @@ impl PairedView {
 
     /// A checkpoint's answer counts summed over its cells.
     pub fn checkpoint_counts(&self, model: &str, checkpoint: &str) -> CellCounts {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         let mut total = CellCounts::default();
         let (Some(model), Some(checkpoint)) = (self.strings.get(model), self.strings.get(checkpoint)) else {
             return total;
@@ -464,6 +511,7 @@ impl PairedView {
     /// The paired counts of a fine-tuned checkpoint against one base over all its families
     /// (every dataset, test and category).
     pub fn checkpoint_pairs(&self, model: &str, base: &str, checkpoint: &str) -> PairedCounts {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         let s = &self.strings;
         let (Some(model), Some(base), Some(checkpoint)) = (s.get(model), s.get(base), s.get(checkpoint)) else {
             return PairedCounts::default();
@@ -633,6 +681,7 @@ impl PairedView {
     /// The `paired_counts` table (see [`paired_counts_schema`]), restricted to `only` when given,
     /// sorted by family and category.
     pub fn paired_counts_batch(&self, only: Option<&BTreeSet<FamilyKey>>) -> Result<RecordBatch> {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         let mut rows: Vec<(FamilyKey, Sym, PairedCounts)> = Vec::new();
         let mut push = |k: &FamilyKey, cats: &HashMap<Sym, PairedCounts>| {
             rows.extend(cats.iter().map(|(a, c)| (*k, *a, *c)));
@@ -668,6 +717,7 @@ impl PairedView {
 
     /// The `cells` table (see [`cells_schema`]), sorted.
     pub fn cells_batch(&self) -> Result<RecordBatch> {
+        debug_assert!(self.settled(), "the counts are read before the batches fed are counted");
         let s = &self.strings;
         let mut rows: Vec<(&CellKey, &CellCounts)> = self.cells.iter().collect();
         let names = |k: &CellKey| {
