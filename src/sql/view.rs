@@ -674,7 +674,6 @@ impl PairedView {
             out += kept;
         }
         rows.truncate(out);
-        rows.shrink_to_fit();
         table.with_rows(rows)
     }
 

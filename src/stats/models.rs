@@ -410,12 +410,15 @@ pub fn m4(table: &CellTable) -> Result<ContextModel, ModelError> {
 /// A covariate cell of a model: (model code, dataset code, context, fine-tuned).
 type CellId = (u32, u32, u32, bool);
 
+/// The cell of a table row a model leaves out.
+const LEFT_OUT: u32 = u32::MAX;
+
 /// What one model keeps of a table: its rows summed per covariate cell.
 struct Selection {
     /// Distinct cells in order of first appearance, with their (incorrect, answers) sums.
     cells: Vec<(CellId, u64, u64)>,
-    /// Each table row's cell, or `None` when the model leaves the row out.
-    row_cell: Vec<Option<u32>>,
+    /// Each table row's cell, or [`LEFT_OUT`] (4 bytes a row: tables have millions).
+    row_cell: Vec<u32>,
     /// Context labels by index (one empty label when the model has no context factor).
     contexts: Vec<String>,
     /// Rows kept, and how many of them name their item.
@@ -459,7 +462,7 @@ fn select(
             })
         });
         let Some(context) = context.filter(|_| r.n > 0) else {
-            row_cell.push(None);
+            row_cell.push(LEFT_OUT);
             continue;
         };
         let id = (r.model, r.dataset, context, r.ft);
@@ -472,7 +475,7 @@ fn select(
         let c = cell_of[slot];
         cells[c as usize].1 += u64::from(r.incorrect);
         cells[c as usize].2 += u64::from(r.n);
-        row_cell.push(Some(c));
+        row_cell.push(c);
         kept += 1;
         named += (r.cluster != CodedCell::NO_CLUSTER) as usize;
     }
@@ -619,9 +622,12 @@ impl Spec {
             return Err(GlmError::Cluster(format!("{unnamed} of {} rows name no item", selection.kept)));
         } else {
             let members = || {
-                table.rows.iter().zip(&selection.row_cell).filter_map(|(r, c)| {
-                    c.map(|c| (u64::from(r.cluster), c as usize, f64::from(r.incorrect), f64::from(r.n)))
-                })
+                table
+                    .rows
+                    .iter()
+                    .zip(&selection.row_cell)
+                    .filter(|(_, c)| **c != LEFT_OUT)
+                    .map(|(r, &c)| (u64::from(r.cluster), c as usize, f64::from(r.incorrect), f64::from(r.n)))
             };
             // One item has no between-item variation to estimate: no clustered SEs.
             let clusters = members().map(|m| m.0).collect::<HashSet<u64, foldhash::fast::FixedState>>().len();
