@@ -6,7 +6,9 @@
 //! The fine-tuned side is arranged by pair key and joined with the base side; each joined pair
 //! is counted per (model, base, checkpoint, dataset, test type, category, cell) by
 //! differential's `count`, and the answer cells likewise per (model, checkpoint, dataset,
-//! amendment, prompt type, measure). The join and the counts update from the diffs alone, so
+//! amendment, prompt type, measure), from each epoch's observations summed per cell on the way
+//! in ([`Epoch`]: a cell's change is one record with its multiplicity, a few hundred records an
+//! epoch instead of one or more per answer). The join and the counts update from the diffs alone, so
 //! arrival order, batch boundaries and retractions cannot change the result; each update is one
 //! logical time, and a probe says when its changes are complete.
 //!
@@ -137,16 +139,19 @@ pub struct Changes {
     pub cells: Vec<((CellKey, Measure), i64)>,
 }
 
-/// The paired statistics over a collection of observations: the counts of every paired cell
-/// and every answer cell, maintained by `count` (outputs are `(key, count)` with the usual
-/// `+1` new / `-1` old changes).
+/// The paired statistics: the counts of every paired cell over a collection of observations,
+/// and of every answer cell over a collection of answer-cell changes ([`Epoch`] sums an
+/// epoch's observations per cell before they enter, so the count sees a few hundred records an
+/// epoch, not one or more per answer), both maintained by `count` (outputs are `(key, count)`
+/// with the usual `+1` new / `-1` old changes).
 #[allow(clippy::type_complexity)] // the two output collections, spelled out
 pub fn statistics<'s>(
     observations: VecCollection<'s, u64, (PairKey, Observed), i64>,
+    cell_changes: VecCollection<'s, u64, (CellKey, Measure), i64>,
 ) -> (VecCollection<'s, u64, (PairedCell, i64), isize>, VecCollection<'s, u64, ((CellKey, Measure), i64), isize>) {
     // Only answers with a verdict in one of the tests pair; each side is arranged by pair key
     // with only what the join needs (checkpoint, correct, test), to keep the arrangements small.
-    let pairable = observations.clone().flat_map(|(k, o): (PairKey, Observed)| match (o.correct, o.test) {
+    let pairable = observations.flat_map(|(k, o): (PairKey, Observed)| match (o.correct, o.test) {
         (Some(correct), Some(test)) => Some((o.finetuned, (k, (o.checkpoint, correct, test)))),
         _ => None,
     });
@@ -165,34 +170,56 @@ pub fn statistics<'s>(
             ft_correct: f.1,
         })
         .count();
-    let cells = observations
-        .flat_map(|(k, o): (PairKey, Observed)| {
-            let key = CellKey {
-                model: k.model,
-                checkpoint: o.checkpoint,
-                ft: o.finetuned,
-                epoch: o.epoch,
-                dataset: k.dataset,
-                amendment: k.amendment,
-                prompt_type: k.prompt_type,
-            };
-            let measures = [
-                Some(Measure::Responses),
-                o.refusal.then_some(Measure::Refusals),
-                o.correct.is_none().then_some(Measure::Excluded),
-                (o.correct == Some(false)).then_some(Measure::Incorrect),
-            ];
-            measures.into_iter().flatten().map(move |m| (key, m))
-        })
-        .count();
-    (paired, cells)
+    (paired, cell_changes.count())
 }
 
-type Update = ((PairKey, Observed), i64);
+/// What an observation counts toward: its answer cell, under each measure it adds to.
+pub fn cell_measures(k: &PairKey, o: &Observed) -> impl Iterator<Item = (CellKey, Measure)> {
+    let key = CellKey {
+        model: k.model,
+        checkpoint: o.checkpoint,
+        ft: o.finetuned,
+        epoch: o.epoch,
+        dataset: k.dataset,
+        amendment: k.amendment,
+        prompt_type: k.prompt_type,
+    };
+    let measures = [
+        Some(Measure::Responses),
+        o.refusal.then_some(Measure::Refusals),
+        o.correct.is_none().then_some(Measure::Excluded),
+        (o.correct == Some(false)).then_some(Measure::Incorrect),
+    ];
+    measures.into_iter().flatten().map(move |m| (key, m))
+}
+
+/// One epoch's input to [`statistics`]: the observations that can pair, and every
+/// observation's answer-cell changes summed per cell.
+#[derive(Debug, Default)]
+pub struct Epoch {
+    observations: Vec<((PairKey, Observed), i64)>,
+    cells: std::collections::HashMap<(CellKey, Measure), i64, foldhash::fast::FixedState>,
+}
+
+impl Epoch {
+    /// Adds an observation with multiplicity `diff`.
+    pub fn push(&mut self, key: PairKey, observed: Observed, diff: i64) {
+        for cell in cell_measures(&key, &observed) {
+            *self.cells.entry(cell).or_default() += diff;
+        }
+        if observed.correct.is_some() && observed.test.is_some() {
+            self.observations.push(((key, observed), diff));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.observations.is_empty() && self.cells.is_empty()
+    }
+}
 
 /// [`statistics`] on a worker thread of its own; each [`Counts::update`] is one epoch.
 pub struct Counts {
-    updates: Option<mpsc::Sender<Vec<Update>>>,
+    updates: Option<mpsc::Sender<Epoch>>,
     /// In a mutex only so that the view stays `Sync` (it is read from async SQL).
     changes: Mutex<mpsc::Receiver<Changes>>,
     thread: Option<JoinHandle<()>>,
@@ -213,7 +240,7 @@ impl Default for Counts {
 impl Counts {
     /// Starts the computation on its own thread.
     pub fn start() -> Counts {
-        let (updates, inbox) = mpsc::channel::<Vec<Update>>();
+        let (updates, inbox) = mpsc::channel::<Epoch>();
         let (outbox, changes) = mpsc::channel::<Changes>();
         // `execute_directly` wants a `Sync` closure; the receiver is moved out once.
         let inbox = Mutex::new(inbox);
@@ -224,9 +251,10 @@ impl Counts {
                     let inbox = inbox.into_inner().expect("not shared");
                     let out: Rc<RefCell<Changes>> = Rc::default();
                     let probe = timely::dataflow::operators::probe::Handle::new();
-                    let mut input = worker.dataflow::<u64, _, _>(|scope| {
+                    let (mut input, mut cell_input) = worker.dataflow::<u64, _, _>(|scope| {
                         let (input, observations) = scope.new_collection::<(PairKey, Observed), i64>();
-                        let (paired, cells) = statistics(observations);
+                        let (cell_input, cell_changes) = scope.new_collection::<(CellKey, Measure), i64>();
+                        let (paired, cells) = statistics(observations, cell_changes);
                         let sink = out.clone();
                         paired
                             .inspect_batch(move |_, changes| sink.borrow_mut().paired.extend(moved(changes)))
@@ -235,15 +263,20 @@ impl Counts {
                         cells
                             .inspect_batch(move |_, changes| sink.borrow_mut().cells.extend(moved(changes)))
                             .probe_with(&probe);
-                        input
+                        (input, cell_input)
                     });
-                    for batch in inbox {
-                        for (data, diff) in batch {
+                    for epoch in inbox {
+                        for (data, diff) in epoch.observations {
                             input.update(data, diff);
+                        }
+                        for (data, diff) in epoch.cells.into_iter().filter(|(_, d)| *d != 0) {
+                            cell_input.update(data, diff);
                         }
                         let next = input.time() + 1;
                         input.advance_to(next);
                         input.flush();
+                        cell_input.advance_to(next);
+                        cell_input.flush();
                         while probe.less_than(input.time()) {
                             worker.step();
                         }
@@ -261,18 +294,22 @@ impl Counts {
     /// Applies one batch of observation changes as the next epoch and returns how the counts
     /// moved, once the epoch is complete.
     pub fn update(&mut self, batch: Vec<((PairKey, Observed), i64)>) -> Result<Changes> {
-        if batch.is_empty() {
+        let mut epoch = Epoch::default();
+        for ((key, observed), diff) in batch {
+            epoch.push(key, observed, diff);
+        }
+        if epoch.is_empty() {
             return Ok(Changes::default());
         }
-        self.send(batch)?;
+        self.send(epoch)?;
         self.receive()
     }
 
-    /// Hands one batch to the computation as its next epoch without waiting for it; its
-    /// changes come from [`Self::receive`], one per batch sent, in order. The caller keeps
-    /// working while the computation's thread counts.
-    pub fn send(&mut self, batch: Vec<((PairKey, Observed), i64)>) -> Result<()> {
-        self.updates.as_ref().ok_or_else(stopped)?.send(batch).map_err(|_| stopped())
+    /// Hands one epoch to the computation without waiting for it; its changes come from
+    /// [`Self::receive`], one per epoch sent, in order. The caller keeps working while the
+    /// computation's thread counts.
+    pub fn send(&mut self, epoch: Epoch) -> Result<()> {
+        self.updates.as_ref().ok_or_else(stopped)?.send(epoch).map_err(|_| stopped())
     }
 
     /// The changes of the oldest batch sent and not yet received, once its epoch is complete.

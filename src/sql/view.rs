@@ -51,7 +51,7 @@ use crate::error::{Error, Result};
 use crate::stats::models::{CellTable, CodedCell};
 use crate::stats::paired::PairedCounts;
 
-use super::counts::{CellKey, Counts, Measure, Observed, PairKey};
+use super::counts::{CellKey, Counts, Epoch, Measure, Observed, PairKey};
 pub use super::counts::{Sym, TestType};
 
 /// The view's maps and sets: keys are small integers, hashed fast (not by SipHash).
@@ -149,7 +149,7 @@ pub struct PairedView {
     /// The computation: pairs joined and counted in differential dataflow.
     counts: Counts,
     /// Changes not yet fed to it.
-    pending: Vec<((PairKey, Observed), i64)>,
+    pending: Epoch,
     /// Batches fed to it whose counts are not taken in yet ([`PairedView::feed`]).
     in_flight: usize,
     /// Its output: family → category (amendment) → counts.
@@ -418,7 +418,7 @@ impl PairedView {
             correct: v.correct,
             test,
         };
-        self.pending.push(((key, observed), diff));
+        self.pending.push(key, observed, diff);
         let slots = self.held.entry(key).or_default();
         let probe = Held { mult: 0, ..v };
         match slots.iter_mut().position(|h| Held { mult: 0, ..*h } == probe) {
