@@ -56,6 +56,7 @@ use super::view::{FamilyKey, PairedView, cells_schema, paired_counts_schema};
 use crate::error::{Error, Result};
 use crate::stats::glm::Estimate;
 use crate::stats::models::{self, CellTable, ContextModel};
+use crate::stats::power::family_minimum_detectable_difference;
 
 fn df_err(context: &str, e: impl std::fmt::Display) -> Error {
     Error::Internal(format!("{context}: {e}"))
@@ -176,15 +177,26 @@ impl StatsEngine {
     /// Recomputes the families an update changed (untouched families keep their stored rows)
     /// and the tables; the regressions wait until read ([`Self::refit`]).
     pub fn refresh(&mut self) -> Result<Refresh> {
+        let start = std::time::Instant::now();
         self.view.settle()?;
+        let settled = start.elapsed();
         let (dirty, cells_dirty) = self.view.take_dirty();
         let cells_dirty = cells_dirty || std::mem::take(&mut self.cells_changed);
         let report = Refresh { families: dirty.len(), ..Refresh::default() };
         if !dirty.is_empty() {
             self.recompute_families(&dirty)?;
         }
+        let families = start.elapsed();
         if cells_dirty || !dirty.is_empty() {
             self.register_counts()?;
+        }
+        if crate::trace::stats() {
+            let tables = start.elapsed() - families;
+            eprintln!(
+                "  refresh: counts settled in {settled:?}, {} families in {:?}, tables in {tables:?}",
+                dirty.len(),
+                families - settled
+            );
         }
         if cells_dirty && !self.regressions_stale {
             self.regressions_stale = true;
@@ -241,6 +253,7 @@ impl StatsEngine {
     }
 
     fn recompute_families(&mut self, dirty: &BTreeSet<FamilyKey>) -> Result<()> {
+        self.prepare_detectable_differences(dirty);
         let subset = self.view.paired_counts_batch(Some(dirty))?;
         register(&self.scratch, "paired_counts", paired_counts_schema(), vec![subset])?;
         let batches = self.run(&self.scratch, FAMILY_STATS.sql)?;
@@ -268,6 +281,37 @@ impl StatsEngine {
             self.family_results.insert(key, batch);
         }
         Ok(())
+    }
+
+    /// Each family's minimum detectable difference is a search of a millisecond or more, the
+    /// slowest part of `family_stats.sql`, whose window function finds them one family after
+    /// another. With many families to recompute, they are worked out beforehand on every core;
+    /// the query then finds them in the search's memo. Only a matter of time: a family this
+    /// misses is searched by the query itself.
+    fn prepare_detectable_differences(&self, dirty: &BTreeSet<FamilyKey>) {
+        const AT_LEAST: usize = 16;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if dirty.len() < AT_LEAST || threads < 2 {
+            return;
+        }
+        // As the query hands them over: per category, pairs and discordant pairs.
+        let families: Vec<Vec<(u64, u64)>> = dirty
+            .iter()
+            .map(|f| {
+                let counts = self.view.family_categories(f).into_iter().map(|(_, c)| c);
+                counts.map(|c| ((c.both_correct + c.b + c.c + c.both_wrong) as u64, (c.b + c.c) as u64)).collect()
+            })
+            .collect();
+        let share = families.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            for part in families.chunks(share) {
+                s.spawn(move || {
+                    for c in part {
+                        let _ = family_minimum_detectable_difference(c);
+                    }
+                });
+            }
+        });
     }
 
     fn refit_regressions(&mut self) -> Result<Vec<String>> {
