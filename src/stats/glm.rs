@@ -696,7 +696,8 @@ impl GlmFit {
         let p = self.params.len();
         // Each cell's non-zero design entries and fitted probability, worked out when first used.
         let mut x = vec![0.0; p];
-        let mut of_cell: Vec<Option<(Vec<(usize, f64)>, f64)>> = vec![None; cells.len()];
+        type CellFit = (Vec<(usize, f64)>, f64);
+        let mut of_cell: Vec<Option<CellFit>> = vec![None; cells.len()];
         // Scores by cluster, in order of first appearance; summed into the meat in cluster-id
         // order, so the SEs are reproducible to the last bit whatever the row order.
         let mut index: std::collections::HashMap<u64, usize, foldhash::fast::FixedState> = Default::default();
