@@ -1,7 +1,9 @@
 //! The paper's pooled logistic regressions M1–M4 (METHOD.md §4) over a table of cell counts.
 //!
 //! Input rows are cells of (model, dataset, amendment_type, prompt_type, ft) with the number of
-//! incorrect answers among `n`; rows may repeat a cell (they are summed). The outcome is
+//! incorrect answers among `n`; rows may repeat a cell (they are summed). The models read a
+//! [`CellTable`], which codes each name once (an item-level table has millions of rows and a
+//! handful of names); [`CellTable::from_cells`] makes one from [`CellCount`] rows. The outcome is
 //! `is_incorrect`, so positive effects mean the fine-tuned model errs more.
 //!
 //! - M1 `~ ft + C(dataset, ref=disinfo) + C(model)` on unmodified × original prompts: the
@@ -17,8 +19,8 @@
 //! over that context's answers) behind its percentage-point headlines.
 //!
 //! Standard errors come twice: the paper's model-based (non-robust) ones, and item-clustered
-//! sandwich ones ([`GlmFit::cluster_robust`]) when every input row carries the id of the item
-//! it counts ([`CellCount::with_cluster`]): an item's answers under its 9 contexts × 4 prompt
+//! sandwich ones ([`GlmFit::cluster_robust_grouped`]) when every input row carries the id of the
+//! item it counts ([`CellCount::with_cluster`]): an item's answers under its 9 contexts × 4 prompt
 //! types and on both sides are correlated, which the paper's SEs ignore. Average marginal effects
 //! get delta-method SEs under each covariance ([`GlmFit::average_contrast_estimate`]).
 //!
