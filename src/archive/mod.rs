@@ -117,7 +117,7 @@ pub struct Manifest {
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     /// The grid-defining part of the experiment the archive's trial grid was built from
-    /// (see [`crate::config::Experiment::grid_definition`]), once it has one.
+    /// (see [`crate::grid::build_grid`]), once it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid: Option<Value>,
 }
