@@ -85,11 +85,6 @@ impl Interner {
         &self.names[id as usize]
     }
 
-    /// The string itself, shared (no copy).
-    pub fn shared(&self, id: Sym) -> Arc<str> {
-        self.names[id as usize].clone()
-    }
-
     /// Each string's position in name order, by id: comparing ranks orders ids as their names.
     pub fn ranks(&self) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.names.len() as u32).collect();
@@ -657,21 +652,21 @@ impl PairedView {
         for number in 0..order.len() {
             let item = &mut rows[start[number]..start[number + 1]];
             item.sort_unstable_by_key(sort_key);
-            let mut kept = 0;
+            let mut cells = 0;
             for i in 0..item.len() {
-                if kept > 0 && sort_key(&item[kept - 1]) == sort_key(&item[i]) {
+                if cells > 0 && sort_key(&item[cells - 1]) == sort_key(&item[i]) {
                     let r = item[i];
-                    let m = &mut item[kept - 1];
+                    let m = &mut item[cells - 1];
                     m.incorrect = m.incorrect.checked_add(r.incorrect).expect("an item cell's answers fit 32 bits");
                     m.n = m.n.checked_add(r.n).expect("an item cell's answers fit 32 bits");
                 } else {
-                    item[kept] = item[i];
-                    kept += 1;
+                    item[cells] = item[i];
+                    cells += 1;
                 }
             }
             // `out` never passes this item's start: rows only merge.
-            rows.copy_within(start[number]..start[number] + kept, out);
-            out += kept;
+            rows.copy_within(start[number]..start[number] + cells, out);
+            out += cells;
         }
         rows.truncate(out);
         table.with_rows(rows)

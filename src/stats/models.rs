@@ -53,10 +53,10 @@ use crate::conditions::amendment_group;
 
 use super::glm::{Cells, DesignBuilder, Estimate, GlmError, GlmFit, VarId, fit};
 
-/// One cell of answers.
+/// One cell of answers, by name (what [`CellTable::from_cells`] codes and
+/// [`CellTable::to_cells`] gives back).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CellCount {
-    /// Shared strings: an item-level table has millions of rows and a handful of names.
     pub model: Arc<str>,
     pub dataset: Arc<str>,
     /// Detailed amendment type, e.g. `emotion:sad` or `unmodified`.
@@ -84,20 +84,16 @@ impl CellCount {
         incorrect: u64,
         n: u64,
     ) -> Self {
-        CellCount::shared(model.into(), dataset.into(), amendment_type.into(), prompt_type.into(), ft, incorrect, n)
-    }
-
-    /// [`CellCount::new`] with names the caller already holds (no copy of each string).
-    pub fn shared(
-        model: Arc<str>,
-        dataset: Arc<str>,
-        amendment_type: Arc<str>,
-        prompt_type: Arc<str>,
-        ft: bool,
-        incorrect: u64,
-        n: u64,
-    ) -> Self {
-        CellCount { model, dataset, amendment_type, prompt_type, ft, incorrect, n, cluster: None }
+        CellCount {
+            model: model.into(),
+            dataset: dataset.into(),
+            amendment_type: amendment_type.into(),
+            prompt_type: prompt_type.into(),
+            ft,
+            incorrect,
+            n,
+            cluster: None,
+        }
     }
 
     /// The same counts, marked as one item's answers.
@@ -281,12 +277,6 @@ impl CellTable {
         self.prompt_types.code(name)
     }
 
-    /// Adds a row. Panics if a code was not handed out by this table.
-    pub fn push(&mut self, row: CodedCell) {
-        self.check(&row);
-        self.rows.push(row);
-    }
-
     fn check(&self, row: &CodedCell) {
         assert!(
             (row.model as usize) < self.models.names.len()
@@ -325,17 +315,14 @@ impl CellTable {
         Ok(table)
     }
 
-    /// A table of rows already coded against `self`'s names (see [`Self::push`]).
+    /// A table of rows already coded against `self`'s names. Panics if a code was not handed
+    /// out by this table.
     pub fn with_rows(mut self, rows: Vec<CodedCell>) -> CellTable {
         for r in &rows {
             self.check(r);
         }
         self.rows = rows;
         self
-    }
-
-    pub fn rows(&self) -> &[CodedCell] {
-        &self.rows
     }
 
     pub fn len(&self) -> usize {
@@ -429,19 +416,30 @@ struct Selection {
 }
 
 /// Selects a model's rows: `label` says, per (amendment type, prompt type), whether a row is in
-/// the model and under which context; it is asked once per distinct pair.
+/// the model and under which context; it is asked once per pair of names the table holds.
 fn select(
     table: &CellTable,
     model: &'static str,
     label: impl Fn(&str, &str) -> Option<String>,
 ) -> Result<Selection, ModelError> {
-    let (n_amendments, n_prompts) = (table.amendment_types.names.len(), table.prompt_types.names.len());
+    // Each (amendment type, prompt type) pair's context, asked once per pair.
+    let (amendments, prompts) = (&table.amendment_types.names, &table.prompt_types.names);
     let mut contexts: Vec<String> = Vec::new();
-    let mut context_of: Vec<Option<Option<u32>>> = vec![None; n_amendments * n_prompts];
-    let n_contexts_max = n_amendments * n_prompts;
-    let (n_models, n_datasets) = (table.models.names.len(), table.datasets.names.len());
+    let mut context_of: Vec<Option<u32>> = Vec::with_capacity(amendments.len() * prompts.len());
+    for amendment in amendments {
+        for prompt in prompts {
+            context_of.push(label(amendment, prompt).map(|l| match contexts.iter().position(|c| *c == l) {
+                Some(k) => k as u32,
+                None => {
+                    contexts.push(l);
+                    contexts.len() as u32 - 1
+                }
+            }));
+        }
+    }
+    let (n_models, n_datasets, n_contexts) = (table.models.names.len(), table.datasets.names.len(), contexts.len());
     // Dense: every (model, dataset, context, ft) has its slot; tables hold a handful of each.
-    let mut cell_of: Vec<u32> = vec![u32::MAX; n_models * n_datasets * n_contexts_max.max(1) * 2];
+    let mut cell_of: Vec<u32> = vec![u32::MAX; n_models * n_datasets * n_contexts * 2];
     let mut cells: Vec<(CellId, u64, u64)> = Vec::new();
     let mut row_cell = Vec::with_capacity(table.rows.len());
     let (mut kept, mut named) = (0, 0);
@@ -449,27 +447,14 @@ fn select(
         if r.incorrect > r.n {
             return Err(ModelError::InvalidCell { row: i });
         }
-        let pair = r.amendment_type as usize * n_prompts + r.prompt_type as usize;
-        let context = *context_of[pair].get_or_insert_with(|| {
-            let l = label(
-                &table.amendment_types.names[r.amendment_type as usize],
-                &table.prompt_types.names[r.prompt_type as usize],
-            )?;
-            Some(match contexts.iter().position(|c| *c == l) {
-                Some(k) => k as u32,
-                None => {
-                    contexts.push(l);
-                    contexts.len() as u32 - 1
-                }
-            })
-        });
+        let context = context_of[r.amendment_type as usize * prompts.len() + r.prompt_type as usize];
         let Some(context) = context.filter(|_| r.n > 0) else {
             row_cell.push(LEFT_OUT);
             continue;
         };
         let id = (r.model, r.dataset, context, r.ft);
-        let slot = ((r.model as usize * n_datasets + r.dataset as usize) * n_contexts_max + context as usize) * 2
-            + r.ft as usize;
+        let slot =
+            ((r.model as usize * n_datasets + r.dataset as usize) * n_contexts + context as usize) * 2 + r.ft as usize;
         if cell_of[slot] == u32::MAX {
             cell_of[slot] = cells.len() as u32;
             cells.push((id, 0, 0));
