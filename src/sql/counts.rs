@@ -15,7 +15,8 @@
 //! [`statistics`] builds the computation in any timely scope (so a long-lived command
 //! dataflow can hold it with its own inputs); [`Counts`] runs it on a worker thread of its own
 //! for the views that are fed batch by batch ([`crate::sql::view::PairedView`]): the thread
-//! lives as long as the view, and each [`Counts::update`] is one epoch of it.
+//! lives as long as the view, and each epoch handed over ([`Counts::send`], or
+//! [`Counts::update`] which also waits for its changes) is one epoch of it.
 
 use std::cell::RefCell;
 use std::rc::Rc;

@@ -822,6 +822,12 @@ mod tests {
         assert_eq!(m2(&t(&no_reference)), Err(ModelError::MissingReference { model: "M2", reference: "unmodified" }));
         let bad = [CellCount::new("m", "trivia", "unmodified", "original", true, 11, 10)];
         assert_eq!(m1(&t(&bad)), Err(ModelError::InvalidCell { row: 0 }));
+        // Counts are coded in 32 bits: a larger one is refused, naming its row.
+        let huge = [
+            CellCount::new("m", "trivia", "unmodified", "original", true, 1, 10),
+            CellCount::new("m", "trivia", "unmodified", "original", false, 1, u64::from(u32::MAX) + 1),
+        ];
+        assert!(matches!(CellTable::from_cells(&huge), Err(ModelError::TooLarge { row: 1 })));
         let separated = [
             CellCount::new("m", "trivia", "unmodified", "original", true, 0, 10),
             CellCount::new("m", "trivia", "unmodified", "original", false, 4, 10),
