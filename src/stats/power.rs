@@ -33,17 +33,72 @@ pub const POWER: f64 = 0.8;
 /// The largest k with exact two-sided McNemar p(k, m − k) ≤ α, or `None` when no table with m
 /// discordant pairs is significant.
 pub fn critical_count(m: u64, alpha: f64) -> Option<u64> {
-    let significant = |k: u64| mcnemar_exact(k, m - k).is_some_and(|p| p <= alpha);
-    if m == 0 || !significant(0) {
+    critical_counts(m, m, alpha)[0]
+}
+
+/// Whether the table (k, m − k) is significant at α.
+fn significant(k: u64, m: u64, alpha: f64) -> bool {
+    mcnemar_exact(k, m - k).is_some_and(|p| p <= alpha)
+}
+
+/// [`critical_count`] by binary search: p(k, m − k) grows with k up to m/2.
+fn critical_count_searched(m: u64, alpha: f64) -> Option<u64> {
+    if m == 0 || !significant(0, m, alpha) {
         return None;
     }
-    // p(k, m − k) grows with k up to m/2: binary search for the last significant k.
     let (mut lo, mut hi) = (0, m / 2);
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
-        if significant(mid) { lo = mid } else { hi = mid - 1 }
+        if significant(mid, m, alpha) { lo = mid } else { hi = mid - 1 }
     }
     Some(lo)
+}
+
+/// The critical counts of m = `lo` ..= `hi`, from a table kept per α for the whole process: a
+/// critical count depends on (m, α) alone, and every family's power search asks for a few
+/// hundred neighbouring m. The table grows from its end, each m's count found by stepping from
+/// the previous m's (it moves by one at most from one m to the next, so a few tests instead of
+/// a binary search's ten; the steps go as far as they must); [`critical_count_searched`] agrees
+/// with it for every m (tested).
+fn critical_counts(lo: u64, hi: u64, alpha: f64) -> Vec<Option<u64>> {
+    type Tables = Vec<(u64, Vec<Option<u64>>)>;
+    static TABLES: std::sync::Mutex<Tables> = std::sync::Mutex::new(Vec::new());
+    // Beyond this m the table is not kept (2^20 entries; the searches stay exact).
+    const KEPT: u64 = 1 << 20;
+    if hi >= KEPT {
+        return (lo..=hi).map(|m| critical_count_searched(m, alpha)).collect();
+    }
+    let mut tables = TABLES.lock().unwrap_or_else(|p| p.into_inner());
+    let at = match tables.iter().position(|(a, _)| *a == alpha.to_bits()) {
+        Some(at) => at,
+        None => {
+            tables.push((alpha.to_bits(), Vec::new()));
+            tables.len() - 1
+        }
+    };
+    let table = &mut tables[at].1;
+    while table.len() as u64 <= hi {
+        let m = table.len() as u64;
+        let k = match table.last().copied().flatten() {
+            _ if m == 0 || !significant(0, m, alpha) => None,
+            None => critical_count_searched(m, alpha),
+            Some(previous) => {
+                let mut k = previous.min(m / 2);
+                if significant(k, m, alpha) {
+                    while k < m / 2 && significant(k + 1, m, alpha) {
+                        k += 1;
+                    }
+                } else {
+                    while !significant(k, m, alpha) {
+                        k -= 1;
+                    }
+                }
+                Some(k)
+            }
+        };
+        table.push(k);
+    }
+    table[lo as usize..=hi as usize].to_vec()
 }
 
 /// Unconditional power of the exact McNemar test at level α for n pairs with discordance ψ and
@@ -66,8 +121,8 @@ fn rejection_table(n: u64, psi: f64, alpha: f64) -> Vec<(u64, u64, f64)> {
     let lo = (mean - 12.0 * sd - 2.0).floor().max(0.0) as u64;
     let hi = ((mean + 12.0 * sd + 2.0).ceil() as u64).min(n);
     let mut table = Vec::new();
-    for m in lo..=hi {
-        let Some(k) = critical_count(m, alpha) else { continue };
+    for (m, k) in (lo..=hi).zip(critical_counts(lo, hi, alpha)) {
+        let Some(k) = k else { continue };
         let weight = binom_pmf(m, n, psi, 1.0 - psi);
         if weight == 0.0 {
             continue;
@@ -260,6 +315,19 @@ mod tests {
         assert_eq!(critical_count(10, 0.05), Some(1));
         // m = 20: p(5, 15) = 0.0414 ≤ 0.05 < p(6, 14) = 0.1153.
         assert_eq!(critical_count(20, 0.05), Some(5));
+    }
+
+    #[test]
+    fn the_kept_critical_counts_are_the_searched_ones() {
+        // Asked out of order, from the middle first, at two levels.
+        for alpha in [0.05, 0.01] {
+            let middle = critical_counts(900, 1_000, alpha);
+            let all = critical_counts(0, 3_000, alpha);
+            assert_eq!(&all[900..=1_000], &middle[..]);
+            for (m, k) in all.iter().enumerate() {
+                assert_eq!(*k, critical_count_searched(m as u64, alpha), "m = {m}, α = {alpha}");
+            }
+        }
     }
 
     #[test]
