@@ -139,8 +139,10 @@ impl CellCounts {
 #[derive(Debug, Default)]
 pub struct PairedView {
     strings: Interner,
-    /// What the computation has been fed, by pair key.
-    held: HashMap<PairKey, Vec<Held>>,
+    /// What the computation has been fed, by pair key: a key's answers (its base and one
+    /// fine-tuned checkpoint, most often) are stored in the map's entry itself, a heap vector
+    /// only for a key with more.
+    held: HashMap<PairKey, smallvec::SmallVec<[Held; 2]>>,
     /// The computation: pairs joined and counted in differential dataflow.
     counts: Counts,
     /// Changes not yet fed to it.
@@ -152,6 +154,11 @@ pub struct PairedView {
     cells: HashMap<CellKey, CellCounts>,
     /// Epoch of each (model, checkpoint), for trajectories.
     epochs: HashMap<(Sym, Sym), u64>,
+    /// The last (model, checkpoint, epoch) written to `epochs`: rows come in runs of one
+    /// checkpoint, and a run writes it once.
+    last_epoch: Option<(Sym, Sym, u64)>,
+    /// The test each prompt type (by symbol) belongs to, once worked out.
+    tests: Vec<Option<Option<TestType>>>,
     dirty: HashSet<FamilyKey>,
     cells_dirty: bool,
 }
@@ -395,26 +402,10 @@ impl PairedView {
         if diff == 0 {
             return true;
         }
-        if diff > 0
-            && self
-                .held
-                .get(&key)
-                .is_some_and(|s| s.iter().any(|h| h.checkpoint == v.checkpoint && h.ft == v.ft && h.mult > 0))
-        {
+        let slots = self.held.entry(key).or_default();
+        if diff > 0 && slots.iter().any(|h| h.checkpoint == v.checkpoint && h.ft == v.ft && h.mult > 0) {
             return false;
         }
-        self.epochs.insert((key.model, v.checkpoint), v.epoch);
-        let test = TestType::of(self.strings.name(key.prompt_type));
-        let observed = Observed {
-            checkpoint: v.checkpoint,
-            finetuned: v.ft,
-            epoch: v.epoch,
-            refusal: v.refusal,
-            correct: v.correct,
-            test,
-        };
-        self.pending.push(key, observed, diff);
-        let slots = self.held.entry(key).or_default();
         let probe = Held { mult: 0, ..v };
         match slots.iter_mut().position(|h| Held { mult: 0, ..*h } == probe) {
             Some(i) => {
@@ -428,7 +419,29 @@ impl PairedView {
         if slots.is_empty() {
             self.held.remove(&key);
         }
+        if self.last_epoch != Some((key.model, v.checkpoint, v.epoch)) {
+            self.epochs.insert((key.model, v.checkpoint), v.epoch);
+            self.last_epoch = Some((key.model, v.checkpoint, v.epoch));
+        }
+        let observed = Observed {
+            checkpoint: v.checkpoint,
+            finetuned: v.ft,
+            epoch: v.epoch,
+            refusal: v.refusal,
+            correct: v.correct,
+            test: self.test_of(key.prompt_type),
+        };
+        self.pending.push(key, observed, diff);
         true
+    }
+
+    /// The test a prompt type (by symbol) belongs to ([`TestType::of`]), worked out once.
+    fn test_of(&mut self, prompt_type: Sym) -> Option<TestType> {
+        let at = prompt_type as usize;
+        if self.tests.len() <= at {
+            self.tests.resize(at + 1, None);
+        }
+        *self.tests[at].get_or_insert_with(|| TestType::of(self.strings.name(prompt_type)))
     }
 
     /// The families changed since the last call, and whether the cells changed; clears both.
