@@ -3,11 +3,13 @@
 //!
 //! Observations are a collection of `(pair key, observed)` with signed multiplicities (a
 //! retraction is a `-1`, a re-judged answer a `-1` of its old verdict and a `+1` of its new).
-//! The fine-tuned side is arranged by pair key and joined with the base side; each joined pair
-//! is counted per (model, base, checkpoint, dataset, test type, category, cell) by
-//! differential's `count`, and the answer cells likewise per (model, checkpoint, dataset,
-//! amendment, prompt type, measure), from each epoch's observations summed per cell on the way
-//! in ([`Epoch`]: a cell's change is one record with its multiplicity, a few hundred records an
+//! The fine-tuned side is arranged by pair key and joined with the base side; the joined pairs
+//! become 2×2 tables per (model, base, checkpoint, dataset, test type, category) as they leave
+//! the join ([`Four`]: one record whose difference is the table, summed over the pairs one
+//! activation sees), and differential's `count` maintains each category's table; the answer
+//! cells likewise per (model, checkpoint, dataset, amendment, prompt type), their four counts
+//! one difference, from each epoch's observations summed per cell on the way
+//! in ([`Epoch`]: a cell's change is one record, a few hundred records an
 //! epoch instead of one or more per answer). The join and the counts update from the diffs alone, so
 //! arrival order, batch boundaries and retractions cannot change the result; each update is one
 //! logical time, and a probe says when its changes are complete.
@@ -97,19 +99,22 @@ pub struct Observed {
     pub test: Option<TestType>,
 }
 
-/// One cell of a family's 2×2 table: a category (amendment) of (model, base, checkpoint,
-/// dataset, test type), and whether the base and the fine-tuned answer were correct.
+/// One category (amendment) of a family: (model, base, checkpoint, dataset, test type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct PairedCell {
+pub struct PairedCategory {
     pub model: Sym,
     pub base_checkpoint: Sym,
     pub checkpoint: Sym,
     pub dataset: Sym,
     pub test_type: TestType,
     pub category: Sym,
-    pub base_correct: bool,
-    pub ft_correct: bool,
 }
+
+/// Four counts that move together, differential's difference type for them: a paired
+/// category's 2×2 table (both correct, b = base correct and fine-tuned wrong, c = the other
+/// way, both wrong), or an answer cell's (responses, refusals, excluded, incorrect). One
+/// record per category or cell, where one per count would make `count` keep four.
+pub type Four = (i64, i64, i64, i64);
 
 /// One (model, checkpoint, dataset, amendment, prompt type) answer cell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -123,21 +128,11 @@ pub struct CellKey {
     pub prompt_type: Sym,
 }
 
-/// What an answer counts toward in its cell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Measure {
-    Responses,
-    Refusals,
-    /// `correct` null.
-    Excluded,
-    Incorrect,
-}
-
 /// The changes of one update: how much each paired cell and each answer cell moved.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Changes {
-    pub paired: Vec<(PairedCell, i64)>,
-    pub cells: Vec<((CellKey, Measure), i64)>,
+    pub paired: Vec<(PairedCategory, Four)>,
+    pub cells: Vec<(CellKey, Four)>,
 }
 
 /// The paired statistics: the counts of every paired cell over a collection of observations,
@@ -148,8 +143,8 @@ pub struct Changes {
 #[allow(clippy::type_complexity)] // the two output collections, spelled out
 pub fn statistics<'s>(
     observations: VecCollection<'s, u64, (PairKey, Observed), i64>,
-    cell_changes: VecCollection<'s, u64, (CellKey, Measure), i64>,
-) -> (VecCollection<'s, u64, (PairedCell, i64), isize>, VecCollection<'s, u64, ((CellKey, Measure), i64), isize>) {
+    cell_changes: VecCollection<'s, u64, CellKey, Four>,
+) -> (VecCollection<'s, u64, (PairedCategory, Four), isize>, VecCollection<'s, u64, (CellKey, Four), isize>) {
     // Only answers with a verdict in one of the tests pair; each side is arranged by pair key
     // with only what the join needs (checkpoint, correct, test), to keep the arrangements small.
     let pairable = observations.flat_map(|(k, o): (PairKey, Observed)| match (o.correct, o.test) {
@@ -159,53 +154,66 @@ pub fn statistics<'s>(
     let base = pairable.clone().filter(|(ft, _)| !*ft).map(|(_, kv)| kv);
     let candidates =
         pairable.filter(|(ft, _)| *ft).map(|(_, (k, (checkpoint, correct, _)))| (k, (checkpoint, correct)));
-    let paired = base.join_map(candidates, |k: &PairKey, b: &(Sym, bool, TestType), f: &(Sym, bool)| PairedCell {
-        model: k.model,
-        base_checkpoint: b.0,
-        checkpoint: f.0,
-        dataset: k.dataset,
-        test_type: b.2,
-        category: k.amendment,
-        base_correct: b.1,
-        ft_correct: f.1,
+    let paired = base.join_map(candidates, |k: &PairKey, b: &(Sym, bool, TestType), f: &(Sym, bool)| {
+        let category = PairedCategory {
+            model: k.model,
+            base_checkpoint: b.0,
+            checkpoint: f.0,
+            dataset: k.dataset,
+            test_type: b.2,
+            category: k.amendment,
+        };
+        (category, b.1, f.1)
     });
-    (summed(paired).count(), cell_changes.count())
+    (tabled(paired).count(), cell_changes.count())
 }
 
-/// `changes` with the updates of each (record, time) that one activation sees summed into one:
-/// what the join emits is one update per joined pair, a few hundred distinct paired cells
-/// among them, and `count` then arranges a few hundred updates instead of every pair. The
-/// collection is the same (only equal updates are added together), so this is a speed-up alone.
-fn summed<'s, D>(changes: VecCollection<'s, u64, D, i64>) -> VecCollection<'s, u64, D, i64>
-where
-    D: timely::ExchangeData + std::hash::Hash + Eq,
-{
+/// The joined pairs as 2×2 tables: each (category, base correct, fine-tuned correct) update
+/// becomes its category's [`Four`], and the updates of each (category, time) that one
+/// activation sees are summed into one. The join emits one update per joined pair, a few
+/// hundred distinct categories among them, so `count` arranges a few hundred updates instead of
+/// every pair, one per category instead of one per table cell. Only equal updates are added
+/// together, so the counts are those of the pairs themselves.
+fn tabled<'s>(
+    pairs: VecCollection<'s, u64, (PairedCategory, bool, bool), i64>,
+) -> VecCollection<'s, u64, PairedCategory, Four> {
     use differential_dataflow::AsCollection;
     use timely::container::CapacityContainerBuilder;
     use timely::dataflow::channels::pact::Pipeline;
     use timely::dataflow::operators::Operator;
-    type Sums<D> = std::collections::HashMap<(D, u64), i64, foldhash::fast::FixedState>;
-    changes
+    type Tables = std::collections::HashMap<(PairedCategory, u64), [i64; 4], foldhash::fast::FixedState>;
+    pairs
         .inner
-        .unary::<CapacityContainerBuilder<Vec<(D, u64, i64)>>, _, _, _>(Pipeline, "SumPerRecord", |_, _| {
-            let mut sums: Sums<D> = Sums::default();
+        .unary::<CapacityContainerBuilder<Vec<(PairedCategory, u64, Four)>>, _, _, _>(Pipeline, "Tabled", |_, _| {
+            let mut tables = Tables::default();
             move |input, output| {
                 input.for_each_stamp(|capability, containers| {
                     for container in containers {
-                        for (record, time, diff) in container.drain(..) {
-                            *sums.entry((record, time)).or_default() += diff;
+                        for ((category, base_correct, ft_correct), time, diff) in container.drain(..) {
+                            let cell = match (base_correct, ft_correct) {
+                                (true, true) => 0,
+                                (true, false) => 1,
+                                (false, true) => 2,
+                                (false, false) => 3,
+                            };
+                            tables.entry((category, time)).or_default()[cell] += diff;
                         }
                     }
-                    let sums = sums.drain().filter(|(_, diff)| *diff != 0).map(|((d, t), r)| (d, t, r));
-                    output.session_with_builder(&capability).give_iterator(sums);
+                    let tables = tables.drain().filter(|(_, t)| *t != [0; 4]).map(|((c, time), t)| (c, time, four(t)));
+                    output.session_with_builder(&capability).give_iterator(tables);
                 });
             }
         })
         .as_collection()
 }
 
-/// What an observation counts toward: its answer cell, under each measure it adds to.
-pub fn cell_measures(k: &PairKey, o: &Observed) -> impl Iterator<Item = (CellKey, Measure)> {
+fn four([a, b, c, d]: [i64; 4]) -> Four {
+    (a, b, c, d)
+}
+
+/// An observation's answer cell, and what it adds there (responses, refusals, excluded,
+/// incorrect; see [`Four`]).
+pub fn cell_of(k: &PairKey, o: &Observed) -> (CellKey, [i64; 4]) {
     let key = CellKey {
         model: k.model,
         checkpoint: o.checkpoint,
@@ -215,13 +223,7 @@ pub fn cell_measures(k: &PairKey, o: &Observed) -> impl Iterator<Item = (CellKey
         amendment: k.amendment,
         prompt_type: k.prompt_type,
     };
-    let measures = [
-        Some(Measure::Responses),
-        o.refusal.then_some(Measure::Refusals),
-        o.correct.is_none().then_some(Measure::Excluded),
-        (o.correct == Some(false)).then_some(Measure::Incorrect),
-    ];
-    measures.into_iter().flatten().map(move |m| (key, m))
+    (key, [1, o.refusal as i64, o.correct.is_none() as i64, (o.correct == Some(false)) as i64])
 }
 
 /// One epoch's input to [`statistics`]: the observations that can pair, and every
@@ -229,19 +231,17 @@ pub fn cell_measures(k: &PairKey, o: &Observed) -> impl Iterator<Item = (CellKey
 #[derive(Debug, Default)]
 pub struct Epoch {
     observations: Vec<((PairKey, Observed), i64)>,
-    /// Per answer cell, the change of each [`Measure`] (in its declaration order).
+    /// Per answer cell, the change of each of its counts (see [`Four`]).
     cells: std::collections::HashMap<CellKey, [i64; 4], foldhash::fast::FixedState>,
 }
 
 impl Epoch {
     /// Adds an observation with multiplicity `diff`.
     pub fn push(&mut self, key: PairKey, observed: Observed, diff: i64) {
-        let mut measures = cell_measures(&key, &observed).peekable();
-        if let Some((cell, _)) = measures.peek() {
-            let changes = self.cells.entry(*cell).or_default();
-            for (_, measure) in measures {
-                changes[measure as usize] += diff;
-            }
+        let (cell, adds) = cell_of(&key, &observed);
+        let changes = self.cells.entry(cell).or_default();
+        for (change, add) in changes.iter_mut().zip(adds) {
+            *change += add * diff;
         }
         if observed.correct.is_some() && observed.test.is_some() {
             self.observations.push(((key, observed), diff));
@@ -250,16 +250,6 @@ impl Epoch {
 
     pub fn is_empty(&self) -> bool {
         self.observations.is_empty() && self.cells.is_empty()
-    }
-
-    /// The answer-cell changes, one per (cell, measure) that moved.
-    fn cell_changes(
-        cells: std::collections::HashMap<CellKey, [i64; 4], foldhash::fast::FixedState>,
-    ) -> impl Iterator<Item = ((CellKey, Measure), i64)> {
-        const MEASURES: [Measure; 4] = [Measure::Responses, Measure::Refusals, Measure::Excluded, Measure::Incorrect];
-        cells.into_iter().flat_map(|(key, changes)| {
-            MEASURES.into_iter().zip(changes).filter(|(_, d)| *d != 0).map(move |(m, d)| ((key, m), d))
-        })
     }
 }
 
@@ -299,7 +289,7 @@ impl Counts {
                     let probe = timely::dataflow::operators::probe::Handle::new();
                     let (mut input, mut cell_input) = worker.dataflow::<u64, _, _>(|scope| {
                         let (input, observations) = scope.new_collection::<(PairKey, Observed), i64>();
-                        let (cell_input, cell_changes) = scope.new_collection::<(CellKey, Measure), i64>();
+                        let (cell_input, cell_changes) = scope.new_collection::<CellKey, Four>();
                         let (paired, cells) = statistics(observations, cell_changes);
                         let sink = out.clone();
                         paired
@@ -315,8 +305,8 @@ impl Counts {
                         for (data, diff) in epoch.observations {
                             input.update(data, diff);
                         }
-                        for (data, diff) in Epoch::cell_changes(epoch.cells) {
-                            cell_input.update(data, diff);
+                        for (cell, changes) in epoch.cells.into_iter().filter(|(_, c)| *c != [0; 4]) {
+                            cell_input.update(cell, four(changes));
                         }
                         let next = input.time() + 1;
                         input.advance_to(next);
@@ -368,10 +358,13 @@ fn stopped() -> Error {
     Error::Internal("the statistics dataflow stopped".into())
 }
 
-/// How much each count moved in a batch of `count`'s output changes: a count `n` coming in
-/// (+1) or going out (−1) moves its key by ±n.
-fn moved<K: Copy>(changes: &[((K, i64), u64, isize)]) -> impl Iterator<Item = (K, i64)> + '_ {
-    changes.iter().map(|((k, n), _, r)| (*k, *n * *r as i64))
+/// How much each key's counts moved in a batch of `count`'s output changes: counts `n` coming
+/// in (+1) or going out (−1) move its key by ±n.
+fn moved<K: Copy>(changes: &[((K, Four), u64, isize)]) -> impl Iterator<Item = (K, Four)> + '_ {
+    changes.iter().map(|((k, (a, b, c, d)), _, r)| {
+        let r = *r as i64;
+        (*k, (a * r, b * r, c * r, d * r))
+    })
 }
 
 /// Sums the changes of each key and drops those that cancel.
@@ -416,21 +409,20 @@ mod tests {
         assert_eq!(changes.cells.len(), 1);
         let changes = counts.update(vec![((KEY, obs(11, true, Some(false))), 1)]).unwrap();
         assert_eq!(changes.paired.len(), 1);
-        let (cell, n) = changes.paired[0];
-        assert_eq!(
-            (cell.base_checkpoint, cell.checkpoint, cell.base_correct, cell.ft_correct, n),
-            (10, 11, true, false, 1)
-        );
-        // Re-judged: the old verdict out, the new one in, in one epoch.
+        let (category, table) = changes.paired[0];
+        assert_eq!((category.base_checkpoint, category.checkpoint, table), (10, 11, (0, 1, 0, 0)));
+        // Re-judged: the old verdict out, the new one in, in one epoch: b down, both correct up.
         let changes = counts
             .update(vec![((KEY, obs(11, true, Some(false))), -1), ((KEY, obs(11, true, Some(true))), 1)])
             .unwrap();
-        let mut moved: Vec<_> = changes.paired.iter().map(|(c, n)| (c.ft_correct, *n)).collect();
-        moved.sort();
-        assert_eq!(moved, vec![(false, -1), (true, 1)]);
+        assert_eq!(changes.paired.iter().map(|(_, t)| *t).collect::<Vec<_>>(), vec![(1, -1, 0, 0)]);
         // Excluded answers count in the cells and never pair.
         let changes = counts.update(vec![((KEY, obs(12, true, None)), 1)]).unwrap();
         assert!(changes.paired.is_empty());
-        assert!(changes.cells.iter().any(|((_, m), n)| *m == Measure::Excluded && *n == 1));
+        assert_eq!(changes.cells.iter().map(|(_, c)| *c).collect::<Vec<_>>(), vec![(1, 0, 1, 0)]);
+        // A retraction takes its counts back.
+        let changes = counts.update(vec![((KEY, obs(11, true, Some(true))), -1)]).unwrap();
+        assert_eq!(changes.paired.iter().map(|(_, t)| *t).collect::<Vec<_>>(), vec![(-1, 0, 0, 0)]);
+        assert_eq!(changes.cells.iter().map(|(_, c)| *c).collect::<Vec<_>>(), vec![(-1, 0, 0, 0)]);
     }
 }

@@ -51,7 +51,7 @@ use crate::error::{Error, Result};
 use crate::stats::models::{CellTable, CodedCell};
 use crate::stats::paired::PairedCounts;
 
-use super::counts::{CellKey, Counts, Epoch, Measure, Observed, PairKey};
+use super::counts::{CellKey, Counts, Epoch, Observed, PairKey};
 pub use super::counts::{Sym, TestType};
 
 /// The view's maps and sets: keys are small integers, hashed fast (not by SipHash).
@@ -330,7 +330,7 @@ impl PairedView {
     }
 
     fn apply_changes(&mut self, changes: super::counts::Changes) {
-        for (cell, n) in changes.paired {
+        for (cell, (both_correct, b, c, both_wrong)) in changes.paired {
             let family = FamilyKey {
                 model: cell.model,
                 base_checkpoint: cell.base_checkpoint,
@@ -340,7 +340,7 @@ impl PairedView {
             };
             let categories = self.paired.entry(family).or_default();
             let counts = categories.entry(cell.category).or_default();
-            counts.add(cell.base_correct, cell.ft_correct, n);
+            counts.merge(&PairedCounts { both_correct, b, c, both_wrong });
             if counts.is_empty() {
                 categories.remove(&cell.category);
                 if categories.is_empty() {
@@ -349,14 +349,12 @@ impl PairedView {
             }
             self.dirty.insert(family);
         }
-        for ((key, measure), n) in changes.cells {
+        for (key, (responses, refusals, excluded, incorrect)) in changes.cells {
             let cell = self.cells.entry(key).or_default();
-            match measure {
-                Measure::Responses => cell.responses += n,
-                Measure::Refusals => cell.refusals += n,
-                Measure::Excluded => cell.excluded += n,
-                Measure::Incorrect => cell.incorrect += n,
-            }
+            cell.responses += responses;
+            cell.refusals += refusals;
+            cell.excluded += excluded;
+            cell.incorrect += incorrect;
             if cell.is_empty() {
                 self.cells.remove(&key);
             }
