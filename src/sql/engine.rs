@@ -143,6 +143,15 @@ impl StatsEngine {
 
     fn add(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
         self.view.feed(batch, diff)?;
+        // The `observations` table has the schema's exact columns (a file's batches may bring
+        // their categorical columns as dictionaries).
+        let plain;
+        let batch = if self.keep_observations {
+            plain = super::input::plain(batch)?;
+            &plain
+        } else {
+            batch
+        };
         if self.keep_observations && diff > 0 {
             for _ in 0..diff {
                 self.observations.push(batch.clone());

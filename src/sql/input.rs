@@ -55,15 +55,41 @@ pub struct InputOptions {
 pub fn read_observations(path: &Path, opts: &InputOptions) -> Result<Vec<RecordBatch>> {
     let mut out = Vec::new();
     each_observation_batch(path, opts, |b| {
-        out.push(b);
+        out.push(plain(&b)?);
         Ok(())
     })?;
     Ok(out)
 }
 
+/// The observation columns a Parquet file's batches bring as dictionaries (see
+/// [`each_observation_batch`]): the categorical ones, a handful of values over many rows.
+const CODED: [&str; 8] =
+    ["model", "checkpoint", "dataset", "item_key", "amendment_type", "amendment_group", "prompt_type", "verdict"];
+
+/// An observation batch with every column as the `observation` schema has it: the categorical
+/// columns [`each_observation_batch`] hands over as dictionaries decoded to plain text.
+pub fn plain(batch: &RecordBatch) -> Result<RecordBatch> {
+    let schema = crate::schema::arrow_schema("observation")?;
+    if batch.schema().fields().iter().all(|f| !matches!(f.data_type(), DataType::Dictionary(..))) {
+        return Ok(batch.clone());
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| cast(c, f.data_type()).map_err(|e| Error::arrow(format!("column `{}`", f.name()), e)))
+        .collect::<Result<Vec<_>>>()?;
+    RecordBatch::try_new(schema, columns).map_err(|e| Error::arrow("observation", e))
+}
+
 /// [`read_observations`], handing each batch to `each` as it is read: a Parquet file's batches
 /// and an archive's segments one at a time (an input of millions of observations is never in
 /// memory whole), a CSV or JSON-lines file once read.
+///
+/// A Parquet file's categorical columns ([`CODED`]: model, checkpoint, dataset, item key,
+/// amendment, prompt type, verdict) come as dictionaries of text (`Dictionary(Int32, Utf8)`),
+/// as the file stores them: neither decoding each row's text nor interning it again is needed
+/// downstream. [`plain`] turns such a batch into the schema's exact columns.
 pub fn each_observation_batch(
     path: &Path,
     opts: &InputOptions,
@@ -173,10 +199,28 @@ fn answers(path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
 }
 
 fn parquet_batches(path: &Path) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+    let bad = |e: parquet::errors::ParquetError| Error::input(Location::file(path), e.to_string());
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.with_batch_size(65536).build())
-        .map_err(|e| Error::input(Location::file(path), e.to_string()))
+    let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(bad)?;
+    // The categorical text columns as dictionaries of text.
+    let schema = metadata.schema();
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Utf8 if CODED.contains(&f.name().as_str()) => f
+                .as_ref()
+                .clone()
+                .with_data_type(DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    let coded = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    let metadata =
+        ArrowReaderMetadata::try_new(metadata.metadata().clone(), ArrowReaderOptions::new().with_schema(coded))
+            .map_err(bad)?;
+    ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata).with_batch_size(65536).build().map_err(bad)
 }
 
 /// Reads a CSV with every column as text (typing happens in [`normalize`]), with the line each
@@ -235,13 +279,27 @@ const ITEM_KEY_NAMES: &[&str] =
 
 fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &InputOptions) -> Result<RecordBatch> {
     let schema = crate::schema::arrow_schema("observation")?;
-    // Files Candor wrote (or that follow the schema exactly) need no conversion.
-    let same = |a: &Field, b: &Field| a.name() == b.name() && a.data_type() == b.data_type();
+    // Files Candor wrote (or that follow the schema exactly) need no conversion; a categorical
+    // column may come as a dictionary of text ([`parquet_batches`]).
+    let coded = |a: &Field, b: &Field| {
+        CODED.contains(&b.name().as_str())
+            && *a.data_type() == DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+    };
+    let same = |a: &Field, b: &Field| a.name() == b.name() && (a.data_type() == b.data_type() || coded(a, b));
     if batch.schema().fields().len() == schema.fields().len()
         && batch.schema().fields().iter().zip(schema.fields()).all(|(a, b)| same(a, b))
     {
+        // The schema's fields and metadata, with the columns' own types.
+        let fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(schema.fields())
+            .map(|(a, b)| b.as_ref().clone().with_data_type(a.data_type().clone()))
+            .collect();
+        let exact = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
         // A nullable column where the schema forbids nulls falls through to the checks below.
-        if let Ok(b) = batch.clone().with_schema(schema.clone()) {
+        if let Ok(b) = batch.clone().with_schema(exact) {
             return Ok(b);
         }
     }
@@ -383,6 +441,44 @@ mod tests {
             out.extend(Observation::from_batch(&b)?);
         }
         Ok(out)
+    }
+
+    /// A Parquet file's categorical columns are read as dictionaries (the statistics intern
+    /// each value once instead of each row's text); the statistics and the observations read
+    /// are those of the plain columns.
+    #[test]
+    fn a_parquet_file_read_as_dictionaries_gives_the_plain_statistics() {
+        use crate::sql::engine::StatsEngine;
+        use crate::sql::queries::FAMILY_TABLE;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("observations.parquet");
+        let batches = crate::sql::synthetic::synthetic(30_000, 7, 1).unwrap();
+        crate::sql::synthetic::write_parquet(&path, &batches).unwrap();
+        let mut coded = 0;
+        let mut from_file = StatsEngine::with_options(true, 8192).unwrap();
+        each_observation_batch(&path, &InputOptions::default(), |b| {
+            coded += b.schema().fields().iter().filter(|f| matches!(f.data_type(), DataType::Dictionary(..))).count();
+            from_file.feed(&b)
+        })
+        .unwrap();
+        assert_eq!(coded, CODED.len() * batches.len(), "every categorical column of every batch is coded");
+        let mut from_batches = StatsEngine::new().unwrap();
+        for b in &batches {
+            from_batches.apply(b, 1).unwrap();
+        }
+        let table = |e: &mut StatsEngine| {
+            e.refresh().unwrap();
+            let t = e.query(FAMILY_TABLE.sql).unwrap();
+            arrow::util::pretty::pretty_format_batches(&t).unwrap().to_string()
+        };
+        let want = table(&mut from_batches);
+        assert!(want.lines().count() > 20, "{want}");
+        assert_eq!(table(&mut from_file), want);
+        // The observations table and `read_observations` have the schema's plain columns.
+        let rows =
+            from_file.query("SELECT count(*) AS n, count(DISTINCT item_key) AS items FROM observations").unwrap();
+        assert_eq!(rows[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 30_000);
+        assert_eq!(read_observations(&path, &InputOptions::default()).unwrap(), batches);
     }
 
     /// The paper's CSVs were read by two parsers (`analyze`'s and `import`'s) that disagreed:

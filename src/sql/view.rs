@@ -43,7 +43,11 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, DictionaryArray, Int32Array, Int64Array, RecordBatch, StringArray, UInt32Array,
+    UInt64Array,
+};
+use arrow::datatypes::Int32Type;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::conditions::amendment_group;
@@ -163,16 +167,24 @@ pub struct PairedView {
     cells_dirty: bool,
 }
 
+/// A text column of an observation batch: plain, or a dictionary of text (how
+/// [`crate::sql::input::each_observation_batch`] reads a Parquet file's categorical columns).
+#[derive(Clone, Copy)]
+enum Text<'a> {
+    Plain(&'a StringArray),
+    Coded(&'a Int32Array, &'a StringArray),
+}
+
 /// Column accessors of an observation batch.
 struct Columns<'a> {
-    model: &'a StringArray,
-    checkpoint: &'a StringArray,
+    model: Text<'a>,
+    checkpoint: Text<'a>,
     epoch: &'a UInt64Array,
     ft: &'a BooleanArray,
-    dataset: &'a StringArray,
-    item: &'a StringArray,
-    amendment: &'a StringArray,
-    prompt_type: &'a StringArray,
+    dataset: Text<'a>,
+    item: Text<'a>,
+    amendment: Text<'a>,
+    prompt_type: Text<'a>,
     sample: &'a UInt32Array,
     refusal: &'a BooleanArray,
     correct: &'a BooleanArray,
@@ -185,17 +197,28 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
         .ok_or_else(|| Error::schema("observation", format!("column `{name}` is missing or has the wrong type")))
 }
 
+fn text<'a>(batch: &'a RecordBatch, name: &str) -> Result<Text<'a>> {
+    if let Some(dictionary) =
+        batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<DictionaryArray<Int32Type>>())
+    {
+        if let Some(values) = dictionary.values().as_any().downcast_ref::<StringArray>() {
+            return Ok(Text::Coded(dictionary.keys(), values));
+        }
+    }
+    column(batch, name).map(Text::Plain)
+}
+
 impl<'a> Columns<'a> {
     fn of(batch: &'a RecordBatch) -> Result<Self> {
         Ok(Columns {
-            model: column(batch, "model")?,
-            checkpoint: column(batch, "checkpoint")?,
+            model: text(batch, "model")?,
+            checkpoint: text(batch, "checkpoint")?,
             epoch: column(batch, "checkpoint_epoch")?,
             ft: column(batch, "is_finetuned")?,
-            dataset: column(batch, "dataset")?,
-            item: column(batch, "item_key")?,
-            amendment: column(batch, "amendment_type")?,
-            prompt_type: column(batch, "prompt_type")?,
+            dataset: text(batch, "dataset")?,
+            item: text(batch, "item_key")?,
+            amendment: text(batch, "amendment_type")?,
+            prompt_type: text(batch, "prompt_type")?,
             sample: column(batch, "sample_index")?,
             refusal: column(batch, "refusal")?,
             correct: column(batch, "correct")?,
@@ -203,28 +226,44 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// Interns a column's values, reusing the previous row's id when the value repeats (columns
-/// such as model and checkpoint are constant over long runs).
+/// Interns a column's values: a plain column reuses the previous row's id when the value
+/// repeats (columns such as model and checkpoint are constant over long runs); a dictionary
+/// column interns each dictionary value once, on first use.
 struct RunInterner<'a> {
-    column: &'a StringArray,
+    column: Text<'a>,
     last: Option<(usize, Sym)>,
+    /// A dictionary column's ids, by key.
+    coded: Vec<Option<Sym>>,
 }
 
 impl<'a> RunInterner<'a> {
-    fn new(column: &'a StringArray) -> Self {
-        RunInterner { column, last: None }
+    fn new(column: Text<'a>) -> Self {
+        let coded = match column {
+            Text::Coded(_, values) => vec![None; values.len()],
+            Text::Plain(_) => Vec::new(),
+        };
+        RunInterner { column, last: None, coded }
     }
 
     fn get(&mut self, strings: &mut Interner, row: usize) -> Sym {
-        let value = self.column.value(row);
-        if let Some((prev, id)) = self.last
-            && self.column.value(prev) == value
-        {
-            return id;
+        match self.column {
+            Text::Coded(keys, values) => {
+                // A key outside the dictionary is refused by arrow when the array is built.
+                let key = keys.value(row) as usize;
+                *self.coded[key].get_or_insert_with(|| strings.intern(values.value(key)))
+            }
+            Text::Plain(column) => {
+                let value = column.value(row);
+                if let Some((prev, id)) = self.last
+                    && column.value(prev) == value
+                {
+                    return id;
+                }
+                let id = strings.intern(value);
+                self.last = Some((row, id));
+                id
+            }
         }
-        let id = strings.intern(value);
-        self.last = Some((row, id));
-        id
     }
 }
 
@@ -651,18 +690,19 @@ impl PairedView {
         // Within an item: in (model, amendment, prompt type, fine-tuned) name order, the
         // answers of one cell (its samples) summed into one row.
         let [(_, model_rank), _, (_, amendment_rank), (_, prompt_rank)] = &columns;
+        // The three 32-bit ranks and the side packed into one integer, compared as one; worked
+        // out once per row by the sort.
         let sort_key = |r: &CodedCell| {
-            (
-                model_rank[r.model as usize],
-                amendment_rank[r.amendment_type as usize],
-                prompt_rank[r.prompt_type as usize],
-                r.ft,
-            )
+            let rank = |ranks: &[u32], code: u32| u128::from(ranks[code as usize]);
+            (rank(model_rank, r.model) << 65)
+                | (rank(amendment_rank, r.amendment_type) << 33)
+                | (rank(prompt_rank, r.prompt_type) << 1)
+                | u128::from(r.ft)
         };
         let mut out = 0;
         for number in 0..order.len() {
             let item = &mut rows[start[number]..start[number + 1]];
-            item.sort_unstable_by_key(sort_key);
+            item.sort_by_cached_key(sort_key);
             let mut cells = 0;
             for i in 0..item.len() {
                 if cells > 0 && sort_key(&item[cells - 1]) == sort_key(&item[i]) {
