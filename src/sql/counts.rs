@@ -154,17 +154,28 @@ pub fn statistics<'s>(
     let base = pairable.clone().filter(|(ft, _)| !*ft).map(|(_, kv)| kv);
     let candidates =
         pairable.filter(|(ft, _)| *ft).map(|(_, (k, (checkpoint, correct, _)))| (k, (checkpoint, correct)));
-    let paired = base.join_map(candidates, |k: &PairKey, b: &(Sym, bool, TestType), f: &(Sym, bool)| {
-        let category = PairedCategory {
-            model: k.model,
-            base_checkpoint: b.0,
-            checkpoint: f.0,
-            dataset: k.dataset,
-            test_type: b.2,
-            category: k.amendment,
-        };
-        (category, b.1, f.1)
-    });
+    // The join itself, its output unsorted: `tabled` sums it by hash right after (the
+    // convenience joins sort every joined pair on the way out).
+    use differential_dataflow::AsCollection;
+    use timely::container::{CapacityContainerBuilder, PushInto};
+    type Pairs = CapacityContainerBuilder<Vec<((PairedCategory, bool, bool), u64, i64)>>;
+    let paired = differential_dataflow::operators::cursor::join::join_traces::<_, _, _, _, Pairs>(
+        base.arrange_by_key(),
+        candidates.arrange_by_key(),
+        "Pair",
+        |k: &PairKey, b: &(Sym, bool, TestType), f: &(Sym, bool), time, r1: &i64, r2: &i64, out: &mut Pairs| {
+            let category = PairedCategory {
+                model: k.model,
+                base_checkpoint: b.0,
+                checkpoint: f.0,
+                dataset: k.dataset,
+                test_type: b.2,
+                category: k.amendment,
+            };
+            out.push_into(((category, b.1, f.1), time, r1 * r2));
+        },
+    )
+    .as_collection();
     (tabled(paired).count(), cell_changes.count())
 }
 
