@@ -200,10 +200,9 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
 fn text<'a>(batch: &'a RecordBatch, name: &str) -> Result<Text<'a>> {
     if let Some(dictionary) =
         batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<DictionaryArray<Int32Type>>())
+        && let Some(values) = dictionary.values().as_any().downcast_ref::<StringArray>()
     {
-        if let Some(values) = dictionary.values().as_any().downcast_ref::<StringArray>() {
-            return Ok(Text::Coded(dictionary.keys(), values));
-        }
+        return Ok(Text::Coded(dictionary.keys(), values));
     }
     column(batch, name).map(Text::Plain)
 }
