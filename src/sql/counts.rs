@@ -135,11 +135,11 @@ pub struct Changes {
     pub cells: Vec<(CellKey, Four)>,
 }
 
-/// The paired statistics: the counts of every paired cell over a collection of observations,
-/// and of every answer cell over a collection of answer-cell changes ([`Epoch`] sums an
-/// epoch's observations per cell before they enter, so the count sees a few hundred records an
-/// epoch, not one or more per answer), both maintained by `count` (outputs are `(key, count)`
-/// with the usual `+1` new / `-1` old changes).
+/// The paired statistics: every paired category's 2×2 table over a collection of
+/// observations, and every answer cell's four counts over a collection of answer-cell changes
+/// ([`Epoch`] sums an epoch's observations per cell before they enter, so the count sees a few
+/// hundred records an epoch, not one or more per answer), both maintained by `count` (outputs
+/// are `(key, four counts)`, see [`Four`], with the usual `+1` new / `-1` old changes).
 #[allow(clippy::type_complexity)] // the two output collections, spelled out
 pub fn statistics<'s>(
     observations: VecCollection<'s, u64, (PairKey, Observed), i64>,
