@@ -188,11 +188,12 @@ pub fn statistics<'s>(
 fn tabled<'s>(
     pairs: VecCollection<'s, u64, (PairedCategory, bool, bool), i64>,
 ) -> VecCollection<'s, u64, PairedCategory, Four> {
+    use crate::stats::paired::PairedCounts;
     use differential_dataflow::AsCollection;
     use timely::container::CapacityContainerBuilder;
     use timely::dataflow::channels::pact::Pipeline;
     use timely::dataflow::operators::Operator;
-    type Tables = std::collections::HashMap<(PairedCategory, u64), [i64; 4], foldhash::fast::FixedState>;
+    type Tables = std::collections::HashMap<(PairedCategory, u64), PairedCounts, foldhash::fast::FixedState>;
     pairs
         .inner
         .unary::<CapacityContainerBuilder<Vec<(PairedCategory, u64, Four)>>, _, _, _>(Pipeline, "Tabled", |_, _| {
@@ -201,16 +202,13 @@ fn tabled<'s>(
                 input.for_each_stamp(|capability, containers| {
                     for container in containers {
                         for ((category, base_correct, ft_correct), time, diff) in container.drain(..) {
-                            let cell = match (base_correct, ft_correct) {
-                                (true, true) => 0,
-                                (true, false) => 1,
-                                (false, true) => 2,
-                                (false, false) => 3,
-                            };
-                            tables.entry((category, time)).or_default()[cell] += diff;
+                            tables.entry((category, time)).or_default().add(base_correct, ft_correct, diff);
                         }
                     }
-                    let tables = tables.drain().filter(|(_, t)| *t != [0; 4]).map(|((c, time), t)| (c, time, four(t)));
+                    let tables = tables
+                        .drain()
+                        .filter(|(_, t)| !t.is_empty())
+                        .map(|((c, time), t)| (c, time, (t.both_correct, t.b, t.c, t.both_wrong)));
                     output.session_with_builder(&capability).give_iterator(tables);
                 });
             }
