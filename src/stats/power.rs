@@ -57,9 +57,9 @@ fn critical_count_searched(m: u64, alpha: f64) -> Option<u64> {
 /// The critical counts of m = `lo` ..= `hi`, from a table kept per α for the whole process: a
 /// critical count depends on (m, α) alone, and every family's power search asks for a few
 /// hundred neighbouring m. The table grows from its end, each m's count found by stepping from
-/// the previous m's (it moves by one at most from one m to the next, so a few tests instead of
-/// a binary search's ten; the steps go as far as they must); [`critical_count_searched`] agrees
-/// with it for every m (tested).
+/// the previous m's, as far as it must (neighbouring m have close counts, so a few tests
+/// instead of a binary search's ten); [`critical_count_searched`] agrees with it for every m
+/// (tested).
 fn critical_counts(lo: u64, hi: u64, alpha: f64) -> Vec<Option<u64>> {
     type Tables = Vec<(u64, Vec<Option<u64>>)>;
     static TABLES: std::sync::Mutex<Tables> = std::sync::Mutex::new(Vec::new());
