@@ -73,11 +73,15 @@ pub fn plain(batch: &RecordBatch) -> Result<RecordBatch> {
     if batch.schema().fields().iter().all(|f| !matches!(f.data_type(), DataType::Dictionary(..))) {
         return Ok(batch.clone());
     }
-    let columns = batch
-        .columns()
+    let columns = schema
+        .fields()
         .iter()
-        .zip(schema.fields())
-        .map(|(c, f)| cast(c, f.data_type()).map_err(|e| Error::arrow(format!("column `{}`", f.name()), e)))
+        .map(|f| {
+            let c = batch
+                .column_by_name(f.name())
+                .ok_or_else(|| Error::schema("observation", format!("column `{}` is missing", f.name())))?;
+            cast(c, f.data_type()).map_err(|e| Error::arrow(format!("column `{}`", f.name()), e))
+        })
         .collect::<Result<Vec<_>>>()?;
     RecordBatch::try_new(schema, columns).map_err(|e| Error::arrow("observation", e))
 }
@@ -479,6 +483,43 @@ mod tests {
             from_file.query("SELECT count(*) AS n, count(DISTINCT item_key) AS items FROM observations").unwrap();
         assert_eq!(rows[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 30_000);
         assert_eq!(read_observations(&path, &InputOptions::default()).unwrap(), batches);
+    }
+
+    /// A dictionary column whose keys name no value (a damaged file read without checks) or
+    /// are null is refused, naming the column, instead of being read as other values.
+    #[test]
+    fn a_dictionary_key_that_names_no_value_is_refused() {
+        use arrow::array::{DictionaryArray, Int32Array};
+        use arrow::datatypes::Int32Type;
+        let batch = crate::sql::synthetic::synthetic(4, 7, 1).unwrap().remove(0);
+        let values: ArrayRef = Arc::new(StringArray::from(vec!["q0", "q1"]));
+        let with_items = |items: DictionaryArray<Int32Type>| {
+            let at = batch.schema().index_of("item_key").unwrap();
+            let mut columns = batch.columns().to_vec();
+            columns[at] = Arc::new(items);
+            let fields: Vec<Field> = batch
+                .schema()
+                .fields()
+                .iter()
+                .zip(&columns)
+                .map(|(f, c)| f.as_ref().clone().with_data_type(c.data_type().clone()).with_nullable(true))
+                .collect();
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+        };
+        // Sound keys are read.
+        let sound = with_items(DictionaryArray::try_new(Int32Array::from(vec![0, 1, 0, 1]), values.clone()).unwrap());
+        crate::sql::view::PairedView::default().apply(&sound, 1).unwrap();
+        // SAFETY (of the test): the array is built unchecked on purpose, as a damaged file's
+        // would be; the view must check it.
+        let past =
+            with_items(unsafe { DictionaryArray::new_unchecked(Int32Array::from(vec![0, 1, 7, 1]), values.clone()) });
+        let null = with_items(
+            DictionaryArray::try_new(Int32Array::from(vec![Some(0), None, Some(0), Some(1)]), values).unwrap(),
+        );
+        for bad in [past, null] {
+            let err = crate::sql::view::PairedView::default().apply(&bad, 1).unwrap_err().to_string();
+            assert!(err.contains("item_key") && err.contains("dictionary key"), "{err}");
+        }
     }
 
     /// The paper's CSVs were read by two parsers (`analyze`'s and `import`'s) that disagreed:

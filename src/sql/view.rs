@@ -202,7 +202,16 @@ fn text<'a>(batch: &'a RecordBatch, name: &str) -> Result<Text<'a>> {
         batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<DictionaryArray<Int32Type>>())
         && let Some(values) = dictionary.values().as_any().downcast_ref::<StringArray>()
     {
-        return Ok(Text::Coded(dictionary.keys(), values));
+        // Every row must name a value: a null key, or one past the values (a damaged file
+        // read without checks), is refused here rather than read as some other value.
+        let keys = dictionary.keys();
+        if keys.null_count() > 0 || keys.values().iter().any(|&k| k < 0 || k as usize >= values.len()) {
+            return Err(Error::schema(
+                "observation",
+                format!("column `{name}` has a row whose dictionary key is null or names no value"),
+            ));
+        }
+        return Ok(Text::Coded(keys, values));
     }
     column(batch, name).map(Text::Plain)
 }
@@ -247,7 +256,7 @@ impl<'a> RunInterner<'a> {
     fn get(&mut self, strings: &mut Interner, row: usize) -> Sym {
         match self.column {
             Text::Coded(keys, values) => {
-                // A key outside the dictionary is refused by arrow when the array is built.
+                // Every key is in range (checked by `text`).
                 let key = keys.value(row) as usize;
                 *self.coded[key].get_or_insert_with(|| strings.intern(values.value(key)))
             }
