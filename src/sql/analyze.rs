@@ -68,9 +68,8 @@ pub fn analyze(inputs: &[PathBuf], opts: &InputOptions) -> Result<Analysis> {
             }
         }
     }
-    let mut refresh = engine.refresh()?;
     // An analysis reports the regressions: fitted now, their errors beside the families'.
-    refresh.regression_errors = engine.refit()?;
+    let mut refresh = engine.refresh_and_refit()?;
     refresh.regressions = true;
     for (stream, batches) in TEXT_STREAMS.iter().zip(text) {
         engine.register(&super::live::table_name(stream), crate::schema::arrow_schema(stream)?, batches)?;

@@ -223,10 +223,55 @@ impl StatsEngine {
     /// [`Self::refresh`]); returns the regressions that could not be fitted, with the reason.
     pub fn refit(&mut self) -> Result<Vec<String>> {
         if self.regressions_stale {
-            self.regression_errors = self.refit_regressions()?;
+            self.refit_regressions()?;
             self.regressions_stale = false;
         }
         Ok(self.regression_errors.clone())
+    }
+
+    /// [`Self::refresh`] then [`Self::refit`], as a whole analysis wants them, in less time:
+    /// the regressions' item table is built from the observations held while the counting
+    /// thread finishes the batches fed last, and M1–M4 are fitted on another core while the
+    /// families are recomputed. The results are those of the two calls one after the other
+    /// (the item table reads the observations held, which feeding has brought up to date
+    /// already; only the counts lag). Returns what was recomputed, the regressions' errors
+    /// included.
+    pub fn refresh_and_refit(&mut self) -> Result<Refresh> {
+        // Whether the refresh can find the regressions stale; when it cannot, nothing is built.
+        let may_change =
+            self.regressions_stale || self.cells_changed || !self.view.settled() || self.view.cells_dirty();
+        let start = std::time::Instant::now();
+        let table = may_change.then(|| self.view.regression_items());
+        let items = start.elapsed();
+        let (refreshed, fitted) = std::thread::scope(|s| {
+            let fit = table.as_ref().map(|t| {
+                std::thread::Builder::new()
+                    .name("candor-fit".into())
+                    .spawn_scoped(s, move || fit_regressions(t))
+                    .map_err(|e| Error::Internal(format!("starting the regressions' thread: {e}")))
+            });
+            let refreshed = self.refresh();
+            let fitted = fit.map(|h| h?.join().map_err(|_| Error::Internal("fitting M1–M4 panicked".into()))?);
+            (refreshed, fitted)
+        });
+        let mut refresh = refreshed?;
+        if self.regressions_stale {
+            match fitted {
+                Some(fitted) => self.install_regressions(fitted?)?,
+                // Not reached (a refresh that finds them stale had changes to take in), but
+                // the plain way is always right.
+                None => self.regression_errors = self.refit_regressions()?,
+            }
+            self.regressions_stale = false;
+            refresh.regressions = true;
+        }
+        if crate::trace::stats()
+            && let Some(t) = &table
+        {
+            eprintln!("  refit: {} item rows in {items:?} before the refresh, M1–M4 beside it", t.len());
+        }
+        refresh.regression_errors = self.regression_errors.clone();
+        Ok(refresh)
     }
 
     /// Whether the regressions wait for a [`Self::refit`].
@@ -328,15 +373,22 @@ impl StatsEngine {
         let start = std::time::Instant::now();
         let table = self.view.regression_items();
         let items = start.elapsed();
-        let (coefficients, effects, errors) = fit_regressions(&table)?;
+        let fitted = fit_regressions(&table)?;
         if crate::trace::stats() {
             eprintln!("  refit: {} item rows in {items:?}, M1–M4 in {:?}", table.len(), start.elapsed() - items);
         }
+        self.install_regressions(fitted)?;
+        Ok(self.regression_errors.clone())
+    }
+
+    /// Makes a fit's coefficients and effects the tables SQL reads.
+    fn install_regressions(&mut self, fitted: (RecordBatch, RecordBatch, Vec<String>)) -> Result<()> {
+        let (coefficients, effects, errors) = fitted;
         self.coefficients = coefficients;
         self.effects = effects;
+        self.regression_errors = errors;
         register(&self.ctx, "coefficients", coefficients_schema(), vec![self.coefficients.clone()])?;
-        register(&self.ctx, "effects", effects_schema(), vec![self.effects.clone()])?;
-        Ok(errors)
+        register(&self.ctx, "effects", effects_schema(), vec![self.effects.clone()])
     }
 
     fn register_all(&mut self) -> Result<()> {

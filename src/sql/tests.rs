@@ -769,9 +769,28 @@ fn regressions_from_maintained_cells_reproduce_the_glm_oracle() {
     let all = "SELECT model_spec, term, estimate, se FROM coefficients ORDER BY model_spec, term";
     let refit = query(&mut engine, all);
     let mut scratch = StatsEngine::new().unwrap();
-    scratch.apply(&Observation::to_batch(&[rows, later].concat()).unwrap(), 1).unwrap();
+    let everything = [rows, later].concat();
+    scratch.apply(&Observation::to_batch(&everything).unwrap(), 1).unwrap();
     scratch.refresh().unwrap();
     assert_eq!(refit, query(&mut scratch, all));
+
+    // Refreshed and refitted at once, with the batches fed and not yet counted (the item
+    // table is built while the counts come in, M1–M4 fitted beside the families): the same
+    // families and the same fit; a second call with nothing new refits nothing.
+    let mut together = StatsEngine::new().unwrap();
+    for b in split(&everything, &[13]) {
+        together.feed(&b).unwrap();
+    }
+    assert!(!together.view().settled(), "fed batches still counting");
+    let r = together.refresh_and_refit().unwrap();
+    assert!(r.regressions && r.regression_errors.is_empty() && !together.regressions_stale(), "{r:?}");
+    let effects = "SELECT * FROM effects ORDER BY model_spec, context";
+    assert_eq!(query(&mut together, all), refit);
+    assert_eq!(query(&mut together, effects), query(&mut scratch, effects));
+    assert_eq!(sql_table(&mut together), sql_table(&mut scratch));
+    let again = together.refresh_and_refit().unwrap();
+    assert!(!again.regressions && again.families == 0, "{again:?}");
+    assert_eq!(query(&mut together, all), refit);
 }
 
 fn rows_f(b: &RecordBatch) -> Vec<(String, f64, f64)> {

@@ -321,6 +321,11 @@ impl PairedView {
         Ok(())
     }
 
+    /// Whether counted changes moved an answer cell since the last [`PairedView::take_dirty`].
+    pub fn cells_dirty(&self) -> bool {
+        self.cells_dirty
+    }
+
     /// Whether every batch fed has been counted (see [`PairedView::feed`]).
     pub fn settled(&self) -> bool {
         self.in_flight == 0
