@@ -63,7 +63,7 @@ use crate::dataflow::Cluster;
 use crate::error::{Error, Location, Result};
 use crate::score::refusal::RefusalRules;
 use readers::{Incoming, Parsed, Readers, Source};
-pub use state::{Announced, STATE_FILE, StreamState};
+pub use state::{Announced, PendingAnswers, STATE_FILE, StreamState};
 
 /// The topics of one Candor stream.
 #[derive(Clone, Debug)]

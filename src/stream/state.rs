@@ -25,11 +25,69 @@ pub struct StreamState {
     /// Announced checkpoints not evaluated yet, by `model/checkpoint`.
     pub announced: BTreeMap<String, Announced>,
     /// Answers not archived yet, by `model/checkpoint` and response key.
-    pub pending: BTreeMap<String, BTreeMap<String, Answer>>,
+    pub pending: BTreeMap<String, PendingAnswers>,
     /// Epochs whose outputs are published.
     pub published: BTreeSet<u64>,
     /// Dead letters sent, over all runs.
     pub dead_letters: u64,
+}
+
+/// One checkpoint's answers not archived yet, by response key.
+///
+/// Saved as the JSON object of its answers, whose text is kept once written: a checkpoint
+/// whose answers are all in does not change until its epoch is recorded, while the state is
+/// saved every few hundred milliseconds (with a backlog, thousands of answers each time).
+/// Any change drops the kept text.
+#[derive(Clone, Debug, Default)]
+pub struct PendingAnswers {
+    answers: BTreeMap<String, Answer>,
+    json: std::sync::OnceLock<Box<serde_json::value::RawValue>>,
+}
+
+impl PendingAnswers {
+    pub fn get(&self, key: &str) -> Option<&Answer> {
+        self.answers.get(key)
+    }
+
+    pub fn insert(&mut self, key: String, answer: Answer) {
+        self.json = std::sync::OnceLock::new();
+        self.answers.insert(key, answer);
+    }
+
+    pub fn len(&self) -> usize {
+        self.answers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+
+    pub fn answers(&self) -> &BTreeMap<String, Answer> {
+        &self.answers
+    }
+}
+
+impl PartialEq for PendingAnswers {
+    fn eq(&self, other: &Self) -> bool {
+        self.answers == other.answers
+    }
+}
+
+impl Serialize for PendingAnswers {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        if self.json.get().is_none() {
+            let json = serde_json::value::to_raw_value(&self.answers).map_err(S::Error::custom)?;
+            let _ = self.json.set(json);
+        }
+        self.json.get().expect("set above").serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for PendingAnswers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        Ok(PendingAnswers { answers: BTreeMap::deserialize(deserializer)?, json: Default::default() })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -277,7 +335,7 @@ impl<'a> Ledger<'a> {
             return;
         }
         let Some(announced) = self.state.announced.get(checkpoint) else { return };
-        let have = self.state.pending.get(checkpoint).map_or(0, BTreeMap::len) as u64;
+        let have = self.state.pending.get(checkpoint).map_or(0, PendingAnswers::len) as u64;
         if announced.announcement.answers.is_none_or(|n| have >= n) {
             self.ready.insert(checkpoint.to_string());
         }
@@ -298,7 +356,7 @@ impl<'a> Ledger<'a> {
         Ready {
             checkpoint,
             announced,
-            answers: self.state.pending.get(checkpoint).unwrap_or(NONE),
+            answers: self.state.pending.get(checkpoint).map_or(NONE, PendingAnswers::answers),
             committed: self.committed.contains(&announced.epoch),
         }
     }

@@ -75,6 +75,15 @@ fn the_state_survives_a_save_and_load() {
     assert_eq!(back.pending, s.pending);
     assert_eq!(back.published, s.published);
     assert!(StreamState::load(tempfile::tempdir().unwrap().path()).unwrap().offsets.is_empty());
+    // A checkpoint's answers are written once and kept as text until they change: an answer
+    // added after a save is in the next one.
+    let mut b = parse_answer(Some(answer("").as_bytes()), MAX).unwrap();
+    b.sample_index = 1;
+    s.pending.get_mut("m/c").unwrap().insert(b.response_key(), b);
+    s.save(dir.path()).unwrap();
+    let back = StreamState::load(dir.path()).unwrap();
+    assert_eq!(back.pending.get("m/c").map(|p| p.len()), Some(2));
+    assert_eq!(back.pending, s.pending);
 }
 
 #[test]
