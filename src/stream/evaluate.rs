@@ -117,8 +117,8 @@ impl<'a> Evaluator<'a> {
             }
             let mut responses = Vec::with_capacity(r.answers.len());
             flight.keys.reserve(r.answers.len());
-            for a in r.answers.values() {
-                let response = a.response(epoch, finetuned, &source);
+            for (key, a) in r.answers {
+                let response = a.response(key.clone(), epoch, finetuned, &source);
                 if let Some(v) = &a.verdict {
                     let verdict = VerdictLabel::parse_loose(v).expect("checked when parsed");
                     labels.insert(

@@ -124,10 +124,12 @@ impl Answer {
         }
     }
 
-    /// The response row, at the checkpoint's epoch.
-    pub fn response(&self, epoch: u64, is_finetuned: bool, source: &str) -> Response {
+    /// The response row, at the checkpoint's epoch. `response_key` is [`Self::response_key`],
+    /// which the caller has already (the pending answers are keyed by it).
+    pub fn response(&self, response_key: String, epoch: u64, is_finetuned: bool, source: &str) -> Response {
+        debug_assert_eq!(response_key, self.response_key());
         Response {
-            response_key: self.response_key(),
+            response_key,
             trial_key: self.trial_key(),
             dataset: self.dataset.clone(),
             model: self.model.clone(),
