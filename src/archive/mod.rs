@@ -1114,10 +1114,19 @@ fn from_storage(stream: &str, batch: &RecordBatch) -> std::result::Result<Record
     cast_to(batch, &schema)
 }
 
+/// Columns whose values are (nearly) all distinct, written without a dictionary.
+const UNIQUE_TEXT: [&str; 4] = ["response_key", "trial_key", "prompt", "output"];
+
 fn encode_parquet(stream: &str, schema: &arrow::datatypes::SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
     let ctx = || format!("encoding stream `{stream}` as Parquet");
     let storage = Arc::new(storage_schema(schema));
-    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+    let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    // Keys and free text are (nearly) all distinct: a dictionary would only hash every value
+    // before falling back to plain pages.
+    for column in UNIQUE_TEXT.iter().filter(|c| schema.field_with_name(c).is_ok()) {
+        props = props.set_column_dictionary_enabled(parquet::schema::types::ColumnPath::from(*column), false);
+    }
+    let props = props.build();
     let mut w =
         ArrowWriter::try_new(Vec::new(), storage.clone(), Some(props)).map_err(|e| Error::arrow(ctx(), e.into()))?;
     for b in batches {
