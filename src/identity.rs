@@ -69,14 +69,19 @@ pub fn escape_component(s: &str) -> std::borrow::Cow<'_, str> {
         return std::borrow::Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 4);
-    for c in s.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            '/' => out.push_str("%2F"),
-            c => out.push(c),
-        }
-    }
+    push_escaped(&mut out, s);
     std::borrow::Cow::Owned(out)
+}
+
+/// Appends [`escape_component`] of `s` to `out`, the text between escapes copied as slices.
+fn push_escaped(out: &mut String, s: &str) {
+    let mut rest = s;
+    while let Some(i) = rest.find(['%', '/']) {
+        out.push_str(&rest[..i]);
+        out.push_str(if rest.as_bytes()[i] == b'%' { "%25" } else { "%2F" });
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
 }
 
 /// Joins escaped components with `/`: a key no other list of components produces.
@@ -91,7 +96,7 @@ pub fn key_of<'c>(components: impl IntoIterator<Item = &'c str>) -> String {
         if i > 0 {
             out.push('/');
         }
-        out.push_str(&escape_component(c));
+        push_escaped(&mut out, c);
     }
     out
 }
@@ -186,6 +191,9 @@ mod tests {
                 assert_eq!(split_key(&r.key()), vec![m.to_string(), c.to_string()]);
             }
         }
+        // The escapes themselves, wherever they fall in a component.
+        assert_eq!(key(&["a/b%c", "%2F", "modèl/", "/", ""]), "a%2Fb%25c/%252F/modèl%2F/%2F/");
+        assert_eq!(escape_component("%/%"), "%25%2F%25");
     }
 
     /// The bug this pins: `org/model`, `org:model`, `org model` and `org/modèl` all became
