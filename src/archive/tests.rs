@@ -137,8 +137,25 @@ fn rows_must_belong_to_their_epochs_checkpoint() {
     let a = Archive::open_writer(dir.path(), "test").unwrap();
     let e = a.register_checkpoint("m", "c", false, None).unwrap();
     let rows = Observation::to_batch(&[obs("m", "other", e, 0)]).unwrap();
-    let err = a.write_epoch(e, &[("observation".into(), Partition::checkpoint("m", "c"), rows)], &Value::Null);
+    // Beside a stream whose file is good: the files are written side by side, and the good
+    // one, never committed, is removed with the failed epoch.
+    let good = Trial::to_batch(&[trial(0)]).unwrap();
+    let parts = [
+        ("trial".to_string(), Partition::All, good.clone()),
+        ("observation".to_string(), Partition::checkpoint("m", "c"), rows),
+    ];
+    let err = a.write_epoch(e, &parts, &Value::Null);
     assert!(err.unwrap_err().to_string().contains("partition of m @ c"));
+    assert_eq!(walk_parquet(&a.root().join("trial")), 0, "the good stream's file is left behind");
+    // The epoch can then be written whole.
+    let rows = Observation::to_batch(&[obs("m", "c", e, 0)]).unwrap();
+    let parts = [
+        ("trial".to_string(), Partition::All, good),
+        ("observation".to_string(), Partition::checkpoint("m", "c"), rows),
+    ];
+    a.write_epoch(e, &parts, &Value::Null).unwrap();
+    assert_eq!(read_obs(&a).len(), 1);
+    assert_eq!(walk_parquet(&a.root().join("trial")), 1);
 }
 
 /// Commits only the `trial` part of an epoch write, as a crash after that commit leaves it;
