@@ -517,51 +517,19 @@ impl Archive {
     }
 
     /// Writes one epoch's rows of every stream and commits them: [`Archive::append_epoch`] for
-    /// each, then [`Archive::commit_epoch`].
-    ///
-    /// The streams' files are written side by side, one thread each: each is encoded, written
-    /// and synced on its own, so their syncs wait at the same time rather than one after
-    /// another. They are staged in the order of `parts`.
+    /// each, then [`Archive::commit_epoch`]. When a stream's file cannot be written, the files
+    /// already written for the epoch, never committed, are removed (as a failed commit's are).
     pub fn write_epoch(&self, epoch: u64, parts: &[(String, Partition, RecordBatch)], summary: &Value) -> Result<()> {
-        self.require_writer()?;
         let t0 = std::time::Instant::now();
-        let write = {
-            let mut staged = self.inner.staged.lock().unwrap_or_else(|p| p.into_inner());
-            staged.entry(epoch).or_insert_with(|| (random_id(), Vec::new())).0.clone()
-        };
-        let written: Vec<Result<Option<Staged>>> = std::thread::scope(|s| {
-            let writers: Vec<_> = parts
-                .iter()
-                .map(|(stream, partition, batch)| {
-                    let write = write.as_str();
-                    s.spawn(move || {
-                        self.write_stream_file(stream, partition, Some((epoch, write)), std::slice::from_ref(batch))
-                    })
-                })
-                .collect();
-            writers
-                .into_iter()
-                .map(|w| w.join().unwrap_or_else(|_| Err(Error::Internal("writing an epoch's file panicked".into()))))
-                .collect()
-        });
-        let mut failure = None;
-        let mut staged = self.inner.staged.lock().unwrap_or_else(|p| p.into_inner());
-        let files = &mut staged.entry(epoch).or_default().1;
-        for w in written {
-            match w {
-                Ok(Some(file)) => files.push(file),
-                Ok(None) => {}
-                Err(e) => failure = failure.or(Some(e)),
+        for (stream, partition, batch) in parts {
+            if let Err(e) = self.append_epoch(stream, partition, epoch, std::slice::from_ref(batch)) {
+                let staged = self.inner.staged.lock().unwrap_or_else(|p| p.into_inner()).remove(&epoch);
+                for f in staged.map(|(_, files)| files).unwrap_or_default() {
+                    let _ = fs::remove_file(&f.path);
+                }
+                return Err(e);
             }
         }
-        if let Some(e) = failure {
-            // As a failed commit does: the epoch's files, never committed, are removed.
-            for f in staged.remove(&epoch).map(|(_, files)| files).unwrap_or_default() {
-                let _ = fs::remove_file(&f.path);
-            }
-            return Err(e);
-        }
-        drop(staged);
         let t1 = std::time::Instant::now();
         let committed = self.commit_epoch(epoch, summary);
         if crate::trace::stream() {

@@ -137,8 +137,8 @@ fn rows_must_belong_to_their_epochs_checkpoint() {
     let a = Archive::open_writer(dir.path(), "test").unwrap();
     let e = a.register_checkpoint("m", "c", false, None).unwrap();
     let rows = Observation::to_batch(&[obs("m", "other", e, 0)]).unwrap();
-    // Beside a stream whose file is good: the files are written side by side, and the good
-    // one, never committed, is removed with the failed epoch.
+    // After a stream whose file is good: that file, never committed, is removed with the
+    // failed epoch.
     let good = Trial::to_batch(&[trial(0)]).unwrap();
     let parts = [
         ("trial".to_string(), Partition::All, good.clone()),
