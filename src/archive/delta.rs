@@ -77,7 +77,16 @@ pub(super) fn commit(
     if let (Base::Latest, Operation::Append, None) = (base, operation, txn)
         && table.join("_delta_log").join(format!("{:020}.json", 0)).is_file()
     {
-        return append(states, store, table, actions, meta);
+        return append(states, store, table, actions, meta, None);
+    }
+    // An append decided on the version read (a registration): the entry goes at the next
+    // version or nowhere, so any commit made since the read is a conflict. The same entry
+    // the protocol would write, without rebuilding the table's file list after it.
+    if let (Base::Read(Some(read)), Operation::Append) = (base, operation) {
+        if let Some((app_id, version)) = txn {
+            actions.push(Action::Txn(deltalake_core::kernel::Transaction::new(app_id, version)));
+        }
+        return append(states, store, table, actions, meta, Some(read + 1));
     }
     let read_version = match base {
         Base::Latest => None,
@@ -166,13 +175,16 @@ pub(super) fn commit(
 /// protocol's post-commit step, which rebuilds the table's full file list from every version's
 /// statistics after each commit: a cost that grows with the table's history, at every epoch.
 /// An append cannot conflict with another writer's commit (both only add files), so when the
-/// next version is taken the append goes to the one after, as the protocol's retries would.
+/// next version is taken the append goes to the one after, as the protocol's retries would;
+/// unless `at` names the one version it may take (an append decided on what the table held
+/// then), when a version already taken is a conflict.
 fn append(
     states: &States,
     store: LogStoreRef,
     table: &Path,
     actions: Vec<Action>,
     mut meta: CommitMeta,
+    at: Option<u64>,
 ) -> Result<u64> {
     use deltalake_core::kernel::transaction::{CommitData, TransactionError};
     use deltalake_core::logstore::CommitOrBytes;
@@ -189,14 +201,21 @@ fn append(
         let latest = |from: u64| async move {
             store.get_latest_version(from).await.map_err(|e| delta_error(table, "reading the Delta log", e))
         };
-        let mut version = match last {
-            Some(v) => v + 1,
-            None => latest(0).await? + 1,
+        let mut version = match (at, last) {
+            (Some(v), _) => v,
+            (None, Some(v)) => v + 1,
+            (None, None) => latest(0).await? + 1,
         };
         for _ in 0..16 {
             let entry = CommitOrBytes::LogBytes(bytes.clone());
             match store.write_commit_entry(version, entry, uuid::Uuid::new_v4()).await {
                 Ok(()) => return Ok(version),
+                Err(TransactionError::VersionAlreadyExists(_)) if at.is_some() => {
+                    return Err(Error::Conflict(format!(
+                        "{}: another writer committed version {version} since this commit's table was read; nothing of this commit was written",
+                        table.display()
+                    )));
+                }
                 Err(TransactionError::VersionAlreadyExists(_)) => version = latest(version).await? + 1,
                 Err(e) => return Err(delta_error(table, "committing", e)),
             }
