@@ -260,7 +260,9 @@ impl StatsEngine {
                 Some(fitted) => self.install_regressions(fitted?)?,
                 // Not reached (a refresh that finds them stale had changes to take in), but
                 // the plain way is always right.
-                None => self.regression_errors = self.refit_regressions()?,
+                None => {
+                    self.refit_regressions()?;
+                }
             }
             self.regressions_stale = false;
             refresh.regressions = true;
