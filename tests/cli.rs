@@ -2518,6 +2518,34 @@ fn stream_killed_at_random_points_loses_and_duplicates_nothing() {
     eprintln!("repeated output messages (identical, dropped by (key, epoch, seq)): {repeats}");
 }
 
+/// `candor bench stream` deletes the topics it made (both its runs' inputs and outputs), so
+/// repeated runs leave the broker as they found it.
+#[test]
+fn bench_stream_leaves_no_topics_behind() {
+    use stream_support::*;
+    let broker = Broker::start(false);
+    let conn = broker.conn();
+    create_inputs(&conn, "mine.");
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&[
+        "bench",
+        "stream",
+        "--brokers",
+        &broker.addr,
+        "--checkpoints",
+        "2",
+        "--per-checkpoint",
+        "20",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.contains("raw"), "{out}");
+    let left = candor::stream::kafka::topic_names(&conn).unwrap();
+    assert!(!left.iter().any(|t| t.starts_with("bench")), "left behind: {left:?}");
+    assert!(left.iter().any(|t| t == "mine.answers"), "another's topic was deleted: {left:?}");
+}
+
 #[test]
 fn stream_rides_out_a_broker_restart_mid_stream() {
     use stream_support::*;

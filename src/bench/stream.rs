@@ -61,10 +61,32 @@ fn produce(conn: &Connection, topics: &Topics, checkpoints: std::ops::Range<usiz
     Ok(())
 }
 
+/// The benchmark's topics (both runs' inputs and outputs), deleted when it ends however it
+/// ends: repeated runs leave the broker as they found it (a broker that keeps every run's
+/// topics, in memory or on disk, slows down run after run and skews the comparison).
+struct Cleanup<'c> {
+    conn: &'c Connection,
+    prefixes: Vec<String>,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let topics: Vec<Topics> = self.prefixes.iter().map(|p| Topics::with_prefix(p)).collect();
+        let names: Vec<&str> = topics
+            .iter()
+            .flat_map(|t| [t.checkpoints.as_str(), t.answers.as_str()].into_iter().chain(t.outputs()))
+            .collect();
+        if let Err(e) = kafka::delete_topics(self.conn, &names) {
+            eprintln!("candor bench stream: its topics ({}*) are left on the broker: {e}", self.prefixes.join("*, "));
+        }
+    }
+}
+
 /// Runs the benchmark against the brokers of `conn`, with archives under `dir`.
 pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluster: &Cluster) -> Result<()> {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
     let n = checkpoints * per;
+    let _cleanup = Cleanup { conn, prefixes: vec![format!("bench{stamp}."), format!("bench{stamp}-latency.")] };
 
     // Throughput: everything produced first, then a plain consumer and Candor read it all.
     let prefix = format!("bench{stamp}.");

@@ -91,6 +91,29 @@ pub fn create_topics(conn: &Connection, topics: &[&str], partitions: i32) -> Res
     Ok(())
 }
 
+/// Deletes topics; one already gone is not an error.
+pub fn delete_topics(conn: &Connection, topics: &[&str]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(conn).create().map_err(|e| kafka("creating an admin client", e))?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results =
+        crate::runtime::block_on(admin.delete_topics(topics, &options)).map_err(|e| kafka("deleting topics", e))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => return Err(Error::backend("kafka", format!("deleting topic `{topic}`: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+/// The names of the topics the brokers have.
+pub fn topic_names(conn: &Connection) -> Result<Vec<String>> {
+    let c = consumer(conn, "candor-metadata")?;
+    let md = c.fetch_metadata(None, Duration::from_secs(10)).map_err(|e| kafka("reading the brokers' metadata", e))?;
+    Ok(md.topics().iter().map(|t| t.name().to_string()).collect())
+}
+
 /// A consumer that never commits on its own: offsets live in Candor's checkpointed state.
 pub fn consumer(conn: &Connection, group: &str) -> Result<BaseConsumer> {
     client_config(conn)
