@@ -260,6 +260,11 @@ impl Epoch {
     pub fn is_empty(&self) -> bool {
         self.observations.is_empty() && self.cells.is_empty()
     }
+
+    /// The observations pending that can pair (those that enter the join).
+    pub fn observations(&self) -> usize {
+        self.observations.len()
+    }
 }
 
 /// [`statistics`] on a worker thread of its own; each [`Counts::update`] is one epoch.

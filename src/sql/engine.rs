@@ -134,9 +134,9 @@ impl StatsEngine {
         added
     }
 
-    /// [`Self::apply`] for loading many batches: the counts of a batch are taken in while the
-    /// next is read (see [`PairedView::feed`]), and every reader of the engine's results
-    /// ([`Self::refresh`] and the rest) settles them first.
+    /// [`Self::apply`] for loading many batches: batches are counted, a few together, on the
+    /// counting thread while the next are read (see [`PairedView::feed`]), and every reader of
+    /// the engine's results ([`Self::refresh`] and the rest) settles them first.
     pub fn feed(&mut self, batch: &RecordBatch) -> Result<()> {
         self.add(batch, 1)
     }

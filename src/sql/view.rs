@@ -139,6 +139,12 @@ impl CellCounts {
     }
 }
 
+/// How many observations that can pair [`PairedView::feed`] gathers into one epoch of the
+/// counting computation: each epoch has a fixed cost there (its arrangements' batches are
+/// merged, every touched count read back), so 8,192-row file batches as epochs of their own
+/// cost more than they overlap.
+pub const FEED_EPOCH: usize = 32_768;
+
 /// The incrementally maintained paired counts and cells.
 #[derive(Debug, Default)]
 pub struct PairedView {
@@ -288,11 +294,11 @@ impl PairedView {
         fed
     }
 
-    /// [`PairedView::apply`] without waiting for the counts: the batch's changes are handed
-    /// to the counting computation, which counts them on its own thread while the caller
-    /// reads the next batch; the previous batch's counts are taken in first. The families,
-    /// cells and paired counts lag by this batch until [`PairedView::settle`]. For bulk
-    /// loading; readers of the counts settle first.
+    /// [`PairedView::apply`] without waiting for the counts: once at least [`FEED_EPOCH`]
+    /// observations that can pair are pending, they are handed to the counting computation as
+    /// one epoch, which counts them on its own thread while the caller reads on (the previous
+    /// epoch's counts are taken in first). The families, cells and paired counts lag until
+    /// [`PairedView::settle`]. For bulk loading; readers of the counts settle first.
     pub fn feed(&mut self, batch: &RecordBatch, diff: i64) -> Result<()> {
         let mut duplicate = None;
         self.each_row(batch, |view, key, held| {
@@ -300,8 +306,10 @@ impl PairedView {
                 duplicate = Some(view.describe(&key, &held));
             }
         })?;
-        self.settle()?;
-        self.send_pending()?;
+        if self.pending.observations() >= FEED_EPOCH {
+            self.take_counts()?;
+            self.send_pending()?;
+        }
         match duplicate {
             Some(d) => Err(Error::schema(
                 "observation",
@@ -311,8 +319,14 @@ impl PairedView {
         }
     }
 
-    /// Takes in the counts of every batch fed and not yet counted.
+    /// Counts every observation fed and takes the counts in.
     pub fn settle(&mut self) -> Result<()> {
+        self.send_pending()?;
+        self.take_counts()
+    }
+
+    /// Takes in the counts of every epoch handed to the computation.
+    fn take_counts(&mut self) -> Result<()> {
         while self.in_flight > 0 {
             let changes = self.counts.receive()?;
             self.in_flight -= 1;
@@ -328,7 +342,7 @@ impl PairedView {
 
     /// Whether every batch fed has been counted (see [`PairedView::feed`]).
     pub fn settled(&self) -> bool {
-        self.in_flight == 0
+        self.in_flight == 0 && self.pending.is_empty()
     }
 
     fn describe(&self, key: &PairKey, v: &Held) -> String {
@@ -362,7 +376,7 @@ impl PairedView {
             }
             view.update(key, new, 1);
         })?;
-        self.flush()
+        self.settle()
     }
 
     /// Hands the pending changes to the computation as one epoch, without waiting for it.
@@ -372,13 +386,6 @@ impl PairedView {
             self.in_flight += 1;
         }
         Ok(())
-    }
-
-    /// Feeds the pending changes to the computation as one epoch and applies the counts'
-    /// changes, marking the families they touch dirty.
-    fn flush(&mut self) -> Result<()> {
-        self.send_pending()?;
-        self.settle()
     }
 
     fn apply_changes(&mut self, changes: super::counts::Changes) {
