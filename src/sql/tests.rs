@@ -1149,3 +1149,44 @@ mod live {
         assert_eq!(found, expected);
     }
 }
+
+/// Bulk feeding gathers batches into epochs of at least `FEED_EPOCH` observations that can
+/// pair (several here, and a remainder counted at the settle): the families, cells and
+/// regressions equal those of every batch applied as an epoch of its own.
+#[test]
+fn fed_batches_gathered_into_epochs_count_as_batches_applied_one_by_one() {
+    let mut batches = Vec::new();
+    super::synthetic::synthetic_each(120_000, 9, 2, "warm", 1, true, |b| {
+        let mut at = 0;
+        while at < b.num_rows() {
+            let n = 5_000.min(b.num_rows() - at);
+            batches.push(b.slice(at, n));
+            at += n;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let (mut fed, mut applied) = (StatsEngine::new().unwrap(), StatsEngine::new().unwrap());
+    let mut sent_while_feeding = false;
+    for b in &batches {
+        fed.feed(b).unwrap();
+        applied.apply(b, 1).unwrap();
+        // Past the first epoch's worth, an epoch is out on the counting thread.
+        sent_while_feeding |= !fed.view().settled();
+    }
+    assert!(sent_while_feeding);
+    fed.refresh_and_refit().unwrap();
+    applied.refresh().unwrap();
+    applied.refit().unwrap();
+    assert_eq!(sql_table(&mut fed), sql_table(&mut applied));
+    let one = |engine: &mut StatsEngine, sql: &str| {
+        let b = engine.query(sql).unwrap();
+        concat_batches(&b[0].schema(), &b).unwrap()
+    };
+    for sql in [
+        "SELECT * FROM cells ORDER BY model, checkpoint, dataset, amendment_type, prompt_type",
+        "SELECT * FROM coefficients ORDER BY model_spec, term",
+    ] {
+        assert_eq!(one(&mut fed, sql), one(&mut applied, sql), "{sql}");
+    }
+}
