@@ -72,10 +72,7 @@ struct Cleanup<'c> {
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         let topics: Vec<Topics> = self.prefixes.iter().map(|p| Topics::with_prefix(p)).collect();
-        let names: Vec<&str> = topics
-            .iter()
-            .flat_map(|t| [t.checkpoints.as_str(), t.answers.as_str()].into_iter().chain(t.outputs()))
-            .collect();
+        let names: Vec<&str> = topics.iter().flat_map(Topics::all).collect();
         if let Err(e) = kafka::delete_topics(self.conn, &names) {
             eprintln!("candor bench stream: its topics ({}*) are left on the broker: {e}", self.prefixes.join("*, "));
         }
@@ -135,9 +132,7 @@ pub fn run(conn: &Connection, dir: &Path, checkpoints: usize, per: usize, cluste
     // first fetches); its latency is reported apart from the steady state's.
     let prefix = format!("bench{stamp}-latency.");
     let topics = Topics::with_prefix(&prefix);
-    let mut all: Vec<&str> = vec![&topics.checkpoints, &topics.answers];
-    all.extend(topics.outputs());
-    kafka::create_topics(conn, &all, 4)?;
+    kafka::create_topics(conn, &topics.all(), 4)?;
     let lat_checkpoints = checkpoints.clamp(2, 21);
     let lat_per = per;
     let expect = lat_checkpoints * lat_per;

@@ -95,6 +95,12 @@ impl Topics {
     pub fn outputs(&self) -> [&str; 5] {
         [&self.responses, &self.verdicts, &self.observations, &self.statistics, &self.dead_letters]
     }
+
+    /// Every topic of the stream: the two inputs, then the outputs.
+    pub fn all(&self) -> [&str; 7] {
+        let [a, b, c, d, e] = self.outputs();
+        [&self.checkpoints, &self.answers, a, b, c, d, e]
+    }
 }
 
 /// How `candor stream` runs.
@@ -180,9 +186,7 @@ pub fn run(cluster: &Cluster, archive: &Archive, opts: &StreamOptions) -> Result
         return Ok(StreamReport::default());
     }
     let t = &opts.topics;
-    let mut all: Vec<&str> = vec![&t.checkpoints, &t.answers];
-    all.extend(t.outputs());
-    kafka::create_topics(&opts.connection, &all, opts.partitions)?;
+    kafka::create_topics(&opts.connection, &t.all(), opts.partitions)?;
     let mut s = Streamer::open(cluster, archive, opts, true)?;
     s.reconcile()?;
 
