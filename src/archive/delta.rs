@@ -79,13 +79,13 @@ pub(super) fn commit(
     {
         return append(states, store, table, actions, meta, None);
     }
+    if let Some((app_id, version)) = txn {
+        actions.push(Action::Txn(deltalake_core::kernel::Transaction::new(app_id, version)));
+    }
     // An append decided on the version read (a registration): the entry goes at the next
     // version or nowhere, so any commit made since the read is a conflict. The same entry
     // the protocol would write, without rebuilding the table's file list after it.
     if let (Base::Read(Some(read)), Operation::Append) = (base, operation) {
-        if let Some((app_id, version)) = txn {
-            actions.push(Action::Txn(deltalake_core::kernel::Transaction::new(app_id, version)));
-        }
         return append(states, store, table, actions, meta, Some(read + 1));
     }
     let read_version = match base {
@@ -96,9 +96,6 @@ pub(super) fn commit(
         Base::Latest => table.join("_delta_log").join(format!("{:020}.json", 0)).is_file(),
         Base::Read(v) => v.is_some(),
     };
-    if let Some((app_id, version)) = txn {
-        actions.push(Action::Txn(deltalake_core::kernel::Transaction::new(app_id, version)));
-    }
     let table_path = table.to_path_buf();
     let schema = delta_schema(schema)?;
     // On the process's runtime, also when the caller is itself on a tokio runtime (the SQL

@@ -524,9 +524,7 @@ impl Archive {
         for (stream, partition, batch) in parts {
             if let Err(e) = self.append_epoch(stream, partition, epoch, std::slice::from_ref(batch)) {
                 let staged = self.inner.staged.lock().unwrap_or_else(|p| p.into_inner()).remove(&epoch);
-                for f in staged.map(|(_, files)| files).unwrap_or_default() {
-                    let _ = fs::remove_file(&f.path);
-                }
+                discard(&staged.map(|(_, files)| files).unwrap_or_default());
                 return Err(e);
             }
         }
@@ -552,9 +550,7 @@ impl Archive {
             .unwrap_or_else(|| (random_id(), Vec::new()));
         let result = self.commit_staged(epoch, &write, &staged, summary);
         if result.is_err() {
-            for f in &staged {
-                let _ = fs::remove_file(&f.path);
-            }
+            discard(&staged);
         }
         result
     }
@@ -1119,6 +1115,14 @@ fn from_storage(stream: &str, batch: &RecordBatch) -> std::result::Result<Record
         }
     }
     cast_to(batch, &schema)
+}
+
+/// Removes the files of a write that failed, never committed (what is left is found by
+/// recovery, which deletes files no log lists).
+fn discard(files: &[Staged]) {
+    for f in files {
+        let _ = fs::remove_file(&f.path);
+    }
 }
 
 /// Columns whose values are (nearly) all distinct, written without a dictionary.
