@@ -66,6 +66,11 @@ pub fn read_observations(path: &Path, opts: &InputOptions) -> Result<Vec<RecordB
 const CODED: [&str; 8] =
     ["model", "checkpoint", "dataset", "item_key", "amendment_type", "amendment_group", "prompt_type", "verdict"];
 
+/// How a [`CODED`] column comes: a dictionary of text with 32-bit keys.
+fn coded_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
 /// An observation batch with every column as the `observation` schema has it: the categorical
 /// columns [`each_observation_batch`] hands over as dictionaries decoded to plain text.
 pub fn plain(batch: &RecordBatch) -> Result<RecordBatch> {
@@ -213,10 +218,7 @@ fn parquet_batches(path: &Path) -> Result<parquet::arrow::arrow_reader::ParquetR
         .fields()
         .iter()
         .map(|f| match f.data_type() {
-            DataType::Utf8 if CODED.contains(&f.name().as_str()) => f
-                .as_ref()
-                .clone()
-                .with_data_type(DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))),
+            DataType::Utf8 if CODED.contains(&f.name().as_str()) => f.as_ref().clone().with_data_type(coded_type()),
             _ => f.as_ref().clone(),
         })
         .collect();
@@ -285,10 +287,7 @@ fn normalize(batch: &RecordBatch, lines: Option<&[u64]>, path: &Path, opts: &Inp
     let schema = crate::schema::arrow_schema("observation")?;
     // Files Candor wrote (or that follow the schema exactly) need no conversion; a categorical
     // column may come as a dictionary of text ([`parquet_batches`]).
-    let coded = |a: &Field, b: &Field| {
-        CODED.contains(&b.name().as_str())
-            && *a.data_type() == DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
-    };
+    let coded = |a: &Field, b: &Field| CODED.contains(&b.name().as_str()) && *a.data_type() == coded_type();
     let same = |a: &Field, b: &Field| a.name() == b.name() && (a.data_type() == b.data_type() || coded(a, b));
     if batch.schema().fields().len() == schema.fields().len()
         && batch.schema().fields().iter().zip(schema.fields()).all(|(a, b)| same(a, b))
