@@ -495,15 +495,25 @@ pub struct EpochDone {
 /// Gathers every batch on worker 0 and, when the frontier passes an epoch, writes each
 /// stream's rows for that epoch as one segment, sorted by the stream's key, so the archive is
 /// a deterministic function of the input whatever the worker count. Emits one [`EpochDone`]
-/// per completed epoch.
+/// per completed epoch, once its write is committed.
+///
+/// The writes run on a thread of their own (`candor-archive`), one epoch after another in the
+/// order the epochs complete, so the worker scores the next epoch while the last one's files
+/// are encoded and synced. The epoch's capability is held until its write is reported back,
+/// so nothing downstream (and no probe) sees the epoch complete before it is committed.
 pub fn archive_sink<'s>(
     stream: StreamVec<'s, Epoch, Msg>,
     archive: Archive,
     routing: SharedRouting,
     progress: Option<indicatif::ProgressBar>,
 ) -> StreamVec<'s, Epoch, EpochDone> {
-    stream.unary_frontier(Exchange::new(|_: &Msg| 0), "ArchiveSink", move |_cap, _info| {
+    let scope = stream.scope();
+    stream.unary_frontier(Exchange::new(|_: &Msg| 0), "ArchiveSink", move |_cap, info| {
+        let activator = scope.worker().sync_activator_for(info.address.to_vec());
+        let mut writer: Option<Writer> = None;
         let mut pending: BTreeMap<Epoch, (Capability<Epoch>, Vec<Msg>)> = BTreeMap::new();
+        // Epochs handed to the writer, by dataflow time.
+        let mut writing: BTreeMap<Epoch, (Capability<Epoch>, Epoch)> = BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each_stamp(|cap, data| {
                 let Some(cap) = cap.retain_least(0) else { return };
@@ -524,22 +534,94 @@ pub fn archive_sink<'s>(
                     Ok(r) => (r.epochs.get(&time).copied().unwrap_or(time), r.partitions.clone()),
                     Err(_) => {
                         let error = Error::Internal("the archive routing was poisoned by a panic".into());
-                        let done = EpochDone {
-                            epoch: time,
-                            rows: BTreeMap::new(),
-                            errors: vec![StageError::new("archiving", &error)],
-                            written: BTreeMap::new(),
-                            generated: Generated::default(),
-                        };
-                        output.session(&cap).give(done);
+                        output.session(&cap).give(EpochDone::failed(time, "archiving", &error));
                         continue;
                     }
                 };
-                let done = write_epoch(&archive, epoch, msgs, &partitions);
-                output.session(&cap).give(done);
+                let w = match &mut writer {
+                    Some(w) => w,
+                    None => writer.insert(Writer::start(archive.clone(), activator.clone())),
+                };
+                let job = WriteJob { time, epoch, msgs, partitions };
+                if w.jobs.send(job).is_err() {
+                    let error = Error::Internal("the archive writer thread stopped".into());
+                    output.session(&cap).give(EpochDone::failed(epoch, "archiving", &error));
+                    continue;
+                }
+                writing.insert(time, (cap, epoch));
+            }
+            if let Some(w) = &writer {
+                loop {
+                    match w.done.try_recv() {
+                        Ok((time, done)) => {
+                            if let Some((cap, _)) = writing.remove(&time) {
+                                output.session(&cap).give(done);
+                            }
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            // The thread died (a panic): every epoch it held fails, none is lost.
+                            let error = Error::Internal("the archive writer thread stopped".into());
+                            for (cap, epoch) in std::mem::take(&mut writing).into_values() {
+                                output.session(&cap).give(EpochDone::failed(epoch, "archiving", &error));
+                            }
+                            break;
+                        }
+                    }
+                }
             }
         }
     })
+}
+
+/// One completed epoch handed to the archive writer.
+struct WriteJob {
+    /// The dataflow time (the round).
+    time: Epoch,
+    /// The archive epoch it is committed as.
+    epoch: Epoch,
+    msgs: Vec<Msg>,
+    partitions: BTreeMap<Epoch, Partition>,
+}
+
+/// The archive sink's writing thread and its two channels.
+struct Writer {
+    jobs: std::sync::mpsc::Sender<WriteJob>,
+    done: std::sync::mpsc::Receiver<(Epoch, EpochDone)>,
+}
+
+impl Writer {
+    /// Started by the sink's first completed epoch (only worker 0 of process 0 has any).
+    fn start(archive: Archive, activator: timely::scheduling::SyncActivator) -> Writer {
+        let (jobs, rx) = std::sync::mpsc::channel::<WriteJob>();
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("candor-archive".into())
+            .spawn(move || {
+                for job in rx {
+                    let done = write_epoch(&archive, job.epoch, job.msgs, &job.partitions);
+                    if tx.send((job.time, done)).is_err() {
+                        return;
+                    }
+                    let _ = activator.activate();
+                }
+            })
+            .expect("spawning the archive writer thread");
+        Writer { jobs, done }
+    }
+}
+
+impl EpochDone {
+    /// The report of an epoch that could not be written.
+    fn failed(epoch: Epoch, stage: &str, error: &Error) -> EpochDone {
+        EpochDone {
+            epoch,
+            rows: BTreeMap::new(),
+            errors: vec![StageError::new(stage, error)],
+            written: BTreeMap::new(),
+            generated: Generated::default(),
+        }
+    }
 }
 
 fn write_epoch(archive: &Archive, epoch: Epoch, msgs: Vec<Msg>, checkpoints: &BTreeMap<Epoch, Partition>) -> EpochDone {
