@@ -246,7 +246,7 @@ struct Inner {
     registry: Mutex<HashMap<(PathBuf, String), Vec<CheckpointEntry>>>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Staged {
     stream: String,
     partition: Partition,
@@ -255,7 +255,8 @@ struct Staged {
     rows: u64,
     size: u64,
     sha256: String,
-    keys: Vec<String>,
+    /// The rows' keys, one set per batch written.
+    keys: Vec<KeyRows>,
 }
 
 fn now_secs() -> u64 {
@@ -483,7 +484,8 @@ impl Archive {
         self.require_writer()?;
         let Some(file) = self.write_stream_file(stream, partition, None, batches)? else { return Ok(None) };
         // Outside an epoch nothing else makes a key unique: every committed row is checked.
-        if let Err(e) = self.check_keys(stream, &file.keys, &self.snapshot()?, true) {
+        let keys: Vec<&KeyRows> = file.keys.iter().collect();
+        if let Err(e) = self.check_keys(stream, &keys, &self.snapshot()?, true) {
             let _ = fs::remove_file(&file.path);
             return Err(e);
         }
@@ -582,7 +584,7 @@ impl Archive {
         }
         let mut manifest = serde_json::Map::new();
         for (stream, files) in &by_stream {
-            let keys: Vec<String> = files.iter().flat_map(|f| f.keys.iter().cloned()).collect();
+            let keys: Vec<&KeyRows> = files.iter().flat_map(|f| &f.keys).collect();
             self.check_keys(stream, &keys, &snap, false)?;
             manifest.insert(stream.to_string(), files.iter().map(|f| f.rows).sum::<u64>().into());
         }
@@ -607,21 +609,35 @@ impl Archive {
     /// (one per checkpoint, written once), so only the grid's streams (item, trial) are read
     /// for committed keys then; rows appended outside any epoch (`appended`) are checked
     /// against every committed row of their stream.
-    fn check_keys(&self, stream: &str, keys: &[String], snap: &Snapshot, appended: bool) -> Result<()> {
-        check_unique(stream, keys)?;
+    fn check_keys(&self, stream: &str, keys: &[&KeyRows], snap: &Snapshot, appended: bool) -> Result<()> {
+        let mut seen = HashSet::with_capacity(keys.iter().map(|k| k.rows.num_rows()).sum());
+        for k in keys {
+            for (i, row) in k.rows.iter().enumerate() {
+                if !seen.insert(row.data()) {
+                    let key = k.key(stream, i)?;
+                    return Err(Error::schema(
+                        stream,
+                        format!("two rows share the key {key:?}; a key is archived once"),
+                    ));
+                }
+            }
+        }
         if !appended && !matches!(stream, "item" | "trial") {
             return Ok(());
         }
-        let mut existing = HashSet::new();
+        let mut existing = Vec::new();
         for seg in snap.segments(stream) {
             for b in read_segment(&seg)? {
-                existing.extend(row_keys(stream, &b)?);
+                existing.push(KeyRows::of(stream, &b)?);
             }
         }
-        match keys.iter().find(|k| existing.contains(*k)) {
-            Some(k) => Err(duplicate_key(stream, k)),
-            None => Ok(()),
+        let existing: HashSet<&[u8]> = existing.iter().flat_map(|k| k.rows.iter().map(|r| r.data())).collect();
+        for k in keys {
+            if let Some(i) = k.rows.iter().position(|r| existing.contains(r.data())) {
+                return Err(duplicate_key(stream, &k.key(stream, i)?));
+            }
         }
+        Ok(())
     }
 
     /// Withdraws committed epochs (before they are written again on purpose: `--replace`,
@@ -875,7 +891,7 @@ impl Archive {
         }
         let mut keys = Vec::new();
         for b in batches {
-            keys.extend(row_keys(stream, b)?);
+            keys.push(KeyRows::of(stream, b)?);
             if let Partition::Checkpoint(c) = partition {
                 check_rows_belong(stream, b, c)?;
             }
@@ -974,16 +990,6 @@ fn duplicate_key(stream: &str, key: &str) -> Error {
     ))
 }
 
-fn check_unique(stream: &str, keys: &[String]) -> Result<()> {
-    let mut seen = HashSet::with_capacity(keys.len());
-    for k in keys {
-        if !seen.insert(k.as_str()) {
-            return Err(Error::schema(stream, format!("two rows share the key {k:?}; a key is archived once")));
-        }
-    }
-    Ok(())
-}
-
 /// Reads a whole stream of an archive as records.
 pub fn read_records<R: Record>(archive: &Archive) -> Result<Vec<R>> {
     let mut out = Vec::new();
@@ -996,20 +1002,60 @@ pub fn read_records<R: Record>(archive: &Archive) -> Result<Vec<R>> {
 /// The key of every row of a batch of `stream` (its schema's key columns, as one reversible
 /// string each).
 pub fn row_keys(stream: &str, batch: &RecordBatch) -> Result<Vec<String>> {
+    let columns = key_columns(stream, batch)?;
+    Ok((0..batch.num_rows()).map(|i| key_at(&columns, i)).collect())
+}
+
+/// A batch's key columns, as strings.
+fn key_columns(stream: &str, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
     let key = &schema::stream_schema(stream)?.key;
     let mut columns: Vec<ArrayRef> = Vec::new();
     for k in key {
         let c = batch.column_by_name(k).ok_or_else(|| Error::schema(stream, format!("key column `{k}` is missing")))?;
-        columns.push(
-            arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8)
-                .map_err(|e| Error::arrow(format!("key column `{k}`"), e))?,
-        );
+        columns
+            .push(arrow::compute::cast(c, &DataType::Utf8).map_err(|e| Error::arrow(format!("key column `{k}`"), e))?);
     }
-    let strings: Vec<&StringArray> =
-        columns.iter().map(|c| c.as_any().downcast_ref::<StringArray>().expect("cast to utf8")).collect();
-    Ok((0..batch.num_rows())
-        .map(|i| crate::identity::key_of(strings.iter().map(|s| if s.is_null(i) { "\u{0}" } else { s.value(i) })))
-        .collect())
+    Ok(columns)
+}
+
+/// The key of row `i` of key columns (as [`key_columns`] gives them).
+fn key_at(columns: &[ArrayRef], i: usize) -> String {
+    let strings = columns.iter().map(|c| c.as_any().downcast_ref::<StringArray>().expect("cast to utf8"));
+    crate::identity::key_of(strings.map(|s| if s.is_null(i) { "\u{0}" } else { s.value(i) }))
+}
+
+/// The keys of a batch's rows in Arrow's row format: its key columns as strings, encoded so
+/// that two rows' bytes are equal exactly when their keys are. Checked for uniqueness as
+/// bytes; a key is spelled out ([`row_keys`]) only to name a duplicate.
+struct KeyRows {
+    converter: arrow::row::RowConverter,
+    rows: arrow::row::Rows,
+}
+
+impl std::fmt::Debug for KeyRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyRows({} rows)", self.rows.num_rows())
+    }
+}
+
+impl KeyRows {
+    fn of(stream: &str, batch: &RecordBatch) -> Result<KeyRows> {
+        let columns = key_columns(stream, batch)?;
+        let fields = columns.iter().map(|_| arrow::row::SortField::new(DataType::Utf8)).collect();
+        let converter =
+            arrow::row::RowConverter::new(fields).map_err(|e| Error::arrow(format!("keys of `{stream}`"), e))?;
+        let rows = converter.convert_columns(&columns).map_err(|e| Error::arrow(format!("keys of `{stream}`"), e))?;
+        Ok(KeyRows { converter, rows })
+    }
+
+    /// The key of row `i`, spelled out.
+    fn key(&self, stream: &str, i: usize) -> Result<String> {
+        let columns = self
+            .converter
+            .convert_rows([self.rows.row(i)])
+            .map_err(|e| Error::arrow(format!("keys of `{stream}`"), e))?;
+        Ok(key_at(&columns, 0))
+    }
 }
 
 /// Rows written into a checkpoint's partition must name that checkpoint.

@@ -119,16 +119,29 @@ fn an_epoch_is_written_once() {
 fn keys_are_archived_once() {
     let dir = tempfile::tempdir().unwrap();
     let a = Archive::open_writer(dir.path(), "test").unwrap();
-    let twice = Trial::to_batch(&[trial(0), trial(0)]).unwrap();
+    // The error names the key that is there twice.
+    let key = |i: usize| format!("{:?}", row_keys("trial", &Trial::to_batch(&[trial(i)]).unwrap()).unwrap()[0]);
+    let twice = Trial::to_batch(&[trial(3), trial(0), trial(4), trial(0)]).unwrap();
     let err = a.write_epoch(0, &[("trial".into(), Partition::All, twice)], &Value::Null).unwrap_err();
-    assert!(err.to_string().contains("share the key"), "{err}");
+    assert!(err.to_string().contains(&format!("share the key {}", key(0))), "{err}");
     grid(&a, 2);
     // A later epoch may add trials, but not one the grid has.
     let epoch = a.register_checkpoint("m", "c", false, None).unwrap();
-    let again = Trial::to_batch(&[trial(1), trial(2)]).unwrap();
+    let again = Trial::to_batch(&[trial(2), trial(1)]).unwrap();
     let err = a.write_epoch(epoch, &[("trial".into(), Partition::All, again)], &Value::Null).unwrap_err();
-    assert!(err.to_string().contains("already holds a row"), "{err}");
+    assert!(err.to_string().contains(&format!("already holds a row with key {}", key(1))), "{err}");
     assert_eq!(a.read("trial").unwrap().iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+    // Two files of one stream in one epoch: a key in both is there twice.
+    let epoch = a.register_checkpoint("m", "d", false, None).unwrap();
+    let obs = |i: usize| Observation::to_batch(&[obs("m", "d", epoch, i)]).unwrap();
+    let part = Partition::checkpoint("m", "d");
+    a.append_epoch("observation", &part, epoch, &[obs(5)]).unwrap();
+    a.append_epoch("observation", &part, epoch, &[obs(6)]).unwrap();
+    a.append_epoch("observation", &part, epoch, &[obs(5)]).unwrap();
+    let err = a.commit_epoch(epoch, &Value::Null).unwrap_err();
+    let five = format!("{:?}", row_keys("observation", &obs(5)).unwrap()[0]);
+    assert!(err.to_string().contains(&format!("share the key {five}")), "{err}");
+    assert!(a.read("observation").unwrap().is_empty());
 }
 
 #[test]
