@@ -45,8 +45,6 @@ pub(super) struct Evaluated {
 struct InFlight {
     checkpoint: String,
     finetuned: bool,
-    /// The response keys it archives.
-    keys: Vec<String>,
     fed: Instant,
 }
 
@@ -106,8 +104,7 @@ impl<'a> Evaluator<'a> {
                 self.committed_before.push((r.checkpoint.to_string(), epoch, finetuned));
                 continue;
             }
-            let mut flight =
-                InFlight { checkpoint: r.checkpoint.to_string(), finetuned, keys: Vec::new(), fed: Instant::now() };
+            let flight = InFlight { checkpoint: r.checkpoint.to_string(), finetuned, fed: Instant::now() };
             if r.announced.announcement.answers.is_none() {
                 let (model, ckpt) = self.generator_for(&r.announced.announcement).expect("checked when announced");
                 let items = self.subsamples.remove(r.checkpoint);
@@ -116,7 +113,6 @@ impl<'a> Evaluator<'a> {
                 continue;
             }
             let mut responses = Vec::with_capacity(r.answers.len());
-            flight.keys.reserve(r.answers.len());
             for (key, a) in r.answers {
                 let response = a.response(key.clone(), epoch, finetuned, &source);
                 if let Some(v) = &a.verdict {
@@ -129,7 +125,6 @@ impl<'a> Evaluator<'a> {
                 if !self.scorer.has_trial(&response.trial_key) {
                     new_trials.entry(response.trial_key.clone()).or_insert_with(|| a.trial());
                 }
-                flight.keys.push(response.response_key.clone());
                 responses.push(response);
             }
             sources.push((epoch, responses));
@@ -169,7 +164,6 @@ impl<'a> Evaluator<'a> {
             out.dataflow = out.dataflow.max(flight.fed.elapsed());
             out.recorded.finished.push((flight.checkpoint.clone(), d.epoch, flight.finetuned));
             out.recorded.committed.push(d.epoch);
-            out.recorded.keys.extend(flight.keys);
             out.evaluated.push(flight.checkpoint);
             out.written.insert(d.epoch, d.written);
         }

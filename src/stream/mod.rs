@@ -399,10 +399,11 @@ impl<'a> Streamer<'a> {
         // must not read it again.
         self.ledger.advance(topic, partition, offset);
         let evaluator = &self.evaluator;
-        let outcome = parsed.and_then(|p| match p {
-            Parsed::Announcement(a) => self.ledger.announce(a, |a| evaluator.can_generate(a)),
-            Parsed::Answer(a) => self.ledger.answer(a),
-        });
+        let outcome = match parsed {
+            Ok(Parsed::Announcement(a)) => self.ledger.announce(a, |a| evaluator.can_generate(a)),
+            Ok(Parsed::Answer(a)) => self.ledger.answer(a)?,
+            Err(reject) => Err(reject),
+        };
         match outcome {
             Ok(Some(_)) => {}
             Ok(None) => self.report.skipped += 1,

@@ -13,9 +13,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::messages::{Announcement, Answer, Reject};
-use crate::archive::{Archive, read_records};
+use crate::archive::Archive;
 use crate::error::{Error, Result};
 use crate::records::Response;
+use crate::schema::Record;
 
 /// The state saved with the archive: where to resume and what is not archived yet.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -152,8 +153,6 @@ pub(super) struct Recorded {
     pub finished: Vec<(String, u64, bool)>,
     /// Epochs committed by this evaluation.
     pub committed: Vec<u64>,
-    /// Response keys archived by this evaluation.
-    pub keys: Vec<String>,
 }
 
 /// The stream's state, saved ([`StreamState`]) and derived from the archive.
@@ -162,8 +161,10 @@ pub(super) struct Ledger<'a> {
     state: StreamState,
     committed: BTreeSet<u64>,
     done: Done,
-    /// Every response key archived (hashed by foldhash, seeded per process).
-    archived_keys: HashSet<String, foldhash::fast::RandomState>,
+    /// The response keys archived for a committed checkpoint, read from the archive the first
+    /// time an answer for it comes (a re-read after a restart, a repeat, or a late answer):
+    /// an answer for a checkpoint not committed cannot be archived yet.
+    archived_keys: HashMap<String, HashSet<String, foldhash::fast::RandomState>>,
     /// Checkpoints complete and waiting for the end of the current poll batch.
     ready: BTreeSet<String>,
     /// Checkpoints taken for evaluation and not recorded committed yet: their answers stay
@@ -183,13 +184,12 @@ impl<'a> Ledger<'a> {
             .filter(|e| committed.contains(&e.epoch))
             .map(|e| (checkpoint_key(&e.model, &e.checkpoint), (e.epoch, e.is_finetuned)))
             .collect();
-        let archived_keys = read_records::<Response>(archive)?.into_iter().map(|r| r.response_key).collect();
         Ok(Ledger {
             archive,
             state: StreamState::load(archive.root())?,
             committed,
             done,
-            archived_keys,
+            archived_keys: HashMap::new(),
             ready: BTreeSet::new(),
             in_flight: HashSet::default(),
             dirty: false,
@@ -298,16 +298,33 @@ impl<'a> Ledger<'a> {
     }
 
     /// Records an answer; returns its checkpoint, or None for a repeat or an answer already
-    /// archived.
-    pub fn answer(&mut self, a: Answer) -> std::result::Result<Option<String>, Reject> {
+    /// archived. Fails only when the archive cannot be read.
+    pub fn answer(&mut self, a: Answer) -> Result<std::result::Result<Option<String>, Reject>> {
         let key = a.response_key();
-        if self.archived_keys.contains(&key) {
-            return Ok(None);
-        }
         let checkpoint = checkpoint_key(&a.model, &a.checkpoint);
-        if self.done.contains_key(&checkpoint) {
-            return Err(Reject::new("late_answer", format!("checkpoint `{checkpoint}` is already evaluated")));
+        if let Some(&(epoch, _)) = self.done.get(&checkpoint) {
+            if self.archived(&checkpoint, epoch)?.contains(&key) {
+                return Ok(Ok(None));
+            }
+            return Ok(Err(Reject::new("late_answer", format!("checkpoint `{checkpoint}` is already evaluated"))));
         }
+        Ok(self.admit(checkpoint, key, a))
+    }
+
+    /// The response keys archived for committed `checkpoint` (its `epoch`), read once.
+    fn archived(&mut self, checkpoint: &str, epoch: u64) -> Result<&HashSet<String, foldhash::fast::RandomState>> {
+        if !self.archived_keys.contains_key(checkpoint) {
+            let mut keys = HashSet::default();
+            for b in self.archive.read_epoch(Response::STREAM, epoch)? {
+                keys.extend(crate::dataflow::string_column(&b, "response_key")?.iter().flatten().map(str::to_string));
+            }
+            self.archived_keys.insert(checkpoint.to_string(), keys);
+        }
+        Ok(&self.archived_keys[checkpoint])
+    }
+
+    /// An answer for a checkpoint not committed: new, a repeat, conflicting, or late.
+    fn admit(&mut self, checkpoint: String, key: String, a: Answer) -> std::result::Result<Option<String>, Reject> {
         let pending = self.state.pending.entry(checkpoint.clone()).or_default();
         match pending.get(&key) {
             Some(prev) if *prev == a => Ok(None),
@@ -365,7 +382,6 @@ impl<'a> Ledger<'a> {
     /// and their answers no longer pending.
     pub fn record(&mut self, r: &Recorded) {
         self.committed.extend(r.committed.iter().copied());
-        self.archived_keys.extend(r.keys.iter().cloned());
         for (checkpoint, epoch, finetuned) in &r.finished {
             self.done.insert(checkpoint.clone(), (*epoch, *finetuned));
             self.state.announced.remove(checkpoint);

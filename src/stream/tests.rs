@@ -1,7 +1,8 @@
 use super::messages::*;
 use super::*;
-use crate::archive::read_records;
+use crate::archive::{Partition, read_records};
 use crate::records::Response;
+use crate::schema::Record;
 
 const MAX: usize = 4096;
 
@@ -249,8 +250,8 @@ fn a_checkpoint_in_flight_keeps_its_answers_in_the_saved_state_until_its_commit(
             .unwrap()
     };
     assert_eq!(ledger.announce(ann, |_| false).unwrap().as_deref(), Some("m/c"));
-    ledger.answer(a("q1")).unwrap();
-    ledger.answer(a("q2")).unwrap();
+    ledger.answer(a("q1")).unwrap().unwrap();
+    ledger.answer(a("q2")).unwrap().unwrap();
     let taken = ledger.take_ready();
     assert_eq!(taken, ["m/c"]);
     let epoch = {
@@ -263,18 +264,25 @@ fn a_checkpoint_in_flight_keeps_its_answers_in_the_saved_state_until_its_commit(
     let saved = StreamState::load(dir.path()).unwrap();
     assert_eq!(saved.pending.get("m/c").map(|p| p.len()), Some(2), "in-flight answers are saved");
     assert!(saved.announced.contains_key("m/c"));
-    assert_eq!(ledger.answer(a("q3")).unwrap_err().kind, "late_answer");
-    assert_eq!(ledger.answer(a("q1")).unwrap(), None, "a repeat of an answer in flight");
+    assert_eq!(ledger.answer(a("q3")).unwrap().unwrap_err().kind, "late_answer");
+    assert_eq!(ledger.answer(a("q1")).unwrap().unwrap(), None, "a repeat of an answer in flight");
     assert!(ledger.take_ready().is_empty(), "taken once");
-    let recorded = state::Recorded {
-        finished: vec![("m/c".into(), epoch, false)],
-        committed: vec![epoch],
-        keys: vec![a("q1").response_key(), a("q2").response_key()],
-    };
+    // The commit: its responses are in the archive.
+    let responses: Vec<Response> =
+        ["q1", "q2"].iter().map(|q| a(q).response(a(q).response_key(), epoch, false, "kafka:t.answers")).collect();
+    let rows = Response::to_batch(&responses).unwrap();
+    archive
+        .write_epoch(epoch, &[("response".into(), Partition::checkpoint("m", "c"), rows)], &serde_json::Value::Null)
+        .unwrap();
+    let recorded = state::Recorded { finished: vec![("m/c".into(), epoch, false)], committed: vec![epoch] };
     ledger.record(&recorded);
     ledger.save().unwrap();
     let saved = StreamState::load(dir.path()).unwrap();
     assert!(saved.pending.is_empty() && saved.announced.is_empty(), "{saved:?}");
-    assert_eq!(ledger.answer(a("q4")).unwrap_err().kind, "late_answer");
-    assert_eq!(ledger.answer(a("q2")).unwrap(), None, "archived");
+    assert_eq!(ledger.answer(a("q4")).unwrap().unwrap_err().kind, "late_answer");
+    assert_eq!(ledger.answer(a("q2")).unwrap().unwrap(), None, "archived");
+    // Opened again (a restart): an archived answer read again is skipped, a new one is late.
+    let mut again = state::Ledger::open(&archive).unwrap();
+    assert_eq!(again.answer(a("q1")).unwrap().unwrap(), None, "archived before the restart");
+    assert_eq!(again.answer(a("q5")).unwrap().unwrap_err().kind, "late_answer");
 }
