@@ -1473,7 +1473,7 @@ fn read_manifest(root: &Path) -> Result<Manifest> {
 
 fn write_manifest(root: &Path, m: &Manifest) -> Result<()> {
     let path = root.join(MANIFEST);
-    let tmp = root.join(format!(".{MANIFEST}.{}.tmp", std::process::id()));
+    let tmp = root.join(manifest_in_progress());
     let text = serde_json::to_string_pretty(m).expect("plain data serializes");
     {
         let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -1484,15 +1484,26 @@ fn write_manifest(root: &Path, m: &Manifest) -> Result<()> {
 }
 
 /// Makes `root` an archive: it must not exist or be an empty directory.
+///
+/// Two writers may create one archive at once: the manifest is written whole under a name of
+/// this process's, then linked under its own name, which only one of them can take. So a
+/// reader never sees a manifest half written, and another writer's file in progress does not
+/// make the directory "not empty".
 fn create(root: &Path) -> Result<()> {
     match fs::read_dir(root) {
-        Ok(mut entries) => {
-            if let Some(first) = entries.next() {
-                let first = first.map_err(|e| Error::io(root, e))?.file_name();
+        Ok(entries) => {
+            for entry in entries {
+                let name = entry.map_err(|e| Error::io(root, e))?.file_name();
+                if name == MANIFEST {
+                    return Ok(());
+                }
+                if is_manifest_in_progress(&name.to_string_lossy()) {
+                    continue;
+                }
                 return Err(Error::input(
                     Location::file(root),
                     format!(
-                        "not a Candor archive (no {MANIFEST}) and not empty (it holds {first:?}, …): Candor writes only into an archive or a new or empty directory; choose another --out"
+                        "not a Candor archive (no {MANIFEST}) and not empty (it holds {name:?}, …): Candor writes only into an archive or a new or empty directory; choose another --out"
                     ),
                 ));
             }
@@ -1512,15 +1523,32 @@ fn create(root: &Path) -> Result<()> {
         created_at: now_secs(),
         grid: None,
     };
-    // Created exclusively: of two writers creating one archive, one makes the manifest.
     let path = root.join(MANIFEST);
+    let tmp = root.join(manifest_in_progress());
     let text = serde_json::to_string_pretty(&m).expect("plain data serializes");
-    match File::create_new(&path) {
-        Ok(mut f) => f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| Error::io(&path, e))?,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(Error::io(&path, e)),
+    {
+        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
     }
+    // Of two writers creating one archive, one links the manifest; the other finds it there.
+    let linked = match fs::hard_link(&tmp, &path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io(&path, e)),
+    };
+    remove_if_exists(&tmp)?;
+    linked?;
     sync_dir(root)
+}
+
+/// A name of this process's (and call's) to write a manifest under before it takes its place.
+fn manifest_in_progress() -> String {
+    format!(".{MANIFEST}.{}.{}.tmp", std::process::id(), random_id())
+}
+
+/// Whether a file name is a manifest being written (by [`create`] or [`write_manifest`]).
+fn is_manifest_in_progress(name: &str) -> bool {
+    name.strip_prefix(&format!(".{MANIFEST}.")).is_some_and(|rest| rest.ends_with(".tmp"))
 }
 
 /// Takes the archive's writer lock, waiting (and saying so once) while another holds it.

@@ -102,6 +102,29 @@ fn opening_what_is_not_an_archive_creates_nothing() {
     assert_eq!(Archive::open(runs.join("study")).unwrap().read("trial").unwrap()[0].num_rows(), 3);
 }
 
+/// Writers creating one archive at once all open it: none reads another's manifest half
+/// written (before: "damaged: not a Candor manifest: EOF while parsing"), and none takes
+/// another's manifest in progress for a directory that is not empty.
+#[test]
+fn writers_creating_one_archive_at_once_all_open_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("a");
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join(".candor-archive.json.999.x.tmp"), "{").unwrap();
+    Archive::open_writer(&root, "test").unwrap();
+    for round in 0..200 {
+        let root = dir.path().join(format!("r{round}"));
+        std::thread::scope(|s| {
+            let writers: Vec<_> =
+                (0..4).map(|_| s.spawn(|| create(&root).and_then(|()| read_manifest(&root)))).collect();
+            for w in writers {
+                w.join().unwrap().unwrap();
+            }
+        });
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 1, "only the manifest is left");
+    }
+}
+
 #[test]
 fn an_epoch_is_written_once() {
     let dir = tempfile::tempdir().unwrap();

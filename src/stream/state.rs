@@ -5,7 +5,8 @@
 //! The admission rules live here: which announcements and answers are new, repeats,
 //! conflicting or late, and when a checkpoint is complete. [`Ledger::save`] writes the part
 //! that survives a restart ([`StreamState`], `stream-state.json`); the rest is read back from
-//! the archive when the stream opens.
+//! the archive when the stream opens (a committed checkpoint's response keys, when an answer
+//! for it comes).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
