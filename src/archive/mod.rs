@@ -917,12 +917,9 @@ impl Archive {
         let dir = path.parent().expect("a file under the table").to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("part")));
-        {
-            let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        if !write_new(&path, &tmp, &bytes)? {
+            return Err(Error::io(&path, std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
         }
-        fs::hard_link(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
         sync_dir(&dir)?;
         Ok(Staged {
             stream: stream.to_string(),
@@ -1526,19 +1523,27 @@ fn create(root: &Path) -> Result<()> {
     let path = root.join(MANIFEST);
     let tmp = root.join(manifest_in_progress());
     let text = serde_json::to_string_pretty(&m).expect("plain data serializes");
-    {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    }
     // Of two writers creating one archive, one links the manifest; the other finds it there.
-    let linked = match fs::hard_link(&tmp, &path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(Error::io(&path, e)),
-    };
-    remove_if_exists(&tmp)?;
-    linked?;
+    write_new(&path, &tmp, text.as_bytes())?;
     sync_dir(root)
+}
+
+/// Writes `bytes` as `path`, which must not exist: whole under `tmp` (synced), then linked
+/// under `path`, so a reader finds the file whole or not at all and of two writers only one
+/// takes the name. `tmp` is removed either way; the directory is not synced. Returns false
+/// when `path` was taken already.
+fn write_new(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<bool> {
+    {
+        let mut f = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(tmp, e))?;
+    }
+    let linked = match fs::hard_link(tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    };
+    remove_if_exists(tmp)?;
+    linked
 }
 
 /// A name of this process's (and call's) to write a manifest under before it takes its place.
