@@ -285,4 +285,11 @@ fn a_checkpoint_in_flight_keeps_its_answers_in_the_saved_state_until_its_commit(
     let mut again = state::Ledger::open(&archive).unwrap();
     assert_eq!(again.answer(a("q1")).unwrap().unwrap(), None, "archived before the restart");
     assert_eq!(again.answer(a("q5")).unwrap().unwrap_err().kind, "late_answer");
+    // The committed checkpoint's file unreadable: the stream stops on that error, naming the
+    // file, instead of taking an archived answer for a late one.
+    let file = archive.segments("response").unwrap().remove(0).path;
+    std::fs::write(&file, b"not parquet").unwrap();
+    let mut broken = state::Ledger::open(&archive).unwrap();
+    let err = broken.answer(a("q1")).unwrap_err();
+    assert!(err.to_string().contains(&*file.file_name().unwrap().to_string_lossy()), "{err}");
 }
